@@ -1,0 +1,164 @@
+"""The MoLoRA tuner layer: a bank of LoRA experts and a router wrapped around one linear projection.
+
+``y = base(x) + sum_e g_e(x) * scaling * B_e A_e dropout(x)``, with ``A[E, d_in, r]`` and ``B[E, r, d_out]``
+stacked so that one kernel call covers every expert (``molora.kernels``). The base layer may be ``nn.Linear``,
+transformers' ``Conv1D`` (GPT-2) or a quantized linear layer (bitsandbytes 4-bit / 8-bit and the other backends
+PEFT recognises): the experts only need the base layer's input and output widths, never its weights.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
+from peft.utils.quantization_utils import resolve_quantization_backend
+
+from ..kernels import expert_delta
+from ..routers.base import build_router_params, get_router_class
+
+MERGE_ERROR = (
+    "MoLoRA adapters cannot be merged into the base weights: each token (or prompt) is routed to its own mix of "
+    "LoRA experts, so there is no single weight delta that equals the adapter for every input. Keep the PeftModel "
+    "for inference, or call `unload()` to get the base model back without the adapter."
+)
+
+
+class MoLoraLayer(BaseTunerLayer):
+    """Mixin holding the per-adapter expert banks and routers of one adapted projection.
+
+    Per adapter name: ``molora_A[name]`` (``Parameter[E, d_in, r]``), ``molora_B[name]`` (``Parameter[E, r, d_out]``),
+    ``molora_router[name]`` (a :class:`~molora.routers.Router`), ``molora_dropout[name]``, and the plain values in
+    ``other_param_names``.
+    """
+
+    adapter_layer_names = ("molora_A", "molora_B", "molora_router")
+    other_param_names = ("r", "lora_alpha", "scaling", "num_experts", "top_k", "kernel", "molora_dropout")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.num_experts: dict[str, int] = {}
+        self.top_k: dict[str, int] = {}
+        self.kernel: dict[str, str] = {}
+        self.molora_dropout = nn.ModuleDict({})
+        self.molora_A = nn.ParameterDict({})
+        self.molora_B = nn.ParameterDict({})
+        self.molora_router = nn.ModuleDict({})
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}
+        self.quantization_backend = resolve_quantization_backend(self.get_base_layer(), **kwargs)
+        in_features, out_features = _get_in_out_features(self.get_base_layer())
+        if in_features is None or out_features is None:
+            raise TypeError(
+                f"Cannot read the input/output widths of {type(self.get_base_layer()).__name__}; MoLoRA supports "
+                "torch.nn.Linear, transformers' Conv1D and quantized linear layers."
+            )
+        self.in_features = in_features
+        self.out_features = out_features
+        # set by MoLoraModel when the layer is injected: the shared runtime and this layer's module name
+        self._molora_runtime = None
+        self._molora_key = ""
+
+    def update_layer(self, adapter_name: str, config: Any) -> None:
+        """Create (or re-create) the expert bank and router of ``adapter_name`` from ``config``."""
+        rank, n_experts = config.r, config.num_experts
+        self.r[adapter_name] = rank
+        self.lora_alpha[adapter_name] = config.lora_alpha
+        self.scaling[adapter_name] = config.scaling
+        self.num_experts[adapter_name] = n_experts
+        self.top_k[adapter_name] = config.top_k
+        self.kernel[adapter_name] = config.kernel
+        self.molora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+
+        weight_A = torch.empty(n_experts, self.in_features, rank)
+        weight_B = torch.zeros(n_experts, rank, self.out_features)
+        with torch.no_grad():
+            # kaiming-uniform with a = sqrt(5) per expert, i.e. U(+-1/sqrt(d_in)), as nn.Linear and PEFT's LoRA A
+            bound = 1.0 / math.sqrt(self.in_features)
+            weight_A.uniform_(-bound, bound)
+            if not config.init_lora_weights:
+                weight_B.uniform_(-1.0 / math.sqrt(rank), 1.0 / math.sqrt(rank))
+        self.molora_A[adapter_name] = nn.Parameter(weight_A)
+        self.molora_B[adapter_name] = nn.Parameter(weight_B)
+
+        router_cls = get_router_class(config.router)
+        params = build_router_params(config.router, config.router_kwargs, n_experts, config.top_k)
+        self.molora_router[adapter_name] = router_cls(
+            self.in_features,
+            n_experts,
+            config.top_k,
+            params=params,
+            init=config.router_init,
+            init_std=config.router_init_std,
+        )
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        # routers score in fp32 whatever the base dtype (see molora.routers.base)
+        self.molora_router[adapter_name].float()
+        self.set_adapter(self.active_adapters)
+
+    # -- merging is undefined for routed experts --------------------------------------------------------------------
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        raise ValueError(MERGE_ERROR)
+
+    def unmerge(self) -> None:
+        # nothing can have been merged (merge always raises)
+        return None
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        raise ValueError(MERGE_ERROR)
+
+    # -- forward ----------------------------------------------------------------------------------------------------
+
+    def _expert_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        weight_A = self.molora_A[adapter_name]
+        weight_B = self.molora_B[adapter_name]
+        router = self.molora_router[adapter_name]
+        lead_shape = x.shape[:-1]
+        x_flat = x.reshape(-1, x.shape[-1])  # [T, d_in]
+        runtime = self._molora_runtime
+        valid = runtime.context.token_mask(lead_shape) if runtime is not None else None
+        if valid is not None and valid.device != x.device:
+            valid = valid.to(x.device)
+        routing = router(x_flat, valid)
+        h = self._cast_input_dtype(self.molora_dropout[adapter_name](x_flat), weight_A.dtype)
+        delta = expert_delta(h, weight_A, weight_B, routing, self.scaling[adapter_name], self.kernel[adapter_name])
+        if runtime is not None:
+            delta = runtime.record(self._molora_key, adapter_name, router, routing, valid, delta)
+        return delta.reshape(*lead_shape, delta.shape[-1])
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.quantization_backend is not None:
+            result = self.quantization_backend.maybe_clone_base_result(result)
+        for adapter_name in self.active_adapters:
+            if adapter_name not in self.molora_A:
+                continue
+            result = result + self._expert_output(x, adapter_name).to(result.dtype)
+        return result
+
+
+
+class Linear(nn.Module, MoLoraLayer):
+    """MoLoRA on a linear projection (``nn.Linear``, ``Conv1D`` or a quantized linear layer)."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: Any, **kwargs: Any) -> None:
+        super().__init__()
+        MoLoraLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return MoLoraLayer.forward(self, x, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return "molora." + super().__repr__()

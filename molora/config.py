@@ -1,0 +1,223 @@
+"""``MoLoraConfig``: the configuration of a mixture-of-LoRA-experts adapter, validated when it is built."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from peft.config import PeftConfig
+
+from ._peft_type import ensure_peft_type
+from .kernels import KERNEL_CHOICES
+from .routers.balancing import BALANCE_LOSS_TYPES
+from .routers.base import build_router_params
+
+LOSS_REDUCTIONS = ("mean", "sum", "concat")
+ROUTER_INITS = ("kaiming", "normal")
+BIAS_CHOICES = ("none", "all", "molora_only")
+
+
+@dataclass
+class MoLoraConfig(PeftConfig):
+    """Configuration of a MoLoRA adapter: a bank of ``num_experts`` LoRA experts on each targeted projection.
+
+    A drop-in replacement for ``peft.LoraConfig``: pass it to ``peft.get_peft_model`` after ``import molora``.
+    Every adapted projection computes ``y = W0 x + sum_e g_e(x) * scaling * B_e A_e dropout(x)`` with the gates
+    ``g(x)`` of its own router.
+
+    Args:
+        r (int): rank of each expert. Default: 8.
+        lora_alpha (float): LoRA scaling numerator; the scaling is ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA).
+            Default: 16.
+        lora_dropout (float): dropout on the adapter input, in [0, 1); one mask per token shared by all experts.
+            Default: 0.0.
+        use_rslora (bool): use rank-stabilised scaling ``lora_alpha / sqrt(r)``. Default: False.
+        num_experts (int): experts ``E`` per adapted projection, >= 1. Default: 8.
+        top_k (int): experts per token for top-k style routers, in [1, num_experts]. Default: 2.
+        router (str): name of a registered router (``molora.ROUTER_REGISTRY``): ``"topk"`` or ``"soft"`` built in,
+            more from ``molora.register_router``. Default: ``"topk"``.
+        router_kwargs (dict): the router's own hyper-parameters, validated against its ``Params`` (unknown keys are
+            an error). Default: ``{}`` (the router's defaults).
+        router_init (str): ``"kaiming"`` (uniform with bound ``1/sqrt(d_in)``, PyTorch's Linear default, as in
+            LoRAMoE, MoLA, DynMoLE) or ``"normal"`` (``N(0, router_init_std^2)``, as in MixLoRA). Default: "kaiming".
+        router_init_std (float): standard deviation for ``router_init="normal"``. Default: 0.02.
+        target_modules (list[str] | str | None): module names (suffix match) or a regex (full match) to adapt.
+            ``None`` uses molora's mapping for known architectures (attention and MLP projections). Default: None.
+        exclude_modules (list[str] | str | None): modules not to adapt, same matching rules. Default: None.
+        layers_to_transform (list[int] | int | None): only adapt these layer indices. Default: None.
+        layers_pattern (list[str] | str | None): name of the layer list, used with ``layers_to_transform``.
+            Default: None.
+        modules_to_save (list[str] | None): extra modules trained and saved in full (e.g. a classifier head).
+            Default: None.
+        bias (str): ``"none"``, ``"all"`` or ``"molora_only"``: which biases are trained. Default: "none".
+        init_lora_weights (bool): ``True`` starts every ``B_e`` at zero so that a fresh adapter leaves the model's
+            outputs unchanged; ``False`` initialises ``B_e`` randomly too (for tests and debugging). Default: True.
+        aux_loss_coef (float): coefficient of the load-balancing loss added to ``outputs.loss``; 0 disables it.
+            Default: 0.01.
+        z_loss_coef (float): coefficient of the router z-loss (ST-MoE recommends 1e-3); 0 disables it.
+            Default: 0.0.
+        balance_loss_type (str): normalisation of the balancing loss: ``"megatron"`` (1 at perfect balance for any
+            k), ``"mixtral"`` (k at perfect balance, as HF Mixtral / MixLoRA), ``"switch"`` (argmax loads) or
+            ``"soft"`` (mean gates, differentiable, the one to use with soft routing). Default: "megatron".
+        loss_reduction (str): how the losses of the many routers combine: ``"mean"`` over routers (a coefficient
+            means the same whatever the number of adapted layers), ``"sum"`` (MoLA, AdaMoE, Switch), or
+            ``"concat"`` (one loss on all routers' tokens together, MoE-PEFT). Default: "mean".
+        track_routing_stats (bool): accumulate per-layer routing statistics (expert load, router entropy, tokens)
+            readable with ``model.get_routing_stats()``. Default: True.
+        kernel (str): expert compute path: ``"auto"``, ``"dense"`` (one GEMM into all ``E*r`` rank columns),
+            ``"grouped"`` (tokens grouped by expert) or ``"naive"`` (per-expert loop, the reference).
+            Default: "auto".
+    """
+
+    r: int = field(default=8, metadata={"help": "Rank of each LoRA expert (>= 1)."})
+    lora_alpha: float = field(
+        default=16, metadata={"help": "LoRA scaling numerator: scaling = lora_alpha / r (or / sqrt(r) with rsLoRA)."}
+    )
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input, in [0, 1)."})
+    use_rslora: bool = field(default=False, metadata={"help": "Use rank-stabilised scaling lora_alpha / sqrt(r)."})
+    num_experts: int = field(default=8, metadata={"help": "LoRA experts per adapted projection (>= 1)."})
+    top_k: int = field(default=2, metadata={"help": "Experts per token for top-k style routers, 1..num_experts."})
+    router: str = field(default="topk", metadata={"help": "Name of a registered router, e.g. 'topk' or 'soft'."})
+    router_kwargs: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "The router's own hyper-parameters; unknown keys are an error."}
+    )
+    router_init: str = field(
+        default="kaiming",
+        metadata={"help": "Router weight init: 'kaiming' (U(+-1/sqrt(d_in))) or 'normal' (N(0, router_init_std^2))."},
+    )
+    router_init_std: float = field(default=0.02, metadata={"help": "Std of the router init when router_init='normal'."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Module names (suffix match) or a regex (full match) to adapt; None uses molora's per-architecture "
+            "mapping (attention and MLP projections)."
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or a regex of modules not to adapt."}
+    )
+    target_parameters: Optional[list[str]] = field(
+        default=None, metadata={"help": "Not supported by MoLoRA (experts need a module input); must stay None."}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Only adapt the layers with these indices."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the layer list (e.g. 'layers'), used with layers_to_transform."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Extra modules trained and saved in full, e.g. a classification head."}
+    )
+    bias: str = field(default="none", metadata={"help": "Which biases to train: 'none', 'all' or 'molora_only'."})
+    init_lora_weights: bool = field(
+        default=True,
+        metadata={"help": "True: B = 0 so a fresh adapter is a no-op. False: random B (for tests and debugging)."},
+    )
+    aux_loss_coef: float = field(
+        default=0.01, metadata={"help": "Coefficient of the load-balancing loss added to outputs.loss (0 = off)."}
+    )
+    z_loss_coef: float = field(
+        default=0.0, metadata={"help": "Coefficient of the router z-loss (ST-MoE uses 1e-3; 0 = off)."}
+    )
+    balance_loss_type: str = field(
+        default="megatron",
+        metadata={"help": "Balance-loss normalisation: 'megatron' (1 at balance), 'mixtral' (k), 'switch', 'soft'."},
+    )
+    loss_reduction: str = field(
+        default="mean",
+        metadata={"help": "Reduction of the aux losses over routers: 'mean', 'sum' or 'concat' (MoE-PEFT)."},
+    )
+    track_routing_stats: bool = field(
+        default=True, metadata={"help": "Accumulate per-layer routing statistics (load, entropy, tokens)."}
+    )
+    kernel: str = field(
+        default="auto", metadata={"help": "Expert compute path: 'auto', 'dense', 'grouped' or 'naive'."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = ensure_peft_type()
+        self._validate()
+        if isinstance(self.target_modules, (list, tuple)):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, (list, tuple)):
+            self.exclude_modules = set(self.exclude_modules)
+
+    @property
+    def scaling(self) -> float:
+        """The LoRA scaling applied to every expert's output."""
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def _validate(self) -> None:
+        _require_int("r", self.r, minimum=1)
+        _require_number("lora_alpha", self.lora_alpha, positive=True)
+        _require_number("lora_dropout", self.lora_dropout)
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"`lora_dropout`={self.lora_dropout} must be in [0, 1).")
+        _require_int("num_experts", self.num_experts, minimum=1)
+        _require_int("top_k", self.top_k, minimum=1)
+        if self.top_k > self.num_experts:
+            raise ValueError(
+                f"`top_k`={self.top_k} must be <= num_experts={self.num_experts}; lower `top_k` or add experts."
+            )
+        if not isinstance(self.router_kwargs, dict):
+            raise ValueError(f"`router_kwargs` must be a dict, got {type(self.router_kwargs).__name__}.")
+        build_router_params(self.router, self.router_kwargs, self.num_experts, self.top_k)
+        _require_choice("router_init", self.router_init, ROUTER_INITS)
+        _require_number("router_init_std", self.router_init_std, positive=True)
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, str):
+                if not value.strip():
+                    raise ValueError(f"`{name}` is an empty string; give module names, a regex, or None.")
+            elif isinstance(value, (list, tuple, set)):
+                if name == "target_modules" and len(value) == 0:
+                    raise ValueError(
+                        "`target_modules` is empty, so no module would be adapted; give module names such as "
+                        "['q_proj', 'v_proj'], a regex, 'all-linear', or None for the architecture's defaults."
+                    )
+                bad = [v for v in value if not isinstance(v, str) or not v]
+                if bad:
+                    raise ValueError(f"`{name}` must contain non-empty strings, got {bad}.")
+            else:
+                raise ValueError(f"`{name}` must be a list of module names, a regex string or None, got {value!r}.")
+        if self.target_parameters is not None:
+            raise ValueError(
+                f"`target_parameters`={self.target_parameters!r} is not supported by MoLoRA: experts are routed per "
+                "token from a module's input, so they need `target_modules`."
+            )
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("`layers_pattern` only has an effect together with `layers_to_transform`; set both.")
+        _require_choice("bias", self.bias, BIAS_CHOICES)
+        if not isinstance(self.init_lora_weights, bool):
+            raise ValueError(f"`init_lora_weights`={self.init_lora_weights!r} must be True or False.")
+        for name in ("aux_loss_coef", "z_loss_coef"):
+            value = getattr(self, name)
+            _require_number(name, value)
+            if value < 0:
+                raise ValueError(f"`{name}`={value} must be >= 0 (0 disables the loss).")
+        _require_choice("balance_loss_type", self.balance_loss_type, BALANCE_LOSS_TYPES)
+        _require_choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
+        _require_choice("kernel", self.kernel, KERNEL_CHOICES)
+
+
+def _require_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"`{name}`={value!r} must be an integer >= {minimum}.")
+    if value < minimum:
+        raise ValueError(f"`{name}`={value} must be an integer >= {minimum}.")
+
+
+def _require_number(name: str, value: Any, positive: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"`{name}`={value!r} must be a finite number.")
+    if positive and value <= 0:
+        raise ValueError(f"`{name}`={value} must be > 0.")
+
+
+def _require_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"`{name}`={value!r} is not supported; allowed values: {list(allowed)}.")

@@ -1,0 +1,51 @@
+"""Compute paths for a bank of LoRA experts, all with one signature: ``(x, A, B, routing, scaling) -> delta``.
+
+``"dense"`` (dense-masked), ``"grouped"`` and ``"naive"`` (the reference) are pure torch; ``"auto"`` picks one
+from the shapes. See :mod:`molora.kernels.torch_ops` for the semantics.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..routers.base import Routing
+from .torch_ops import dense_masked_delta, grouped_delta, naive_delta
+
+KERNEL_CHOICES = ("auto", "dense", "grouped", "naive")
+
+_PATHS: dict[str, Callable[..., torch.Tensor]] = {
+    "dense": dense_masked_delta,
+    "grouped": grouped_delta,
+    "naive": naive_delta,
+}
+
+# The dense path multiplies every token by all E*r rank columns; the grouped path only by the N*r it needs but
+# pays for gathers, a scatter and one launch per expert. Dense wins while E*r stays small or routing is dense.
+_DENSE_MAX_RANK_COLUMNS = 512
+_DENSE_MIN_DENSITY = 0.5
+
+
+def choose_kernel(num_tokens: int, num_assignments: int, num_experts: int, rank: int) -> str:
+    """The path ``kernel="auto"`` uses for these shapes."""
+    if num_experts * rank <= _DENSE_MAX_RANK_COLUMNS:
+        return "dense"
+    density = num_assignments / max(1, num_tokens * num_experts)
+    return "dense" if density >= _DENSE_MIN_DENSITY else "grouped"
+
+
+def expert_delta(
+    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, routing: Routing, scaling: float, kernel: str = "auto"
+) -> torch.Tensor:
+    """Compute ``delta[T, d_out]`` of the expert bank ``A[E, d_in, r]``, ``B[E, r, d_out]`` for ``x[T, d_in]``."""
+    if kernel == "auto":
+        kernel = choose_kernel(x.shape[0], routing.token_index.numel(), A.shape[0], A.shape[-1])
+    try:
+        path = _PATHS[kernel]
+    except KeyError:
+        raise ValueError(f"`kernel`={kernel!r} is not supported; allowed values: {list(KERNEL_CHOICES)}.") from None
+    return path(x, A, B, routing, scaling)
+
+
+__all__ = ["KERNEL_CHOICES", "choose_kernel", "dense_masked_delta", "expert_delta", "grouped_delta", "naive_delta"]

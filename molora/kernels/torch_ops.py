@@ -1,0 +1,71 @@
+"""Pure-torch compute paths for a bank of LoRA experts (the reference, and the CPU implementation).
+
+Semantics shared by every path (``s`` = LoRA scaling, gates from a :class:`~molora.routers.Routing`)::
+
+    delta[t] = sum over assignments (t, e, w) of  w * s * (x[t] @ A[e]) @ B[e]
+
+Shapes: ``x[T, d_in]``, ``A[E, d_in, r]``, ``B[E, r, d_out]``, assignments ``token_index[N]``, ``expert_index[N]``,
+``weight[N]``. Autograd flows to ``x``, ``A``, ``B`` and the gate weights (hence to the router). No path builds a
+``[T, E, d_out]`` tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..routers.base import Routing
+
+
+def naive_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, routing: Routing, scaling: float) -> torch.Tensor:
+    """Per-expert loop over all tokens, weighted by the dense gates. Slow; the reference the others are tested on."""
+    gates = routing.dense_gates().to(x.dtype)  # [T, E]
+    out = x.new_zeros(x.shape[0], B.shape[-1])
+    for e in range(A.shape[0]):
+        out = out + gates[:, e : e + 1] * ((x @ A[e]) @ B[e])
+    return out * scaling
+
+
+def dense_masked_delta(
+    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, routing: Routing, scaling: float
+) -> torch.Tensor:
+    """One GEMM into all ``E*r`` rank columns, gates scattered over each expert's ``r`` columns, one GEMM out.
+
+    Exact for any routing; costs ``T*E*r*(d_in + d_out)`` multiply-adds whatever the sparsity, so it wins when
+    ``E*r`` is small (the usual MoLoRA regime: a handful of rank-8 experts).
+    """
+    n_experts, d_in, rank = A.shape
+    n_tokens = x.shape[0]
+    a_flat = A.permute(1, 0, 2).reshape(d_in, n_experts * rank)  # [d_in, E*r]
+    b_flat = B.reshape(n_experts * rank, B.shape[-1])  # [E*r, d_out]
+    h = x @ a_flat  # [T, E*r]
+    gates = (routing.dense_gates() * scaling).to(h.dtype)  # [T, E]
+    h = (h.view(n_tokens, n_experts, rank) * gates.unsqueeze(-1)).view(n_tokens, n_experts * rank)
+    return h @ b_flat
+
+
+def grouped_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, routing: Routing, scaling: float) -> torch.Tensor:
+    """Tokens sorted by expert, one shrink/expand matmul per non-empty expert segment, results scattered back.
+
+    Costs ``N*r*(d_in + d_out)`` multiply-adds (only the assignments that exist), so it wins when experts are many
+    or large relative to ``k``. Reads the segment sizes on the host (one synchronisation per call).
+    """
+    n_experts = A.shape[0]
+    order = torch.argsort(routing.expert_index, stable=True)
+    token_index = routing.token_index[order]
+    weight = (routing.weight[order] * scaling).to(x.dtype)
+    counts = torch.bincount(routing.expert_index, minlength=n_experts).tolist()
+    xs = x.index_select(0, token_index)  # [N, d_in]
+    outs = []
+    start = 0
+    for e, count in enumerate(counts):
+        if count == 0:
+            continue
+        seg = xs[start : start + count]
+        outs.append((seg @ A[e]) @ B[e])
+        start += count
+    out = x.new_zeros(x.shape[0], B.shape[-1])
+    if not outs:
+        # keep A and B in the graph so that every parameter receives a (zero) gradient
+        return out + 0.0 * (A.sum() + B.sum())
+    ys = torch.cat(outs) * weight.unsqueeze(-1)  # [N, d_out]
+    return out.index_add(0, token_index, ys)

@@ -1,0 +1,210 @@
+"""``MoLoraModel``: the PEFT tuner that injects MoLoRA layers and owns the routing runtime."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import get_quantization_kwargs
+from peft.utils.quantization_utils import resolve_quantization_backend
+
+from .adapters.layer import MERGE_ERROR, Linear, MoLoraLayer
+from .config import MoLoraConfig
+from .runtime import LayerRoutingStats, MoLoraRuntime
+
+_LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+#: Default ``target_modules`` per ``model_type``: the attention and MLP projections.
+MOLORA_TARGET_MODULES: dict[str, list[str]] = {
+    **{
+        name: _LLAMA_LIKE
+        for name in (
+            "llama",
+            "mistral",
+            "mixtral",
+            "qwen2",
+            "qwen3",
+            "gemma",
+            "gemma2",
+            "gemma3_text",
+            "olmo",
+            "olmo2",
+            "granite",
+            "smollm3",
+            "cohere",
+            "deepseek_v2",
+        )
+    },
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "gpt2": ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"],
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "gptj": ["q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "bloom": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "falcon": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
+    "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "t5": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"],
+}
+
+
+def _supported_base(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D)) or (
+        (backend := resolve_quantization_backend(module)) is not None and backend.layer_type == "linear"
+    )
+
+
+class MoLoraModel(BaseTuner):
+    """Injects banks of LoRA experts with routers into a transformers (or any torch) model.
+
+    Created by ``peft.get_peft_model(model, MoLoraConfig(...))``; not meant to be built directly. Besides PEFT's
+    usual tuner methods it offers :meth:`molora_aux_loss`, :meth:`molora_aux_losses`, :meth:`get_routing_stats`
+    and :meth:`reset_routing_stats`, which a ``PeftModel`` forwards to it.
+
+    Example:
+
+        ```py
+        >>> import molora
+        >>> from peft import get_peft_model
+        >>> model = get_peft_model(base_model, molora.MoLoraConfig(num_experts=4, top_k=2, task_type="CAUSAL_LM"))
+        >>> out = model(**batch)                     # out.loss includes the routers' auxiliary losses
+        >>> model.get_routing_stats()                # per-layer expert load, router entropy, tokens
+        ```
+    """
+
+    prefix: str = "molora_"
+    tuner_layer_cls = MoLoraLayer
+    target_module_mapping = MOLORA_TARGET_MODULES
+
+    def __init__(self, model, peft_config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
+        # the runtime must exist before injection: layers receive a reference when they are created
+        self._molora_runtime_obj: Optional[MoLoraRuntime] = None
+        self._molora_hooks: list = []
+        super().__init__(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+        self._install_hooks()
+
+    # -- runtime and hooks ------------------------------------------------------------------------------------------
+
+    @property
+    def molora_runtime(self) -> MoLoraRuntime:
+        """The routing context / aux-loss collector / statistics object shared by this model's layers."""
+        if self._molora_runtime_obj is None:
+            self._molora_runtime_obj = MoLoraRuntime(self.peft_config)
+        return self._molora_runtime_obj
+
+    def _install_hooks(self) -> None:
+        if self._molora_hooks:
+            return
+        runtime = self.molora_runtime
+
+        def pre_hook(module, args, kwargs):
+            runtime.begin_forward(args, kwargs)
+
+        def post_hook(module, args, kwargs, output):
+            return runtime.end_forward(output)
+
+        self._molora_hooks = [
+            self.model.register_forward_pre_hook(pre_hook, with_kwargs=True),
+            self.model.register_forward_hook(post_hook, with_kwargs=True),
+        ]
+
+    def _remove_hooks(self) -> None:
+        for handle in self._molora_hooks:
+            handle.remove()
+        self._molora_hooks = []
+
+    # -- BaseTuner contract -----------------------------------------------------------------------------------------
+
+    def _prepare_adapter_config(self, peft_config: MoLoraConfig, model_config: dict) -> MoLoraConfig:
+        if peft_config.target_modules is None:
+            model_type = model_config.get("model_type")
+            targets = self.target_module_mapping.get(model_type)
+            if targets is None:
+                raise ValueError(
+                    f"MoLoraConfig.target_modules is None and molora has no default targets for model_type="
+                    f"{model_type!r}; set target_modules (e.g. ['q_proj', 'v_proj'] or 'all-linear'). Known "
+                    f"model types: {sorted(self.target_module_mapping)}."
+                )
+            peft_config.target_modules = set(targets)
+        return peft_config
+
+    def _create_and_replace(
+        self,
+        peft_config: MoLoraConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        parameter_name: Optional[str] = None,
+        **optional_kwargs: Any,
+    ) -> None:
+        if current_key is None:
+            raise ValueError("Current key shouldn't be `None`; this should not happen, please report it.")
+        if isinstance(target, MoLoraLayer):
+            target.update_layer(adapter_name, peft_config)
+            return
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if not _supported_base(base):
+            raise TypeError(
+                f"Target module {current_key!r} of type {type(base).__name__} is not supported by MoLoRA; supported "
+                "are torch.nn.Linear, transformers' Conv1D and quantized linear layers (bitsandbytes 4/8-bit, ...). "
+                "Adjust `target_modules`."
+            )
+        new_module = Linear(target, adapter_name, peft_config, **get_quantization_kwargs(self.model))
+        new_module._molora_runtime = self.molora_runtime
+        new_module._molora_key = current_key
+        if adapter_name not in self.active_adapters:
+            # an additional adapter is not trainable until it is activated
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _check_new_adapter_config(self, config: MoLoraConfig) -> None:
+        super()._check_new_adapter_config(config)
+
+    def _check_merge_allowed(self):
+        raise ValueError(MERGE_ERROR)
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        raise ValueError(MERGE_ERROR)
+
+    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        if merge:
+            raise ValueError(MERGE_ERROR)
+        model = super()._unload_and_optionally_merge(
+            merge=False, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+        self._remove_hooks()
+        return model
+
+    # -- MoLoRA API -------------------------------------------------------------------------------------------------
+
+    def molora_aux_loss(self, adapter_name: Optional[str] = None) -> Optional[torch.Tensor]:
+        """The weighted auxiliary loss ``sum(coef * loss)`` of the last forward (``None`` if none was computed).
+
+        This is what was added to ``outputs.loss``; custom loops that compute their own loss add it themselves.
+        Aux losses are computed when autograd is on or labels are passed, and never in cached decode steps.
+        """
+        return self.molora_runtime.aux_loss(adapter_name)
+
+    def molora_aux_losses(self, adapter_name: Optional[str] = None) -> dict[str, torch.Tensor]:
+        """The unweighted auxiliary losses of the last forward reduced over routers, e.g. ``{"balance", "z"}``."""
+        return self.molora_runtime.aux_losses(adapter_name)
+
+    def get_routing_stats(self, adapter_name: Optional[str] = None) -> dict[str, LayerRoutingStats]:
+        """Routing statistics accumulated since creation or the last :meth:`reset_routing_stats`, per layer.
+
+        Keys are module names (``"<name>:<adapter>"`` when several adapters recorded statistics and no
+        ``adapter_name`` is given); values are :class:`~molora.runtime.LayerRoutingStats` (expert load fractions,
+        router entropy, tokens routed, experts per token). Padding tokens are never counted.
+        """
+        return self.molora_runtime.routing_stats(adapter_name)
+
+    def reset_routing_stats(self) -> None:
+        """Forget the accumulated routing statistics."""
+        self.molora_runtime.reset_stats()

@@ -1,0 +1,123 @@
+"""Auxiliary losses that keep experts alive: load balancing and the router z-loss.
+
+Every loss here is *unweighted*; the coefficients live in ``MoLoraConfig`` and are applied by the model-level
+collector, which also reduces over routers (``loss_reduction``). All means are over non-padding tokens only.
+
+Load balancing, ``L = E * sum_e f_e * P_e`` with ``P_e`` the mean router probability of expert ``e`` (the
+differentiable factor) and ``f_e`` a load whose normalisation differs between papers, so that the same coefficient
+means different strengths (spec/algorithms.md section 1.4):
+
+===========  =============================================  ======================  ===========================
+type         f_e                                            value at perfect load   used by
+===========  =============================================  ======================  ===========================
+"switch"     fraction of tokens whose argmax is e           1                       Switch Transformer (top-1)
+"mixtral"    assignments to e / tokens                      k                       HF Mixtral, MixLoRA, MoLA
+"megatron"   assignments to e / all assignments             1                       Megatron-LM, ReMoE
+"soft"       mean gate of e (differentiable)                --                      DynMoLE, soft routers
+===========  =============================================  ======================  ===========================
+
+Router z-loss (ST-MoE): ``L_z = mean_t logsumexp(z_t)^2``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+import torch
+
+if TYPE_CHECKING:
+    from .base import Routing
+
+BALANCE_LOSS_TYPES = ("megatron", "mixtral", "switch", "soft")
+
+
+@dataclass
+class AuxInputs:
+    """What the losses need from one or more routers, restricted to non-padding tokens.
+
+    Attributes:
+        probs (Tensor[Tv, E]): router probabilities (differentiable).
+        gates (Tensor[Tv, E]): final dense gates (differentiable).
+        selected (BoolTensor[Tv, E]): which experts each token was assigned to.
+        logits (Tensor[Tv, E] or None): raw router scores.
+        top_k (int): the router's nominal ``k``.
+    """
+
+    probs: torch.Tensor
+    gates: torch.Tensor
+    selected: torch.Tensor
+    logits: Optional[torch.Tensor]
+    top_k: int
+
+    @classmethod
+    def from_routing(cls, routing: Routing, valid: Optional[torch.Tensor], top_k: int) -> AuxInputs:
+        probs, gates, selected, logits = routing.probs, routing.dense_gates(), routing.selected(), routing.logits
+        if valid is not None:
+            probs, gates, selected = probs[valid], gates[valid], selected[valid]
+            logits = logits[valid] if logits is not None else None
+        return cls(probs=probs, gates=gates, selected=selected, logits=logits, top_k=top_k)
+
+    @classmethod
+    def cat(cls, inputs: list[AuxInputs]) -> AuxInputs:
+        """Concatenate the rows of several routers (``loss_reduction="concat"``, MoE-PEFT style)."""
+        widths = {i.probs.shape[1] for i in inputs}
+        if len(widths) != 1:
+            raise ValueError(
+                f"loss_reduction='concat' needs the same number of experts in every router, got {sorted(widths)}; "
+                "use loss_reduction='mean' or 'sum'."
+            )
+        logits = None
+        if all(i.logits is not None for i in inputs):
+            logits = torch.cat([i.logits for i in inputs])
+        return cls(
+            probs=torch.cat([i.probs for i in inputs]),
+            gates=torch.cat([i.gates for i in inputs]),
+            selected=torch.cat([i.selected for i in inputs]),
+            logits=logits,
+            top_k=inputs[0].top_k,
+        )
+
+
+def _zero(like: torch.Tensor) -> torch.Tensor:
+    # keeps the router in the autograd graph when a batch has no valid token (DDP needs every parameter used)
+    return like.sum() * 0.0
+
+
+def expert_load(inputs: AuxInputs, balance_loss_type: str) -> torch.Tensor:
+    """The load ``f[E]`` of the chosen normalisation (see the module docstring)."""
+    probs = inputs.probs
+    n_tokens, n_experts = probs.shape
+    if balance_loss_type == "switch":
+        top1 = probs.argmax(dim=-1)
+        return torch.bincount(top1, minlength=n_experts).to(probs.dtype) / n_tokens
+    if balance_loss_type == "soft":
+        return inputs.gates.float().mean(dim=0)
+    counts = inputs.selected.sum(dim=0).to(probs.dtype)
+    if balance_loss_type == "mixtral":
+        return counts / n_tokens
+    if balance_loss_type == "megatron":
+        return counts / counts.sum().clamp_min(1.0)
+    raise ValueError(f"`balance_loss_type`={balance_loss_type!r} is not one of {BALANCE_LOSS_TYPES}.")
+
+
+def load_balancing_loss(inputs: AuxInputs, balance_loss_type: str = "megatron") -> torch.Tensor:
+    """``E * sum_e f_e * P_e`` over the valid tokens in ``inputs`` (0 when there are none)."""
+    probs = inputs.probs
+    if probs.shape[0] == 0:
+        return _zero(probs)
+    load = expert_load(inputs, balance_loss_type)
+    importance = probs.mean(dim=0)
+    return probs.shape[1] * (load * importance).sum()
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss ``mean_t logsumexp(z_t)^2`` over the rows of ``logits`` (0 when there are none)."""
+    if logits.shape[0] == 0:
+        return _zero(logits)
+    return torch.logsumexp(logits.float(), dim=-1).square().mean()
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy (nats) of each row of ``probs``; zero probabilities contribute 0."""
+    return -torch.special.xlogy(probs, probs).sum(dim=-1)

@@ -1,0 +1,281 @@
+"""The router contract shared by every routing family, and the router registry.
+
+A router scores the tokens entering one adapted projection and turns the scores into *assignments*: flat tensors
+``token_index[N]``, ``expert_index[N]``, ``weight[N]`` (one triple per non-zero gate), plus the full probability
+matrix ``probs[T, E]`` that the balancing losses and the routing statistics use. Top-k gives ``N = T * k``; routers
+with a variable number of experts per token give a variable ``N``. One format serves every router and every kernel
+(see ``molora.kernels``).
+
+Routers compute in fp32 whatever the dtype of the adapter or of the input ("selective precision", Switch
+Transformer): softmax over bf16 logits loses the small probability differences that the balancing losses live on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
+
+import torch
+from torch import nn
+
+from . import balancing
+
+
+@dataclass
+class Routing:
+    """The routing decision of one router for one forward pass.
+
+    Shapes use ``T`` = tokens (flattened batch x sequence, padding included), ``E`` = experts, ``N`` = assignments.
+
+    Attributes:
+        probs (Tensor[T, E], fp32): the router's distribution over experts (what losses and statistics use).
+        token_index (LongTensor[N]): token of each assignment.
+        expert_index (LongTensor[N]): expert of each assignment.
+        weight (Tensor[N], fp32): final gate of each assignment (after any renormalisation); always >= 0.
+        logits (Tensor[T, E] or None): raw router scores, for the z-loss; ``None`` for routers without logits.
+        gates (Tensor[T, E] or None): the same gates as a dense matrix, when the router has it at hand (saves a
+            scatter in the dense kernel); built on demand by :meth:`dense_gates` otherwise.
+    """
+
+    probs: torch.Tensor
+    token_index: torch.Tensor
+    expert_index: torch.Tensor
+    weight: torch.Tensor
+    logits: Optional[torch.Tensor] = None
+    gates: Optional[torch.Tensor] = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.probs.shape[0]
+
+    @property
+    def num_experts(self) -> int:
+        return self.probs.shape[1]
+
+    def dense_gates(self) -> torch.Tensor:
+        """Return the gates as a dense ``[T, E]`` matrix (zero where a token does not use an expert)."""
+        if self.gates is None:
+            gates = self.weight.new_zeros(self.num_tokens, self.num_experts)
+            self.gates = gates.index_put((self.token_index, self.expert_index), self.weight, accumulate=True)
+        return self.gates
+
+    def selected(self) -> torch.Tensor:
+        """Return a boolean ``[T, E]`` matrix, True where a token was assigned to an expert."""
+        sel = torch.zeros(self.num_tokens, self.num_experts, dtype=torch.bool, device=self.probs.device)
+        sel[self.token_index, self.expert_index] = True
+        return sel
+
+
+@dataclass
+class RouterParams:
+    """Base class of a router's own hyper-parameters (``MoLoraConfig.router_kwargs``).
+
+    Subclasses are dataclasses whose fields are the accepted keys; ``validate`` raises ``ValueError`` for bad values.
+    """
+
+    def validate(self, num_experts: int, top_k: int) -> None:
+        """Check the values against the adapter's shape. Raise ``ValueError`` naming the field on a bad value."""
+
+
+class Router(nn.Module):
+    """Base class of all routers: a linear scoring layer plus a selection rule.
+
+    Subclasses set ``name`` and ``Params`` and implement :meth:`select`. The base class holds the scoring weight
+    ``weight[E, d_in]`` (kept and evaluated in fp32), computes logits and the auxiliary-loss inputs, and handles
+    the padding mask. Routers that keep state across steps (biases, adaptive coefficients, caches) register it as
+    persistent buffers, so that it is saved and loaded with the adapter.
+
+    Args:
+        in_features (int): width of the tokens entering the adapted projection.
+        num_experts (int): number of experts ``E`` in the bank.
+        top_k (int): experts per token for routers that use a fixed ``k`` (others may ignore it).
+        params (RouterParams): the validated router hyper-parameters.
+        init (str): ``"kaiming"`` (uniform, bound ``1/sqrt(d_in)``) or ``"normal"`` (std ``init_std``).
+        init_std (float): standard deviation for ``init="normal"``.
+    """
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type[RouterParams]] = RouterParams
+
+    def __init__(
+        self,
+        in_features: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        params: Optional[RouterParams] = None,
+        init: str = "kaiming",
+        init_std: float = 0.02,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.params = params if params is not None else self.Params()
+        self.weight = nn.Parameter(torch.empty(num_experts, in_features, dtype=torch.float32))
+        self.init = init
+        self.init_std = init_std
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise the scoring weight (see the class docstring for the two conventions)."""
+        with torch.no_grad():
+            if self.init == "normal":
+                nn.init.normal_(self.weight, mean=0.0, std=self.init_std)
+            else:
+                bound = 1.0 / math.sqrt(self.in_features)
+                nn.init.uniform_(self.weight, -bound, bound)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, in_features={self.in_features}, num_experts={self.num_experts}, top_k={self.top_k}"
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Router logits ``[T, E]`` in fp32 for tokens ``x[T, d_in]``."""
+        return nn.functional.linear(x.float(), self.weight.float())
+
+    def forward(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None) -> Routing:
+        """Route the tokens ``x[T, d_in]``; ``valid[T]`` (bool) marks non-padding tokens (``None`` = all valid)."""
+        logits = self.scores(x)
+        return self.select(logits, valid)
+
+    def select(self, logits: torch.Tensor, valid: Optional[torch.Tensor]) -> Routing:
+        """Turn logits ``[T, E]`` into a :class:`Routing`. Implemented by each router."""
+        raise NotImplementedError
+
+    # -- auxiliary losses -------------------------------------------------------------------------------------------
+
+    def loss_coefficients(self, config: Any) -> dict[str, float]:
+        """Coefficient of each auxiliary loss this router produces, read from the adapter config.
+
+        The names are the keys of :meth:`aux_losses`; a coefficient of 0 means the loss is not computed.
+        Routers with losses of their own extend the dict (their coefficients usually live in ``Params``).
+        """
+        return {"balance": float(config.aux_loss_coef), "z": float(config.z_loss_coef)}
+
+    def aux_inputs(self, routing: Routing, valid: Optional[torch.Tensor]) -> balancing.AuxInputs:
+        """Collect what the balancing losses need from ``routing``, restricted to the valid (non-padding) tokens."""
+        return balancing.AuxInputs.from_routing(routing, valid, top_k=self.top_k)
+
+    @staticmethod
+    def aux_losses(inputs: balancing.AuxInputs, balance_loss_type: str, need: frozenset[str]) -> dict[str, torch.Tensor]:
+        """Unweighted auxiliary losses (``"balance"``, ``"z"``) computed from ``inputs``; only those in ``need``.
+
+        A static method so that the model can evaluate it on the concatenation of several routers' inputs
+        (``loss_reduction="concat"``). Routers with losses of their own extend it.
+        """
+        out: dict[str, torch.Tensor] = {}
+        if "balance" in need:
+            out["balance"] = balancing.load_balancing_loss(inputs, balance_loss_type)
+        if "z" in need and inputs.logits is not None:
+            out["z"] = balancing.router_z_loss(inputs.logits)
+        return out
+
+
+# -- registry -------------------------------------------------------------------------------------------------------
+
+ROUTER_REGISTRY: dict[str, type[Router]] = {}
+
+
+def register_router(name: str, cls: Optional[type[Router]] = None, *, overwrite: bool = False):
+    """Register a router class under ``name`` so that ``MoLoraConfig(router=name)`` can select it.
+
+    Usable as a decorator (``@register_router("mine")``) or a call (``register_router("mine", MyRouter)``).
+    Registering the same class twice is a no-op; registering another class under a taken name raises unless
+    ``overwrite=True``.
+    """
+
+    def _register(router_cls: type[Router]) -> type[Router]:
+        if not (isinstance(router_cls, type) and issubclass(router_cls, Router)):
+            raise TypeError(f"register_router({name!r}) expects a subclass of molora.Router, got {router_cls!r}.")
+        if not name or not isinstance(name, str) or name != name.strip():
+            raise ValueError(f"Router name must be a non-empty string without surrounding spaces, got {name!r}.")
+        existing = ROUTER_REGISTRY.get(name)
+        if existing is not None and existing is not router_cls and not overwrite:
+            raise ValueError(
+                f"A router named {name!r} is already registered ({existing.__module__}.{existing.__qualname__}); "
+                "pick another name or pass overwrite=True."
+            )
+        router_cls.name = name
+        ROUTER_REGISTRY[name] = router_cls
+        return router_cls
+
+    if cls is not None:
+        return _register(cls)
+    return _register
+
+
+def get_router_class(name: str) -> type[Router]:
+    """Return the router class registered as ``name``; raise ``ValueError`` listing the known names otherwise."""
+    try:
+        return ROUTER_REGISTRY[name]
+    except (KeyError, TypeError):
+        known = sorted(ROUTER_REGISTRY)
+        hint = difflib.get_close_matches(str(name), known, n=1)
+        suggestion = f" Did you mean {hint[0]!r}?" if hint else ""
+        raise ValueError(
+            f"`router`={name!r} is not a registered router; allowed values: {known}.{suggestion} "
+            "Custom routers are added with molora.register_router(name, cls)."
+        ) from None
+
+
+def build_router_params(router: str, router_kwargs: Optional[dict[str, Any]], num_experts: int, top_k: int):
+    """Validate ``router_kwargs`` for the router named ``router`` and return its ``Params`` instance."""
+    cls = get_router_class(router)
+    kwargs = dict(router_kwargs or {})
+    allowed = {f.name: f for f in dataclasses.fields(cls.Params)}
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, list(allowed), n=1)
+            if close:
+                hints.append(f"{key!r} -> {close[0]!r}?")
+        hint = f" ({', '.join(hints)})" if hints else ""
+        raise ValueError(
+            f"`router_kwargs` has unknown key(s) {unknown} for router {router!r}; allowed keys: "
+            f"{sorted(allowed) or 'none'}.{hint}"
+        )
+    for key, value in kwargs.items():
+        _check_type(router, key, value, allowed[key])
+    params = cls.Params(**kwargs)
+    params.validate(num_experts=num_experts, top_k=top_k)
+    return params
+
+
+def _check_type(router: str, key: str, value: Any, fld: dataclasses.Field) -> None:
+    default = fld.default if fld.default is not dataclasses.MISSING else None
+    if default is None:
+        return
+    expected = type(default)
+    if expected is bool:
+        ok = isinstance(value, bool)
+    elif expected is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif expected is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, expected)
+    if not ok:
+        raise ValueError(
+            f"`router_kwargs[{key!r}]`={value!r} for router {router!r} must be of type {expected.__name__}."
+        )
+
+
+def params_to_dict(params: RouterParams) -> dict[str, Any]:
+    """The router hyper-parameters as a plain dict (for model cards and statistics)."""
+    return dataclasses.asdict(params)
+
+
+__all__ = [
+    "ROUTER_REGISTRY",
+    "Router",
+    "RouterParams",
+    "Routing",
+    "build_router_params",
+    "get_router_class",
+    "params_to_dict",
+    "register_router",
+]

@@ -1,0 +1,53 @@
+"""Soft (dense) routing, LoRAMoE-style: every expert is used, weighted by the router's softmax.
+
+``g = softmax(z / temperature)`` over all ``E`` experts; there is no selection, so ``N = T * E``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .base import Router, RouterParams, Routing, register_router
+
+
+@dataclass
+class SoftParams(RouterParams):
+    """Hyper-parameters of the ``soft`` router.
+
+    Args:
+        temperature (float): softmax temperature; below 1 sharpens the gates, above 1 flattens them. Must be > 0.
+            Default: 1.0.
+    """
+
+    temperature: float = 1.0
+
+    def validate(self, num_experts: int, top_k: int) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"`router_kwargs['temperature']`={self.temperature} must be > 0.")
+
+
+@register_router("soft")
+class SoftRouter(Router):
+    """All experts weighted by the router's softmax (LoRAMoE). ``top_k`` is ignored.
+
+    The count-based balance losses are constant under dense routing (every expert gets every token); use
+    ``balance_loss_type="soft"`` (mean gates) to balance a soft router.
+    """
+
+    Params = SoftParams
+
+    def select(self, logits: torch.Tensor, valid: Optional[torch.Tensor]) -> Routing:
+        probs = torch.softmax(logits / self.params.temperature, dim=-1)
+        n_tokens, n_experts = probs.shape
+        device = probs.device
+        return Routing(
+            probs=probs,
+            token_index=torch.arange(n_tokens, device=device).repeat_interleave(n_experts),
+            expert_index=torch.arange(n_experts, device=device).repeat(n_tokens),
+            weight=probs.reshape(-1),
+            logits=logits,
+            gates=probs,
+        )

@@ -1,0 +1,82 @@
+"""Top-k token routing (Mixtral / MixLoRA / MoLA convention).
+
+``p = softmax(z)`` over all ``E`` experts, keep the ``k`` largest, and (by default) renormalise the kept
+probabilities to sum to one: ``g_e = p_e / sum_{j in S} p_j`` for ``e in S``, else 0 (spec/algorithms.md 1.1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .base import Router, RouterParams, Routing, register_router
+
+
+@dataclass
+class TopKParams(RouterParams):
+    """Hyper-parameters of the ``topk`` router.
+
+    Args:
+        renormalize (bool): rescale the kept probabilities to sum to 1 (Mixtral, MixLoRA). With ``False`` the gates
+            are the raw softmax probabilities (Switch style). Default: True.
+        jitter_noise (float): multiplicative noise ``x * U(1 - eps, 1 + eps)`` on the router input during training
+            (Switch Transformer's exploration trick); 0 disables it. Must be in [0, 1). Default: 0.0.
+    """
+
+    renormalize: bool = True
+    jitter_noise: float = 0.0
+
+    def validate(self, num_experts: int, top_k: int) -> None:
+        if not 0.0 <= self.jitter_noise < 1.0:
+            raise ValueError(f"`router_kwargs['jitter_noise']`={self.jitter_noise} must be in [0, 1).")
+
+
+@register_router("topk")
+class TopKRouter(Router):
+    """Each token takes its ``top_k`` most probable experts (MixLoRA-style sparse routing)."""
+
+    Params = TopKParams
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        eps = self.params.jitter_noise
+        if self.training and eps > 0:
+            x = x.float() * torch.empty_like(x, dtype=torch.float32).uniform_(1.0 - eps, 1.0 + eps)
+        return super().scores(x)
+
+    def select(self, logits: torch.Tensor, valid: Optional[torch.Tensor]) -> Routing:
+        probs = torch.softmax(logits, dim=-1)
+        return topk_routing(probs, self.top_k, renormalize=self.params.renormalize, logits=logits)
+
+
+def topk_routing(
+    probs: torch.Tensor,
+    k: int,
+    *,
+    renormalize: bool = True,
+    logits: Optional[torch.Tensor] = None,
+    selection_scores: Optional[torch.Tensor] = None,
+) -> Routing:
+    """Build a top-k :class:`Routing` from ``probs[T, E]``.
+
+    ``selection_scores`` (default: ``probs``) decides which experts are kept; the gates always come from ``probs``.
+    Routers that bias the selection (loss-free balancing) pass their biased scores here.
+    """
+    n_tokens = probs.shape[0]
+    scores = probs if selection_scores is None else selection_scores
+    expert_index = scores.topk(k, dim=-1).indices  # [T, k]
+    top_probs = probs.gather(-1, expert_index)  # [T, k]
+    if renormalize:
+        # the top-k mass of a softmax is >= k/E > 0, so the division is safe even for extreme logits
+        top_probs = top_probs / top_probs.sum(dim=-1, keepdim=True)
+    gates = torch.zeros_like(probs).scatter(-1, expert_index, top_probs)
+    token_index = torch.arange(n_tokens, device=probs.device).repeat_interleave(k)
+    return Routing(
+        probs=probs,
+        token_index=token_index,
+        expert_index=expert_index.reshape(-1),
+        weight=top_probs.reshape(-1),
+        logits=logits,
+        gates=gates,
+    )
