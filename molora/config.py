@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any
 
 from peft.config import PeftConfig
 
@@ -86,27 +86,29 @@ class MoLoraConfig(PeftConfig):
         default="kaiming",
         metadata={"help": "Router weight init: 'kaiming' (U(+-1/sqrt(d_in))) or 'normal' (N(0, router_init_std^2))."},
     )
-    router_init_std: float = field(default=0.02, metadata={"help": "Std of the router init when router_init='normal'."})
-    target_modules: Optional[Union[list[str], str]] = field(
+    router_init_std: float = field(
+        default=0.02, metadata={"help": "Std of the router init when router_init='normal'."}
+    )
+    target_modules: list[str] | str | None = field(
         default=None,
         metadata={
-            "help": "Module names (suffix match) or a regex (full match) to adapt; None uses molora's per-architecture "
-            "mapping (attention and MLP projections)."
+            "help": "Module names (suffix match) or a regex (full match) to adapt; None uses molora's "
+            "per-architecture mapping (attention and MLP projections)."
         },
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Module names or a regex of modules not to adapt."}
     )
-    target_parameters: Optional[list[str]] = field(
+    target_parameters: list[str] | None = field(
         default=None, metadata={"help": "Not supported by MoLoRA (experts need a module input); must stay None."}
     )
-    layers_to_transform: Optional[Union[list[int], int]] = field(
+    layers_to_transform: list[int] | int | None = field(
         default=None, metadata={"help": "Only adapt the layers with these indices."}
     )
-    layers_pattern: Optional[Union[list[str], str]] = field(
+    layers_pattern: list[str] | str | None = field(
         default=None, metadata={"help": "Name of the layer list (e.g. 'layers'), used with layers_to_transform."}
     )
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Extra modules trained and saved in full, e.g. a classification head."}
     )
     bias: str = field(default="none", metadata={"help": "Which biases to train: 'none', 'all' or 'molora_only'."})

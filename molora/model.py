@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
-from torch import nn
-from transformers.pytorch_utils import Conv1D
-
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import get_quantization_kwargs
 from peft.utils.quantization_utils import resolve_quantization_backend
+from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .adapters.layer import MERGE_ERROR, Linear, MoLoraLayer
 from .config import MoLoraConfig
@@ -83,7 +82,7 @@ class MoLoraModel(BaseTuner):
 
     def __init__(self, model, peft_config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
         # the runtime must exist before injection: layers receive a reference when they are created
-        self._molora_runtime_obj: Optional[MoLoraRuntime] = None
+        self._molora_runtime_obj: MoLoraRuntime | None = None
         self._molora_hooks: list = []
         super().__init__(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
         self._install_hooks()
@@ -141,7 +140,7 @@ class MoLoraModel(BaseTuner):
         target_name: str,
         parent: nn.Module,
         current_key: str,
-        parameter_name: Optional[str] = None,
+        parameter_name: str | None = None,
         **optional_kwargs: Any,
     ) -> None:
         if current_key is None:
@@ -170,7 +169,7 @@ class MoLoraModel(BaseTuner):
     def _check_merge_allowed(self):
         raise ValueError(MERGE_ERROR)
 
-    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         raise ValueError(MERGE_ERROR)
 
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
@@ -184,19 +183,22 @@ class MoLoraModel(BaseTuner):
 
     # -- MoLoRA API -------------------------------------------------------------------------------------------------
 
-    def molora_aux_loss(self, adapter_name: Optional[str] = None) -> Optional[torch.Tensor]:
+    def molora_aux_loss(self, adapter_name: str | None = None) -> torch.Tensor | None:
         """The weighted auxiliary loss ``sum(coef * loss)`` of the last forward (``None`` if none was computed).
 
-        This is what was added to ``outputs.loss``; custom loops that compute their own loss add it themselves.
-        Aux losses are computed when autograd is on or labels are passed, and never in cached decode steps.
+        This is what was added to ``outputs.loss``. Aux losses are computed when autograd is on or labels are
+        passed, and never in cached decode steps. The routers receive the aux-loss gradient in every backward pass
+        through the model's outputs, however the loss is computed: through ``outputs.loss``, through this tensor
+        when a custom loop adds it to its own loss, and otherwise from the layers themselves (for trainers that
+        compute their own loss, like TRL's ``SFTTrainer``). It is never counted twice.
         """
-        return self.molora_runtime.aux_loss(adapter_name)
+        return self.molora_runtime.user_aux_loss(adapter_name)
 
-    def molora_aux_losses(self, adapter_name: Optional[str] = None) -> dict[str, torch.Tensor]:
+    def molora_aux_losses(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
         """The unweighted auxiliary losses of the last forward reduced over routers, e.g. ``{"balance", "z"}``."""
         return self.molora_runtime.aux_losses(adapter_name)
 
-    def get_routing_stats(self, adapter_name: Optional[str] = None) -> dict[str, LayerRoutingStats]:
+    def get_routing_stats(self, adapter_name: str | None = None) -> dict[str, LayerRoutingStats]:
         """Routing statistics accumulated since creation or the last :meth:`reset_routing_stats`, per layer.
 
         Keys are module names (``"<name>:<adapter>"`` when several adapters recorded statistics and no

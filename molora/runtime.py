@@ -5,6 +5,14 @@ wrapped transformers model drive it (``begin_forward`` before every forward, inc
 ``end_forward`` after), so that the layers see what only the model-level call knows: the attention mask (padding
 never counts in losses or statistics), whether this is a cached decode step, the labels, per-sample adapter names.
 
+How the aux-loss gradient reaches the routers, whoever computes the loss: the weighted aux loss is added to
+``outputs.loss`` and returned by ``molora_aux_loss()`` as a differentiable tensor, and in addition every router's
+loss is attached to its layer's output by an identity autograd function (the technique of Megatron-LM's
+``MoEAuxLossAutoScaler``). During backward, if the gradient already arrived through ``outputs.loss`` or
+``molora_aux_loss()`` the attachments do nothing; otherwise (a trainer that computes its own loss from the logits
+or log-probabilities, as TRL's ``SFTTrainer`` does, or reentrant activation checkpointing, whose first forward runs
+without autograd) they deliver ``d(coef * loss)`` themselves, scaled like ``outputs.loss`` was when it is known.
+
 Values recorded by a layer are *keyed by (layer, adapter)* and overwritten, never appended, within one forward: a
 layer that is re-run by activation checkpointing during backward records the same values again instead of counting
 them twice. Statistics move into the running totals at the start of the next forward or when read.
@@ -15,7 +23,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -38,13 +46,13 @@ class RoutingContext:
         extra (dict): anything else a router may need (the raw forward kwargs are not kept).
     """
 
-    attention_mask: Optional[torch.Tensor] = None
+    attention_mask: torch.Tensor | None = None
     is_decode: bool = False
-    labels: Optional[torch.Tensor] = None
-    adapter_names: Optional[list[str]] = None
+    labels: torch.Tensor | None = None
+    adapter_names: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def token_mask(self, leading_shape: torch.Size) -> Optional[torch.Tensor]:
+    def token_mask(self, leading_shape: torch.Size) -> torch.Tensor | None:
         """A flat bool mask ``[prod(leading_shape)]`` of non-padding tokens for a layer input of that leading shape.
 
         Returns ``None`` (every token counts) when there is no mask or the layer's input is not laid out as
@@ -132,48 +140,62 @@ class _Totals:
         )
 
 
-class _LossGradProbe(torch.autograd.Function):
-    """Identity on the model loss that records the gradient arriving at it (the caller's loss scaling)."""
+class _LossProbe(torch.autograd.Function):
+    """Identity on a loss that contains the aux loss; records the gradient scale arriving at it during backward.
 
-    @staticmethod
-    def forward(ctx, loss, runtime):  # noqa: D102
-        ctx.runtime = runtime
-        return loss.clone()
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: D102
-        ctx.runtime.loss_grad = grad.detach()
-        return grad, None
-
-
-class _AttachAuxGrad(torch.autograd.Function):
-    """Identity on a layer output that back-propagates ``d(scale * aux)`` into the router during backward.
-
-    Used only under *reentrant* activation checkpointing, where the first forward runs without autograd so the
-    aux loss added to ``outputs.loss`` carries no gradient; the recomputation during backward attaches it here
-    (the technique of Megatron-LM's ``MoEAuxLossAutoScaler``).
+    ``delivers`` is True when the aux term inside the loss carries autograd history: its gradient then reaches the
+    routers through the loss itself, and the per-layer attachments stand down.
     """
 
     @staticmethod
-    def forward(ctx, output, aux, runtime):  # noqa: D102
+    def forward(ctx, loss, runtime, delivers):  # noqa: D102
         ctx.runtime = runtime
-        ctx.aux_shape = aux.shape
-        return output.clone()
+        ctx.delivers = delivers
+        ctx.generation = runtime.generation
+        return loss.view_as(loss)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        scale = ctx.runtime.loss_grad
-        aux_grad = torch.ones(ctx.aux_shape, device=grad.device, dtype=torch.float32)
-        if scale is not None:
-            aux_grad = aux_grad * scale.to(aux_grad.device, torch.float32)
-        return grad, aux_grad, None
+        runtime = ctx.runtime
+        if ctx.generation == runtime.generation:
+            runtime.loss_grad = grad.detach()
+            runtime.aux_delivered = runtime.aux_delivered or ctx.delivers
+        return grad, None, None
+
+
+class _AttachAuxGrad(torch.autograd.Function):
+    """Identity on a layer output that back-propagates its router's weighted aux losses when nothing else did."""
+
+    @staticmethod
+    def forward(ctx, output, runtime, adapter_name, names, *losses):  # noqa: D102
+        ctx.runtime = runtime
+        ctx.adapter_name = adapter_name
+        ctx.names = names
+        ctx.generation = runtime.generation
+        ctx.shapes = [(loss.shape, loss.dtype, loss.device) for loss in losses]
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        runtime = ctx.runtime
+        if runtime.aux_delivered or ctx.generation != runtime.generation:
+            return (grad, None, None, None) + (None,) * len(ctx.names)
+        weights = runtime.aux_weights(ctx.adapter_name)
+        scale = runtime.loss_grad
+        grads = []
+        for name, (shape, dtype, device) in zip(ctx.names, ctx.shapes):
+            g = torch.full(shape, weights.get(name, 0.0), dtype=dtype, device=device)
+            if scale is not None:
+                g = g * scale.to(device=device, dtype=dtype)
+            grads.append(g)
+        return (grad, None, None, None, *grads)
 
 
 @dataclass
 class _AuxRecord:
     losses: dict[str, torch.Tensor]
     coefs: dict[str, float]
-    inputs: Optional[AuxInputs]
+    inputs: AuxInputs | None
     router_cls: type
 
 
@@ -186,10 +208,15 @@ class MoLoraRuntime:
         self._aux: dict[tuple[str, str], _AuxRecord] = {}
         self._pending: dict[tuple[str, str], _StatsDelta] = {}
         self._totals: dict[tuple[str, str], _Totals] = {}
-        self._num_routers: dict[tuple[str, str], int] = {}
-        self.reentrant_seen = False
-        self.loss_grad: Optional[torch.Tensor] = None
-        self._warned_concat_reentrant = False
+        # gradient delivery (see the module docstring); `generation` tells one forward's graph from the next
+        self.generation = 0
+        self.loss_grad: torch.Tensor | None = None
+        self.aux_delivered = False
+        self._warned_concat = False
+        # set by MoLoraModel for trainers that read ``outputs.aux_loss`` (see MoLoraModel._install_trainer_aux_bridge)
+        self.text_config: Any = None
+        self.strip_router_logits_kwarg = False
+        self.publish_aux_loss = False
 
     # -- forward lifecycle ------------------------------------------------------------------------------------------
 
@@ -197,8 +224,9 @@ class MoLoraRuntime:
         """Publish the routing context of a model-level call and start a new collection."""
         self.commit_stats()
         self._aux = {}
-        self.reentrant_seen = False
+        self.generation += 1
         self.loss_grad = None
+        self.aux_delivered = False
         input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
         embeds = kwargs.get("inputs_embeds")
         current = input_ids if input_ids is not None else embeds
@@ -227,8 +255,8 @@ class MoLoraRuntime:
         if aux is None:
             return output
         new_loss = loss + aux.to(loss.dtype)
-        if self.reentrant_seen and torch.is_grad_enabled() and new_loss.requires_grad:
-            new_loss = _LossGradProbe.apply(new_loss, self)
+        if torch.is_grad_enabled() and new_loss.requires_grad:
+            new_loss = _LossProbe.apply(new_loss, self, aux.requires_grad)
         return _set_loss(output, new_loss)
 
     # -- recording (called by the layers) ---------------------------------------------------------------------------
@@ -239,7 +267,7 @@ class MoLoraRuntime:
         adapter_name: str,
         router: Router,
         routing: Routing,
-        valid: Optional[torch.Tensor],
+        valid: torch.Tensor | None,
         output: torch.Tensor,
     ) -> torch.Tensor:
         """Record one router's aux losses and statistics; return ``output`` (possibly wrapped, see below)."""
@@ -256,36 +284,45 @@ class MoLoraRuntime:
         inputs = router.aux_inputs(routing, valid)
         concat = config.loss_reduction == "concat"
         losses = {} if concat else type(router).aux_losses(inputs, config.balance_loss_type, need)
-        self._aux[key] = _AuxRecord(losses=losses, coefs=coefs, inputs=inputs if concat else None, router_cls=type(router))
-        router_trains = router.weight.requires_grad
-        if router.training and router_trains and not torch.is_grad_enabled():
-            # first pass of reentrant checkpointing: this aux loss cannot carry a gradient; the recomputation will
-            self.reentrant_seen = True
-            router._molora_reentrant_pending = True
-        elif torch.is_grad_enabled() and getattr(router, "_molora_reentrant_pending", False):
-            router._molora_reentrant_pending = False
+        self._aux[key] = _AuxRecord(
+            losses=losses, coefs=coefs, inputs=inputs if concat else None, router_cls=type(router)
+        )
+        if torch.is_grad_enabled() and router.weight.requires_grad and output.requires_grad:
             if concat:
-                if not self._warned_concat_reentrant:
-                    warnings.warn(
-                        "loss_reduction='concat' cannot back-propagate the router aux losses through reentrant "
-                        "gradient checkpointing; use gradient_checkpointing_kwargs={'use_reentrant': False} or "
-                        "loss_reduction='mean'.",
-                        stacklevel=2,
-                    )
-                    self._warned_concat_reentrant = True
-                return output
-            weighted = sum(
-                coefs[name] * value / self._num_routers.get((adapter_name, name), 1)
-                if config.loss_reduction == "mean"
-                else coefs[name] * value
-                for name, value in losses.items()
-            )
-            output = _AttachAuxGrad.apply(output, weighted, self)
+                self._warn_concat_once()
+            elif losses:
+                names = tuple(losses)
+                output = _AttachAuxGrad.apply(output, self, adapter_name, names, *(losses[n] for n in names))
         return output
+
+    def _warn_concat_once(self) -> None:
+        if not self._warned_concat:
+            warnings.warn(
+                "With loss_reduction='concat' the aux-loss gradient reaches the routers only through `outputs.loss` "
+                "or `model.molora_aux_loss()`; trainers that compute their own loss (TRL's SFTTrainer) and reentrant "
+                "gradient checkpointing train without it. Use loss_reduction='mean' or 'sum' there.",
+                stacklevel=3,
+            )
+            self._warned_concat = True
+
+    def aux_weights(self, adapter_name: str) -> dict[str, float]:
+        """Weight of one router's loss in the total: ``coef`` (sum) or ``coef / number of routers`` (mean)."""
+        config = self.peft_config[adapter_name]
+        counts: dict[str, int] = {}
+        coefs: dict[str, float] = {}
+        for (_, adapter), record in self._aux.items():
+            if adapter != adapter_name:
+                continue
+            coefs.update(record.coefs)
+            for name in record.losses:
+                counts[name] = counts.get(name, 0) + 1
+        if config.loss_reduction == "mean":
+            return {name: coefs[name] / n for name, n in counts.items()}
+        return {name: coefs[name] for name in counts}
 
     # -- aux losses -------------------------------------------------------------------------------------------------
 
-    def aux_losses(self, adapter_name: Optional[str] = None) -> dict[str, torch.Tensor]:
+    def aux_losses(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
         """The unweighted aux losses of the last forward, reduced over routers, keyed by loss name."""
         per_adapter = self._reduced(adapter_name)
         out: dict[str, torch.Tensor] = {}
@@ -294,8 +331,15 @@ class MoLoraRuntime:
                 out[name] = out[name] + value if name in out else value
         return out
 
-    def aux_loss(self, adapter_name: Optional[str] = None) -> Optional[torch.Tensor]:
-        """``sum(coef * loss)`` of the last forward over loss names and adapters; ``None`` when nothing was recorded."""
+    def user_aux_loss(self, adapter_name: str | None = None) -> torch.Tensor | None:
+        """:meth:`aux_loss` for callers that back-propagate it themselves (custom training loops)."""
+        aux = self.aux_loss(adapter_name)
+        if aux is not None and aux.requires_grad and torch.is_grad_enabled():
+            aux = _LossProbe.apply(aux, self, True)
+        return aux
+
+    def aux_loss(self, adapter_name: str | None = None) -> torch.Tensor | None:
+        """``sum(coef * loss)`` of the last forward over loss names and adapters (``None`` if nothing recorded)."""
         total = None
         for losses in self._reduced(adapter_name).values():
             for value, coef in losses.values():
@@ -303,7 +347,7 @@ class MoLoraRuntime:
                 total = term if total is None else total + term
         return total
 
-    def _reduced(self, adapter_name: Optional[str]) -> dict[str, dict[str, tuple[torch.Tensor, float]]]:
+    def _reduced(self, adapter_name: str | None) -> dict[str, dict[str, tuple[torch.Tensor, float]]]:
         by_adapter: dict[str, list[_AuxRecord]] = {}
         for (_, adapter), record in self._aux.items():
             if adapter_name is None or adapter == adapter_name:
@@ -323,7 +367,6 @@ class MoLoraRuntime:
                 values = [r.losses[name] for r in records if name in r.losses]
                 if not values:
                     continue
-                self._num_routers[(adapter, name)] = len(values)
                 total = torch.stack([v.float() for v in values]).sum()
                 if config.loss_reduction == "mean":
                     total = total / len(values)
@@ -343,7 +386,7 @@ class MoLoraRuntime:
                 totals.add(delta)
         self._pending = {}
 
-    def routing_stats(self, adapter_name: Optional[str] = None) -> dict[str, LayerRoutingStats]:
+    def routing_stats(self, adapter_name: str | None = None) -> dict[str, LayerRoutingStats]:
         """Accumulated statistics per adapted layer (keys are module names; ``name:adapter`` with several adapters)."""
         self.commit_stats()
         adapters = {a for (_, a) in self._totals}
@@ -361,7 +404,7 @@ class MoLoraRuntime:
         self._totals = {}
 
 
-def _stats_delta(routing: Routing, valid: Optional[torch.Tensor]) -> _StatsDelta:
+def _stats_delta(routing: Routing, valid: torch.Tensor | None) -> _StatsDelta:
     with torch.no_grad():
         probs = routing.probs.detach()
         n_experts = probs.shape[1]
@@ -387,7 +430,10 @@ def _is_decode_step(kwargs: dict) -> bool:
     cache_position = kwargs.get("cache_position")
     if isinstance(cache_position, torch.Tensor) and cache_position.numel() > 0:
         return bool(cache_position.reshape(-1)[0].item() > 0)
-    past = kwargs.get("past_key_values")
+    # transformers >= 5 passes the KV cache as `cache`; older versions as `past_key_values`
+    past = kwargs.get("cache")
+    if past is None:
+        past = kwargs.get("past_key_values")
     if past is None:
         return False
     get_len = getattr(past, "get_seq_length", None)
@@ -399,7 +445,7 @@ def _is_decode_step(kwargs: dict) -> bool:
     return bool(past)
 
 
-def _get_loss(output: Any) -> Optional[torch.Tensor]:
+def _get_loss(output: Any) -> torch.Tensor | None:
     loss = getattr(output, "loss", None)
     if loss is None and isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
         if output[0].dim() == 0:

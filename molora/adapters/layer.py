@@ -9,13 +9,12 @@ PEFT recognises): the experts only need the base layer's input and output widths
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import torch
-from torch import nn
-
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
 from peft.utils.quantization_utils import resolve_quantization_backend
+from torch import nn
 
 from ..kernels import expert_delta
 from ..routers.base import build_router_params, get_router_class
@@ -75,7 +74,9 @@ class MoLoraLayer(BaseTunerLayer):
         self.num_experts[adapter_name] = n_experts
         self.top_k[adapter_name] = config.top_k
         self.kernel[adapter_name] = config.kernel
-        self.molora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.molora_dropout[adapter_name] = (
+            nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        )
 
         weight_A = torch.empty(n_experts, self.in_features, rank)
         weight_B = torch.zeros(n_experts, rank, self.out_features)
@@ -105,7 +106,7 @@ class MoLoraLayer(BaseTunerLayer):
 
     # -- merging is undefined for routed experts --------------------------------------------------------------------
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise ValueError(MERGE_ERROR)
 
     def unmerge(self) -> None:
@@ -145,7 +146,6 @@ class MoLoraLayer(BaseTunerLayer):
                 continue
             result = result + self._expert_output(x, adapter_name).to(result.dtype)
         return result
-
 
 
 class Linear(nn.Module, MoLoraLayer):

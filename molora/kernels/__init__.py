@@ -6,7 +6,7 @@ from the shapes. See :mod:`molora.kernels.torch_ops` for the semantics.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -22,7 +22,7 @@ Router z-loss (ST-MoE): ``L_z = mean_t logsumexp(z_t)^2``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -47,11 +47,11 @@ class AuxInputs:
     probs: torch.Tensor
     gates: torch.Tensor
     selected: torch.Tensor
-    logits: Optional[torch.Tensor]
+    logits: torch.Tensor | None
     top_k: int
 
     @classmethod
-    def from_routing(cls, routing: Routing, valid: Optional[torch.Tensor], top_k: int) -> AuxInputs:
+    def from_routing(cls, routing: Routing, valid: torch.Tensor | None, top_k: int) -> AuxInputs:
         probs, gates, selected, logits = routing.probs, routing.dense_gates(), routing.selected(), routing.logits
         if valid is not None:
             probs, gates, selected = probs[valid], gates[valid], selected[valid]

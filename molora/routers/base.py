@@ -16,7 +16,7 @@ import dataclasses
 import difflib
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -44,8 +44,8 @@ class Routing:
     token_index: torch.Tensor
     expert_index: torch.Tensor
     weight: torch.Tensor
-    logits: Optional[torch.Tensor] = None
-    gates: Optional[torch.Tensor] = None
+    logits: torch.Tensor | None = None
+    gates: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -106,7 +106,7 @@ class Router(nn.Module):
         num_experts: int,
         top_k: int,
         *,
-        params: Optional[RouterParams] = None,
+        params: RouterParams | None = None,
         init: str = "kaiming",
         init_std: float = 0.02,
     ) -> None:
@@ -130,18 +130,20 @@ class Router(nn.Module):
                 nn.init.uniform_(self.weight, -bound, bound)
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, in_features={self.in_features}, num_experts={self.num_experts}, top_k={self.top_k}"
+        return (
+            f"name={self.name!r}, in_features={self.in_features}, num_experts={self.num_experts}, top_k={self.top_k}"
+        )
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """Router logits ``[T, E]`` in fp32 for tokens ``x[T, d_in]``."""
         return nn.functional.linear(x.float(), self.weight.float())
 
-    def forward(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None) -> Routing:
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> Routing:
         """Route the tokens ``x[T, d_in]``; ``valid[T]`` (bool) marks non-padding tokens (``None`` = all valid)."""
         logits = self.scores(x)
         return self.select(logits, valid)
 
-    def select(self, logits: torch.Tensor, valid: Optional[torch.Tensor]) -> Routing:
+    def select(self, logits: torch.Tensor, valid: torch.Tensor | None) -> Routing:
         """Turn logits ``[T, E]`` into a :class:`Routing`. Implemented by each router."""
         raise NotImplementedError
 
@@ -155,12 +157,14 @@ class Router(nn.Module):
         """
         return {"balance": float(config.aux_loss_coef), "z": float(config.z_loss_coef)}
 
-    def aux_inputs(self, routing: Routing, valid: Optional[torch.Tensor]) -> balancing.AuxInputs:
+    def aux_inputs(self, routing: Routing, valid: torch.Tensor | None) -> balancing.AuxInputs:
         """Collect what the balancing losses need from ``routing``, restricted to the valid (non-padding) tokens."""
         return balancing.AuxInputs.from_routing(routing, valid, top_k=self.top_k)
 
     @staticmethod
-    def aux_losses(inputs: balancing.AuxInputs, balance_loss_type: str, need: frozenset[str]) -> dict[str, torch.Tensor]:
+    def aux_losses(
+        inputs: balancing.AuxInputs, balance_loss_type: str, need: frozenset[str]
+    ) -> dict[str, torch.Tensor]:
         """Unweighted auxiliary losses (``"balance"``, ``"z"``) computed from ``inputs``; only those in ``need``.
 
         A static method so that the model can evaluate it on the concatenation of several routers' inputs
@@ -179,7 +183,7 @@ class Router(nn.Module):
 ROUTER_REGISTRY: dict[str, type[Router]] = {}
 
 
-def register_router(name: str, cls: Optional[type[Router]] = None, *, overwrite: bool = False):
+def register_router(name: str, cls: type[Router] | None = None, *, overwrite: bool = False):
     """Register a router class under ``name`` so that ``MoLoraConfig(router=name)`` can select it.
 
     Usable as a decorator (``@register_router("mine")``) or a call (``register_router("mine", MyRouter)``).
@@ -221,7 +225,7 @@ def get_router_class(name: str) -> type[Router]:
         ) from None
 
 
-def build_router_params(router: str, router_kwargs: Optional[dict[str, Any]], num_experts: int, top_k: int):
+def build_router_params(router: str, router_kwargs: dict[str, Any] | None, num_experts: int, top_k: int):
     """Validate ``router_kwargs`` for the router named ``router`` and return its ``Params`` instance."""
     cls = get_router_class(router)
     kwargs = dict(router_kwargs or {})

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -39,7 +38,7 @@ class SoftRouter(Router):
 
     Params = SoftParams
 
-    def select(self, logits: torch.Tensor, valid: Optional[torch.Tensor]) -> Routing:
+    def select(self, logits: torch.Tensor, valid: torch.Tensor | None) -> Routing:
         probs = torch.softmax(logits / self.params.temperature, dim=-1)
         n_tokens, n_experts = probs.shape
         device = probs.device

@@ -7,7 +7,6 @@ probabilities to sum to one: ``g_e = p_e / sum_{j in S} p_j`` for ``e in S``, el
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -45,7 +44,7 @@ class TopKRouter(Router):
             x = x.float() * torch.empty_like(x, dtype=torch.float32).uniform_(1.0 - eps, 1.0 + eps)
         return super().scores(x)
 
-    def select(self, logits: torch.Tensor, valid: Optional[torch.Tensor]) -> Routing:
+    def select(self, logits: torch.Tensor, valid: torch.Tensor | None) -> Routing:
         probs = torch.softmax(logits, dim=-1)
         return topk_routing(probs, self.top_k, renormalize=self.params.renormalize, logits=logits)
 
@@ -55,8 +54,8 @@ def topk_routing(
     k: int,
     *,
     renormalize: bool = True,
-    logits: Optional[torch.Tensor] = None,
-    selection_scores: Optional[torch.Tensor] = None,
+    logits: torch.Tensor | None = None,
+    selection_scores: torch.Tensor | None = None,
 ) -> Routing:
     """Build a top-k :class:`Routing` from ``probs[T, E]``.
 

@@ -1,0 +1,80 @@
+"""Shared fixtures: small random models built from configs (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import molora  # noqa: F401  (registers the PEFT type)
+
+VOCAB = 96
+
+
+def make_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """A 2-layer Llama with 64-wide hidden states; deterministic for a given seed."""
+    torch.manual_seed(seed)
+    kwargs = dict(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    kwargs.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**kwargs)).eval()
+
+
+def make_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    """A 2-layer GPT-2 (Conv1D projections) with 48-wide hidden states."""
+    torch.manual_seed(seed)
+    config = GPT2Config(n_embd=48, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=128, pad_token_id=0)
+    return GPT2LMHeadModel(config).eval()
+
+
+MODEL_FACTORIES = {"llama": make_llama, "gpt2": make_gpt2}
+
+
+@pytest.fixture
+def batch() -> dict[str, torch.Tensor]:
+    """Two sequences of 12 tokens, the first left-padded by 4."""
+    gen = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(3, VOCAB, (2, 12), generator=gen)
+    attention_mask = torch.ones_like(input_ids)
+    input_ids[0, :4] = 0
+    attention_mask[0, :4] = 0
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def make_char_tokenizer():
+    """A character-level tokenizer (pad=0, bos=1, eos=2) with a minimal chat template; no download needed."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(i) for i in range(32, 127)] + ["\n"]
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + chars)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = (
+        "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>\n{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant: {% endif %}"
+    )
+    return tokenizer
+
+
+CHAR_VOCAB = 100

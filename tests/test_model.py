@@ -1,0 +1,356 @@
+"""MoLoRA through PEFT's public API: injection, identity at init, aux losses, padding, statistics, adapters."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import MODEL_FACTORIES, make_gpt2, make_llama
+from peft import PeftModel, get_peft_model
+from peft.utils.peft_types import PeftType
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import molora
+from molora import MoLoraConfig, MoLoraLayer
+
+LLAMA_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def molora_layers(model) -> dict[str, MoLoraLayer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, MoLoraLayer)}
+
+
+def test_import_registers_type_idempotently():
+    assert PeftType("MOLORA") is PeftType.MOLORA
+    importlib.reload(molora)
+    importlib.reload(molora)
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+
+    assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.MOLORA] is molora.MoLoraConfig
+    assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.MOLORA] is molora.MoLoraModel
+    assert list(PeftType).count(PeftType.MOLORA) == 1
+    assert MoLoraConfig().peft_type == "MOLORA"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_fresh_adapter_leaves_outputs_unchanged(arch, batch):
+    base = MODEL_FACTORIES[arch]()
+    with torch.no_grad():
+        expected = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    model = get_peft_model(base, MoLoraConfig(num_experts=4, top_k=2, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        got = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.equal(expected, got)
+
+
+def test_default_targets_llama_and_shapes():
+    model = get_peft_model(make_llama(), MoLoraConfig(r=4, num_experts=3, top_k=1, task_type="CAUSAL_LM"))
+    layers = molora_layers(model)
+    assert {name.rsplit(".", 1)[-1] for name in layers} == LLAMA_TARGETS
+    assert len(layers) == 7 * 2
+    q = layers["base_model.model.model.layers.0.self_attn.q_proj"]
+    assert q.molora_A["default"].shape == (3, 64, 4)
+    assert q.molora_B["default"].shape == (3, 4, 64)
+    assert q.molora_router["default"].weight.shape == (3, 64)
+    assert torch.count_nonzero(q.molora_B["default"]) == 0
+
+
+def test_default_targets_gpt2_conv1d():
+    model = get_peft_model(make_gpt2(), MoLoraConfig(r=4, num_experts=2, top_k=1, task_type="CAUSAL_LM"))
+    layers = molora_layers(model)
+    assert len(layers) == 4 * 2
+    c_attn = layers["base_model.model.transformer.h.0.attn.c_attn"]
+    assert isinstance(c_attn.get_base_layer(), Conv1D)
+    assert c_attn.molora_A["default"].shape == (2, 48, 4)
+    assert c_attn.molora_B["default"].shape == (2, 4, 144)
+
+
+def test_unknown_architecture_without_targets_fails_clearly():
+    tiny = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="target_modules"):
+        get_peft_model(tiny, MoLoraConfig())
+
+
+@pytest.mark.parametrize("use_rslora, expected", [(False, 16 / 8), (True, 16 / 8**0.5)])
+def test_scaling(use_rslora, expected):
+    model = get_peft_model(make_llama(), MoLoraConfig(r=8, lora_alpha=16, use_rslora=use_rslora))
+    layer = next(iter(molora_layers(model).values()))
+    assert layer.scaling["default"] == pytest.approx(expected)
+
+
+def test_trainable_parameters_count_experts_and_routers():
+    cfg = MoLoraConfig(r=4, num_experts=3, top_k=2, task_type="CAUSAL_LM")
+    model = get_peft_model(make_llama(), cfg)
+    expected = 0
+    for layer in molora_layers(model).values():
+        expected += 3 * 4 * (layer.in_features + layer.out_features) + 3 * layer.in_features
+    trainable, total = model.get_nb_trainable_parameters()
+    assert trainable == expected
+    assert all(("molora_" in n) == p.requires_grad for n, p in model.named_parameters())
+
+
+def _lm_loss(logits, labels):
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+@pytest.mark.parametrize("z_loss_coef", [0.0, 1e-3])
+def test_aux_loss_is_added_to_outputs_loss(batch, z_loss_coef):
+    cfg = MoLoraConfig(num_experts=4, top_k=2, aux_loss_coef=0.05, z_loss_coef=z_loss_coef, task_type="CAUSAL_LM")
+    model = get_peft_model(make_llama(), cfg)
+    model.train()
+    out = model(**batch)
+    aux = model.molora_aux_loss()
+    assert aux is not None and aux.requires_grad
+    torch.testing.assert_close(out.loss, _lm_loss(out.logits, batch["labels"]) + aux)
+    parts = model.molora_aux_losses()
+    assert set(parts) == ({"balance", "z"} if z_loss_coef else {"balance"})
+    expected = 0.05 * parts["balance"] + (z_loss_coef * parts["z"] if z_loss_coef else 0.0)
+    torch.testing.assert_close(aux, expected)
+    # with the megatron normalisation a balanced router scores ~1, never below 1 by much
+    assert parts["balance"].item() > 0.9
+
+
+def test_no_aux_loss_when_coefficients_are_zero(batch):
+    model = get_peft_model(make_llama(), MoLoraConfig(aux_loss_coef=0.0, task_type="CAUSAL_LM"))
+    out = model(**batch)
+    assert model.molora_aux_loss() is None
+    torch.testing.assert_close(out.loss, _lm_loss(out.logits, batch["labels"]))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "concat"])
+def test_loss_reduction(batch, reduction):
+    model = get_peft_model(make_llama(), MoLoraConfig(aux_loss_coef=1.0, loss_reduction=reduction))
+    model(**batch)
+    runtime = model.base_model.molora_runtime
+    per_router = [r.losses.get("balance") for r in runtime._aux.values()]
+    aux = model.molora_aux_loss()
+    if reduction == "mean":
+        torch.testing.assert_close(aux, torch.stack(per_router).mean())
+    elif reduction == "sum":
+        torch.testing.assert_close(aux, torch.stack(per_router).sum())
+    else:
+        inputs = molora.routers.balancing.AuxInputs.cat([r.inputs for r in runtime._aux.values()])
+        torch.testing.assert_close(aux, molora.routers.balancing.load_balancing_loss(inputs, "megatron"))
+
+
+def test_padding_never_counts_in_losses_or_statistics(batch):
+    model = get_peft_model(make_llama(), MoLoraConfig(num_experts=4, top_k=2, task_type="CAUSAL_LM"))
+    model(**batch)
+    aux = model.molora_aux_loss().detach()
+    stats = model.get_routing_stats()
+    n_real = int(batch["attention_mask"].sum())
+    assert {s.tokens for s in stats.values()} == {n_real}
+
+    # different token ids under the padding: identical losses and statistics
+    other = {k: v.clone() for k, v in batch.items()}
+    other["input_ids"][0, :4] = torch.tensor([5, 17, 33, 60])
+    model.reset_routing_stats()
+    model(**other)
+    torch.testing.assert_close(model.molora_aux_loss().detach(), aux)
+    other_stats = model.get_routing_stats()
+    for name, s in stats.items():
+        assert other_stats[name].load == pytest.approx(s.load)
+        assert other_stats[name].entropy == pytest.approx(s.entropy, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "router, k, expected_per_token",
+    [("topk", 1, 1.0), ("topk", 3, 3.0), ("soft", 2, 4.0)],
+)
+def test_routing_statistics(batch, router, k, expected_per_token):
+    model = get_peft_model(make_llama(), MoLoraConfig(num_experts=4, top_k=k, router=router))
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    stats = model.get_routing_stats()
+    assert set(stats) == {n.removeprefix("base_model.model.") for n in molora_layers(model)}
+    n_real = int(batch["attention_mask"].sum())
+    for s in stats.values():
+        assert s.tokens == 2 * n_real
+        assert sum(s.load) == pytest.approx(1.0)
+        assert s.experts_per_token == pytest.approx(expected_per_token)
+        assert 0.0 <= s.normalized_entropy <= 1.0
+        assert sum(s.prob_mass) == pytest.approx(1.0, rel=1e-5)
+        assert s.max_violation >= 0
+        assert set(s.to_dict()) >= {"tokens", "load", "entropy", "experts_per_token"}
+    model.reset_routing_stats()
+    assert model.get_routing_stats() == {}
+
+
+def test_stats_can_be_turned_off(batch):
+    model = get_peft_model(make_llama(), MoLoraConfig(track_routing_stats=False))
+    model(**batch)
+    assert model.get_routing_stats() == {}
+
+
+def test_gradients_reach_experts_and_routers(batch):
+    model = get_peft_model(make_llama(), MoLoraConfig(num_experts=4, top_k=2, task_type="CAUSAL_LM"))
+    model.train()
+    model(**batch).loss.backward()
+    layer = molora_layers(model)["base_model.model.model.layers.0.mlp.up_proj"]
+    assert layer.molora_B["default"].grad.abs().sum() > 0
+    assert layer.molora_router["default"].weight.grad.abs().sum() > 0  # from the balance loss at least
+    assert layer.base_layer.weight.grad is None
+
+
+def test_multiple_adapters_set_adapter_and_disable(batch):
+    base = make_llama()
+    with torch.no_grad():
+        expected = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    model = get_peft_model(base, MoLoraConfig(num_experts=2, top_k=1, init_lora_weights=False))
+    model.add_adapter("second", MoLoraConfig(num_experts=3, top_k=2, router="soft", init_lora_weights=False))
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        first = model(**inputs).logits
+        model.set_adapter("second")
+        second = model(**inputs).logits
+        with model.disable_adapter():
+            disabled = model(**inputs).logits
+        model.set_adapter("default")
+        first_again = model(**inputs).logits
+    assert not torch.allclose(first, second)
+    assert torch.equal(first, first_again)
+    assert torch.equal(disabled, expected)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".default" in n for n in trainable)
+
+
+def test_unload_restores_base_modules(batch):
+    base = make_llama()
+    with torch.no_grad():
+        expected = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    model = get_peft_model(base, MoLoraConfig(init_lora_weights=False))
+    restored = model.unload()
+    assert not molora_layers(restored)
+    assert type(restored.model.layers[0].self_attn.q_proj) is nn.Linear
+    with torch.no_grad():
+        got = restored(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.equal(expected, got)
+    assert not restored._forward_pre_hooks and not restored._forward_hooks
+
+
+def test_merge_fails_clearly_and_changes_nothing(batch):
+    model = get_peft_model(make_llama(), MoLoraConfig(init_lora_weights=False))
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        before = model(**inputs).logits
+    with pytest.raises(ValueError, match="routed"):
+        model.merge_and_unload()
+    with pytest.raises(ValueError, match="routed"):
+        model.merge_adapter()
+    assert molora_layers(model)
+    with torch.no_grad():
+        assert torch.equal(before, model(**inputs).logits)
+
+
+def test_bf16_adapter_weights_with_fp32_inputs(batch):
+    model = get_peft_model(make_llama(), MoLoraConfig(num_experts=4, top_k=2, init_lora_weights=False))
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.to(torch.bfloat16)
+    model.train()
+    out = model(**batch)
+    assert out.logits.dtype == torch.float32
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and g.dtype == torch.bfloat16 and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_gradient_checkpointing_gives_the_same_gradients(batch, use_reentrant):
+    def grads(checkpointing: bool):
+        model = get_peft_model(make_llama(), MoLoraConfig(num_experts=4, top_k=2, init_lora_weights=False))
+        torch.manual_seed(3)
+        for layer in molora_layers(model).values():
+            layer.molora_router["default"].reset_parameters()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+            model.enable_input_require_grads()
+        model.train()
+        out = model(**batch)
+        out.loss.backward()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    loss_ref, ref = grads(False)
+    loss_ckpt, got = grads(True)
+    torch.testing.assert_close(loss_ckpt, loss_ref)
+    assert set(got) == set(ref)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_generate_works_and_decode_steps_skip_aux_losses(batch):
+    model = get_peft_model(make_llama(), MoLoraConfig(num_experts=4, top_k=2, init_lora_weights=False))
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 16)
+    runtime = model.base_model.molora_runtime
+    assert runtime.context.is_decode
+    assert model.molora_aux_loss() is None
+    tokens = {s.tokens for s in model.get_routing_stats().values()}
+    # prefill counts the real prompt tokens, then 3 decode steps of 2 tokens each
+    assert tokens == {int(batch["attention_mask"].sum()) + 3 * 2}
+
+
+def test_peft_model_from_pretrained_in_process(tmp_path, batch):
+    model = get_peft_model(make_llama(), MoLoraConfig(num_experts=4, top_k=2, init_lora_weights=False))
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    loaded = PeftModel.from_pretrained(make_llama(), tmp_path)
+    assert isinstance(loaded.peft_config["default"], MoLoraConfig)
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, expected)
+
+
+def _router_grads(model) -> dict[str, torch.Tensor]:
+    return {n: m.molora_router["default"].weight.grad.clone() for n, m in molora_layers(model).items()}
+
+
+@pytest.mark.parametrize("how", ["logits_only", "custom_loop_adds_aux", "scaled_outputs_loss", "aux_alone"])
+def test_aux_gradient_reaches_routers_exactly_once_whoever_computes_the_loss(batch, how):
+    """The routers get d(aux) once: via outputs.loss, via molora_aux_loss(), or from the layers themselves."""
+
+    def run(mode):
+        model = get_peft_model(
+            make_llama(), MoLoraConfig(num_experts=4, top_k=2, aux_loss_coef=0.5, init_lora_weights=False)
+        )
+        model.train()
+        if mode == "reference":
+            model(**batch).loss.backward()
+        elif mode == "reference_aux_alone":
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            runtime = model.base_model.molora_runtime
+            runtime.aux_delivered = True  # plain autograd of the aux loss, layer attachments switched off
+            runtime.aux_loss().backward()
+        else:
+            out = model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                labels=(batch["labels"] if mode == "scaled_outputs_loss" else None),
+            )
+            if mode == "logits_only":
+                _lm_loss(out.logits, batch["labels"]).backward()
+            elif mode == "custom_loop_adds_aux":
+                (_lm_loss(out.logits, batch["labels"]) + model.molora_aux_loss()).backward()
+            elif mode == "scaled_outputs_loss":
+                (0.25 * out.loss).backward()
+            elif mode == "aux_alone":
+                model.molora_aux_loss().backward()
+        return _router_grads(model)
+
+    reference = run("reference_aux_alone" if how == "aux_alone" else "reference")
+    got = run(how)
+    factor = 0.25 if how == "scaled_outputs_loss" else 1.0
+    for name in reference:
+        torch.testing.assert_close(got[name], factor * reference[name], rtol=1e-4, atol=1e-7, msg=name)

@@ -1,0 +1,110 @@
+"""Adapters round-trip through safetensors, bit-identically, in a fresh Python process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+from conftest import make_gpt2, make_llama
+from peft import get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import _stateful_router  # noqa: F401  (registers "test_biased_topk")
+from molora import MoLoraConfig, MoLoraLayer
+
+TESTS_DIR = Path(__file__).parent
+
+LOADER = textwrap.dedent(
+    """
+    import sys, torch
+    import molora
+    import _stateful_router  # the custom router must be importable where the adapter is loaded
+    from peft import AutoPeftModelForCausalLM, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base_dir, adapter_dir, inputs_path, out_path = sys.argv[1:5]
+    inputs = torch.load(inputs_path)
+    results = {}
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
+    with torch.no_grad():
+        results["peft_model"] = model(**inputs).logits
+    auto = AutoPeftModelForCausalLM.from_pretrained(adapter_dir).eval()
+    with torch.no_grad():
+        results["auto"] = auto(**inputs).logits
+    results["config_type"] = type(auto.peft_config["default"]).__name__
+    torch.save(results, out_path)
+    """
+)
+
+
+def _roundtrip(tmp_path, base_model, config):
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    base_model.save_pretrained(base_dir)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), config).eval()
+    torch.manual_seed(5)
+    for layer in (m for m in model.modules() if isinstance(m, MoLoraLayer)):
+        router = layer.molora_router["default"]
+        if hasattr(router, "selection_bias"):
+            router.selection_bias.uniform_(-0.3, 0.3)
+    gen = torch.Generator().manual_seed(0)
+    inputs = {"input_ids": torch.randint(3, 90, (2, 9), generator=gen)}
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    inputs["attention_mask"][1, :3] = 0
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    model.save_pretrained(adapter_dir)
+    torch.save(inputs, tmp_path / "inputs.pt")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])}
+    script = tmp_path / "load.py"
+    script.write_text(LOADER)
+    out = tmp_path / "out.pt"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(base_dir), str(adapter_dir), str(tmp_path / "inputs.pt"), str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return model, adapter_dir, expected, torch.load(out)
+
+
+def test_llama_roundtrip_in_fresh_process_is_bit_identical(tmp_path):
+    config = MoLoraConfig(r=4, num_experts=4, top_k=2, init_lora_weights=False, task_type="CAUSAL_LM")
+    model, adapter_dir, expected, results = _roundtrip(tmp_path, make_llama(), config)
+    assert results["config_type"] == "MoLoraConfig"
+    assert torch.equal(results["peft_model"], expected)
+    assert torch.equal(results["auto"], expected)
+    files = sorted(p.name for p in adapter_dir.iterdir())
+    assert "adapter_model.safetensors" in files and not any(f.endswith(".bin") for f in files)
+    saved = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "MOLORA" and saved["num_experts"] == 4 and saved["router"] == "topk"
+    tensors = load_file(adapter_dir / "adapter_model.safetensors")
+    assert any(k.endswith("self_attn.q_proj.molora_A") for k in tensors)
+    assert any(k.endswith("mlp.down_proj.molora_router.weight") for k in tensors)
+    assert not any(".default" in k for k in tensors)
+
+
+def test_router_state_buffers_are_saved_and_restored(tmp_path):
+    config = MoLoraConfig(
+        r=2, num_experts=3, top_k=1, router="test_biased_topk", init_lora_weights=False, task_type="CAUSAL_LM"
+    )
+    model, adapter_dir, expected, results = _roundtrip(tmp_path, make_llama(), config)
+    tensors = load_file(adapter_dir / "adapter_model.safetensors")
+    biases = {k: v for k, v in tensors.items() if k.endswith("molora_router.selection_bias")}
+    assert len(biases) == 14 and all(v.abs().sum() > 0 for v in biases.values())
+    assert torch.equal(results["peft_model"], expected)
+    assert torch.equal(results["auto"], expected)
+
+
+def test_gpt2_roundtrip_in_fresh_process(tmp_path):
+    config = MoLoraConfig(r=4, num_experts=2, top_k=1, router="soft", init_lora_weights=False, task_type="CAUSAL_LM")
+    _, _, expected, results = _roundtrip(tmp_path, make_gpt2(), config)
+    assert torch.equal(results["peft_model"], expected)
+    assert torch.equal(results["auto"], expected)
