@@ -45,6 +45,8 @@ class MoLoraConfig(PeftConfig):
         target_modules (list[str] | str | None): module names (suffix match) or a regex (full match) to adapt.
             ``None`` uses molora's mapping for known architectures (attention and MLP projections). Default: None.
         exclude_modules (list[str] | str | None): modules not to adapt, same matching rules. Default: None.
+        target_parameters (None): not supported (experts are routed from a module's input); must stay None.
+            Default: None.
         layers_to_transform (list[int] | int | None): only adapt these layer indices. Default: None.
         layers_pattern (list[str] | str | None): name of the layer list, used with ``layers_to_transform``.
             Default: None.

@@ -202,7 +202,9 @@ def register_router(name: str, cls: type[Router] | None = None, *, overwrite: bo
                 f"A router named {name!r} is already registered ({existing.__module__}.{existing.__qualname__}); "
                 "pick another name or pass overwrite=True."
             )
-        router_cls.name = name
+        if "name" not in vars(router_cls) or not router_cls.name:
+            # the first name a class is registered under is its own; aliases do not rename it
+            router_cls.name = name
         ROUTER_REGISTRY[name] = router_cls
         return router_cls
 

@@ -67,8 +67,10 @@ def topk_routing(
     expert_index = scores.topk(k, dim=-1).indices  # [T, k]
     top_probs = probs.gather(-1, expert_index)  # [T, k]
     if renormalize:
-        # the top-k mass of a softmax is >= k/E > 0, so the division is safe even for extreme logits
-        top_probs = top_probs / top_probs.sum(dim=-1, keepdim=True)
+        # selection by `probs` keeps a mass >= k/E, but a biased selection may pick experts whose probability
+        # underflowed to 0: their gates stay 0 instead of becoming 0/0
+        mass = top_probs.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(top_probs.dtype).tiny)
+        top_probs = top_probs / mass
     gates = torch.zeros_like(probs).scatter(-1, expert_index, top_probs)
     token_index = torch.arange(n_tokens, device=probs.device).repeat_interleave(k)
     return Routing(

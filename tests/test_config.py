@@ -1,0 +1,74 @@
+"""MoLoraConfig validates every field early, naming the field, the value and what is allowed."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+from peft import PeftConfig
+
+from molora import MoLoraConfig
+
+BAD_CONFIGS = [
+    ({"r": 0}, r"`r`=0 must be an integer >= 1"),
+    ({"r": 2.5}, r"`r`=2.5 must be an integer"),
+    ({"lora_alpha": 0}, r"`lora_alpha`=0 must be > 0"),
+    ({"lora_dropout": 1.0}, r"`lora_dropout`=1.0 must be in \[0, 1\)"),
+    ({"lora_dropout": -0.1}, r"`lora_dropout`=-0.1 must be in \[0, 1\)"),
+    ({"num_experts": 0}, r"`num_experts`=0 must be an integer >= 1"),
+    ({"top_k": 0}, r"`top_k`=0 must be an integer >= 1"),
+    ({"top_k": 9, "num_experts": 8}, r"`top_k`=9 must be <= num_experts=8"),
+    ({"router": "nope"}, r"`router`='nope' is not a registered router; allowed values: \[.*'soft'.*'topk'"),
+    ({"router": "topp_typo_k"}, r"allowed values"),
+    ({"router_kwargs": {"renormalise": True}}, r"unknown key\(s\) \['renormalise'\].*'renormalize'"),
+    ({"router_kwargs": {"renormalize": "yes"}}, r"`router_kwargs\['renormalize'\]`='yes'.*bool"),
+    ({"router_kwargs": {"jitter_noise": 1.5}}, r"jitter_noise.*must be in \[0, 1\)"),
+    ({"router": "soft", "router_kwargs": {"temperature": 0.0}}, r"temperature.*must be > 0"),
+    ({"router_kwargs": [1]}, r"`router_kwargs` must be a dict"),
+    ({"router_init": "xavier"}, r"`router_init`='xavier' is not supported; allowed values: \['kaiming', 'normal'\]"),
+    ({"router_init_std": 0}, r"`router_init_std`=0 must be > 0"),
+    ({"target_modules": []}, r"`target_modules` is empty"),
+    ({"target_modules": ""}, r"`target_modules` is an empty string"),
+    ({"target_modules": ["q_proj", ""]}, r"`target_modules` must contain non-empty strings"),
+    ({"target_modules": 3}, r"`target_modules` must be a list"),
+    ({"target_parameters": ["w"]}, r"`target_parameters`.*not supported"),
+    ({"layers_pattern": "layers"}, r"`layers_pattern` only has an effect together with `layers_to_transform`"),
+    ({"bias": "lora_only"}, r"`bias`='lora_only' is not supported; allowed values: \['none', 'all', 'molora_only'\]"),
+    ({"aux_loss_coef": -1.0}, r"`aux_loss_coef`=-1.0 must be >= 0"),
+    ({"z_loss_coef": float("nan")}, r"`z_loss_coef`=nan must be a finite number"),
+    ({"balance_loss_type": "hf"}, r"`balance_loss_type`='hf' is not supported; allowed values: \['megatron'"),
+    ({"loss_reduction": "avg"}, r"`loss_reduction`='avg' is not supported; allowed values: \['mean', 'sum', 'concat'\]"),
+    ({"kernel": "triton9"}, r"`kernel`='triton9' is not supported; allowed values"),
+    ({"init_lora_weights": "gaussian"}, r"`init_lora_weights`='gaussian' must be True or False"),
+]
+
+
+@pytest.mark.parametrize("kwargs, message", BAD_CONFIGS, ids=[next(iter(k)) for k, _ in BAD_CONFIGS])
+def test_bad_values_fail_with_a_clear_message(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MoLoraConfig(**kwargs)
+
+
+def test_defaults_are_valid_and_documented():
+    config = MoLoraConfig()
+    assert (config.r, config.num_experts, config.top_k, config.router) == (8, 8, 2, "topk")
+    doc = MoLoraConfig.__doc__
+    for field in dataclasses.fields(MoLoraConfig):
+        if field.name in {f.name for f in dataclasses.fields(PeftConfig)}:
+            continue
+        assert field.metadata.get("help"), f"{field.name} has no help text"
+        assert f"{field.name} (" in doc, f"{field.name} is missing from the class docstring"
+
+
+def test_config_json_roundtrip(tmp_path):
+    config = MoLoraConfig(
+        r=4, num_experts=3, top_k=1, router="topk", router_kwargs={"renormalize": False}, target_modules=["q_proj"]
+    )
+    config.save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert raw["peft_type"] == "MOLORA" and raw["router_kwargs"] == {"renormalize": False}
+    loaded = PeftConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, MoLoraConfig)
+    assert loaded.router_kwargs == {"renormalize": False} and loaded.target_modules == {"q_proj"}
+    assert loaded.scaling == config.scaling

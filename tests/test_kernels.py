@@ -1,0 +1,261 @@
+"""Parity tests for the expert compute paths of ``molora.kernels``.
+
+Covers:
+    * the combination vector of spec/algorithms.md 1.6 through every path (``naive``, ``dense``, ``grouped`` and
+      ``expert_delta`` with each ``kernel`` including ``"auto"``);
+    * a sweep over dtypes (float32, float64; bf16 forward only), token counts, expert counts, ranks, odd widths and
+      routings (top-1, top-2, soft, and a sparse routing with empty experts and tokens without any expert): the
+      outputs and the gradients with respect to ``x``, ``A``, ``B`` and the router logits agree with ``naive_delta``;
+    * routings without any assignment, ``choose_kernel``, and the error for an unknown kernel name.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from molora import MoLoraConfig, Routing
+from molora.kernels import (
+    KERNEL_CHOICES,
+    choose_kernel,
+    dense_masked_delta,
+    expert_delta,
+    grouped_delta,
+    naive_delta,
+)
+from molora.routers import topk_routing
+
+PATHS = {"naive": naive_delta, "dense": dense_masked_delta, "grouped": grouped_delta}
+FAST_PATHS = ["dense", "grouped", "auto"]
+D_IN, D_OUT = 17, 24
+
+
+def run_path(name: str, x, A, B, routing, scaling):
+    if name == "auto":
+        return expert_delta(x, A, B, routing, scaling, kernel="auto")
+    return PATHS[name](x, A, B, routing, scaling)
+
+
+# -- spec 1.6 --------------------------------------------------------------------------------------------------------
+
+
+def spec_routing(with_gates: bool) -> Routing:
+    weight = torch.tensor([0.75, 0.25])
+    return Routing(
+        probs=torch.tensor([[0.75, 0.25]]),
+        token_index=torch.tensor([0, 0]),
+        expert_index=torch.tensor([0, 1]),
+        weight=weight,
+        gates=weight[None].clone() if with_gates else None,
+    )
+
+
+@pytest.mark.parametrize("with_gates", [False, True])
+@pytest.mark.parametrize("path", ["naive", "dense", "grouped", "auto"])
+def test_spec_combination_vector(path, with_gates):
+    scaling = MoLoraConfig(r=1, lora_alpha=2, num_experts=2, top_k=2).scaling
+    assert scaling == 2.0
+    x = torch.tensor([[1.0, 2.0]])
+    A = torch.tensor([[[1.0], [0.0]], [[0.0], [1.0]]])  # [E=2, d_in=2, r=1]: A_0 = [1, 0], A_1 = [0, 1]
+    B = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])  # [E=2, r=1, d_out=2]: B_0 = [1, 0]^T, B_1 = [0, 1]^T
+    delta = run_path(path, x, A, B, spec_routing(with_gates), scaling)
+    torch.testing.assert_close(delta, torch.tensor([[1.5, 1.0]]))
+    w0 = torch.eye(2)
+    torch.testing.assert_close(x @ w0.T + delta, torch.tensor([[2.5, 3.0]]))
+
+
+@pytest.mark.parametrize("kernel", ["naive", "dense", "grouped"])
+def test_expert_delta_dispatches_to_named_path(kernel):
+    torch.manual_seed(11)
+    x, A, B = torch.randn(6, 5), torch.randn(3, 5, 2), torch.randn(3, 2, 4)
+    routing = topk_routing(torch.softmax(torch.randn(6, 3), -1), 2)
+    torch.testing.assert_close(
+        expert_delta(x, A, B, routing, 0.5, kernel=kernel), PATHS[kernel](x, A, B, routing, 0.5)
+    )
+
+
+# -- routings --------------------------------------------------------------------------------------------------------
+
+ROUTING_KINDS = ["topk1", "topk2", "soft", "sparse"]
+
+
+def make_routing(kind: str, logits: torch.Tensor, seed: int) -> Routing:
+    """A routing whose gates are differentiable functions of ``logits[T, E]``."""
+    n_tokens, n_experts = logits.shape
+    probs = torch.softmax(logits, dim=-1)
+    if kind == "topk1":
+        return topk_routing(probs, 1, logits=logits)
+    if kind == "topk2":
+        return topk_routing(probs, 2, logits=logits)
+    if kind == "soft":
+        return Routing(
+            probs=probs,
+            token_index=torch.arange(n_tokens).repeat_interleave(n_experts),
+            expert_index=torch.arange(n_experts).repeat(n_tokens),
+            weight=probs.reshape(-1),
+            logits=logits,
+            gates=probs,
+        )
+    if kind == "sparse":
+        # a variable number of experts per token, only even experts used (odd ones get no token), some tokens
+        # without any expert; the dense gates are built from the triples (``gates=None``)
+        gen = torch.Generator().manual_seed(seed)
+        allowed = torch.zeros(n_experts, dtype=torch.bool)
+        allowed[::2] = True
+        mask = (torch.rand(n_tokens, n_experts, generator=gen) < 0.6) & allowed
+        if n_tokens > 1:
+            mask[0] = False
+        token_index, expert_index = mask.nonzero(as_tuple=True)
+        weight = torch.sigmoid(logits[token_index, expert_index])
+        return Routing(probs=probs, token_index=token_index, expert_index=expert_index, weight=weight, logits=logits)
+    raise AssertionError(kind)
+
+
+def _cases():
+    for dtype, n_tokens, n_experts, rank, kind in itertools.product(
+        [torch.float32, torch.float64], [1, 7, 33], [1, 4, 8], [1, 8], ROUTING_KINDS
+    ):
+        if kind == "topk2" and n_experts < 2:
+            continue
+        yield pytest.param(
+            dtype, n_tokens, n_experts, rank, kind, id=f"{str(dtype)[6:]}-T{n_tokens}-E{n_experts}-r{rank}-{kind}"
+        )
+
+
+def make_inputs(n_tokens, n_experts, rank, dtype, logits_dtype, seed):
+    torch.manual_seed(seed)
+    x = torch.randn(n_tokens, D_IN, dtype=dtype)
+    A = torch.randn(n_experts, D_IN, rank, dtype=dtype) / D_IN**0.5
+    B = torch.randn(n_experts, rank, D_OUT, dtype=dtype) / rank**0.5
+    logits = torch.randn(n_tokens, n_experts, dtype=logits_dtype)
+    return x, A, B, logits
+
+
+def forward_backward(path, kind, x, A, B, logits, upstream, scaling, seed):
+    """Output and gradients of one path, on fresh leaves and a fresh routing (routings cache their dense gates)."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, A, B, logits)]
+    routing = make_routing(kind, leaves[3], seed)
+    out = run_path(path, leaves[0], leaves[1], leaves[2], routing, scaling)
+    grads = torch.autograd.grad((out * upstream).sum(), leaves, allow_unused=True)
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("dtype, n_tokens, n_experts, rank, kind", list(_cases()))
+def test_paths_agree_with_naive(dtype, n_tokens, n_experts, rank, kind):
+    seed = 1000 * n_tokens + 100 * n_experts + 10 * rank + ROUTING_KINDS.index(kind)
+    x, A, B, logits = make_inputs(n_tokens, n_experts, rank, dtype, dtype, seed)
+    upstream = torch.randn(n_tokens, D_OUT, dtype=dtype)
+    scaling = 1.75
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-10, "rtol": 1e-10}
+    ref_out, ref_grads = forward_backward("naive", kind, x, A, B, logits, upstream, scaling, seed)
+    assert ref_out.shape == (n_tokens, D_OUT) and ref_out.dtype == dtype
+    # the reference itself matches an explicit per-token sum over the triples
+    routing = make_routing(kind, logits, seed)
+    explicit = torch.zeros(n_tokens, D_OUT, dtype=torch.float64)
+    for t, e, w in zip(routing.token_index.tolist(), routing.expert_index.tolist(), routing.weight.tolist()):
+        explicit[t] += w * scaling * (x[t].double() @ A[e].double()) @ B[e].double()
+    torch.testing.assert_close(ref_out.double(), explicit, **tol)
+    for path in FAST_PATHS:
+        out, grads = forward_backward(path, kind, x, A, B, logits, upstream, scaling, seed)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out, ref_out, **tol, msg=lambda m, path=path: f"{path} output: {m}")
+        for name, grad, ref in zip(("x", "A", "B", "logits"), grads, ref_grads):
+            assert grad is not None and ref is not None, f"{path}: no gradient for {name}"
+            torch.testing.assert_close(grad, ref, **tol, msg=lambda m, name=name, path=path: f"{path} d/d{name}: {m}")
+
+
+@pytest.mark.parametrize("kind", ROUTING_KINDS)
+@pytest.mark.parametrize("n_tokens, n_experts, rank", [(7, 4, 8), (33, 8, 1), (1, 2, 8)])
+def test_paths_agree_in_bf16_forward(n_tokens, n_experts, rank, kind):
+    seed = 77 + n_tokens
+    x, A, B, logits = make_inputs(n_tokens, n_experts, rank, torch.bfloat16, torch.float32, seed)
+    routing = make_routing(kind, logits, seed)
+    # reference: the same bf16 values, computed in float64
+    ref = naive_delta(x.double(), A.double(), B.double(), make_routing(kind, logits, seed), 2.0)
+    for path in ["naive", *FAST_PATHS]:
+        out = run_path(path, x, A, B, routing, 2.0)
+        assert out.dtype == torch.bfloat16 and out.shape == (n_tokens, D_OUT)
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out.double(), ref, atol=5e-2, rtol=5e-2, msg=lambda m, path=path: f"{path}: {m}")
+
+
+@pytest.mark.parametrize("path", ["naive", *FAST_PATHS])
+def test_empty_experts_get_zero_gradient(path):
+    torch.manual_seed(5)
+    n_tokens, n_experts, rank = 9, 6, 3
+    x, A, B, logits = make_inputs(n_tokens, n_experts, rank, torch.float32, torch.float32, 5)
+    _, (gx, gA, gB, glogits) = forward_backward(path, "sparse", x, A, B, logits, torch.randn(n_tokens, D_OUT), 1.0, 5)
+    # odd experts never receive a token: their A and B get an exactly-zero gradient, the others do not
+    assert torch.equal(gA[1::2], torch.zeros_like(gA[1::2]))
+    assert torch.equal(gB[1::2], torch.zeros_like(gB[1::2]))
+    assert (gA[::2].abs().sum(dim=(1, 2)) > 0).all()
+    # token 0 has no expert: zero gradient for its input
+    assert torch.equal(gx[0], torch.zeros_like(gx[0]))
+
+
+@pytest.mark.parametrize("path", ["naive", *FAST_PATHS])
+def test_routing_without_assignments(path):
+    torch.manual_seed(6)
+    n_tokens, n_experts, rank = 4, 3, 2
+    x, A, B, logits = make_inputs(n_tokens, n_experts, rank, torch.float32, torch.float32, 6)
+    leaves = [t.clone().requires_grad_(True) for t in (x, A, B)]
+    empty = torch.zeros(0, dtype=torch.long)
+    routing = Routing(probs=torch.softmax(logits, -1), token_index=empty, expert_index=empty, weight=torch.zeros(0))
+    out = run_path(path, *leaves, routing, 2.0)
+    assert torch.equal(out, torch.zeros(n_tokens, D_OUT))
+    out.sum().backward()
+    # every parameter stays in the graph (DDP) and gets a zero gradient; the input may get none at all
+    x_leaf, A_leaf, B_leaf = leaves
+    for leaf in (A_leaf, B_leaf):
+        assert leaf.grad is not None and torch.equal(leaf.grad, torch.zeros_like(leaf))
+    assert x_leaf.grad is None or torch.equal(x_leaf.grad, torch.zeros_like(x_leaf))
+
+
+# -- kernel choice ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "num_tokens, num_assignments, num_experts, rank, expected",
+    [
+        (10, 20, 8, 8, "dense"),  # E*r = 64
+        (10, 10, 64, 8, "dense"),  # E*r = 512, still dense
+        (10, 20, 8, 65, "grouped"),  # E*r = 520, density 0.25
+        (10, 40, 8, 65, "dense"),  # density 0.5
+        (10, 80, 8, 65, "dense"),  # soft routing
+        (0, 0, 16, 64, "grouped"),  # no tokens
+    ],
+)
+def test_choose_kernel(num_tokens, num_assignments, num_experts, rank, expected):
+    assert choose_kernel(num_tokens, num_assignments, num_experts, rank) == expected
+
+
+@pytest.mark.parametrize("kind, expected_path", [("topk1", "grouped"), ("soft", "dense")])
+def test_auto_on_large_banks(kind, expected_path):
+    n_tokens, n_experts, rank = 5, 8, 65
+    seed = 13
+    x, A, B, logits = make_inputs(n_tokens, n_experts, rank, torch.float64, torch.float64, seed)
+    routing = make_routing(kind, logits, seed)
+    assert choose_kernel(n_tokens, routing.token_index.numel(), n_experts, rank) == expected_path
+    upstream = torch.randn(n_tokens, D_OUT, dtype=torch.float64)
+    ref_out, ref_grads = forward_backward("naive", kind, x, A, B, logits, upstream, 0.5, seed)
+    out, grads = forward_backward("auto", kind, x, A, B, logits, upstream, 0.5, seed)
+    torch.testing.assert_close(out, ref_out)
+    for grad, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, ref)
+
+
+@pytest.mark.parametrize("kernel", ["fast", "triton", "Dense", "", None])
+def test_invalid_kernel_name_raises(kernel):
+    torch.manual_seed(0)
+    x, A, B = torch.randn(2, 3), torch.randn(2, 3, 1), torch.randn(2, 1, 3)
+    routing = topk_routing(torch.softmax(torch.randn(2, 2), -1), 1)
+    with pytest.raises(ValueError, match="allowed values") as info:
+        expert_delta(x, A, B, routing, 1.0, kernel=kernel)
+    message = str(info.value)
+    assert repr(kernel) in message
+    for choice in KERNEL_CHOICES:
+        assert repr(choice) in message
+    with pytest.raises(ValueError, match="allowed values"):
+        MoLoraConfig(kernel=kernel)
