@@ -163,8 +163,19 @@ class MoLoraModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
-    def _check_new_adapter_config(self, config: MoLoraConfig) -> None:
-        super()._check_new_adapter_config(config)
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        # PEFT upcasts bf16/fp16 adapter weights by re-assigning ParameterDict entries, and a ParameterDict wraps the
+        # new tensor in a fresh, trainable Parameter: keep the requires_grad flags the adapter had before the cast
+        flags = {}
+        for module in self.model.modules():
+            if isinstance(module, MoLoraLayer):
+                for attr in ("molora_A", "molora_B"):
+                    params = getattr(module, attr)
+                    if adapter_name in params:
+                        flags[(id(params), attr)] = (params, params[adapter_name].requires_grad)
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        for params, requires_grad in flags.values():
+            params[adapter_name].requires_grad_(requires_grad)
 
     def _check_merge_allowed(self):
         raise ValueError(MERGE_ERROR)

@@ -38,7 +38,7 @@ BAD_CONFIGS = [
     ({"aux_loss_coef": -1.0}, r"`aux_loss_coef`=-1.0 must be >= 0"),
     ({"z_loss_coef": float("nan")}, r"`z_loss_coef`=nan must be a finite number"),
     ({"balance_loss_type": "hf"}, r"`balance_loss_type`='hf' is not supported; allowed values: \['megatron'"),
-    ({"loss_reduction": "avg"}, r"`loss_reduction`='avg' is not supported; allowed values: \['mean', 'sum', 'concat'\]"),
+    ({"loss_reduction": "avg"}, r"`loss_reduction`='avg' is not supported; allowed values: \['mean', 'sum'"),
     ({"kernel": "triton9"}, r"`kernel`='triton9' is not supported; allowed values"),
     ({"init_lora_weights": "gaussian"}, r"`init_lora_weights`='gaussian' must be True or False"),
 ]

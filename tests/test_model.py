@@ -354,3 +354,16 @@ def test_aux_gradient_reaches_routers_exactly_once_whoever_computes_the_loss(bat
     factor = 0.25 if how == "scaled_outputs_loss" else 1.0
     for name in reference:
         torch.testing.assert_close(got[name], factor * reference[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_bf16_base_adapter_loaded_for_inference_is_frozen(tmp_path):
+    """Regression: PEFT's fp32 upcast re-wrapped molora_A/B of a bf16 base as new trainable Parameters."""
+    get_peft_model(make_llama(), MoLoraConfig(num_experts=2, top_k=1)).save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(make_llama().to(torch.bfloat16), tmp_path)
+    assert not [n for n, p in loaded.named_parameters() if p.requires_grad]
+    layer = next(iter(molora_layers(loaded).values()))
+    assert layer.molora_A["default"].dtype == torch.float32
+    model = get_peft_model(make_llama().to(torch.bfloat16), MoLoraConfig(num_experts=2, top_k=1))
+    model.add_adapter("second", MoLoraConfig(num_experts=2, top_k=1))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and not any(".second" in n for n in trainable)

@@ -9,13 +9,13 @@ import sys
 import textwrap
 from pathlib import Path
 
+import _stateful_router  # noqa: F401  (registers "test_biased_topk")
 import torch
 from conftest import make_gpt2, make_llama
 from peft import get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-import _stateful_router  # noqa: F401  (registers "test_biased_topk")
 from molora import MoLoraConfig, MoLoraLayer
 
 TESTS_DIR = Path(__file__).parent
