@@ -180,6 +180,9 @@ class _AttachAuxGrad(torch.autograd.Function):
         runtime = ctx.runtime
         if runtime.aux_delivered or ctx.generation != runtime.generation:
             return (grad, None, None, None) + (None,) * len(ctx.names)
+        if not ctx.names:
+            runtime._warn_concat_once()
+            return grad, None, None, None
         weights = runtime.aux_weights(ctx.adapter_name)
         scale = runtime.loss_grad
         grads = []
@@ -213,10 +216,7 @@ class MoLoraRuntime:
         self.loss_grad: torch.Tensor | None = None
         self.aux_delivered = False
         self._warned_concat = False
-        # set by MoLoraModel for trainers that read ``outputs.aux_loss`` (see MoLoraModel._install_trainer_aux_bridge)
-        self.text_config: Any = None
-        self.strip_router_logits_kwarg = False
-        self.publish_aux_loss = False
+        self._weights_cache: dict[str, dict[str, float]] = {}
 
     # -- forward lifecycle ------------------------------------------------------------------------------------------
 
@@ -224,6 +224,7 @@ class MoLoraRuntime:
         """Publish the routing context of a model-level call and start a new collection."""
         self.commit_stats()
         self._aux = {}
+        self._weights_cache = {}
         self.generation += 1
         self.loss_grad = None
         self.aux_delivered = False
@@ -288,11 +289,9 @@ class MoLoraRuntime:
             losses=losses, coefs=coefs, inputs=inputs if concat else None, router_cls=type(router)
         )
         if torch.is_grad_enabled() and router.weight.requires_grad and output.requires_grad:
-            if concat:
-                self._warn_concat_once()
-            elif losses:
-                names = tuple(losses)
-                output = _AttachAuxGrad.apply(output, self, adapter_name, names, *(losses[n] for n in names))
+            # with concat the per-router losses are not separable: the attachment only warns if nothing delivered
+            names = () if concat else tuple(losses)
+            output = _AttachAuxGrad.apply(output, self, adapter_name, names, *(losses[n] for n in names))
         return output
 
     def _warn_concat_once(self) -> None:
@@ -307,6 +306,11 @@ class MoLoraRuntime:
 
     def aux_weights(self, adapter_name: str) -> dict[str, float]:
         """Weight of one router's loss in the total: ``coef`` (sum) or ``coef / number of routers`` (mean)."""
+        if adapter_name not in self._weights_cache:
+            self._weights_cache[adapter_name] = self._compute_aux_weights(adapter_name)
+        return self._weights_cache[adapter_name]
+
+    def _compute_aux_weights(self, adapter_name: str) -> dict[str, float]:
         config = self.peft_config[adapter_name]
         counts: dict[str, int] = {}
         coefs: dict[str, float] = {}

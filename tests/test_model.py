@@ -412,3 +412,13 @@ def test_encoder_sequence_classification_with_modules_to_save(tmp_path):
     loaded = PeftModel.from_pretrained(BertForSequenceClassification(config).eval(), tmp_path)
     with torch.no_grad():
         assert torch.equal(loaded(**inputs).logits, before)
+
+
+def test_concat_reduction_warns_only_when_its_gradient_cannot_be_delivered(batch, recwarn):
+    model = get_peft_model(make_llama(), MoLoraConfig(num_experts=4, top_k=2, loss_reduction="concat"))
+    model.train()
+    model(**batch).loss.backward()  # through outputs.loss: delivered, no warning
+    assert not [w for w in recwarn if "concat" in str(w.message)]
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    with pytest.warns(UserWarning, match="loss_reduction='concat'"):
+        _lm_loss(out.logits, batch["labels"]).backward()
