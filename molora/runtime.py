@@ -112,11 +112,13 @@ class _Totals:
         self.entropy_sum = delta.entropy_sum.clone()
 
     def add(self, delta: _StatsDelta) -> None:
-        self.tokens += delta.tokens
-        self.assignments += delta.assignments
-        self.gate_mass += delta.gate_mass
-        self.prob_mass += delta.prob_mass
-        self.entropy_sum += delta.entropy_sum
+        # out of place: totals started under torch.inference_mode() are inference tensors, which cannot be updated
+        # in place once training resumes (and vice versa)
+        self.tokens = self.tokens + delta.tokens
+        self.assignments = self.assignments + delta.assignments
+        self.gate_mass = self.gate_mass + delta.gate_mass
+        self.prob_mass = self.prob_mass + delta.prob_mass
+        self.entropy_sum = self.entropy_sum + delta.entropy_sum
 
     def summarize(self) -> LayerRoutingStats:
         tokens = int(self.tokens.item())

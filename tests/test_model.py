@@ -422,3 +422,18 @@ def test_concat_reduction_warns_only_when_its_gradient_cannot_be_delivered(batch
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     with pytest.warns(UserWarning, match="loss_reduction='concat'"):
         _lm_loss(out.logits, batch["labels"]).backward()
+
+
+def test_statistics_survive_switching_between_inference_mode_and_training(batch):
+    """Regression: totals created under torch.inference_mode() could not be updated in place afterwards."""
+    model = get_peft_model(make_llama(), MoLoraConfig(num_experts=4, top_k=2))
+    with torch.inference_mode():
+        model(**batch)
+        model(**batch)
+    model.train()
+    model(**batch).loss.backward()
+    model(**batch)
+    with torch.inference_mode():
+        model(**batch)
+    n_real = int(batch["attention_mask"].sum())
+    assert {s.tokens for s in model.get_routing_stats().values()} == {5 * n_real}
