@@ -52,6 +52,14 @@ MOLORA_TARGET_MODULES: dict[str, list[str]] = {
 }
 
 
+def _begin_forward_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    module._molora_runtime.begin_forward(args, kwargs)
+
+
+def _end_forward_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    return module._molora_runtime.end_forward(output)
+
+
 def _supported_base(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D)) or (
         (backend := resolve_quantization_backend(module)) is not None and backend.layer_type == "linear"
@@ -99,23 +107,19 @@ class MoLoraModel(BaseTuner):
     def _install_hooks(self) -> None:
         if self._molora_hooks:
             return
-        runtime = self.molora_runtime
-
-        def pre_hook(module, args, kwargs):
-            runtime.begin_forward(args, kwargs)
-
-        def post_hook(module, args, kwargs, output):
-            return runtime.end_forward(output)
-
+        # the hooks find the runtime through the module (not a closure), so that copy.deepcopy of the model gives
+        # a copy whose hooks drive the copy's runtime, the one its layers record into
+        self.model._molora_runtime = self.molora_runtime
         self._molora_hooks = [
-            self.model.register_forward_pre_hook(pre_hook, with_kwargs=True),
-            self.model.register_forward_hook(post_hook, with_kwargs=True),
+            self.model.register_forward_pre_hook(_begin_forward_hook, with_kwargs=True),
+            self.model.register_forward_hook(_end_forward_hook, with_kwargs=True),
         ]
 
     def _remove_hooks(self) -> None:
         for handle in self._molora_hooks:
             handle.remove()
         self._molora_hooks = []
+        self.model.__dict__.pop("_molora_runtime", None)
 
     # -- BaseTuner contract -----------------------------------------------------------------------------------------
 

@@ -437,3 +437,20 @@ def test_statistics_survive_switching_between_inference_mode_and_training(batch)
         model(**batch)
     n_real = int(batch["attention_mask"].sum())
     assert {s.tokens for s in model.get_routing_stats().values()} == {5 * n_real}
+
+
+def test_deepcopy_gives_an_independent_working_model(batch):
+    import copy
+
+    model = get_peft_model(make_llama(), MoLoraConfig(num_experts=4, top_k=2, init_lora_weights=False))
+    clone = copy.deepcopy(model)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        torch.testing.assert_close(clone(**inputs).logits, model(**inputs).logits)
+    n_real = int(batch["attention_mask"].sum())
+    # each copy's padding mask and statistics belong to its own forwards
+    assert {s.tokens for s in clone.get_routing_stats().values()} == {n_real}
+    assert {s.tokens for s in model.get_routing_stats().values()} == {n_real}
+    clone.train()
+    out = clone(**batch)
+    torch.testing.assert_close(out.loss, _lm_loss(out.logits, batch["labels"]) + clone.molora_aux_loss())
