@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import make_llama
@@ -296,3 +298,12 @@ def test_save_load_roundtrip_and_no_cached_decision_in_the_state_dict(tmp_path):
         got_logits = loaded(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
     assert torch.equal(got_logits, expected_logits)
     assert torch.equal(greedy(loaded, ids, mask), expected)
+
+
+def test_recipe_builds_a_prompt_router_config():
+    yaml = pytest.importorskip("yaml")
+    recipe = yaml.safe_load((Path(__file__).parents[1] / "configs" / "milora.yaml").read_text())
+    assert set(recipe) == {"model", "adapter", "training"} and recipe["model"]["name_or_path"] is None
+    config = MoLoraConfig(**recipe["adapter"])
+    assert config.router == "prompt" and config.router_kwargs["pooler"] == "mean"
+    assert recipe["training"]["packing"] is False and recipe["training"]["completion_only_loss"] is True
