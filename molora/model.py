@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -225,3 +226,20 @@ class MoLoraModel(BaseTuner):
     def reset_routing_stats(self) -> None:
         """Forget the accumulated routing statistics."""
         self.molora_runtime.reset_stats()
+
+    def molora_prompt_mask(self, prompt_mask: torch.Tensor) -> contextlib.AbstractContextManager[None]:
+        """Context manager: prompt-level routers (``router="prompt"``) pool over ``prompt_mask`` inside the block.
+
+        ``prompt_mask[B, P]`` marks the prompt tokens among the first ``P`` positions of each input; positions after
+        ``P`` are never prompt. Use it when a call re-feeds the prompt together with tokens that must not influence
+        routing, e.g. scoring completions or ``generate(use_cache=False)``; with the KV cache (the default) and in
+        training with ``labels`` the prompt is known without it. See ``docs/prompt_router.md``.
+
+        Example:
+
+            ```py
+            >>> with model.molora_prompt_mask(prompt_attention_mask):
+            ...     out = model(input_ids=torch.cat([prompt_ids, completion_ids], 1), attention_mask=full_mask)
+            ```
+        """
+        return self.molora_runtime.prompt_mask(prompt_mask)

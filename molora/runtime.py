@@ -20,8 +20,10 @@ them twice. Statistics move into the running totals at the start of the next for
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +45,9 @@ class RoutingContext:
         is_decode (bool): True for a cached decode step (``past_key_values`` already holds earlier tokens).
         labels (Tensor[B, S] or None): the labels passed to the forward, if any.
         adapter_names (list[str] or None): per-sample adapter names for mixed-adapter batches.
+        prompt_mask (BoolTensor[B, S] or None): positions of the current input that an explicit
+            :meth:`MoLoraRuntime.prompt_mask` context marks as the prompt (``None`` outside such a context).
+        past_length (int or None): tokens already in the KV cache (0 for a prefill; ``None`` when unknown).
         extra (dict): anything else a router may need (the raw forward kwargs are not kept).
     """
 
@@ -50,6 +55,8 @@ class RoutingContext:
     is_decode: bool = False
     labels: torch.Tensor | None = None
     adapter_names: list[str] | None = None
+    prompt_mask: torch.Tensor | None = None
+    past_length: int | None = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def token_mask(self, leading_shape: torch.Size) -> torch.Tensor | None:
@@ -219,6 +226,8 @@ class MoLoraRuntime:
         self.aux_delivered = False
         self._warned_concat = False
         self._weights_cache: dict[str, dict[str, float]] = {}
+        # [B, P] prompt positions set by `prompt_mask()`, published to the routers as `RoutingContext.prompt_mask`
+        self._prompt_override: torch.Tensor | None = None
 
     # -- forward lifecycle ------------------------------------------------------------------------------------------
 
@@ -242,12 +251,48 @@ class MoLoraRuntime:
                 mask = None
         elif not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
             mask = None
+        is_decode = _is_decode_step(kwargs)
         self.context = RoutingContext(
             attention_mask=mask,
-            is_decode=_is_decode_step(kwargs),
+            is_decode=is_decode,
             labels=kwargs.get("labels"),
             adapter_names=kwargs.get("adapter_names"),
+            prompt_mask=None if is_decode else self._current_prompt_mask(current),
+            past_length=_past_length(kwargs),
         )
+
+    @contextlib.contextmanager
+    def prompt_mask(self, prompt_mask: torch.Tensor) -> Iterator[None]:
+        """Within the block, routers that route from the prompt (``router="prompt"``) pool over these positions.
+
+        ``prompt_mask[B, P]`` marks the prompt among the *first* ``P`` positions of every forward's input (1 =
+        prompt token); later positions (tokens appended after the prompt) are never prompt. This expresses "route
+        from the original prompt" for calls that re-feed the whole sequence: scoring a completion, or generating
+        with ``use_cache=False``. Padding (``attention_mask == 0``) is excluded whatever the mask says.
+        """
+        if not isinstance(prompt_mask, torch.Tensor) or prompt_mask.dim() != 2:
+            raise ValueError("`prompt_mask` must be a 2-D tensor [batch, prompt_length] of 0/1 (or bool) values.")
+        previous = self._prompt_override
+        self._prompt_override = prompt_mask.bool()
+        try:
+            yield
+        finally:
+            self._prompt_override = previous
+
+    def _current_prompt_mask(self, current: torch.Tensor | None) -> torch.Tensor | None:
+        override = self._prompt_override
+        if override is None:
+            return None
+        if current is None or current.dim() < 2:
+            raise ValueError("A `prompt_mask` context needs `input_ids` or `inputs_embeds` laid out as [batch, seq].")
+        batch, seq = current.shape[0], current.shape[1]
+        if override.shape[0] != batch or override.shape[1] > seq:
+            raise ValueError(
+                f"The `prompt_mask` of shape {tuple(override.shape)} does not fit an input of batch {batch} and "
+                f"length {seq}: it needs the same batch size (expand it yourself for beams) and at most {seq} columns."
+            )
+        tail = override.new_zeros(batch, seq - override.shape[1])
+        return torch.cat([override, tail], dim=1).to(current.device)
 
     def end_forward(self, output: Any) -> Any:
         """Add the weighted aux losses to ``output.loss`` when the call computed a loss."""
@@ -430,6 +475,25 @@ def _stats_delta(routing: Routing, valid: torch.Tensor | None) -> _StatsDelta:
             prob_mass=probs.float().sum(dim=0),
             entropy_sum=entropy(probs.float()).sum(),
         )
+
+
+def _past_length(kwargs: dict) -> int | None:
+    """Tokens already in the KV cache of this call: 0 without a cache, ``None`` for a cache we cannot measure."""
+    cache_position = kwargs.get("cache_position")
+    if isinstance(cache_position, torch.Tensor) and cache_position.numel() > 0:
+        return int(cache_position.reshape(-1)[0].item())
+    past = kwargs.get("cache")
+    if past is None:
+        past = kwargs.get("past_key_values")
+    if past is None:
+        return 0
+    get_len = getattr(past, "get_seq_length", None)
+    if callable(get_len):
+        try:
+            return int(get_len())
+        except Exception:  # noqa: BLE001 - a cache type we do not know
+            return None
+    return None
 
 
 def _is_decode_step(kwargs: dict) -> bool:

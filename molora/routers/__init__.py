@@ -6,11 +6,14 @@ user-defined :class:`Router` subclass under a new name.
 
 from . import balancing
 from .base import ROUTER_REGISTRY, Router, RouterParams, Routing, get_router_class, register_router
+from .prompt import PromptParams, PromptRouter
 from .soft import SoftParams, SoftRouter
 from .topk import TopKParams, TopKRouter, topk_routing
 
 __all__ = [
     "ROUTER_REGISTRY",
+    "PromptParams",
+    "PromptRouter",
     "Router",
     "RouterParams",
     "Routing",

@@ -99,6 +99,11 @@ class Router(nn.Module):
 
     name: ClassVar[str] = ""
     Params: ClassVar[type[RouterParams]] = RouterParams
+    #: True for routers that need more than the flat tokens: the layer then calls
+    #: ``router(x, valid, context=..., lead_shape=...)`` with the model-level
+    #: :class:`~molora.runtime.RoutingContext` (``None`` outside a ``MoLoraModel``) and the leading shape of the layer
+    #: input (``(B, S)`` for ``x[B, S, d_in]``). Other routers keep the two-argument call.
+    uses_context: ClassVar[bool] = False
 
     def __init__(
         self,
