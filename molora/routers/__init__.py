@@ -6,12 +6,19 @@ user-defined :class:`Router` subclass under a new name.
 
 from . import balancing
 from .base import ROUTER_REGISTRY, Router, RouterParams, Routing, get_router_class, register_router
+from .dynmole import DynMoLEParams, DynMoLERouter, renyi_entropy, tsallis_entropy
+from .mixture import MixtureOfRoutersRouter, MoRParams
 from .prompt import PromptParams, PromptRouter
 from .soft import SoftParams, SoftRouter
 from .topk import TopKParams, TopKRouter, topk_routing
+from .topp import TopPParams, TopPRouter
 
 __all__ = [
     "ROUTER_REGISTRY",
+    "DynMoLEParams",
+    "DynMoLERouter",
+    "MixtureOfRoutersRouter",
+    "MoRParams",
     "PromptParams",
     "PromptRouter",
     "Router",
@@ -21,8 +28,12 @@ __all__ = [
     "SoftRouter",
     "TopKParams",
     "TopKRouter",
+    "TopPParams",
+    "TopPRouter",
     "balancing",
     "get_router_class",
     "register_router",
+    "renyi_entropy",
     "topk_routing",
+    "tsallis_entropy",
 ]
