@@ -224,7 +224,10 @@ def get_router_class(name: str) -> type[Router]:
         return ROUTER_REGISTRY[name]
     except (KeyError, TypeError):
         known = sorted(ROUTER_REGISTRY)
-        hint = difflib.get_close_matches(str(name), known, n=1)
+        # a case slip ("topK") must suggest its own router, not another one equally close by spelling ("topp")
+        by_lower = {k.lower(): k for k in known}
+        hint = [by_lower[str(name).lower()]] if str(name).lower() in by_lower else []
+        hint = hint or difflib.get_close_matches(str(name), known, n=1)
         suggestion = f" Did you mean {hint[0]!r}?" if hint else ""
         raise ValueError(
             f"`router`={name!r} is not a registered router; allowed values: {known}.{suggestion} "
