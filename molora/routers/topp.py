@@ -40,7 +40,9 @@ def shannon_entropy(probs: torch.Tensor) -> torch.Tensor:
     return -(probs * safe_log(probs)).sum(dim=-1)
 
 
-def top_p_mask(probs: torch.Tensor, top_p: float, *, inclusive: bool, min_experts: int = 1, max_experts=None):
+def top_p_mask(
+    probs: torch.Tensor, top_p: float, *, inclusive: bool, min_experts: int = 1, max_experts: int | None = None
+) -> torch.Tensor:
     """Boolean ``[T, E]`` mask of the experts a top-p rule keeps for each row of ``probs[T, E]``.
 
     Args:
@@ -68,7 +70,12 @@ def top_p_mask(probs: torch.Tensor, top_p: float, *, inclusive: bool, min_expert
 
 
 def routing_from_mask(
-    probs: torch.Tensor, keep: torch.Tensor, *, renormalize: bool, logits: torch.Tensor | None, routing_cls=Routing
+    probs: torch.Tensor,
+    keep: torch.Tensor,
+    *,
+    renormalize: bool,
+    logits: torch.Tensor | None,
+    routing_cls: type[Routing] = Routing,
 ) -> Routing:
     """Build a variable-``N`` :class:`Routing` whose gates are ``probs`` on the kept experts (``keep[T, E]``).
 
