@@ -222,7 +222,7 @@ def test_dynmole_options():
     assert set(gate_rows(identity_router(DynMoLERouter, 4, top_k=1)(z))[0]) == {0}
     assert set(gate_rows(identity_router(DynMoLERouter, 4, top_k=1, keep_top_k=3)(z))[0]) == {0, 1, 2}
     # renyi entropy drives the switch when asked for
-    router = identity_router(DynMoLERouter, 4, entropy_type="renyi", entropy_index=2.0, entropy_eps=0.0)
+    router = identity_router(DynMoLERouter, 4, entropy_type="renyi", q=2.0, entropy_eps=0.0)
     torch.testing.assert_close(router(z).entropy, renyi_entropy(torch.softmax(z, -1), 2.0))
 
 
@@ -366,9 +366,9 @@ ROUTER_CASES = [
     ("topp", {}),
     ("topp", {"top_p": 0.9, "renormalize": True, "max_experts": 3}),
     ("dynmole", {}),
-    ("dynmole", {"entropy_index": 1.0, "renormalize": True}),
-    ("dynmole", {"entropy_type": "renyi", "entropy_index": 0.5, "entropy_eps": 0.0}),
-    ("dynmole", {"entropy_index": 0.3, "entropy_eps": 0.0, "entropy_threshold": 0.5}),
+    ("dynmole", {"q": 1.0, "renormalize": True}),
+    ("dynmole", {"entropy_type": "renyi", "q": 0.5, "entropy_eps": 0.0}),
+    ("dynmole", {"q": 0.3, "entropy_eps": 0.0, "entropy_threshold": 0.5}),
     ("mor", {"main_balance_coef": 0.01}),
     ("mor", {"combine": "logits", "num_routers": 3}),
 ]
@@ -438,8 +438,8 @@ def test_padding_rows_never_change_aux_losses(case):
         ("topp", {"max_experts": 2.0}, "max_experts"),
         ("topp", {"entropy_loss_coef": -1.0}, "entropy_loss_coef"),
         ("topp", {"top_p": "0.4"}, "top_p"),
-        ("dynmole", {"entropy_index": 0.0}, "entropy_index"),
-        ("dynmole", {"entropy_index": 2.5}, "entropy_index"),
+        ("dynmole", {"q": 0.0}, "q"),
+        ("dynmole", {"q": 2.5}, "q"),
         ("dynmole", {"entropy_threshold": -0.1}, "entropy_threshold"),
         ("dynmole", {"entropy_type": "shannon"}, "entropy_type"),
         ("dynmole", {"entropy_eps": -1e-5}, "entropy_eps"),
@@ -473,7 +473,7 @@ def test_defaults_follow_the_papers():
         top_p=0.4, min_experts=1, max_experts=None, renormalize=False, entropy_loss_coef=1e-4
     )
     assert DynMoLERouter.Params() == DynMoLERouter.Params(
-        entropy_index=1.1,
+        q=1.1,
         entropy_threshold=0.9,
         entropy_type="tsallis",
         entropy_eps=1e-5,

@@ -11,7 +11,7 @@ Tsallis entropy of a distribution ``p`` over ``N`` experts, index ``q > 0``::
 
 Per token, with ``p = softmax(W_r x)``:
 
-1. ``H`` as above (``q = entropy_index``, ``eps = entropy_eps``).
+1. ``H`` as above (``q = q``, ``eps = entropy_eps``).
 2. Sparse mask: sort ``p`` in descending order, keep the experts whose cumulative mass is ``<= top_p`` (the expert
    that crosses the threshold is *not* kept, unlike ``topp``), then force-keep the ``keep_top_k`` most probable.
 3. Hybrid switch: if ``entropy_threshold < 1`` and ``H > entropy_threshold`` the token uses *every* expert
@@ -102,8 +102,8 @@ class DynMoLEParams(RouterParams):
     """Hyper-parameters of the ``dynmole`` router (defaults: the authors' tuned values).
 
     Args:
-        entropy_index (float): Tsallis index ``q`` (Renyi order with ``entropy_type="renyi"``), in (0, 2]; 1 is
-            the Shannon entropy. Default: 1.1.
+        q (float): Tsallis index (DynMoLE's ``entropy_index``; the Renyi order with ``entropy_type="renyi"``), in
+            (0, 2]; 1 is the Shannon entropy. Default: 1.1.
         entropy_threshold (float): tokens whose normalised entropy exceeds this value use every expert; >= 0, and
             any value >= 1 turns the broadcast off. Default: 0.9.
         entropy_type (str): ``"tsallis"`` or ``"renyi"``. Default: "tsallis".
@@ -118,7 +118,7 @@ class DynMoLEParams(RouterParams):
             ``router_dyn_loss_coef``), >= 0; 0 disables it. Default: 0.01.
     """
 
-    entropy_index: float = 1.1
+    q: float = 1.1
     entropy_threshold: float = 0.9
     entropy_type: str = "tsallis"
     entropy_eps: float = 1e-5
@@ -128,8 +128,8 @@ class DynMoLEParams(RouterParams):
     entropy_loss_coef: float = 0.01
 
     def validate(self, num_experts: int, top_k: int) -> None:
-        if not 0.0 < self.entropy_index <= 2.0:
-            raise ValueError(f"`router_kwargs['entropy_index']`={self.entropy_index} must be in (0, 2].")
+        if not 0.0 < self.q <= 2.0:
+            raise ValueError(f"`router_kwargs['q']`={self.q} must be in (0, 2].")
         if not (math.isfinite(self.entropy_threshold) and self.entropy_threshold >= 0):
             raise ValueError(
                 f"`router_kwargs['entropy_threshold']`={self.entropy_threshold} must be a finite number >= 0 "
@@ -171,7 +171,7 @@ class DynMoLERouter(Router):
         """The configured normalised entropy (with ``entropy_eps``) of each row of ``probs[T, E]``."""
         params = self.params
         fn = tsallis_entropy if params.entropy_type == "tsallis" else renyi_entropy
-        return fn(probs, params.entropy_index, eps=params.entropy_eps, normalize=True)
+        return fn(probs, params.q, eps=params.entropy_eps, normalize=True)
 
     def select(self, logits: torch.Tensor, valid: torch.Tensor | None) -> Routing:
         params = self.params
