@@ -43,6 +43,8 @@ class RoutingContext:
         is_decode (bool): True for a cached decode step (``past_key_values`` already holds earlier tokens).
         labels (Tensor[B, S] or None): the labels passed to the forward, if any.
         adapter_names (list[str] or None): per-sample adapter names for mixed-adapter batches.
+        forward_id (int): increases with every model-level forward; a layer re-run by activation checkpointing
+            during backward sees the id of its original forward (stateful routers use it to count once).
         extra (dict): anything else a router may need (the raw forward kwargs are not kept).
     """
 
@@ -50,6 +52,7 @@ class RoutingContext:
     is_decode: bool = False
     labels: torch.Tensor | None = None
     adapter_names: list[str] | None = None
+    forward_id: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def token_mask(self, leading_shape: torch.Size) -> torch.Tensor | None:
@@ -244,6 +247,7 @@ class MoLoraRuntime:
             is_decode=_is_decode_step(kwargs),
             labels=kwargs.get("labels"),
             adapter_names=kwargs.get("adapter_names"),
+            forward_id=self.generation,
         )
 
     def end_forward(self, output: Any) -> Any:
