@@ -129,6 +129,23 @@ def test_step_accumulator_counts_a_recomputed_forward_once():
     assert acc.pop((2,), torch.device("cpu")).tolist() == [0.0, 0.0]
 
 
+@pytest.mark.parametrize("use_reentrant", [None, False, True])
+def test_loads_counted_once_per_micro_batch_with_activation_checkpointing(batch, use_reentrant):
+    """Checkpointed layers re-run their forward in backward; the step's loads must not double."""
+    config = MoLoraConfig(num_experts=4, top_k=2, router="topk_bias", init_lora_weights=False)
+    model = get_peft_model(make_llama(), config)
+    if use_reentrant is not None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        model.enable_input_require_grads()
+    model.train()
+    for _ in range(2):  # two micro-batches of one optimizer step
+        model(**batch).loss.backward()
+    n_valid = int(batch["attention_mask"].sum())
+    for router in routers_of(model):
+        counts = router._loads.pop((4,), torch.device("cpu"))
+        assert counts.sum().item() == 2 * n_valid * 2
+
+
 def test_max_violation():
     counts = torch.tensor([[2.0, 0, 1, 0], [1.0, 1, 1, 1], [4.0, 0, 0, 0], [0.0, 0, 0, 0]])
     torch.testing.assert_close(balancing.max_violation(counts), torch.tensor([5 / 3, 0.0, 3.0, 0.0]))
@@ -617,3 +634,20 @@ def test_router_state_saved_and_loaded_in_process(tmp_path, name, batch):
             assert restored._l1_coef_value == pytest.approx(3.5e-4)
         if name == "adamoe":
             assert restored.weight.shape[0] == 8
+
+
+@pytest.mark.parametrize("name", ROUTERS)
+def test_yaml_recipe_builds_the_config(name):
+    import dataclasses
+    from pathlib import Path
+
+    import yaml
+
+    recipe = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml").read_text())
+    assert set(recipe) == {"model", "adapter", "training"}
+    assert recipe["model"]["name_or_path"] is None
+    config = MoLoraConfig(**recipe["adapter"])
+    assert config.router == name
+    trl = pytest.importorskip("trl")
+    unknown = set(recipe["training"]) - {f.name for f in dataclasses.fields(trl.SFTConfig)}
+    assert not unknown, unknown
