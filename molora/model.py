@@ -71,8 +71,8 @@ class MoLoraModel(BaseTuner):
     """Injects banks of LoRA experts with routers into a transformers (or any torch) model.
 
     Created by ``peft.get_peft_model(model, MoLoraConfig(...))``; not meant to be built directly. Besides PEFT's
-    usual tuner methods it offers :meth:`molora_aux_loss`, :meth:`molora_aux_losses`, :meth:`get_routing_stats`
-    and :meth:`reset_routing_stats`, which a ``PeftModel`` forwards to it.
+    usual tuner methods it offers :meth:`molora_aux_loss`, :meth:`molora_aux_losses`, :meth:`get_routing_stats`,
+    :meth:`reset_routing_stats` and :meth:`molora_on_optimizer_step`, which a ``PeftModel`` forwards to it.
 
     Example:
 
@@ -243,3 +243,20 @@ class MoLoraModel(BaseTuner):
             ```
         """
         return self.molora_runtime.prompt_mask(prompt_mask)
+
+    def molora_on_optimizer_step(self) -> None:
+        """Let every router update its per-step state; call it once after each ``optimizer.step()``.
+
+        Stateful routers (``"topk_bias"``'s selection bias, ``"relu"``'s adaptive L1 coefficient) sum what they
+        observe over all micro-batches of a step and update persistent buffers here, all-reduced over
+        data-parallel ranks when ``torch.distributed`` is initialised (so every rank must call it). Stateless
+        routers ignore it. ``molora.training.MoLoraCallback`` calls it for a ``transformers.Trainer`` or TRL
+        trainer; custom loops call ``model.molora_on_optimizer_step()`` after ``optimizer.step()``.
+        """
+        groups: dict[tuple[str, type], list] = {}
+        for module in self.model.modules():
+            if isinstance(module, MoLoraLayer):
+                for adapter_name, router in module.molora_router.items():
+                    groups.setdefault((adapter_name, type(router)), []).append(router)
+        for (_, router_cls), routers in groups.items():
+            router_cls.on_optimizer_step_group(routers)

@@ -48,6 +48,8 @@ class RoutingContext:
         prompt_mask (BoolTensor[B, S] or None): positions of the current input that an explicit
             :meth:`MoLoraRuntime.prompt_mask` context marks as the prompt (``None`` outside such a context).
         past_length (int or None): tokens already in the KV cache (0 for a prefill; ``None`` when unknown).
+        forward_id (int): increases with every model-level forward; a layer re-run by activation checkpointing
+            during backward sees the id of its original forward (stateful routers use it to count once).
         extra (dict): anything else a router may need (the raw forward kwargs are not kept).
     """
 
@@ -57,6 +59,7 @@ class RoutingContext:
     adapter_names: list[str] | None = None
     prompt_mask: torch.Tensor | None = None
     past_length: int | None = 0
+    forward_id: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def token_mask(self, leading_shape: torch.Size) -> torch.Tensor | None:
@@ -259,6 +262,7 @@ class MoLoraRuntime:
             adapter_names=kwargs.get("adapter_names"),
             prompt_mask=None if is_decode else self._current_prompt_mask(current),
             past_length=_past_length(kwargs),
+            forward_id=self.generation,
         )
 
     @contextlib.contextmanager

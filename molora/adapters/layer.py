@@ -128,12 +128,12 @@ class MoLoraLayer(BaseTunerLayer):
         valid = runtime.context.token_mask(lead_shape) if runtime is not None else None
         if valid is not None and valid.device != x.device:
             valid = valid.to(x.device)
+        context = runtime.context if runtime is not None else None
         if router.uses_context:
-            # sequence-level routers (e.g. "prompt") need the [batch, seq] layout and the routing context
-            context = runtime.context if runtime is not None else None
+            # sequence-level routers (e.g. "prompt") also need the [batch, seq] layout
             routing = router(x_flat, valid, context=context, lead_shape=lead_shape)
         else:
-            routing = router(x_flat, valid)
+            routing = router(x_flat, valid, context=context)
         h = self._cast_input_dtype(self.molora_dropout[adapter_name](x_flat), weight_A.dtype)
         delta = expert_delta(h, weight_A, weight_B, routing, self.scaling[adapter_name], self.kernel[adapter_name])
         if runtime is not None:

@@ -39,7 +39,9 @@ class AuxInputs:
     Attributes:
         probs (Tensor[Tv, E]): router probabilities (differentiable).
         gates (Tensor[Tv, E]): final dense gates (differentiable).
-        selected (BoolTensor[Tv, E]): which experts each token was assigned to.
+        selected (Tensor[Tv, E], bool or float): which experts each token was assigned to; the count-based losses
+            sum its columns, so a float matrix may spread an assignment over several columns (AdaMoE shares a
+            null-expert slot evenly among the null experts).
         logits (Tensor[Tv, E] or None): raw router scores.
         top_k (int): the router's nominal ``k``.
         extra (dict[str, Tensor]): router-specific loss inputs, one row per valid token (first dimension ``Tv``),
@@ -128,3 +130,13 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
 def entropy(probs: torch.Tensor) -> torch.Tensor:
     """Shannon entropy (nats) of each row of ``probs``; zero probabilities contribute 0."""
     return -torch.special.xlogy(probs, probs).sum(dim=-1)
+
+
+def max_violation(counts: torch.Tensor) -> torch.Tensor:
+    """``MaxVio = (max_e c_e - mean_e c_e) / mean_e c_e`` over the last dimension of the loads ``counts[..., E]``.
+
+    0 is perfect balance; ``E - 1`` means one expert took everything. Rows without any load give 0.
+    """
+    counts = counts.float()
+    mean = counts.mean(dim=-1)
+    return torch.where(mean > 0, (counts.amax(dim=-1) - mean) / mean.clamp_min(torch.finfo(counts.dtype).tiny), 0.0)
