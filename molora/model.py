@@ -11,6 +11,7 @@ from peft.utils.quantization_utils import resolve_quantization_backend
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .adapters.dynamic_rank import RankStats, get_rank_stats
 from .adapters.layer import MERGE_ERROR, Linear, MoLoraLayer
 from .config import MoLoraConfig
 from .runtime import LayerRoutingStats, MoLoraRuntime
@@ -155,7 +156,9 @@ class MoLoraModel(BaseTuner):
                 "are torch.nn.Linear, transformers' Conv1D and quantized linear layers (bitsandbytes 4/8-bit, ...). "
                 "Adjust `target_modules`."
             )
-        new_module = Linear(target, adapter_name, peft_config, **get_quantization_kwargs(self.model))
+        new_module = Linear(
+            target, adapter_name, peft_config, molora_key=current_key, **get_quantization_kwargs(self.model)
+        )
         new_module._molora_runtime = self.molora_runtime
         new_module._molora_key = current_key
         if adapter_name not in self.active_adapters:
@@ -221,3 +224,11 @@ class MoLoraModel(BaseTuner):
     def reset_routing_stats(self) -> None:
         """Forget the accumulated routing statistics."""
         self.molora_runtime.reset_stats()
+
+    def get_rank_stats(self, adapter_name: str | None = None) -> dict[str, RankStats]:
+        """DR-LoRA rank per expert of every bank, now and at every growth event (empty without ``dynamic_rank``).
+
+        Keys are module names like :meth:`get_routing_stats`; values are
+        :class:`~molora.adapters.dynamic_rank.RankStats`.
+        """
+        return get_rank_stats(self, adapter_name)

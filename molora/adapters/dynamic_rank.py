@@ -1,0 +1,739 @@
+"""DR-LoRA: expert ranks that grow during fine-tuning, under a total rank budget (spec/algorithms.md §5).
+
+Deng et al., "DR-LoRA: Dynamic Rank LoRA for Mixture-of-Experts Adaptation", arXiv 2601.04823. No reference code
+exists; the equations below are the spec's reconstruction (its [OURS] choices are marked there).
+
+Parameterisation. Every expert keeps its full capacity ``r_max`` (= ``MoLoraConfig.r``) in the stacked bank
+``A[E, d_in, r_max]``, ``B[E, r_max, d_out]``, plus a binary rank mask ``mu[E, r_max]`` whose first ``R_e`` entries
+are on::
+
+    delta_e(x) = s * (x @ (A_e * mu_e)) @ (mu_e[:, None] * B_e),      s = lora_alpha / r_target (constant)
+
+The mask multiplies ``A`` and ``B`` before the unchanged expert kernels run, so masked components get exactly zero
+gradient. The scaling uses the target rank, never ``R_e``: rescaling at every growth event would change what the
+already-trained components compute.
+
+Signals (per optimizer step):
+
+* routing frequency, an EMA of the masked mean router probability (or gate) of each expert::
+
+      f_e <- beta_f * f_e + (1 - beta_f) * mean_t w_{t,e}                     (f starts at 1/E)
+
+* rank importance, AdaLoRA's sensitivity on every active element ``theta`` of ``A_e``/``B_e``::
+
+      I = |theta * dL/dtheta|,  Ibar <- b1 Ibar + (1-b1) I,  Ubar <- b2 Ubar + (1-b2) |I - Ibar|
+      sigma_{e,j} = mean over A_e[:, j] and B_e[j, :] of Ibar * Ubar
+      I_e = mean over active components j of sigma_{e,j}
+
+Saliency ``S_{l,e} = (f_{l,e} / sum_j f_{l,j}) * (I_{l,e} / sum_{l',j} I_{l',j})`` (frequency normalised per
+layer, importance over all layers). At each growth event the ``m`` most salient experts (over all layers) that can
+still grow by ``growth_step`` do so, until ``sum R = L * E * r_target``.
+
+Growth preserves the function: a newly switched-on component ``j`` gets a fresh kaiming-uniform row ``A_e[:, j]``
+and a zero column ``B_e[j, :]``, its importance EMAs restart at zero, and its optimizer moments are zeroed.
+
+State per (layer, adapter) lives in a :class:`DynamicRankState` submodule (``molora_rank[adapter]``):
+
+* ``activated_at[E, r_max]`` (int64, **persistent**): the optimizer step at which each component was switched on
+  (0 for the initial ones, -1 while dormant). It is the rank mask (``>= 0``) and the rank history at once.
+* ``freq[E]`` and ``importance[E]`` (fp32, **persistent**): the saliency signals, so that a resumed run and
+  ``molora inspect`` see them.
+* the element-wise importance EMAs (4 tensors the size of ``A`` and ``B``) are **not** saved: they would make the
+  adapter file five times larger, and they re-converge within a few steps (``1 / (1 - 0.85)``) after a resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..routers.base import Routing
+
+FREQ_SOURCES = ("probs", "gates")
+
+
+@dataclass
+class DynamicRankParams:
+    """Hyper-parameters of DR-LoRA (``MoLoraConfig.dynamic_rank``); ``None`` entries take the spec's defaults.
+
+    The adapter's ``r`` is the capacity ``r_max`` of every expert.
+
+    Args:
+        target_rank (int | None): average rank ``r_target`` per expert once the budget is spent; the budget is
+            ``layers * num_experts * target_rank`` and the scaling ``lora_alpha / target_rank``. In
+            [init_rank, r]. Default: ``r // 2`` (spec: ``r_max = 2 * r_target``).
+        init_rank (int | None): active rank of every expert at the start, in [1, target_rank]. Default:
+            ``max(1, target_rank // 2)``.
+        growth_step (int | None): rank added to an expert per growth event (``Delta r``); must divide
+            ``target_rank - init_rank`` so that the budget is met exactly. Default: ``max(1, target_rank // 4)``
+            (reduced to a divisor of ``target_rank - init_rank`` when needed).
+        experts_per_event (int | None): experts grown per event, over all layers (``m``). Default: derived from the
+            schedule so that the budget is spent by the end step.
+        growth_interval (int | None): optimizer steps between growth events (``Delta T``). Default: derived from
+            ``experts_per_event`` so that the budget is spent by the end step (about 10 events when neither is set).
+        start_fraction (float): first growth event at this fraction of the training steps. Default: 0.1.
+        end_fraction (float): no growth after this fraction of the training steps. Default: 0.7.
+        start_step (int | None): first growth step, overriding ``start_fraction``. Default: None.
+        end_step (int | None): last growth step, overriding ``end_fraction``. Default: None.
+        freq_source (str): routing frequency from the router's full probabilities (``"probs"``) or from the
+            selected gates (``"gates"``). Default: "probs".
+        beta_freq (float): EMA factor of the routing frequency, in [0, 1). Default: 0.9.
+        beta1 (float): EMA factor of the sensitivity (AdaLoRA), in [0, 1). Default: 0.85.
+        beta2 (float): EMA factor of the sensitivity's uncertainty (AdaLoRA), in [0, 1). Default: 0.85.
+        reset_optimizer_state (bool): zero the optimizer moments of newly activated components. Default: True.
+        layer_ranks (dict[str, int] | None): per-module capacity written by :func:`compact_adapter`; not meant to
+            be set by hand. Default: None.
+    """
+
+    target_rank: int | None = None
+    init_rank: int | None = None
+    growth_step: int | None = None
+    experts_per_event: int | None = None
+    growth_interval: int | None = None
+    start_fraction: float = 0.1
+    end_fraction: float = 0.7
+    start_step: int | None = None
+    end_step: int | None = None
+    freq_source: str = "probs"
+    beta_freq: float = 0.9
+    beta1: float = 0.85
+    beta2: float = 0.85
+    reset_optimizer_state: bool = True
+    layer_ranks: dict[str, int] | None = None
+
+
+def build_dynamic_rank_params(values: dict[str, Any], r: int) -> DynamicRankParams:
+    """Validate ``MoLoraConfig.dynamic_rank`` for capacity ``r`` and return it with every default resolved.
+
+    Raises:
+        ValueError: on an unknown key or a bad value, naming the key, the value and what is allowed.
+    """
+    if not isinstance(values, dict):
+        raise ValueError(f"`dynamic_rank` must be a dict or None, got {type(values).__name__}.")
+    allowed = [f.name for f in dataclasses.fields(DynamicRankParams)]
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+        hints = [f"{k!r} -> {c[0]!r}?" for k in unknown if (c := difflib.get_close_matches(k, allowed, n=1))]
+        hint = f" ({', '.join(hints)})" if hints else ""
+        raise ValueError(f"`dynamic_rank` has unknown key(s) {unknown}; allowed keys: {allowed}.{hint}")
+    p = DynamicRankParams(**values)
+
+    def need_int(name: str, lo: int, hi: int | None = None, extra: str = "") -> None:
+        v = getattr(p, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+            bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+            raise ValueError(f"`dynamic_rank['{name}']`={v!r} must be an integer {bound}{extra}.")
+
+    if p.target_rank is None:
+        p.target_rank = max(1, r // 2)
+    need_int("target_rank", 1, r, f" (r={r} is every expert's capacity r_max; raise `r` for a larger budget)")
+    if p.init_rank is None:
+        p.init_rank = max(1, p.target_rank // 2)
+    need_int("init_rank", 1, p.target_rank, f" (target_rank={p.target_rank})")
+    gap = p.target_rank - p.init_rank
+    if p.growth_step is None:
+        p.growth_step = math.gcd(max(1, p.target_rank // 4), gap) if gap else 1
+    need_int("growth_step", 1, max(1, r - p.init_rank), f" (r - init_rank = {r - p.init_rank})")
+    if gap % p.growth_step:
+        raise ValueError(
+            f"`dynamic_rank['growth_step']`={p.growth_step} must divide target_rank - init_rank = {gap}, so that "
+            "growth ends exactly on the budget; pick a divisor or change init_rank/target_rank."
+        )
+    for name in ("experts_per_event", "growth_interval"):
+        if getattr(p, name) is not None:
+            need_int(name, 1)
+    for name in ("start_step", "end_step"):
+        if getattr(p, name) is not None:
+            need_int(name, 0)
+    for name in ("start_fraction", "end_fraction"):
+        v = getattr(p, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+            raise ValueError(f"`dynamic_rank['{name}']`={v!r} must be a number in [0, 1].")
+    if p.start_fraction > p.end_fraction:
+        raise ValueError(
+            f"`dynamic_rank['start_fraction']`={p.start_fraction} must be <= end_fraction={p.end_fraction}."
+        )
+    if p.start_step is not None and p.end_step is not None and p.start_step > p.end_step:
+        raise ValueError(f"`dynamic_rank['start_step']`={p.start_step} must be <= end_step={p.end_step}.")
+    if p.freq_source not in FREQ_SOURCES:
+        raise ValueError(
+            f"`dynamic_rank['freq_source']`={p.freq_source!r} is not supported; allowed values: {list(FREQ_SOURCES)}."
+        )
+    for name in ("beta_freq", "beta1", "beta2"):
+        v = getattr(p, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+            raise ValueError(f"`dynamic_rank['{name}']`={v!r} must be a number in [0, 1).")
+    if not isinstance(p.reset_optimizer_state, bool):
+        raise ValueError(f"`dynamic_rank['reset_optimizer_state']`={p.reset_optimizer_state!r} must be a bool.")
+    if p.layer_ranks is not None:
+        if not isinstance(p.layer_ranks, dict):
+            raise ValueError("`dynamic_rank['layer_ranks']` must map module names to ranks (see compact_adapter).")
+        for key, v in p.layer_ranks.items():
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= r:
+                raise ValueError(f"`dynamic_rank['layer_ranks'][{key!r}]`={v!r} must be an integer in [1, {r}].")
+    return p
+
+
+# -- per-layer state ------------------------------------------------------------------------------------------------
+
+
+class DynamicRankState(nn.Module):
+    """Rank mask, saliency signals and importance EMAs of one expert bank (one adapted projection, one adapter).
+
+    Args:
+        num_experts (int): experts ``E`` in the bank.
+        r_max (int): rank capacity of every expert (the bank's ``r``).
+        params (DynamicRankParams): the resolved DR-LoRA hyper-parameters.
+    """
+
+    def __init__(self, num_experts: int, r_max: int, params: DynamicRankParams) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.r_max = r_max
+        self.params = params
+        init = min(params.init_rank, r_max)
+        activated_at = torch.full((num_experts, r_max), -1, dtype=torch.long)
+        activated_at[:, :init] = 0
+        self.register_buffer("activated_at", activated_at)
+        self.register_buffer("freq", torch.full((num_experts,), 1.0 / num_experts))
+        self.register_buffer("importance", torch.zeros(num_experts))
+        # running sums of the routing weights over the micro-batches of one optimizer step (not saved)
+        self.register_buffer("_freq_sum", torch.zeros(num_experts), persistent=False)
+        self.register_buffer("_freq_tokens", torch.zeros(()), persistent=False)
+        # element-wise sensitivity EMAs, allocated on the first importance update (not saved, see module docstring)
+        self._ema: dict[str, torch.Tensor] = {}
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, r_max={self.r_max}, ranks={self.ranks().tolist()}"
+
+    def mask(self) -> torch.Tensor:
+        """The rank mask ``mu[E, r_max]`` (1 for active components) as a bool tensor."""
+        return self.activated_at >= 0
+
+    def ranks(self) -> torch.Tensor:
+        """Active rank ``R[E]`` of every expert."""
+        return self.mask().sum(dim=-1)
+
+    def masked_weights(self, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A * mu`` and ``mu * B`` for ``A[E, d_in, r_max]``, ``B[E, r_max, d_out]``; gradients are masked too."""
+        mask = self.mask()
+        return A * mask[:, None, :].to(A.dtype), B * mask[:, :, None].to(B.dtype)
+
+    @torch.no_grad()
+    def observe(self, routing: Routing, valid: torch.Tensor | None) -> None:
+        """Add one forward's routing weights (probabilities or gates ``[T, E]``) to the step's sums.
+
+        ``valid[T]`` marks non-padding tokens. A layer re-run by activation checkpointing adds its tokens twice,
+        which leaves the mean unchanged.
+        """
+        w = routing.probs if self.params.freq_source == "probs" else routing.dense_gates()
+        w = w.detach().float()
+        if valid is not None:
+            w = w[valid]
+        self._freq_sum += w.sum(dim=0).to(self._freq_sum.device)
+        self._freq_tokens += w.shape[0]
+
+    @torch.no_grad()
+    def update_frequency(self) -> None:
+        """Fold this step's mean routing weights into the frequency EMA and start a new step."""
+        if self._freq_tokens.item() > 0:
+            beta = self.params.beta_freq
+            mean = self._freq_sum / self._freq_tokens
+            self.freq.copy_(ema_frequency(self.freq.float(), mean, beta).to(self.freq.dtype))
+        self._freq_sum.zero_()
+        self._freq_tokens.zero_()
+
+    @torch.no_grad()
+    def update_importance(self, A: torch.Tensor, B: torch.Tensor) -> None:
+        """Update the sensitivity EMAs from ``A.grad``/``B.grad`` and recompute ``importance[E]``.
+
+        Does nothing for a parameter without a gradient (e.g. frozen, or no backward since the last call).
+        """
+        mask = self.mask()
+        sums = torch.zeros(self.num_experts, self.r_max, device=mask.device)
+        count = 0
+        for name, param, emask, dims in (
+            ("A", A, mask[:, None, :], 1),
+            ("B", B, mask[:, :, None], 2),
+        ):
+            if param.grad is None:
+                return
+            theta = param.detach().float()
+            sens = (theta * param.grad.detach().float()).abs() * emask
+            ipt, unc = self._ema.get(name + "_ipt"), self._ema.get(name + "_unc")
+            if ipt is None or ipt.shape != sens.shape or ipt.device != sens.device:
+                ipt, unc = torch.zeros_like(sens), torch.zeros_like(sens)
+            ipt, unc, score = sensitivity_ema(ipt, unc, sens, self.params.beta1, self.params.beta2)
+            self._ema[name + "_ipt"], self._ema[name + "_unc"] = ipt, unc
+            sums += (score * emask).sum(dim=dims)
+            count += param.shape[dims]
+        sigma = sums / count  # [E, r_max], mean over A[e, :, j] and B[e, j, :]
+        active = mask.sum(dim=-1).clamp_min(1)
+        self.importance.copy_(((sigma * mask).sum(dim=-1) / active).to(self.importance.dtype))
+
+    @torch.no_grad()
+    def activate(
+        self, expert: int, count: int, step: int, A: torch.Tensor, B: torch.Tensor, optimizer: Any = None
+    ) -> list[int]:
+        """Switch on the next ``count`` dormant components of ``expert`` at ``step``; return their indices.
+
+        Each new component gets a fresh kaiming-uniform ``A[expert, :, j]`` and a zero ``B[expert, j, :]``, so
+        the bank's output does not change; its importance EMAs and (with ``reset_optimizer_state``) its
+        optimizer moments restart at zero.
+        """
+        dormant = (self.activated_at[expert] < 0).nonzero().flatten()[:count].tolist()
+        if not dormant:
+            return []
+        idx = torch.tensor(dormant, device=A.device)
+        bound = 1.0 / math.sqrt(A.shape[1])
+        fresh = torch.empty(A.shape[1], len(dormant), device=A.device, dtype=torch.float32).uniform_(-bound, bound)
+        # index the expert first: `A[e, :, idx]` would put the index dimension first
+        A[expert][:, idx] = fresh.to(A.dtype)
+        B[expert][idx, :] = 0
+        self.activated_at[expert][idx.to(self.activated_at.device)] = int(step)
+        for name, tensor in self._ema.items():
+            if name.startswith("A"):
+                tensor[expert][:, idx.to(tensor.device)] = 0
+            else:
+                tensor[expert][idx.to(tensor.device), :] = 0
+        if optimizer is not None and self.params.reset_optimizer_state:
+            _zero_optimizer_rows(optimizer, A, expert, idx, rank_dim=1)
+            _zero_optimizer_rows(optimizer, B, expert, idx, rank_dim=0)
+        return dormant
+
+
+def _zero_optimizer_rows(optimizer: Any, param: torch.Tensor, expert: int, idx: torch.Tensor, rank_dim: int) -> None:
+    # accelerate's AcceleratedOptimizer is a torch Optimizer whose `.state` is the wrapped optimizer's
+    state = getattr(optimizer, "state", None)
+    if not state or param not in state:
+        return
+    for value in state[param].values():
+        # per-element moments (Adam's exp_avg/exp_avg_sq, momentum buffers) have the parameter's shape
+        if isinstance(value, torch.Tensor) and value.shape == param.shape:
+            value[expert].index_fill_(rank_dim, idx.to(value.device), 0)
+
+
+# -- the equations (pure functions, unit-tested against the spec vectors) ------------------------------------------
+
+
+def ema_frequency(freq: torch.Tensor, batch_mean: torch.Tensor, beta: float) -> torch.Tensor:
+    """``beta * freq + (1 - beta) * batch_mean`` (spec §5 routing frequency)."""
+    return beta * freq + (1.0 - beta) * batch_mean
+
+
+def sensitivity_ema(
+    ipt: torch.Tensor, unc: torch.Tensor, sens: torch.Tensor, beta1: float, beta2: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One AdaLoRA sensitivity update: returns the new ``(Ibar, Ubar, Ibar * Ubar)`` for ``sens = |theta * g|``."""
+    ipt = beta1 * ipt + (1.0 - beta1) * sens
+    unc = beta2 * unc + (1.0 - beta2) * (sens - ipt).abs()
+    return ipt, unc, ipt * unc
+
+
+def saliency_scores(freqs: list[torch.Tensor], importances: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``S_{l,e} = f~_{l,e} * I~_{l,e}`` for per-layer ``freqs[l][E]`` and ``importances[l][E]``.
+
+    Frequencies are normalised per layer, importances over all layers; when every importance is still zero (no
+    gradient seen yet) the importance factor is uniform, so the frequency alone decides.
+    """
+    total_imp = sum(float(i.double().sum()) for i in importances)
+    n_all = sum(i.numel() for i in importances)
+    out = []
+    for f, imp in zip(freqs, importances):
+        f = f.double()
+        f_norm = f / f.sum() if float(f.sum()) > 0 else torch.full_like(f, 1.0 / f.numel())
+        i_norm = imp.double() / total_imp if total_imp > 0 else torch.full_like(f, 1.0 / n_all)
+        out.append(f_norm * i_norm)
+    return out
+
+
+def allocate(
+    scores: torch.Tensor, ranks: torch.Tensor, r_max: torch.Tensor | int, growth_step: int, num_grow: int, budget: int
+) -> torch.Tensor:
+    """One growth event: add ``growth_step`` to the ``num_grow`` highest-``scores`` experts that can still grow.
+
+    An expert can grow while ``ranks + growth_step <= r_max``; growth stops when ``sum(ranks)`` reaches
+    ``budget``. Ties go to the lower index. Shapes: ``scores[N]``, ``ranks[N]`` (flattened over layers);
+    returns the new ``ranks[N]``.
+    """
+    ranks = ranks.clone()
+    cap = torch.as_tensor(r_max, device=ranks.device).expand_as(ranks)
+    order = torch.argsort(-scores.double(), stable=True)
+    left = num_grow
+    for i in order.tolist():
+        if left == 0 or int(ranks.sum()) + growth_step > budget:
+            break
+        if int(ranks[i]) + growth_step <= int(cap[i]):
+            ranks[i] += growth_step
+            left -= 1
+    return ranks
+
+
+@dataclass
+class GrowthSchedule:
+    """The resolved growth schedule of one adapter.
+
+    Attributes:
+        start (int): first optimizer step with a growth event (>= 1).
+        end (int): last optimizer step that may grow.
+        interval (int): steps between events.
+        experts_per_event (int): experts grown per event, over all layers.
+        growth_step (int): rank added per grown expert.
+        budget (int): total rank of all experts when growth is done.
+    """
+
+    start: int
+    end: int
+    interval: int
+    experts_per_event: int
+    growth_step: int
+    budget: int
+
+    def is_event(self, step: int) -> bool:
+        """True when ``step`` (optimizer steps completed) is a growth event."""
+        return self.start <= step <= self.end and (step - self.start) % self.interval == 0
+
+    @property
+    def num_events(self) -> int:
+        return (self.end - self.start) // self.interval + 1
+
+
+def resolve_schedule(params: DynamicRankParams, num_experts_total: int, total_steps: int | None) -> GrowthSchedule:
+    """Turn the configured schedule into steps for ``num_experts_total`` experts and ``total_steps`` steps.
+
+    Raises:
+        ValueError: if fractions are used and ``total_steps`` is unknown, or the start lies after the end.
+    """
+    if (params.start_step is None or params.end_step is None) and not total_steps:
+        raise ValueError(
+            "The DR-LoRA schedule is given as fractions of training (`start_fraction`/`end_fraction`), so the total "
+            "number of optimizer steps is needed: pass `total_steps=` (the Trainer callback uses max_steps), or set "
+            "`dynamic_rank['start_step']` and `['end_step']`."
+        )
+    start = params.start_step if params.start_step is not None else int(params.start_fraction * total_steps)
+    end = params.end_step if params.end_step is not None else int(params.end_fraction * total_steps)
+    start = max(1, start)  # step 0 never ends (on_step_end first sees step 1)
+    if end < start:
+        raise ValueError(f"DR-LoRA growth would start at step {start} but end at step {end}; widen the window.")
+    budget = num_experts_total * params.target_rank
+    units = num_experts_total * (params.target_rank - params.init_rank) // params.growth_step
+    span = end - start
+    m, interval = params.experts_per_event, params.growth_interval
+    if interval is None and m is None:
+        interval = max(1, span // 10)
+    if interval is None:
+        events = max(1, math.ceil(units / m))
+        interval = max(1, span // max(1, events - 1)) if events > 1 else max(1, span + 1)
+    if m is None:
+        m = max(1, math.ceil(units / (span // interval + 1)))
+    schedule = GrowthSchedule(start, end, interval, m, params.growth_step, budget)
+    if units and schedule.num_events * m < units:
+        warnings.warn(
+            f"DR-LoRA will stop at step {end} before spending its rank budget: {schedule.num_events} events x {m} "
+            f"experts x {params.growth_step} rank < {units * params.growth_step} to grow. Raise "
+            "`experts_per_event`, lower `growth_interval` or widen the start/end window.",
+            stacklevel=2,
+        )
+    return schedule
+
+
+# -- model-level operations -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Bank:
+    key: str
+    layer: Any
+    adapter: str
+    state: DynamicRankState
+
+    @property
+    def A(self) -> torch.Tensor:
+        return self.layer.molora_A[self.adapter]
+
+    @property
+    def B(self) -> torch.Tensor:
+        return self.layer.molora_B[self.adapter]
+
+
+def dynamic_rank_banks(model: nn.Module, adapter_name: str | None = None) -> list[_Bank]:
+    """Every expert bank with DR-LoRA state in ``model`` (a PeftModel, MoLoraModel or plain module), in order."""
+    banks = []
+    for name, module in model.named_modules():
+        ranks = getattr(module, "molora_rank", None)
+        if not isinstance(ranks, nn.ModuleDict):
+            continue
+        for adapter, state in ranks.items():
+            if adapter_name is None or adapter == adapter_name:
+                banks.append(_Bank(getattr(module, "_molora_key", "") or name, module, adapter, state))
+    return banks
+
+
+def _by_adapter(model: nn.Module, adapter_name: str | None) -> dict[str, list[_Bank]]:
+    out: dict[str, list[_Bank]] = {}
+    for bank in dynamic_rank_banks(model, adapter_name):
+        out.setdefault(bank.adapter, []).append(bank)
+    return out
+
+
+def update_importance(model: nn.Module, adapter_name: str | None = None) -> None:
+    """Fold the last optimizer step into the saliency signals; call after ``backward()``, before ``step()``.
+
+    Updates every bank's routing-frequency EMA (from the routing weights seen since the previous call) and its
+    sensitivity EMAs (from the current gradients of ``A`` and ``B``). The Trainer callback calls it from
+    ``on_pre_optimizer_step``; under gradient accumulation this sees the accumulated gradient.
+    """
+    for bank in dynamic_rank_banks(model, adapter_name):
+        bank.state.update_frequency()
+        bank.state.update_importance(bank.A, bank.B)
+
+
+def schedule_for(model: nn.Module, adapter_name: str, total_steps: int | None) -> GrowthSchedule:
+    """The growth schedule of ``adapter_name`` in ``model`` for a run of ``total_steps`` optimizer steps."""
+    banks = _by_adapter(model, adapter_name).get(adapter_name, [])
+    if not banks:
+        raise ValueError(f"Adapter {adapter_name!r} has no DR-LoRA state; set MoLoraConfig(dynamic_rank={{...}}).")
+    n_total = sum(b.state.num_experts for b in banks)
+    return resolve_schedule(banks[0].state.params, n_total, total_steps)
+
+
+def grow(
+    model: nn.Module,
+    step: int,
+    *,
+    adapter_name: str | None = None,
+    schedule: GrowthSchedule | None = None,
+    total_steps: int | None = None,
+    optimizer: Any = None,
+) -> dict[str, dict[int, int]]:
+    """Run one growth event now (whatever the schedule says); return ``{module: {expert: new rank}}`` per growth.
+
+    Uses the schedule's ``experts_per_event`` and ``growth_step`` (resolved from ``total_steps`` when no
+    ``schedule`` is given). Components are switched on as described in the module docstring; ``optimizer``
+    (a torch optimizer, or a wrapper with ``.optimizer``) gets their moments zeroed.
+    """
+    grown: dict[str, dict[int, int]] = {}
+    several = len(_by_adapter(model, None)) > 1
+    for adapter, banks in _by_adapter(model, adapter_name).items():
+        n_total = sum(b.state.num_experts for b in banks)
+        sched = schedule or resolve_schedule(banks[0].state.params, n_total, total_steps)
+        scores = torch.cat(
+            saliency_scores([b.state.freq.cpu() for b in banks], [b.state.importance.cpu() for b in banks])
+        )
+        ranks = torch.cat([b.state.ranks().cpu() for b in banks])
+        caps = torch.cat([torch.full((b.state.num_experts,), b.state.r_max) for b in banks])
+        new = allocate(scores, ranks, caps, sched.growth_step, sched.experts_per_event, sched.budget)
+        offset = 0
+        for bank in banks:
+            n = bank.state.num_experts
+            for e in range(n):
+                add = int(new[offset + e] - ranks[offset + e])
+                if add > 0:
+                    bank.state.activate(e, add, step, bank.A, bank.B, optimizer)
+                    key = f"{bank.key}:{adapter}" if several else bank.key
+                    grown.setdefault(key, {})[e] = int(new[offset + e])
+            offset += n
+    return grown
+
+
+def maybe_grow(
+    model: nn.Module,
+    step: int,
+    total_steps: int | None = None,
+    *,
+    optimizer: Any = None,
+    adapter_name: str | None = None,
+) -> dict[str, dict[int, int]]:
+    """Grow ranks if optimizer step ``step`` (steps completed) is a growth event; the plain-loop entry point.
+
+    Call once per optimizer step, after ``optimizer.step()``, with ``update_importance(model)`` called between
+    ``backward()`` and ``optimizer.step()``::
+
+        loss.backward()
+        molora.dynamic_rank.update_importance(model)
+        optimizer.step(); optimizer.zero_grad()
+        molora.dynamic_rank.maybe_grow(model, step + 1, total_steps, optimizer=optimizer)
+
+    Calling it twice for the same step grows only once. Returns what grew (see :func:`grow`).
+    """
+    grown: dict[str, dict[int, int]] = {}
+    for adapter, banks in _by_adapter(model, adapter_name).items():
+        schedule = resolve_schedule(banks[0].state.params, sum(b.state.num_experts for b in banks), total_steps)
+        if not schedule.is_event(step):
+            continue
+        if any(int(b.state.activated_at.max()) >= step for b in banks):
+            continue  # this event (or a later one, after a rewind) already ran
+        grown.update(grow(model, step, adapter_name=adapter, schedule=schedule, optimizer=optimizer))
+    return grown
+
+
+@dataclass
+class RankStats:
+    """Rank allocation of one expert bank.
+
+    Attributes:
+        ranks (list[int]): active rank of each expert now.
+        r_max (int): capacity of every expert.
+        target_rank (int): average rank the budget allows.
+        freq (list[float]): routing-frequency EMA of each expert.
+        importance (list[float]): rank importance of each expert.
+        history (list[tuple[int, list[int]]]): ``(step, ranks)`` after every step at which this bank grew,
+            starting with ``(0, initial ranks)``.
+    """
+
+    ranks: list[int]
+    r_max: int
+    target_rank: int
+    freq: list[float]
+    importance: list[float]
+    history: list[tuple[int, list[int]]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def rank_history(activated_at: torch.Tensor) -> list[tuple[int, list[int]]]:
+    """``(step, ranks per expert)`` at every step where a component was switched on, from ``activated_at[E, r]``."""
+    steps = sorted({int(s) for s in activated_at.flatten().tolist() if s >= 0})
+    return [(s, ((activated_at >= 0) & (activated_at <= s)).sum(dim=-1).tolist()) for s in steps]
+
+
+def get_rank_stats(model: nn.Module, adapter_name: str | None = None) -> dict[str, RankStats]:
+    """Rank per expert (now and over time) of every DR-LoRA bank, keyed like ``get_routing_stats``."""
+    banks = dynamic_rank_banks(model, adapter_name)
+    several = len({b.adapter for b in banks}) > 1 and adapter_name is None
+    out = {}
+    for b in banks:
+        key = f"{b.key}:{b.adapter}" if several else b.key
+        out[key] = RankStats(
+            ranks=b.state.ranks().tolist(),
+            r_max=b.state.r_max,
+            target_rank=b.state.params.target_rank,
+            freq=b.state.freq.float().tolist(),
+            importance=b.state.importance.float().tolist(),
+            history=rank_history(b.state.activated_at.cpu()),
+        )
+    return out
+
+
+def rank_summary(model: nn.Module, adapter_name: str | None = None) -> dict[str, float]:
+    """Scalars for training logs: total, min, mean and max active rank, and the budget (``dr/...`` keys)."""
+    banks = dynamic_rank_banks(model, adapter_name)
+    if not banks:
+        return {}
+    ranks = torch.cat([b.state.ranks().cpu() for b in banks]).float()
+    budget = sum(b.state.num_experts * b.state.params.target_rank for b in banks)
+    return {
+        "dr/total_rank": float(ranks.sum()),
+        "dr/budget": float(budget),
+        "dr/min_rank": float(ranks.min()),
+        "dr/mean_rank": float(ranks.mean()),
+        "dr/max_rank": float(ranks.max()),
+    }
+
+
+# -- adapter directories --------------------------------------------------------------------------------------------
+
+_WEIGHTS = "adapter_model.safetensors"
+_CONFIG = "adapter_config.json"
+
+
+def rank_stats_from_adapter(adapter_dir: str | Path) -> dict[str, RankStats]:
+    """:class:`RankStats` per module read straight from a saved adapter directory (no model needed)."""
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    config = json.loads((adapter_dir / _CONFIG).read_text())
+    params = build_dynamic_rank_params(dict(config.get("dynamic_rank") or {}), config["r"])
+    tensors = load_file(adapter_dir / _WEIGHTS)
+    out = {}
+    for key, act in tensors.items():
+        if not key.endswith(".molora_rank.activated_at"):
+            continue
+        module = _module_key(key[: -len(".molora_rank.activated_at")])
+        prefix = key[: -len("activated_at")]
+        out[module] = RankStats(
+            ranks=(act >= 0).sum(dim=-1).tolist(),
+            r_max=act.shape[1],
+            target_rank=params.target_rank,
+            freq=tensors[prefix + "freq"].float().tolist(),
+            importance=tensors[prefix + "importance"].float().tolist(),
+            history=rank_history(act),
+        )
+    return out
+
+
+def _module_key(saved_prefix: str) -> str:
+    # saved keys are "base_model.model.<module path>"; PEFT's injection sees "<module path>"
+    return saved_prefix.removeprefix("base_model.model.")
+
+
+def compact_adapter(adapter_dir: str | Path, output_dir: str | Path) -> dict[str, int]:
+    """Write a copy of a DR-LoRA adapter whose banks are sliced to the ranks actually used, for inference.
+
+    Stacked banks need one rank per module, so each module keeps ``r_layer = max_e R_e`` components
+    (``A[:, :, :r_layer]``, ``B[:, :r_layer, :]``) and its masks; experts below ``r_layer`` stay masked, so the
+    outputs equal the masked adapter's. The capacities go to ``dynamic_rank['layer_ranks']`` in the new
+    ``adapter_config.json`` so that ``PeftModel.from_pretrained`` builds banks of those shapes. The scaling
+    (``lora_alpha / target_rank``) is unchanged. Returns ``{module: r_layer}``.
+    """
+    from safetensors.torch import load_file, save_file
+
+    adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
+    config = json.loads((adapter_dir / _CONFIG).read_text())
+    if not config.get("dynamic_rank"):
+        raise ValueError(f"{adapter_dir} is not a DR-LoRA adapter (its config has no `dynamic_rank`).")
+    tensors = load_file(adapter_dir / _WEIGHTS)
+    layer_ranks: dict[str, int] = {}
+    out = dict(tensors)
+    for key, act in tensors.items():
+        if not key.endswith(".molora_rank.activated_at"):
+            continue
+        prefix = key[: -len("molora_rank.activated_at")]
+        r_layer = max(1, int((act >= 0).sum(dim=-1).max()))
+        out[key] = act[:, :r_layer].contiguous()
+        out[prefix + "molora_A"] = tensors[prefix + "molora_A"][:, :, :r_layer].contiguous()
+        out[prefix + "molora_B"] = tensors[prefix + "molora_B"][:, :r_layer, :].contiguous()
+        layer_ranks[_module_key(prefix[:-1])] = r_layer
+    output_dir.mkdir(parents=True, exist_ok=True)
+    save_file(out, output_dir / _WEIGHTS, metadata={"format": "pt"})
+    config["dynamic_rank"] = {**config["dynamic_rank"], "layer_ranks": layer_ranks}
+    (output_dir / _CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+    for extra in adapter_dir.iterdir():
+        if extra.name not in (_WEIGHTS, _CONFIG) and extra.is_file():
+            (output_dir / extra.name).write_bytes(extra.read_bytes())
+    return layer_ranks
+
+
+__all__ = [
+    "FREQ_SOURCES",
+    "DynamicRankParams",
+    "DynamicRankState",
+    "GrowthSchedule",
+    "RankStats",
+    "allocate",
+    "build_dynamic_rank_params",
+    "compact_adapter",
+    "dynamic_rank_banks",
+    "ema_frequency",
+    "get_rank_stats",
+    "grow",
+    "maybe_grow",
+    "rank_history",
+    "rank_stats_from_adapter",
+    "rank_summary",
+    "resolve_schedule",
+    "saliency_scores",
+    "schedule_for",
+    "sensitivity_ema",
+    "update_importance",
+]
