@@ -497,13 +497,23 @@ def update_importance(model: nn.Module, adapter_name: str | None = None) -> None
         bank.state.update_importance(bank.A, bank.B)
 
 
+def _schedule(banks: list[_Bank], total_steps: int | None) -> GrowthSchedule:
+    # resolved once per run length and kept on the first bank, so that its warning is not repeated every step
+    state = banks[0].state
+    key = (total_steps, sum(b.state.num_experts for b in banks))
+    cached = getattr(state, "_schedule_cache", None)
+    if cached is None or cached[0] != key:
+        cached = (key, resolve_schedule(state.params, key[1], total_steps))
+        state._schedule_cache = cached
+    return cached[1]
+
+
 def schedule_for(model: nn.Module, adapter_name: str, total_steps: int | None) -> GrowthSchedule:
     """The growth schedule of ``adapter_name`` in ``model`` for a run of ``total_steps`` optimizer steps."""
     banks = _by_adapter(model, adapter_name).get(adapter_name, [])
     if not banks:
         raise ValueError(f"Adapter {adapter_name!r} has no DR-LoRA state; set MoLoraConfig(dynamic_rank={{...}}).")
-    n_total = sum(b.state.num_experts for b in banks)
-    return resolve_schedule(banks[0].state.params, n_total, total_steps)
+    return _schedule(banks, total_steps)
 
 
 def grow(
@@ -524,8 +534,7 @@ def grow(
     grown: dict[str, dict[int, int]] = {}
     several = len(_by_adapter(model, None)) > 1
     for adapter, banks in _by_adapter(model, adapter_name).items():
-        n_total = sum(b.state.num_experts for b in banks)
-        sched = schedule or resolve_schedule(banks[0].state.params, n_total, total_steps)
+        sched = schedule or _schedule(banks, total_steps)
         scores = torch.cat(
             saliency_scores([b.state.freq.cpu() for b in banks], [b.state.importance.cpu() for b in banks])
         )
@@ -567,7 +576,7 @@ def maybe_grow(
     """
     grown: dict[str, dict[int, int]] = {}
     for adapter, banks in _by_adapter(model, adapter_name).items():
-        schedule = resolve_schedule(banks[0].state.params, sum(b.state.num_experts for b in banks), total_steps)
+        schedule = _schedule(banks, total_steps)
         if not schedule.is_event(step):
             continue
         if any(int(b.state.activated_at.max()) >= step for b in banks):
