@@ -13,6 +13,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .adapters.dynamic_rank import RankStats, get_rank_stats
 from .adapters.layer import MERGE_ERROR, Linear, MoLoraLayer
+from .adapters.moe_experts import MoeExpertsLora, fused_experts_problem, is_fused_experts
 from .config import MoLoraConfig
 from .runtime import LayerRoutingStats, MoLoraRuntime
 
@@ -150,15 +151,29 @@ class MoLoraModel(BaseTuner):
             target.update_layer(adapter_name, peft_config)
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if not _supported_base(base):
+        if is_fused_experts(base):
+            # the experts of an MoE base model: a LoRA per base expert, routed by the base router (DR-LoRA setting)
+            router = getattr(parent, "gate", None)
+            new_module = MoeExpertsLora(
+                target,
+                adapter_name,
+                peft_config,
+                molora_key=current_key,
+                router=router if router is not base else None,
+            )
+        elif not _supported_base(base):
+            experts_note = ""
+            if hasattr(base, "gate_up_proj"):
+                experts_note = f" It looks like MoE experts, but {fused_experts_problem(base)}."
             raise TypeError(
                 f"Target module {current_key!r} of type {type(base).__name__} is not supported by MoLoRA; supported "
-                "are torch.nn.Linear, transformers' Conv1D and quantized linear layers (bitsandbytes 4/8-bit, ...). "
-                "Adjust `target_modules`."
+                "are torch.nn.Linear, transformers' Conv1D, quantized linear layers (bitsandbytes 4/8-bit, ...) and "
+                f"fused MoE experts (Mixtral, OLMoE, Qwen-MoE layout).{experts_note} Adjust `target_modules`."
             )
-        new_module = Linear(
-            target, adapter_name, peft_config, molora_key=current_key, **get_quantization_kwargs(self.model)
-        )
+        else:
+            new_module = Linear(
+                target, adapter_name, peft_config, molora_key=current_key, **get_quantization_kwargs(self.model)
+            )
         new_module._molora_runtime = self.molora_runtime
         new_module._molora_key = current_key
         if adapter_name not in self.active_adapters:
@@ -172,8 +187,10 @@ class MoLoraModel(BaseTuner):
         flags = {}
         for module in self.model.modules():
             if isinstance(module, MoLoraLayer):
-                for attr in ("molora_A", "molora_B"):
+                for attr in module.adapter_layer_names:
                     params = getattr(module, attr)
+                    if not isinstance(params, nn.ParameterDict):
+                        continue
                     if adapter_name in params:
                         flags[(id(params), attr)] = (params, params[adapter_name].requires_grad)
         super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
@@ -189,6 +206,10 @@ class MoLoraModel(BaseTuner):
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
         if merge:
             raise ValueError(MERGE_ERROR)
+        for module in self.model.modules():
+            hook = getattr(module, "_router_hook", None) if isinstance(module, MoeExpertsLora) else None
+            if hook is not None:
+                hook.remove()
         model = super()._unload_and_optionally_merge(
             merge=False, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )

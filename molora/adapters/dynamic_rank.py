@@ -228,17 +228,20 @@ class DynamicRankState(nn.Module):
         mask = self.mask()
         return A * mask[:, None, :].to(A.dtype), B * mask[:, :, None].to(B.dtype)
 
-    @torch.no_grad()
     def observe(self, routing: Routing, valid: torch.Tensor | None) -> None:
-        """Add one forward's routing weights (probabilities or gates ``[T, E]``) to the step's sums.
-
-        ``valid[T]`` marks non-padding tokens. A layer re-run by activation checkpointing adds its tokens twice,
-        which leaves the mean unchanged.
-        """
+        """Add one forward's routing weights (probabilities or gates, per ``freq_source``) to the step's sums."""
         w = routing.probs if self.params.freq_source == "probs" else routing.dense_gates()
-        w = w.detach().float()
+        self.observe_weights(w, valid)
+
+    @torch.no_grad()
+    def observe_weights(self, weights: torch.Tensor, valid: torch.Tensor | None) -> None:
+        """Add routing weights ``[T, E]`` of one forward to the step's sums; ``valid[T]`` marks non-padding tokens.
+
+        A layer re-run by activation checkpointing adds its tokens twice, which leaves the mean unchanged.
+        """
+        w = weights.detach().float()
         if valid is not None:
-            w = w[valid]
+            w = w[valid.to(w.device)]
         self._freq_sum += w.sum(dim=0).to(self._freq_sum.device)
         self._freq_tokens += w.shape[0]
 
@@ -449,32 +452,45 @@ def resolve_schedule(params: DynamicRankParams, num_experts_total: int, total_st
 # -- model-level operations -----------------------------------------------------------------------------------------
 
 
+#: Containers of DR-LoRA state on a tuner layer: state attribute -> (bank-key suffix, A attribute, B attribute).
+#: ``MoLoraLayer`` has one bank per adapter; a LoRA on fused MoE experts has two (gate/up and down projections).
+RANK_GROUPS: dict[str, tuple[str, str, str]] = {
+    "molora_rank": ("", "molora_A", "molora_B"),
+    "molora_rank_gate_up": (".gate_up_proj", "molora_gate_up_A", "molora_gate_up_B"),
+    "molora_rank_down": (".down_proj", "molora_down_A", "molora_down_B"),
+}
+
+
 @dataclass
 class _Bank:
     key: str
     layer: Any
     adapter: str
     state: DynamicRankState
+    a_attr: str
+    b_attr: str
 
     @property
     def A(self) -> torch.Tensor:
-        return self.layer.molora_A[self.adapter]
+        return getattr(self.layer, self.a_attr)[self.adapter]
 
     @property
     def B(self) -> torch.Tensor:
-        return self.layer.molora_B[self.adapter]
+        return getattr(self.layer, self.b_attr)[self.adapter]
 
 
 def dynamic_rank_banks(model: nn.Module, adapter_name: str | None = None) -> list[_Bank]:
     """Every expert bank with DR-LoRA state in ``model`` (a PeftModel, MoLoraModel or plain module), in order."""
     banks = []
     for name, module in model.named_modules():
-        ranks = getattr(module, "molora_rank", None)
-        if not isinstance(ranks, nn.ModuleDict):
-            continue
-        for adapter, state in ranks.items():
-            if adapter_name is None or adapter == adapter_name:
-                banks.append(_Bank(getattr(module, "_molora_key", "") or name, module, adapter, state))
+        for attr, (suffix, a_attr, b_attr) in RANK_GROUPS.items():
+            states = getattr(module, attr, None)
+            if not isinstance(states, nn.ModuleDict):
+                continue
+            key = (getattr(module, "_molora_key", "") or name) + suffix
+            for adapter, state in states.items():
+                if adapter_name is None or adapter == adapter_name:
+                    banks.append(_Bank(key, module, adapter, state, a_attr, b_attr))
     return banks
 
 
@@ -666,11 +682,12 @@ def rank_stats_from_adapter(adapter_dir: str | Path) -> dict[str, RankStats]:
     tensors = load_file(adapter_dir / _WEIGHTS)
     out = {}
     for key, act in tensors.items():
-        if not key.endswith(".molora_rank.activated_at"):
+        found = _saved_bank(key)
+        if found is None:
             continue
-        module = _module_key(key[: -len(".molora_rank.activated_at")])
-        prefix = key[: -len("activated_at")]
-        out[module] = RankStats(
+        module_prefix, attr = found
+        prefix = f"{module_prefix}.{attr}."
+        out[_module_key(module_prefix) + RANK_GROUPS[attr][0]] = RankStats(
             ranks=(act >= 0).sum(dim=-1).tolist(),
             r_max=act.shape[1],
             target_rank=params.target_rank,
@@ -679,6 +696,14 @@ def rank_stats_from_adapter(adapter_dir: str | Path) -> dict[str, RankStats]:
             history=rank_history(act),
         )
     return out
+
+
+def _saved_bank(key: str) -> tuple[str, str] | None:
+    # "<module>.<rank attr>.activated_at" -> ("<module>", "<rank attr>")
+    parts = key.rsplit(".", 2)
+    if len(parts) == 3 and parts[2] == "activated_at" and parts[1] in RANK_GROUPS:
+        return parts[0], parts[1]
+    return None
 
 
 def _module_key(saved_prefix: str) -> str:
@@ -705,14 +730,17 @@ def compact_adapter(adapter_dir: str | Path, output_dir: str | Path) -> dict[str
     layer_ranks: dict[str, int] = {}
     out = dict(tensors)
     for key, act in tensors.items():
-        if not key.endswith(".molora_rank.activated_at"):
+        found = _saved_bank(key)
+        if found is None:
             continue
-        prefix = key[: -len("molora_rank.activated_at")]
+        module_prefix, attr = found
+        suffix, a_attr, b_attr = RANK_GROUPS[attr]
         r_layer = max(1, int((act >= 0).sum(dim=-1).max()))
         out[key] = act[:, :r_layer].contiguous()
-        out[prefix + "molora_A"] = tensors[prefix + "molora_A"][:, :, :r_layer].contiguous()
-        out[prefix + "molora_B"] = tensors[prefix + "molora_B"][:, :r_layer, :].contiguous()
-        layer_ranks[_module_key(prefix[:-1])] = r_layer
+        a_key, b_key = f"{module_prefix}.{a_attr}", f"{module_prefix}.{b_attr}"
+        out[a_key] = tensors[a_key][:, :, :r_layer].contiguous()
+        out[b_key] = tensors[b_key][:, :r_layer, :].contiguous()
+        layer_ranks[_module_key(module_prefix) + suffix] = r_layer
     output_dir.mkdir(parents=True, exist_ok=True)
     save_file(out, output_dir / _WEIGHTS, metadata={"format": "pt"})
     config["dynamic_rank"] = {**config["dynamic_rank"], "layer_ranks": layer_ranks}
@@ -728,6 +756,7 @@ __all__ = [
     "DynamicRankParams",
     "DynamicRankState",
     "GrowthSchedule",
+    "RANK_GROUPS",
     "RankStats",
     "allocate",
     "build_dynamic_rank_params",
