@@ -206,10 +206,14 @@ class MoLoraModel(BaseTuner):
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
         if merge:
             raise ValueError(MERGE_ERROR)
-        for module in self.model.modules():
-            hook = getattr(module, "_router_hook", None) if isinstance(module, MoeExpertsLora) else None
-            if hook is not None:
-                hook.remove()
+        # PEFT's generic replacement copies `.weight` from the base layer, which fused experts do not have: put the
+        # experts modules back here, and drop the router hooks they installed
+        experts = [(n, m) for n, m in self.model.named_modules() if isinstance(m, MoeExpertsLora)]
+        for name, module in experts:
+            if module._router_hook is not None:
+                module._router_hook.remove()
+            parent_name, _, child_name = name.rpartition(".")
+            setattr(self.model.get_submodule(parent_name), child_name, module.get_base_layer())
         model = super()._unload_and_optionally_merge(
             merge=False, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
