@@ -153,14 +153,9 @@ class MoLoraModel(BaseTuner):
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if is_fused_experts(base):
             # the experts of an MoE base model: a LoRA per base expert, routed by the base router (DR-LoRA setting)
-            router = getattr(parent, "gate", None)
-            new_module = MoeExpertsLora(
-                target,
-                adapter_name,
-                peft_config,
-                molora_key=current_key,
-                router=router if router is not base else None,
-            )
+            routers = [getattr(parent, name, None) for name in ("gate", "router")]
+            router = next((r for r in routers if isinstance(r, nn.Module) and r is not base), None)
+            new_module = MoeExpertsLora(target, adapter_name, peft_config, molora_key=current_key, router=router)
         elif not _supported_base(base):
             experts_note = ""
             if hasattr(base, "gate_up_proj"):

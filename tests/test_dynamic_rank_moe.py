@@ -7,10 +7,16 @@ import torch
 from peft import PeftModel, get_peft_model
 from torch import nn
 from transformers import (
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
+    Glm4MoeConfig,
+    Glm4MoeForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
     OlmoeConfig,
     OlmoeForCausalLM,
+    PhimoeConfig,
+    PhimoeForCausalLM,
     Qwen2MoeConfig,
     Qwen2MoeForCausalLM,
     Qwen3MoeConfig,
@@ -49,6 +55,26 @@ def make_moe(kind: str, seed: int = 0) -> nn.Module:
         return Qwen2MoeForCausalLM(cfg).eval()
     if kind == "qwen3_moe":
         return Qwen3MoeForCausalLM(Qwen3MoeConfig(num_experts=4, moe_intermediate_size=24, **COMMON)).eval()
+    if kind == "phimoe":  # the MoE block calls its router `router`, not `gate`
+        return PhimoeForCausalLM(PhimoeConfig(num_local_experts=4, **COMMON)).eval()
+    if kind == "glm4_moe":
+        cfg = Glm4MoeConfig(n_routed_experts=4, moe_intermediate_size=24, first_k_dense_replace=0, **COMMON)
+        return Glm4MoeForCausalLM(cfg).eval()
+    if kind == "deepseek_v3":  # sigmoid router scores; "probs" is the softmax of its logits
+        cfg = DeepseekV3Config(
+            n_routed_experts=4,
+            moe_intermediate_size=24,
+            first_k_dense_replace=0,
+            n_group=1,
+            topk_group=1,
+            q_lora_rank=None,
+            kv_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+            **{**COMMON, "num_key_value_heads": 4},
+        )
+        return DeepseekV3ForCausalLM(cfg).eval()
     raise ValueError(kind)
 
 
@@ -91,7 +117,7 @@ def _train(model, steps: int, check_continuity: bool = True):
                 assert torch.equal(model(**inputs).logits, before), f"output jumped at step {step}"
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe"])
+@pytest.mark.parametrize("kind", ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "phimoe", "glm4_moe", "deepseek_v3"])
 def test_fresh_expert_loras_keep_the_base_output_and_train_only_the_loras(kind):
     base = make_moe(kind)
     inputs = _inputs()
@@ -111,6 +137,14 @@ def test_fresh_expert_loras_keep_the_base_output_and_train_only_the_loras(kind):
     assert layer.molora_gate_up_B["default"].shape == (n_experts, 8, two_inter)
     assert layer.molora_down_A["default"].shape == (n_experts, two_inter // 2, 8)
     assert layer.molora_rank_gate_up["default"].ranks().tolist() == [2] * n_experts
+    assert layer._router_hook is not None  # the base router's probabilities feed the routing frequency
+    model.train()
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    molora.update_importance(model)
+    state = layer.molora_rank_down["default"]
+    assert not torch.equal(state.freq, torch.full_like(state.freq, 0.25))
+    # |theta * grad| is 0 for every element while B = 0 (A gets no gradient, B is 0): importance starts at 0
+    assert float(state.importance.sum()) == 0
 
 
 def test_expert_lora_matches_an_explicit_per_expert_computation():

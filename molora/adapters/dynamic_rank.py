@@ -248,6 +248,12 @@ class DynamicRankState(nn.Module):
     @torch.no_grad()
     def update_frequency(self) -> None:
         """Fold this step's mean routing weights into the frequency EMA and start a new step."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every data-parallel rank must take the same growth decisions: count the tokens of all ranks
+            sums = torch.cat([self._freq_sum, self._freq_tokens.reshape(1)])
+            torch.distributed.all_reduce(sums)
+            self._freq_sum.copy_(sums[:-1])
+            self._freq_tokens.copy_(sums[-1])
         if self._freq_tokens.item() > 0:
             beta = self.params.beta_freq
             mean = self._freq_sum / self._freq_tokens
@@ -261,6 +267,8 @@ class DynamicRankState(nn.Module):
 
         Does nothing for a parameter without a gradient (e.g. frozen, or no backward since the last call).
         """
+        if A.grad is None or B.grad is None:
+            return
         mask = self.mask()
         sums = torch.zeros(self.num_experts, self.r_max, device=mask.device)
         count = 0
@@ -268,8 +276,6 @@ class DynamicRankState(nn.Module):
             ("A", A, mask[:, None, :], 1),
             ("B", B, mask[:, :, None], 2),
         ):
-            if param.grad is None:
-                return
             theta = param.detach().float()
             sens = (theta * param.grad.detach().float()).abs() * emask
             ipt, unc = self._ema.get(name + "_ipt"), self._ema.get(name + "_unc")

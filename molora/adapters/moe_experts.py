@@ -76,7 +76,8 @@ class MoeExpertsLora(nn.Module, MoLoraLayer):
         adapter_name (str): name of the first adapter.
         config (MoLoraConfig): its configuration (``r``, ``lora_alpha``, ``lora_dropout``, ``dynamic_rank``, ...).
         molora_key (str): the module's name in the model (keys ``layer_ranks`` of compacted adapters).
-        router (nn.Module | None): the MoE block's router, hooked for ``freq_source="probs"``.
+        router (nn.Module | None): the MoE block's router (its ``gate`` or ``router``), hooked for
+            ``freq_source="probs"``; its output must be the logits or a tuple that starts with them.
     """
 
     adapter_layer_names = (
@@ -135,7 +136,8 @@ class MoeExpertsLora(nn.Module, MoLoraLayer):
         if dynamic_rank is not None and dynamic_rank.freq_source == "probs" and self._router_hook is None:
             raise ValueError(
                 f"DR-LoRA on the MoE experts {self._molora_key!r} needs the base router's probabilities, but the "
-                "MoE block has no `gate` router module to read them from; set dynamic_rank['freq_source']='gates'."
+                "MoE block has no `gate` or `router` module to read them from; set "
+                "dynamic_rank['freq_source']='gates'."
             )
         weight = self.base_layer.gate_up_proj
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
