@@ -258,6 +258,10 @@ def test_unsupported_expert_layouts_are_refused_with_the_reason():
     assert fused_experts_problem(experts) is None
     experts.is_transposed = True
     assert "is_transposed=True" in fused_experts_problem(experts)
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    gpt_oss = GptOssForCausalLM(GptOssConfig(num_local_experts=4, **COMMON))
+    assert "has_bias=True" in fused_experts_problem(gpt_oss.model.layers[0].mlp.experts)  # biased, transposed
 
     class Odd(nn.Module):
         def __init__(self):
@@ -287,3 +291,38 @@ def test_probs_frequency_needs_a_router_to_read():
         get_peft_model(Block(), _config(task_type=None))
     model = get_peft_model(Block(), _config(task_type=None, dynamic_rank={"freq_source": "gates", "start_step": 1}))
     assert isinstance(model.base_model.model.experts, MoeExpertsLora)
+
+
+def test_trainer_with_checkpointing_grows_expert_ranks(tmp_path):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from molora.training import DynamicRankCallback
+
+    gen = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": ids, "labels": ids} for ids in torch.randint(3, 64, (16, 12), generator=gen).tolist()]
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        report_to="none",
+        max_steps=5,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        use_cpu=True,
+        gradient_checkpointing=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    model = get_peft_model(
+        make_moe("mixtral"), _config(init_lora_weights=True, dynamic_rank={"experts_per_event": 11})
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows))
+    callback = DynamicRankCallback.install(trainer)
+    trainer.train()
+    schedule = callback.schedules["default"]
+    assert (schedule.start, schedule.end, schedule.interval) == (1, 3, 1)  # 10% .. 70% of 5 steps
+    assert [e["step"] for e in callback.events] == [1, 2, 3]
+    ranks = torch.cat([b.state.ranks() for b in dr.dynamic_rank_banks(model)])
+    assert int(ranks.sum()) == 4 * 4 * 4  # budget: 2 layers x 2 projections x 4 experts x target 4
+    assert [h["dr/total_rank"] for h in trainer.state.log_history if "dr/total_rank" in h][-1] == 64
