@@ -367,6 +367,10 @@ def test_save_load_restores_ranks_exactly_and_compaction_keeps_outputs(tmp_path)
 
     from_dir = molora.dynamic_rank.rank_stats_from_adapter(adapter_dir)
     assert {k: v.ranks for k, v in from_dir.items()} == ranks
+    table = molora.dynamic_rank.format_rank_table(from_dir).splitlines()
+    assert table[0] == "DR-LoRA ranks: total 96 / budget 96 over 6 banks" and len(table) == 2 + 6
+    q0 = next(line for line in table if line.startswith("model.layers.0.self_attn.q_proj "))
+    assert " ".join(map(str, ranks["model.layers.0.self_attn.q_proj"])) in q0
     layer_ranks = molora.compact_adapter(adapter_dir, compact_dir)
     assert layer_ranks == {k: max(v) for k, v in ranks.items()}
     assert any(r < 8 for r in layer_ranks.values())

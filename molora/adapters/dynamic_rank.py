@@ -656,6 +656,24 @@ def get_rank_stats(model: nn.Module, adapter_name: str | None = None) -> dict[st
     return out
 
 
+def format_rank_table(stats: dict[str, RankStats]) -> str:
+    """A plain-text table of ranks per expert and growth steps per bank (for ``molora inspect`` and logs)."""
+    if not stats:
+        return "no DR-LoRA rank state"
+    total = sum(sum(s.ranks) for s in stats.values())
+    budget = sum(len(s.ranks) * s.target_rank for s in stats.values())
+    width = max(len(k) for k in stats)
+    lines = [
+        f"DR-LoRA ranks: total {total} / budget {budget} over {len(stats)} banks",
+        f"{'module':<{width}}  r_max  target  ranks per expert  grown at steps",
+    ]
+    for key, s in stats.items():
+        grown = ", ".join(str(step) for step, _ in s.history if step > 0) or "-"
+        ranks = " ".join(str(r) for r in s.ranks)
+        lines.append(f"{key:<{width}}  {s.r_max:>5}  {s.target_rank:>6}  {ranks:<16}  {grown}")
+    return "\n".join(lines)
+
+
 def rank_summary(model: nn.Module, adapter_name: str | None = None) -> dict[str, float]:
     """Scalars for training logs: total, min, mean and max active rank, and the budget (``dr/...`` keys)."""
     banks = dynamic_rank_banks(model, adapter_name)
@@ -769,6 +787,7 @@ __all__ = [
     "compact_adapter",
     "dynamic_rank_banks",
     "ema_frequency",
+    "format_rank_table",
     "get_rank_stats",
     "grow",
     "maybe_grow",
