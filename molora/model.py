@@ -12,7 +12,9 @@ from peft.utils.quantization_utils import resolve_quantization_backend
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .adapters.dynamic_rank import RankStats, get_rank_stats
 from .adapters.layer import MERGE_ERROR, Linear, MoLoraLayer
+from .adapters.moe_experts import MoeExpertsLora, fused_experts_problem, is_fused_experts
 from .config import MoLoraConfig
 from .runtime import LayerRoutingStats, MoLoraRuntime
 
@@ -154,13 +156,24 @@ class MoLoraModel(BaseTuner):
             target.update_layer(adapter_name, peft_config)
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if not _supported_base(base):
+        if is_fused_experts(base):
+            # the experts of an MoE base model: a LoRA per base expert, routed by the base router (DR-LoRA setting)
+            routers = [getattr(parent, name, None) for name in ("gate", "router")]
+            router = next((r for r in routers if isinstance(r, nn.Module) and r is not base), None)
+            new_module = MoeExpertsLora(target, adapter_name, peft_config, molora_key=current_key, router=router)
+        elif not _supported_base(base):
+            experts_note = ""
+            if hasattr(base, "gate_up_proj"):
+                experts_note = f" It looks like MoE experts, but {fused_experts_problem(base)}."
             raise TypeError(
                 f"Target module {current_key!r} of type {type(base).__name__} is not supported by MoLoRA; supported "
-                "are torch.nn.Linear, transformers' Conv1D and quantized linear layers (bitsandbytes 4/8-bit, ...). "
-                "Adjust `target_modules`."
+                "are torch.nn.Linear, transformers' Conv1D, quantized linear layers (bitsandbytes 4/8-bit, ...) and "
+                f"fused MoE experts (Mixtral, OLMoE, Qwen-MoE layout).{experts_note} Adjust `target_modules`."
             )
-        new_module = Linear(target, adapter_name, peft_config, **get_quantization_kwargs(self.model))
+        else:
+            new_module = Linear(
+                target, adapter_name, peft_config, molora_key=current_key, **get_quantization_kwargs(self.model)
+            )
         new_module._molora_runtime = self.molora_runtime
         new_module._molora_key = current_key
         if adapter_name not in self.active_adapters:
@@ -174,8 +187,10 @@ class MoLoraModel(BaseTuner):
         flags = {}
         for module in self.model.modules():
             if isinstance(module, MoLoraLayer):
-                for attr in ("molora_A", "molora_B"):
+                for attr in module.adapter_layer_names:
                     params = getattr(module, attr)
+                    if not isinstance(params, nn.ParameterDict):
+                        continue
                     if adapter_name in params:
                         flags[(id(params), attr)] = (params, params[adapter_name].requires_grad)
         super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
@@ -191,6 +206,14 @@ class MoLoraModel(BaseTuner):
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
         if merge:
             raise ValueError(MERGE_ERROR)
+        # PEFT's generic replacement copies `.weight` from the base layer, which fused experts do not have: put the
+        # experts modules back here, and drop the router hooks they installed
+        experts = [(n, m) for n, m in self.model.named_modules() if isinstance(m, MoeExpertsLora)]
+        for name, module in experts:
+            if module._router_hook is not None:
+                module._router_hook.remove()
+            parent_name, _, child_name = name.rpartition(".")
+            setattr(self.model.get_submodule(parent_name), child_name, module.get_base_layer())
         model = super()._unload_and_optionally_merge(
             merge=False, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
@@ -260,3 +283,11 @@ class MoLoraModel(BaseTuner):
                     groups.setdefault((adapter_name, type(router)), []).append(router)
         for (_, router_cls), routers in groups.items():
             router_cls.on_optimizer_step_group(routers)
+
+    def get_rank_stats(self, adapter_name: str | None = None) -> dict[str, RankStats]:
+        """DR-LoRA rank per expert of every bank, now and at every growth event (empty without ``dynamic_rank``).
+
+        Keys are module names like :meth:`get_routing_stats`; values are
+        :class:`~molora.adapters.dynamic_rank.RankStats`.
+        """
+        return get_rank_stats(self, adapter_name)

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..kernels import expert_delta
 from ..routers.base import build_router_params, get_router_class
+from .dynamic_rank import DynamicRankState
 
 MERGE_ERROR = (
     "MoLoRA adapters cannot be merged into the base weights: each token (or prompt) is routed to its own mix of "
@@ -30,11 +31,12 @@ class MoLoraLayer(BaseTunerLayer):
     """Mixin holding the per-adapter expert banks and routers of one adapted projection.
 
     Per adapter name: ``molora_A[name]`` (``Parameter[E, d_in, r]``), ``molora_B[name]`` (``Parameter[E, r, d_out]``),
-    ``molora_router[name]`` (a :class:`~molora.routers.Router`), ``molora_dropout[name]``, and the plain values in
-    ``other_param_names``.
+    ``molora_router[name]`` (a :class:`~molora.routers.Router`), ``molora_dropout[name]``, the DR-LoRA rank state
+    ``molora_rank[name]`` (a :class:`~molora.adapters.dynamic_rank.DynamicRankState`, only for adapters with
+    ``dynamic_rank``), and the plain values in ``other_param_names``.
     """
 
-    adapter_layer_names = ("molora_A", "molora_B", "molora_router")
+    adapter_layer_names = ("molora_A", "molora_B", "molora_router", "molora_rank")
     other_param_names = ("r", "lora_alpha", "scaling", "num_experts", "top_k", "kernel", "molora_dropout")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
@@ -49,6 +51,7 @@ class MoLoraLayer(BaseTunerLayer):
         self.molora_A = nn.ParameterDict({})
         self.molora_B = nn.ParameterDict({})
         self.molora_router = nn.ModuleDict({})
+        self.molora_rank = nn.ModuleDict({})
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}
@@ -68,6 +71,10 @@ class MoLoraLayer(BaseTunerLayer):
     def update_layer(self, adapter_name: str, config: Any) -> None:
         """Create (or re-create) the expert bank and router of ``adapter_name`` from ``config``."""
         rank, n_experts = config.r, config.num_experts
+        dynamic_rank = config.dynamic_rank_params
+        if dynamic_rank is not None and dynamic_rank.layer_ranks:
+            # a compacted DR-LoRA adapter (dynamic_rank.compact_adapter): this module's banks were sliced
+            rank = dynamic_rank.layer_ranks.get(self._molora_key, rank)
         self.r[adapter_name] = rank
         self.lora_alpha[adapter_name] = config.lora_alpha
         self.scaling[adapter_name] = config.scaling
@@ -99,6 +106,10 @@ class MoLoraLayer(BaseTunerLayer):
             init=config.router_init,
             init_std=config.router_init_std,
         )
+        if dynamic_rank is not None:
+            self.molora_rank[adapter_name] = DynamicRankState(n_experts, rank, dynamic_rank)
+        elif adapter_name in self.molora_rank:
+            del self.molora_rank[adapter_name]
         self._move_adapter_to_device_of_base_layer(adapter_name)
         # routers score in fp32 whatever the base dtype (see molora.routers.base)
         self.molora_router[adapter_name].float()
@@ -134,6 +145,12 @@ class MoLoraLayer(BaseTunerLayer):
             routing = router(x_flat, valid, context=context, lead_shape=lead_shape)
         else:
             routing = router(x_flat, valid, context=context)
+        if adapter_name in self.molora_rank:
+            # DR-LoRA: dormant rank components are masked out of A and B (and so get zero gradient)
+            rank_state = self.molora_rank[adapter_name]
+            weight_A, weight_B = rank_state.masked_weights(weight_A, weight_B)
+            if self.training:
+                rank_state.observe(routing, valid)
         h = self._cast_input_dtype(self.molora_dropout[adapter_name](x_flat), weight_A.dtype)
         delta = expert_delta(h, weight_A, weight_B, routing, self.scaling[adapter_name], self.kernel[adapter_name])
         if runtime is not None:
@@ -156,9 +173,12 @@ class MoLoraLayer(BaseTunerLayer):
 class Linear(nn.Module, MoLoraLayer):
     """MoLoRA on a linear projection (``nn.Linear``, ``Conv1D`` or a quantized linear layer)."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: Any, **kwargs: Any) -> None:
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, config: Any, molora_key: str = "", **kwargs: Any
+    ) -> None:
         super().__init__()
         MoLoraLayer.__init__(self, base_layer, **kwargs)
+        self._molora_key = molora_key
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
