@@ -36,9 +36,9 @@ class MoLoraConfig(PeftConfig):
         use_rslora (bool): use rank-stabilised scaling ``lora_alpha / sqrt(r)``. Default: False.
         num_experts (int): experts ``E`` per adapted projection, >= 1. Default: 8.
         top_k (int): experts per token for top-k style routers, in [1, num_experts]. Default: 2.
-        router (str): name of a registered router (``molora.ROUTER_REGISTRY``), e.g. ``"topk"``, ``"soft"``,
-            ``"topk_bias"``, ``"adamoe"``, ``"relu"``, ``"expert_choice"``; more from ``molora.register_router``.
-            Default: ``"topk"``.
+        router (str): name of a registered router (``molora.ROUTER_REGISTRY``): ``"topk"``, ``"soft"``, ``"topp"``,
+            ``"dynmole"``, ``"mor"``, ``"prompt"``, ``"topk_bias"``, ``"adamoe"``, ``"relu"``, ``"expert_choice"``;
+            more from ``molora.register_router``. Default: ``"topk"``.
         router_kwargs (dict): the router's own hyper-parameters, validated against its ``Params`` (unknown keys are
             an error). Default: ``{}`` (the router's defaults).
         router_init (str): ``"kaiming"`` (uniform with bound ``1/sqrt(d_in)``, PyTorch's Linear default, as in
@@ -91,7 +91,7 @@ class MoLoraConfig(PeftConfig):
     use_rslora: bool = field(default=False, metadata={"help": "Use rank-stabilised scaling lora_alpha / sqrt(r)."})
     num_experts: int = field(default=8, metadata={"help": "LoRA experts per adapted projection (>= 1)."})
     top_k: int = field(default=2, metadata={"help": "Experts per token for top-k style routers, 1..num_experts."})
-    router: str = field(default="topk", metadata={"help": "Name of a registered router, e.g. 'topk' or 'soft'."})
+    router: str = field(default="topk", metadata={"help": "Name of a registered router, e.g. 'topk', 'soft', 'dynmole' (see molora.ROUTER_REGISTRY)."})
     router_kwargs: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "The router's own hyper-parameters; unknown keys are an error."}
     )
