@@ -91,7 +91,10 @@ class MoLoraConfig(PeftConfig):
     use_rslora: bool = field(default=False, metadata={"help": "Use rank-stabilised scaling lora_alpha / sqrt(r)."})
     num_experts: int = field(default=8, metadata={"help": "LoRA experts per adapted projection (>= 1)."})
     top_k: int = field(default=2, metadata={"help": "Experts per token for top-k style routers, 1..num_experts."})
-    router: str = field(default="topk", metadata={"help": "Name of a registered router, e.g. 'topk', 'soft', 'dynmole' (see molora.ROUTER_REGISTRY)."})
+    router: str = field(
+        default="topk",
+        metadata={"help": "Name of a registered router, e.g. 'topk', 'soft', 'dynmole' (see molora.ROUTER_REGISTRY)."},
+    )
     router_kwargs: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "The router's own hyper-parameters; unknown keys are an error."}
     )
