@@ -16,7 +16,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
 from peft.utils.quantization_utils import resolve_quantization_backend
 from torch import nn
 
-from ..kernels import expert_delta
+from ..kernels import choose_kernel, expert_delta
+from ..kernels.torch_ops import dense_masked_expand, flat_shrink_weight
 from ..routers.base import build_router_params, get_router_class
 
 MERGE_ERROR = (
@@ -128,12 +129,34 @@ class MoLoraLayer(BaseTunerLayer):
         valid = runtime.context.token_mask(lead_shape) if runtime is not None else None
         if valid is not None and valid.device != x.device:
             valid = valid.to(x.device)
-        routing = router(x_flat, valid)
-        h = self._cast_input_dtype(self.molora_dropout[adapter_name](x_flat), weight_A.dtype)
-        delta = expert_delta(h, weight_A, weight_B, routing, self.scaling[adapter_name], self.kernel[adapter_name])
+        scaling, kernel = self.scaling[adapter_name], self.kernel[adapter_name]
+        if self._can_fuse_router(x_flat, adapter_name, kernel):
+            delta, routing = _fused_dense_forward(x_flat, weight_A, weight_B, router, valid, scaling)
+        else:
+            routing = router(x_flat, valid)
+            h = self._cast_input_dtype(self.molora_dropout[adapter_name](x_flat), weight_A.dtype)
+            delta = expert_delta(h, weight_A, weight_B, routing, scaling, kernel)
         if runtime is not None:
             delta = runtime.record(self._molora_key, adapter_name, router, routing, valid, delta)
         return delta.reshape(*lead_shape, delta.shape[-1])
+
+    def _can_fuse_router(self, x_flat: torch.Tensor, adapter_name: str, kernel: str) -> bool:
+        """Whether the router's logits can come out of the dense path's shrink GEMM (see ``_fused_dense_forward``).
+
+        Needs the dense path, the same fp32 input for router and experts (no active dropout, no low-precision
+        input, which the router would upcast) and a router whose logits are a plain linear map of ``x``.
+        """
+        weight_A = self.molora_A[adapter_name]
+        if kernel == "auto":
+            kernel = choose_kernel(x_flat.shape[0], None, weight_A.shape[0], weight_A.shape[-1], x_flat.device)
+        if kernel != "dense":
+            return False
+        dropout = self.molora_dropout[adapter_name]
+        if not (isinstance(dropout, nn.Identity) or not dropout.training or dropout.p == 0):
+            return False
+        router = self.molora_router[adapter_name]
+        fp32 = torch.float32
+        return x_flat.dtype == fp32 and weight_A.dtype == fp32 and router.weight.dtype == fp32 and router.linear_scoring()
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
@@ -146,6 +169,22 @@ class MoLoraLayer(BaseTunerLayer):
                 continue
             result = result + self._expert_output(x, adapter_name).to(result.dtype)
         return result
+
+
+def _fused_dense_forward(
+    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, router: nn.Module, valid, scaling: float
+) -> tuple[torch.Tensor, Any]:
+    """The dense-masked path with the router's scoring in the same GEMM: ``x @ [A_flat | W_router^T]``.
+
+    The router and the experts read the same ``x``, so one ``[d_in, E*r + E]`` GEMM gives the rank activations and
+    the logits; in the backward pass the input gradient is one GEMM too instead of two plus an addition. On a CPU
+    this is what makes a MoLoRA layer cost about as much as a LoRA layer of rank ``r*k`` (docs/kernels.md).
+    """
+    n_experts, _, rank = A.shape
+    weight = torch.cat([flat_shrink_weight(A), router.weight.t()], dim=1)  # [d_in, E*r + E]
+    h, logits = (x @ weight).split([n_experts * rank, n_experts], dim=1)
+    routing = router.select(logits, valid)
+    return dense_masked_expand(h, B, routing, scaling), routing
 
 
 class Linear(nn.Module, MoLoraLayer):

@@ -27,10 +27,22 @@ _DENSE_MAX_RANK_COLUMNS = 512
 _DENSE_MIN_DENSITY = 0.5
 
 
-def choose_kernel(num_tokens: int, num_assignments: int, num_experts: int, rank: int) -> str:
-    """The path ``kernel="auto"`` uses for these shapes."""
+def choose_kernel(
+    num_tokens: int,
+    num_assignments: int | None,
+    num_experts: int,
+    rank: int,
+    device: torch.device | str | None = None,
+) -> str:
+    """The path ``kernel="auto"`` uses for these shapes.
+
+    ``num_assignments=None`` means the routing is not known yet: ``"dense"`` is returned only when it wins
+    whatever the routing.
+    """
     if num_experts * rank <= _DENSE_MAX_RANK_COLUMNS:
         return "dense"
+    if num_assignments is None:
+        return "grouped"
     density = num_assignments / max(1, num_tokens * num_experts)
     return "dense" if density >= _DENSE_MIN_DENSITY else "grouped"
 
@@ -40,7 +52,7 @@ def expert_delta(
 ) -> torch.Tensor:
     """Compute ``delta[T, d_out]`` of the expert bank ``A[E, d_in, r]``, ``B[E, r, d_out]`` for ``x[T, d_in]``."""
     if kernel == "auto":
-        kernel = choose_kernel(x.shape[0], routing.token_index.numel(), A.shape[0], A.shape[-1])
+        kernel = choose_kernel(x.shape[0], routing.token_index.numel(), A.shape[0], A.shape[-1], x.device)
     try:
         path = _PATHS[kernel]
     except KeyError:
