@@ -217,6 +217,9 @@ class MoLoraRuntime:
         self.text_config: Any = None
         self.strip_router_logits_kwarg = False
         self.publish_aux_loss = False
+        # per-sample adapter names of a mixed-adapter call (MoLoraModel._enable_peft_forward_hooks): candidate lists,
+        # the first whose length equals a layer's batch size applies (beam search repeats the samples)
+        self.batch_adapter_names: list[list[str]] | None = None
 
     # -- forward lifecycle ------------------------------------------------------------------------------------------
 
@@ -245,6 +248,8 @@ class MoLoraRuntime:
             labels=kwargs.get("labels"),
             adapter_names=kwargs.get("adapter_names"),
         )
+        if self.context.adapter_names is None and self.batch_adapter_names is not None:
+            self.context.adapter_names = self.batch_adapter_names[0]
 
     def end_forward(self, output: Any) -> Any:
         """Add the weighted aux losses to ``output.loss`` when the call computed a loss."""

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..kernels import choose_kernel, expert_delta
 from ..kernels.torch_ops import dense_masked_expand, flat_shrink_weight
-from ..routers.base import build_router_params, get_router_class
+from ..routers.base import Routing, build_router_params, get_router_class
 
 MERGE_ERROR = (
     "MoLoRA adapters cannot be merged into the base weights: each token (or prompt) is routed to its own mix of "
@@ -155,12 +155,100 @@ class MoLoraLayer(BaseTunerLayer):
         if not (isinstance(dropout, nn.Identity) or not dropout.training or dropout.p == 0):
             return False
         router = self.molora_router[adapter_name]
-        fp32 = torch.float32
-        return x_flat.dtype == fp32 and weight_A.dtype == fp32 and router.weight.dtype == fp32 and router.linear_scoring()
+        if not x_flat.dtype == weight_A.dtype == router.weight.dtype == torch.float32:
+            return False
+        return router.linear_scoring()
+
+    def _batch_adapter_names(self, x: torch.Tensor, adapter_names: list[str] | None) -> list[str] | None:
+        """Per-sample adapter names for this call: the ``adapter_names`` kwarg, else the model-level mixed call's."""
+        if adapter_names is not None:
+            candidates = [list(adapter_names)]
+        else:
+            runtime = self._molora_runtime
+            candidates = getattr(runtime, "batch_adapter_names", None)
+            if not candidates:
+                return None
+        batch = x.shape[0] if x.dim() >= 2 else -1
+        for names in candidates:
+            if len(names) == batch:
+                return names
+        raise ValueError(
+            f"{len(candidates[-1])} adapter names were given for a batch of {batch} samples in {self._molora_key!r}; "
+            "pass one name per sample (the layer input must be laid out as [batch, ...])."
+        )
+
+    def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str], *args: Any, **kwargs: Any):
+        """Base output plus, for every sample, the experts of its own adapter: all adapters in one grouped pass.
+
+        Each adapter's router routes its own samples' tokens; the assignments are then offset into one
+        concatenated expert bank (ranks zero-padded to the largest, each adapter's scaling folded into its gates)
+        and a single :func:`~molora.kernels.expert_delta` call computes every delta.
+        """
+        result = self.base_layer(x, *args, **kwargs)
+        if self.quantization_backend is not None:
+            result = self.quantization_backend.maybe_clone_base_result(result)
+        groups: dict[str, list[int]] = {}
+        for row, name in enumerate(adapter_names):
+            if name != "__base__" and name in self.molora_A:
+                groups.setdefault(name, []).append(row)
+        if not groups:
+            return result
+        runtime = self._molora_runtime
+        valid_all = runtime.context.token_mask(x.shape[:-1]) if runtime is not None else None
+        first = next(iter(groups))
+        dtype = self.molora_A[first].dtype
+        max_rank = max(self.molora_A[name].shape[-1] for name in groups)
+        rows_order, xs, banks_A, banks_B, token_idx, expert_idx, weights, records = [], [], [], [], [], [], [], []
+        token_offset = expert_offset = 0
+        for name, rows in groups.items():
+            rows_t = torch.tensor(rows, device=x.device)
+            sub = x.index_select(0, rows_t)
+            sub_flat = sub.reshape(-1, x.shape[-1])
+            valid = None
+            if valid_all is not None:
+                valid = valid_all.view(x.shape[0], -1).index_select(0, rows_t.to(valid_all.device)).reshape(-1)
+                valid = valid.to(x.device)
+            router = self.molora_router[name]
+            routing = router(sub_flat, valid)
+            records.append((name, router, routing, valid))
+            weight_A, weight_B = self.molora_A[name].to(dtype), self.molora_B[name].to(dtype)
+            pad = max_rank - weight_A.shape[-1]
+            if pad:
+                # zero rank columns contribute nothing; they let adapters of different ranks share one bank
+                weight_A = nn.functional.pad(weight_A, (0, pad))
+                weight_B = nn.functional.pad(weight_B, (0, 0, 0, pad))
+            banks_A.append(weight_A)
+            banks_B.append(weight_B)
+            xs.append(self._cast_input_dtype(self.molora_dropout[name](sub_flat), dtype))
+            token_idx.append(routing.token_index + token_offset)
+            expert_idx.append(routing.expert_index + expert_offset)
+            weights.append(routing.weight * self.scaling[name])
+            rows_order.append(rows_t)
+            token_offset += sub_flat.shape[0]
+            expert_offset += weight_A.shape[0]
+        routing = Routing(
+            probs=x.new_zeros((), dtype=torch.float32).expand(token_offset, expert_offset),
+            token_index=torch.cat(token_idx),
+            expert_index=torch.cat(expert_idx),
+            weight=torch.cat(weights),
+        )
+        kernels = {self.kernel[name] for name in groups}
+        kernel = kernels.pop() if len(kernels) == 1 else "auto"
+        delta = expert_delta(torch.cat(xs), torch.cat(banks_A), torch.cat(banks_B), routing, 1.0, kernel)
+        if runtime is not None:
+            for name, router, sub_routing, valid in records:
+                delta = runtime.record(self._molora_key, name, router, sub_routing, valid, delta)
+        order = torch.cat(rows_order)
+        delta = delta.reshape(order.numel(), *x.shape[1:-1], delta.shape[-1]).to(result.dtype)
+        return result.index_add(0, order, delta)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
         if self.disable_adapters:
             return self.base_layer(x, *args, **kwargs)
+        adapter_names = self._batch_adapter_names(x, adapter_names)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         if self.quantization_backend is not None:
             result = self.quantization_backend.maybe_clone_base_result(result)
