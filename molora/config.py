@@ -68,8 +68,8 @@ class MoLoraConfig(PeftConfig):
         track_routing_stats (bool): accumulate per-layer routing statistics (expert load, router entropy, tokens)
             readable with ``model.get_routing_stats()``. Default: True.
         kernel (str): expert compute path: ``"auto"``, ``"dense"`` (one GEMM into all ``E*r`` rank columns),
-            ``"grouped"`` (tokens grouped by expert) or ``"naive"`` (per-expert loop, the reference).
-            Default: "auto".
+            ``"grouped"`` (tokens grouped by expert), ``"naive"`` (per-expert loop, the reference) or ``"triton"``
+            (SGMV kernels; CUDA). Default: "auto".
     """
 
     r: int = field(default=8, metadata={"help": "Rank of each LoRA expert (>= 1)."})
@@ -136,7 +136,8 @@ class MoLoraConfig(PeftConfig):
         default=True, metadata={"help": "Accumulate per-layer routing statistics (load, entropy, tokens)."}
     )
     kernel: str = field(
-        default="auto", metadata={"help": "Expert compute path: 'auto', 'dense', 'grouped' or 'naive'."}
+        default="auto",
+        metadata={"help": "Expert compute path: 'auto', 'dense', 'grouped', 'naive' or 'triton' (CUDA)."},
     )
 
     def __post_init__(self) -> None:

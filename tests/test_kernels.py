@@ -246,7 +246,7 @@ def test_auto_on_large_banks(kind, expected_path):
         torch.testing.assert_close(grad, ref)
 
 
-@pytest.mark.parametrize("kernel", ["fast", "triton", "Dense", "", None])
+@pytest.mark.parametrize("kernel", ["fast", "sgmv", "Dense", "", None])
 def test_invalid_kernel_name_raises(kernel):
     torch.manual_seed(0)
     x, A, B = torch.randn(2, 3), torch.randn(2, 3, 1), torch.randn(2, 1, 3)

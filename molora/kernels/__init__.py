@@ -1,11 +1,14 @@
 """Compute paths for a bank of LoRA experts, all with one signature: ``(x, A, B, routing, scaling) -> delta``.
 
-``"dense"`` (dense-masked), ``"grouped"`` and ``"naive"`` (the reference) are pure torch; ``"auto"`` picks one
-from the shapes. See :mod:`molora.kernels.torch_ops` for the semantics.
+``"dense"`` (dense-masked), ``"grouped"`` and ``"naive"`` (the reference) are pure torch; ``"triton"`` runs the
+SGMV-style kernels of :mod:`molora.kernels.triton_ops` (CUDA, or CPU under ``TRITON_INTERPRET=1``); ``"auto"``
+picks one from the shapes and the device. See :mod:`molora.kernels.torch_ops` for the semantics.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from collections.abc import Callable
 
 import torch
@@ -13,12 +16,34 @@ import torch
 from ..routers.base import Routing
 from .torch_ops import dense_masked_delta, grouped_delta, naive_delta
 
-KERNEL_CHOICES = ("auto", "dense", "grouped", "naive")
+KERNEL_CHOICES = ("auto", "dense", "grouped", "naive", "triton")
+
+
+def triton_available(device: torch.device | str | None = None) -> bool:
+    """Whether ``kernel="triton"`` can run on ``device``: triton installed, and CUDA or ``TRITON_INTERPRET=1``."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    if device is not None and torch.device(device).type == "cuda":
+        return True
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_delta(x, A, B, routing, scaling):
+    if not triton_available(x.device):
+        raise RuntimeError(
+            "kernel='triton' needs the `triton` package and CUDA tensors (or TRITON_INTERPRET=1 set before molora "
+            f"first uses the kernel, for CPU tests); got tensors on {x.device}. Use kernel='auto' or 'dense'."
+        )
+    from .triton_ops import triton_delta
+
+    return triton_delta(x, A, B, routing, scaling)
+
 
 _PATHS: dict[str, Callable[..., torch.Tensor]] = {
     "dense": dense_masked_delta,
     "grouped": grouped_delta,
     "naive": naive_delta,
+    "triton": _triton_delta,
 }
 
 # The dense path multiplies every token by all E*r rank columns; the grouped path only by the N*r it needs but
@@ -44,7 +69,12 @@ def choose_kernel(
     if num_assignments is None:
         return "grouped"
     density = num_assignments / max(1, num_tokens * num_experts)
-    return "dense" if density >= _DENSE_MIN_DENSITY else "grouped"
+    if density >= _DENSE_MIN_DENSITY:
+        return "dense"
+    # sparse routing over a large bank: the SGMV kernels on CUDA (never measured on a GPU yet, see docs/kernels.md)
+    if device is not None and torch.device(device).type == "cuda" and triton_available(device):
+        return "triton"
+    return "grouped"
 
 
 def expert_delta(
@@ -60,4 +90,12 @@ def expert_delta(
     return path(x, A, B, routing, scaling)
 
 
-__all__ = ["KERNEL_CHOICES", "choose_kernel", "dense_masked_delta", "expert_delta", "grouped_delta", "naive_delta"]
+__all__ = [
+    "KERNEL_CHOICES",
+    "choose_kernel",
+    "triton_available",
+    "dense_masked_delta",
+    "expert_delta",
+    "grouped_delta",
+    "naive_delta",
+]
