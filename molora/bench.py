@@ -301,7 +301,7 @@ def bench_train_step(
 # -- the run ---------------------------------------------------------------------------------------------------------
 
 #: (E, k, r) of the layer shapes measured besides the headline E=8, k=2, r=8
-EXTRA_LAYER_SHAPES = [(4, 1, 16), (16, 2, 8), (64, 2, 8), (8, 2, 64)]
+EXTRA_LAYER_SHAPES = [(4, 1, 16), (16, 2, 8), (64, 2, 8), (128, 2, 8), (8, 2, 64), (16, 2, 64)]
 
 
 def run_benchmarks(

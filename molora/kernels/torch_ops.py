@@ -67,14 +67,9 @@ def grouped_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, routing: Ro
     weight = (routing.weight[order] * scaling).to(x.dtype)
     counts = torch.bincount(routing.expert_index, minlength=n_experts).tolist()
     xs = x.index_select(0, token_index)  # [N, d_in]
-    outs = []
-    start = 0
-    for e, count in enumerate(counts):
-        if count == 0:
-            continue
-        seg = xs[start : start + count]
-        outs.append((seg @ A[e]) @ B[e])
-        start += count
+    # split, not slicing: the backward of E slices would write E zero-filled [N, d_in] gradients, that of one
+    # split is a single concatenation
+    outs = [(seg @ A[e]) @ B[e] for e, seg in enumerate(xs.split(counts)) if counts[e] > 0]
     out = x.new_zeros(x.shape[0], B.shape[-1])
     if not outs:
         # keep A and B in the graph so that every parameter receives a (zero) gradient
