@@ -139,10 +139,18 @@ def _time_interleaved(steps: dict[str, Callable[[], None]], warmup: int, repeats
         # rotate the order so that no candidate always runs right after the same other one
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
+            _sync()
             start = time.perf_counter()
             steps[name]()
+            _sync()
             times[name].append((time.perf_counter() - start) * 1e3)
     return times
+
+
+def _sync() -> None:
+    # CUDA kernels run asynchronously: wait for them so that a round times the work, not the launches
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def _paired_ratio(times: list[float], reference: list[float]) -> float:
@@ -216,16 +224,24 @@ def _auto_kernel(model: nn.Module, tokens: int) -> str:
 
 
 def bench_layer(
-    width: int, tokens: int, rank: int, num_experts: int, top_k: int, candidates, warmup: int, repeats: int
+    width: int,
+    tokens: int,
+    rank: int,
+    num_experts: int,
+    top_k: int,
+    candidates,
+    warmup: int,
+    repeats: int,
+    device: str = "cpu",
 ) -> list[BenchRow]:
     """Forward + backward of one adapted ``width x width`` projection on ``tokens`` tokens, per candidate."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(tokens, width, generator=gen)
-    upstream = torch.randn(tokens, width, generator=gen)
+    x = torch.randn(tokens, width, generator=gen).to(device)
+    upstream = torch.randn(tokens, width, generator=gen).to(device)
     steps, models = {}, {}
     for candidate in candidates:
         torch.manual_seed(0)
-        model = _adapt(_OneProjection(width), _peft_config(candidate, rank, num_experts, top_k, ["proj"]))
+        model = _adapt(_OneProjection(width), _peft_config(candidate, rank, num_experts, top_k, ["proj"])).to(device)
         model.train()
         models[candidate] = model
         params = [p for p in model.parameters() if p.requires_grad]
@@ -271,16 +287,17 @@ def bench_train_step(
     candidates,
     warmup: int,
     repeats: int,
+    device: str = "cpu",
 ) -> list[BenchRow]:
     """One training step (forward with labels, backward, AdamW) of a small random Llama, per candidate."""
     vocab = 512
     gen = torch.Generator().manual_seed(1)
-    input_ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+    input_ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     steps, models = {}, {}
     for candidate in candidates:
         model = _adapt(_small_llama(width, layers, vocab), _peft_config(candidate, rank, num_experts, top_k, targets))
-        model.train()
+        model.to(device).train()
         models[candidate] = model
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
@@ -314,6 +331,7 @@ def run_benchmarks(
     model: bool = True,
     extra_shapes: bool = True,
     progress: Callable[[str], None] | None = None,
+    device: str = "cpu",
 ) -> BenchTable:
     """Measure the layer and (unless ``model=False``) the training-step benchmarks; return the table.
 
@@ -327,6 +345,8 @@ def run_benchmarks(
         model (bool): also run the training-step benchmark.
         extra_shapes (bool): also run :data:`EXTRA_LAYER_SHAPES` (E, k, r) at the same width.
         progress (callable | None): called with a line of text before each benchmark.
+        device (str): where models and inputs live (``"cpu"`` or ``"cuda"``); on CUDA the Triton kernels
+            (``molora triton``) are measured too.
     """
     if threads is not None:
         torch.set_num_threads(threads)
@@ -335,12 +355,16 @@ def run_benchmarks(
     width = width if width is not None else (128 if quick else 2048)
     tokens = tokens if tokens is not None else (32 if quick else 512)
     say = progress or (lambda line: None)
-    table = BenchTable(threads=torch.get_num_threads(), repeats=repeats, warmup=warmup)
+    table = BenchTable(threads=torch.get_num_threads(), repeats=repeats, warmup=warmup, device=device)
     layer_candidates = ["lora r·k", "molora auto", "molora dense", "molora grouped", "naive"]
+    if torch.device(device).type == "cuda":
+        layer_candidates.insert(-1, "molora triton")
     shapes = [(8, 2, 8)] + (EXTRA_LAYER_SHAPES if extra_shapes and not quick else [])
     for num_experts, top_k, rank in shapes:
         say(f"layer d={width} T={tokens} E={num_experts} k={top_k} r={rank}")
-        table.rows += bench_layer(width, tokens, rank, num_experts, top_k, layer_candidates, warmup, repeats)
+        table.rows += bench_layer(
+            width, tokens, rank, num_experts, top_k, layer_candidates, warmup, repeats, device=device
+        )
     if model:
         m_width, m_layers, m_batch, m_seq = (64, 2, 2, 16) if quick else (width, 2, 2, 128)
         say(f"train step llama d={m_width} L={m_layers} T={m_batch}x{m_seq}")
@@ -355,6 +379,7 @@ def run_benchmarks(
             ["lora r·k", "molora auto", "naive"],
             max(1, warmup - 1),
             max(3, repeats // 3),
+            device=device,
         )
     for row in table.rows:
         if row.candidate == "lora r·k":
@@ -400,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=None, help="tokens per layer call (default 512)")
     parser.add_argument("--no-model", action="store_true", help="skip the small-Llama training-step benchmark")
     parser.add_argument("--no-extra-shapes", action="store_true", help="only the E=8, k=2, r=8 layer shape")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda adds the Triton kernels)")
     parser.add_argument("--json", default=None, help="also write the table to this JSON file")
     args = parser.parse_args(argv)
     table = run_benchmarks(
@@ -412,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         model=not args.no_model,
         extra_shapes=not args.no_extra_shapes,
         progress=lambda line: print(f"# {line}", flush=True),
+        device=args.device,
     )
     print(format_table(table))
     if args.json:

@@ -48,8 +48,8 @@ _PATHS: dict[str, Callable[..., torch.Tensor]] = {
 
 # The dense path multiplies every token by all E*r rank columns; the grouped path only by the k*r it needs but pays
 # for a gather, a scatter and a few small GEMMs per expert (forward and backward). Measured on a CPU at d=2048,
-# T=512 (docs/kernels.md): dense wins at every shape up to E*r = 1024 (E=128, r=8: dense 2.8x LoRA(r*k), grouped
-# 13x; E=16, r=64: 2.1x against 2.8x; E=8, r=64: a tie), so on a CPU the grouped path is only chosen beyond that,
+# T=512 (docs/kernels.md): dense wins or ties at every shape up to E*r = 1024 (E=128, r=8: dense 2.6x LoRA(r*k),
+# grouped 6.4x; E=8 and E=16 with r=64: ties), so on a CPU the grouped path is only chosen beyond that,
 # for sparse routing over at most 32 experts (its cost per expert segment grows with E). On CUDA the bank switches
 # to the Triton kernels above 512 rank columns for sparse routing (not yet measured on a GPU).
 _DENSE_MAX_RANK_COLUMNS = {"cpu": 1024}
