@@ -4,6 +4,7 @@ Covers:
     * ``PeftModel.forward(..., adapter_names=[...])`` with two MoLoRA adapters of different ranks, experts and
       routers plus ``"__base__"``: every row equals that adapter alone (``set_adapter``) or the base model;
     * ``generate(..., adapter_names=[...])`` (greedy and beam search) equals separate generation per sample;
+    * the same on GPT-2 (``Conv1D`` projections), and a layer called directly with ``adapter_names=``;
     * errors: training mode, unknown adapter names, a names list whose length is not the batch size;
     * routing statistics of a mixed batch count each adapter's own samples only;
     * the layer's fused router-in-GEMM dense path agrees with the unfused paths (outputs and every gradient) for
@@ -171,3 +172,25 @@ def test_fusion_is_skipped_when_it_would_change_the_maths():
     dropout = layer_grads("topk", "dense", dropout=0.1, train=True)[2]
     layer = next(m for m in dropout.modules() if isinstance(m, MoLoraLayer))
     assert not layer._can_fuse_router(x, "default", "dense")
+
+
+def test_mixed_batch_on_gpt2_and_direct_layer_call():
+    from conftest import make_gpt2
+
+    model = get_peft_model(
+        make_gpt2(seed=2), MoLoraConfig(r=4, num_experts=3, top_k=1, init_lora_weights=False), adapter_name="alpha"
+    )
+    model.add_adapter("beta", MoLoraConfig(r=4, num_experts=2, top_k=2, init_lora_weights=False))
+    model.eval()
+    input_ids = torch.randint(3, VOCAB, (2, 5))
+    with torch.no_grad():
+        mixed = model(input_ids=input_ids, adapter_names=["beta", "alpha"]).logits
+        for row, name in enumerate(["beta", "alpha"]):
+            torch.testing.assert_close(mixed[row : row + 1], reference_logits(model, input_ids[row : row + 1], name))
+        # a layer called on its own with the PEFT-style kwarg
+        layer = next(m for m in model.modules() if isinstance(m, MoLoraLayer))
+        x = torch.randn(2, 3, layer.in_features)
+        out = layer(x, adapter_names=["__base__", "beta"])
+        torch.testing.assert_close(out[0], layer.get_base_layer()(x[:1])[0])
+        model.set_adapter("beta")
+        torch.testing.assert_close(out[1:], layer(x[1:]))
