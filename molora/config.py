@@ -70,8 +70,8 @@ class MoLoraConfig(PeftConfig):
         track_routing_stats (bool): accumulate per-layer routing statistics (expert load, router entropy, tokens)
             readable with ``model.get_routing_stats()``. Default: True.
         kernel (str): expert compute path: ``"auto"``, ``"dense"`` (one GEMM into all ``E*r`` rank columns),
-            ``"grouped"`` (tokens grouped by expert) or ``"naive"`` (per-expert loop, the reference).
-            Default: "auto".
+            ``"grouped"`` (tokens grouped by expert), ``"naive"`` (per-expert loop, the reference) or ``"triton"``
+            (SGMV kernels; CUDA). Default: "auto".
         dynamic_rank (dict | None): enable DR-LoRA (docs/dynamic_rank.md): every expert keeps capacity ``r`` but
             starts at a small active rank that grows during training where routing frequency and gradient
             sensitivity say it is needed, under a budget of ``target_rank`` per expert on average. Keys:
@@ -150,7 +150,8 @@ class MoLoraConfig(PeftConfig):
         default=True, metadata={"help": "Accumulate per-layer routing statistics (load, entropy, tokens)."}
     )
     kernel: str = field(
-        default="auto", metadata={"help": "Expert compute path: 'auto', 'dense', 'grouped' or 'naive'."}
+        default="auto",
+        metadata={"help": "Expert compute path: 'auto', 'dense', 'grouped', 'naive' or 'triton' (CUDA)."},
     )
     dynamic_rank: dict[str, Any] | None = field(
         default=None,

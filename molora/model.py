@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -219,6 +221,50 @@ class MoLoraModel(BaseTuner):
         )
         self._remove_hooks()
         return model
+
+    # -- mixed-adapter batches --------------------------------------------------------------------------------------
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """Publish per-sample ``adapter_names`` to the layers for one ``forward`` or ``generate`` call.
+
+        ``PeftModel.forward`` and ``PeftModel.generate`` enter this context (as they do for LoRA) and then drop
+        ``adapter_names`` from the kwargs. Each adapted layer computes the experts of every adapter named in the batch
+        in one grouped pass (``MoLoraLayer._mixed_batch_forward``); ``"__base__"`` rows get no adapter. As with LoRA
+        this is for inference: in training mode it raises.
+        """
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError(
+                "Cannot pass `adapter_names` when the model is in training mode: mixed-adapter batches are for "
+                "inference (call `model.eval()`); the routers' auxiliary losses would mix adapters."
+            )
+        if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
+            raise TypeError(f"`adapter_names` must be a list of adapter names, one per sample; got {adapter_names!r}.")
+        known = set()
+        for module in self.model.modules():
+            if isinstance(module, MoLoraLayer):
+                known |= set(module.molora_A.keys())
+        unknown = sorted({n for n in adapter_names if n != "__base__"} - known)
+        if unknown:
+            raise ValueError(
+                f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}; known: {sorted(known)} "
+                "and '__base__' (no adapter)."
+            )
+        names = [list(adapter_names)]
+        num_beams = kwargs.get("num_beams")
+        if isinstance(num_beams, int) and num_beams > 1:
+            # generate repeats every sample num_beams times; an encoder still sees the original batch
+            names.insert(0, [n for n in adapter_names for _ in range(num_beams)])
+        runtime = self.molora_runtime
+        runtime.batch_adapter_names = names
+        try:
+            yield
+        finally:
+            runtime.batch_adapter_names = None
 
     # -- MoLoRA API -------------------------------------------------------------------------------------------------
 

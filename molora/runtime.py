@@ -231,6 +231,9 @@ class MoLoraRuntime:
         self._weights_cache: dict[str, dict[str, float]] = {}
         # [B, P] prompt positions set by `prompt_mask()`, published to the routers as `RoutingContext.prompt_mask`
         self._prompt_override: torch.Tensor | None = None
+        # per-sample adapter names of a mixed-adapter call (MoLoraModel._enable_peft_forward_hooks): candidate lists,
+        # the first whose length equals a layer's batch size applies (beam search repeats the samples)
+        self.batch_adapter_names: list[list[str]] | None = None
 
     # -- forward lifecycle ------------------------------------------------------------------------------------------
 
@@ -264,6 +267,8 @@ class MoLoraRuntime:
             past_length=_past_length(kwargs),
             forward_id=self.generation,
         )
+        if self.context.adapter_names is None and self.batch_adapter_names is not None:
+            self.context.adapter_names = self.batch_adapter_names[0]
 
     @contextlib.contextmanager
     def prompt_mask(self, prompt_mask: torch.Tensor) -> Iterator[None]:

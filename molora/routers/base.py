@@ -160,6 +160,15 @@ class Router(nn.Module):
         logits = self.scores(x)
         return self.select(logits, valid)
 
+    def linear_scoring(self) -> bool:
+        """Whether ``forward(x, valid)`` is exactly ``select(linear(x.float(), weight), valid)`` right now.
+
+        When it is, the layer may compute the logits inside the experts' shrink GEMM (one pass over ``x`` for the
+        router and all experts). Routers that override :meth:`scores` or :meth:`forward` return False unless they
+        override this method too.
+        """
+        return type(self).forward is Router.forward and type(self).scores is Router.scores
+
     def select(self, logits: torch.Tensor, valid: torch.Tensor | None) -> Routing:
         """Turn logits ``[T, E]`` into a :class:`Routing`. Implemented by each router."""
         raise NotImplementedError
