@@ -555,7 +555,11 @@ def test_kernel_paths_agree_in_training_and_generation(router, kwargs):
     assert router_grads and all(g.abs().sum() > 0 for g in router_grads.values())
 
 
-@pytest.mark.parametrize("router, kwargs", MODEL_CASES, ids=MODEL_IDS)
+# the core routers too: padding must never change what a sample computes
+PADDING_CASES = [("topk", {}), ("soft", {}), *MODEL_CASES]
+
+
+@pytest.mark.parametrize("router, kwargs", PADDING_CASES, ids=[name for name, _ in PADDING_CASES])
 def test_sample_alone_equals_sample_in_left_padded_batch(router, kwargs):
     model = molora_model(router, kwargs).eval()
     alone = left_padded([PROMPT_A])
