@@ -120,6 +120,13 @@ def load_balancing_loss(inputs: AuxInputs, balance_loss_type: str = "megatron") 
     return probs.shape[1] * (load * importance).sum()
 
 
+def mean_rows(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Mean of per-token ``values[Tv]``; a graph-connected 0 (through ``like``) when there is no valid token."""
+    if values.shape[0] == 0:
+        return _zero(like)
+    return values.mean()
+
+
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     """ST-MoE router z-loss ``mean_t logsumexp(z_t)^2`` over the rows of ``logits`` (0 when there are none)."""
     if logits.shape[0] == 0:

@@ -215,13 +215,17 @@ class Router(nn.Module):
         """Unweighted auxiliary losses (``"balance"``, ``"z"``) computed from ``inputs``; only those in ``need``.
 
         A static method so that the model can evaluate it on the concatenation of several routers' inputs
-        (``loss_reduction="concat"``). Routers with losses of their own extend it.
+        (``loss_reduction="concat"``). A per-token loss a router puts in ``inputs.extra`` under a needed name (e.g.
+        ``"entropy"``) is averaged over the valid tokens; routers with other losses extend this method.
         """
         out: dict[str, torch.Tensor] = {}
         if "balance" in need:
             out["balance"] = balancing.load_balancing_loss(inputs, balance_loss_type)
         if "z" in need and inputs.logits is not None:
             out["z"] = balancing.router_z_loss(inputs.logits)
+        for name in sorted(need - out.keys()):
+            if name in inputs.extra:
+                out[name] = balancing.mean_rows(inputs.extra[name], inputs.probs)
         return out
 
 

@@ -38,7 +38,7 @@ import torch
 
 from . import balancing
 from .base import Router, RouterParams, Routing, register_router
-from .topp import check_loss_coef, mean_rows, routing_from_mask, top_p_mask
+from .topp import check_loss_coef, routing_from_mask, top_p_mask
 
 ENTROPY_TYPES = ("tsallis", "renyi")
 
@@ -201,16 +201,6 @@ class DynMoLERouter(Router):
                 entropy = self.normalized_entropy(routing.probs)
             inputs.extra["entropy"] = entropy[valid] if valid is not None else entropy
         return inputs
-
-    @staticmethod
-    def aux_losses(
-        inputs: balancing.AuxInputs, balance_loss_type: str, need: frozenset[str]
-    ) -> dict[str, torch.Tensor]:
-        """The base losses plus ``"entropy"``: the mean normalised router entropy over the valid tokens."""
-        out = Router.aux_losses(inputs, balance_loss_type, need)
-        if "entropy" in need and "entropy" in inputs.extra:
-            out["entropy"] = mean_rows(inputs.extra["entropy"], inputs.probs)
-        return out
 
 
 __all__ = ["DynMoLEParams", "DynMoLERouter", "DynMoLERouting", "renyi_entropy", "tsallis_entropy"]

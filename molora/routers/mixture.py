@@ -29,7 +29,7 @@ from torch import nn
 from . import balancing
 from .base import Router, RouterParams, Routing, register_router
 from .topk import topk_routing
-from .topp import check_loss_coef, mean_rows
+from .topp import check_loss_coef
 
 COMBINE_CHOICES = ("probs", "logits")
 
@@ -160,7 +160,7 @@ class MixtureOfRoutersRouter(Router):
         if "main_balance" in need and "main_probs" in inputs.extra:
             main_probs = inputs.extra["main_probs"]
             if main_probs.shape[0] == 0:
-                out["main_balance"] = mean_rows(main_probs[:, 0], main_probs)
+                out["main_balance"] = balancing.mean_rows(main_probs[:, 0], main_probs)
             else:
                 out["main_balance"] = main_probs.shape[1] * main_probs.mean(dim=0).square().sum()
         return out

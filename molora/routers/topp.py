@@ -146,13 +146,6 @@ def check_loss_coef(name: str, value: float) -> None:
         raise ValueError(f"`router_kwargs[{name!r}]`={value} must be a finite number >= 0 (0 disables the loss).")
 
 
-def mean_rows(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Mean of per-token ``values[Tv]``; a graph-connected 0 when there is no valid token."""
-    if values.shape[0] == 0:
-        return like.sum() * 0.0
-    return values.mean()
-
-
 @register_router("topp")
 class TopPRouter(Router):
     """Dynamic top-p routing ("Harder Tasks Need More Experts"): more experts for uncertain tokens.
@@ -180,22 +173,11 @@ class TopPRouter(Router):
             inputs.extra["entropy"] = shannon_entropy(inputs.probs)
         return inputs
 
-    @staticmethod
-    def aux_losses(
-        inputs: balancing.AuxInputs, balance_loss_type: str, need: frozenset[str]
-    ) -> dict[str, torch.Tensor]:
-        """The base losses plus ``"entropy"``: the mean per-token router entropy over the valid tokens."""
-        out = Router.aux_losses(inputs, balance_loss_type, need)
-        if "entropy" in need and "entropy" in inputs.extra:
-            out["entropy"] = mean_rows(inputs.extra["entropy"], inputs.probs)
-        return out
-
 
 __all__ = [
     "TopPParams",
     "TopPRouter",
     "check_loss_coef",
-    "mean_rows",
     "routing_from_mask",
     "safe_log",
     "shannon_entropy",
