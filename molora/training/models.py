@@ -109,7 +109,14 @@ def load_base_model(cfg: dict[str, Any], device_map: Any = None):
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     if quant:
         kwargs["device_map"] = device_map or ("cpu" if not torch.cuda.is_available() else None)
-    return AutoModelForCausalLM.from_pretrained(cfg["name_or_path"], **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(cfg["name_or_path"], **kwargs)
+    if cfg.get("gguf_file"):
+        # GGUF weights are dequantized to `dtype` on load, but transformers keeps the GGUF "quantizer" on the model
+        # and Trainer then refuses to train ("quantization method does not support training"): drop the marker
+        model.hf_quantizer = None
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
+    return model
 
 
 def write_base_info(output_dir: str | Path, cfg: dict[str, Any]) -> None:

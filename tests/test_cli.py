@@ -1,0 +1,205 @@
+"""The ``molora`` command end to end: real subprocesses on a tiny random Llama and a char tokenizer saved to disk.
+
+One ``molora sft`` run (with a checkpoint, TensorBoard logging and held-out evaluation) is shared by the tests of
+``generate``, ``eval``, ``inspect``, ``push`` and resuming; the error paths run ``molora.cli.main`` in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import CHAR_VOCAB, make_char_tokenizer, make_llama
+
+from molora.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+
+
+def molora(*args: str, cwd: Path | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "molora.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=ENV,
+        cwd=cwd,
+    )
+
+
+def _rows(n: int) -> list[dict]:
+    # two tiny tasks a char-level model learns in a few steps: echo a word in upper case / with a suffix
+    words = ["cat", "dog", "owl", "fox", "bee"]
+    rows = []
+    for i in range(n):
+        word = words[i % len(words)]
+        task, answer = ("upper", word.upper()) if i % 2 == 0 else ("suffix", word + "s")
+        rows.append(
+            {
+                "task": task,
+                "prompt": [{"role": "user", "content": f"{task} {word}"}],
+                "completion": [{"role": "assistant", "content": answer}],
+            }
+        )
+    return rows
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cli")
+    model = make_llama(vocab_size=CHAR_VOCAB, max_position_embeddings=256)
+    model.save_pretrained(root / "model")
+    make_char_tokenizer().save_pretrained(root / "model")
+    for name, n in (("train.jsonl", 48), ("eval.jsonl", 8)):
+        with open(root / name, "w") as f:
+            for row in _rows(n):
+                f.write(json.dumps(row) + "\n")
+    recipe = {
+        "model": {"name_or_path": str(root / "model")},
+        "data": {"train": str(root / "train.jsonl"), "eval": str(root / "eval.jsonl")},
+        "eval": {"before": True, "after": True, "max_new_tokens": 4},
+        "adapter": {"r": 4, "num_experts": 4, "top_k": 2, "aux_loss_coef": 0.05},
+        "training": {
+            "output_dir": str(root / "out"),
+            "max_steps": 8,
+            "per_device_train_batch_size": 8,
+            "learning_rate": 1e-2,
+            "lr_scheduler_type": "constant",
+            "logging_steps": 2,
+            "save_steps": 4,
+            "max_length": 64,
+            "report_to": "tensorboard",
+            "seed": 0,
+        },
+    }
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(workdir) -> Path:
+    proc = molora("sft", "--config", str(workdir / "recipe.yaml"), "--set", "adapter.router_kwargs.jitter_noise=0.0")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "held-out tasks before training" in proc.stdout and "held-out tasks after training" in proc.stdout
+    return workdir / "out"
+
+
+def test_sft_writes_adapter_stats_card_and_logs(trained):
+    names = {p.name for p in trained.iterdir()}
+    expected = {"adapter_model.safetensors", "adapter_config.json", "routing_stats.json", "README.md"}
+    assert expected | {"molora_recipe.yaml", "molora_base_model.json", "molora_results.json"} <= names
+    config = json.loads((trained / "adapter_config.json").read_text())
+    assert config["peft_type"] == "MOLORA" and config["num_experts"] == 4
+    assert config["router_kwargs"] == {"jitter_noise": 0.0}  # the --set override reached the adapter
+    results = json.loads((trained / "molora_results.json").read_text())
+    losses = results["losses"]
+    assert results["global_step"] == 8 and len(losses) == 4
+    assert losses[-1] < losses[0]
+    after = results["eval_after"]["tasks"]["all"]
+    assert after["loss"] < results["eval_before"]["tasks"]["all"]["loss"]
+    stats = json.loads((trained / "routing_stats.json").read_text())
+    assert len(stats) == 14  # 7 projections x 2 layers
+    for layer in stats.values():
+        assert layer["tokens"] > 0 and abs(sum(layer["load"]) - 1) < 1e-6 and layer["experts_per_token"] == 2
+    # the callback's metrics are in the trainer's history (checkpoint) and in TensorBoard's event files
+    state = json.loads((trained / "checkpoint-4" / "trainer_state.json").read_text())
+    logged = [h for h in state["log_history"] if "loss" in h]
+    assert logged and all("molora/aux_balance" in h and "molora/router_entropy" in h for h in logged)
+    assert (trained / "checkpoint-4" / "routing_stats.json").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = list((trained / "runs").rglob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"train/molora/aux_balance", "train/molora/load_violation", "train/molora/router_entropy"} <= set(tags)
+
+
+def test_generate_eval_and_inspect(trained, workdir):
+    proc = molora("generate", "--adapter", str(trained), "--max-new-tokens", "4", "upper cat", "suffix dog")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count(">>> ") == 2
+
+    out_json = workdir / "eval.json"
+    proc = molora("eval", "--adapter", str(trained), "--data", str(workdir / "eval.jsonl"), "--json", str(out_json))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out_json.read_text())
+    assert set(result["tasks"]) == {"upper", "suffix", "all"}
+    assert result["tasks"]["all"]["n"] == 8 and 0.0 <= result["tasks"]["all"]["exact_match"] <= 1.0
+    assert len(result["predictions"]) == 8
+    # the same numbers as the post-training evaluation of `molora sft` (same model, data and greedy decoding)
+    after = json.loads((trained / "molora_results.json").read_text())["eval_after"]["tasks"]["all"]
+    assert result["tasks"]["all"]["loss"] == pytest.approx(after["loss"], rel=1e-4)
+    assert result["tasks"]["all"]["exact_match"] == after["exact_match"]
+
+    png = workdir / "load.png"
+    proc = molora("inspect", str(trained), "--output", str(png))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "router" in proc.stdout and "topk" in proc.stdout and "load violation" in proc.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_from_checkpoint(trained, workdir):
+    proc = molora(
+        "sft",
+        "--config",
+        str(workdir / "recipe.yaml"),
+        "--set",
+        "training.max_steps=10",
+        "--set",
+        f"training.resume_from_checkpoint={trained / 'checkpoint-8'}",
+        "--set",
+        "eval.before=false",
+        "--set",
+        "eval.after=false",
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads((trained / "molora_results.json").read_text())
+    assert results["global_step"] == 10
+    # only the two remaining steps ran: one log at step 10 (logging_steps=2)
+    assert len(results["losses"]) == 5  # the resumed state keeps the history of steps 2..8
+
+
+def test_push_dry_run_and_card(trained, capsys):
+    assert main(["push", str(trained), "--repo-id", "me/tiny-molora", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "adapter_model.safetensors" in out and "checkpoint" not in out and "training_args.bin" not in out
+    card = (trained / "README.md").read_text()
+    assert "me/tiny-molora" in card and "import molora" in card and "PeftModel.from_pretrained" in card
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["sft", "--config", "missing.yaml"], "Recipe file not found"),
+        (["sft", "--set", "adapter.num_expert=4"], "did you mean 'num_experts'"),
+        (["sft", "--set", "training.learning_rat=0.1"], "did you mean 'learning_rate'"),
+        (["sft", "--set", "modle.dtype=float32"], "did you mean 'model'"),
+        (["sft", "--set", "adapter.top_k=9", "--set", "adapter.num_experts=4"], "top_k"),
+        (["sft", "--set", "model.quantization=4bit"], "needs model.name_or_path"),
+        (["sft", "--set", "data.train=nope/missing.jsonl"], None),
+        (["generate", "--adapter", "no/such/dir", "hi"], "Adapter folder not found"),
+        (["inspect", "no/such/dir"], "Adapter folder not found"),
+    ],
+)
+def test_clear_errors(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    if argv[:2] == ["sft", "--set"] and "data.train" in argv[2]:
+        # validation passes; the dataset path fails when loaded, before any model is loaded
+        from molora.training.data import load_split
+        from molora.training.recipe import load_recipe
+
+        recipe = load_recipe(None, [argv[2]])
+        with pytest.raises(FileNotFoundError, match="Dataset file not found"):
+            load_split(recipe["data"], "train")
+        return
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"molora {argv[0]}: error:") and message in err
