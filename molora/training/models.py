@@ -113,9 +113,9 @@ def load_base_model(cfg: dict[str, Any], device_map: Any = None):
     if cfg.get("gguf_file"):
         # GGUF weights are dequantized to `dtype` on load, but transformers keeps the GGUF "quantizer" on the model
         # and Trainer then refuses to train ("quantization method does not support training"): drop the marker
-        model.hf_quantizer = None
-        if getattr(model.config, "quantization_config", None) is not None:
-            del model.config.quantization_config
+        quantizer = getattr(model, "hf_quantizer", None)
+        if quantizer is not None:
+            quantizer.remove_quantization_config(model)
     return model
 
 
