@@ -155,6 +155,7 @@ def run_sft(recipe: dict[str, Any], default_output_dir: str = "outputs/molora-sf
     results["losses"] = losses
     results["train_loss"] = output.training_loss
     results["global_step"] = trainer.state.global_step
+    results["log_history"] = trainer.state.log_history
     trainer.save_model(out_dir)
     if main_process:
         write_base_info(out_dir, ctx["model_cfg"])
