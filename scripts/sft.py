@@ -49,7 +49,11 @@ def main() -> None:
     stem = Path(args.config).stem if args.config else "molora-sft"
     training_args = sft_config(recipe["training"], default_output_dir=f"outputs/{stem}")
     trainer = SFTTrainer(
-        model=model, args=training_args, train_dataset=train_dataset, processing_class=tokenizer, peft_config=peft_config
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
     )
     # first in the callback list, so that TensorBoard & co. receive the routing statistics it adds to the logs
     install_routing_stats_callback(trainer, RoutingStatsCallback())
@@ -60,7 +64,9 @@ def main() -> None:
 
     if eval_rows is not None and recipe["eval"]["after"] and trainer.is_world_process_zero():
         ev = recipe["eval"]
-        result = evaluate(trainer.model, tokenizer, eval_rows, ev["max_new_tokens"], ev["batch_size"], ev["max_per_task"])
+        result = evaluate(
+            trainer.model, tokenizer, eval_rows, ev["max_new_tokens"], ev["batch_size"], ev["max_per_task"]
+        )
         print(format_table(result, "held-out tasks after training:"))
 
 

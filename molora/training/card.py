@@ -179,9 +179,9 @@ def model_card(adapter_dir: str | Path, repo_id: str | None = None) -> str:
             "",
             "## Routing statistics",
             "",
-            f"Over training, {summary['layers']} routers saw {summary['tokens_per_layer']} tokens each. Mean normalised "
-            f"router entropy {summary['mean_normalized_entropy']:.3f} (1 = uniform); mean load violation "
-            f"{summary['mean_max_violation']:.3f} (0 = perfectly balanced), worst "
+            f"Over training, {summary['layers']} routers saw {summary['tokens_per_layer']} tokens each. "
+            f"Mean normalised router entropy {summary['mean_normalized_entropy']:.3f} (1 = uniform); "
+            f"mean load violation {summary['mean_max_violation']:.3f} (0 = perfectly balanced), worst "
             f"{summary['worst_max_violation']:.3f} in `{summary['worst_layer']}`; "
             f"{summary['experts_per_token']:.2f} experts per token.",
         ]
@@ -196,7 +196,7 @@ def model_card(adapter_dir: str | Path, repo_id: str | None = None) -> str:
         "## How to use",
         "",
         "```bash",
-        'pip install molora',
+        "pip install molora",
         f'molora generate --adapter {repo} "What is the capital of France?"',
         "```",
         "",

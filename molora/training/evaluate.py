@@ -56,12 +56,12 @@ def generate(
     outputs: list[str] = []
     try:
         for start in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = tokenizer(
+                texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+            )
             enc = {k: v.to(device) for k, v in enc.items()}
             kwargs = {"do_sample": False, **gen_kwargs}
-            out = model.generate(
-                **enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **kwargs
-            )
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **kwargs)
             new = out[:, enc["input_ids"].shape[1] :]
             outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
     finally:
@@ -81,9 +81,7 @@ def answer_nll(model, tokenizer, rows: list[dict[str, Any]], batch_size: int = 1
             items.append((ids, 1))
             continue
         if isinstance(prompt, list):
-            full = tokenizer.apply_chat_template(
-                prompt + [{"role": "assistant", "content": answer}], tokenize=False
-            )
+            full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": answer}], tokenize=False)
             prefix = render_prompt(tokenizer, prompt)
         else:
             prefix, full = prompt, prompt + answer

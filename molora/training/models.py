@@ -151,8 +151,9 @@ def load_adapter_model(adapter_dir: str | Path, model: str | None = None, quanti
         model: base model to use instead of the recorded one (a folder or hub id).
         quantization: ``"4bit"``/``"8bit"`` to quantize the base (otherwise what training used).
     """
-    import molora  # noqa: F401  (registers the PEFT type)
     from peft import PeftModel
+
+    import molora  # noqa: F401  (registers the PEFT type)
 
     path = check_adapter_dir(adapter_dir)
     info = read_base_info(path)

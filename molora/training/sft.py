@@ -12,6 +12,8 @@ it on; it costs a second forward per layer), ``use_cpu`` when there is no GPU, `
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import math
 import time
@@ -40,6 +42,12 @@ def sft_config(training: dict[str, Any], default_output_dir: str = "outputs/molo
         defaults["use_cpu"] = True
     kwargs = {**defaults, **training}
     kwargs.pop("resume_from_checkpoint", None)  # given to train(), see run_sft
+    # YAML 1.1 reads an unquoted `no` as False (`save_strategy: no`, `--set training.report_to=none` is fine)
+    for key in ("save_strategy", "eval_strategy", "logging_strategy", "hub_strategy"):
+        if kwargs.get(key) is False:
+            kwargs[key] = "no"
+    if kwargs.get("report_to") is False:
+        kwargs["report_to"] = "none"
     if kwargs.get("bf16") and kwargs.get("fp16"):
         raise RecipeError("training.bf16 and training.fp16 are both true; choose one.")
     if not cuda and kwargs.get("fp16"):
@@ -50,24 +58,31 @@ def sft_config(training: dict[str, Any], default_output_dir: str = "outputs/molo
         raise RecipeError(f"training: {err}") from None
 
 
-def _unpack_cpu_4bit(model) -> None:
-    """Undo bitsandbytes' CPU inference repacking of 4-bit weights, whose matmul has no autograd.
+@contextlib.contextmanager
+def keep_4bit_training_layout(model):
+    """Restore bitsandbytes 4-bit weights after an inference pass exactly as they were before it.
 
-    On CPUs with AVX512-BF16 an eval-mode forward of a ``Linear4bit`` (``eval.before``) repacks its weight; training
-    afterwards would silently get no gradient through the base layers.
+    On CPUs with AVX512-BF16 an eval-mode forward of a ``Linear4bit`` (``eval.before``) repacks its weight into an
+    inference layout whose matmul has no autograd, so training afterwards would silently get no gradient through
+    the base layers. bitsandbytes' inverse conversion is lossy (it keeps the block scales in bf16), so the weights
+    and quantization states are copied before the pass and put back after it.
     """
     try:
         import bitsandbytes as bnb
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
     except ImportError:
+        yield
         return
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            state = getattr(module.weight, "quant_state", None)
-            if state is not None and getattr(state, "packing_format_for_cpu", False):
-                module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
-                    module.weight.data, state
-                )
+    saved = [
+        (module, module.weight.data.clone(), copy.deepcopy(module.weight.quant_state))
+        for module in model.modules()
+        if isinstance(module, bnb.nn.Linear4bit) and getattr(module.weight, "quant_state", None) is not None
+    ]
+    try:
+        yield
+    finally:
+        for module, data, state in saved:
+            module.weight.data = data
+            module.weight.quant_state = state
 
 
 def build_trainer(recipe: dict[str, Any], default_output_dir: str = "outputs/molora-sft", model=None, tokenizer=None):
@@ -78,8 +93,10 @@ def build_trainer(recipe: dict[str, Any], default_output_dir: str = "outputs/mol
         default_output_dir: ``training.output_dir`` when the recipe gives none.
         model, tokenizer: an already loaded base model / tokenizer to use instead of ``recipe["model"]``.
     """
-    import molora  # noqa: F401  (registers the PEFT type)
+    from transformers import set_seed
     from trl import SFTTrainer
+
+    import molora  # noqa: F401  (registers the PEFT type)
 
     from .data import load_split
     from .logging import install_routing_stats_callback
@@ -90,11 +107,16 @@ def build_trainer(recipe: dict[str, Any], default_output_dir: str = "outputs/mol
     adapter_config = build_adapter_config(recipe["adapter"])
     train = load_split(recipe["data"], "train")
     eval_rows = load_split(recipe["data"], "eval", keep_task=True)
-    eval_dataset = eval_rows.remove_columns(["task"]) if eval_rows is not None and "task" in eval_rows.column_names else eval_rows
+    eval_dataset = (
+        eval_rows.remove_columns(["task"]) if eval_rows is not None and "task" in eval_rows.column_names else eval_rows
+    )
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_cfg)
     model = model if model is not None else load_base_model(model_cfg)
     if args.eval_strategy != "no" and eval_dataset is None:
         raise RecipeError(f"training.eval_strategy={args.eval_strategy!r} needs data.eval.")
+    # TRL creates the adapter before Trainer seeds anything: seed here so that training.seed fixes the expert and
+    # router initialisation too
+    set_seed(args.seed)
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -139,12 +161,13 @@ def run_sft(recipe: dict[str, Any], default_output_dir: str = "outputs/molora-sf
     main_process = trainer.is_world_process_zero()
     ev = recipe["eval"]
     results: dict[str, Any] = {"output_dir": out_dir}
-    eval_kwargs = dict(max_new_tokens=ev["max_new_tokens"], batch_size=ev["batch_size"], max_per_task=ev["max_per_task"])
+    eval_kwargs = dict(
+        max_new_tokens=ev["max_new_tokens"], batch_size=ev["batch_size"], max_per_task=ev["max_per_task"]
+    )
     if ev["before"] and ctx["eval_rows"] is not None and main_process:
-        with trainer.model.disable_adapter():
+        with trainer.model.disable_adapter(), keep_4bit_training_layout(trainer.model):
             results["eval_before"] = evaluate(trainer.model, ctx["tokenizer"], ctx["eval_rows"], **eval_kwargs)
         log(format_table(results["eval_before"], "held-out tasks before training (base model):"))
-        _unpack_cpu_4bit(trainer.model)
     trainer.model.train()
     results["load_seconds"] = time.time() - start
     resume = _resume_arg(recipe["training"].get("resume_from_checkpoint"), out_dir)
@@ -168,8 +191,10 @@ def run_sft(recipe: dict[str, Any], default_output_dir: str = "outputs/molora-sf
         write_model_card(out_dir)
         if losses:
             first, last = losses[0], losses[-1]
-            log(f"training loss {first:.4f} -> {last:.4f} in {trainer.state.global_step} steps "
-                f"({results['train_seconds']:.0f} s); adapter saved to {out_dir}")
+            log(
+                f"training loss {first:.4f} -> {last:.4f} in {trainer.state.global_step} steps "
+                f"({results['train_seconds']:.0f} s); adapter saved to {out_dir}"
+            )
     return results
 
 
