@@ -245,3 +245,35 @@ def test_qlora_recipe_trains_the_same_with_and_without_an_eval_forward_first(wor
     assert adapters[True].keys() == adapters[False].keys()
     for key, value in adapters[False].items():
         torch.testing.assert_close(adapters[True][key], value, msg=key)
+
+
+@pytest.mark.slow
+def test_default_recipe_on_smollm2_end_to_end(tmp_path):
+    """The README's main command on the real default model (needs `molora[demo]`), shortened to a few steps."""
+    pytest.importorskip("gguf")
+    from molora.training.models import default_model_folder
+
+    try:
+        default_model_folder()
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    out = tmp_path / "default"
+    proc = molora(
+        "sft",
+        "--config",
+        str(ROOT / "configs" / "default.yaml"),
+        "--set",
+        f"training.output_dir={out}",
+        "--set",
+        "training.max_steps=6",
+        "--set",
+        "training.logging_steps=2",
+        "--set",
+        "eval.max_per_task=2",
+        timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads((out / "molora_results.json").read_text())
+    assert results["losses"][-1] < results["losses"][0]
+    assert results["eval_after"]["tasks"]["all"]["loss"] < results["eval_before"]["tasks"]["all"]["loss"]
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in (out / "README.md").read_text()
