@@ -10,14 +10,15 @@ Examples::
     molora push outputs/default --repo-id me/smollm2-molora
 
 Heavy libraries are imported inside the commands, so ``molora --help`` answers quickly. Errors in what the user
-gave (missing files, unknown recipe keys, incompatible options) print one line ``molora: error: ...`` and exit
-with status 2.
+gave (missing files, unknown recipe keys, incompatible options) print one line ``molora <command>: error: ...``
+and exit with status 2 (``MOLORA_DEBUG=1`` shows the traceback instead).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -180,11 +181,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (RecipeError, FileNotFoundError) as err:
-        print(f"molora {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except ValueError as err:
-        # configuration errors from molora/TRL/PEFT (e.g. MoLoraConfig validation): one line, no traceback
+    except (RecipeError, FileNotFoundError, ValueError) as err:
+        # what the user gave is wrong (a file, a key, a value, a combination; ValueError also covers the checks of
+        # MoLoraConfig, TRL and PEFT): one line, no traceback. MOLORA_DEBUG=1 shows the traceback.
+        if os.environ.get("MOLORA_DEBUG"):
+            raise
         print(f"molora {args.command}: error: {err}", file=sys.stderr)
         return 2
 

