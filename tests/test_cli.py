@@ -168,6 +168,14 @@ def test_resume_from_checkpoint(trained, workdir):
     assert results["global_step"] == 10
     # only the two remaining steps ran: one log at step 10 (logging_steps=2)
     assert len(results["losses"]) == 5  # the resumed state keeps the history of steps 2..8
+    # the run-level routing statistics continue those of the checkpoint: every token of the 10 steps, once
+    at_8 = json.loads((trained / "checkpoint-8" / "routing_stats.json").read_text())
+    final = json.loads((trained / "routing_stats.json").read_text())
+    counted = {h["step"]: h["num_tokens"] for h in results["log_history"] if "num_tokens" in h}
+    # TRL 1.16 restarts its token counter when training resumes, so step 10 counts only steps 9-10
+    resumed_tokens = counted[10] - counted[8] if counted[10] > counted[8] else counted[10]
+    for name, layer in final.items():
+        assert layer["tokens"] == at_8[name]["tokens"] + int(resumed_tokens), name
 
 
 def test_push_dry_run_and_card(trained, capsys):

@@ -35,12 +35,16 @@ HISTORY_FILE = "routing_stats_history.jsonl"
 
 
 def stats_to_raw(stats) -> torch.Tensor:
-    """Raw sums ``[tokens, entropy_sum, assignments[E], gate_mass[E], prob_mass[E]]`` of one layer's statistics."""
-    tokens = float(stats.tokens)
-    assignments = [x * stats.experts_per_token * tokens for x in stats.load]
+    """Raw sums ``[tokens, entropy_sum, assignments[E], gate_mass[E], prob_mass[E]]`` of one layer's statistics.
+
+    ``stats`` is a :class:`~molora.runtime.LayerRoutingStats` or its ``to_dict()`` (as in ``routing_stats.json``).
+    """
+    get = stats.get if isinstance(stats, dict) else lambda key: getattr(stats, key)
+    tokens = float(get("tokens"))
+    assignments = [x * get("experts_per_token") * tokens for x in get("load")]
     return torch.tensor(
-        [tokens, stats.entropy * tokens, *assignments, *(g * tokens for g in stats.gate_mass)]
-        + [p * tokens for p in stats.prob_mass],
+        [tokens, get("entropy") * tokens, *assignments, *(g * tokens for g in get("gate_mass"))]
+        + [p * tokens for p in get("prob_mass")],
         dtype=torch.float64,
     )
 
@@ -108,6 +112,12 @@ class RoutingStatsCallback(TrainerCallback):
         self._aux_sums: dict[str, float] = {}
         self._aux_steps = 0
         self._totals: dict[str, torch.Tensor] = {}
+
+    def resume_from(self, checkpoint: str | Path) -> None:
+        """Continue the run-level statistics of a checkpoint (its ``routing_stats.json``) when training resumes."""
+        path = Path(checkpoint) / STATS_FILE
+        if path.is_file():
+            self._totals = {name: stats_to_raw(s) for name, s in json.loads(path.read_text()).items()}
 
     # -- collection -------------------------------------------------------------------------------------------------
 

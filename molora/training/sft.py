@@ -171,6 +171,10 @@ def run_sft(recipe: dict[str, Any], default_output_dir: str = "outputs/molora-sf
     trainer.model.train()
     results["load_seconds"] = time.time() - start
     resume = _resume_arg(recipe["training"].get("resume_from_checkpoint"), out_dir)
+    if resume is not None:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        ctx["callback"].resume_from(get_last_checkpoint(out_dir) if resume is True else resume)
     train_start = time.time()
     output = trainer.train(resume_from_checkpoint=resume)
     results["train_seconds"] = time.time() - train_start
