@@ -8,7 +8,8 @@ Importing this package registers the PEFT type ``"MOLORA"``, after which PEFT's 
 from __future__ import annotations
 
 from ._peft_type import ensure_peft_type
-from .adapters import Linear, MoLoraLayer
+from .adapters import Linear, MoLoraLayer, dynamic_rank
+from .adapters.dynamic_rank import compact_adapter, get_rank_stats, maybe_grow, update_importance
 from .config import MoLoraConfig
 from .kernels import expert_delta
 from .model import MOLORA_TARGET_MODULES, MoLoraModel
@@ -46,7 +47,12 @@ __all__ = [
     "RouterParams",
     "Routing",
     "RoutingContext",
+    "compact_adapter",
+    "dynamic_rank",
     "expert_delta",
+    "get_rank_stats",
     "get_router_class",
+    "maybe_grow",
     "register_router",
+    "update_importance",
 ]

@@ -9,6 +9,7 @@ from typing import Any
 from peft.config import PeftConfig
 
 from ._peft_type import ensure_peft_type
+from .adapters.dynamic_rank import build_dynamic_rank_params
 from .kernels import KERNEL_CHOICES
 from .routers.balancing import BALANCE_LOSS_TYPES
 from .routers.base import build_router_params
@@ -35,7 +36,8 @@ class MoLoraConfig(PeftConfig):
         use_rslora (bool): use rank-stabilised scaling ``lora_alpha / sqrt(r)``. Default: False.
         num_experts (int): experts ``E`` per adapted projection, >= 1. Default: 8.
         top_k (int): experts per token for top-k style routers, in [1, num_experts]. Default: 2.
-        router (str): name of a registered router (``molora.ROUTER_REGISTRY``): ``"topk"`` or ``"soft"`` built in,
+        router (str): name of a registered router (``molora.ROUTER_REGISTRY``): ``"topk"``, ``"soft"``, ``"topp"``,
+            ``"dynmole"``, ``"mor"``, ``"prompt"``, ``"topk_bias"``, ``"adamoe"``, ``"relu"``, ``"expert_choice"``;
             more from ``molora.register_router``. Default: ``"topk"``.
         router_kwargs (dict): the router's own hyper-parameters, validated against its ``Params`` (unknown keys are
             an error). Default: ``{}`` (the router's defaults).
@@ -68,8 +70,17 @@ class MoLoraConfig(PeftConfig):
         track_routing_stats (bool): accumulate per-layer routing statistics (expert load, router entropy, tokens)
             readable with ``model.get_routing_stats()``. Default: True.
         kernel (str): expert compute path: ``"auto"``, ``"dense"`` (one GEMM into all ``E*r`` rank columns),
-            ``"grouped"`` (tokens grouped by expert) or ``"naive"`` (per-expert loop, the reference).
-            Default: "auto".
+            ``"grouped"`` (tokens grouped by expert), ``"naive"`` (per-expert loop, the reference) or ``"triton"``
+            (SGMV kernels; CUDA). Default: "auto".
+        dynamic_rank (dict | None): enable DR-LoRA (docs/dynamic_rank.md): every expert keeps capacity ``r`` but
+            starts at a small active rank that grows during training where routing frequency and gradient
+            sensitivity say it is needed, under a budget of ``target_rank`` per expert on average. Keys:
+            ``target_rank``, ``init_rank``, ``growth_step``, ``experts_per_event``, ``growth_interval``,
+            ``start_fraction``, ``end_fraction``, ``start_step``, ``end_step``, ``freq_source``, ``beta_freq``,
+            ``beta1``, ``beta2``, ``reset_optimizer_state`` (see ``molora.adapters.dynamic_rank.DynamicRankParams``;
+            unknown keys are an error). The scaling becomes ``lora_alpha / target_rank``. Growth is driven by
+            ``molora.training.DynamicRankCallback`` or ``molora.dynamic_rank.maybe_grow``. ``None`` keeps every
+            rank fixed at ``r``. Default: None.
     """
 
     r: int = field(default=8, metadata={"help": "Rank of each LoRA expert (>= 1)."})
@@ -80,7 +91,10 @@ class MoLoraConfig(PeftConfig):
     use_rslora: bool = field(default=False, metadata={"help": "Use rank-stabilised scaling lora_alpha / sqrt(r)."})
     num_experts: int = field(default=8, metadata={"help": "LoRA experts per adapted projection (>= 1)."})
     top_k: int = field(default=2, metadata={"help": "Experts per token for top-k style routers, 1..num_experts."})
-    router: str = field(default="topk", metadata={"help": "Name of a registered router, e.g. 'topk' or 'soft'."})
+    router: str = field(
+        default="topk",
+        metadata={"help": "Name of a registered router, e.g. 'topk', 'soft', 'dynmole' (see molora.ROUTER_REGISTRY)."},
+    )
     router_kwargs: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "The router's own hyper-parameters; unknown keys are an error."}
     )
@@ -136,7 +150,15 @@ class MoLoraConfig(PeftConfig):
         default=True, metadata={"help": "Accumulate per-layer routing statistics (load, entropy, tokens)."}
     )
     kernel: str = field(
-        default="auto", metadata={"help": "Expert compute path: 'auto', 'dense', 'grouped' or 'naive'."}
+        default="auto",
+        metadata={"help": "Expert compute path: 'auto', 'dense', 'grouped', 'naive' or 'triton' (CUDA)."},
+    )
+    dynamic_rank: dict[str, Any] | None = field(
+        default=None,
+        metadata={
+            "help": "DR-LoRA growing expert ranks: a dict of DynamicRankParams keys (target_rank, init_rank, "
+            "growth_step, schedule, EMA factors); r is the capacity r_max. None = fixed rank r."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -150,8 +172,16 @@ class MoLoraConfig(PeftConfig):
 
     @property
     def scaling(self) -> float:
-        """The LoRA scaling applied to every expert's output."""
-        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+        """The LoRA scaling applied to every expert's output (with DR-LoRA: of the target rank, fixed in training)."""
+        rank = self.dynamic_rank_params.target_rank if self.dynamic_rank is not None else self.r
+        return self.lora_alpha / (math.sqrt(rank) if self.use_rslora else rank)
+
+    @property
+    def dynamic_rank_params(self):
+        """The validated :class:`~molora.adapters.dynamic_rank.DynamicRankParams` (``None`` without DR-LoRA)."""
+        if self.dynamic_rank is None:
+            return None
+        return build_dynamic_rank_params(self.dynamic_rank, self.r)
 
     def _validate(self) -> None:
         _require_int("r", self.r, minimum=1)
@@ -206,6 +236,8 @@ class MoLoraConfig(PeftConfig):
         _require_choice("balance_loss_type", self.balance_loss_type, BALANCE_LOSS_TYPES)
         _require_choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
         _require_choice("kernel", self.kernel, KERNEL_CHOICES)
+        if self.dynamic_rank is not None:
+            build_dynamic_rank_params(self.dynamic_rank, self.r)
 
 
 def _require_int(name: str, value: Any, minimum: int) -> None:

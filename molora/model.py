@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -11,7 +14,9 @@ from peft.utils.quantization_utils import resolve_quantization_backend
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .adapters.dynamic_rank import RankStats, get_rank_stats
 from .adapters.layer import MERGE_ERROR, Linear, MoLoraLayer
+from .adapters.moe_experts import MoeExpertsLora, fused_experts_problem, is_fused_experts
 from .config import MoLoraConfig
 from .runtime import LayerRoutingStats, MoLoraRuntime
 
@@ -52,6 +57,14 @@ MOLORA_TARGET_MODULES: dict[str, list[str]] = {
 }
 
 
+def _begin_forward_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    module._molora_runtime.begin_forward(args, kwargs)
+
+
+def _end_forward_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    return module._molora_runtime.end_forward(output)
+
+
 def _supported_base(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D)) or (
         (backend := resolve_quantization_backend(module)) is not None and backend.layer_type == "linear"
@@ -62,8 +75,8 @@ class MoLoraModel(BaseTuner):
     """Injects banks of LoRA experts with routers into a transformers (or any torch) model.
 
     Created by ``peft.get_peft_model(model, MoLoraConfig(...))``; not meant to be built directly. Besides PEFT's
-    usual tuner methods it offers :meth:`molora_aux_loss`, :meth:`molora_aux_losses`, :meth:`get_routing_stats`
-    and :meth:`reset_routing_stats`, which a ``PeftModel`` forwards to it.
+    usual tuner methods it offers :meth:`molora_aux_loss`, :meth:`molora_aux_losses`, :meth:`get_routing_stats`,
+    :meth:`reset_routing_stats` and :meth:`molora_on_optimizer_step`, which a ``PeftModel`` forwards to it.
 
     Example:
 
@@ -99,23 +112,19 @@ class MoLoraModel(BaseTuner):
     def _install_hooks(self) -> None:
         if self._molora_hooks:
             return
-        runtime = self.molora_runtime
-
-        def pre_hook(module, args, kwargs):
-            runtime.begin_forward(args, kwargs)
-
-        def post_hook(module, args, kwargs, output):
-            return runtime.end_forward(output)
-
+        # the hooks find the runtime through the module (not a closure), so that copy.deepcopy of the model gives
+        # a copy whose hooks drive the copy's runtime, the one its layers record into
+        self.model._molora_runtime = self.molora_runtime
         self._molora_hooks = [
-            self.model.register_forward_pre_hook(pre_hook, with_kwargs=True),
-            self.model.register_forward_hook(post_hook, with_kwargs=True),
+            self.model.register_forward_pre_hook(_begin_forward_hook, with_kwargs=True),
+            self.model.register_forward_hook(_end_forward_hook, with_kwargs=True),
         ]
 
     def _remove_hooks(self) -> None:
         for handle in self._molora_hooks:
             handle.remove()
         self._molora_hooks = []
+        self.model.__dict__.pop("_molora_runtime", None)
 
     # -- BaseTuner contract -----------------------------------------------------------------------------------------
 
@@ -149,13 +158,24 @@ class MoLoraModel(BaseTuner):
             target.update_layer(adapter_name, peft_config)
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if not _supported_base(base):
+        if is_fused_experts(base):
+            # the experts of an MoE base model: a LoRA per base expert, routed by the base router (DR-LoRA setting)
+            routers = [getattr(parent, name, None) for name in ("gate", "router")]
+            router = next((r for r in routers if isinstance(r, nn.Module) and r is not base), None)
+            new_module = MoeExpertsLora(target, adapter_name, peft_config, molora_key=current_key, router=router)
+        elif not _supported_base(base):
+            experts_note = ""
+            if hasattr(base, "gate_up_proj"):
+                experts_note = f" It looks like MoE experts, but {fused_experts_problem(base)}."
             raise TypeError(
                 f"Target module {current_key!r} of type {type(base).__name__} is not supported by MoLoRA; supported "
-                "are torch.nn.Linear, transformers' Conv1D and quantized linear layers (bitsandbytes 4/8-bit, ...). "
-                "Adjust `target_modules`."
+                "are torch.nn.Linear, transformers' Conv1D, quantized linear layers (bitsandbytes 4/8-bit, ...) and "
+                f"fused MoE experts (Mixtral, OLMoE, Qwen-MoE layout).{experts_note} Adjust `target_modules`."
             )
-        new_module = Linear(target, adapter_name, peft_config, **get_quantization_kwargs(self.model))
+        else:
+            new_module = Linear(
+                target, adapter_name, peft_config, molora_key=current_key, **get_quantization_kwargs(self.model)
+            )
         new_module._molora_runtime = self.molora_runtime
         new_module._molora_key = current_key
         if adapter_name not in self.active_adapters:
@@ -169,8 +189,10 @@ class MoLoraModel(BaseTuner):
         flags = {}
         for module in self.model.modules():
             if isinstance(module, MoLoraLayer):
-                for attr in ("molora_A", "molora_B"):
+                for attr in module.adapter_layer_names:
                     params = getattr(module, attr)
+                    if not isinstance(params, nn.ParameterDict):
+                        continue
                     if adapter_name in params:
                         flags[(id(params), attr)] = (params, params[adapter_name].requires_grad)
         super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
@@ -186,11 +208,63 @@ class MoLoraModel(BaseTuner):
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
         if merge:
             raise ValueError(MERGE_ERROR)
+        # PEFT's generic replacement copies `.weight` from the base layer, which fused experts do not have: put the
+        # experts modules back here, and drop the router hooks they installed
+        experts = [(n, m) for n, m in self.model.named_modules() if isinstance(m, MoeExpertsLora)]
+        for name, module in experts:
+            if module._router_hook is not None:
+                module._router_hook.remove()
+            parent_name, _, child_name = name.rpartition(".")
+            setattr(self.model.get_submodule(parent_name), child_name, module.get_base_layer())
         model = super()._unload_and_optionally_merge(
             merge=False, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
         self._remove_hooks()
         return model
+
+    # -- mixed-adapter batches --------------------------------------------------------------------------------------
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """Publish per-sample ``adapter_names`` to the layers for one ``forward`` or ``generate`` call.
+
+        ``PeftModel.forward`` and ``PeftModel.generate`` enter this context (as they do for LoRA) and then drop
+        ``adapter_names`` from the kwargs. Each adapted layer computes the experts of every adapter named in the batch
+        in one grouped pass (``MoLoraLayer._mixed_batch_forward``); ``"__base__"`` rows get no adapter. As with LoRA
+        this is for inference: in training mode it raises.
+        """
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError(
+                "Cannot pass `adapter_names` when the model is in training mode: mixed-adapter batches are for "
+                "inference (call `model.eval()`); the routers' auxiliary losses would mix adapters."
+            )
+        if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
+            raise TypeError(f"`adapter_names` must be a list of adapter names, one per sample; got {adapter_names!r}.")
+        known = set()
+        for module in self.model.modules():
+            if isinstance(module, MoLoraLayer):
+                known |= set(module.molora_A.keys())
+        unknown = sorted({n for n in adapter_names if n != "__base__"} - known)
+        if unknown:
+            raise ValueError(
+                f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}; known: {sorted(known)} "
+                "and '__base__' (no adapter)."
+            )
+        names = [list(adapter_names)]
+        num_beams = kwargs.get("num_beams")
+        if isinstance(num_beams, int) and num_beams > 1:
+            # generate repeats every sample num_beams times; an encoder still sees the original batch
+            names.insert(0, [n for n in adapter_names for _ in range(num_beams)])
+        runtime = self.molora_runtime
+        runtime.batch_adapter_names = names
+        try:
+            yield
+        finally:
+            runtime.batch_adapter_names = None
 
     # -- MoLoRA API -------------------------------------------------------------------------------------------------
 
@@ -221,3 +295,45 @@ class MoLoraModel(BaseTuner):
     def reset_routing_stats(self) -> None:
         """Forget the accumulated routing statistics."""
         self.molora_runtime.reset_stats()
+
+    def molora_prompt_mask(self, prompt_mask: torch.Tensor) -> contextlib.AbstractContextManager[None]:
+        """Context manager: prompt-level routers (``router="prompt"``) pool over ``prompt_mask`` inside the block.
+
+        ``prompt_mask[B, P]`` marks the prompt tokens among the first ``P`` positions of each input; positions after
+        ``P`` are never prompt. Use it when a call re-feeds the prompt together with tokens that must not influence
+        routing, e.g. scoring completions or ``generate(use_cache=False)``; with the KV cache (the default) and in
+        training with ``labels`` the prompt is known without it. See ``docs/prompt_router.md``.
+
+        Example:
+
+            ```py
+            >>> with model.molora_prompt_mask(prompt_attention_mask):
+            ...     out = model(input_ids=torch.cat([prompt_ids, completion_ids], 1), attention_mask=full_mask)
+            ```
+        """
+        return self.molora_runtime.prompt_mask(prompt_mask)
+
+    def molora_on_optimizer_step(self) -> None:
+        """Let every router update its per-step state; call it once after each ``optimizer.step()``.
+
+        Stateful routers (``"topk_bias"``'s selection bias, ``"relu"``'s adaptive L1 coefficient) sum what they
+        observe over all micro-batches of a step and update persistent buffers here, all-reduced over
+        data-parallel ranks when ``torch.distributed`` is initialised (so every rank must call it). Stateless
+        routers ignore it. ``molora.training.MoLoraCallback`` calls it for a ``transformers.Trainer`` or TRL
+        trainer; custom loops call ``model.molora_on_optimizer_step()`` after ``optimizer.step()``.
+        """
+        groups: dict[tuple[str, type], list] = {}
+        for module in self.model.modules():
+            if isinstance(module, MoLoraLayer):
+                for adapter_name, router in module.molora_router.items():
+                    groups.setdefault((adapter_name, type(router)), []).append(router)
+        for (_, router_cls), routers in groups.items():
+            router_cls.on_optimizer_step_group(routers)
+
+    def get_rank_stats(self, adapter_name: str | None = None) -> dict[str, RankStats]:
+        """DR-LoRA rank per expert of every bank, now and at every growth event (empty without ``dynamic_rank``).
+
+        Keys are module names like :meth:`get_routing_stats`; values are
+        :class:`~molora.adapters.dynamic_rank.RankStats`.
+        """
+        return get_rank_stats(self, adapter_name)

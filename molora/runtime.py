@@ -20,8 +20,10 @@ them twice. Statistics move into the running totals at the start of the next for
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +45,11 @@ class RoutingContext:
         is_decode (bool): True for a cached decode step (``past_key_values`` already holds earlier tokens).
         labels (Tensor[B, S] or None): the labels passed to the forward, if any.
         adapter_names (list[str] or None): per-sample adapter names for mixed-adapter batches.
+        prompt_mask (BoolTensor[B, S] or None): positions of the current input that an explicit
+            :meth:`MoLoraRuntime.prompt_mask` context marks as the prompt (``None`` outside such a context).
+        past_length (int or None): tokens already in the KV cache (0 for a prefill; ``None`` when unknown).
+        forward_id (int): increases with every model-level forward; a layer re-run by activation checkpointing
+            during backward sees the id of its original forward (stateful routers use it to count once).
         extra (dict): anything else a router may need (the raw forward kwargs are not kept).
     """
 
@@ -50,6 +57,9 @@ class RoutingContext:
     is_decode: bool = False
     labels: torch.Tensor | None = None
     adapter_names: list[str] | None = None
+    prompt_mask: torch.Tensor | None = None
+    past_length: int | None = 0
+    forward_id: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def token_mask(self, leading_shape: torch.Size) -> torch.Tensor | None:
@@ -112,11 +122,13 @@ class _Totals:
         self.entropy_sum = delta.entropy_sum.clone()
 
     def add(self, delta: _StatsDelta) -> None:
-        self.tokens += delta.tokens
-        self.assignments += delta.assignments
-        self.gate_mass += delta.gate_mass
-        self.prob_mass += delta.prob_mass
-        self.entropy_sum += delta.entropy_sum
+        # out of place: totals started under torch.inference_mode() are inference tensors, which cannot be updated
+        # in place once training resumes (and vice versa)
+        self.tokens = self.tokens + delta.tokens
+        self.assignments = self.assignments + delta.assignments
+        self.gate_mass = self.gate_mass + delta.gate_mass
+        self.prob_mass = self.prob_mass + delta.prob_mass
+        self.entropy_sum = self.entropy_sum + delta.entropy_sum
 
     def summarize(self) -> LayerRoutingStats:
         tokens = int(self.tokens.item())
@@ -180,6 +192,9 @@ class _AttachAuxGrad(torch.autograd.Function):
         runtime = ctx.runtime
         if runtime.aux_delivered or ctx.generation != runtime.generation:
             return (grad, None, None, None) + (None,) * len(ctx.names)
+        if not ctx.names:
+            runtime._warn_concat_once()
+            return grad, None, None, None
         weights = runtime.aux_weights(ctx.adapter_name)
         scale = runtime.loss_grad
         grads = []
@@ -213,10 +228,12 @@ class MoLoraRuntime:
         self.loss_grad: torch.Tensor | None = None
         self.aux_delivered = False
         self._warned_concat = False
-        # set by MoLoraModel for trainers that read ``outputs.aux_loss`` (see MoLoraModel._install_trainer_aux_bridge)
-        self.text_config: Any = None
-        self.strip_router_logits_kwarg = False
-        self.publish_aux_loss = False
+        self._weights_cache: dict[str, dict[str, float]] = {}
+        # [B, P] prompt positions set by `prompt_mask()`, published to the routers as `RoutingContext.prompt_mask`
+        self._prompt_override: torch.Tensor | None = None
+        # per-sample adapter names of a mixed-adapter call (MoLoraModel._enable_peft_forward_hooks): candidate lists,
+        # the first whose length equals a layer's batch size applies (beam search repeats the samples)
+        self.batch_adapter_names: list[list[str]] | None = None
 
     # -- forward lifecycle ------------------------------------------------------------------------------------------
 
@@ -224,6 +241,7 @@ class MoLoraRuntime:
         """Publish the routing context of a model-level call and start a new collection."""
         self.commit_stats()
         self._aux = {}
+        self._weights_cache = {}
         self.generation += 1
         self.loss_grad = None
         self.aux_delivered = False
@@ -239,12 +257,51 @@ class MoLoraRuntime:
                 mask = None
         elif not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
             mask = None
+        is_decode = _is_decode_step(kwargs)
         self.context = RoutingContext(
             attention_mask=mask,
-            is_decode=_is_decode_step(kwargs),
+            is_decode=is_decode,
             labels=kwargs.get("labels"),
             adapter_names=kwargs.get("adapter_names"),
+            prompt_mask=None if is_decode else self._current_prompt_mask(current),
+            past_length=_past_length(kwargs),
+            forward_id=self.generation,
         )
+        if self.context.adapter_names is None and self.batch_adapter_names is not None:
+            self.context.adapter_names = self.batch_adapter_names[0]
+
+    @contextlib.contextmanager
+    def prompt_mask(self, prompt_mask: torch.Tensor) -> Iterator[None]:
+        """Within the block, routers that route from the prompt (``router="prompt"``) pool over these positions.
+
+        ``prompt_mask[B, P]`` marks the prompt among the *first* ``P`` positions of every forward's input (1 =
+        prompt token); later positions (tokens appended after the prompt) are never prompt. This expresses "route
+        from the original prompt" for calls that re-feed the whole sequence: scoring a completion, or generating
+        with ``use_cache=False``. Padding (``attention_mask == 0``) is excluded whatever the mask says.
+        """
+        if not isinstance(prompt_mask, torch.Tensor) or prompt_mask.dim() != 2:
+            raise ValueError("`prompt_mask` must be a 2-D tensor [batch, prompt_length] of 0/1 (or bool) values.")
+        previous = self._prompt_override
+        self._prompt_override = prompt_mask.bool()
+        try:
+            yield
+        finally:
+            self._prompt_override = previous
+
+    def _current_prompt_mask(self, current: torch.Tensor | None) -> torch.Tensor | None:
+        override = self._prompt_override
+        if override is None:
+            return None
+        if current is None or current.dim() < 2:
+            raise ValueError("A `prompt_mask` context needs `input_ids` or `inputs_embeds` laid out as [batch, seq].")
+        batch, seq = current.shape[0], current.shape[1]
+        if override.shape[0] != batch or override.shape[1] > seq:
+            raise ValueError(
+                f"The `prompt_mask` of shape {tuple(override.shape)} does not fit an input of batch {batch} and "
+                f"length {seq}: it needs the same batch size (expand it yourself for beams) and at most {seq} columns."
+            )
+        tail = override.new_zeros(batch, seq - override.shape[1])
+        return torch.cat([override, tail], dim=1).to(current.device)
 
     def end_forward(self, output: Any) -> Any:
         """Add the weighted aux losses to ``output.loss`` when the call computed a loss."""
@@ -288,11 +345,9 @@ class MoLoraRuntime:
             losses=losses, coefs=coefs, inputs=inputs if concat else None, router_cls=type(router)
         )
         if torch.is_grad_enabled() and router.weight.requires_grad and output.requires_grad:
-            if concat:
-                self._warn_concat_once()
-            elif losses:
-                names = tuple(losses)
-                output = _AttachAuxGrad.apply(output, self, adapter_name, names, *(losses[n] for n in names))
+            # with concat the per-router losses are not separable: the attachment only warns if nothing delivered
+            names = () if concat else tuple(losses)
+            output = _AttachAuxGrad.apply(output, self, adapter_name, names, *(losses[n] for n in names))
         return output
 
     def _warn_concat_once(self) -> None:
@@ -307,6 +362,11 @@ class MoLoraRuntime:
 
     def aux_weights(self, adapter_name: str) -> dict[str, float]:
         """Weight of one router's loss in the total: ``coef`` (sum) or ``coef / number of routers`` (mean)."""
+        if adapter_name not in self._weights_cache:
+            self._weights_cache[adapter_name] = self._compute_aux_weights(adapter_name)
+        return self._weights_cache[adapter_name]
+
+    def _compute_aux_weights(self, adapter_name: str) -> dict[str, float]:
         config = self.peft_config[adapter_name]
         counts: dict[str, int] = {}
         coefs: dict[str, float] = {}
@@ -424,6 +484,25 @@ def _stats_delta(routing: Routing, valid: torch.Tensor | None) -> _StatsDelta:
             prob_mass=probs.float().sum(dim=0),
             entropy_sum=entropy(probs.float()).sum(),
         )
+
+
+def _past_length(kwargs: dict) -> int | None:
+    """Tokens already in the KV cache of this call: 0 without a cache, ``None`` for a cache we cannot measure."""
+    cache_position = kwargs.get("cache_position")
+    if isinstance(cache_position, torch.Tensor) and cache_position.numel() > 0:
+        return int(cache_position.reshape(-1)[0].item())
+    past = kwargs.get("cache")
+    if past is None:
+        past = kwargs.get("past_key_values")
+    if past is None:
+        return 0
+    get_len = getattr(past, "get_seq_length", None)
+    if callable(get_len):
+        try:
+            return int(get_len())
+        except Exception:  # noqa: BLE001 - a cache type we do not know
+            return None
+    return None
 
 
 def _is_decode_step(kwargs: dict) -> bool:

@@ -14,10 +14,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from transformers import set_seed
 from trl import SFTTrainer
 
 import molora
 from molora.training import (
+    DynamicRankCallback,
+    MoLoraCallback,
     RoutingStatsCallback,
     build_adapter_config,
     evaluate,
@@ -48,13 +51,16 @@ def main() -> None:
     peft_config: molora.MoLoraConfig = build_adapter_config(recipe["adapter"])
     stem = Path(args.config).stem if args.config else "molora-sft"
     training_args = sft_config(recipe["training"], default_output_dir=f"outputs/{stem}")
+    set_seed(training_args.seed)  # TRL creates the adapter before Trainer seeds: fix the expert/router init
     trainer = SFTTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
+        callbacks=[MoLoraCallback()],  # per-step router state: loss-free balancing biases, ReMoE's L1 coefficient
     )
+    DynamicRankCallback.install(trainer)  # DR-LoRA rank growth (a no-op for fixed-rank adapters)
     # first in the callback list, so that TensorBoard & co. receive the routing statistics it adds to the logs
     install_routing_stats_callback(trainer, RoutingStatsCallback())
     trainer.model.print_trainable_parameters()

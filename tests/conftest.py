@@ -9,6 +9,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # the Triton kernels are tested on a CPU through Triton's interpreter, which must be chosen before anything
+    # (peft, through bitsandbytes) imports triton; see tests/test_triton_kernels.py
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import molora  # noqa: F401  (registers the PEFT type)

@@ -285,3 +285,26 @@ def test_default_recipe_on_smollm2_end_to_end(tmp_path):
     assert results["losses"][-1] < results["losses"][0]
     assert results["eval_after"]["tasks"]["all"]["loss"] < results["eval_before"]["tasks"]["all"]["loss"]
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in (out / "README.md").read_text()
+
+
+def test_example_script_drives_stateful_routers(workdir, tmp_path):
+    """scripts/sft.py (public API only) with the loss-free ``topk_bias`` router: MoLoraCallback must update the
+    selection biases after every optimizer step, and they are saved with the adapter."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "script"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "sft.py"), "--config", str(workdir / "recipe.yaml")]
+        + ["--set", f"training.output_dir={out}", "--set", "training.max_steps=3", "--set", "eval.after=false"]
+        + ["--set", "training.save_strategy=no", "--set", "adapter.router=topk_bias"]
+        + ["--set", "adapter.aux_loss_coef=0"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=ENV,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    biases = {k: v for k, v in load_file(out / "adapter_model.safetensors").items() if "selection_bias" in k}
+    assert len(biases) == 14
+    # 3 steps of +-u (u = 1e-3) per expert: every bias moved, none beyond 3u
+    assert all(0 < v.abs().max() <= 3e-3 + 1e-9 for v in biases.values())

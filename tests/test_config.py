@@ -6,6 +6,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 from peft import PeftConfig
 
 from molora import MoLoraConfig
@@ -72,3 +73,25 @@ def test_config_json_roundtrip(tmp_path):
     assert isinstance(loaded, MoLoraConfig)
     assert loaded.router_kwargs == {"renormalize": False} and loaded.target_modules == {"q_proj"}
     assert loaded.scaling == config.scaling
+
+
+def test_design_example_config_builds_and_wraps_a_model():
+    """The example in DESIGN.md, verbatim: router_kwargs={"q": 1.1} is DynMoLE's Tsallis index."""
+    from conftest import make_llama
+    from peft import get_peft_model
+
+    cfg = MoLoraConfig(
+        r=8,
+        lora_alpha=16,
+        num_experts=8,
+        top_k=2,
+        router="dynmole",
+        router_kwargs={"q": 1.1},
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        aux_loss_coef=0.01,
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(make_llama(), cfg)
+    ids = torch.randint(3, 90, (2, 8))
+    out = model(input_ids=ids, labels=ids)
+    assert torch.isfinite(out.loss) and model.molora_aux_loss() is not None

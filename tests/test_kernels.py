@@ -11,6 +11,7 @@ Covers:
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 
 import pytest
@@ -220,20 +221,33 @@ def test_routing_without_assignments(path):
     "num_tokens, num_assignments, num_experts, rank, expected",
     [
         (10, 20, 8, 8, "dense"),  # E*r = 64
-        (10, 10, 64, 8, "dense"),  # E*r = 512, still dense
-        (10, 20, 8, 65, "grouped"),  # E*r = 520, density 0.25
-        (10, 40, 8, 65, "dense"),  # density 0.5
-        (10, 80, 8, 65, "dense"),  # soft routing
-        (0, 0, 16, 64, "grouped"),  # no tokens
+        (10, 10, 64, 16, "dense"),  # E*r = 1024, still dense on a CPU
+        (10, 20, 16, 65, "grouped"),  # E*r = 1040, density 0.125, 16 experts
+        (10, 80, 16, 65, "dense"),  # density 0.5
+        (10, 160, 16, 65, "dense"),  # soft routing
+        (10, 20, 64, 32, "dense"),  # sparse but 64 experts: too many segments for the grouped path
+        (0, 0, 16, 128, "grouped"),  # no tokens
+        (10, None, 16, 65, "grouped"),  # routing unknown and E*r large: not dense whatever the routing
+        (10, None, 16, 64, "dense"),
     ],
 )
 def test_choose_kernel(num_tokens, num_assignments, num_experts, rank, expected):
     assert choose_kernel(num_tokens, num_assignments, num_experts, rank) == expected
+    assert choose_kernel(num_tokens, num_assignments, num_experts, rank, "cpu") == expected
+
+
+def test_choose_kernel_on_cuda_devices():
+    # decided from the device type alone (no GPU needed): smaller dense limit, the Triton kernels for sparse routing
+    sparse = "triton" if importlib.util.find_spec("triton") is not None else "grouped"
+    assert choose_kernel(10, 20, 8, 64, "cuda") == "dense"  # E*r = 512
+    assert choose_kernel(10, 20, 8, 65, "cuda") == sparse
+    assert choose_kernel(10, 40, 8, 65, "cuda") == "dense"  # density 0.5
+    assert choose_kernel(10, 20, 64, 32, "cuda") == sparse
 
 
 @pytest.mark.parametrize("kind, expected_path", [("topk1", "grouped"), ("soft", "dense")])
 def test_auto_on_large_banks(kind, expected_path):
-    n_tokens, n_experts, rank = 5, 8, 65
+    n_tokens, n_experts, rank = 5, 16, 65
     seed = 13
     x, A, B, logits = make_inputs(n_tokens, n_experts, rank, torch.float64, torch.float64, seed)
     routing = make_routing(kind, logits, seed)
@@ -246,7 +260,7 @@ def test_auto_on_large_banks(kind, expected_path):
         torch.testing.assert_close(grad, ref)
 
 
-@pytest.mark.parametrize("kernel", ["fast", "triton", "Dense", "", None])
+@pytest.mark.parametrize("kernel", ["fast", "sgmv", "Dense", "", None])
 def test_invalid_kernel_name_raises(kernel):
     torch.manual_seed(0)
     x, A, B = torch.randn(2, 3), torch.randn(2, 3, 1), torch.randn(2, 1, 3)

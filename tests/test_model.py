@@ -367,3 +367,90 @@ def test_bf16_base_adapter_loaded_for_inference_is_frozen(tmp_path):
     model.add_adapter("second", MoLoraConfig(num_experts=2, top_k=1))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and not any(".second" in n for n in trainable)
+
+
+def test_delete_adapter(batch):
+    base = make_llama()
+    model = get_peft_model(base, MoLoraConfig(num_experts=2, top_k=1, init_lora_weights=False))
+    model.add_adapter("second", MoLoraConfig(num_experts=3, top_k=1, init_lora_weights=False))
+    model.delete_adapter("second")
+    assert list(model.peft_config) == ["default"]
+    for layer in molora_layers(model).values():
+        assert set(layer.molora_A) == set(layer.molora_router) == {"default"}
+        assert "second" not in layer.num_experts
+    model(**batch)
+    assert all(":" not in key for key in model.get_routing_stats())
+
+
+def test_encoder_sequence_classification_with_modules_to_save(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=50, num_labels=3
+    )
+    base = BertForSequenceClassification(config).eval()
+    inputs = {"input_ids": torch.randint(1, 50, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
+    inputs["attention_mask"][1, 5:] = 0
+    with torch.no_grad():
+        expected = base(**inputs).logits
+    model = get_peft_model(
+        base, MoLoraConfig(num_experts=2, top_k=1, modules_to_save=["classifier"], task_type="SEQ_CLS")
+    )
+    assert len(molora_layers(model)) == 6 * 2
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, expected)
+    model.train()
+    out = model(**inputs, labels=torch.tensor([0, 2]))
+    out.loss.backward()
+    assert model.molora_aux_loss() is not None
+    model.eval()
+    with torch.no_grad():
+        before = model(**inputs).logits
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    loaded = PeftModel.from_pretrained(BertForSequenceClassification(config).eval(), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, before)
+
+
+def test_concat_reduction_warns_only_when_its_gradient_cannot_be_delivered(batch, recwarn):
+    model = get_peft_model(make_llama(), MoLoraConfig(num_experts=4, top_k=2, loss_reduction="concat"))
+    model.train()
+    model(**batch).loss.backward()  # through outputs.loss: delivered, no warning
+    assert not [w for w in recwarn if "concat" in str(w.message)]
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    with pytest.warns(UserWarning, match="loss_reduction='concat'"):
+        _lm_loss(out.logits, batch["labels"]).backward()
+
+
+def test_statistics_survive_switching_between_inference_mode_and_training(batch):
+    """Regression: totals created under torch.inference_mode() could not be updated in place afterwards."""
+    model = get_peft_model(make_llama(), MoLoraConfig(num_experts=4, top_k=2))
+    with torch.inference_mode():
+        model(**batch)
+        model(**batch)
+    model.train()
+    model(**batch).loss.backward()
+    model(**batch)
+    with torch.inference_mode():
+        model(**batch)
+    n_real = int(batch["attention_mask"].sum())
+    assert {s.tokens for s in model.get_routing_stats().values()} == {5 * n_real}
+
+
+def test_deepcopy_gives_an_independent_working_model(batch):
+    import copy
+
+    model = get_peft_model(make_llama(), MoLoraConfig(num_experts=4, top_k=2, init_lora_weights=False))
+    clone = copy.deepcopy(model)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        torch.testing.assert_close(clone(**inputs).logits, model(**inputs).logits)
+    n_real = int(batch["attention_mask"].sum())
+    # each copy's padding mask and statistics belong to its own forwards
+    assert {s.tokens for s in clone.get_routing_stats().values()} == {n_real}
+    assert {s.tokens for s in model.get_routing_stats().values()} == {n_real}
+    clone.train()
+    out = clone(**batch)
+    torch.testing.assert_close(out.loss, _lm_loss(out.logits, batch["labels"]) + clone.molora_aux_loss())

@@ -15,9 +15,12 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
 from peft.utils.quantization_utils import resolve_quantization_backend
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-from ..kernels import expert_delta
-from ..routers.base import build_router_params, get_router_class
+from ..kernels import choose_kernel, expert_delta
+from ..kernels.torch_ops import dense_masked_expand, flat_shrink_weight
+from ..routers.base import Routing, build_router_params, get_router_class
+from .dynamic_rank import DynamicRankState
 
 MERGE_ERROR = (
     "MoLoRA adapters cannot be merged into the base weights: each token (or prompt) is routed to its own mix of "
@@ -30,11 +33,12 @@ class MoLoraLayer(BaseTunerLayer):
     """Mixin holding the per-adapter expert banks and routers of one adapted projection.
 
     Per adapter name: ``molora_A[name]`` (``Parameter[E, d_in, r]``), ``molora_B[name]`` (``Parameter[E, r, d_out]``),
-    ``molora_router[name]`` (a :class:`~molora.routers.Router`), ``molora_dropout[name]``, and the plain values in
-    ``other_param_names``.
+    ``molora_router[name]`` (a :class:`~molora.routers.Router`), ``molora_dropout[name]``, the DR-LoRA rank state
+    ``molora_rank[name]`` (a :class:`~molora.adapters.dynamic_rank.DynamicRankState`, only for adapters with
+    ``dynamic_rank``), and the plain values in ``other_param_names``.
     """
 
-    adapter_layer_names = ("molora_A", "molora_B", "molora_router")
+    adapter_layer_names = ("molora_A", "molora_B", "molora_router", "molora_rank")
     other_param_names = ("r", "lora_alpha", "scaling", "num_experts", "top_k", "kernel", "molora_dropout")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
@@ -49,6 +53,7 @@ class MoLoraLayer(BaseTunerLayer):
         self.molora_A = nn.ParameterDict({})
         self.molora_B = nn.ParameterDict({})
         self.molora_router = nn.ModuleDict({})
+        self.molora_rank = nn.ModuleDict({})
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}
@@ -68,6 +73,10 @@ class MoLoraLayer(BaseTunerLayer):
     def update_layer(self, adapter_name: str, config: Any) -> None:
         """Create (or re-create) the expert bank and router of ``adapter_name`` from ``config``."""
         rank, n_experts = config.r, config.num_experts
+        dynamic_rank = config.dynamic_rank_params
+        if dynamic_rank is not None and dynamic_rank.layer_ranks:
+            # a compacted DR-LoRA adapter (dynamic_rank.compact_adapter): this module's banks were sliced
+            rank = dynamic_rank.layer_ranks.get(self._molora_key, rank)
         self.r[adapter_name] = rank
         self.lora_alpha[adapter_name] = config.lora_alpha
         self.scaling[adapter_name] = config.scaling
@@ -99,6 +108,10 @@ class MoLoraLayer(BaseTunerLayer):
             init=config.router_init,
             init_std=config.router_init_std,
         )
+        if dynamic_rank is not None:
+            self.molora_rank[adapter_name] = DynamicRankState(n_experts, rank, dynamic_rank)
+        elif adapter_name in self.molora_rank:
+            del self.molora_rank[adapter_name]
         self._move_adapter_to_device_of_base_layer(adapter_name)
         # routers score in fp32 whatever the base dtype (see molora.routers.base)
         self.molora_router[adapter_name].float()
@@ -128,32 +141,192 @@ class MoLoraLayer(BaseTunerLayer):
         valid = runtime.context.token_mask(lead_shape) if runtime is not None else None
         if valid is not None and valid.device != x.device:
             valid = valid.to(x.device)
-        routing = router(x_flat, valid)
-        h = self._cast_input_dtype(self.molora_dropout[adapter_name](x_flat), weight_A.dtype)
-        delta = expert_delta(h, weight_A, weight_B, routing, self.scaling[adapter_name], self.kernel[adapter_name])
+        context = runtime.context if runtime is not None else None
+        rank_state = self.molora_rank[adapter_name] if adapter_name in self.molora_rank else None
+        if rank_state is not None:
+            # DR-LoRA: dormant rank components are masked out of A and B (and so get zero gradient)
+            weight_A, weight_B = rank_state.masked_weights(weight_A, weight_B)
+        scaling, kernel = self.scaling[adapter_name], self.kernel[adapter_name]
+        if self._can_fuse_router(x_flat, adapter_name, kernel):
+            delta, routing = _fused_dense_forward(x_flat, weight_A, weight_B, router, valid, scaling)
+        else:
+            if router.uses_context:
+                # sequence-level routers (e.g. "prompt") also need the [batch, seq] layout
+                routing = router(x_flat, valid, context=context, lead_shape=lead_shape)
+            else:
+                routing = router(x_flat, valid, context=context)
+            h = self._cast_input_dtype(self.molora_dropout[adapter_name](x_flat), weight_A.dtype)
+            delta = expert_delta(h, weight_A, weight_B, routing, scaling, kernel)
+        if rank_state is not None and self.training:
+            rank_state.observe(routing, valid)
         if runtime is not None:
             delta = runtime.record(self._molora_key, adapter_name, router, routing, valid, delta)
         return delta.reshape(*lead_shape, delta.shape[-1])
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            return self.base_layer(x, *args, **kwargs)
+    def _can_fuse_router(self, x_flat: torch.Tensor, adapter_name: str, kernel: str) -> bool:
+        """Whether the router's logits can come out of the dense path's shrink GEMM (see ``_fused_dense_forward``).
+
+        Needs the dense path, the same fp32 input for router and experts (no active dropout, no low-precision
+        input, which the router would upcast) and a router whose logits are a plain linear map of ``x``.
+        """
+        weight_A = self.molora_A[adapter_name]
+        if kernel == "auto":
+            kernel = choose_kernel(x_flat.shape[0], None, weight_A.shape[0], weight_A.shape[-1], x_flat.device)
+        if kernel != "dense":
+            return False
+        dropout = self.molora_dropout[adapter_name]
+        if not (isinstance(dropout, nn.Identity) or not dropout.training or dropout.p == 0):
+            return False
+        router = self.molora_router[adapter_name]
+        if not x_flat.dtype == weight_A.dtype == router.weight.dtype == torch.float32:
+            return False
+        if router._forward_hooks or router._forward_pre_hooks:
+            # the fused path never calls router.forward: respect hooks users put on the router
+            return False
+        return router.linear_scoring()
+
+    def _batch_adapter_names(self, x: torch.Tensor, adapter_names: list[str] | None) -> list[str] | None:
+        """Per-sample adapter names for this call: the ``adapter_names`` kwarg, else the model-level mixed call's."""
+        if adapter_names is not None:
+            candidates = [list(adapter_names)]
+        else:
+            runtime = self._molora_runtime
+            candidates = getattr(runtime, "batch_adapter_names", None)
+            if not candidates:
+                return None
+        batch = x.shape[0] if x.dim() >= 2 else -1
+        for names in candidates:
+            if len(names) == batch:
+                return names
+        raise ValueError(
+            f"{len(candidates[-1])} adapter names were given for a batch of {batch} samples in {self._molora_key!r}; "
+            "pass one name per sample (the layer input must be laid out as [batch, ...])."
+        )
+
+    def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str], *args: Any, **kwargs: Any):
+        """Base output plus, for every sample, the experts of its own adapter: all adapters in one grouped pass.
+
+        Each adapter's router routes its own samples' tokens; the assignments are then offset into one
+        concatenated expert bank (ranks zero-padded to the largest, each adapter's scaling folded into its gates)
+        and a single :func:`~molora.kernels.expert_delta` call computes every delta.
+        """
         result = self.base_layer(x, *args, **kwargs)
         if self.quantization_backend is not None:
             result = self.quantization_backend.maybe_clone_base_result(result)
+        groups: dict[str, list[int]] = {}
+        for row, name in enumerate(adapter_names):
+            if name != "__base__" and name in self.molora_A:
+                groups.setdefault(name, []).append(row)
+        if not groups:
+            return result
+        runtime = self._molora_runtime
+        valid_all = runtime.context.token_mask(x.shape[:-1]) if runtime is not None else None
+        first = next(iter(groups))
+        dtype = self.molora_A[first].dtype
+        max_rank = max(self.molora_A[name].shape[-1] for name in groups)
+        rows_order, xs, banks_A, banks_B, token_idx, expert_idx, weights, records = [], [], [], [], [], [], [], []
+        token_offset = expert_offset = 0
+        for name, rows in groups.items():
+            rows_t = torch.tensor(rows, device=x.device)
+            sub = x.index_select(0, rows_t)
+            sub_flat = sub.reshape(-1, x.shape[-1])
+            valid = None
+            if valid_all is not None:
+                valid = valid_all.view(x.shape[0], -1).index_select(0, rows_t.to(valid_all.device)).reshape(-1)
+                valid = valid.to(x.device)
+            router = self.molora_router[name]
+            context = runtime.context if runtime is not None else None
+            if router.uses_context:
+                routing = router(sub_flat, valid, context=context, lead_shape=sub.shape[:-1])
+            else:
+                routing = router(sub_flat, valid, context=context)
+            records.append((name, router, routing, valid))
+            weight_A, weight_B = self.molora_A[name], self.molora_B[name]
+            if name in self.molora_rank:
+                weight_A, weight_B = self.molora_rank[name].masked_weights(weight_A, weight_B)
+            weight_A, weight_B = weight_A.to(dtype), weight_B.to(dtype)
+            pad = max_rank - weight_A.shape[-1]
+            if pad:
+                # zero rank columns contribute nothing; they let adapters of different ranks share one bank
+                weight_A = nn.functional.pad(weight_A, (0, pad))
+                weight_B = nn.functional.pad(weight_B, (0, 0, 0, pad))
+            banks_A.append(weight_A)
+            banks_B.append(weight_B)
+            xs.append(self._cast_input_dtype(self.molora_dropout[name](sub_flat), dtype))
+            token_idx.append(routing.token_index + token_offset)
+            expert_idx.append(routing.expert_index + expert_offset)
+            weights.append(routing.weight * self.scaling[name])
+            rows_order.append(rows_t)
+            token_offset += sub_flat.shape[0]
+            expert_offset += weight_A.shape[0]
+        routing = Routing(
+            probs=x.new_zeros((), dtype=torch.float32).expand(token_offset, expert_offset),
+            token_index=torch.cat(token_idx),
+            expert_index=torch.cat(expert_idx),
+            weight=torch.cat(weights),
+        )
+        kernels = {self.kernel[name] for name in groups}
+        kernel = kernels.pop() if len(kernels) == 1 else "auto"
+        delta = expert_delta(torch.cat(xs), torch.cat(banks_A), torch.cat(banks_B), routing, 1.0, kernel)
+        if runtime is not None:
+            for name, router, sub_routing, valid in records:
+                delta = runtime.record(self._molora_key, name, router, sub_routing, valid, delta)
+        order = torch.cat(rows_order)
+        delta = delta.reshape(order.numel(), *x.shape[1:-1], delta.shape[-1]).to(result.dtype)
+        return result.index_add(0, order, delta)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            return self.base_layer(x, *args, **kwargs)
+        adapter_names = self._batch_adapter_names(x, adapter_names)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.quantization_backend is not None:
+            result = self.quantization_backend.maybe_clone_base_result(result)
+        in_place = self._base_output_is_private()
         for adapter_name in self.active_adapters:
             if adapter_name not in self.molora_A:
                 continue
-            result = result + self._expert_output(x, adapter_name).to(result.dtype)
+            delta = self._expert_output(x, adapter_name).to(result.dtype)
+            # adding in place saves a [tokens, d_out] allocation and a pass over it (a few percent of a layer)
+            result = result.add_(delta) if in_place else result + delta
         return result
+
+    def _base_output_is_private(self) -> bool:
+        """Whether the base layer's output may be modified in place: its backward does not read it, nothing else
+        holds it (no forward hooks on the base layer)."""
+        base = self.get_base_layer()
+        return type(base) in (nn.Linear, Conv1D) and not base._forward_hooks
+
+
+def _fused_dense_forward(
+    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, router: nn.Module, valid, scaling: float
+) -> tuple[torch.Tensor, Any]:
+    """The dense-masked path with the router's scoring in the same GEMM: ``x @ [A_flat | W_router^T]``.
+
+    The router and the experts read the same ``x``, so one ``[d_in, E*r + E]`` GEMM gives the rank activations and
+    the logits; in the backward pass the input gradient is one GEMM too instead of two plus an addition. On a CPU
+    this is what makes a MoLoRA layer cost about as much as a LoRA layer of rank ``r*k`` (docs/kernels.md).
+    """
+    n_experts, _, rank = A.shape
+    weight = torch.cat([flat_shrink_weight(A), router.weight.t()], dim=1)  # [d_in, E*r + E_router]
+    # the router may score more columns than there are experts (AdaMoE's null experts)
+    h, logits = (x @ weight).split([n_experts * rank, router.weight.shape[0]], dim=1)
+    routing = router.select(logits, valid)
+    return dense_masked_expand(h, B, routing, scaling), routing
 
 
 class Linear(nn.Module, MoLoraLayer):
     """MoLoRA on a linear projection (``nn.Linear``, ``Conv1D`` or a quantized linear layer)."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: Any, **kwargs: Any) -> None:
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, config: Any, molora_key: str = "", **kwargs: Any
+    ) -> None:
         super().__init__()
         MoLoraLayer.__init__(self, base_layer, **kwargs)
+        self._molora_key = molora_key
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 

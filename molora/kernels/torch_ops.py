@@ -33,14 +33,26 @@ def dense_masked_delta(
     Exact for any routing; costs ``T*E*r*(d_in + d_out)`` multiply-adds whatever the sparsity, so it wins when
     ``E*r`` is small (the usual MoLoRA regime: a handful of rank-8 experts).
     """
+    return dense_masked_expand(x @ flat_shrink_weight(A), B, routing, scaling)
+
+
+def flat_shrink_weight(A: torch.Tensor) -> torch.Tensor:
+    """``A[E, d_in, r]`` as one ``[d_in, E*r]`` matrix: column ``e*r + j`` is rank column ``j`` of expert ``e``."""
     n_experts, d_in, rank = A.shape
-    n_tokens = x.shape[0]
-    a_flat = A.permute(1, 0, 2).reshape(d_in, n_experts * rank)  # [d_in, E*r]
-    b_flat = B.reshape(n_experts * rank, B.shape[-1])  # [E*r, d_out]
-    h = x @ a_flat  # [T, E*r]
+    return A.permute(1, 0, 2).reshape(d_in, n_experts * rank)
+
+
+def dense_masked_expand(h: torch.Tensor, B: torch.Tensor, routing: Routing, scaling: float) -> torch.Tensor:
+    """Second half of the dense-masked path: gate the rank activations ``h[T, E*r]`` and expand with ``B``.
+
+    Split out so that a caller which computed ``h`` itself (the layer fuses the router's scoring into the same
+    GEMM, see :meth:`molora.adapters.layer.MoLoraLayer._expert_output`) can finish the path.
+    """
+    n_experts, rank, d_out = B.shape
+    n_tokens = h.shape[0]
     gates = (routing.dense_gates() * scaling).to(h.dtype)  # [T, E]
     h = (h.view(n_tokens, n_experts, rank) * gates.unsqueeze(-1)).view(n_tokens, n_experts * rank)
-    return h @ b_flat
+    return h @ B.reshape(n_experts * rank, d_out)
 
 
 def grouped_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, routing: Routing, scaling: float) -> torch.Tensor:
@@ -55,14 +67,9 @@ def grouped_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, routing: Ro
     weight = (routing.weight[order] * scaling).to(x.dtype)
     counts = torch.bincount(routing.expert_index, minlength=n_experts).tolist()
     xs = x.index_select(0, token_index)  # [N, d_in]
-    outs = []
-    start = 0
-    for e, count in enumerate(counts):
-        if count == 0:
-            continue
-        seg = xs[start : start + count]
-        outs.append((seg @ A[e]) @ B[e])
-        start += count
+    # split, not slicing: the backward of E slices would write E zero-filled [N, d_in] gradients, that of one
+    # split is a single concatenation
+    outs = [(seg @ A[e]) @ B[e] for e, seg in enumerate(xs.split(counts)) if counts[e] > 0]
     out = x.new_zeros(x.shape[0], B.shape[-1])
     if not outs:
         # keep A and B in the graph so that every parameter receives a (zero) gradient

@@ -21,7 +21,7 @@ Router z-loss (ST-MoE): ``L_z = mean_t logsumexp(z_t)^2``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -39,9 +39,14 @@ class AuxInputs:
     Attributes:
         probs (Tensor[Tv, E]): router probabilities (differentiable).
         gates (Tensor[Tv, E]): final dense gates (differentiable).
-        selected (BoolTensor[Tv, E]): which experts each token was assigned to.
+        selected (Tensor[Tv, E], bool or float): which experts each token was assigned to; the count-based losses
+            sum its columns, so a float matrix may spread an assignment over several columns (AdaMoE shares a
+            null-expert slot evenly among the null experts).
         logits (Tensor[Tv, E] or None): raw router scores.
         top_k (int): the router's nominal ``k``.
+        extra (dict[str, Tensor]): router-specific loss inputs, one row per valid token (first dimension ``Tv``),
+            e.g. per-token entropies or a second distribution; filled by a router's ``aux_inputs`` and read by its
+            ``aux_losses``. Rows are concatenated by :meth:`cat` like the other fields.
     """
 
     probs: torch.Tensor
@@ -49,6 +54,7 @@ class AuxInputs:
     selected: torch.Tensor
     logits: torch.Tensor | None
     top_k: int
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def from_routing(cls, routing: Routing, valid: torch.Tensor | None, top_k: int) -> AuxInputs:
@@ -70,12 +76,15 @@ class AuxInputs:
         logits = None
         if all(i.logits is not None for i in inputs):
             logits = torch.cat([i.logits for i in inputs])
+        # a key only some routers provide cannot be reduced over all rows, so it is dropped
+        keys = set.intersection(*(set(i.extra) for i in inputs))
         return cls(
             probs=torch.cat([i.probs for i in inputs]),
             gates=torch.cat([i.gates for i in inputs]),
             selected=torch.cat([i.selected for i in inputs]),
             logits=logits,
             top_k=inputs[0].top_k,
+            extra={key: torch.cat([i.extra[key] for i in inputs]) for key in sorted(keys)},
         )
 
 
@@ -121,3 +130,13 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
 def entropy(probs: torch.Tensor) -> torch.Tensor:
     """Shannon entropy (nats) of each row of ``probs``; zero probabilities contribute 0."""
     return -torch.special.xlogy(probs, probs).sum(dim=-1)
+
+
+def max_violation(counts: torch.Tensor) -> torch.Tensor:
+    """``MaxVio = (max_e c_e - mean_e c_e) / mean_e c_e`` over the last dimension of the loads ``counts[..., E]``.
+
+    0 is perfect balance; ``E - 1`` means one expert took everything. Rows without any load give 0.
+    """
+    counts = counts.float()
+    mean = counts.mean(dim=-1)
+    return torch.where(mean > 0, (counts.amax(dim=-1) - mean) / mean.clamp_min(torch.finfo(counts.dtype).tiny), 0.0)

@@ -16,12 +16,15 @@ import dataclasses
 import difflib
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from . import balancing
+
+if TYPE_CHECKING:
+    from ..runtime import RoutingContext
 
 
 @dataclass
@@ -99,6 +102,11 @@ class Router(nn.Module):
 
     name: ClassVar[str] = ""
     Params: ClassVar[type[RouterParams]] = RouterParams
+    #: True for routers that need more than the flat tokens: the layer then calls
+    #: ``router(x, valid, context=..., lead_shape=...)`` with the model-level
+    #: :class:`~molora.runtime.RoutingContext` (``None`` outside a ``MoLoraModel``) and the leading shape of the layer
+    #: input (``(B, S)`` for ``x[B, S, d_in]``). Other routers keep the two-argument call.
+    uses_context: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -138,14 +146,53 @@ class Router(nn.Module):
         """Router logits ``[T, E]`` in fp32 for tokens ``x[T, d_in]``."""
         return nn.functional.linear(x.float(), self.weight.float())
 
-    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> Routing:
-        """Route the tokens ``x[T, d_in]``; ``valid[T]`` (bool) marks non-padding tokens (``None`` = all valid)."""
+    def forward(
+        self, x: torch.Tensor, valid: torch.Tensor | None = None, context: RoutingContext | None = None
+    ) -> Routing:
+        """Route the tokens ``x[T, d_in]``.
+
+        Args:
+            x (Tensor[T, d_in]): the tokens entering the adapted projection.
+            valid (BoolTensor[T] or None): non-padding tokens (``None`` = all valid).
+            context (RoutingContext or None): what the model-level call knows (cached decode step, forward id);
+                ``None`` when the router is called on its own. Routers that depend on it override ``forward``.
+        """
         logits = self.scores(x)
         return self.select(logits, valid)
+
+    def linear_scoring(self) -> bool:
+        """Whether ``forward(x, valid)`` is exactly ``select(linear(x.float(), weight), valid)`` right now.
+
+        When it is, the layer may compute the logits inside the experts' shrink GEMM (one pass over ``x`` for the
+        router and all experts). Routers that override :meth:`scores` or :meth:`forward` return False unless they
+        override this method too.
+        """
+        return type(self).forward is Router.forward and type(self).scores is Router.scores
 
     def select(self, logits: torch.Tensor, valid: torch.Tensor | None) -> Routing:
         """Turn logits ``[T, E]`` into a :class:`Routing`. Implemented by each router."""
         raise NotImplementedError
+
+    # -- state updated once per optimizer step ---------------------------------------------------------------------
+
+    def on_optimizer_step(self) -> None:
+        """Update the router's state after an optimizer step; a no-op for stateless routers.
+
+        Called (through :meth:`on_optimizer_step_group`) by ``MoLoraModel.molora_on_optimizer_step()``, which the
+        ``molora.training.MoLoraCallback`` runs after every ``optimizer.step()``. Stateful routers accumulate what
+        they observe in training forwards (all micro-batches of the step) and update persistent buffers here.
+        """
+
+    @classmethod
+    def on_optimizer_step_group(cls, routers: list[Router]) -> None:
+        """Run the per-step update for all ``routers`` of this class in one adapter (in module order).
+
+        The default calls :meth:`on_optimizer_step` on each. Routers override it to share one update across layers
+        (ReMoE's lambda follows the sparsity of all layers) or to all-reduce every layer's counts over
+        data-parallel ranks in a single collective. Every rank calls it with the same routers in the same order.
+        """
+        for router in routers:
+            router.on_optimizer_step()
 
     # -- auxiliary losses -------------------------------------------------------------------------------------------
 
@@ -219,7 +266,10 @@ def get_router_class(name: str) -> type[Router]:
         return ROUTER_REGISTRY[name]
     except (KeyError, TypeError):
         known = sorted(ROUTER_REGISTRY)
-        hint = difflib.get_close_matches(str(name), known, n=1)
+        # a case slip ("topK") must suggest its own router, not another one equally close by spelling ("topp")
+        by_lower = {k.lower(): k for k in known}
+        hint = [by_lower[str(name).lower()]] if str(name).lower() in by_lower else []
+        hint = hint or difflib.get_close_matches(str(name), known, n=1)
         suggestion = f" Did you mean {hint[0]!r}?" if hint else ""
         raise ValueError(
             f"`router`={name!r} is not a registered router; allowed values: {known}.{suggestion} "

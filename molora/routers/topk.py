@@ -44,6 +44,12 @@ class TopKRouter(Router):
             x = x.float() * torch.empty_like(x, dtype=torch.float32).uniform_(1.0 - eps, 1.0 + eps)
         return super().scores(x)
 
+    def linear_scoring(self) -> bool:
+        # the jitter noise makes the logits a non-linear function of x in training
+        if self.training and self.params.jitter_noise > 0:
+            return False
+        return type(self).forward is Router.forward and type(self).scores is TopKRouter.scores
+
     def select(self, logits: torch.Tensor, valid: torch.Tensor | None) -> Routing:
         probs = torch.softmax(logits, dim=-1)
         return topk_routing(probs, self.top_k, renormalize=self.params.renormalize, logits=logits)

@@ -1,7 +1,9 @@
 """Supervised fine-tuning of a MoLoRA adapter with TRL's ``SFTTrainer``, driven by a recipe (``molora sft``).
 
 :func:`build_trainer` turns a validated recipe (see :mod:`molora.training.recipe`) into an ``SFTTrainer`` with the
-adapter attached and :class:`~molora.training.logging.RoutingStatsCallback` installed; :func:`run_sft` trains,
+adapter attached and molora's callbacks installed (:class:`~molora.training.callbacks.MoLoraCallback` for per-step
+router state, :class:`~molora.training.dynamic_rank_callback.DynamicRankCallback` for rank growth,
+:class:`~molora.training.logging.RoutingStatsCallback` for the logs); :func:`run_sft` trains,
 saves the adapter with its tokenizer, routing statistics, base-model record, recipe and model card, and evaluates
 exact match on held-out tasks before and after when the recipe asks for it.
 
@@ -98,7 +100,9 @@ def build_trainer(recipe: dict[str, Any], default_output_dir: str = "outputs/mol
 
     import molora  # noqa: F401  (registers the PEFT type)
 
+    from .callbacks import MoLoraCallback
     from .data import load_split
+    from .dynamic_rank_callback import DynamicRankCallback
     from .logging import install_routing_stats_callback
     from .models import load_base_model, load_tokenizer, resolve_model
 
@@ -125,6 +129,10 @@ def build_trainer(recipe: dict[str, Any], default_output_dir: str = "outputs/mol
         processing_class=tokenizer,
         peft_config=adapter_config,
     )
+    # per-step router state (loss-free balancing biases, ReMoE's L1 coefficient) and DR-LoRA rank growth: both are
+    # no-ops for adapters without those features; the stats callback goes first so the loggers see its values
+    trainer.add_callback(MoLoraCallback())
+    DynamicRankCallback.install(trainer)
     callback = install_routing_stats_callback(trainer)
     context = {"model_cfg": model_cfg, "eval_rows": eval_rows, "callback": callback, "tokenizer": tokenizer}
     return trainer, context

@@ -1,0 +1,414 @@
+"""DR-LoRA state and equations: hyper-parameters, the per-bank rank state, saliency, allocation, schedule.
+
+See :mod:`molora.adapters.dynamic_rank` for the method and the equations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...routers.base import Routing
+
+FREQ_SOURCES = ("probs", "gates")
+
+
+@dataclass
+class DynamicRankParams:
+    """Hyper-parameters of DR-LoRA (``MoLoraConfig.dynamic_rank``); ``None`` entries take the spec's defaults.
+
+    The adapter's ``r`` is the capacity ``r_max`` of every expert.
+
+    Args:
+        target_rank (int | None): average rank ``r_target`` per expert once the budget is spent; the budget is
+            ``layers * num_experts * target_rank`` and the scaling ``lora_alpha / target_rank``. In
+            [init_rank, r]. Default: ``r // 2`` (spec: ``r_max = 2 * r_target``).
+        init_rank (int | None): active rank of every expert at the start, in [1, target_rank]. Default:
+            ``max(1, target_rank // 2)``.
+        growth_step (int | None): rank added to an expert per growth event (``Delta r``); must divide
+            ``target_rank - init_rank`` so that the budget is met exactly. Default: ``max(1, target_rank // 4)``
+            (reduced to a divisor of ``target_rank - init_rank`` when needed).
+        experts_per_event (int | None): experts grown per event, over all layers (``m``). Default: derived from the
+            schedule so that the budget is spent by the end step.
+        growth_interval (int | None): optimizer steps between growth events (``Delta T``). Default: derived from
+            ``experts_per_event`` so that the budget is spent by the end step (about 10 events when neither is set).
+        start_fraction (float): first growth event at this fraction of the training steps. Default: 0.1.
+        end_fraction (float): no growth after this fraction of the training steps. Default: 0.7.
+        start_step (int | None): first growth step, overriding ``start_fraction``. Default: None.
+        end_step (int | None): last growth step, overriding ``end_fraction``. Default: None.
+        freq_source (str): routing frequency from the router's full probabilities (``"probs"``) or from the
+            selected gates (``"gates"``). Default: "probs".
+        beta_freq (float): EMA factor of the routing frequency, in [0, 1). Default: 0.9.
+        beta1 (float): EMA factor of the sensitivity (AdaLoRA), in [0, 1). Default: 0.85.
+        beta2 (float): EMA factor of the sensitivity's uncertainty (AdaLoRA), in [0, 1). Default: 0.85.
+        reset_optimizer_state (bool): zero the optimizer moments of newly activated components. Default: True.
+        layer_ranks (dict[str, int] | None): per-module capacity written by :func:`compact_adapter`; not meant to
+            be set by hand. Default: None.
+    """
+
+    target_rank: int | None = None
+    init_rank: int | None = None
+    growth_step: int | None = None
+    experts_per_event: int | None = None
+    growth_interval: int | None = None
+    start_fraction: float = 0.1
+    end_fraction: float = 0.7
+    start_step: int | None = None
+    end_step: int | None = None
+    freq_source: str = "probs"
+    beta_freq: float = 0.9
+    beta1: float = 0.85
+    beta2: float = 0.85
+    reset_optimizer_state: bool = True
+    layer_ranks: dict[str, int] | None = None
+
+
+def build_dynamic_rank_params(values: dict[str, Any], r: int) -> DynamicRankParams:
+    """Validate ``MoLoraConfig.dynamic_rank`` for capacity ``r`` and return it with every default resolved.
+
+    Raises:
+        ValueError: on an unknown key or a bad value, naming the key, the value and what is allowed.
+    """
+    if not isinstance(values, dict):
+        raise ValueError(f"`dynamic_rank` must be a dict or None, got {type(values).__name__}.")
+    allowed = [f.name for f in dataclasses.fields(DynamicRankParams)]
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+        hints = [f"{k!r} -> {c[0]!r}?" for k in unknown if (c := difflib.get_close_matches(k, allowed, n=1))]
+        hint = f" ({', '.join(hints)})" if hints else ""
+        raise ValueError(f"`dynamic_rank` has unknown key(s) {unknown}; allowed keys: {allowed}.{hint}")
+    p = DynamicRankParams(**values)
+
+    def need_int(name: str, lo: int, hi: int | None = None, extra: str = "") -> None:
+        v = getattr(p, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+            bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+            raise ValueError(f"`dynamic_rank['{name}']`={v!r} must be an integer {bound}{extra}.")
+
+    if p.target_rank is None:
+        p.target_rank = max(1, r // 2)
+    need_int("target_rank", 1, r, f" (r={r} is every expert's capacity r_max; raise `r` for a larger budget)")
+    if p.init_rank is None:
+        p.init_rank = max(1, p.target_rank // 2)
+    need_int("init_rank", 1, p.target_rank, f" (target_rank={p.target_rank})")
+    gap = p.target_rank - p.init_rank
+    if p.growth_step is None:
+        p.growth_step = math.gcd(max(1, p.target_rank // 4), gap) if gap else 1
+    need_int("growth_step", 1, max(1, r - p.init_rank), f" (r - init_rank = {r - p.init_rank})")
+    if gap % p.growth_step:
+        raise ValueError(
+            f"`dynamic_rank['growth_step']`={p.growth_step} must divide target_rank - init_rank = {gap}, so that "
+            "growth ends exactly on the budget; pick a divisor or change init_rank/target_rank."
+        )
+    for name in ("experts_per_event", "growth_interval"):
+        if getattr(p, name) is not None:
+            need_int(name, 1)
+    for name in ("start_step", "end_step"):
+        if getattr(p, name) is not None:
+            need_int(name, 0)
+    for name in ("start_fraction", "end_fraction"):
+        v = getattr(p, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+            raise ValueError(f"`dynamic_rank['{name}']`={v!r} must be a number in [0, 1].")
+    if p.start_fraction > p.end_fraction:
+        raise ValueError(
+            f"`dynamic_rank['start_fraction']`={p.start_fraction} must be <= end_fraction={p.end_fraction}."
+        )
+    if p.start_step is not None and p.end_step is not None and p.start_step > p.end_step:
+        raise ValueError(f"`dynamic_rank['start_step']`={p.start_step} must be <= end_step={p.end_step}.")
+    if p.freq_source not in FREQ_SOURCES:
+        raise ValueError(
+            f"`dynamic_rank['freq_source']`={p.freq_source!r} is not supported; allowed values: {list(FREQ_SOURCES)}."
+        )
+    for name in ("beta_freq", "beta1", "beta2"):
+        v = getattr(p, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+            raise ValueError(f"`dynamic_rank['{name}']`={v!r} must be a number in [0, 1).")
+    if not isinstance(p.reset_optimizer_state, bool):
+        raise ValueError(f"`dynamic_rank['reset_optimizer_state']`={p.reset_optimizer_state!r} must be a bool.")
+    if p.layer_ranks is not None:
+        if not isinstance(p.layer_ranks, dict):
+            raise ValueError("`dynamic_rank['layer_ranks']` must map module names to ranks (see compact_adapter).")
+        for key, v in p.layer_ranks.items():
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= r:
+                raise ValueError(f"`dynamic_rank['layer_ranks'][{key!r}]`={v!r} must be an integer in [1, {r}].")
+    return p
+
+
+# -- per-layer state ------------------------------------------------------------------------------------------------
+
+
+class DynamicRankState(nn.Module):
+    """Rank mask, saliency signals and importance EMAs of one expert bank (one adapted projection, one adapter).
+
+    Args:
+        num_experts (int): experts ``E`` in the bank.
+        r_max (int): rank capacity of every expert (the bank's ``r``).
+        params (DynamicRankParams): the resolved DR-LoRA hyper-parameters.
+    """
+
+    def __init__(self, num_experts: int, r_max: int, params: DynamicRankParams) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.r_max = r_max
+        self.params = params
+        init = min(params.init_rank, r_max)
+        activated_at = torch.full((num_experts, r_max), -1, dtype=torch.long)
+        activated_at[:, :init] = 0
+        self.register_buffer("activated_at", activated_at)
+        self.register_buffer("freq", torch.full((num_experts,), 1.0 / num_experts))
+        self.register_buffer("importance", torch.zeros(num_experts))
+        # running sums of the routing weights over the micro-batches of one optimizer step (not saved)
+        self.register_buffer("_freq_sum", torch.zeros(num_experts), persistent=False)
+        self.register_buffer("_freq_tokens", torch.zeros(()), persistent=False)
+        # element-wise sensitivity EMAs, allocated on the first importance update (not saved, see module docstring)
+        self._ema: dict[str, torch.Tensor] = {}
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, r_max={self.r_max}, ranks={self.ranks().tolist()}"
+
+    def mask(self) -> torch.Tensor:
+        """The rank mask ``mu[E, r_max]`` (1 for active components) as a bool tensor."""
+        return self.activated_at >= 0
+
+    def ranks(self) -> torch.Tensor:
+        """Active rank ``R[E]`` of every expert."""
+        return self.mask().sum(dim=-1)
+
+    def masked_weights(self, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A * mu`` and ``mu * B`` for ``A[E, d_in, r_max]``, ``B[E, r_max, d_out]``; gradients are masked too."""
+        mask = self.mask()
+        return A * mask[:, None, :].to(A.dtype), B * mask[:, :, None].to(B.dtype)
+
+    def observe(self, routing: Routing, valid: torch.Tensor | None) -> None:
+        """Add one forward's routing weights (probabilities or gates, per ``freq_source``) to the step's sums."""
+        w = routing.probs if self.params.freq_source == "probs" else routing.dense_gates()
+        self.observe_weights(w, valid)
+
+    @torch.no_grad()
+    def observe_weights(self, weights: torch.Tensor, valid: torch.Tensor | None) -> None:
+        """Add routing weights ``[T, E]`` of one forward to the step's sums; ``valid[T]`` marks non-padding tokens.
+
+        A layer re-run by activation checkpointing adds its tokens twice, which leaves the mean unchanged.
+        """
+        w = weights.detach().float()
+        if valid is not None:
+            w = w[valid.to(w.device)]
+        self._freq_sum += w.sum(dim=0).to(self._freq_sum.device)
+        self._freq_tokens += w.shape[0]
+
+    @torch.no_grad()
+    def update_frequency(self) -> None:
+        """Fold this step's mean routing weights into the frequency EMA and start a new step."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every data-parallel rank must take the same growth decisions: count the tokens of all ranks
+            sums = torch.cat([self._freq_sum, self._freq_tokens.reshape(1)])
+            torch.distributed.all_reduce(sums)
+            self._freq_sum.copy_(sums[:-1])
+            self._freq_tokens.copy_(sums[-1])
+        if self._freq_tokens.item() > 0:
+            beta = self.params.beta_freq
+            mean = self._freq_sum / self._freq_tokens
+            self.freq.copy_(ema_frequency(self.freq.float(), mean, beta).to(self.freq.dtype))
+        self._freq_sum.zero_()
+        self._freq_tokens.zero_()
+
+    @torch.no_grad()
+    def update_importance(self, A: torch.Tensor, B: torch.Tensor) -> None:
+        """Update the sensitivity EMAs from ``A.grad``/``B.grad`` and recompute ``importance[E]``.
+
+        Does nothing for a parameter without a gradient (e.g. frozen, or no backward since the last call).
+        """
+        if A.grad is None or B.grad is None:
+            return
+        mask = self.mask()
+        sums = torch.zeros(self.num_experts, self.r_max, device=mask.device)
+        count = 0
+        for name, param, emask, dims in (
+            ("A", A, mask[:, None, :], 1),
+            ("B", B, mask[:, :, None], 2),
+        ):
+            theta = param.detach().float()
+            sens = (theta * param.grad.detach().float()).abs() * emask
+            ipt, unc = self._ema.get(name + "_ipt"), self._ema.get(name + "_unc")
+            if ipt is None or ipt.shape != sens.shape or ipt.device != sens.device:
+                ipt, unc = torch.zeros_like(sens), torch.zeros_like(sens)
+            ipt, unc, score = sensitivity_ema(ipt, unc, sens, self.params.beta1, self.params.beta2)
+            self._ema[name + "_ipt"], self._ema[name + "_unc"] = ipt, unc
+            sums += (score * emask).sum(dim=dims)
+            count += param.shape[dims]
+        sigma = sums / count  # [E, r_max], mean over A[e, :, j] and B[e, j, :]
+        active = mask.sum(dim=-1).clamp_min(1)
+        self.importance.copy_(((sigma * mask).sum(dim=-1) / active).to(self.importance.dtype))
+
+    @torch.no_grad()
+    def activate(
+        self, expert: int, count: int, step: int, A: torch.Tensor, B: torch.Tensor, optimizer: Any = None
+    ) -> list[int]:
+        """Switch on the next ``count`` dormant components of ``expert`` at ``step``; return their indices.
+
+        Each new component gets a fresh kaiming-uniform ``A[expert, :, j]`` and a zero ``B[expert, j, :]``, so
+        the bank's output does not change; its importance EMAs and (with ``reset_optimizer_state``) its
+        optimizer moments restart at zero.
+        """
+        dormant = (self.activated_at[expert] < 0).nonzero().flatten()[:count].tolist()
+        if not dormant:
+            return []
+        idx = torch.tensor(dormant, device=A.device)
+        bound = 1.0 / math.sqrt(A.shape[1])
+        fresh = torch.empty(A.shape[1], len(dormant), device=A.device, dtype=torch.float32).uniform_(-bound, bound)
+        # index the expert first: `A[e, :, idx]` would put the index dimension first
+        A[expert][:, idx] = fresh.to(A.dtype)
+        B[expert][idx, :] = 0
+        self.activated_at[expert][idx.to(self.activated_at.device)] = int(step)
+        for name, tensor in self._ema.items():
+            if name.startswith("A"):
+                tensor[expert][:, idx.to(tensor.device)] = 0
+            else:
+                tensor[expert][idx.to(tensor.device), :] = 0
+        if optimizer is not None and self.params.reset_optimizer_state:
+            _zero_optimizer_rows(optimizer, A, expert, idx, rank_dim=1)
+            _zero_optimizer_rows(optimizer, B, expert, idx, rank_dim=0)
+        return dormant
+
+
+def _zero_optimizer_rows(optimizer: Any, param: torch.Tensor, expert: int, idx: torch.Tensor, rank_dim: int) -> None:
+    # accelerate's AcceleratedOptimizer is a torch Optimizer whose `.state` is the wrapped optimizer's
+    state = getattr(optimizer, "state", None)
+    if not state or param not in state:
+        return
+    for value in state[param].values():
+        # per-element moments (Adam's exp_avg/exp_avg_sq, momentum buffers) have the parameter's shape
+        if isinstance(value, torch.Tensor) and value.shape == param.shape:
+            value[expert].index_fill_(rank_dim, idx.to(value.device), 0)
+
+
+# -- the equations (pure functions, unit-tested against the spec vectors) ------------------------------------------
+
+
+def ema_frequency(freq: torch.Tensor, batch_mean: torch.Tensor, beta: float) -> torch.Tensor:
+    """``beta * freq + (1 - beta) * batch_mean`` (spec §5 routing frequency)."""
+    return beta * freq + (1.0 - beta) * batch_mean
+
+
+def sensitivity_ema(
+    ipt: torch.Tensor, unc: torch.Tensor, sens: torch.Tensor, beta1: float, beta2: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One AdaLoRA sensitivity update: returns the new ``(Ibar, Ubar, Ibar * Ubar)`` for ``sens = |theta * g|``."""
+    ipt = beta1 * ipt + (1.0 - beta1) * sens
+    unc = beta2 * unc + (1.0 - beta2) * (sens - ipt).abs()
+    return ipt, unc, ipt * unc
+
+
+def saliency_scores(freqs: list[torch.Tensor], importances: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``S_{l,e} = f~_{l,e} * I~_{l,e}`` for per-layer ``freqs[l][E]`` and ``importances[l][E]``.
+
+    Frequencies are normalised per layer, importances over all layers; when every importance is still zero (no
+    gradient seen yet) the importance factor is uniform, so the frequency alone decides.
+    """
+    total_imp = sum(float(i.double().sum()) for i in importances)
+    n_all = sum(i.numel() for i in importances)
+    out = []
+    for f, imp in zip(freqs, importances):
+        f = f.double()
+        f_norm = f / f.sum() if float(f.sum()) > 0 else torch.full_like(f, 1.0 / f.numel())
+        i_norm = imp.double() / total_imp if total_imp > 0 else torch.full_like(f, 1.0 / n_all)
+        out.append(f_norm * i_norm)
+    return out
+
+
+def allocate(
+    scores: torch.Tensor, ranks: torch.Tensor, r_max: torch.Tensor | int, growth_step: int, num_grow: int, budget: int
+) -> torch.Tensor:
+    """One growth event: add ``growth_step`` to the ``num_grow`` highest-``scores`` experts that can still grow.
+
+    An expert can grow while ``ranks + growth_step <= r_max``; growth stops when ``sum(ranks)`` reaches
+    ``budget``. Ties go to the lower index. Shapes: ``scores[N]``, ``ranks[N]`` (flattened over layers);
+    returns the new ``ranks[N]``.
+    """
+    ranks = ranks.clone()
+    cap = torch.as_tensor(r_max, device=ranks.device).expand_as(ranks)
+    order = torch.argsort(-scores.double(), stable=True)
+    left = num_grow
+    for i in order.tolist():
+        if left == 0 or int(ranks.sum()) + growth_step > budget:
+            break
+        if int(ranks[i]) + growth_step <= int(cap[i]):
+            ranks[i] += growth_step
+            left -= 1
+    return ranks
+
+
+@dataclass
+class GrowthSchedule:
+    """The resolved growth schedule of one adapter.
+
+    Attributes:
+        start (int): first optimizer step with a growth event (>= 1).
+        end (int): last optimizer step that may grow.
+        interval (int): steps between events.
+        experts_per_event (int): experts grown per event, over all layers.
+        growth_step (int): rank added per grown expert.
+        budget (int): total rank of all experts when growth is done.
+    """
+
+    start: int
+    end: int
+    interval: int
+    experts_per_event: int
+    growth_step: int
+    budget: int
+
+    def is_event(self, step: int) -> bool:
+        """True when ``step`` (optimizer steps completed) is a growth event."""
+        return self.start <= step <= self.end and (step - self.start) % self.interval == 0
+
+    @property
+    def num_events(self) -> int:
+        return (self.end - self.start) // self.interval + 1
+
+
+def resolve_schedule(params: DynamicRankParams, num_experts_total: int, total_steps: int | None) -> GrowthSchedule:
+    """Turn the configured schedule into steps for ``num_experts_total`` experts and ``total_steps`` steps.
+
+    Raises:
+        ValueError: if fractions are used and ``total_steps`` is unknown, or the start lies after the end.
+    """
+    if (params.start_step is None or params.end_step is None) and not total_steps:
+        raise ValueError(
+            "The DR-LoRA schedule is given as fractions of training (`start_fraction`/`end_fraction`), so the total "
+            "number of optimizer steps is needed: pass `total_steps=` (the Trainer callback uses max_steps), or set "
+            "`dynamic_rank['start_step']` and `['end_step']`."
+        )
+    start = params.start_step if params.start_step is not None else int(params.start_fraction * total_steps)
+    end = params.end_step if params.end_step is not None else int(params.end_fraction * total_steps)
+    start = max(1, start)  # step 0 never ends (on_step_end first sees step 1)
+    if end < start:
+        raise ValueError(f"DR-LoRA growth would start at step {start} but end at step {end}; widen the window.")
+    budget = num_experts_total * params.target_rank
+    units = num_experts_total * (params.target_rank - params.init_rank) // params.growth_step
+    span = end - start
+    m, interval = params.experts_per_event, params.growth_interval
+    if interval is None and m is None:
+        interval = max(1, span // 10)
+    if interval is None:
+        events = max(1, math.ceil(units / m))
+        interval = max(1, span // max(1, events - 1)) if events > 1 else max(1, span + 1)
+    if m is None:
+        m = max(1, math.ceil(units / (span // interval + 1)))
+    schedule = GrowthSchedule(start, end, interval, m, params.growth_step, budget)
+    if units and schedule.num_events * m < units:
+        warnings.warn(
+            f"DR-LoRA will stop at step {end} before spending its rank budget: {schedule.num_events} events x {m} "
+            f"experts x {params.growth_step} rank < {units * params.growth_step} to grow. Raise "
+            "`experts_per_event`, lower `growth_interval` or widen the start/end window.",
+            stacklevel=2,
+        )
+    return schedule

@@ -1,0 +1,451 @@
+"""Benchmarks: a MoLoRA layer and a MoLoRA training step against PEFT LoRA of the same active rank.
+
+``python -m molora.bench`` (or ``scripts/bench.py``, or ``molora bench`` once the CLI wires it to :func:`main`)
+measures, in one run and with the same thread count:
+
+* **layer**: forward + backward of one adapted ``d x d`` projection (frozen ``nn.Linear`` base, input that requires
+  grad, as inside a network) on ``T`` tokens, for PEFT LoRA with rank ``r*k`` (the same active rank), MoLoRA on
+  each compute path (``auto``, ``dense``, ``grouped``) and the naive per-expert loop (``kernel="naive"``);
+* **train step**: forward with labels, backward and an AdamW step on a small random Llama whose projections are all
+  adapted, for the same candidates (MoLoRA with its defaults: top-k router, balance loss, routing statistics).
+
+Timing: every candidate is built once, warmed up, then the candidates run interleaved (one call each per round, so
+that drift in the machine's speed hits all of them alike) and each gets the median over the rounds. A ratio is the
+median over rounds of (candidate time / reference time in the same round), the reference being PEFT LoRA or the
+naive loop: on a shared machine whose speed drifts, per-round ratios are far steadier than ratios of medians.
+
+Peak memory: the largest number of bytes held by tensors allocated during one forward + backward (activations
+kept for backward, temporaries, gradients), tracked per tensor storage by :class:`PeakTensorMemory` (a
+``TorchDispatchMode`` that sees every operator output, forward and backward, and a weak reference per storage that
+tells when it is freed); parameters and inputs that exist before the step are not counted. This works on a CPU,
+where ``torch.cuda.max_memory_allocated`` is not available, and does not depend on the allocator's caching. It is
+measured in a separate call from the timing (the mode slows the call down).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+# -- results ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchRow:
+    """One measured candidate.
+
+    Attributes:
+        section (str): ``"layer"`` or ``"train step"``.
+        shape (str): what was measured, e.g. ``"d=2048 T=512 E=8 k=2 r=8"``.
+        candidate (str): ``"lora r=16"``, ``"molora auto"``, ``"molora dense"``, ``"molora grouped"`` or ``"naive"``.
+        time_ms (float): median forward + backward (+ optimizer step) time in milliseconds.
+        peak_mb (float): peak tensor memory of one step in MiB (see the module docstring).
+        vs_lora (float or None): time over the LoRA row's: the median over rounds of the per-round ratio.
+        vs_naive (float or None): time over the naive row's, the same way.
+        mem_vs_lora (float or None): ``peak_mb`` over the LoRA row's.
+        kernel (str): the path ``kernel="auto"`` picked (MoLoRA rows), else ``""``.
+    """
+
+    section: str
+    shape: str
+    candidate: str
+    time_ms: float
+    peak_mb: float | None = None
+    vs_lora: float | None = None
+    vs_naive: float | None = None
+    mem_vs_lora: float | None = None
+    kernel: str = ""
+
+
+@dataclass
+class BenchTable:
+    """All rows of one run plus the settings they were measured with."""
+
+    rows: list[BenchRow] = field(default_factory=list)
+    threads: int = 1
+    repeats: int = 0
+    warmup: int = 0
+    device: str = "cpu"
+    torch_version: str = torch.__version__
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# -- measuring -------------------------------------------------------------------------------------------------------
+
+
+class PeakTensorMemory(TorchDispatchMode):
+    """Track the bytes held by tensor storages created while the mode is active; ``peak`` is the maximum.
+
+    Every operator output (forward and backward, gradients included) is counted once per storage, from its
+    creation until the storage is freed (a weak reference to the storage tells when). Tensors that existed before
+    the mode was entered (parameters, inputs) are not counted.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, tuple[weakref.ref, int]] = {}
+        self.current = 0
+        self.peak = 0
+
+    def _free(self, key: int) -> None:
+        entry = self.live.pop(key, None)
+        if entry is not None:
+            self.current -= entry[1]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            key = storage._cdata
+            if key in self.live:
+                continue
+            nbytes = storage.nbytes()
+            self.live[key] = (weakref.ref(storage, lambda _ref, key=key: self._free(key)), nbytes)
+            self.current += nbytes
+            self.peak = max(self.peak, self.current)
+        return out
+
+
+def _peak_bytes(step: Callable[[], None]) -> float:
+    gc.collect()
+    with PeakTensorMemory() as tracker:
+        step()
+    return float(tracker.peak)
+
+
+def _time_interleaved(steps: dict[str, Callable[[], None]], warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Per candidate, the wall time (ms) of each round; the candidates alternate within every round."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
+    for round_index in range(repeats):
+        # rotate the order so that no candidate always runs right after the same other one
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            _sync()
+            start = time.perf_counter()
+            steps[name]()
+            _sync()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def _sync() -> None:
+    # CUDA kernels run asynchronously: wait for them so that a round times the work, not the launches
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def _paired_ratio(times: list[float], reference: list[float]) -> float:
+    # the median of per-round ratios: both calls of a round ran within a second of each other, so a machine whose
+    # speed drifts (shared cores, frequency scaling) moves both and the ratio stays put
+    return statistics.median(t / r for t, r in zip(times, reference))
+
+
+def _make_rows(section: str, shape: str, times: dict[str, list[float]], peaks: dict[str, float], kernels) -> list:
+    lora = next((name for name in times if name.startswith("lora")), None)
+    rows = []
+    for name, values in times.items():
+        median = statistics.median(values)
+        row = BenchRow(section, shape, name, median, peaks[name] / 2**20, kernel=kernels.get(name, ""))
+        if lora is not None:
+            row.vs_lora = _paired_ratio(values, times[lora])
+            row.mem_vs_lora = peaks[name] / peaks[lora] if peaks[lora] else None
+        if "naive" in times:
+            row.vs_naive = _paired_ratio(values, times["naive"])
+        rows.append(row)
+    return rows
+
+
+# -- candidates ------------------------------------------------------------------------------------------------------
+
+
+class _OneProjection(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(width, width, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def _peft_config(candidate: str, rank: int, num_experts: int, top_k: int, targets):
+    from peft import LoraConfig
+
+    from .config import MoLoraConfig
+
+    if candidate.startswith("lora"):
+        return LoraConfig(r=rank * top_k, lora_alpha=2 * rank * top_k, target_modules=targets)
+    kernel = "naive" if candidate == "naive" else candidate.split()[-1]
+    return MoLoraConfig(
+        r=rank, lora_alpha=2 * rank, num_experts=num_experts, top_k=top_k, target_modules=targets, kernel=kernel
+    )
+
+
+def _adapt(model: nn.Module, config) -> nn.Module:
+    from peft import get_peft_model
+
+    model = get_peft_model(model, config)
+    # a trained adapter: LoRA B (and every expert's B) away from zero, as after some steps
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad and ("lora_B" in name or "molora_B" in name):
+                param.normal_(0.0, 0.02)
+    return model
+
+
+def _auto_kernel(model: nn.Module, tokens: int) -> str:
+    from .adapters.layer import MoLoraLayer
+    from .kernels import choose_kernel
+
+    for module in model.modules():
+        if isinstance(module, MoLoraLayer):
+            name = next(iter(module.molora_A))
+            e, _, r = module.molora_A[name].shape
+            return choose_kernel(tokens, tokens * module.top_k[name], e, r, module.molora_A[name].device)
+    return ""
+
+
+def bench_layer(
+    width: int,
+    tokens: int,
+    rank: int,
+    num_experts: int,
+    top_k: int,
+    candidates,
+    warmup: int,
+    repeats: int,
+    device: str = "cpu",
+) -> list[BenchRow]:
+    """Forward + backward of one adapted ``width x width`` projection on ``tokens`` tokens, per candidate."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, width, generator=gen).to(device)
+    upstream = torch.randn(tokens, width, generator=gen).to(device)
+    steps, models = {}, {}
+    for candidate in candidates:
+        torch.manual_seed(0)
+        model = _adapt(_OneProjection(width), _peft_config(candidate, rank, num_experts, top_k, ["proj"])).to(device)
+        model.train()
+        models[candidate] = model
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def step(model=model, params=params) -> None:
+            for p in params:
+                p.grad = None
+            inp = x.detach().requires_grad_(True)
+            (model(inp) * upstream).sum().backward()
+
+        steps[candidate] = step
+    times = _time_interleaved(steps, warmup, repeats)
+    shape = f"d={width} T={tokens} E={num_experts} k={top_k} r={rank}"
+    peaks = {name: _peak_bytes(step) for name, step in steps.items()}
+    kernels = {name: _auto_kernel(models[name], tokens) for name in steps if name == "molora auto"}
+    return _make_rows("layer", shape, times, peaks, kernels)
+
+
+def _small_llama(width: int, layers: int, vocab: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, width // 128),
+        num_key_value_heads=max(1, width // 512),
+        vocab_size=vocab,
+        max_position_embeddings=4096,
+    )
+    return LlamaForCausalLM(config)
+
+
+def bench_train_step(
+    width: int,
+    layers: int,
+    batch: int,
+    seq: int,
+    rank: int,
+    num_experts: int,
+    top_k: int,
+    candidates,
+    warmup: int,
+    repeats: int,
+    device: str = "cpu",
+) -> list[BenchRow]:
+    """One training step (forward with labels, backward, AdamW) of a small random Llama, per candidate."""
+    vocab = 512
+    gen = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    steps, models = {}, {}
+    for candidate in candidates:
+        model = _adapt(_small_llama(width, layers, vocab), _peft_config(candidate, rank, num_experts, top_k, targets))
+        model.to(device).train()
+        models[candidate] = model
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def step(model=model, optimizer=optimizer) -> None:
+            out = model(input_ids=input_ids, labels=input_ids)
+            out.loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        steps[candidate] = step
+    times = _time_interleaved(steps, warmup, repeats)
+    shape = f"llama d={width} L={layers} T={batch}x{seq} E={num_experts} k={top_k} r={rank}"
+    peaks = {name: _peak_bytes(step) for name, step in steps.items()}
+    kernels = {name: _auto_kernel(models[name], batch * seq) for name in steps if name == "molora auto"}
+    return _make_rows("train step", shape, times, peaks, kernels)
+
+
+# -- the run ---------------------------------------------------------------------------------------------------------
+
+#: (E, k, r) of the layer shapes measured besides the headline E=8, k=2, r=8
+EXTRA_LAYER_SHAPES = [(4, 1, 16), (16, 2, 8), (64, 2, 8), (128, 2, 8), (8, 2, 64), (16, 2, 64)]
+
+
+def run_benchmarks(
+    quick: bool = False,
+    threads: int | None = None,
+    warmup: int | None = None,
+    repeats: int | None = None,
+    width: int | None = None,
+    tokens: int | None = None,
+    model: bool = True,
+    extra_shapes: bool = True,
+    progress: Callable[[str], None] | None = None,
+    device: str = "cpu",
+) -> BenchTable:
+    """Measure the layer and (unless ``model=False``) the training-step benchmarks; return the table.
+
+    Args:
+        quick (bool): tiny shapes and few repeats (seconds; for smoke tests, the ratios mean little).
+        threads (int | None): ``torch.set_num_threads`` for the whole run; None keeps torch's current setting.
+        warmup (int | None): untimed calls per candidate before timing. Default 3 (1 with ``quick``).
+        repeats (int | None): timed rounds. Default 15 for the layer (3 with ``quick``).
+        width (int | None): projection width ``d``. Default 2048 (128 with ``quick``).
+        tokens (int | None): tokens per layer call. Default 512 (32 with ``quick``).
+        model (bool): also run the training-step benchmark.
+        extra_shapes (bool): also run :data:`EXTRA_LAYER_SHAPES` (E, k, r) at the same width.
+        progress (callable | None): called with a line of text before each benchmark.
+        device (str): where models and inputs live (``"cpu"`` or ``"cuda"``); on CUDA the Triton kernels
+            (``molora triton``) are measured too.
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
+    warmup = warmup if warmup is not None else (1 if quick else 3)
+    repeats = repeats if repeats is not None else (3 if quick else 15)
+    width = width if width is not None else (128 if quick else 2048)
+    tokens = tokens if tokens is not None else (32 if quick else 512)
+    say = progress or (lambda line: None)
+    table = BenchTable(threads=torch.get_num_threads(), repeats=repeats, warmup=warmup, device=device)
+    layer_candidates = ["lora r·k", "molora auto", "molora dense", "molora grouped", "naive"]
+    if torch.device(device).type == "cuda":
+        layer_candidates.insert(-1, "molora triton")
+    shapes = [(8, 2, 8)] + (EXTRA_LAYER_SHAPES if extra_shapes and not quick else [])
+    for num_experts, top_k, rank in shapes:
+        say(f"layer d={width} T={tokens} E={num_experts} k={top_k} r={rank}")
+        table.rows += bench_layer(
+            width, tokens, rank, num_experts, top_k, layer_candidates, warmup, repeats, device=device
+        )
+    if model:
+        m_width, m_layers, m_batch, m_seq = (64, 2, 2, 16) if quick else (width, 2, 2, 128)
+        say(f"train step llama d={m_width} L={m_layers} T={m_batch}x{m_seq}")
+        table.rows += bench_train_step(
+            m_width,
+            m_layers,
+            m_batch,
+            m_seq,
+            8,
+            8,
+            2,
+            ["lora r·k", "molora auto", "naive"],
+            max(1, warmup - 1),
+            max(3, repeats // 3),
+            device=device,
+        )
+    for row in table.rows:
+        if row.candidate == "lora r·k":
+            row.candidate = f"lora r={_rk(row.shape)}"
+    return table
+
+
+def _rk(shape: str) -> int:
+    parts = dict(p.split("=") for p in shape.split() if "=" in p)
+    return int(parts["k"]) * int(parts["r"])
+
+
+def format_table(table: BenchTable) -> str:
+    """The table as GitHub markdown (what docs/kernels.md shows)."""
+
+    def num(value: float | None, fmt: str) -> str:
+        return "" if value is None else format(value, fmt)
+
+    lines = [
+        f"torch {table.torch_version}, device {table.device}, {table.threads} threads, "
+        f"median of {table.repeats} interleaved rounds after {table.warmup} warm-up calls",
+        "",
+        "| benchmark | shape | candidate | time (ms) | × LoRA | × naive | peak MiB | mem × LoRA |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in table.rows:
+        candidate = r.candidate + (f" → {r.kernel}" if r.kernel else "")
+        lines.append(
+            f"| {r.section} | {r.shape} | {candidate} | {r.time_ms:.1f} | {num(r.vs_lora, '.3f')} | "
+            f"{num(r.vs_naive, '.3f')} | {num(r.peak_mb, '.1f')} | {num(r.mem_vs_lora, '.3f')} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``molora bench`` / ``python -m molora.bench``; prints the table, returns the exit code."""
+    parser = argparse.ArgumentParser(prog="molora bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, a few seconds (smoke test)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the run")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls per candidate")
+    parser.add_argument("--repeats", type=int, default=None, help="timed interleaved rounds")
+    parser.add_argument("--width", type=int, default=None, help="projection width d (default 2048)")
+    parser.add_argument("--tokens", type=int, default=None, help="tokens per layer call (default 512)")
+    parser.add_argument("--no-model", action="store_true", help="skip the small-Llama training-step benchmark")
+    parser.add_argument("--no-extra-shapes", action="store_true", help="only the E=8, k=2, r=8 layer shape")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda adds the Triton kernels)")
+    parser.add_argument("--json", default=None, help="also write the table to this JSON file")
+    args = parser.parse_args(argv)
+    table = run_benchmarks(
+        quick=args.quick,
+        threads=args.threads,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        width=args.width,
+        tokens=args.tokens,
+        model=not args.no_model,
+        extra_shapes=not args.no_extra_shapes,
+        progress=lambda line: print(f"# {line}", flush=True),
+        device=args.device,
+    )
+    print(format_table(table))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(table.to_dict(), f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

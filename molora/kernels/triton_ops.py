@@ -1,0 +1,259 @@
+"""Triton kernels for the expert bank: SGMV-style grouped shrink and expand with the gate fused, and their backward.
+
+The assignments are sorted by expert once; expert ``e`` owns the contiguous segment ``[start_e, start_{e+1})`` of
+the sorted assignments. Three kernels cover forward and backward (``tok[n]`` = token of sorted assignment ``n``,
+``w[n]`` = its gate times the LoRA scaling)::
+
+    _sgmv:       out[o(n)] (+)= s(n) * in[i(n)] @ W[e(n)]         shrink: h[n] = x[tok[n]] @ A[e]
+                                                                  expand: out[tok[n]] += w[n] * h[n] @ B[e]
+                                                                  backward: g[n] = dY[tok[n]] @ B[e]^T,
+                                                                            dx[tok[n]] += dh[n] @ A[e]^T
+    _seg_outer:  G[e] = sum_{n in e} L[l(n)]^T R[r(n)]             dA[e] = x[tok]^T dh,  dB[e] = (w h)^T dY[tok]
+
+``i``, ``o``, ``l``, ``r`` are either the identity or the gather/scatter through ``tok``: token rows are read and
+written in place, never copied into a ``[N, d]`` buffer; scattered writes use atomic adds (a token has several
+experts). Gate gradients are ``dw[n] = <g[n], h[n]>`` and ``dh[n] = w[n] * g[n]`` on ``[N, r]`` tensors in torch.
+Everything accumulates in fp32.
+
+Importing this module needs ``triton``. The kernels run on CUDA tensors, or on CPU tensors when the environment
+variable ``TRITON_INTERPRET=1`` is set *before* this module is first imported (Triton's interpreter; slow, for tests).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..routers.base import Routing
+
+_BLOCK_M = 16
+_BLOCK_N = 32
+_BLOCK_K = 32
+
+
+@triton.jit
+def _sgmv(
+    inp,
+    in_idx,
+    weight,
+    out,
+    out_idx,
+    scale,
+    seg_start,
+    n_k,
+    n_n,
+    stride_in,
+    stride_we,
+    stride_wk,
+    stride_wn,
+    stride_out,
+    HAS_IN_IDX: tl.constexpr,
+    HAS_OUT_IDX: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    expert = tl.program_id(0)
+    start = tl.load(seg_start + expert)
+    end = tl.load(seg_start + expert + 1)
+    rows = start + tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < end
+    cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < n_n
+    if HAS_IN_IDX:
+        in_rows = tl.load(in_idx + rows, mask=row_mask, other=0)
+    else:
+        in_rows = rows
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, n_k, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < n_k
+        a = tl.load(
+            inp + in_rows[:, None] * stride_in + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0
+        )
+        b = tl.load(
+            weight + expert * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
+            mask=k_mask[:, None] & col_mask[None, :],
+            other=0.0,
+        )
+        acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    if HAS_SCALE:
+        gate = tl.load(scale + rows, mask=row_mask, other=0.0).to(tl.float32)
+        acc = acc * gate[:, None]
+    if HAS_OUT_IDX:
+        out_rows = tl.load(out_idx + rows, mask=row_mask, other=0)
+    else:
+        out_rows = rows
+    ptrs = out + out_rows[:, None] * stride_out + cols[None, :]
+    mask = row_mask[:, None] & col_mask[None, :]
+    if ATOMIC:
+        tl.atomic_add(ptrs, acc, mask=mask)
+    else:
+        tl.store(ptrs, acc, mask=mask)
+
+
+@triton.jit
+def _seg_outer(
+    left,
+    left_idx,
+    right,
+    right_idx,
+    out,
+    seg_start,
+    n_p,
+    n_q,
+    stride_left,
+    stride_right,
+    stride_oe,
+    stride_op,
+    HAS_LEFT_IDX: tl.constexpr,
+    HAS_RIGHT_IDX: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+):
+    expert = tl.program_id(0)
+    start = tl.load(seg_start + expert)
+    end = tl.load(seg_start + expert + 1)
+    ps = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    qs = tl.program_id(2) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    p_mask = ps < n_p
+    q_mask = qs < n_q
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    for m0 in range(start, end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_mask = rows < end
+        if HAS_LEFT_IDX:
+            l_rows = tl.load(left_idx + rows, mask=row_mask, other=0)
+        else:
+            l_rows = rows
+        if HAS_RIGHT_IDX:
+            r_rows = tl.load(right_idx + rows, mask=row_mask, other=0)
+        else:
+            r_rows = rows
+        lt = tl.load(
+            left + l_rows[:, None] * stride_left + ps[None, :], mask=row_mask[:, None] & p_mask[None, :], other=0.0
+        )
+        rt = tl.load(
+            right + r_rows[:, None] * stride_right + qs[None, :], mask=row_mask[:, None] & q_mask[None, :], other=0.0
+        )
+        acc += tl.dot(tl.trans(lt.to(tl.float32)), rt.to(tl.float32), input_precision="ieee")
+    ptrs = out + expert * stride_oe + ps[:, None] * stride_op + qs[None, :]
+    tl.store(ptrs, acc, mask=p_mask[:, None] & q_mask[None, :])
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def _sgmv_call(inp, in_idx, weight_strides, weight, out, out_idx, scale, seg_start, max_seg, n_k, n_n, atomic):
+    n_experts = seg_start.numel() - 1
+    if max_seg == 0 or n_n == 0:
+        return
+    grid = (n_experts, _cdiv(max_seg, _BLOCK_M), _cdiv(n_n, _BLOCK_N))
+    dummy = seg_start
+    _sgmv[grid](
+        inp,
+        in_idx if in_idx is not None else dummy,
+        weight,
+        out,
+        out_idx if out_idx is not None else dummy,
+        scale if scale is not None else inp,
+        seg_start,
+        n_k,
+        n_n,
+        inp.stride(0),
+        *weight_strides,
+        out.stride(0),
+        HAS_IN_IDX=in_idx is not None,
+        HAS_OUT_IDX=out_idx is not None,
+        HAS_SCALE=scale is not None,
+        ATOMIC=atomic,
+        BLOCK_M=_BLOCK_M,
+        BLOCK_N=_BLOCK_N,
+        BLOCK_K=_BLOCK_K,
+    )
+
+
+def _seg_outer_call(left, left_idx, right, right_idx, seg_start, n_experts):
+    n_p, n_q = left.shape[1], right.shape[1]
+    out = torch.zeros(n_experts, n_p, n_q, device=left.device, dtype=torch.float32)
+    grid = (n_experts, _cdiv(n_p, _BLOCK_N), _cdiv(n_q, _BLOCK_N))
+    dummy = seg_start
+    _seg_outer[grid](
+        left,
+        left_idx if left_idx is not None else dummy,
+        right,
+        right_idx if right_idx is not None else dummy,
+        out,
+        seg_start,
+        n_p,
+        n_q,
+        left.stride(0),
+        right.stride(0),
+        out.stride(0),
+        out.stride(1),
+        HAS_LEFT_IDX=left_idx is not None,
+        HAS_RIGHT_IDX=right_idx is not None,
+        BLOCK_M=_BLOCK_M,
+        BLOCK_P=_BLOCK_N,
+        BLOCK_Q=_BLOCK_N,
+    )
+    return out
+
+
+class _SGMVExperts(torch.autograd.Function):
+    """``delta = sum_n w[n] * x[tok[n]] @ A[e_n] @ B[e_n]`` over assignments sorted by expert; see the module doc."""
+
+    @staticmethod
+    def forward(ctx, x, A, B, weight, tok, seg_start, max_seg):  # noqa: D102
+        n_tokens, d_in = x.shape
+        n_experts, _, rank = A.shape
+        d_out = B.shape[-1]
+        x = x.contiguous()
+        h = torch.empty(tok.numel(), rank, device=x.device, dtype=torch.float32)
+        _sgmv_call(x, tok, A.stride(), A, h, None, None, seg_start, max_seg, d_in, rank, atomic=False)
+        out = torch.zeros(n_tokens, d_out, device=x.device, dtype=torch.float32)
+        w = weight.float().contiguous()
+        _sgmv_call(h, None, B.stride(), B, out, tok, w, seg_start, max_seg, rank, d_out, atomic=True)
+        ctx.save_for_backward(x, A, B, w, tok, seg_start, h)
+        ctx.max_seg = max_seg
+        ctx.dtypes = (x.dtype, A.dtype, B.dtype, weight.dtype)
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        x, A, B, w, tok, seg_start, h = ctx.saved_tensors
+        max_seg = ctx.max_seg
+        n_experts, d_in, rank = A.shape
+        d_out = B.shape[-1]
+        grad_out = grad_out.contiguous()
+        # g[n] = dY[tok[n]] @ B[e]^T: the transposed B is read through its strides
+        g = torch.empty(tok.numel(), rank, device=x.device, dtype=torch.float32)
+        b_t = (B.stride(0), B.stride(2), B.stride(1))
+        _sgmv_call(grad_out, tok, b_t, B, g, None, None, seg_start, max_seg, d_out, rank, atomic=False)
+        grad_w = (g * h).sum(dim=-1)
+        dh = g * w.unsqueeze(-1)
+        grad_x = torch.zeros(x.shape, device=x.device, dtype=torch.float32)
+        a_t = (A.stride(0), A.stride(2), A.stride(1))
+        _sgmv_call(dh, None, a_t, A, grad_x, tok, None, seg_start, max_seg, rank, d_in, atomic=True)
+        grad_A = _seg_outer_call(x, tok, dh, None, seg_start, n_experts)
+        grad_B = _seg_outer_call(h * w.unsqueeze(-1), None, grad_out, tok, seg_start, n_experts)
+        x_dtype, a_dtype, b_dtype, w_dtype = ctx.dtypes
+        return grad_x.to(x_dtype), grad_A.to(a_dtype), grad_B.to(b_dtype), grad_w.to(w_dtype), None, None, None
+
+
+def triton_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, routing: Routing, scaling: float) -> torch.Tensor:
+    """The expert bank through the Triton SGMV kernels; same signature and semantics as the torch paths."""
+    n_experts = A.shape[0]
+    order = torch.argsort(routing.expert_index, stable=True)
+    tok = routing.token_index[order].contiguous()
+    weight = routing.weight[order] * scaling
+    counts = torch.bincount(routing.expert_index, minlength=n_experts)
+    seg_start = torch.zeros(n_experts + 1, dtype=torch.int64, device=x.device)
+    seg_start[1:] = torch.cumsum(counts, 0)
+    max_seg = int(counts.max().item()) if counts.numel() else 0
+    return _SGMVExperts.apply(x, A.contiguous(), B.contiguous(), weight, tok, seg_start, max_seg)

@@ -1,0 +1,310 @@
+"""Prompt-aware routing (MiLoRA, Zhang et al., Findings of EMNLP 2024, arXiv 2410.18035), "bank" mode.
+
+One routing decision per *sequence*, computed from its prompt and used for every token of that sequence, prompt
+and generated alike (spec/algorithms.md section 3). For the tokens ``x[B, S, d_in]`` entering one adapted projection
+and the prompt positions ``m[B, S]``:
+
+1. pool the prompt: ``h_b = Pool({x_{b,t} : m_{b,t}})`` with ``Pool`` = masked ``mean`` (default), ``last`` (the
+   last prompt position, wherever the padding is) or element-wise ``max``;
+2. activate: ``u_b = sigma(h_b)``, ``sigma`` = ``tanh`` (default), ``gelu``, ``relu`` or ``identity``;
+3. score: ``l_b = W u_b`` (``W[E, d_in]``, no bias), ``pi_b = softmax(l_b)``;
+4. select ``S_b = TopK(pi_b, K)`` with ``K = MoLoraConfig.top_k``; gates ``g_{b,e} = pi_{b,e} / sum_{j in S_b}
+   pi_{b,j}`` on ``S_b`` (``gate_mode="renorm"``) or ``pi_{b,e}`` (``"raw"``), 0 elsewhere. The gates stay soft so
+   the router is trained by the language-modelling loss;
+5. every token ``t`` of sequence ``b`` uses the gates ``g_b``:
+   ``y_{b,t} = W0 x_{b,t} + sum_e g_{b,e} Delta_e(x_{b,t})``.
+
+Which positions are the prompt (``m``), in order of precedence:
+
+* an explicit ``MoLoraModel.molora_prompt_mask(...)`` context (``RoutingContext.prompt_mask``);
+* with ``labels`` (training, evaluation loss): ``labels == -100`` and ``attention_mask == 1``, i.e. the tokens the
+  loss ignores, which is how SFT data marks the prompt;
+* otherwise every non-padding token of the call (a generation prefill is exactly the prompt).
+
+A sequence whose prompt mask is empty (labels supervise every token) falls back to all of its non-padding tokens.
+Padding never enters a decision, so a sample routes the same alone and in a padded batch.
+
+Generation: the decision of each sequence is cached at the prefill (``RoutingContext.is_decode`` False) and read at
+every cached decode step (no pooling, no router compute). The cache is a plain attribute, not a buffer: it is never
+saved with the adapter, it is overwritten by the next prefill (so it cannot leak from one ``generate`` call into
+the next), and a decode step whose batch differs from the prefill's raises. ``generate`` expands beams and
+``num_return_sequences`` *before* its prefill, so beam search and multiple samples work unchanged.
+
+Deviation from the paper ([OURS], documented in docs/prompt_router.md): MiLoRA routes between the seven LoRA
+modules of a decoder layer with one router per layer, fed the layer's residual-stream input. Here each adapted
+projection has its own router over its own bank of ``E`` experts, fed that projection's input. The faithful
+"module" mode is not implemented.
+
+Balance loss: over *sequences*, not tokens (every token of a sequence shares one decision): ``AuxInputs`` rows are
+the sequences with at least one real token, so ``balance_loss_type`` keeps its meaning with "token" read as
+"sequence" (e.g. ``"megatron"``: loads = share of the sequences' ``K`` selections that went to each expert).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from . import balancing
+from .base import Router, RouterParams, Routing, register_router
+from .topk import topk_routing
+
+if TYPE_CHECKING:
+    from ..runtime import RoutingContext
+
+POOLERS = ("mean", "last", "max")
+ACTIVATIONS = ("tanh", "gelu", "relu", "identity")
+GATE_MODES = ("renorm", "raw")
+
+_ACTIVATION_FNS = {
+    "tanh": torch.tanh,
+    "gelu": nn.functional.gelu,
+    "relu": torch.relu,
+    "identity": lambda u: u,
+}
+
+
+@dataclass
+class PromptParams(RouterParams):
+    """Hyper-parameters of the ``prompt`` router (MiLoRA's prompt-aware routing).
+
+    Args:
+        pooler (str): how the prompt's token inputs are summarised: ``"mean"`` (masked mean), ``"last"`` (the last
+            prompt token) or ``"max"`` (element-wise masked max). Default: "mean".
+        activation (str): applied to the pooled vector before the router: ``"tanh"``, ``"gelu"``, ``"relu"`` or
+            ``"identity"``. Default: "tanh".
+        gate_mode (str): ``"renorm"`` rescales the ``top_k`` kept probabilities to sum to 1; ``"raw"`` keeps the
+            softmax probabilities. Default: "renorm".
+    """
+
+    pooler: str = "mean"
+    activation: str = "tanh"
+    gate_mode: str = "renorm"
+
+    def validate(self, num_experts: int, top_k: int) -> None:
+        for key, allowed in (("pooler", POOLERS), ("activation", ACTIVATIONS), ("gate_mode", GATE_MODES)):
+            value = getattr(self, key)
+            if value not in allowed:
+                raise ValueError(
+                    f"`router_kwargs[{key!r}]`={value!r} is not supported; allowed values: {list(allowed)}."
+                )
+
+
+@dataclass
+class PromptRouting(Routing):
+    """A token-level :class:`Routing` (every token carries its sequence's gates) plus the per-sequence decision.
+
+    Attributes:
+        sequence (Routing): the decision over sequences, ``T = B`` rows (probabilities, logits, top-k gates).
+        routed (BoolTensor[B]): sequences with at least one real (non-padding) token; only these enter the losses.
+    """
+
+    sequence: Routing | None = None
+    routed: torch.Tensor | None = None
+
+
+@dataclass
+class _CachedDecision:
+    """One prefill's detached decision, read by the decode steps that follow it."""
+
+    sequence: Routing
+    routed: torch.Tensor
+    length: int | None  # tokens in the KV cache right after the prefill (None when unknown)
+
+
+@register_router("prompt")
+class PromptRouter(Router):
+    """Routes every token of a sequence by one decision computed from its prompt (MiLoRA, "bank" mode).
+
+    See the module docstring for the maths, which tokens count as the prompt, and the generation cache. Needs the
+    layer input laid out as ``[batch, seq, d_in]`` (every transformers decoder does this).
+    """
+
+    Params = PromptParams
+    uses_context = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # deliberately not a buffer: the decision belongs to the sequences being generated, not to the adapter
+        self._cached: _CachedDecision | None = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        valid: torch.Tensor | None = None,
+        *,
+        context: RoutingContext | None = None,
+        lead_shape: tuple[int, ...] | torch.Size | None = None,
+    ) -> PromptRouting:
+        """Route ``x[T, d_in]`` (``T = B * S``) with one decision per sequence.
+
+        Args:
+            x (Tensor[T, d_in]): the flattened layer input.
+            valid (BoolTensor[T] or None): non-padding tokens (used when ``context`` has no usable mask).
+            context (RoutingContext or None): the model-level context (prompt positions, decode flag).
+            lead_shape (tuple): ``(B, S)``, the layer input's leading shape.
+
+        Returns:
+            PromptRouting: token-level routing (``T`` rows) whose ``sequence`` field holds the ``B``-row decision.
+
+        Raises:
+            ValueError: if the input is not laid out as ``[batch, seq, d_in]``, or a decode step does not match the
+                cached prefill.
+        """
+        if lead_shape is None or len(lead_shape) != 2:
+            raise ValueError(
+                f"router='prompt' routes whole sequences and needs the layer input as [batch, seq, d_in]; got leading "
+                f"shape {None if lead_shape is None else tuple(lead_shape)}. Models that flatten tokens before the "
+                "adapted projections are not supported."
+            )
+        batch, seq = int(lead_shape[0]), int(lead_shape[1])
+        if context is not None and context.is_decode:
+            cached = self._read_cache(batch, context)
+            sequence, routed = cached.sequence, cached.routed
+        else:
+            valid_bs = valid.reshape(batch, seq) if valid is not None else None
+            prompt = prompt_positions(context, batch, seq, x.device, valid_bs)
+            sequence = self.decide(x.reshape(batch, seq, -1), prompt)
+            routed = (valid_bs if valid_bs is not None else prompt).any(dim=1)
+            length = None if context is None or context.past_length is None else context.past_length + seq
+            self._cached = _CachedDecision(sequence=_detached(sequence), routed=routed, length=length)
+        return broadcast_to_tokens(sequence, routed, seq)
+
+    def decide(self, x: torch.Tensor, prompt: torch.Tensor) -> Routing:
+        """The per-sequence decision (steps 1-4 of the module docstring) for ``x[B, S, d_in]``, ``prompt[B, S]``."""
+        pooled = pool(x.float(), prompt, self.params.pooler)
+        u = _ACTIVATION_FNS[self.params.activation](pooled)
+        return self.select(self.scores(u), None)
+
+    def select(self, logits: torch.Tensor, valid: torch.Tensor | None) -> Routing:
+        """Top-``K`` over the sequence logits ``[B, E]``; renormalised or raw gates per ``gate_mode``."""
+        probs = torch.softmax(logits, dim=-1)
+        return topk_routing(probs, self.top_k, renormalize=self.params.gate_mode == "renorm", logits=logits)
+
+    def clear_cache(self) -> None:
+        """Forget the cached decision of the last prefill (it is also replaced by every new prefill)."""
+        self._cached = None
+
+    def _read_cache(self, batch: int, context: RoutingContext) -> _CachedDecision:
+        cached = self._cached
+        if cached is None:
+            raise RuntimeError(
+                "router='prompt' got a cached decode step but has no prompt decision: the KV cache was not filled by "
+                "a prefill of this model (pass the prompt without `past_key_values`/`cache` first)."
+            )
+        cached_batch = cached.sequence.num_tokens
+        if batch != cached_batch:
+            raise ValueError(
+                f"router='prompt' cached decisions for a batch of {cached_batch} sequences at the prefill, but this "
+                f"decode step has batch {batch}. Expand the batch (beams, samples) before the prefill, as "
+                "`generate` does; a KV cache reused from another call needs a new prefill."
+            )
+        past = context.past_length
+        if past is not None and cached.length is not None and past < cached.length:
+            raise ValueError(
+                f"router='prompt': the KV cache holds {past} tokens but the cached decision was made after a prefill "
+                f"of {cached.length}; the cache comes from another call. Run a new prefill."
+            )
+        return cached
+
+    def aux_inputs(self, routing: Routing, valid: torch.Tensor | None) -> balancing.AuxInputs:
+        """Loss inputs over sequences (one row per sequence with real tokens), not over tokens."""
+        if not isinstance(routing, PromptRouting) or routing.sequence is None:
+            return super().aux_inputs(routing, valid)
+        seq, rows = routing.sequence, routing.routed
+        logits = seq.logits[rows] if seq.logits is not None else None
+        return balancing.AuxInputs(
+            probs=seq.probs[rows],
+            gates=seq.dense_gates()[rows],
+            selected=seq.selected()[rows],
+            logits=logits,
+            top_k=self.top_k,
+        )
+
+
+def prompt_positions(
+    context: RoutingContext | None,
+    batch: int,
+    seq: int,
+    device: torch.device,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The prompt positions ``[B, S]`` (bool) of the current input; see the module docstring for the rules.
+
+    ``valid[B, S]`` (non-padding tokens) is used when the context has no attention mask of that shape.
+    """
+    shape = (batch, seq)
+    real = valid
+    if context is not None and context.attention_mask is not None and tuple(context.attention_mask.shape) == shape:
+        real = context.attention_mask.to(device).bool()
+    if real is None:
+        real = torch.ones(shape, dtype=torch.bool, device=device)
+    prompt = real
+    if context is not None:
+        if context.prompt_mask is not None:
+            if tuple(context.prompt_mask.shape) != shape:
+                raise ValueError(
+                    f"RoutingContext.prompt_mask has shape {tuple(context.prompt_mask.shape)}, the input {shape}."
+                )
+            prompt = real & context.prompt_mask.to(device).bool()
+        elif context.labels is not None and tuple(context.labels.shape) == shape:
+            prompt = real & (context.labels.to(device) == -100)
+    # a sequence without prompt tokens (every token supervised) is routed from all its real tokens
+    empty = ~prompt.any(dim=1, keepdim=True)
+    return torch.where(empty, real, prompt)
+
+
+def pool(x: torch.Tensor, mask: torch.Tensor, pooler: str) -> torch.Tensor:
+    """Masked pooling of ``x[B, S, d]`` over the positions where ``mask[B, S]`` is True; ``[B, d]``.
+
+    A row without any True position pools to zeros (it is a padding-only row whose outputs nobody reads).
+    """
+    weights = mask.to(x.dtype).unsqueeze(-1)  # [B, S, 1]
+    if pooler == "mean":
+        return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+    if pooler == "last":
+        positions = torch.arange(x.shape[1], device=x.device).expand(mask.shape)
+        last = torch.where(mask, positions, -1).amax(dim=1)  # [B], -1 for an empty row
+        picked = x[torch.arange(x.shape[0], device=x.device), last.clamp_min(0)]
+        return picked * (last >= 0).to(x.dtype).unsqueeze(-1)
+    if pooler == "max":
+        filled = x.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(dim=1)
+        return torch.where(mask.any(dim=1, keepdim=True), filled, torch.zeros_like(filled))
+    raise ValueError(f"`router_kwargs['pooler']`={pooler!r} is not supported; allowed values: {list(POOLERS)}.")
+
+
+def broadcast_to_tokens(sequence: Routing, routed: torch.Tensor, seq: int) -> PromptRouting:
+    """Give every one of the ``seq`` tokens of each sequence its sequence's decision (``T = B * seq`` rows)."""
+    batch, k = sequence.num_tokens, sequence.expert_index.numel() // max(sequence.num_tokens, 1)
+    n_tokens = batch * seq
+    logits = sequence.logits.repeat_interleave(seq, dim=0) if sequence.logits is not None else None
+    return PromptRouting(
+        probs=sequence.probs.repeat_interleave(seq, dim=0),
+        token_index=torch.arange(n_tokens, device=sequence.probs.device).repeat_interleave(k),
+        expert_index=sequence.expert_index.reshape(batch, k).repeat_interleave(seq, dim=0).reshape(-1),
+        weight=sequence.weight.reshape(batch, k).repeat_interleave(seq, dim=0).reshape(-1),
+        logits=logits,
+        gates=sequence.dense_gates().repeat_interleave(seq, dim=0),
+        sequence=sequence,
+        routed=routed,
+    )
+
+
+def _detached(routing: Routing) -> Routing:
+    def det(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.detach()
+
+    return Routing(
+        probs=det(routing.probs),
+        token_index=routing.token_index,
+        expert_index=routing.expert_index,
+        weight=det(routing.weight),
+        logits=det(routing.logits),
+        gates=det(routing.dense_gates()),
+    )
+
+
+__all__ = ["PromptParams", "PromptRouter", "PromptRouting", "broadcast_to_tokens", "pool", "prompt_positions"]

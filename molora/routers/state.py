@@ -1,0 +1,77 @@
+"""Helpers for routers whose state changes once per optimizer step (loss-free bias, ReMoE's adaptive lambda).
+
+Such a router observes something in every training forward (expert loads, active gates), sums it over all the
+micro-batches of one optimizer step, reduces the sum over data-parallel ranks, and updates a persistent buffer in
+:meth:`~molora.routers.Router.on_optimizer_step_group`, which ``MoLoraModel.molora_on_optimizer_step()`` (and the
+``MoLoraCallback`` of :mod:`molora.training`) calls after every ``optimizer.step()``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class StepAccumulator:
+    """Sums one tensor per model forward until the next optimizer step.
+
+    Observations that arrive under the same ``forward_id`` (``RoutingContext.forward_id``) *replace* each other:
+    activation checkpointing re-runs a layer's forward during backward, and the recomputed routing must not be
+    counted twice. Observations without an id (a router called on its own) always add up.
+
+    Deliberately a plain object rather than a module buffer: DDP broadcasts every buffer from rank 0 before each
+    forward (``broadcast_buffers=True``, the default), which would overwrite each rank's own counts before they
+    are all-reduced.
+    """
+
+    def __init__(self) -> None:
+        self._total: torch.Tensor | None = None
+        self._pending: torch.Tensor | None = None
+        self._pending_id: int | None = None
+
+    def add(self, value: torch.Tensor, forward_id: int | None = None) -> None:
+        """Record ``value`` (detached) for the forward ``forward_id``."""
+        value = value.detach()
+        if forward_id is not None and forward_id == self._pending_id:
+            self._pending = value
+            return
+        self._commit()
+        self._pending = value
+        self._pending_id = forward_id
+
+    def _commit(self) -> None:
+        if self._pending is None:
+            return
+        pending = self._pending
+        if self._total is None:
+            self._total = pending.clone()
+        else:
+            self._total = self._total + pending.to(self._total.device)
+        self._pending = None
+        self._pending_id = None
+
+    def pop(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """Return the sum since the last ``pop`` (zeros of ``shape`` if nothing was recorded) and start over."""
+        self._commit()
+        total = self._total
+        self._total = None
+        if total is None:
+            return torch.zeros(shape, dtype=torch.float32, device=device)
+        return total.to(device=device, dtype=torch.float32)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` in place over all ranks when ``torch.distributed`` is initialised; return it.
+
+    Every rank must call this the same number of times in the same order (the model-level hook visits routers in
+    module order on every rank, and calls it even when a rank saw no token).
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def pop_stacked(accumulators: list[StepAccumulator], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Pop several accumulators into one ``[R, *shape]`` tensor on ``device``, summed over ranks in one call."""
+    stacked = torch.stack([acc.pop(shape, device) for acc in accumulators])
+    return all_reduce_sum(stacked)

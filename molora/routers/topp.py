@@ -1,0 +1,203 @@
+"""Dynamic top-p routing: a token takes the fewest experts whose probability mass reaches ``p``.
+
+Huang et al., "Harder Tasks Need More Experts: Dynamic Routing in MoE Models", ACL 2024, arXiv 2403.07652
+(spec/algorithms.md sections 1.2 and 10). With ``p = softmax(z)`` sorted in descending order and ``c_j`` its
+cumulative sums, the token keeps the sorted experts ``j`` whose *preceding* mass is at most the threshold::
+
+    keep_j = (c_j - p_(j)) <= top_p          # every c_j <= top_p, plus the first expert whose c_j > top_p
+
+(the "inclusive" convention of the authors' code and of MixLoRA-dynamic). The gates are the raw probabilities
+``g_e = p_e`` of the kept experts (``renormalize=True`` rescales them to sum to 1). Confident tokens use one
+expert, uncertain ones several, so the number of assignments ``N`` varies per token and per step; it is what
+``experts_per_token`` in the routing statistics reports.
+
+The paper adds an entropy loss ``L_dyn = mean_t (-sum_e p_{t,e} ln p_{t,e})`` (loss name ``"entropy"``): without
+it the router can activate more experts simply by flattening its distribution.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import balancing
+from .base import Router, RouterParams, Routing, register_router
+
+
+def safe_log(probs: torch.Tensor) -> torch.Tensor:
+    """``ln(p)`` with zero probabilities clamped to the smallest normal float.
+
+    A probability that underflowed to 0 then contributes ``0 * ln(tiny) = 0`` to an entropy and a finite gradient,
+    where ``xlogy`` would back-propagate ``ln(0) * 0 = nan``.
+    """
+    return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+
+
+def shannon_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy in nats of each row of ``probs[..., E]``; differentiable and finite at zero probabilities."""
+    return -(probs * safe_log(probs)).sum(dim=-1)
+
+
+def top_p_mask(
+    probs: torch.Tensor, top_p: float, *, inclusive: bool, min_experts: int = 1, max_experts: int | None = None
+) -> torch.Tensor:
+    """Boolean ``[T, E]`` mask of the experts a top-p rule keeps for each row of ``probs[T, E]``.
+
+    Args:
+        probs (Tensor[T, E]): router probabilities.
+        top_p (float): the mass threshold.
+        inclusive (bool): ``True`` keeps the smallest prefix whose mass reaches ``top_p`` (the expert that crosses
+            the threshold is kept, "Harder Tasks"); ``False`` keeps only experts with cumulative mass ``<= top_p``
+            (DynMoLE).
+        min_experts (int): the most probable ``min_experts`` experts are always kept. Default: 1.
+        max_experts (int or None): at most this many experts are kept (``None``: no cap). Default: None.
+
+    Returns:
+        BoolTensor[T, E]: True where the expert is kept, in the original expert order.
+    """
+    # a stable sort breaks ties by expert index, so equal probabilities give the same choice in every batch layout
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    cumsum = sorted_probs.cumsum(dim=-1)
+    reference = cumsum - sorted_probs if inclusive else cumsum
+    keep_sorted = reference <= top_p
+    rank = torch.arange(probs.shape[-1], device=probs.device)
+    keep_sorted |= rank < min_experts
+    if max_experts is not None:
+        keep_sorted &= rank < max_experts
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+def routing_from_mask(
+    probs: torch.Tensor,
+    keep: torch.Tensor,
+    *,
+    renormalize: bool,
+    logits: torch.Tensor | None,
+    routing_cls: type[Routing] = Routing,
+) -> Routing:
+    """Build a variable-``N`` :class:`Routing` whose gates are ``probs`` on the kept experts (``keep[T, E]``).
+
+    With ``renormalize`` the kept probabilities of each token are rescaled to sum to 1. ``routing_cls`` lets a
+    router return a :class:`Routing` subclass that carries extra fields.
+    """
+    gates = probs * keep
+    if renormalize:
+        # the most probable expert is always kept, so the mass is >= 1/E unless every probability underflowed
+        gates = gates / gates.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(gates.dtype).tiny)
+    token_index, expert_index = keep.nonzero(as_tuple=True)
+    return routing_cls(
+        probs=probs,
+        token_index=token_index,
+        expert_index=expert_index,
+        weight=gates[token_index, expert_index],
+        logits=logits,
+        gates=gates,
+    )
+
+
+@dataclass
+class TopPParams(RouterParams):
+    """Hyper-parameters of the ``topp`` router.
+
+    Args:
+        top_p (float): probability mass each token must reach, in (0, 1]. The paper's default 0.4 gives one expert
+            to a token whose top expert already holds 40 % of the mass; MixLoRA-dynamic uses 0.8. Default: 0.4.
+        min_experts (int): experts every token uses at least, in [1, num_experts]. Default: 1.
+        max_experts (int or None): cap on the experts per token, in [min_experts, num_experts]; ``None`` means no
+            cap (a flat router may then use every expert). Default: None.
+        renormalize (bool): rescale the kept probabilities to sum to 1. The paper uses the raw probabilities, so a
+            token's gates sum to its kept mass (>= top_p). Default: False.
+        entropy_loss_coef (float): coefficient of the entropy loss ``L_dyn`` (loss name ``"entropy"``), >= 0.
+            1e-4 is the paper's value as recalled in the spec (not re-checked against the PDF); 0 disables it.
+            Default: 1e-4.
+    """
+
+    top_p: float = 0.4
+    min_experts: int = 1
+    max_experts: int | None = None
+    renormalize: bool = False
+    entropy_loss_coef: float = 1e-4
+
+    def validate(self, num_experts: int, top_k: int) -> None:
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"`router_kwargs['top_p']`={self.top_p} must be in (0, 1].")
+        if not 1 <= self.min_experts <= num_experts:
+            raise ValueError(
+                f"`router_kwargs['min_experts']`={self.min_experts} must be in [1, num_experts={num_experts}]."
+            )
+        if self.max_experts is not None:
+            if isinstance(self.max_experts, bool) or not isinstance(self.max_experts, int):
+                raise ValueError(
+                    f"`router_kwargs['max_experts']`={self.max_experts!r} must be an integer or None (no cap)."
+                )
+            if not self.min_experts <= self.max_experts <= num_experts:
+                raise ValueError(
+                    f"`router_kwargs['max_experts']`={self.max_experts} must be in [min_experts={self.min_experts}, "
+                    f"num_experts={num_experts}] or None (no cap)."
+                )
+        check_loss_coef("entropy_loss_coef", self.entropy_loss_coef)
+
+
+def check_loss_coef(name: str, value: float) -> None:
+    """Raise ``ValueError`` unless the loss coefficient ``router_kwargs[name]`` is finite and >= 0."""
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"`router_kwargs[{name!r}]`={value} must be a finite number >= 0 (0 disables the loss).")
+
+
+def mean_rows(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Mean of per-token ``values[Tv]``; a graph-connected 0 when there is no valid token."""
+    if values.shape[0] == 0:
+        return like.sum() * 0.0
+    return values.mean()
+
+
+@register_router("topp")
+class TopPRouter(Router):
+    """Dynamic top-p routing ("Harder Tasks Need More Experts"): more experts for uncertain tokens.
+
+    ``MoLoraConfig.top_k`` is ignored: the number of experts per token follows from ``top_p`` (bounded by
+    ``min_experts`` and ``max_experts``).
+    """
+
+    Params = TopPParams
+
+    def select(self, logits: torch.Tensor, valid: torch.Tensor | None) -> Routing:
+        params = self.params
+        probs = torch.softmax(logits, dim=-1)
+        keep = top_p_mask(
+            probs, params.top_p, inclusive=True, min_experts=params.min_experts, max_experts=params.max_experts
+        )
+        return routing_from_mask(probs, keep, renormalize=params.renormalize, logits=logits)
+
+    def loss_coefficients(self, config) -> dict[str, float]:
+        return {**super().loss_coefficients(config), "entropy": float(self.params.entropy_loss_coef)}
+
+    def aux_inputs(self, routing: Routing, valid: torch.Tensor | None) -> balancing.AuxInputs:
+        inputs = super().aux_inputs(routing, valid)
+        if self.params.entropy_loss_coef > 0:
+            inputs.extra["entropy"] = shannon_entropy(inputs.probs)
+        return inputs
+
+    @staticmethod
+    def aux_losses(
+        inputs: balancing.AuxInputs, balance_loss_type: str, need: frozenset[str]
+    ) -> dict[str, torch.Tensor]:
+        """The base losses plus ``"entropy"``: the mean per-token router entropy over the valid tokens."""
+        out = Router.aux_losses(inputs, balance_loss_type, need)
+        if "entropy" in need and "entropy" in inputs.extra:
+            out["entropy"] = mean_rows(inputs.extra["entropy"], inputs.probs)
+        return out
+
+
+__all__ = [
+    "TopPParams",
+    "TopPRouter",
+    "check_loss_coef",
+    "mean_rows",
+    "routing_from_mask",
+    "safe_log",
+    "shannon_entropy",
+    "top_p_mask",
+]

@@ -1,0 +1,45 @@
+"""``transformers.TrainerCallback`` s that drive molora's per-step router state.
+
+Routers with state (``"topk_bias"``: the loss-free selection bias; ``"relu"``: ReMoE's adaptive L1 coefficient)
+update it once per optimizer step from what they saw in all micro-batches of that step. A ``Trainer`` (or TRL's
+``SFTTrainer``) does that when it is given :class:`MoLoraCallback`::
+
+    trainer = SFTTrainer(model=..., peft_config=MoLoraConfig(router="topk_bias", ...), callbacks=[MoLoraCallback()])
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+from transformers import TrainerCallback
+
+
+def molora_on_optimizer_step(model: nn.Module) -> int:
+    """Run ``molora_on_optimizer_step()`` on every ``MoLoraModel`` inside ``model``; return how many were found.
+
+    ``model`` may be a ``PeftModel``, a ``MoLoraModel``, or anything wrapping one (DDP, a custom module).
+    """
+    from ..model import MoLoraModel
+
+    found = 0
+    for module in model.modules():
+        if isinstance(module, MoLoraModel):
+            module.molora_on_optimizer_step()
+            found += 1
+    return found
+
+
+class MoLoraCallback(TrainerCallback):
+    """Calls ``molora_on_optimizer_step()`` after every optimizer step of a ``transformers.Trainer``.
+
+    ``transformers`` fires ``on_optimizer_step`` right after ``optimizer.step()``, once per gradient-accumulation
+    cycle and on every rank, which is what the stateful routers need (their counts are summed over the cycle's
+    micro-batches and all-reduced over ranks). Harmless for stateless routers.
+    """
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any):
+        """Update the routers' per-step state of ``model`` (the trainer passes its model)."""
+        if model is not None:
+            molora_on_optimizer_step(model)
+        return control

@@ -1,0 +1,65 @@
+"""``molora.bench``: the peak-memory tracker, the paired ratios, and a smoke run of ``main(["--quick"])``.
+
+Nothing here asserts on wall time: the quick run only has to produce a complete table whose ratios are consistent.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from molora import bench
+
+
+def test_peak_tensor_memory_counts_live_storages():
+    a = torch.ones(256, 1024)  # exists before tracking: not counted
+    with bench.PeakTensorMemory() as tracker:
+        b = a * 2  # 1 MiB
+        c = b.view(-1)  # a view shares b's storage: no new bytes
+        del b, c
+        d = torch.cat([a, a])  # 2 MiB, after the 1 MiB tensor was freed
+        assert tracker.current == 2 * 2**20
+        e = d + 1  # 2 MiB more while d is alive
+        del d, e
+    assert tracker.peak == 4 * 2**20
+    assert tracker.current == 0
+
+
+def test_peak_tensor_memory_sees_backward():
+    w = torch.randn(512, 512, requires_grad=True)
+    x = torch.randn(64, 512)
+    with bench.PeakTensorMemory() as tracker:
+        (x @ w).sum().backward()
+    # the weight gradient (1 MiB) alone is already more than the forward output (128 KiB)
+    assert tracker.peak >= w.numel() * 4
+
+
+def test_paired_ratio_cancels_drift():
+    reference = [10.0, 20.0, 40.0, 80.0]  # the machine slows down during the run
+    candidate = [11.0, 22.0, 44.0, 88.0]
+    assert abs(bench._paired_ratio(candidate, reference) - 1.1) < 1e-12
+
+
+def test_quick_run_prints_a_complete_table(capsys, tmp_path):
+    out_json = tmp_path / "bench.json"
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--quick", "--threads", "1", "--json", str(out_json)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    assert "| layer |" in printed and "| train step |" in printed
+    table = json.loads(out_json.read_text())
+    rows = table["rows"]
+    layer = [r for r in rows if r["section"] == "layer"]
+    assert [r["candidate"] for r in layer] == ["lora r=16", "molora auto", "molora dense", "molora grouped", "naive"]
+    assert {r["candidate"] for r in rows if r["section"] == "train step"} == {"lora r=16", "molora auto", "naive"}
+    for row in rows:
+        assert row["time_ms"] > 0 and row["peak_mb"] > 0
+        assert row["vs_lora"] > 0 and row["vs_naive"] > 0 and row["mem_vs_lora"] > 0
+        if row["candidate"].startswith("lora"):
+            assert row["vs_lora"] == 1.0 and row["mem_vs_lora"] == 1.0
+        if row["candidate"] == "molora auto":
+            assert row["kernel"] in ("dense", "grouped")
+    assert table["threads"] == 1

@@ -1,0 +1,444 @@
+"""DR-LoRA (spec/algorithms.md §5): spec vectors, masks, growth, schedule, save/load, compaction, Trainer."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CHAR_VOCAB, make_char_tokenizer, make_llama
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import molora
+from molora import MoLoraConfig, MoLoraLayer
+from molora.adapters import dynamic_rank as dr
+from molora.kernels import naive_delta
+
+TESTS_DIR = Path(__file__).parent
+
+
+def _config(**overrides) -> MoLoraConfig:
+    kwargs = dict(
+        r=8,
+        num_experts=4,
+        top_k=2,
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        dynamic_rank={"start_step": 1, "end_step": 6},
+    )
+    kwargs.update(overrides)
+    return MoLoraConfig(**kwargs)
+
+
+def _inputs(seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 90, (2, 10), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _train_steps(model, steps: int, optimizer=None, total_steps=None, check_continuity=False):
+    """A plain custom loop: forward, backward, update_importance, step, maybe_grow; returns growth per step."""
+    inputs = _inputs()
+    optimizer = optimizer or torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    history = []
+    for step in range(1, steps + 1):
+        model.train()
+        loss = model(**inputs, labels=inputs["input_ids"]).loss
+        loss.backward()
+        molora.update_importance(model)
+        optimizer.step()
+        optimizer.zero_grad()
+        model.eval()
+        with torch.no_grad():
+            before = model(**inputs).logits
+        grown = molora.maybe_grow(model, step, total_steps, optimizer=optimizer)
+        if check_continuity:
+            with torch.no_grad():
+                after = model(**inputs).logits
+            assert torch.equal(before, after), f"output jumped at growth step {step}"
+        history.append(grown)
+    return history, optimizer
+
+
+def _banks(model):
+    return dr.dynamic_rank_banks(model)
+
+
+# -- spec vectors ---------------------------------------------------------------------------------------------------
+
+
+def test_frequency_ema_spec_vector():
+    f = dr.ema_frequency(torch.full((4,), 0.25, dtype=torch.float64), torch.tensor([0.5, 0.3, 0.2, 0.0]).double(), 0.9)
+    torch.testing.assert_close(f, torch.tensor([0.275, 0.255, 0.245, 0.225], dtype=torch.float64))
+
+
+def test_sensitivity_ema_spec_vector():
+    ipt = unc = torch.zeros(1, dtype=torch.float64)
+    ipt, unc, score = dr.sensitivity_ema(ipt, unc, torch.tensor([1.0]).double(), 0.85, 0.85)
+    torch.testing.assert_close((ipt.item(), unc.item(), score.item()), (0.15, 0.1275, 0.019125))
+    ipt, unc, score = dr.sensitivity_ema(ipt, unc, torch.tensor([3.0]).double(), 0.85, 0.85)
+    torch.testing.assert_close((ipt.item(), unc.item()), (0.5775, 0.47175))
+    assert score.item() == pytest.approx(0.272436, abs=1e-6)
+
+
+def test_saliency_and_allocation_spec_vector():
+    f = torch.tensor([0.40, 0.30, 0.20, 0.10])
+    imp = torch.tensor([0.6, 2.0, 1.0, 0.5])
+    (s,) = dr.saliency_scores([f], [imp])
+    torch.testing.assert_close(s, torch.tensor([0.058537, 0.146341, 0.048780, 0.012195]).double(), atol=1e-6, rtol=0)
+    assert torch.argsort(-s).tolist() == [1, 0, 2, 3]
+    ranks = torch.full((4,), 4)
+    seen = []
+    for _ in range(6):
+        ranks = dr.allocate(s, ranks, 12, growth_step=4, num_grow=1, budget=32)
+        seen.append(ranks.tolist())
+    assert seen[:4] == [[4, 8, 4, 4], [4, 12, 4, 4], [8, 12, 4, 4], [12, 12, 4, 4]]
+    assert seen[4] == seen[5] == [12, 12, 4, 4]  # budget reached: no more growth
+
+
+def test_saliency_normalises_importance_over_layers_and_frequency_per_layer():
+    f1, f2 = torch.tensor([1.0, 3.0]), torch.tensor([2.0, 2.0])
+    i1, i2 = torch.tensor([1.0, 1.0]), torch.tensor([2.0, 4.0])
+    s1, s2 = dr.saliency_scores([f1, f2], [i1, i2])
+    torch.testing.assert_close(s1, torch.tensor([0.25 * 1 / 8, 0.75 * 1 / 8]).double())
+    torch.testing.assert_close(s2, torch.tensor([0.5 * 2 / 8, 0.5 * 4 / 8]).double())
+    # before any gradient every importance is 0: the frequency alone decides
+    (s,) = dr.saliency_scores([torch.tensor([0.1, 0.6, 0.3])], [torch.zeros(3)])
+    assert torch.argsort(-s).tolist() == [1, 2, 0]
+
+
+# -- config and schedule --------------------------------------------------------------------------------------------
+
+BAD_DYNAMIC_RANK = [
+    ({"target_rank": 9}, r"`dynamic_rank\['target_rank'\]`=9 must be an integer in \[1, 8\]"),
+    ({"init_rank": 5, "target_rank": 4}, r"`dynamic_rank\['init_rank'\]`=5 must be an integer in \[1, 4\]"),
+    ({"target_rank": 6, "init_rank": 2, "growth_step": 3}, r"growth_step'\]`=3 must divide target_rank - init_rank"),
+    ({"growth_step": 0}, r"`dynamic_rank\['growth_step'\]`=0 must be an integer"),
+    ({"experts_per_event": 0}, r"`dynamic_rank\['experts_per_event'\]`=0 must be an integer >= 1"),
+    ({"start_fraction": 0.8, "end_fraction": 0.5}, r"start_fraction'\]`=0.8 must be <= end_fraction=0.5"),
+    ({"end_fraction": 1.5}, r"`dynamic_rank\['end_fraction'\]`=1.5 must be a number in \[0, 1\]"),
+    ({"start_step": 10, "end_step": 5}, r"`dynamic_rank\['start_step'\]`=10 must be <= end_step=5"),
+    ({"freq_source": "topk"}, r"`dynamic_rank\['freq_source'\]`='topk' is not supported; allowed values"),
+    ({"beta1": 1.0}, r"`dynamic_rank\['beta1'\]`=1.0 must be a number in \[0, 1\)"),
+    ({"target_ranks": 4}, r"unknown key\(s\) \['target_ranks'\].*'target_rank'"),
+    ({"layer_ranks": {"q_proj": 20}}, r"layer_ranks'\]\['q_proj'\]`=20 must be an integer in \[1, 8\]"),
+]
+
+
+@pytest.mark.parametrize("values, message", BAD_DYNAMIC_RANK, ids=[next(iter(v)) for v, _ in BAD_DYNAMIC_RANK])
+def test_bad_dynamic_rank_values_fail_clearly(values, message):
+    with pytest.raises(ValueError, match=message):
+        MoLoraConfig(r=8, dynamic_rank=values)
+
+
+def test_dynamic_rank_must_be_a_dict():
+    with pytest.raises(ValueError, match=r"`dynamic_rank` must be a dict or None, got list"):
+        MoLoraConfig(dynamic_rank=[1])
+
+
+def test_defaults_follow_the_spec_and_scaling_uses_the_target_rank():
+    config = MoLoraConfig(r=16, lora_alpha=16, dynamic_rank={})
+    p = config.dynamic_rank_params
+    assert (p.target_rank, p.init_rank, p.growth_step) == (8, 4, 2)  # r_max = 2 r_target, r_init = r_target / 2
+    assert config.scaling == 16 / 8
+    assert MoLoraConfig(r=16, lora_alpha=16, use_rslora=True, dynamic_rank={}).scaling == 16 / 8**0.5
+    # a default growth step that does not divide the gap is reduced to one that does
+    assert MoLoraConfig(r=20, dynamic_rank={}).dynamic_rank_params.growth_step == 1  # target 10, init 5
+
+
+def test_schedule_resolution():
+    p = dr.build_dynamic_rank_params({"experts_per_event": 2}, r=8)  # target 4, init 2, step 1
+    s = dr.resolve_schedule(p, num_experts_total=8, total_steps=100)  # 16 units of rank to grow, 2 per event
+    assert (s.start, s.end, s.experts_per_event, s.budget) == (10, 70, 2, 32)
+    assert s.num_events >= 8 and s.is_event(10) and not s.is_event(9) and not s.is_event(71)
+    p = dr.build_dynamic_rank_params({"growth_interval": 20}, r=8)
+    s = dr.resolve_schedule(p, 8, 100)  # events at 10, 30, 50, 70
+    assert s.num_events == 4 and s.experts_per_event == 4
+    with pytest.raises(ValueError, match="total number of optimizer steps is needed"):
+        dr.resolve_schedule(p, 8, None)
+    p = dr.build_dynamic_rank_params({"growth_interval": 50, "experts_per_event": 1}, r=8)
+    with pytest.warns(UserWarning, match="before spending its rank budget"):
+        dr.resolve_schedule(p, 8, 100)
+
+
+# -- masks and growth on a model ------------------------------------------------------------------------------------
+
+
+def test_initial_ranks_masked_bank_equals_a_small_bank_and_masked_rows_get_no_gradient():
+    model = get_peft_model(make_llama(), _config())
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    state = layer.molora_rank["default"]
+    assert state.ranks().tolist() == [2, 2, 2, 2]
+    A, B = layer.molora_A["default"], layer.molora_B["default"]
+    x = torch.randn(5, 64)
+    routing = layer.molora_router["default"](x)
+    masked = naive_delta(x, *state.masked_weights(A, B), routing, 2.0)
+    small = naive_delta(x, A[:, :, :2], B[:, :2, :], routing, 2.0)
+    torch.testing.assert_close(masked, small)
+    model.train()
+    inputs = _inputs()
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    assert A.grad[:, :, 2:].abs().sum() == 0 and B.grad[:, 2:, :].abs().sum() == 0
+    assert A.grad[:, :, :2].abs().sum() > 0 and B.grad[:, :2, :].abs().sum() > 0
+
+
+def test_growth_picks_the_most_salient_experts_on_a_constructed_case():
+    model = get_peft_model(make_llama(), _config(dynamic_rank={"start_step": 1, "end_step": 1}))
+    banks = {b.key: b for b in _banks(model)}
+    for bank in banks.values():
+        bank.state.freq.fill_(0.25)
+        bank.state.importance.fill_(1.0)
+    q0 = banks["model.layers.0.self_attn.q_proj"].state
+    d1 = banks["model.layers.1.mlp.down_proj"].state
+    q0.freq.copy_(torch.tensor([0.1, 0.1, 0.7, 0.1]))  # expert 2 of q_proj 0 is routed to most ...
+    q0.importance.copy_(torch.tensor([1.0, 1.0, 5.0, 1.0]))  # ... and learns most
+    d1.importance.copy_(torch.tensor([1.0, 4.0, 1.0, 1.0]))  # expert 1 of down_proj 1 learns a lot
+    sched = dr.GrowthSchedule(start=1, end=1, interval=1, experts_per_event=2, growth_step=2, budget=6 * 4 * 4)
+    grown = dr.grow(model, 1, schedule=sched)
+    assert grown == {"model.layers.0.self_attn.q_proj": {2: 4}, "model.layers.1.mlp.down_proj": {1: 4}}
+    assert q0.ranks().tolist() == [2, 2, 4, 2] and d1.ranks().tolist() == [2, 4, 2, 2]
+    assert q0.activated_at[2].tolist() == [0, 0, 1, 1, -1, -1, -1, -1]
+
+
+def test_importance_follows_the_gradient_and_frequency_ignores_padding():
+    model = get_peft_model(make_llama(), _config(lora_dropout=0.0))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    state = layer.molora_rank["default"]
+    captured = {}
+    router = layer.molora_router["default"]
+
+    def keep_probs(module, args, out):
+        captured["probs"] = out.probs.detach()
+
+    handle = router.register_forward_hook(keep_probs)
+    model.train()
+    inputs = _inputs()
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    handle.remove()
+    probs = captured["probs"]  # [T, E], the second sequence has 3 padding tokens
+    valid = inputs["attention_mask"].reshape(-1).bool()
+    A, B = layer.molora_A["default"], layer.molora_B["default"]
+    molora.update_importance(model)
+    expected_f = 0.9 * 0.25 + 0.1 * probs[valid].mean(dim=0)
+    torch.testing.assert_close(state.freq, expected_f)
+    mask = state.mask()
+    sens_a = (A.detach() * A.grad).abs() * mask[:, None, :]
+    sens_b = (B.detach() * B.grad).abs() * mask[:, :, None]
+    # one update from zero: Ibar = 0.15 I, Ubar = 0.15 * 0.85 I
+    sigma = ((0.15 * sens_a) * (0.1275 * sens_a)).sum(1) + ((0.15 * sens_b) * (0.1275 * sens_b)).sum(2)
+    sigma = sigma / (64 + 64)
+    expected_i = (sigma * mask).sum(-1) / mask.sum(-1)
+    torch.testing.assert_close(state.importance, expected_i)
+
+
+def test_outputs_are_continuous_across_growth_and_budget_is_never_exceeded():
+    model = get_peft_model(make_llama(), _config(dynamic_rank={"start_step": 2, "end_step": 5, "growth_step": 1}))
+    budget = sum(b.state.num_experts * 4 for b in _banks(model))
+    seen_totals = []
+    inputs = _inputs()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(1, 8):
+        model.train()
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        molora.update_importance(model)
+        optimizer.step()
+        optimizer.zero_grad()
+        model.eval()
+        with torch.no_grad():
+            before = model(**inputs).logits
+        grown = molora.maybe_grow(model, step, optimizer=optimizer)
+        with torch.no_grad():
+            after = model(**inputs).logits
+        assert torch.equal(before, after), step
+        assert bool(grown) == (2 <= step <= 5)
+        for bank in _banks(model):
+            assert int(bank.state.ranks().max()) <= 8
+            # a new component starts with B = 0 and zeroed Adam moments
+            new = bank.state.activated_at == step
+            if new.any():
+                e, j = new.nonzero()[0].tolist()
+                assert bank.B[e, j].abs().sum() == 0
+                for moment in optimizer.state[bank.B].values():
+                    if moment.shape == bank.B.shape:
+                        assert moment[e, j].abs().sum() == 0
+        seen_totals.append(sum(int(b.state.ranks().sum()) for b in _banks(model)))
+    assert all(t <= budget for t in seen_totals)
+    assert seen_totals[-1] == budget and seen_totals == sorted(seen_totals)
+    # growth is by saliency: ranks are heterogeneous
+    all_ranks = torch.cat([b.state.ranks() for b in _banks(model)])
+    assert all_ranks.min() < 4 < all_ranks.max()
+    # calling again for a step that already grew changes nothing
+    assert molora.maybe_grow(model, 5, optimizer=optimizer) == {}
+
+
+@pytest.mark.parametrize("m, step, seed", [(1, 1, 0), (3, 2, 1), (7, 3, 2), (50, 1, 3)])
+def test_random_saliency_never_exceeds_budget_or_capacity(m, step, seed):
+    gen = torch.Generator().manual_seed(seed)
+    ranks = torch.full((24,), 2)
+    cap = torch.randint(5, 9, (24,), generator=gen)
+    budget = 24 * 4
+    for _ in range(200):
+        scores = torch.rand(24, generator=gen)
+        new = dr.allocate(scores, ranks, cap, step, m, budget)
+        assert int(new.sum()) <= budget and bool((new <= cap).all()) and bool((new >= ranks).all())
+        assert int((new != ranks).sum()) <= m
+        ranks = new
+    assert int(ranks.sum()) > budget - step  # every unit that fits was spent
+
+
+def test_rank_stats_history():
+    model = get_peft_model(make_llama(), _config())
+    _train_steps(model, 4)
+    stats = model.get_rank_stats()
+    assert set(stats) == {b.key for b in _banks(model)}
+    for s in stats.values():
+        assert s.history[0] == (0, [2, 2, 2, 2]) and s.history[-1][1] == s.ranks
+        assert s.r_max == 8 and s.target_rank == 4 and len(s.freq) == 4
+        steps = [h[0] for h in s.history]
+        assert steps == sorted(steps) and all(1 <= t <= 4 for t in steps[1:])
+
+
+# -- save / load / compaction ---------------------------------------------------------------------------------------
+
+LOADER = textwrap.dedent(
+    """
+    import sys, torch
+    import molora
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base_dir, inputs_path, out_path, *adapter_dirs = sys.argv[1:]
+    results = []
+    for adapter_dir in adapter_dirs:
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
+        with torch.no_grad():
+            logits = model(**torch.load(inputs_path)).logits
+        ranks = {k: v.ranks for k, v in model.get_rank_stats().items()}
+        shapes = {k: tuple(m.molora_A["default"].shape) for k, m in model.named_modules() if hasattr(m, "molora_A")}
+        results.append({"logits": logits, "ranks": ranks, "shapes": shapes})
+    torch.save(results, out_path)
+    """
+)
+
+
+def _load_in_fresh_process(tmp_path, base_dir, adapter_dirs, inputs):
+    torch.save(inputs, tmp_path / "inputs.pt")
+    script = tmp_path / "load.py"
+    script.write_text(LOADER)
+    out = tmp_path / "out.pt"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, str(script), str(base_dir), str(tmp_path / "inputs.pt"), str(out), *map(str, adapter_dirs)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(out)
+
+
+def test_save_load_restores_ranks_exactly_and_compaction_keeps_outputs(tmp_path):
+    base_dir, adapter_dir, compact_dir = tmp_path / "base", tmp_path / "adapter", tmp_path / "compact"
+    make_llama().save_pretrained(base_dir)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), _config())
+    _train_steps(model, 7)  # growth at steps 1..6, some ranks above and below the target
+    model.eval()
+    inputs = _inputs(3)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    ranks = {k: v.ranks for k, v in model.get_rank_stats().items()}
+    assert len({r for rs in ranks.values() for r in rs}) > 1
+    model.save_pretrained(adapter_dir)
+    tensors = load_file(adapter_dir / "adapter_model.safetensors")
+    assert any(k.endswith("q_proj.molora_rank.activated_at") for k in tensors)
+    assert any(k.endswith("q_proj.molora_rank.freq") for k in tensors)
+    assert json.loads((adapter_dir / "adapter_config.json").read_text())["dynamic_rank"]["end_step"] == 6
+
+    from_dir = molora.dynamic_rank.rank_stats_from_adapter(adapter_dir)
+    assert {k: v.ranks for k, v in from_dir.items()} == ranks
+    table = molora.dynamic_rank.format_rank_table(from_dir).splitlines()
+    assert table[0] == "DR-LoRA ranks: total 96 / budget 96 over 6 banks" and len(table) == 2 + 6
+    q0 = next(line for line in table if line.startswith("model.layers.0.self_attn.q_proj "))
+    assert " ".join(map(str, ranks["model.layers.0.self_attn.q_proj"])) in q0
+    layer_ranks = molora.compact_adapter(adapter_dir, compact_dir)
+    assert layer_ranks == {k: max(v) for k, v in ranks.items()}
+    assert any(r < 8 for r in layer_ranks.values())
+
+    loaded, compact = _load_in_fresh_process(tmp_path, base_dir, [adapter_dir, compact_dir], inputs)
+    assert torch.equal(loaded["logits"], expected)
+    assert loaded["ranks"] == ranks
+    assert compact["ranks"] == ranks
+    for key, r_layer in layer_ranks.items():
+        assert compact["shapes"]["base_model.model." + key][-1] == r_layer
+    # dormant components contribute exact zeros, so dropping them does not change a single bit (same kernel)
+    assert torch.equal(compact["logits"], expected)
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), compact_dir).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(**inputs).logits, expected)
+
+
+def test_adapter_without_dynamic_rank_has_no_rank_state():
+    model = get_peft_model(make_llama(), MoLoraConfig(r=4, num_experts=2, top_k=1, task_type="CAUSAL_LM"))
+    assert model.get_rank_stats() == {}
+    assert all(len(m.molora_rank) == 0 for m in model.modules() if isinstance(m, MoLoraLayer))
+    assert molora.maybe_grow(model, 1, 10) == {}
+
+
+# -- Trainer / TRL --------------------------------------------------------------------------------------------------
+
+
+def test_sft_trainer_grows_ranks_with_the_callback(tmp_path):
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    from molora.training import DynamicRankCallback
+
+    words = ["red fox", "blue cat", "green owl", "gray wolf"]
+    data = Dataset.from_list([{"text": f"the {words[i % 4]} sat on mat {i % 4}."} for i in range(32)])
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path),
+        report_to="none",
+        max_steps=6,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-2,
+        logging_steps=2,
+        save_strategy="no",
+        use_cpu=True,
+        max_length=32,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    config = _config(init_lora_weights=True, dynamic_rank={"experts_per_event": 12})  # 10% .. 70% of 6 steps
+    trainer = trl.SFTTrainer(
+        model=make_llama(vocab_size=CHAR_VOCAB),
+        args=args,
+        train_dataset=data,
+        processing_class=make_char_tokenizer(),
+        peft_config=config,
+    )
+    callback = DynamicRankCallback.install(trainer)
+    trainer.train()
+    schedule = callback.schedules["default"]
+    assert (schedule.start, schedule.end, schedule.interval) == (1, 4, 1)
+    steps = [e["step"] for e in callback.events]
+    assert steps[0] == 1 and steps == sorted(steps) and all(schedule.is_event(t) for t in steps)
+    budget = sum(b.state.num_experts * 4 for b in _banks(trainer.model))
+    total = sum(int(b.state.ranks().sum()) for b in _banks(trainer.model))
+    assert total == budget
+    logged = [h for h in trainer.state.log_history if "dr/total_rank" in h]
+    assert logged and logged[-1]["dr/total_rank"] == budget and logged[-1]["dr/budget"] == budget
+    assert logged[0]["dr/total_rank"] < budget
+    # importance was computed from real gradients during training
+    assert any(float(b.state.importance.sum()) > 0 for b in _banks(trainer.model))

@@ -1,0 +1,196 @@
+"""Mixed-adapter batches (``adapter_names=`` per sample) and the layer's fused router + dense path.
+
+Covers:
+    * ``PeftModel.forward(..., adapter_names=[...])`` with two MoLoRA adapters of different ranks, experts and
+      routers plus ``"__base__"``: every row equals that adapter alone (``set_adapter``) or the base model;
+    * ``generate(..., adapter_names=[...])`` (greedy and beam search) equals separate generation per sample;
+    * the same on GPT-2 (``Conv1D`` projections), and a layer called directly with ``adapter_names=``;
+    * errors: training mode, unknown adapter names, a names list whose length is not the batch size;
+    * routing statistics of a mixed batch count each adapter's own samples only;
+    * the layer's fused router-in-GEMM dense path agrees with the unfused paths (outputs and every gradient) for
+      the ``topk`` and ``soft`` routers, and is skipped when it would change the maths (jitter noise, dropout).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import VOCAB, make_llama
+from peft import get_peft_model
+
+from molora import MoLoraConfig
+from molora.adapters.layer import MoLoraLayer
+
+
+def two_adapter_model():
+    model = get_peft_model(
+        make_llama(seed=3),
+        MoLoraConfig(r=4, num_experts=4, top_k=2, init_lora_weights=False, task_type="CAUSAL_LM"),
+        adapter_name="alpha",
+    )
+    model.add_adapter(
+        "beta",
+        MoLoraConfig(r=2, lora_alpha=8, num_experts=3, router="soft", init_lora_weights=False, task_type="CAUSAL_LM"),
+    )
+    return model.eval()
+
+
+def reference_logits(model, input_ids, name):
+    if name == "__base__":
+        with model.disable_adapter():
+            return model(input_ids=input_ids).logits
+    model.set_adapter(name)
+    return model(input_ids=input_ids).logits
+
+
+def test_mixed_batch_rows_equal_each_adapter_alone():
+    model = two_adapter_model()
+    gen = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(3, VOCAB, (4, 7), generator=gen)
+    names = ["beta", "__base__", "alpha", "beta"]
+    with torch.no_grad():
+        mixed = model(input_ids=input_ids, adapter_names=names).logits
+        for row, name in enumerate(names):
+            ref = reference_logits(model, input_ids[row : row + 1], name)
+            torch.testing.assert_close(mixed[row : row + 1], ref, atol=1e-5, rtol=1e-5)
+        # the adapters really differ from each other and from the base model
+        a, b, base = (reference_logits(model, input_ids[:1], n) for n in ("alpha", "beta", "__base__"))
+        assert (a - b).abs().max() > 1e-3 and (a - base).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_mixed_generate_equals_separate_generation(num_beams):
+    model = two_adapter_model()
+    gen = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(3, VOCAB, (3, 5), generator=gen)
+    names = ["alpha", "__base__", "beta"]
+    kwargs = dict(max_new_tokens=4, do_sample=False, num_beams=num_beams, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        mixed = model.generate(input_ids=input_ids, adapter_names=names, **kwargs)
+        for row, name in enumerate(names):
+            if name == "__base__":
+                with model.disable_adapter():
+                    alone = model.generate(input_ids=input_ids[row : row + 1], **kwargs)
+            else:
+                model.set_adapter(name)
+                alone = model.generate(input_ids=input_ids[row : row + 1], **kwargs)
+            assert torch.equal(mixed[row : row + 1], alone), name
+    # the names are only in effect during the call
+    assert model.base_model.molora_runtime.batch_adapter_names is None
+
+
+def test_mixed_batch_errors():
+    model = two_adapter_model()
+    input_ids = torch.randint(3, VOCAB, (2, 5))
+    with pytest.raises(ValueError, match="non-existing adapter"):
+        model(input_ids=input_ids, adapter_names=["alpha", "typo"])
+    with pytest.raises(ValueError, match="one name per sample"):
+        model(input_ids=input_ids, adapter_names=["alpha", "beta", "alpha"])
+    model.train()
+    with pytest.raises(ValueError, match="training mode"):
+        model(input_ids=input_ids, adapter_names=["alpha", "beta"])
+
+
+def test_mixed_batch_stats_count_each_adapters_own_tokens():
+    model = two_adapter_model()
+    model.reset_routing_stats()
+    input_ids = torch.randint(3, VOCAB, (3, 6))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[2, :2] = 0  # two padding tokens in adapter beta's second sample
+    with torch.no_grad():
+        model(input_ids=input_ids, attention_mask=attention_mask, adapter_names=["alpha", "beta", "beta"])
+    stats_a = model.get_routing_stats("alpha")
+    stats_b = model.get_routing_stats("beta")
+    assert stats_a and stats_b
+    assert {s.tokens for s in stats_a.values()} == {6}
+    assert {s.tokens for s in stats_b.values()} == {10}
+
+
+# -- fused router + dense path in the layer --------------------------------------------------------------------------
+
+
+def layer_grads(router, kernel, router_kwargs=None, dropout=0.0, train=False, seed=0):
+    config = MoLoraConfig(
+        r=4,
+        num_experts=5,
+        top_k=2,
+        router=router,
+        router_kwargs=router_kwargs or {},
+        kernel=kernel,
+        lora_dropout=dropout,
+        init_lora_weights=False,
+        aux_loss_coef=0.1,
+        z_loss_coef=0.01,
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(make_llama(seed=5), config)
+    model.train(train)
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, VOCAB, (2, 6), generator=gen)
+    out = model(input_ids=input_ids, labels=input_ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out.loss.detach(), grads, model
+
+
+@pytest.mark.parametrize("router", ["topk", "soft"])
+def test_fused_dense_layer_matches_unfused_paths(router, monkeypatch):
+    calls = []
+    import molora.adapters.layer as layer_module
+
+    original = layer_module._fused_dense_forward
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(layer_module, "_fused_dense_forward", spy)
+    loss_fused, grads_fused, _ = layer_grads(router, "dense")
+    assert calls, "the fused path was not taken"
+    n_fused = len(calls)
+    for kernel in ("naive", "grouped"):
+        loss, grads, _ = layer_grads(router, kernel)
+        assert len(calls) == n_fused  # the other kernels never fuse
+        torch.testing.assert_close(loss_fused, loss, atol=1e-6, rtol=1e-5)
+        assert grads.keys() == grads_fused.keys()
+        for name in grads:
+            torch.testing.assert_close(grads_fused[name], grads[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_fusion_is_skipped_when_it_would_change_the_maths():
+    model = layer_grads("topk", "dense")[2]
+    layer = next(m for m in model.modules() if isinstance(m, MoLoraLayer))
+    x = torch.randn(4, layer.in_features)
+    assert layer._can_fuse_router(x, "default", "dense")
+    assert not layer._can_fuse_router(x, "default", "grouped")
+    assert not layer._can_fuse_router(x.double(), "default", "dense")
+    jitter = layer_grads("topk", "dense", router_kwargs={"jitter_noise": 0.1}, train=True)[2]
+    layer = next(m for m in jitter.modules() if isinstance(m, MoLoraLayer))
+    assert not layer._can_fuse_router(x, "default", "dense")
+    jitter.eval()
+    assert layer._can_fuse_router(x, "default", "dense")  # no noise in eval mode
+    dropout = layer_grads("topk", "dense", dropout=0.1, train=True)[2]
+    layer = next(m for m in dropout.modules() if isinstance(m, MoLoraLayer))
+    assert not layer._can_fuse_router(x, "default", "dense")
+
+
+def test_mixed_batch_on_gpt2_and_direct_layer_call():
+    from conftest import make_gpt2
+
+    model = get_peft_model(
+        make_gpt2(seed=2), MoLoraConfig(r=4, num_experts=3, top_k=1, init_lora_weights=False), adapter_name="alpha"
+    )
+    model.add_adapter("beta", MoLoraConfig(r=4, num_experts=2, top_k=2, init_lora_weights=False))
+    model.eval()
+    input_ids = torch.randint(3, VOCAB, (2, 5))
+    with torch.no_grad():
+        mixed = model(input_ids=input_ids, adapter_names=["beta", "alpha"]).logits
+        for row, name in enumerate(["beta", "alpha"]):
+            torch.testing.assert_close(mixed[row : row + 1], reference_logits(model, input_ids[row : row + 1], name))
+        # a layer called on its own with the PEFT-style kwarg
+        layer = next(m for m in model.modules() if isinstance(m, MoLoraLayer))
+        x = torch.randn(2, 3, layer.in_features)
+        out = layer(x, adapter_names=["__base__", "beta"])
+        torch.testing.assert_close(out[0], layer.get_base_layer()(x[:1])[0])
+        model.set_adapter("beta")
+        torch.testing.assert_close(out[1:], layer(x[1:]))

@@ -1,0 +1,309 @@
+"""The ``prompt`` router (MiLoRA's prompt-aware routing, bank mode): spec vectors, padding, generation, state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_llama
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+
+from molora import MoLoraConfig, MoLoraLayer
+from molora.routers.prompt import PromptParams, PromptRouter, PromptRouting, pool, prompt_positions
+from molora.runtime import RoutingContext
+
+# spec/algorithms.md section 3: d = 2, a 3-token prompt, 7 experts (the paper's Q, K, V, O, G, U, D modules)
+H = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+W_G = torch.tensor([[1, 0], [0, 0.5], [0.4, 0.5], [-1, 0], [0, -1], [1, 1], [-0.5, 0.25]])
+Q, V, U = (list("QKVOGUD").index(m) for m in "QVU")
+PI = [0.178963, 0.133725, 0.168831, 0.055791, 0.055791, 0.320525, 0.086375]
+
+
+def spec_router(top_k: int, **params) -> PromptRouter:
+    router = PromptRouter(2, 7, top_k, params=PromptParams(**params))
+    with torch.no_grad():
+        router.weight.copy_(W_G)
+    return router
+
+
+def gates_of(routing: PromptRouting) -> dict[int, float]:
+    seq = routing.sequence
+    return {int(e): float(w) for e, w in zip(seq.expert_index, seq.weight.detach())}
+
+
+@pytest.mark.parametrize(
+    ("top_k", "gate_mode", "expected"),
+    [
+        (2, "renorm", {U: 0.641708, Q: 0.358292}),
+        (2, "raw", {U: 0.320525, Q: 0.178963}),
+        (3, "renorm", {U: 0.479599, Q: 0.267780, V: 0.252621}),
+    ],
+)
+def test_spec_vector_mean_pooling(top_k, gate_mode, expected):
+    routing = spec_router(top_k, gate_mode=gate_mode)(H, lead_shape=(1, 3))
+    torch.testing.assert_close(routing.sequence.probs[0], torch.tensor(PI), atol=1e-6, rtol=0)
+    logits = torch.tensor([0.582783, 0.291391, 0.524505, -0.582783, -0.582783, 1.165566, -0.145696])
+    torch.testing.assert_close(routing.sequence.logits[0], logits, atol=1e-6, rtol=0)
+    got = gates_of(routing)
+    assert got.keys() == expected.keys()
+    for expert, gate in expected.items():
+        assert got[expert] == pytest.approx(gate, abs=1e-6)
+
+
+def test_spec_vector_last_token_pooling():
+    router = spec_router(2, pooler="last", gate_mode="raw")
+    routing = router(H, lead_shape=(1, 3))
+    u = torch.tanh(torch.tensor([1.0, 1.0]))
+    torch.testing.assert_close(routing.sequence.probs[0], torch.softmax(W_G @ u, -1))
+    assert set(gates_of(routing)) == {U, Q}
+
+
+def test_pooling_ignores_padding_on_either_side():
+    x = torch.randn(3, 5, 4)
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    for pooler in ("mean", "last", "max"):
+        pooled = pool(x, mask, pooler)
+        for b in range(3):
+            alone = x[b, mask[b]][None]
+            ref = pool(alone, torch.ones(1, alone.shape[1], dtype=torch.bool), pooler)[0]
+            torch.testing.assert_close(pooled[b], ref)
+    # the last real position, wherever the padding is
+    torch.testing.assert_close(pool(x, mask, "last")[1], x[1, 2])
+
+
+def test_prompt_positions_precedence_and_fallback():
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+    labels = torch.tensor([[-100, -100, -100, 7, 8], [4, 5, 6, 7, -100]])  # row 1 supervises every real token
+    ctx = RoutingContext(attention_mask=mask, labels=labels)
+    expected = torch.tensor([[0, 1, 1, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool)
+    assert torch.equal(prompt_positions(ctx, 2, 5, torch.device("cpu")), expected)
+    # an explicit prompt mask wins over the labels; padding stays out whatever it says
+    ctx.prompt_mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    expected = torch.tensor([[0, 1, 0, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool)
+    assert torch.equal(prompt_positions(ctx, 2, 5, torch.device("cpu")), expected)
+    assert torch.equal(prompt_positions(RoutingContext(attention_mask=mask), 2, 5, torch.device("cpu")), mask.bool())
+
+
+def test_every_token_of_a_sequence_gets_its_sequence_decision():
+    torch.manual_seed(0)
+    router = PromptRouter(8, 6, 2)
+    with torch.no_grad():
+        router.weight.mul_(20)  # sharp decisions, so that different prompts pick different experts
+    batch, seq = 6, 5
+    routing = router(torch.randn(batch * seq, 8), lead_shape=(batch, seq))
+    gates = routing.dense_gates().reshape(batch, seq, 6)
+    assert torch.equal(gates, gates[:, :1].expand_as(gates))
+    assert (gates > 0).sum(-1).eq(2).all()
+    assert len({tuple(g.nonzero().flatten().tolist()) for g in gates[:, 0]}) > 1
+    # the balance loss counts sequences, not tokens
+    inputs = router.aux_inputs(routing, None)
+    assert inputs.probs.shape == (batch, 6) and inputs.selected.sum() == batch * 2
+
+
+def test_params_are_validated():
+    with pytest.raises(ValueError, match="pooler.*allowed values"):
+        MoLoraConfig(router="prompt", router_kwargs={"pooler": "attn"})
+    with pytest.raises(ValueError, match="activation"):
+        MoLoraConfig(router="prompt", router_kwargs={"activation": "sigmoid"})
+    with pytest.raises(ValueError, match="unknown key"):
+        MoLoraConfig(router="prompt", router_kwargs={"milora_mode": "module"})
+    cfg = MoLoraConfig(router="prompt", router_kwargs={"pooler": "max", "activation": "gelu", "gate_mode": "raw"})
+    assert cfg.router_kwargs["pooler"] == "max"
+
+
+def test_router_needs_batch_and_sequence_layout():
+    with pytest.raises(ValueError, match=r"\[batch, seq, d_in\]"):
+        PromptRouter(4, 3, 1)(torch.randn(5, 4))
+
+
+# -- a tiny Llama ----------------------------------------------------------------------------------------------------
+
+PROMPTS = [[5, 17, 33, 8, 41, 12, 60], [70, 22, 9], [44, 3, 81, 27, 19]]
+
+
+def prompt_model(seed: int = 0, **router_kwargs):
+    config = MoLoraConfig(
+        r=4,
+        lora_alpha=16,
+        num_experts=4,
+        top_k=2,
+        router="prompt",
+        router_kwargs=router_kwargs,
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(make_llama(seed), config).eval()
+    torch.manual_seed(seed + 1)
+    with torch.no_grad():
+        for layer in routers_of(model):
+            layer.weight.mul_(8)  # decisions that differ between prompts and matter for the outputs
+    return model
+
+
+def routers_of(model) -> list[PromptRouter]:
+    return [m.molora_router["default"] for m in model.modules() if isinstance(m, MoLoraLayer)]
+
+
+def padded(prompts: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        cols = slice(width - len(p), width) if side == "left" else slice(0, len(p))
+        ids[i, cols] = torch.tensor(p)
+        mask[i, cols] = 1
+    return ids, mask
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(-1) - 1).clamp_min(0)
+
+
+def greedy(model, ids, mask, n=6, **kwargs):
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0, **kwargs
+        )
+    return out[:, ids.shape[1] :]
+
+
+def test_generate_with_cache_equals_recomputing_the_prompt_decision_every_step():
+    model = prompt_model()
+    ids, mask = padded(PROMPTS, "left")
+    cached = greedy(model, ids, mask)
+
+    # token by token without a KV cache, re-feeding the whole sequence; the decision comes from the prompt columns
+    seq, full_mask = ids, mask
+    with torch.no_grad(), model.molora_prompt_mask(mask):
+        for _ in range(cached.shape[1]):
+            logits = model(input_ids=seq, attention_mask=full_mask, position_ids=positions(full_mask)).logits
+            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
+            full_mask = torch.cat([full_mask, torch.ones_like(full_mask[:, :1])], 1)
+    assert torch.equal(seq[:, ids.shape[1] :], cached)
+    with model.molora_prompt_mask(mask):
+        assert torch.equal(greedy(model, ids, mask, use_cache=False), cached)
+
+    # the decision matters: routing from the whole growing sequence instead of the prompt changes the outputs
+    with torch.no_grad():
+        recomputed = model(input_ids=seq, attention_mask=full_mask, position_ids=positions(full_mask)).logits
+        with model.molora_prompt_mask(mask):
+            from_prompt = model(input_ids=seq, attention_mask=full_mask, position_ids=positions(full_mask)).logits
+    assert not torch.allclose(recomputed[:, -1], from_prompt[:, -1], atol=1e-3)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_routes_each_sample_from_its_own_tokens(side):
+    model = prompt_model()
+    ids, mask = padded(PROMPTS, side)
+    with torch.no_grad():
+        batch_logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
+        decisions = torch.stack([r._cached.sequence.probs for r in routers_of(model)], 1)  # [B, routers, E]
+        for i, prompt in enumerate(PROMPTS):
+            alone = model(input_ids=torch.tensor([prompt])).logits[0]
+            alone_decision = torch.stack([r._cached.sequence.probs[0] for r in routers_of(model)])
+            torch.testing.assert_close(batch_logits[i, mask[i].bool()], alone, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(decisions[i], alone_decision, atol=1e-5, rtol=1e-5)
+    # samples do get different decisions (otherwise this test could not see a leak between them)
+    assert not torch.allclose(decisions[0], decisions[1], atol=1e-3)
+
+
+def test_greedy_generation_in_a_padded_batch_equals_each_sample_alone():
+    model = prompt_model()
+    ids, mask = padded(PROMPTS, "left")
+    batch = greedy(model, ids, mask)
+    for i, prompt in enumerate(PROMPTS):
+        alone = greedy(model, torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long))
+        assert torch.equal(batch[i], alone[0])
+
+
+def test_beam_search_and_changing_batch_sizes_between_calls():
+    model = prompt_model()
+    ids, mask = padded(PROMPTS, "left")
+    beams = greedy(model, ids, mask, num_beams=2)
+    first = torch.tensor([PROMPTS[0]])
+    alone = greedy(model, first, torch.ones_like(first), num_beams=2)
+    assert torch.equal(beams[0], alone[0])
+    # the batch-1 call did not inherit the batch-3 decisions, and a new batch-3 call does not inherit batch 1's
+    assert torch.equal(greedy(model, ids, mask, num_beams=2), beams)
+
+
+def test_decode_step_that_does_not_follow_its_prefill_raises():
+    model = prompt_model()
+    one, short = torch.tensor([PROMPTS[0]]), torch.tensor([PROMPTS[1]])
+    with torch.no_grad():
+        cache = model(input_ids=one, use_cache=True).past_key_values
+        short_cache = model(input_ids=short, use_cache=True).past_key_values
+        model(input_ids=torch.tensor(PROMPTS[1:2] * 2))  # a prefill of another batch replaces the decision
+        with pytest.raises(ValueError, match="batch of 2 sequences"):
+            model(input_ids=one[:, :1], cache=cache, use_cache=True)
+        model(input_ids=one)  # a 7-token prefill; a 3-token cache cannot belong to it
+        with pytest.raises(ValueError, match="holds 3 tokens"):
+            model(input_ids=short[:, :1], cache=short_cache, use_cache=True)
+    fresh = prompt_model()
+    with torch.no_grad(), pytest.raises(RuntimeError, match="no prompt decision"):
+        fresh(input_ids=one[:, :1], cache=cache, use_cache=True)
+
+
+def test_training_routes_from_the_prompt_tokens_only():
+    model = prompt_model()
+    model.train()
+    prompt = torch.tensor(PROMPTS[0])
+    ids = torch.cat([prompt, torch.tensor([11, 12, 13, 14])])[None]
+    labels = ids.clone()
+    labels[:, : len(prompt)] = -100
+
+    def decision(input_ids, labels=None):
+        out = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=labels)
+        return out, torch.stack([r._cached.sequence.probs for r in routers_of(model)])
+
+    out, base = decision(ids, labels)
+    other = ids.clone()
+    other[:, len(prompt) :] = torch.tensor([50, 51, 52, 53])
+    other_labels = other.clone()
+    other_labels[:, : len(prompt)] = -100
+    assert torch.equal(decision(other, other_labels)[1], base)  # completion tokens never reach the decision
+    # ... and the decision equals routing the prompt alone (as at inference)
+    with torch.no_grad():
+        model(input_ids=prompt[None])
+    torch.testing.assert_close(torch.stack([r._cached.sequence.probs for r in routers_of(model)]), base)
+    # without labels every token is the prompt, so the same completion change does move the decision
+    assert not torch.allclose(decision(ids)[1], decision(other)[1])
+
+    # the routers are trained by the LM loss through the soft gates, plus the balance loss over sequences
+    assert set(model.molora_aux_losses()) == {"balance"}
+    out.loss.backward()
+    grads = [r.weight.grad for r in routers_of(model)]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_save_load_roundtrip_and_no_cached_decision_in_the_state_dict(tmp_path):
+    model = prompt_model(pooler="last")
+    ids, mask = padded(PROMPTS, "left")
+    expected = greedy(model, ids, mask)  # leaves a cached decision in every router
+    assert all(r._cached is not None for r in routers_of(model))
+    with torch.no_grad():
+        expected_logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    suffixes = {key.split("molora_", 1)[1] for key in tensors}
+    assert suffixes == {"A", "B", "router.weight"}
+    assert len(tensors) == 3 * 14
+
+    loaded = PeftModel.from_pretrained(make_llama(0), tmp_path).eval()
+    assert loaded.peft_config["default"].router_kwargs == {"pooler": "last"}
+    assert all(r._cached is None for r in routers_of(loaded))
+    with torch.no_grad():
+        got_logits = loaded(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
+    assert torch.equal(got_logits, expected_logits)
+    assert torch.equal(greedy(loaded, ids, mask), expected)
+
+
+def test_recipe_builds_a_prompt_router_config():
+    yaml = pytest.importorskip("yaml")
+    recipe = yaml.safe_load((Path(__file__).parents[1] / "configs" / "milora.yaml").read_text())
+    assert set(recipe) == {"model", "adapter", "training"} and recipe["model"]["name_or_path"] is None
+    config = MoLoraConfig(**recipe["adapter"])
+    assert config.router == "prompt" and config.router_kwargs["pooler"] == "mean"
+    assert recipe["training"]["packing"] is False and recipe["training"]["completion_only_loss"] is True

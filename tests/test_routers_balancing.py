@@ -1,0 +1,653 @@
+"""Routers from the literature: loss-free bias balancing, AdaMoE null experts, ReMoE ReLU routing, expert choice.
+
+Covers, per router: the spec vectors (spec/algorithms.md sections 9, 11, 12, 13), the per-optimizer-step state
+(``Router.on_optimizer_step_group``, ``MoLoraModel.molora_on_optimizer_step``, ``MoLoraCallback``, micro-batch
+accumulation, checkpoint recomputation counted once, DDP all-reduce, frozen in eval), params validation, kernel-path
+agreement, extreme and low-precision inputs, training and generation, batch invariance under left padding, and
+save/load of the router state.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import CHAR_VOCAB, make_char_tokenizer, make_llama
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+from test_save_load import _roundtrip
+
+from molora import MoLoraConfig, MoLoraLayer
+from molora.kernels import expert_delta
+from molora.routers import (
+    AdaMoERouter,
+    ExpertChoiceRouter,
+    NullExpertRouting,
+    ReLURouter,
+    TopKBiasRouter,
+    balancing,
+    get_router_class,
+)
+from molora.routers.state import StepAccumulator
+from molora.runtime import RoutingContext
+from molora.training import MoLoraCallback
+
+SPEC_ATOL = 2e-6
+Z = [[2.0, 1.0, 0.5, -1.0], [0.1, 0.0, -0.1, 0.05], [-1.0, 0.5, 2.0, 0.0]]  # spec 0.4
+ROUTERS = ["topk_bias", "adamoe", "relu", "expert_choice"]
+
+
+def identity_router(cls, in_features: int, num_experts: int, top_k: int, **params):
+    """A router whose scoring weight is the identity, so that its logits equal its input."""
+    router = cls(in_features, num_experts, top_k, params=cls.Params(**params))
+    router.weight.data = torch.eye(router.weight.shape[0], in_features)
+    return router
+
+
+def selections(routing, n_tokens: int) -> list[set[int]]:
+    out = [set() for _ in range(n_tokens)]
+    for t, e in zip(routing.token_index.tolist(), routing.expert_index.tolist()):
+        out[t].add(e)
+    return out
+
+
+def routers_of(model) -> list:
+    return [m.molora_router["default"] for m in model.modules() if isinstance(m, MoLoraLayer)]
+
+
+# -- loss-free balancing (spec 9) ------------------------------------------------------------------------------------
+
+
+def test_topk_bias_spec_vector_selection_loads_and_update():
+    router = identity_router(TopKBiasRouter, 4, 4, 1, normalize_gates=False).train()
+    routing = router(torch.tensor(Z))
+    assert routing.expert_index.tolist() == [0, 0, 2]
+    torch.testing.assert_close(routing.weight, torch.tensor([0.880797, 0.524979, 0.880797]), atol=SPEC_ATOL, rtol=0)
+    counts = router._loads.pop((4,), torch.device("cpu"))
+    assert counts.tolist() == [2, 0, 1, 0]
+    assert balancing.max_violation(counts).item() == pytest.approx(1.666667, abs=1e-6)
+    router._loads.add(counts)
+    router.on_optimizer_step()
+    torch.testing.assert_close(router.selection_bias, torch.tensor([-0.001, 0.001, -0.001, 0.001]))
+    assert router.last_max_violation.item() == pytest.approx(1.666667, abs=1e-6)
+    assert "selection_bias" in dict(router.named_buffers()) and "selection_bias" not in dict(router.named_parameters())
+
+
+def test_topk_bias_spec_vector_biased_selection():
+    router = identity_router(TopKBiasRouter, 4, 4, 1, normalize_gates=False)
+    router.selection_bias.copy_(torch.tensor([-0.2, 0.0, 0.0, 0.0]))
+    routing = router(torch.tensor(Z))
+    assert routing.expert_index.tolist() == [1, 3, 2]
+    torch.testing.assert_close(routing.weight, torch.tensor([0.731059, 0.512497, 0.880797]), atol=SPEC_ATOL, rtol=0)
+    # the gates are the unbiased affinities; the normalised affinities are a distribution (probs)
+    torch.testing.assert_close(routing.probs.sum(-1), torch.ones(3))
+
+    router2 = identity_router(TopKBiasRouter, 4, 4, 2)  # normalize_gates=True (default)
+    router2.selection_bias.copy_(torch.tensor([0.0, -0.3, 0.0, 0.0]))
+    routing2 = router2(torch.tensor([[2.0, 1.0, 0.5, -1.0]]))
+    assert set(routing2.expert_index.tolist()) == {0, 2}
+    torch.testing.assert_close(
+        routing2.dense_gates(), torch.tensor([[0.585926, 0.0, 0.414074, 0.0]]), atol=SPEC_ATOL, rtol=0
+    )
+
+
+def test_topk_bias_softmax_scores():
+    router = identity_router(TopKBiasRouter, 4, 4, 2, score_function="softmax")
+    router.selection_bias.copy_(torch.tensor([0.0, -0.5, 0.0, 0.0]))
+    routing = router(torch.tensor([[2.0, 1.0, 0.5, -1.0]]))
+    p = torch.softmax(torch.tensor([2.0, 1.0, 0.5, -1.0]), -1)
+    assert set(routing.expert_index.tolist()) == {0, 2}
+    torch.testing.assert_close(routing.weight.sort().values, (p[[2, 0]] / (p[0] + p[2])).sort().values)
+
+
+def test_topk_bias_update_direction_padding_and_eval_freeze():
+    router = identity_router(TopKBiasRouter, 4, 4, 1, bias_update_rate=0.01)
+    x = torch.tensor([[5.0, 0, 0, 0], [5.0, 0, 0, 0], [0, 5.0, 0, 0], [0, 0, 0, 9.0]])
+    valid = torch.tensor([True, True, True, False])  # the padding token would load expert 3
+    router.eval()
+    router(x, valid)
+    router.on_optimizer_step()
+    assert torch.equal(router.selection_bias, torch.zeros(4)), "eval forwards must not move the bias"
+    router.train()
+    router(x, valid)
+    router(x, valid)  # a second micro-batch of the same step
+    router.on_optimizer_step()
+    # loads [4, 2, 0, 0], mean 1.5: expert 0 and 1 overloaded -> down; 2 and 3 idle -> up
+    torch.testing.assert_close(router.selection_bias, torch.tensor([-0.01, -0.01, 0.01, 0.01]))
+    router.on_optimizer_step()  # nothing observed since: unchanged
+    torch.testing.assert_close(router.selection_bias, torch.tensor([-0.01, -0.01, 0.01, 0.01]))
+
+
+def test_step_accumulator_counts_a_recomputed_forward_once():
+    acc = StepAccumulator()
+    acc.add(torch.tensor([1.0, 2.0]), forward_id=7)
+    acc.add(torch.tensor([1.0, 2.0]), forward_id=7)  # activation checkpointing re-runs the layer in backward
+    acc.add(torch.tensor([3.0, 0.0]), forward_id=8)  # next micro-batch
+    acc.add(torch.tensor([1.0, 1.0]))  # standalone calls always add
+    assert acc.pop((2,), torch.device("cpu")).tolist() == [5.0, 3.0]
+    assert acc.pop((2,), torch.device("cpu")).tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("use_reentrant", [None, False, True])
+def test_loads_counted_once_per_micro_batch_with_activation_checkpointing(batch, use_reentrant):
+    """Checkpointed layers re-run their forward in backward; the step's loads must not double."""
+    config = MoLoraConfig(num_experts=4, top_k=2, router="topk_bias", init_lora_weights=False)
+    model = get_peft_model(make_llama(), config)
+    if use_reentrant is not None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        model.enable_input_require_grads()
+    model.train()
+    for _ in range(2):  # two micro-batches of one optimizer step
+        model(**batch).loss.backward()
+    n_valid = int(batch["attention_mask"].sum())
+    for router in routers_of(model):
+        counts = router._loads.pop((4,), torch.device("cpu"))
+        assert counts.sum().item() == 2 * n_valid * 2
+
+
+def test_max_violation():
+    counts = torch.tensor([[2.0, 0, 1, 0], [1.0, 1, 1, 1], [4.0, 0, 0, 0], [0.0, 0, 0, 0]])
+    torch.testing.assert_close(balancing.max_violation(counts), torch.tensor([5 / 3, 0.0, 3.0, 0.0]))
+
+
+def test_sft_trainer_with_callback_moves_bias_against_the_load(tmp_path):
+    """TRL SFTTrainer + MoLoraCallback: one update per optimizer step, in the spec's direction, and it balances."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    config = MoLoraConfig(
+        r=4,
+        num_experts=4,
+        top_k=1,
+        router="topk_bias",
+        router_kwargs={"bias_update_rate": 0.05},
+        aux_loss_coef=0.0,
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(make_llama(vocab_size=CHAR_VOCAB), config)
+    routers = routers_of(model)
+    for router in routers:  # a skewed start: expert 0 takes almost every token
+        router.selection_bias.copy_(torch.tensor([0.3, 0.0, 0.0, 0.0]))
+    words = ["red fox", "blue cat", "green owl", "gray wolf"]
+    data = Dataset.from_list([{"text": f"the {words[i % 4]} sat on mat {i % 4}."} for i in range(16)])
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path),
+        report_to="none",
+        max_steps=8,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-3,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        bf16=False,
+        use_cpu=True,
+        max_length=40,
+        gradient_checkpointing=False,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    trainer = trl.SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        processing_class=make_char_tokenizer(),
+        callbacks=[MoLoraCallback()],
+    )
+    steps = []  # per optimizer step: the loads of each router (both micro-batches) and the biases after the update
+    original = TopKBiasRouter.on_optimizer_step_group.__func__
+
+    def spy(cls, group):
+        loads = [r._loads.pop((r.num_experts,), torch.device("cpu")) for r in group]
+        before = [r.selection_bias.clone() for r in group]
+        for r, counts in zip(group, loads):
+            r._loads.add(counts)
+        original(cls, group)
+        steps.append((loads, before, [r.last_max_violation.item() for r in group]))
+
+    TopKBiasRouter.on_optimizer_step_group = classmethod(spy)
+    try:
+        trainer.train()
+    finally:
+        TopKBiasRouter.on_optimizer_step_group = classmethod(original)
+    assert len(steps) == 8, "MoLoraCallback must fire once per optimizer step"
+    for loads, _, _ in steps:
+        assert len(loads) == len(routers) == 14
+        assert all(counts.sum() > 0 for counts in loads)
+    # the first update, checked against the loads the step saw (summed over its two micro-batches)
+    loads, before, _ = steps[0]
+    after = steps[1][1]
+    for counts, b0, b1 in zip(loads, before, after):
+        torch.testing.assert_close(b1 - b0, 0.05 * torch.sign(counts.mean() - counts))
+    violations = [sum(v) / len(v) for _, _, v in steps]
+    assert violations[0] > 1.5 and sum(violations[-2:]) / 2 < 0.5 * violations[0], violations
+    assert all(math.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
+
+
+def test_step_updates_are_all_reduced_over_ranks(monkeypatch):
+    """With torch.distributed initialised, one all_reduce per router group sums the step's counts over ranks.
+
+    A second rank is simulated: its contribution is added inside ``all_reduce`` (a real multi-process group costs
+    tens of seconds of imports per worker here).
+    """
+    import torch.distributed as dist
+
+    other_rank = {}
+    calls = []
+
+    def fake_all_reduce(tensor, op=None):
+        calls.append(tensor.shape)
+        tensor += other_rank[tuple(tensor.shape)]
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "all_reduce", fake_all_reduce)
+    bias_routers = [identity_router(TopKBiasRouter, 4, 4, 1, bias_update_rate=0.01).train() for _ in range(2)]
+    for router in bias_routers:
+        router(torch.tensor([[9.0, 0, 0, 0]] * 3))  # this rank: loads [3, 0, 0, 0]
+    # the other rank: [0, 1, 2, 0] for router 0, nothing for router 1
+    other_rank[(2, 4)] = torch.tensor([[0.0, 1, 2, 0], [0, 0, 0, 0]])
+    TopKBiasRouter.on_optimizer_step_group(bias_routers)
+    torch.testing.assert_close(bias_routers[0].selection_bias, torch.tensor([-0.01, 0.01, -0.01, 0.01]))
+    torch.testing.assert_close(bias_routers[1].selection_bias, torch.tensor([-0.01, 0.01, 0.01, 0.01]))
+    assert calls == [(2, 4)]
+
+    relu_routers = [identity_router(ReLURouter, 4, 4, 1).train() for _ in range(2)]
+    for router in relu_routers:
+        router(torch.ones(2, 4))  # this rank: 8 of 8 gates active in each router
+    other_rank[(2, 2)] = torch.tensor([[0.0, 8.0], [0.0, 8.0]])  # the other rank: none active
+    ReLURouter.on_optimizer_step_group(relu_routers)
+    for router in relu_routers:  # pooled sparsity 0.5 < 0.75: lambda grows, the same for every layer
+        assert router.last_sparsity == pytest.approx(0.5)
+        assert router.l1_coef.item() == pytest.approx(1.2e-8)
+    assert calls == [(2, 4), (2, 2)]
+
+
+# -- AdaMoE null experts (spec 11) -----------------------------------------------------------------------------------
+
+ADAMOE_Z = [[1.0, 0.2, 0.8, -0.5], [0.0, 1.5, -1.0, 1.0], [0.3, 0.1, 1.2, 0.9]]
+
+
+def adamoe_router(**params):
+    return identity_router(AdaMoERouter, 4, 2, 2, num_null_experts=2, **params)
+
+
+def test_adamoe_spec_vector_single_token():
+    routing = adamoe_router()(torch.tensor([ADAMOE_Z[0]]))
+    assert isinstance(routing, NullExpertRouting)
+    torch.testing.assert_close(
+        routing.full_probs, torch.tensor([[0.401415, 0.180367, 0.328650, 0.089568]]), atol=SPEC_ATOL, rtol=0
+    )
+    assert routing.full_selected.tolist() == [[True, False, True, False]]
+    # expert 0 is the only selected true expert: its gate renormalises to 1; the null slot adds no triple
+    assert routing.token_index.tolist() == [0] and routing.expert_index.tolist() == [0]
+    torch.testing.assert_close(routing.weight, torch.tensor([1.0]))
+    assert routing.probs.shape == (1, 2) and routing.dense_gates().tolist() == [[1.0, 0.0]]
+
+
+def test_adamoe_spec_vector_batch_balance_loss():
+    router = adamoe_router()
+    routing = router(torch.tensor(ADAMOE_Z))
+    assert [set(torch.nonzero(row).flatten().tolist()) for row in routing.full_selected] == [{0, 2}, {1, 3}, {2, 3}]
+    assert selections(routing, 3) == [{0}, {1}, set()]  # token 2 chose two null experts: no LoRA delta
+    inputs = router.aux_inputs(routing, None)
+    assert inputs.probs.shape == (3, 4)
+    torch.testing.assert_close(inputs.selected.sum(0), torch.tensor([1.0, 1.0, 2.0, 2.0]))
+    torch.testing.assert_close(
+        inputs.probs.mean(0), torch.tensor([0.227351, 0.279219, 0.258257, 0.235173]), atol=SPEC_ATOL, rtol=0
+    )
+    losses = AdaMoERouter.aux_losses(inputs, "megatron", frozenset({"balance", "z"}))
+    assert losses["balance"].item() == pytest.approx(0.995620, abs=1e-6)
+    torch.testing.assert_close(losses["z"], balancing.router_z_loss(torch.tensor(ADAMOE_Z)))
+
+
+def test_adamoe_null_counts_are_averaged():
+    router = identity_router(AdaMoERouter, 5, 2, 1, num_null_experts=3)
+    # token 0 -> null 2, token 1 -> null 2, token 2 -> true 0: raw null counts [2, 0, 0] -> averaged [2/3] * 3
+    x = torch.tensor([[0, 0, 5.0, 0, 0], [0, 0, 5.0, 0, 0], [5.0, 0, 0, 0, 0]])
+    routing = router(x)
+    inputs = router.aux_inputs(routing, None)
+    torch.testing.assert_close(inputs.selected.sum(0), torch.tensor([1.0, 0.0, 2 / 3, 2 / 3, 2 / 3]))
+    load = balancing.expert_load(inputs, "megatron")
+    expected = 5 * (load * inputs.probs.mean(0)).sum()
+    torch.testing.assert_close(
+        AdaMoERouter.aux_losses(inputs, "megatron", frozenset({"balance"}))["balance"], expected
+    )
+    # padding rows drop out of the loss inputs
+    valid = torch.tensor([True, False, True])
+    assert router.aux_inputs(routing, valid).selected.sum().item() == pytest.approx(2.0)
+
+
+def test_adamoe_gates_renormalise_among_selected_true_experts():
+    router = identity_router(AdaMoERouter, 6, 3, 3, num_null_experts=3)
+    x = torch.tensor([[2.0, 1.0, -3.0, 1.5, -2.0, -2.0]])  # top-3: true 0, null 3, true 1
+    routing = router(x)
+    assert selections(routing, 1) == [{0, 1}]
+    p = torch.softmax(x[0], -1)
+    torch.testing.assert_close(routing.dense_gates()[0], torch.stack([p[0], p[1], p[0] * 0]) / (p[0] + p[1]))
+
+
+def test_adamoe_default_null_experts_and_stats_show_fewer_real_experts(batch):
+    config = MoLoraConfig(num_experts=4, top_k=4, router="adamoe", init_lora_weights=False)
+    model = get_peft_model(make_llama(), config)
+    router = routers_of(model)[0]
+    assert router.num_null_experts == 4 and router.weight.shape == (8, 64)
+    with torch.no_grad():
+        model(**batch)
+    stats = model.get_routing_stats()
+    per_token = [s.experts_per_token for s in stats.values()]
+    assert all(0 < v < 4 for v in per_token), per_token  # some of the 4 slots went to null experts
+
+
+# -- ReMoE ReLU routing (spec 12) ------------------------------------------------------------------------------------
+
+RELU_Z = [[0.8, -0.2, 0.3, -1.0], [-0.5, -0.1, -0.3, -0.2], [1.2, 0.4, -0.1, 0.0]]
+
+
+def test_relu_spec_vector_gates_and_regulariser():
+    router = identity_router(ReLURouter, 4, 4, 1)
+    routing = router(torch.tensor(RELU_Z))
+    expected = torch.tensor([[0.8, 0, 0.3, 0], [0, 0, 0, 0], [1.2, 0.4, 0, 0]])
+    torch.testing.assert_close(routing.dense_gates(), expected)
+    assert selections(routing, 3) == [{0, 2}, set(), {0, 1}]  # ReLU(0.0) = 0 counts as inactive
+    inputs = router.aux_inputs(routing, None)
+    torch.testing.assert_close(inputs.selected.sum(0).float(), torch.tensor([2.0, 1, 1, 0]))
+    torch.testing.assert_close(
+        inputs.gates.mean(0), torch.tensor([0.666667, 0.133333, 0.1, 0]), atol=SPEC_ATOL, rtol=0
+    )
+    l1 = ReLURouter.aux_losses(inputs, "megatron", frozenset({"l1"}))["l1"]
+    assert l1.item() == pytest.approx(2.088889, abs=1e-6)
+    router.set_l1_coef(0.01)
+    config = MoLoraConfig(router="relu", aux_loss_coef=0.0)
+    assert router.loss_coefficients(config)["l1"] * l1.item() == pytest.approx(0.020889, abs=1e-6)
+    # probs: gates normalised per token, zero for the token without an active expert
+    torch.testing.assert_close(routing.probs.sum(-1), torch.tensor([1.0, 0.0, 1.0]))
+
+
+def test_relu_spec_vector_adaptive_lambda():
+    router = identity_router(ReLURouter, 4, 4, 1).train()
+    router(torch.tensor(RELU_Z))
+    assert router.target_sparsity == 0.75
+    router.on_optimizer_step()
+    assert router.last_sparsity == pytest.approx(1 - 4 / 12)
+    assert router.l1_coef.item() == pytest.approx(1.2e-8) and router._l1_coef_value == pytest.approx(1.2e-8)
+    router(-torch.ones(3, 4))  # all inactive: sparsity 1 > 0.75 -> lambda shrinks
+    router.on_optimizer_step()
+    assert router.l1_coef.item() == pytest.approx(1.0e-8)
+    router.eval()
+    router(torch.ones(3, 4))
+    router.on_optimizer_step()  # eval forwards count nothing: lambda frozen
+    assert router.l1_coef.item() == pytest.approx(1.0e-8)
+
+
+def test_relu_lambda_is_shared_by_all_layers_and_steers_sparsity(batch):
+    config = MoLoraConfig(
+        num_experts=4, top_k=1, router="relu", router_kwargs={"l1_coef_init": 1e-3, "l1_coef_growth": 2.0}
+    )
+    model = get_peft_model(make_llama(), config)
+    model.train()
+    model(**batch)
+    model.molora_on_optimizer_step()
+    routers = routers_of(model)
+    values = {r._l1_coef_value for r in routers}
+    assert len(values) == 1 and values.pop() in (pytest.approx(2e-3), pytest.approx(5e-4))
+    assert len({r.last_sparsity for r in routers}) == 1
+    losses = model.molora_aux_losses()
+    assert {"balance", "l1"} <= set(losses)
+
+
+def test_relu_token_without_active_expert_gets_zero_delta():
+    router = identity_router(ReLURouter, 4, 4, 1)
+    torch.manual_seed(0)
+    A, B = torch.randn(4, 4, 2), torch.randn(4, 2, 3)
+    x = torch.tensor([[1.0, 0, 0, 0], [-1.0, -1, -1, -1]])
+    routing = router(x)
+    for kernel in ("dense", "grouped", "naive"):
+        delta = expert_delta(x, A, B, routing, 2.0, kernel)
+        assert torch.equal(delta[1], torch.zeros(3)) and delta[0].abs().sum() > 0
+
+
+# -- expert choice (spec 13) -----------------------------------------------------------------------------------------
+
+EC_LOGITS = [[2.0, 0.0], [1.0, 1.0], [0.0, 2.0], [0.5, -0.5]]
+
+
+def test_expert_choice_spec_vector():
+    router = identity_router(ExpertChoiceRouter, 2, 2, 1, capacity_factor=1.0)
+    routing = router(torch.tensor(EC_LOGITS))
+    torch.testing.assert_close(
+        routing.probs,
+        torch.tensor([[0.880797, 0.119203], [0.5, 0.5], [0.119203, 0.880797], [0.731059, 0.268941]]),
+        atol=SPEC_ATOL,
+        rtol=0,
+    )
+    picked = {e: {} for e in range(2)}
+    for t, e, w in zip(routing.token_index.tolist(), routing.expert_index.tolist(), routing.weight.tolist()):
+        picked[e][t] = w
+    assert set(picked[0]) == {0, 3} and set(picked[1]) == {1, 2}
+    assert picked[0][0] == pytest.approx(0.880797, abs=1e-6) and picked[0][3] == pytest.approx(0.731059, abs=1e-6)
+    assert picked[1][2] == pytest.approx(0.880797, abs=1e-6) and picked[1][1] == pytest.approx(0.5, abs=1e-6)
+
+
+def test_expert_choice_excludes_padding_and_sets_capacity():
+    router = identity_router(ExpertChoiceRouter, 2, 2, 1, capacity_factor=1.0)
+    x = torch.tensor(EC_LOGITS + [[9.0, 9.0]])  # the padding token would be every expert's favourite
+    valid = torch.tensor([True, True, True, True, False])
+    routing = router(x, valid)
+    assert 4 not in routing.token_index.tolist()
+    assert torch.bincount(routing.expert_index).tolist() == [2, 2]
+    router2 = identity_router(ExpertChoiceRouter, 4, 4, 1)  # c = 2 (default)
+    assert [router2.capacity(n) for n in (1, 2, 3, 8, 10)] == [1, 1, 1, 4, 5]
+
+
+@pytest.mark.parametrize("how", ["decode", "single_token", "eval_option"])
+def test_expert_choice_falls_back_to_token_choice(how):
+    params = {"token_choice_in_eval": True} if how == "eval_option" else {}
+    router = identity_router(ExpertChoiceRouter, 4, 4, 2, **params)
+    x = torch.tensor(Z)
+    context = None
+    if how == "decode":
+        context = RoutingContext(is_decode=True)
+    elif how == "single_token":
+        x = x[:1]
+    else:
+        router.eval()
+    routing = router(x, None, context)
+    # every token has its top-2 experts with raw softmax gates
+    assert torch.bincount(routing.token_index).tolist() == [2] * x.shape[0]
+    expected = torch.softmax(x, -1).topk(2, -1)
+    torch.testing.assert_close(routing.weight.view(-1, 2), expected.values)
+    if how == "eval_option":
+        router.train()
+        assert torch.bincount(router(x).expert_index, minlength=4).tolist() == [1, 1, 1, 1]
+
+
+# -- shared checks: params, kernels, robustness, training, generation, batch invariance, save/load --------------------
+
+
+@pytest.mark.parametrize(
+    "router, kwargs, field",
+    [
+        ("topk_bias", {"score_function": "relu"}, "score_function"),
+        ("topk_bias", {"bias_update_rate": -1e-3}, "bias_update_rate"),
+        ("topk_bias", {"normalize_gates": "yes"}, "normalize_gates"),
+        ("adamoe", {"num_null_experts": 0}, "num_null_experts"),
+        ("adamoe", {"num_null_experts": 2.5}, "num_null_experts"),
+        ("relu", {"l1_coef_init": 0.0}, "l1_coef_init"),
+        ("relu", {"l1_coef_growth": 1.0}, "l1_coef_growth"),
+        ("relu", {"target_sparsity": 1.0}, "target_sparsity"),
+        ("expert_choice", {"capacity_factor": 0.0}, "capacity_factor"),
+        ("expert_choice", {"capacity_factor": 5.0}, "capacity_factor"),
+        ("expert_choice", {"bias_update_rate": 0.1}, "bias_update_rate"),
+    ],
+)
+def test_bad_router_kwargs_raise_naming_the_field(router, kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        MoLoraConfig(num_experts=4, top_k=2, router=router, router_kwargs=kwargs)
+
+
+def test_defaults_follow_the_spec():
+    bias = get_router_class("topk_bias").Params()
+    assert (bias.score_function, bias.normalize_gates, bias.bias_update_rate) == ("sigmoid", True, 1e-3)
+    relu = get_router_class("relu").Params()
+    assert (relu.l1_coef_init, relu.l1_coef_growth, relu.target_sparsity) == (1e-8, 1.2, None)
+    assert get_router_class("expert_choice").Params().capacity_factor == 2.0
+    assert get_router_class("adamoe").Params().num_null_experts is None
+
+
+def _router_for(name: str, num_experts: int = 4, top_k: int = 2, in_features: int = 6):
+    cls = get_router_class(name)
+    return cls(in_features, num_experts, top_k, params=cls.Params())
+
+
+@pytest.mark.parametrize("name", ROUTERS)
+def test_kernel_paths_agree(name):
+    torch.manual_seed(11)
+    router = _router_for(name)
+    if name == "topk_bias":
+        router.selection_bias.uniform_(-0.2, 0.2)
+    x = torch.randn(10, 6)
+    A, B = torch.randn(4, 6, 3), torch.randn(4, 3, 5)
+    valid = torch.ones(10, dtype=torch.bool)
+    valid[:3] = False
+    routing = router(x, valid)
+    assert (routing.weight >= 0).all()
+    reference = expert_delta(x, A, B, routing, 0.5, "naive")
+    for kernel in ("dense", "grouped"):
+        torch.testing.assert_close(expert_delta(x, A, B, routing, 0.5, kernel), reference, rtol=1e-5, atol=1e-5)
+
+
+EXTREME = {
+    "pm1e4": [[1e4, -1e4, 0.0, 1e4 - 8], [-1e4, -1e4, 1e4, -1e4], [0.0, 1e4, -1e4, 16.0]],
+    "all_equal": [[0.0] * 4, [3.0] * 4, [-1e4] * 4],
+    "all_large": [[1e4, 1e4 - 16, 1e4 - 32, 1e4 - 64], [-1e4, -1e4 + 8, -1e4 + 16, -1e4 + 64], [1e4] * 4],
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("logits_name", list(EXTREME))
+@pytest.mark.parametrize("name", ROUTERS)
+def test_extreme_and_low_precision_inputs(name, logits_name, dtype):
+    cls = get_router_class(name)
+    width = 8 if name == "adamoe" else 4  # adamoe scores 4 true + 4 null experts
+    rows = [row + row if name == "adamoe" else row for row in EXTREME[logits_name]]
+    router = identity_router(cls, width, 4, 2).train()
+    if name == "topk_bias":
+        router.selection_bias.copy_(torch.tensor([0.5, -0.5, 0.0, 0.1]))
+    routing = router(torch.tensor(rows, dtype=dtype))
+    for label, tensor in [("probs", routing.probs), ("weight", routing.weight), ("gates", routing.dense_gates())]:
+        assert tensor.dtype == torch.float32, label
+        assert torch.isfinite(tensor).all(), label
+        assert (tensor >= 0).all(), label
+    inputs = router.aux_inputs(routing, None)
+    losses = cls.aux_losses(inputs, "megatron", frozenset({"balance", "z", "l1"}))
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert torch.isfinite(router.weight.grad).all()
+    router.on_optimizer_step()
+    for buffer in router.buffers():
+        assert torch.isfinite(buffer).all()
+
+
+@pytest.mark.parametrize("name", ROUTERS)
+def test_training_and_generation(name, batch):
+    config = MoLoraConfig(r=4, num_experts=4, top_k=2, router=name, init_lora_weights=False)
+    model = get_peft_model(make_llama(), config)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        out = model(**batch)
+        assert torch.isfinite(out.loss)
+        out.loss.backward()
+        assert all(r.weight.grad is not None and torch.isfinite(r.weight.grad).all() for r in routers_of(model))
+        optimizer.step()
+        optimizer.zero_grad()
+        model.molora_on_optimizer_step()
+    model.eval()
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    generated = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert generated.shape == (2, 16)
+    stats = model.get_routing_stats()
+    assert len(stats) == 14 and all(s.tokens > 0 and math.isfinite(s.max_violation) for s in stats.values())
+
+
+def _set_router_state(model, name):
+    torch.manual_seed(4)
+    for router in routers_of(model):
+        if name == "topk_bias":
+            router.selection_bias.uniform_(-0.3, 0.3)
+        elif name == "relu":
+            router.set_l1_coef(3.5e-4)
+
+
+@pytest.mark.parametrize("name", [n for n in ROUTERS if n != "expert_choice"])
+def test_sample_alone_equals_sample_in_left_padded_batch(name):
+    """Token-choice routers: neither padding nor the batch neighbour changes a sample's outputs or generations."""
+    config = MoLoraConfig(r=4, num_experts=4, top_k=2, router=name, init_lora_weights=False)
+    model = get_peft_model(make_llama(), config).eval()
+    _set_router_state(model, name)
+    gen = torch.Generator().manual_seed(9)
+    short, long = torch.randint(3, 96, (1, 7), generator=gen), torch.randint(3, 96, (1, 11), generator=gen)
+    ids = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1), long])
+    mask = (torch.arange(11) >= 4).long().unsqueeze(0).repeat(2, 1)
+    mask[1] = 1
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        alone = model(input_ids=short).logits[0]
+        batched = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[0, 4:]
+    torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-5)
+    gen_alone = model.generate(input_ids=short, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    gen_batch = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert gen_batch[0, 4:].tolist() == gen_alone[0].tolist()
+
+
+def test_topk_bias_state_roundtrips_in_a_fresh_process(tmp_path):
+    config = MoLoraConfig(
+        r=2, num_experts=3, top_k=1, router="topk_bias", init_lora_weights=False, task_type="CAUSAL_LM"
+    )
+    _, adapter_dir, expected, results = _roundtrip(tmp_path, make_llama(), config)
+    tensors = load_file(adapter_dir / "adapter_model.safetensors")
+    biases = [v for k, v in tensors.items() if k.endswith("molora_router.selection_bias")]
+    assert len(biases) == 14 and all(v.abs().sum() > 0 for v in biases)
+    assert torch.equal(results["peft_model"], expected)
+    assert torch.equal(results["auto"], expected)
+
+
+@pytest.mark.parametrize("name", ["topk_bias", "relu", "adamoe"])
+def test_router_state_saved_and_loaded_in_process(tmp_path, name, batch):
+    config = MoLoraConfig(r=4, num_experts=4, top_k=2, router=name, init_lora_weights=False)
+    model = get_peft_model(make_llama(), config).eval()
+    _set_router_state(model, name)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": batch["labels"]}
+    with torch.no_grad():
+        expected = model(**inputs)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(make_llama(), tmp_path).eval()
+    with torch.no_grad():
+        got = loaded(**inputs)
+    assert torch.equal(got.logits, expected.logits)
+    torch.testing.assert_close(loaded.molora_aux_loss(), model.molora_aux_loss())
+    for saved, restored in zip(routers_of(model), routers_of(loaded)):
+        for (key, a), (_, b) in zip(saved.named_buffers(), restored.named_buffers()):
+            assert torch.equal(a, b), key
+        if name == "relu":
+            assert restored._l1_coef_value == pytest.approx(3.5e-4)
+        if name == "adamoe":
+            assert restored.weight.shape[0] == 8
+
+
+@pytest.mark.parametrize("name", ROUTERS)
+def test_yaml_recipe_builds_the_config(name):
+    import dataclasses
+    from pathlib import Path
+
+    import yaml
+
+    recipe = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml").read_text())
+    assert set(recipe) == {"model", "adapter", "training"}
+    assert recipe["model"]["name_or_path"] is None
+    config = MoLoraConfig(**recipe["adapter"])
+    assert config.router == name
+    trl = pytest.importorskip("trl")
+    unknown = set(recipe["training"]) - {f.name for f in dataclasses.fields(trl.SFTConfig)}
+    assert not unknown, unknown
