@@ -308,3 +308,14 @@ def test_example_script_drives_stateful_routers(workdir, tmp_path):
     assert len(biases) == 14
     # 3 steps of +-u (u = 1e-3) per expert: every bias moved, none beyond 3u
     assert all(0 < v.abs().max() <= 3e-3 + 1e-9 for v in biases.values())
+
+
+def test_eval_of_the_base_model_alone(workdir, capsys):
+    """`molora eval` without --adapter evaluates the base model (--model) with the same metrics."""
+    args = ["eval", "--model", str(workdir / "model"), "--data", str(workdir / "eval.jsonl"), "--max-per-task", "2"]
+    assert main(args + ["--max-new-tokens", "3", "--json", str(workdir / "base.json")]) == 0
+    result = json.loads((workdir / "base.json").read_text())
+    assert {task: m["n"] for task, m in result["tasks"].items()} == {"suffix": 2, "upper": 2, "all": 4}
+    # a random model: a loss near ln(vocab) and no exact answers
+    assert 3.0 < result["tasks"]["all"]["loss"] < 6.0 and result["tasks"]["all"]["exact_match"] == 0.0
+    assert "base model" in capsys.readouterr().out
