@@ -196,6 +196,7 @@ def test_push_dry_run_and_card(trained, capsys):
         (["sft", "--set", "adapter.top_k=9", "--set", "adapter.num_experts=4"], "top_k"),
         (["sft", "--set", "model.quantization=4bit"], "needs model.name_or_path"),
         (["sft", "--set", "data.train=nope/missing.jsonl"], None),
+        (["sft", "--set", "model.name_or_path=nobody/no-such-model"], "Cannot load the tokenizer 'nobody/no-such"),
         (["generate", "--adapter", "no/such/dir", "hi"], "Adapter folder not found"),
         (["inspect", "no/such/dir"], "Adapter folder not found"),
     ],

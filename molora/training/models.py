@@ -78,10 +78,22 @@ def load_tokenizer(cfg: dict[str, Any]):
         kwargs["gguf_file"] = cfg["gguf_file"]
     if cfg.get("revision"):
         kwargs["revision"] = cfg["revision"]
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except OSError as err:
+        raise _load_error("tokenizer", source, err) from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _load_error(what: str, source: Any, err: OSError) -> RecipeError:
+    # transformers' OSError for a missing folder or an unreachable hub: one line that names the recipe key
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return RecipeError(
+        f"Cannot load the {what} {str(source)!r} (model.name_or_path / model.tokenizer): {first} "
+        "Offline, point model.name_or_path at a local folder (or leave it null for the default model)."
+    )
 
 
 def load_base_model(cfg: dict[str, Any], device_map: Any = None):
@@ -110,7 +122,10 @@ def load_base_model(cfg: dict[str, Any], device_map: Any = None):
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     if quant:
         kwargs["device_map"] = device_map or ("cpu" if not torch.cuda.is_available() else None)
-    model = AutoModelForCausalLM.from_pretrained(cfg["name_or_path"], **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cfg["name_or_path"], **kwargs)
+    except OSError as err:
+        raise _load_error("model", cfg["name_or_path"], err) from err
     if cfg.get("gguf_file"):
         # GGUF weights are dequantized to `dtype` on load, but transformers keeps the GGUF "quantizer" on the model
         # and Trainer then refuses to train ("quantization method does not support training"): drop the marker
