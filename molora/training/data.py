@@ -1,0 +1,136 @@
+"""Datasets for ``molora sft`` / ``molora eval``: local files, hub ids or the bundled multi-task data.
+
+Rows come in one of three layouts, detected from the columns (``data.format: auto``) or forced:
+
+* ``chat``: a list of ``{"role", "content"}`` messages (``data.messages_field``, default ``messages``);
+* ``prompt_completion``: ``prompt`` and ``completion`` (strings, or message lists for conversational data); TRL
+  trains on the completion only;
+* ``text``: one string per row (``data.text_field``, default ``text``).
+
+An optional ``task`` column (``data.task_field``) groups rows for per-task exact match in ``molora eval``.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .recipe import BUNDLED, RecipeError
+
+LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+
+
+def bundled_path(split: str) -> str:
+    """Path of the bundled multi-task dataset's ``"train"`` or ``"eval"`` split (``molora/data/tasks_*.jsonl``)."""
+    path = resources.files("molora") / "data" / f"tasks_{split}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"The bundled dataset file {path} is missing; reinstall molora.")
+    return str(path)
+
+
+def load_rows(spec: str, split: str = "train"):
+    """Load a ``datasets.Dataset`` from a local file, the bundled data (``"bundled"``) or a hub dataset id.
+
+    Raises:
+        FileNotFoundError: ``spec`` looks like a local file (it has a known extension or a path separator) but does
+            not exist.
+    """
+    import datasets
+
+    if spec == BUNDLED:
+        spec = bundled_path("eval" if split in ("eval", "test", "validation") else "train")
+        split = "train"
+    path = Path(spec).expanduser()
+    suffix = path.suffix.lower()
+    if path.is_file():
+        if suffix not in LOCAL_BUILDERS:
+            raise RecipeError(f"Cannot read {spec!r}: supported files are {', '.join(sorted(LOCAL_BUILDERS))}.")
+        return datasets.load_dataset(LOCAL_BUILDERS[suffix], data_files=str(path), split="train")
+    if path.is_dir():
+        return datasets.load_from_disk(str(path)) if (path / "dataset_info.json").exists() else _load_dir(path, split)
+    if suffix in LOCAL_BUILDERS or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise FileNotFoundError(f"Dataset file not found: {spec!r}.")
+    try:
+        return datasets.load_dataset(spec, split=split)
+    except Exception as err:  # noqa: BLE001 - datasets raises many types; say what was tried
+        raise RecipeError(
+            f"Could not load dataset {spec!r} (not a local file, so it was tried as a hub dataset id, split "
+            f"{split!r}): {type(err).__name__}: {err}"
+        ) from err
+
+
+def _load_dir(path: Path, split: str):
+    import datasets
+
+    return datasets.load_dataset(str(path), split=split)
+
+
+def detect_format(columns: list[str], data_cfg: dict[str, Any]) -> str:
+    """The row layout (``chat``, ``prompt_completion`` or ``text``) of a dataset with these columns."""
+    fmt = data_cfg.get("format", "auto")
+    fields = {
+        "chat": [data_cfg["messages_field"]],
+        "prompt_completion": [data_cfg["prompt_field"], data_cfg["completion_field"]],
+        "text": [data_cfg["text_field"]],
+    }
+    if fmt != "auto":
+        missing = [c for c in fields[fmt] if c not in columns]
+        if missing:
+            raise RecipeError(
+                f"data.format={fmt!r} needs the column(s) {missing}, but the dataset has {columns}; set "
+                "data.messages_field / prompt_field / completion_field / text_field to the right column names."
+            )
+        return fmt
+    for candidate in ("chat", "prompt_completion", "text"):
+        if all(c in columns for c in fields[candidate]):
+            return candidate
+    raise RecipeError(
+        f"Cannot tell the dataset format from its columns {columns}: expected {fields['chat']} (chat), "
+        f"{fields['prompt_completion']} (prompt/completion) or {fields['text']} (text). Set data.format and the "
+        "matching *_field key."
+    )
+
+
+def prepare(dataset, data_cfg: dict[str, Any], max_examples: int | None, keep_task: bool = False):
+    """Rename the layout's columns to TRL's names and drop the rest; return ``(dataset, format)``."""
+    fmt = detect_format(list(dataset.column_names), data_cfg)
+    mapping = {
+        "chat": {data_cfg["messages_field"]: "messages"},
+        "prompt_completion": {data_cfg["prompt_field"]: "prompt", data_cfg["completion_field"]: "completion"},
+        "text": {data_cfg["text_field"]: "text"},
+    }[fmt]
+    keep = dict(mapping)
+    task_field = data_cfg.get("task_field")
+    if keep_task and task_field in dataset.column_names:
+        keep[task_field] = "task"
+    dataset = dataset.remove_columns([c for c in dataset.column_names if c not in keep])
+    renames = {old: new for old, new in keep.items() if old != new}
+    if renames:
+        dataset = dataset.rename_columns(renames)
+    if max_examples is not None and len(dataset) > max_examples:
+        dataset = dataset.select(range(max_examples))
+    return dataset, fmt
+
+
+def load_split(data_cfg: dict[str, Any], which: str, keep_task: bool = False):
+    """The prepared ``"train"`` or ``"eval"`` dataset of a recipe's ``data`` section, or ``None`` if there is none.
+
+    With ``data.train: null`` both splits come from the bundled dataset.
+    """
+    if which == "train":
+        spec = data_cfg["train"] if data_cfg["train"] is not None else BUNDLED
+        split = data_cfg["train_split"]
+        limit = data_cfg["max_examples"]
+    else:
+        spec = data_cfg["eval"]
+        if spec is None and data_cfg["train"] is None:
+            spec = BUNDLED
+        if spec is None:
+            return None
+        split = data_cfg["eval_split"] or ("eval" if spec == BUNDLED else data_cfg["train_split"])
+        limit = data_cfg["max_eval_examples"]
+    dataset = load_rows(str(spec), split)
+    if data_cfg.get("shuffle_seed") is not None and which == "train":
+        dataset = dataset.shuffle(seed=data_cfg["shuffle_seed"])
+    return prepare(dataset, data_cfg, limit, keep_task=keep_task)[0]

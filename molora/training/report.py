@@ -1,0 +1,73 @@
+"""The per-layer expert-load heat map of ``molora inspect`` (matplotlib, written as PNG)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+_LAYER = re.compile(r"^(?P<prefix>.*?)\.(?P<index>\d+)\.(?P<rest>.+)$")
+
+
+def load_grid(stats: dict[str, Any]) -> tuple[list[str], list[str], list[list[list[float]]]]:
+    """Arrange per-module loads as ``(projections, layer labels, grid[projection][layer] = load[E])``.
+
+    Module names ``<prefix>.<i>.<projection>`` (``model.layers.3.mlp.down_proj``) are grouped by projection and
+    ordered by layer index; other names form their own projection group with a single row.
+    """
+    groups: dict[str, dict[int | str, list[float]]] = {}
+    for name, s in stats.items():
+        match = _LAYER.match(name)
+        if match:
+            groups.setdefault(match["rest"], {})[int(match["index"])] = s["load"]
+        else:
+            groups.setdefault(name, {})[name] = s["load"]
+    projections = sorted(groups)
+    layers = sorted({k for g in groups.values() for k in g}, key=lambda k: (isinstance(k, str), str(k).zfill(6)))
+    n_experts = max(len(s["load"]) for s in stats.values())
+    grid = [[groups[p].get(layer, [float("nan")] * n_experts) for layer in layers] for p in projections]
+    return projections, [str(layer) for layer in layers], grid
+
+
+def save_heatmap(stats: dict[str, Any], path: str | Path, title: str | None = None) -> Path:
+    """Draw one heat map per projection type (rows: layers, columns: experts, colour: share of assignments).
+
+    The colour scale is centred on ``1/E``, the load of a perfectly balanced router.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    projections, layers, grid = load_grid(stats)
+    data = np.array(grid, dtype=float)  # [P, L, E]
+    n_experts = data.shape[2]
+    vmax = max(float(np.nanmax(data)) if np.isfinite(data).any() else 1.0, 2.0 / n_experts)
+    cols = min(len(projections), 4)
+    rows = (len(projections) + cols - 1) // cols
+    height = max(2.5, 0.18 * len(layers) + 1.2)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols + 1.2, height * rows), squeeze=False)
+    image = None
+    for i, ax in enumerate(axes.flat):
+        if i >= len(projections):
+            ax.axis("off")
+            continue
+        image = ax.imshow(data[i], aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
+        ax.set_title(projections[i], fontsize=8)
+        ax.set_xticks(range(n_experts))
+        ax.set_xlabel("expert", fontsize=7)
+        step = max(1, len(layers) // 16)
+        ax.set_yticks(range(0, len(layers), step))
+        ax.set_yticklabels(layers[::step], fontsize=6)
+        ax.tick_params(axis="x", labelsize=6)
+        if i % cols == 0:
+            ax.set_ylabel("layer", fontsize=7)
+    if image is not None:
+        bar = fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8)
+        bar.set_label(f"share of assignments (balanced = {1 / n_experts:.3f})", fontsize=7)
+    fig.suptitle(f"MoLoRA expert load{' - ' + title if title else ''}", fontsize=9)
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

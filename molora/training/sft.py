@@ -1,0 +1,216 @@
+"""Supervised fine-tuning of a MoLoRA adapter with TRL's ``SFTTrainer``, driven by a recipe (``molora sft``).
+
+:func:`build_trainer` turns a validated recipe (see :mod:`molora.training.recipe`) into an ``SFTTrainer`` with the
+adapter attached and molora's callbacks installed (:class:`~molora.training.callbacks.MoLoraCallback` for per-step
+router state, :class:`~molora.training.dynamic_rank_callback.DynamicRankCallback` for rank growth,
+:class:`~molora.training.logging.RoutingStatsCallback` for the logs); :func:`run_sft` trains,
+saves the adapter with its tokenizer, routing statistics, base-model record, recipe and model card, and evaluates
+exact match on held-out tasks before and after when the recipe asks for it.
+
+Defaults that differ from ``trl.SFTConfig`` (a recipe's ``training`` section overrides them): ``bf16`` only on a
+GPU that supports it (``SFTConfig`` turns it on everywhere), ``gradient_checkpointing: false`` (``SFTConfig`` turns
+it on; it costs a second forward per layer), ``use_cpu`` when there is no GPU, ``report_to: none``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from .recipe import RecipeError, build_adapter_config, dump_recipe
+
+RECIPE_FILE = "molora_recipe.yaml"
+RESULTS_FILE = "molora_results.json"
+
+
+def sft_config(training: dict[str, Any], default_output_dir: str = "outputs/molora-sft"):
+    """A ``trl.SFTConfig`` from a recipe's ``training`` section plus molora's CPU-friendly defaults."""
+    import torch
+    from trl import SFTConfig
+
+    cuda = torch.cuda.is_available()
+    defaults: dict[str, Any] = {
+        "output_dir": default_output_dir,
+        "bf16": bool(cuda and torch.cuda.is_bf16_supported()),
+        "gradient_checkpointing": False,
+        "report_to": "none",
+    }
+    if not cuda:
+        defaults["use_cpu"] = True
+    kwargs = {**defaults, **training}
+    kwargs.pop("resume_from_checkpoint", None)  # given to train(), see run_sft
+    # YAML 1.1 reads an unquoted `no` as False (`save_strategy: no`, `--set training.report_to=none` is fine)
+    for key in ("save_strategy", "eval_strategy", "logging_strategy", "hub_strategy"):
+        if kwargs.get(key) is False:
+            kwargs[key] = "no"
+    if kwargs.get("report_to") is False:
+        kwargs["report_to"] = "none"
+    if kwargs.get("bf16") and kwargs.get("fp16"):
+        raise RecipeError("training.bf16 and training.fp16 are both true; choose one.")
+    if not cuda and kwargs.get("fp16"):
+        raise RecipeError("training.fp16 needs a GPU; on a CPU use bf16 or neither.")
+    try:
+        return SFTConfig(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"training: {err}") from None
+
+
+@contextlib.contextmanager
+def keep_4bit_training_layout(model):
+    """Restore bitsandbytes 4-bit weights after an inference pass exactly as they were before it.
+
+    On CPUs with AVX512-BF16 an eval-mode forward of a ``Linear4bit`` (``eval.before``) repacks its weight into an
+    inference layout whose matmul has no autograd, so training afterwards would silently get no gradient through
+    the base layers. bitsandbytes' inverse conversion is lossy (it keeps the block scales in bf16), so the weights
+    and quantization states are copied before the pass and put back after it.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        yield
+        return
+    saved = [
+        (module, module.weight.data.clone(), copy.deepcopy(module.weight.quant_state))
+        for module in model.modules()
+        if isinstance(module, bnb.nn.Linear4bit) and getattr(module.weight, "quant_state", None) is not None
+    ]
+    try:
+        yield
+    finally:
+        for module, data, state in saved:
+            module.weight.data = data
+            module.weight.quant_state = state
+
+
+def build_trainer(recipe: dict[str, Any], default_output_dir: str = "outputs/molora-sft", model=None, tokenizer=None):
+    """An ``SFTTrainer`` for a validated recipe: ``(trainer, context)`` where context holds the resolved pieces.
+
+    Args:
+        recipe: the output of :func:`molora.training.recipe.load_recipe`.
+        default_output_dir: ``training.output_dir`` when the recipe gives none.
+        model, tokenizer: an already loaded base model / tokenizer to use instead of ``recipe["model"]``.
+    """
+    from transformers import set_seed
+    from trl import SFTTrainer
+
+    import molora  # noqa: F401  (registers the PEFT type)
+
+    from .callbacks import MoLoraCallback
+    from .data import load_split
+    from .dynamic_rank_callback import DynamicRankCallback
+    from .logging import install_routing_stats_callback
+    from .models import load_base_model, load_tokenizer, resolve_model
+
+    model_cfg = resolve_model(recipe["model"])
+    args = sft_config(recipe["training"], default_output_dir)
+    adapter_config = build_adapter_config(recipe["adapter"])
+    train = load_split(recipe["data"], "train")
+    eval_rows = load_split(recipe["data"], "eval", keep_task=True)
+    eval_dataset = (
+        eval_rows.remove_columns(["task"]) if eval_rows is not None and "task" in eval_rows.column_names else eval_rows
+    )
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_cfg)
+    model = model if model is not None else load_base_model(model_cfg)
+    if args.eval_strategy != "no" and eval_dataset is None:
+        raise RecipeError(f"training.eval_strategy={args.eval_strategy!r} needs data.eval.")
+    # TRL creates the adapter before Trainer seeds anything: seed here so that training.seed fixes the expert and
+    # router initialisation too
+    set_seed(args.seed)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=eval_dataset if args.eval_strategy != "no" else None,
+        processing_class=tokenizer,
+        peft_config=adapter_config,
+    )
+    # per-step router state (loss-free balancing biases, ReMoE's L1 coefficient) and DR-LoRA rank growth: both are
+    # no-ops for adapters without those features; the stats callback goes first so the loggers see its values
+    trainer.add_callback(MoLoraCallback())
+    DynamicRankCallback.install(trainer)
+    callback = install_routing_stats_callback(trainer)
+    context = {"model_cfg": model_cfg, "eval_rows": eval_rows, "callback": callback, "tokenizer": tokenizer}
+    return trainer, context
+
+
+def _resume_arg(value: Any, output_dir: str) -> Any:
+    if value in (None, False):
+        return None
+    if value is True:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        if not Path(output_dir).is_dir() or get_last_checkpoint(output_dir) is None:
+            raise FileNotFoundError(
+                f"training.resume_from_checkpoint=true but {output_dir!r} holds no checkpoint-* folder to resume from."
+            )
+        return True
+    return str(value)
+
+
+def run_sft(recipe: dict[str, Any], default_output_dir: str = "outputs/molora-sft", log=print) -> dict[str, Any]:
+    """Train and save an adapter for a validated recipe; return a summary (losses, timings, evaluations).
+
+    The output folder receives the adapter (``adapter_model.safetensors``, ``adapter_config.json``), the tokenizer,
+    ``routing_stats.json``, ``molora_base_model.json``, the effective recipe (``molora_recipe.yaml``), a model card
+    (``README.md``) and ``molora_results.json``.
+    """
+    from .card import write_model_card
+    from .evaluate import evaluate, format_table
+    from .models import write_base_info
+
+    start = time.time()
+    trainer, ctx = build_trainer(recipe, default_output_dir)
+    out_dir = trainer.args.output_dir
+    main_process = trainer.is_world_process_zero()
+    ev = recipe["eval"]
+    results: dict[str, Any] = {"output_dir": out_dir}
+    eval_kwargs = dict(
+        max_new_tokens=ev["max_new_tokens"], batch_size=ev["batch_size"], max_per_task=ev["max_per_task"]
+    )
+    if ev["before"] and ctx["eval_rows"] is not None and main_process:
+        with trainer.model.disable_adapter(), keep_4bit_training_layout(trainer.model):
+            results["eval_before"] = evaluate(trainer.model, ctx["tokenizer"], ctx["eval_rows"], **eval_kwargs)
+        log(format_table(results["eval_before"], "held-out tasks before training (base model):"))
+    trainer.model.train()
+    results["load_seconds"] = time.time() - start
+    resume = _resume_arg(recipe["training"].get("resume_from_checkpoint"), out_dir)
+    if resume is not None:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        ctx["callback"].resume_from(get_last_checkpoint(out_dir) if resume is True else resume)
+    train_start = time.time()
+    output = trainer.train(resume_from_checkpoint=resume)
+    results["train_seconds"] = time.time() - train_start
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    results["losses"] = losses
+    results["train_loss"] = output.training_loss
+    results["global_step"] = trainer.state.global_step
+    results["log_history"] = trainer.state.log_history
+    trainer.save_model(out_dir)
+    if main_process:
+        write_base_info(out_dir, ctx["model_cfg"])
+        dump_recipe(recipe, Path(out_dir) / RECIPE_FILE)
+        if ev["after"] and ctx["eval_rows"] is not None:
+            results["eval_after"] = evaluate(trainer.model, ctx["tokenizer"], ctx["eval_rows"], **eval_kwargs)
+            log(format_table(results["eval_after"], "held-out tasks after training (with the adapter):"))
+        results["total_seconds"] = time.time() - start
+        Path(out_dir, RESULTS_FILE).write_text(json.dumps(results, indent=1, default=_json_default))
+        write_model_card(out_dir)
+        if losses:
+            first, last = losses[0], losses[-1]
+            log(
+                f"training loss {first:.4f} -> {last:.4f} in {trainer.state.global_step} steps "
+                f"({results['train_seconds']:.0f} s); adapter saved to {out_dir}"
+            )
+    return results
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value)

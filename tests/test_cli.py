@@ -1,0 +1,322 @@
+"""The ``molora`` command end to end: real subprocesses on a tiny random Llama and a char tokenizer saved to disk.
+
+One ``molora sft`` run (with a checkpoint, TensorBoard logging and held-out evaluation) is shared by the tests of
+``generate``, ``eval``, ``inspect``, ``push`` and resuming; the error paths run ``molora.cli.main`` in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import CHAR_VOCAB, make_char_tokenizer, make_llama
+
+from molora.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+
+
+def molora(*args: str, cwd: Path | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "molora.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=ENV,
+        cwd=cwd,
+    )
+
+
+def _rows(n: int) -> list[dict]:
+    # two tiny tasks a char-level model learns in a few steps: echo a word in upper case / with a suffix
+    words = ["cat", "dog", "owl", "fox", "bee"]
+    rows = []
+    for i in range(n):
+        word = words[i % len(words)]
+        task, answer = ("upper", word.upper()) if i % 2 == 0 else ("suffix", word + "s")
+        rows.append(
+            {
+                "task": task,
+                "prompt": [{"role": "user", "content": f"{task} {word}"}],
+                "completion": [{"role": "assistant", "content": answer}],
+            }
+        )
+    return rows
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cli")
+    model = make_llama(vocab_size=CHAR_VOCAB, max_position_embeddings=256)
+    model.save_pretrained(root / "model")
+    make_char_tokenizer().save_pretrained(root / "model")
+    for name, n in (("train.jsonl", 48), ("eval.jsonl", 8)):
+        with open(root / name, "w") as f:
+            for row in _rows(n):
+                f.write(json.dumps(row) + "\n")
+    recipe = {
+        "model": {"name_or_path": str(root / "model")},
+        "data": {"train": str(root / "train.jsonl"), "eval": str(root / "eval.jsonl")},
+        "eval": {"before": True, "after": True, "max_new_tokens": 4},
+        "adapter": {"r": 4, "num_experts": 4, "top_k": 2, "aux_loss_coef": 0.05},
+        "training": {
+            "output_dir": str(root / "out"),
+            "max_steps": 8,
+            "per_device_train_batch_size": 8,
+            "learning_rate": 1e-2,
+            "lr_scheduler_type": "constant",
+            "logging_steps": 2,
+            "save_steps": 4,
+            "max_length": 64,
+            "report_to": "tensorboard",
+            "seed": 0,
+        },
+    }
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(workdir) -> Path:
+    proc = molora("sft", "--config", str(workdir / "recipe.yaml"), "--set", "adapter.router_kwargs.jitter_noise=0.0")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "held-out tasks before training" in proc.stdout and "held-out tasks after training" in proc.stdout
+    return workdir / "out"
+
+
+def test_sft_writes_adapter_stats_card_and_logs(trained):
+    names = {p.name for p in trained.iterdir()}
+    expected = {"adapter_model.safetensors", "adapter_config.json", "routing_stats.json", "README.md"}
+    assert expected | {"molora_recipe.yaml", "molora_base_model.json", "molora_results.json"} <= names
+    config = json.loads((trained / "adapter_config.json").read_text())
+    assert config["peft_type"] == "MOLORA" and config["num_experts"] == 4
+    assert config["router_kwargs"] == {"jitter_noise": 0.0}  # the --set override reached the adapter
+    results = json.loads((trained / "molora_results.json").read_text())
+    losses = results["losses"]
+    assert results["global_step"] == 8 and len(losses) == 4
+    assert losses[-1] < losses[0]
+    after = results["eval_after"]["tasks"]["all"]
+    assert after["loss"] < results["eval_before"]["tasks"]["all"]["loss"]
+    stats = json.loads((trained / "routing_stats.json").read_text())
+    assert len(stats) == 14  # 7 projections x 2 layers
+    for layer in stats.values():
+        assert abs(sum(layer["load"]) - 1) < 1e-6 and layer["experts_per_token"] == 2
+    # every non-padding training token was routed once per layer: the trainer counts the same tokens
+    num_tokens = [h for h in results["log_history"] if "num_tokens" in h][-1]["num_tokens"]
+    assert {layer["tokens"] for layer in stats.values()} == {int(num_tokens)}
+    # the callback's metrics are in the trainer's history (checkpoint) and in TensorBoard's event files
+    state = json.loads((trained / "checkpoint-4" / "trainer_state.json").read_text())
+    logged = [h for h in state["log_history"] if "loss" in h]
+    assert logged and all("molora/aux_balance" in h and "molora/router_entropy" in h for h in logged)
+    assert (trained / "checkpoint-4" / "routing_stats.json").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = list((trained / "runs").rglob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"train/molora/aux_balance", "train/molora/load_violation", "train/molora/router_entropy"} <= set(tags)
+
+
+def test_generate_eval_and_inspect(trained, workdir):
+    proc = molora("generate", "--adapter", str(trained), "--max-new-tokens", "4", "upper cat", "suffix dog")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count(">>> ") == 2
+
+    out_json = workdir / "eval.json"
+    proc = molora("eval", "--adapter", str(trained), "--data", str(workdir / "eval.jsonl"), "--json", str(out_json))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out_json.read_text())
+    assert set(result["tasks"]) == {"upper", "suffix", "all"}
+    assert result["tasks"]["all"]["n"] == 8 and 0.0 <= result["tasks"]["all"]["exact_match"] <= 1.0
+    assert len(result["predictions"]) == 8
+    # the same numbers as the post-training evaluation of `molora sft` (same model, data and greedy decoding)
+    after = json.loads((trained / "molora_results.json").read_text())["eval_after"]["tasks"]["all"]
+    assert result["tasks"]["all"]["loss"] == pytest.approx(after["loss"], rel=1e-4)
+    assert result["tasks"]["all"]["exact_match"] == after["exact_match"]
+
+    png = workdir / "load.png"
+    proc = molora("inspect", str(trained), "--output", str(png))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "router" in proc.stdout and "topk" in proc.stdout and "load violation" in proc.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_from_checkpoint(trained, workdir):
+    proc = molora(
+        "sft",
+        "--config",
+        str(workdir / "recipe.yaml"),
+        "--set",
+        "training.max_steps=10",
+        "--set",
+        f"training.resume_from_checkpoint={trained / 'checkpoint-8'}",
+        "--set",
+        "eval.before=false",
+        "--set",
+        "eval.after=false",
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads((trained / "molora_results.json").read_text())
+    assert results["global_step"] == 10
+    # only the two remaining steps ran: one log at step 10 (logging_steps=2)
+    assert len(results["losses"]) == 5  # the resumed state keeps the history of steps 2..8
+    # the run-level routing statistics continue those of the checkpoint: every token of the 10 steps, once
+    at_8 = json.loads((trained / "checkpoint-8" / "routing_stats.json").read_text())
+    final = json.loads((trained / "routing_stats.json").read_text())
+    counted = {h["step"]: h["num_tokens"] for h in results["log_history"] if "num_tokens" in h}
+    # TRL 1.16 restarts its token counter when training resumes, so step 10 counts only steps 9-10
+    resumed_tokens = counted[10] - counted[8] if counted[10] > counted[8] else counted[10]
+    for name, layer in final.items():
+        assert layer["tokens"] == at_8[name]["tokens"] + int(resumed_tokens), name
+
+
+def test_push_dry_run_and_card(trained, capsys):
+    assert main(["push", str(trained), "--repo-id", "me/tiny-molora", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "adapter_model.safetensors" in out and "checkpoint" not in out and "training_args.bin" not in out
+    card = (trained / "README.md").read_text()
+    assert "me/tiny-molora" in card and "import molora" in card and "PeftModel.from_pretrained" in card
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["sft", "--config", "missing.yaml"], "Recipe file not found"),
+        (["sft", "--set", "adapter.num_expert=4"], "did you mean 'num_experts'"),
+        (["sft", "--set", "training.learning_rat=0.1"], "did you mean 'learning_rate'"),
+        (["sft", "--set", "modle.dtype=float32"], "did you mean 'model'"),
+        (["sft", "--set", "adapter.top_k=9", "--set", "adapter.num_experts=4"], "top_k"),
+        (["sft", "--set", "model.quantization=4bit"], "needs model.name_or_path"),
+        (["sft", "--set", "data.train=nope/missing.jsonl"], None),
+        (["sft", "--set", "model.name_or_path=nobody/no-such-model"], "Cannot load the tokenizer 'nobody/no-such"),
+        (["generate", "--adapter", "no/such/dir", "hi"], "Adapter folder not found"),
+        (["inspect", "no/such/dir"], "Adapter folder not found"),
+    ],
+)
+def test_clear_errors(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    if argv[:2] == ["sft", "--set"] and "data.train" in argv[2]:
+        # validation passes; the dataset path fails when loaded, before any model is loaded
+        from molora.training.data import load_split
+        from molora.training.recipe import load_recipe
+
+        recipe = load_recipe(None, [argv[2]])
+        with pytest.raises(FileNotFoundError, match="Dataset file not found"):
+            load_split(recipe["data"], "train")
+        return
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"molora {argv[0]}: error:") and message in err
+
+
+def test_qlora_recipe_trains_the_same_with_and_without_an_eval_forward_first(workdir, tmp_path):
+    """4-bit base (bitsandbytes, CPU) through the recipe path. An eval-mode forward (``eval.before``) repacks 4-bit
+    weights on AVX512-BF16 CPUs into a layout whose matmul has no autograd; run_sft must undo that, so training
+    after the evaluation gives the same adapter as training without it."""
+    pytest.importorskip("bitsandbytes")
+    import torch
+    from safetensors.torch import load_file
+
+    from molora.training import load_recipe, run_sft
+
+    # bitsandbytes' CPU inference layout needs widths divisible by its block size: 128, not the fixture's 96
+    make_llama(vocab_size=CHAR_VOCAB, intermediate_size=128, max_position_embeddings=256).save_pretrained(
+        tmp_path / "model"
+    )
+    make_char_tokenizer().save_pretrained(tmp_path / "model")
+    adapters = {}
+    for before in (False, True):
+        out = tmp_path / f"qlora-{before}"
+        overrides = [
+            f"model.name_or_path={tmp_path / 'model'}",
+            "model.quantization=4bit",
+            "model.bnb_4bit_compute_dtype=float32",
+            f"training.output_dir={out}",
+            "training.max_steps=3",
+            "training.save_strategy=no",
+            "training.report_to=none",
+            f"eval.before={str(before).lower()}",
+            "eval.after=false",
+            "eval.max_per_task=2",
+        ]
+        results = run_sft(load_recipe(workdir / "recipe.yaml", overrides), log=lambda *a: None)
+        assert results["global_step"] == 3 and all(loss == loss for loss in results["losses"])
+        assert ("eval_before" in results) is before
+        adapters[before] = load_file(out / "adapter_model.safetensors")
+    assert adapters[True].keys() == adapters[False].keys()
+    for key, value in adapters[False].items():
+        torch.testing.assert_close(adapters[True][key], value, msg=key)
+
+
+@pytest.mark.slow
+def test_default_recipe_on_smollm2_end_to_end(tmp_path):
+    """The README's main command on the real default model (needs `molora[demo]`), shortened to a few steps."""
+    pytest.importorskip("gguf")
+    from molora.training.models import default_model_folder
+
+    try:
+        default_model_folder()
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    out = tmp_path / "default"
+    proc = molora(
+        "sft",
+        "--config",
+        str(ROOT / "configs" / "default.yaml"),
+        "--set",
+        f"training.output_dir={out}",
+        "--set",
+        "training.max_steps=6",
+        "--set",
+        "training.logging_steps=2",
+        "--set",
+        "eval.max_per_task=2",
+        timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads((out / "molora_results.json").read_text())
+    assert results["losses"][-1] < results["losses"][0]
+    assert results["eval_after"]["tasks"]["all"]["loss"] < results["eval_before"]["tasks"]["all"]["loss"]
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in (out / "README.md").read_text()
+
+
+def test_example_script_drives_stateful_routers(workdir, tmp_path):
+    """scripts/sft.py (public API only) with the loss-free ``topk_bias`` router: MoLoraCallback must update the
+    selection biases after every optimizer step, and they are saved with the adapter."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "script"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "sft.py"), "--config", str(workdir / "recipe.yaml")]
+        + ["--set", f"training.output_dir={out}", "--set", "training.max_steps=3", "--set", "eval.after=false"]
+        + ["--set", "training.save_strategy=no", "--set", "adapter.router=topk_bias"]
+        + ["--set", "adapter.aux_loss_coef=0"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=ENV,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    biases = {k: v for k, v in load_file(out / "adapter_model.safetensors").items() if "selection_bias" in k}
+    assert len(biases) == 14
+    # 3 steps of +-u (u = 1e-3) per expert: every bias moved, none beyond 3u
+    assert all(0 < v.abs().max() <= 3e-3 + 1e-9 for v in biases.values())
+
+
+def test_eval_of_the_base_model_alone(workdir, capsys):
+    """`molora eval` without --adapter evaluates the base model (--model) with the same metrics."""
+    args = ["eval", "--model", str(workdir / "model"), "--data", str(workdir / "eval.jsonl"), "--max-per-task", "2"]
+    assert main(args + ["--max-new-tokens", "3", "--json", str(workdir / "base.json")]) == 0
+    result = json.loads((workdir / "base.json").read_text())
+    assert {task: m["n"] for task, m in result["tasks"].items()} == {"suffix": 2, "upper": 2, "all": 4}
+    # a random model: a loss near ln(vocab) and no exact answers
+    assert 3.0 < result["tasks"]["all"]["loss"] < 6.0 and result["tasks"]["all"]["exact_match"] == 0.0
+    assert "base model" in capsys.readouterr().out

