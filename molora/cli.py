@@ -170,11 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", help="hub token (default: the logged-in user's)")
     p.add_argument("--dry-run", action="store_true", help="write the card and list the files, upload nothing")
     p.set_defaults(func=_push)
+
+    # listed for `molora --help`; its own options are parsed by molora.bench.main (see main below)
+    sub.add_parser("bench", help="layer and training-step time and peak memory as ratios to PEFT LoRA", add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``molora`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     from .training.recipe import RecipeError

@@ -63,3 +63,17 @@ def test_quick_run_prints_a_complete_table(capsys, tmp_path):
         if row["candidate"] == "molora auto":
             assert row["kernel"] in ("dense", "grouped")
     assert table["threads"] == 1
+
+
+def test_molora_bench_command_runs():
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "molora", "bench", "--quick", "--no-model", "--no-extra-shapes"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "lora r=16" in proc.stdout and "molora" in proc.stdout and "naive" in proc.stdout
