@@ -93,6 +93,11 @@ def _inspect(args: argparse.Namespace) -> int:
     width = max(len(k) for k, _ in config_summary(info))
     for key, value in config_summary(info):
         print(f"{key:<{width}}  {value}")
+    if info["config"].get("dynamic_rank"):
+        from .adapters.dynamic_rank import format_rank_table, rank_stats_from_adapter
+
+        print("\nDR-LoRA ranks per expert (and the steps at which each bank grew):")
+        print(format_rank_table(rank_stats_from_adapter(args.adapter_dir)))
     if not info["stats"]:
         print("no routing_stats.json in this folder: no heat map (molora sft writes it during training)")
         return 0

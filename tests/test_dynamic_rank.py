@@ -442,3 +442,16 @@ def test_sft_trainer_grows_ranks_with_the_callback(tmp_path):
     assert logged[0]["dr/total_rank"] < budget
     # importance was computed from real gradients during training
     assert any(float(b.state.importance.sum()) > 0 for b in _banks(trainer.model))
+
+
+def test_molora_inspect_shows_the_ranks_per_expert(tmp_path, capsys):
+    from molora.cli import main as molora_main
+
+    model = get_peft_model(make_llama(), _config())
+    _train_steps(model, 6, total_steps=6)
+    model.save_pretrained(tmp_path)
+    expected = dr.format_rank_table(dr.rank_stats_from_adapter(tmp_path))
+    assert molora_main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "DR-LoRA ranks per expert" in out and expected in out
+    assert any(len(set(s.ranks)) > 1 for s in dr.rank_stats_from_adapter(tmp_path).values())  # heterogeneous
