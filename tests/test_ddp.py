@@ -59,3 +59,50 @@ def test_two_process_cpu_ddp_reduces_routing_stats(tmp_path):
     tokens = {layer["tokens"] for layer in stats.values()}
     num_tokens = [h for h in results["log_history"] if "num_tokens" in h][-1]["num_tokens"]
     assert tokens == {int(num_tokens)}
+
+
+BIAS_SCRIPT = """
+import sys, torch
+from accelerate import Accelerator
+from peft import get_peft_model
+sys.path.insert(0, {tests!r})
+from conftest import make_llama
+import molora
+
+accelerator = Accelerator(cpu=True)
+model = get_peft_model(make_llama(), molora.MoLoraConfig(
+    r=4, num_experts=4, top_k=1, router="topk_bias", aux_loss_coef=0.0, router_kwargs={{"bias_update_rate": 0.01}}))
+optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+model, optimizer = accelerator.prepare(model, optimizer)
+rank = accelerator.process_index
+for step in range(3):
+    # each process sees different tokens, so its own loads (and a non-reduced bias update) differ
+    gen = torch.Generator().manual_seed(100 * step + rank)
+    ids = torch.randint(3, 90, (2, 12), generator=gen)
+    loss = model(input_ids=ids, labels=ids).loss
+    accelerator.backward(loss)
+    optimizer.step()
+    optimizer.zero_grad()
+    accelerator.unwrap_model(model).molora_on_optimizer_step()
+biases = {{n: b.clone() for n, b in accelerator.unwrap_model(model).named_buffers() if n.endswith("selection_bias")}}
+torch.save(biases, {out!r}.format(rank))
+"""
+
+
+@pytest.mark.skipif(not ACCELERATE.exists() and shutil.which("accelerate") is None, reason="needs accelerate")
+def test_two_process_cpu_ddp_keeps_balancing_biases_identical(tmp_path):
+    import torch
+
+    script = tmp_path / "bias.py"
+    script.write_text(BIAS_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path / "bias{}.pt")))
+    launcher = [str(ACCELERATE)] if ACCELERATE.exists() else ["accelerate"]
+    cmd = launcher + ["launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision"]
+    cmd += ["no", "--dynamo_backend", "no", str(script)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rank0, rank1 = torch.load(tmp_path / "bias0.pt"), torch.load(tmp_path / "bias1.pt")
+    assert rank0.keys() == rank1.keys() and len(rank0) == 14
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name  # loads were summed over both processes
+    assert any(b.abs().sum() > 0 for b in rank0.values())  # and the biases did move
