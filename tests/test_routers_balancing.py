@@ -651,3 +651,17 @@ def test_yaml_recipe_builds_the_config(name):
     trl = pytest.importorskip("trl")
     unknown = set(recipe["training"]) - {f.name for f in dataclasses.fields(trl.SFTConfig)}
     assert not unknown, unknown
+
+
+def test_stateful_router_warns_when_nobody_updates_it(monkeypatch):
+    from molora.routers import state
+
+    monkeypatch.setattr(state, "_UNUPDATED_FORWARDS_WARNING", 3)
+    monkeypatch.setattr(state, "_warned_unupdated", False)
+    acc = state.StepAccumulator()
+    acc.add(torch.ones(2), forward_id=1)
+    acc.pop((2,), torch.device("cpu"))  # an update resets the count
+    acc.add(torch.ones(2), forward_id=2)
+    acc.add(torch.ones(2), forward_id=3)
+    with pytest.warns(UserWarning, match="MoLoraCallback"):
+        acc.add(torch.ones(2), forward_id=4)

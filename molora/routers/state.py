@@ -8,8 +8,14 @@ micro-batches of one optimizer step, reduces the sum over data-parallel ranks, a
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
+
+# forwards without an optimizer-step update after which a stateful router says that nobody is updating it
+_UNUPDATED_FORWARDS_WARNING = 1000
+_warned_unupdated = False
 
 
 class StepAccumulator:
@@ -28,6 +34,7 @@ class StepAccumulator:
         self._total: torch.Tensor | None = None
         self._pending: torch.Tensor | None = None
         self._pending_id: int | None = None
+        self._forwards = 0
 
     def add(self, value: torch.Tensor, forward_id: int | None = None) -> None:
         """Record ``value`` (detached) for the forward ``forward_id``."""
@@ -38,6 +45,9 @@ class StepAccumulator:
         self._commit()
         self._pending = value
         self._pending_id = forward_id
+        self._forwards += 1
+        if self._forwards == _UNUPDATED_FORWARDS_WARNING:
+            _warn_unupdated()
 
     def _commit(self) -> None:
         if self._pending is None:
@@ -55,6 +65,7 @@ class StepAccumulator:
         self._commit()
         total = self._total
         self._total = None
+        self._forwards = 0
         if total is None:
             return torch.zeros(shape, dtype=torch.float32, device=device)
         return total.to(device=device, dtype=torch.float32)
@@ -75,3 +86,17 @@ def pop_stacked(accumulators: list[StepAccumulator], shape: tuple[int, ...], dev
     """Pop several accumulators into one ``[R, *shape]`` tensor on ``device``, summed over ranks in one call."""
     stacked = torch.stack([acc.pop(shape, device) for acc in accumulators])
     return all_reduce_sum(stacked)
+
+
+def _warn_unupdated() -> None:
+    global _warned_unupdated
+    if _warned_unupdated:
+        return
+    _warned_unupdated = True
+    warnings.warn(
+        f"A stateful router (e.g. 'topk_bias', 'relu') has seen {_UNUPDATED_FORWARDS_WARNING} training forwards "
+        "without an optimizer-step update, so its balancing state is not moving. Add "
+        "molora.training.MoLoraCallback() to the Trainer's callbacks, or call model.molora_on_optimizer_step() "
+        "after optimizer.step() in a custom loop.",
+        stacklevel=3,
+    )
