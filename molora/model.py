@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -224,7 +223,7 @@ class MoLoraModel(BaseTuner):
 
     # -- mixed-adapter batches --------------------------------------------------------------------------------------
 
-    @contextmanager
+    @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
         """Publish per-sample ``adapter_names`` to the layers for one ``forward`` or ``generate`` call.
 
