@@ -4,10 +4,10 @@ Examples::
 
     molora sft --config configs/default.yaml
     molora sft --config configs/default.yaml --set adapter.num_experts=4 --set training.max_steps=20
-    molora generate --adapter outputs/default "What is the capital of France?"
-    molora eval --adapter outputs/default --data bundled
-    molora inspect outputs/default
-    molora push outputs/default --repo-id me/smollm2-molora
+    molora generate --adapter runs/default "What is the capital of France?"
+    molora eval --adapter runs/default --data bundled
+    molora inspect runs/default
+    molora push runs/default --repo-id me/smollm2-molora
 
 Heavy libraries are imported inside the commands, so ``molora --help`` answers quickly. Errors in what the user
 gave (missing files, unknown recipe keys, incompatible options) print one line ``molora <command>: error: ...``

@@ -50,7 +50,7 @@ def main() -> None:
 
     peft_config: molora.MoLoraConfig = build_adapter_config(recipe["adapter"])
     stem = Path(args.config).stem if args.config else "molora-sft"
-    training_args = sft_config(recipe["training"], default_output_dir=f"outputs/{stem}")
+    training_args = sft_config(recipe["training"], default_output_dir=f"runs/{stem}")
     set_seed(training_args.seed)  # TRL creates the adapter before Trainer seeds: fix the expert/router init
     trainer = SFTTrainer(
         model=model,

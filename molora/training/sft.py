@@ -28,7 +28,7 @@ RECIPE_FILE = "molora_recipe.yaml"
 RESULTS_FILE = "molora_results.json"
 
 
-def sft_config(training: dict[str, Any], default_output_dir: str = "outputs/molora-sft"):
+def sft_config(training: dict[str, Any], default_output_dir: str = "runs/molora-sft"):
     """A ``trl.SFTConfig`` from a recipe's ``training`` section plus molora's CPU-friendly defaults."""
     import torch
     from trl import SFTConfig
@@ -87,7 +87,7 @@ def keep_4bit_training_layout(model):
             module.weight.quant_state = state
 
 
-def build_trainer(recipe: dict[str, Any], default_output_dir: str = "outputs/molora-sft", model=None, tokenizer=None):
+def build_trainer(recipe: dict[str, Any], default_output_dir: str = "runs/molora-sft", model=None, tokenizer=None):
     """An ``SFTTrainer`` for a validated recipe: ``(trainer, context)`` where context holds the resolved pieces.
 
     Args:
@@ -152,7 +152,7 @@ def _resume_arg(value: Any, output_dir: str) -> Any:
     return str(value)
 
 
-def run_sft(recipe: dict[str, Any], default_output_dir: str = "outputs/molora-sft", log=print) -> dict[str, Any]:
+def run_sft(recipe: dict[str, Any], default_output_dir: str = "runs/molora-sft", log=print) -> dict[str, Any]:
     """Train and save an adapter for a validated recipe; return a summary (losses, timings, evaluations).
 
     The output folder receives the adapter (``adapter_model.safetensors``, ``adapter_config.json``), the tokenizer,
