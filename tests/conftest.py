@@ -83,3 +83,35 @@ def make_char_tokenizer():
 
 
 CHAR_VOCAB = 100
+
+
+def text_dataset(n: int = 32):
+    """A tiny plain-text SFT dataset with four repeating sentences (easy to learn in a few steps)."""
+    from datasets import Dataset
+
+    words = ["red fox", "blue cat", "green owl", "gray wolf"]
+    return Dataset.from_list([{"text": f"the {words[i % 4]} sat on mat {i % 4}."} for i in range(n)])
+
+
+def sft_args(tmp_path, **overrides):
+    """``trl.SFTConfig`` for short CPU runs in tests (fp32, no checkpointing, no reports); ``overrides`` win."""
+    import trl
+
+    kwargs = dict(
+        output_dir=str(tmp_path),
+        report_to="none",
+        max_steps=16,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        bf16=False,
+        use_cpu=True,
+        max_length=48,
+        gradient_checkpointing=False,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    kwargs.update(overrides)
+    return trl.SFTConfig(**kwargs)

@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from conftest import CHAR_VOCAB, make_char_tokenizer, make_llama
+from conftest import CHAR_VOCAB, make_char_tokenizer, make_llama, sft_args, text_dataset
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from test_save_load import _roundtrip
@@ -154,7 +154,6 @@ def test_max_violation():
 def test_sft_trainer_with_callback_moves_bias_against_the_load(tmp_path):
     """TRL SFTTrainer + MoLoraCallback: one update per optimizer step, in the spec's direction, and it balances."""
     trl = pytest.importorskip("trl")
-    from datasets import Dataset
 
     config = MoLoraConfig(
         r=4,
@@ -169,24 +168,14 @@ def test_sft_trainer_with_callback_moves_bias_against_the_load(tmp_path):
     routers = routers_of(model)
     for router in routers:  # a skewed start: expert 0 takes almost every token
         router.selection_bias.copy_(torch.tensor([0.3, 0.0, 0.0, 0.0]))
-    words = ["red fox", "blue cat", "green owl", "gray wolf"]
-    data = Dataset.from_list([{"text": f"the {words[i % 4]} sat on mat {i % 4}."} for i in range(16)])
-    args = trl.SFTConfig(
-        output_dir=str(tmp_path),
-        report_to="none",
+    data = text_dataset(16)
+    args = sft_args(
+        tmp_path,
         max_steps=8,
         per_device_train_batch_size=4,
         gradient_accumulation_steps=2,
         learning_rate=1e-3,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        bf16=False,
-        use_cpu=True,
         max_length=40,
-        gradient_checkpointing=False,
-        dataloader_num_workers=0,
-        seed=0,
     )
     trainer = trl.SFTTrainer(
         model=model,

@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CHAR_VOCAB, make_char_tokenizer, make_llama
+from conftest import CHAR_VOCAB, make_char_tokenizer, make_llama, sft_args, text_dataset
 from datasets import Dataset
 from peft import get_peft_model
 
 from molora import MoLoraConfig, MoLoraLayer
 
 trl = pytest.importorskip("trl")
-
-
-def _text_dataset(n: int = 32) -> Dataset:
-    words = ["red fox", "blue cat", "green owl", "gray wolf"]
-    return Dataset.from_list([{"text": f"the {words[i % 4]} sat on mat {i % 4}."} for i in range(n)])
 
 
 def _chat_dataset(n: int = 32) -> Dataset:
@@ -30,27 +25,6 @@ def _chat_dataset(n: int = 32) -> Dataset:
             for i in range(n)
         ]
     )
-
-
-def _args(tmp_path, **overrides):
-    kwargs = dict(
-        output_dir=str(tmp_path),
-        report_to="none",
-        max_steps=16,
-        per_device_train_batch_size=8,
-        learning_rate=1e-2,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        bf16=False,
-        use_cpu=True,
-        max_length=48,
-        gradient_checkpointing=False,
-        dataloader_num_workers=0,
-        seed=0,
-    )
-    kwargs.update(overrides)
-    return trl.SFTConfig(**kwargs)
 
 
 def _losses(trainer) -> list[float]:
@@ -78,8 +52,8 @@ def test_sft_with_peft_config_trains(tmp_path):
     config = MoLoraConfig(r=4, num_experts=4, top_k=2, aux_loss_coef=0.05, task_type="CAUSAL_LM")
     trainer = trl.SFTTrainer(
         model=make_llama(vocab_size=CHAR_VOCAB),
-        args=_args(tmp_path),
-        train_dataset=_text_dataset(),
+        args=sft_args(tmp_path),
+        train_dataset=text_dataset(),
         processing_class=make_char_tokenizer(),
         peft_config=config,
     )
@@ -95,7 +69,7 @@ def test_sft_with_prewrapped_model_and_chat_data(tmp_path):
         make_llama(vocab_size=CHAR_VOCAB), MoLoraConfig(r=4, num_experts=4, top_k=1, task_type="CAUSAL_LM")
     )
     trainer = trl.SFTTrainer(
-        model=model, args=_args(tmp_path), train_dataset=_chat_dataset(), processing_class=make_char_tokenizer()
+        model=model, args=sft_args(tmp_path), train_dataset=_chat_dataset(), processing_class=make_char_tokenizer()
     )
     before = _router_weights(trainer.model)
     trainer.train()
@@ -106,10 +80,10 @@ def test_sft_with_prewrapped_model_and_chat_data(tmp_path):
 def test_sft_with_gradient_checkpointing(tmp_path, use_reentrant):
     trainer = trl.SFTTrainer(
         model=make_llama(vocab_size=CHAR_VOCAB),
-        args=_args(
+        args=sft_args(
             tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": use_reentrant}
         ),
-        train_dataset=_text_dataset(),
+        train_dataset=text_dataset(),
         processing_class=make_char_tokenizer(),
         peft_config=MoLoraConfig(r=4, num_experts=4, top_k=2, task_type="CAUSAL_LM"),
     )
@@ -121,8 +95,8 @@ def test_sft_with_gradient_checkpointing(tmp_path, use_reentrant):
 def test_sft_with_packing_padding_free(tmp_path):
     trainer = trl.SFTTrainer(
         model=make_llama(vocab_size=CHAR_VOCAB),
-        args=_args(tmp_path, packing=True, max_length=64, max_steps=8),
-        train_dataset=_text_dataset(),
+        args=sft_args(tmp_path, packing=True, max_length=64, max_steps=8),
+        train_dataset=text_dataset(),
         processing_class=make_char_tokenizer(),
         peft_config=MoLoraConfig(r=4, num_experts=4, top_k=2, task_type="CAUSAL_LM"),
     )
