@@ -257,14 +257,14 @@ class MoLoraRuntime:
                 mask = None
         elif not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
             mask = None
-        is_decode = _is_decode_step(kwargs)
+        past_length, is_decode = _cache_state(kwargs)
         self.context = RoutingContext(
             attention_mask=mask,
             is_decode=is_decode,
             labels=kwargs.get("labels"),
             adapter_names=kwargs.get("adapter_names"),
             prompt_mask=None if is_decode else self._current_prompt_mask(current),
-            past_length=_past_length(kwargs),
+            past_length=past_length,
             forward_id=self.generation,
         )
         if self.context.adapter_names is None and self.batch_adapter_names is not None:
@@ -486,42 +486,30 @@ def _stats_delta(routing: Routing, valid: torch.Tensor | None) -> _StatsDelta:
         )
 
 
-def _past_length(kwargs: dict) -> int | None:
-    """Tokens already in the KV cache of this call: 0 without a cache, ``None`` for a cache we cannot measure."""
+def _cache_state(kwargs: dict) -> tuple[int | None, bool]:
+    """``(past_length, is_decode)`` of a model-level call, read once from its KV cache.
+
+    ``past_length`` is the number of tokens already in the cache (0 without a cache, ``None`` for a cache we cannot
+    measure); ``is_decode`` is True for a cached decode step.
+    """
     cache_position = kwargs.get("cache_position")
     if isinstance(cache_position, torch.Tensor) and cache_position.numel() > 0:
-        return int(cache_position.reshape(-1)[0].item())
-    past = kwargs.get("cache")
-    if past is None:
-        past = kwargs.get("past_key_values")
-    if past is None:
-        return 0
-    get_len = getattr(past, "get_seq_length", None)
-    if callable(get_len):
-        try:
-            return int(get_len())
-        except Exception:  # noqa: BLE001 - a cache type we do not know
-            return None
-    return None
-
-
-def _is_decode_step(kwargs: dict) -> bool:
-    cache_position = kwargs.get("cache_position")
-    if isinstance(cache_position, torch.Tensor) and cache_position.numel() > 0:
-        return bool(cache_position.reshape(-1)[0].item() > 0)
+        past_length = int(cache_position.reshape(-1)[0].item())
+        return past_length, past_length > 0
     # transformers >= 5 passes the KV cache as `cache`; older versions as `past_key_values`
     past = kwargs.get("cache")
     if past is None:
         past = kwargs.get("past_key_values")
     if past is None:
-        return False
+        return 0, False
     get_len = getattr(past, "get_seq_length", None)
     if callable(get_len):
         try:
-            return int(get_len()) > 0
+            past_length = int(get_len())
         except Exception:  # noqa: BLE001 - a cache type we do not know: treat as prefill
-            return False
-    return bool(past)
+            return None, False
+        return past_length, past_length > 0
+    return None, bool(past)
 
 
 def _get_loss(output: Any) -> torch.Tensor | None:
