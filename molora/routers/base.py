@@ -58,6 +58,31 @@ class Routing:
     def num_experts(self) -> int:
         return self.probs.shape[1]
 
+    @classmethod
+    def from_dense(
+        cls,
+        probs: torch.Tensor,
+        gates: torch.Tensor,
+        active: torch.Tensor,
+        logits: torch.Tensor | None = None,
+        **fields: Any,
+    ) -> Routing:
+        """Build a routing from dense ``gates[T, E]``: one assignment per True entry of ``active[T, E]``.
+
+        For routers whose number of experts per token varies (top-p, ReLU, null experts); ``fields`` fill the
+        extra attributes of a subclass.
+        """
+        token_index, expert_index = active.nonzero(as_tuple=True)
+        return cls(
+            probs=probs,
+            token_index=token_index,
+            expert_index=expert_index,
+            weight=gates[token_index, expert_index],
+            logits=logits,
+            gates=gates,
+            **fields,
+        )
+
     def dense_gates(self) -> torch.Tensor:
         """Return the gates as a dense ``[T, E]`` matrix (zero where a token does not use an expert)."""
         if self.gates is None:

@@ -99,14 +99,11 @@ class AdaMoERouter(Router):
         has_true = selected.any(dim=-1, keepdim=True)
         masked = true_logits.masked_fill(~selected, -math.inf).masked_fill(~has_true, 0.0)
         gates = torch.softmax(masked, dim=-1) * selected
-        token_index, expert_index = selected.nonzero(as_tuple=True)
-        return NullExpertRouting(
-            probs=torch.softmax(true_logits, dim=-1),
-            token_index=token_index,
-            expert_index=expert_index,
-            weight=gates[token_index, expert_index],
+        return NullExpertRouting.from_dense(
+            torch.softmax(true_logits, dim=-1),
+            gates,
+            selected,
             logits=true_logits,
-            gates=gates,
             full_probs=full_probs,
             full_logits=logits,
             full_selected=full_selected,

@@ -116,17 +116,8 @@ class ReLURouter(Router):
 
     def select(self, logits: torch.Tensor, valid: torch.Tensor | None) -> Routing:
         gates = torch.relu(logits)  # [T, E]
-        active = gates > 0
-        token_index, expert_index = active.nonzero(as_tuple=True)
         probs = gates / gates.sum(dim=-1, keepdim=True).clamp_min(_PROBS_EPS)
-        return Routing(
-            probs=probs,
-            token_index=token_index,
-            expert_index=expert_index,
-            weight=gates[token_index, expert_index],
-            logits=logits,
-            gates=gates,
-        )
+        return Routing.from_dense(probs, gates, gates > 0, logits=logits)
 
     def forward(
         self, x: torch.Tensor, valid: torch.Tensor | None = None, context: RoutingContext | None = None

@@ -86,15 +86,7 @@ def routing_from_mask(
     if renormalize:
         # the most probable expert is always kept, so the mass is >= 1/E unless every probability underflowed
         gates = gates / gates.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(gates.dtype).tiny)
-    token_index, expert_index = keep.nonzero(as_tuple=True)
-    return routing_cls(
-        probs=probs,
-        token_index=token_index,
-        expert_index=expert_index,
-        weight=gates[token_index, expert_index],
-        logits=logits,
-        gates=gates,
-    )
+    return routing_cls.from_dense(probs, gates, keep, logits=logits)
 
 
 @dataclass
