@@ -131,25 +131,38 @@ class _Totals:
         self.entropy_sum = self.entropy_sum + delta.entropy_sum
 
     def summarize(self) -> LayerRoutingStats:
-        tokens = int(self.tokens.item())
-        n_experts = self.assignments.numel()
-        denom = max(tokens, 1)
-        assignments = self.assignments.double().cpu()
-        total = float(assignments.sum())
-        load = (assignments / total).tolist() if total > 0 else [0.0] * n_experts
-        mean_load = 1.0 / n_experts
-        max_violation = (max(load) - mean_load) / mean_load if total > 0 else 0.0
-        ent = float(self.entropy_sum.item()) / denom
-        return LayerRoutingStats(
-            tokens=tokens,
-            load=load,
-            gate_mass=(self.gate_mass.double().cpu() / denom).tolist(),
-            prob_mass=(self.prob_mass.double().cpu() / denom).tolist(),
-            entropy=ent,
-            normalized_entropy=ent / math.log(n_experts) if n_experts > 1 else 0.0,
-            experts_per_token=total / denom,
-            max_violation=max_violation,
-        )
+        return summarize_sums(self.tokens, self.entropy_sum, self.assignments, self.gate_mass, self.prob_mass)
+
+
+def summarize_sums(
+    tokens: torch.Tensor | float,
+    entropy_sum: torch.Tensor | float,
+    assignments: torch.Tensor,
+    gate_mass: torch.Tensor,
+    prob_mass: torch.Tensor,
+) -> LayerRoutingStats:
+    """:class:`LayerRoutingStats` from one router's summed statistics (also used to summarise sums reduced over
+    data-parallel processes): valid ``tokens``, the sum of their router entropies, and per-expert sums ``[E]`` of
+    assignments, gates and probabilities."""
+    n_tokens = int(round(float(tokens)))
+    n_experts = assignments.numel()
+    denom = max(n_tokens, 1)
+    assignments = assignments.double().cpu()
+    total = float(assignments.sum())
+    load = (assignments / total).tolist() if total > 0 else [0.0] * n_experts
+    mean_load = 1.0 / n_experts
+    max_violation = (max(load) - mean_load) / mean_load if total > 0 else 0.0
+    ent = float(entropy_sum) / denom
+    return LayerRoutingStats(
+        tokens=n_tokens,
+        load=load,
+        gate_mass=(gate_mass.double().cpu() / denom).tolist(),
+        prob_mass=(prob_mass.double().cpu() / denom).tolist(),
+        entropy=ent,
+        normalized_entropy=ent / math.log(n_experts) if n_experts > 1 else 0.0,
+        experts_per_token=total / denom,
+        max_violation=max_violation,
+    )
 
 
 class _LossProbe(torch.autograd.Function):

@@ -23,12 +23,13 @@ count, the means times ``tokens`` are the masses), which keeps the callback on m
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
+
+from ..runtime import summarize_sums
 
 STATS_FILE = "routing_stats.json"
 HISTORY_FILE = "routing_stats_history.jsonl"
@@ -52,22 +53,9 @@ def stats_to_raw(stats) -> torch.Tensor:
 def raw_to_summary(raw: torch.Tensor) -> dict[str, Any]:
     """Per-layer summary (the fields of ``LayerRoutingStats``) from :func:`stats_to_raw` sums."""
     n_experts = (raw.numel() - 2) // 3
-    tokens = float(raw[0])
-    assignments = raw[2 : 2 + n_experts]
-    total = float(assignments.sum())
-    denom = max(tokens, 1.0)
-    load = (assignments / total).tolist() if total > 0 else [0.0] * n_experts
-    ent = float(raw[1]) / denom
-    return {
-        "tokens": int(round(tokens)),
-        "load": load,
-        "gate_mass": (raw[2 + n_experts : 2 + 2 * n_experts] / denom).tolist(),
-        "prob_mass": (raw[2 + 2 * n_experts :] / denom).tolist(),
-        "entropy": ent,
-        "normalized_entropy": ent / math.log(n_experts) if n_experts > 1 else 0.0,
-        "experts_per_token": total / denom,
-        "max_violation": (max(load) - 1 / n_experts) * n_experts if total > 0 else 0.0,
-    }
+    return summarize_sums(
+        raw[0], raw[1], raw[2 : 2 + n_experts], raw[2 + n_experts : 2 + 2 * n_experts], raw[2 + 2 * n_experts :]
+    ).to_dict()
 
 
 def _all_reduce(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
