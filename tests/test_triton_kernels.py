@@ -89,3 +89,24 @@ def test_triton_bf16_forward_on_cuda():
     out = expert_delta(x, A, B, routing, 2.0, kernel="triton")
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.double(), ref, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 Triton kernels are checked on CUDA only")
+@pytest.mark.parametrize("n_tokens, n_experts, rank", [(300, 8, 8), (77, 4, 16), (5, 16, 4)])
+def test_triton_bf16_gradients_on_cuda(n_tokens, n_experts, rank, monkeypatch):
+    """bf16 inputs take the tensor-core products (fp32 accumulation); all gradients stay near the fp64 reference."""
+    import test_kernels
+
+    monkeypatch.setitem(test_kernels.PATHS, "triton", lambda *a: expert_delta(*a, kernel="triton"))
+    x, A, B, logits = _to("cuda", *make_inputs(n_tokens, n_experts, rank, torch.bfloat16, torch.float32, 5))
+    upstream = torch.randn(n_tokens, test_kernels.D_OUT, device="cuda", dtype=torch.bfloat16)
+    ref_out, ref_grads = forward_backward(
+        "naive", "topk2", x.double(), A.double(), B.double(), logits.double(), upstream.double(), 1.5, 5
+    )
+    out, grads = forward_backward("triton", "topk2", x, A, B, logits, upstream, 1.5, 5)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), ref_out, atol=5e-2, rtol=5e-2)
+    for name, grad, ref in zip(("x", "A", "B", "logits"), grads, ref_grads):
+        scale = ref.abs().max().clamp_min(1e-6)
+        err = (grad.double() - ref).abs().max() / scale
+        assert err < 3e-2, f"d/d{name}: max error {err:.3g} of the largest entry"

@@ -13,7 +13,13 @@ the sorted assignments. Three kernels cover forward and backward (``tok[n]`` = t
 ``i``, ``o``, ``l``, ``r`` are either the identity or the gather/scatter through ``tok``: token rows are read and
 written in place, never copied into a ``[N, d]`` buffer; scattered writes use atomic adds (a token has several
 experts). Gate gradients are ``dw[n] = <g[n], h[n]>`` and ``dh[n] = w[n] * g[n]`` on ``[N, r]`` tensors in torch.
-Everything accumulates in fp32.
+Everything accumulates in fp32. With fp32 inputs the products are exact fp32 (``input_precision="ieee"``, no TF32);
+with bf16/fp16 inputs the operands of each product are cast to that dtype (tensor cores) and accumulate in fp32, as
+cuBLAS does for PEFT's LoRA in those dtypes.
+
+Block sizes depend on the kind of product (``shrink``: wide reduction into a few rank columns; ``expand``: a few
+rank columns into a wide output; ``outer``: the weight gradients) and were chosen from measurements on an H200
+(``scripts/bench_triton.py``); :data:`BLOCK_OVERRIDES` replaces them (for tuning).
 
 Importing this module needs ``triton``. The kernels run on CUDA tensors, or on CPU tensors when the environment
 variable ``TRITON_INTERPRET=1`` is set *before* this module is first imported (Triton's interpreter; slow, for tests).
@@ -27,9 +33,37 @@ import triton.language as tl
 
 from ..routers.base import Routing
 
-_BLOCK_M = 16
-_BLOCK_N = 32
-_BLOCK_K = 32
+#: kind -> (BLOCK_M, BLOCK_N, BLOCK_K, num_warps); for the outer products (BLOCK_M rows per step, BLOCK_P, BLOCK_Q,
+#: num_warps). Kinds: ``shrink``, ``expand``, ``outer_a`` (``dA``: P = d_in wide, Q = rank), ``outer_b`` (``dB``:
+#: P = rank, Q = d_out wide). Empty by default; ``scripts/bench_triton.py --tune`` fills it to sweep configurations.
+BLOCK_OVERRIDES: dict[str, tuple[int, int, int, int]] = {}
+
+
+def _pow2_at_least_16(n: int, cap: int = 64) -> int:
+    # tl.dot needs every block dimension >= 16; the rank side of a product is as small as the rank allows
+    return max(16, min(cap, triton.next_power_of_2(max(1, n))))
+
+
+def _blocks(kind: str, n_k: int, n_n: int) -> tuple[int, int, int, int]:
+    if kind in BLOCK_OVERRIDES:
+        return BLOCK_OVERRIDES[kind]
+    # the best of scripts/bench_triton.py --tune on an H200 (bf16, T=16384, d=4096, E=8 r=16 and E=64 r=8)
+    if kind == "shrink":  # [rows, n_k] @ [n_k, rank]: n_k wide, n_n = rank
+        return 128, _pow2_at_least_16(n_n), 64, 4
+    if kind == "expand":  # [rows, rank] @ [rank, n_n]: n_k = rank, n_n wide
+        return 64, 64, _pow2_at_least_16(n_k), 4
+    if kind == "outer_a":  # [n_k = d_in, rows] @ [rows, n_n = rank]
+        return 64, 128, _pow2_at_least_16(n_n), 4
+    # outer_b: [n_k = rank, rows] @ [rows, n_n = d_out]
+    return 64, _pow2_at_least_16(n_k), 128, 4
+
+
+def _low_precision(*tensors: torch.Tensor) -> tuple[bool, bool]:
+    """(LOW_PRECISION, IS_BF16) for the kernels: products in bf16/fp16 when the token-side input is 16-bit."""
+    dtype = tensors[0].dtype
+    if dtype in (torch.bfloat16, torch.float16):
+        return True, dtype == torch.bfloat16
+    return False, False
 
 
 @triton.jit
@@ -52,6 +86,8 @@ def _sgmv(
     HAS_OUT_IDX: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     ATOMIC: tl.constexpr,
+    LOW_PRECISION: tl.constexpr,
+    IS_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -79,7 +115,13 @@ def _sgmv(
             mask=k_mask[:, None] & col_mask[None, :],
             other=0.0,
         )
-        acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        if LOW_PRECISION:
+            if IS_BF16:
+                acc += tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+            else:
+                acc += tl.dot(a.to(tl.float16), b.to(tl.float16))
+        else:
+            acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     if HAS_SCALE:
         gate = tl.load(scale + rows, mask=row_mask, other=0.0).to(tl.float32)
         acc = acc * gate[:, None]
@@ -111,6 +153,8 @@ def _seg_outer(
     stride_op,
     HAS_LEFT_IDX: tl.constexpr,
     HAS_RIGHT_IDX: tl.constexpr,
+    LOW_PRECISION: tl.constexpr,
+    IS_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_Q: tl.constexpr,
@@ -140,7 +184,13 @@ def _seg_outer(
         rt = tl.load(
             right + r_rows[:, None] * stride_right + qs[None, :], mask=row_mask[:, None] & q_mask[None, :], other=0.0
         )
-        acc += tl.dot(tl.trans(lt.to(tl.float32)), rt.to(tl.float32), input_precision="ieee")
+        if LOW_PRECISION:
+            if IS_BF16:
+                acc += tl.dot(tl.trans(lt.to(tl.bfloat16)), rt.to(tl.bfloat16))
+            else:
+                acc += tl.dot(tl.trans(lt.to(tl.float16)), rt.to(tl.float16))
+        else:
+            acc += tl.dot(tl.trans(lt.to(tl.float32)), rt.to(tl.float32), input_precision="ieee")
     ptrs = out + expert * stride_oe + ps[:, None] * stride_op + qs[None, :]
     tl.store(ptrs, acc, mask=p_mask[:, None] & q_mask[None, :])
 
@@ -149,11 +199,14 @@ def _cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
-def _sgmv_call(inp, in_idx, weight_strides, weight, out, out_idx, scale, seg_start, max_seg, n_k, n_n, atomic):
+def _sgmv_call(
+    kind, inp, in_idx, weight_strides, weight, out, out_idx, scale, seg_start, max_seg, n_k, n_n, atomic, lp
+):
     n_experts = seg_start.numel() - 1
     if max_seg == 0 or n_n == 0:
         return
-    grid = (n_experts, _cdiv(max_seg, _BLOCK_M), _cdiv(n_n, _BLOCK_N))
+    block_m, block_n, block_k, warps = _blocks(kind, n_k, n_n)
+    grid = (n_experts, _cdiv(max_seg, block_m), _cdiv(n_n, block_n))
     dummy = seg_start
     _sgmv[grid](
         inp,
@@ -172,16 +225,22 @@ def _sgmv_call(inp, in_idx, weight_strides, weight, out, out_idx, scale, seg_sta
         HAS_OUT_IDX=out_idx is not None,
         HAS_SCALE=scale is not None,
         ATOMIC=atomic,
-        BLOCK_M=_BLOCK_M,
-        BLOCK_N=_BLOCK_N,
-        BLOCK_K=_BLOCK_K,
+        LOW_PRECISION=lp[0],
+        IS_BF16=lp[1],
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=warps,
     )
 
 
-def _seg_outer_call(left, left_idx, right, right_idx, seg_start, n_experts):
+def _seg_outer_call(left, left_idx, right, right_idx, seg_start, n_experts, lp):
     n_p, n_q = left.shape[1], right.shape[1]
     out = torch.zeros(n_experts, n_p, n_q, device=left.device, dtype=torch.float32)
-    grid = (n_experts, _cdiv(n_p, _BLOCK_N), _cdiv(n_q, _BLOCK_N))
+    # which side is the rank: dA = x^T dh has the wide side first, dB = (w h)^T dY second
+    kind = "outer_a" if n_p >= n_q else "outer_b"
+    block_m, block_p, block_q, warps = _blocks(kind, n_p, n_q)
+    grid = (n_experts, _cdiv(n_p, block_p), _cdiv(n_q, block_q))
     dummy = seg_start
     _seg_outer[grid](
         left,
@@ -198,9 +257,12 @@ def _seg_outer_call(left, left_idx, right, right_idx, seg_start, n_experts):
         out.stride(1),
         HAS_LEFT_IDX=left_idx is not None,
         HAS_RIGHT_IDX=right_idx is not None,
-        BLOCK_M=_BLOCK_M,
-        BLOCK_P=_BLOCK_N,
-        BLOCK_Q=_BLOCK_N,
+        LOW_PRECISION=lp[0],
+        IS_BF16=lp[1],
+        BLOCK_M=block_m,
+        BLOCK_P=block_p,
+        BLOCK_Q=block_q,
+        num_warps=warps,
     )
     return out
 
@@ -214,34 +276,36 @@ class _SGMVExperts(torch.autograd.Function):
         n_experts, _, rank = A.shape
         d_out = B.shape[-1]
         x = x.contiguous()
+        lp = _low_precision(x)
         h = torch.empty(tok.numel(), rank, device=x.device, dtype=torch.float32)
-        _sgmv_call(x, tok, A.stride(), A, h, None, None, seg_start, max_seg, d_in, rank, atomic=False)
+        _sgmv_call("shrink", x, tok, A.stride(), A, h, None, None, seg_start, max_seg, d_in, rank, False, lp)
         out = torch.zeros(n_tokens, d_out, device=x.device, dtype=torch.float32)
         w = weight.float().contiguous()
-        _sgmv_call(h, None, B.stride(), B, out, tok, w, seg_start, max_seg, rank, d_out, atomic=True)
+        _sgmv_call("expand", h, None, B.stride(), B, out, tok, w, seg_start, max_seg, rank, d_out, True, lp)
         ctx.save_for_backward(x, A, B, w, tok, seg_start, h)
         ctx.max_seg = max_seg
+        ctx.lp = lp
         ctx.dtypes = (x.dtype, A.dtype, B.dtype, weight.dtype)
         return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
         x, A, B, w, tok, seg_start, h = ctx.saved_tensors
-        max_seg = ctx.max_seg
+        max_seg, lp = ctx.max_seg, ctx.lp
         n_experts, d_in, rank = A.shape
         d_out = B.shape[-1]
         grad_out = grad_out.contiguous()
         # g[n] = dY[tok[n]] @ B[e]^T: the transposed B is read through its strides
         g = torch.empty(tok.numel(), rank, device=x.device, dtype=torch.float32)
         b_t = (B.stride(0), B.stride(2), B.stride(1))
-        _sgmv_call(grad_out, tok, b_t, B, g, None, None, seg_start, max_seg, d_out, rank, atomic=False)
+        _sgmv_call("shrink", grad_out, tok, b_t, B, g, None, None, seg_start, max_seg, d_out, rank, False, lp)
         grad_w = (g * h).sum(dim=-1)
         dh = g * w.unsqueeze(-1)
         grad_x = torch.zeros(x.shape, device=x.device, dtype=torch.float32)
         a_t = (A.stride(0), A.stride(2), A.stride(1))
-        _sgmv_call(dh, None, a_t, A, grad_x, tok, None, seg_start, max_seg, rank, d_in, atomic=True)
-        grad_A = _seg_outer_call(x, tok, dh, None, seg_start, n_experts)
-        grad_B = _seg_outer_call(h * w.unsqueeze(-1), None, grad_out, tok, seg_start, n_experts)
+        _sgmv_call("expand", dh, None, a_t, A, grad_x, tok, None, seg_start, max_seg, rank, d_in, True, lp)
+        grad_A = _seg_outer_call(x, tok, dh, None, seg_start, n_experts, lp)
+        grad_B = _seg_outer_call(h * w.unsqueeze(-1), None, grad_out, tok, seg_start, n_experts, lp)
         x_dtype, a_dtype, b_dtype, w_dtype = ctx.dtypes
         return grad_x.to(x_dtype), grad_A.to(a_dtype), grad_B.to(b_dtype), grad_w.to(w_dtype), None, None, None
 
@@ -255,5 +319,8 @@ def triton_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, routing: Rou
     counts = torch.bincount(routing.expert_index, minlength=n_experts)
     seg_start = torch.zeros(n_experts + 1, dtype=torch.int64, device=x.device)
     seg_start[1:] = torch.cumsum(counts, 0)
-    max_seg = int(counts.max().item()) if counts.numel() else 0
+    # an expert holds at most one assignment per token, so min(tokens, assignments) rows bound every segment: the
+    # grid is sized from shapes known on the host, without reading the counts back (no synchronisation); programs
+    # past the end of their segment return at once
+    max_seg = min(x.shape[0], tok.numel())
     return _SGMVExperts.apply(x, A.contiguous(), B.contiguous(), weight, tok, seg_start, max_seg)

@@ -32,6 +32,8 @@ class Routing:
     """The routing decision of one router for one forward pass.
 
     Shapes use ``T`` = tokens (flattened batch x sequence, padding included), ``E`` = experts, ``N`` = assignments.
+    A (token, expert) pair appears at most once (the Triton kernels size their grids on this: an expert holds at most
+    ``T`` assignments); :meth:`dense_gates` is the same decision as a matrix.
 
     Attributes:
         probs (Tensor[T, E], fp32): the router's distribution over experts (what losses and statistics use).
@@ -93,8 +95,8 @@ class Routing:
     def selected(self) -> torch.Tensor:
         """Return a boolean ``[T, E]`` matrix, True where a token was assigned to an expert."""
         sel = torch.zeros(self.num_tokens, self.num_experts, dtype=torch.bool, device=self.probs.device)
-        sel[self.token_index, self.expert_index] = True
-        return sel
+        # a device-side True: assigning the Python scalar would copy it from the host (a synchronisation on CUDA)
+        return sel.index_put_((self.token_index, self.expert_index), sel.new_ones(()))
 
 
 @dataclass
