@@ -77,6 +77,7 @@ class BenchTable:
     repeats: int = 0
     warmup: int = 0
     device: str = "cpu"
+    dtype: str = "float32"
     torch_version: str = torch.__version__
 
     def to_dict(self) -> dict:
@@ -233,16 +234,18 @@ def bench_layer(
     warmup: int,
     repeats: int,
     device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> list[BenchRow]:
     """Forward + backward of one adapted ``width x width`` projection on ``tokens`` tokens, per candidate."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(tokens, width, generator=gen).to(device)
-    upstream = torch.randn(tokens, width, generator=gen).to(device)
+    x = torch.randn(tokens, width, generator=gen).to(device, dtype)
+    upstream = torch.randn(tokens, width, generator=gen).to(device, dtype)
     steps, models = {}, {}
     for candidate in candidates:
         torch.manual_seed(0)
-        model = _adapt(_OneProjection(width), _peft_config(candidate, rank, num_experts, top_k, ["proj"])).to(device)
-        model.train()
+        model = _adapt(_OneProjection(width), _peft_config(candidate, rank, num_experts, top_k, ["proj"]))
+        # everything, adapters included, in ``dtype`` (PEFT would keep LoRA weights in fp32 on a bf16 base)
+        model.to(device, dtype).train()
         models[candidate] = model
         params = [p for p in model.parameters() if p.requires_grad]
 
@@ -288,6 +291,7 @@ def bench_train_step(
     warmup: int,
     repeats: int,
     device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> list[BenchRow]:
     """One training step (forward with labels, backward, AdamW) of a small random Llama, per candidate."""
     vocab = 512
@@ -297,7 +301,7 @@ def bench_train_step(
     steps, models = {}, {}
     for candidate in candidates:
         model = _adapt(_small_llama(width, layers, vocab), _peft_config(candidate, rank, num_experts, top_k, targets))
-        model.to(device).train()
+        model.to(device, dtype).train()
         models[candidate] = model
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
@@ -332,6 +336,9 @@ def run_benchmarks(
     extra_shapes: bool = True,
     progress: Callable[[str], None] | None = None,
     device: str = "cpu",
+    dtype: str = "float32",
+    batch: int | None = None,
+    seq: int | None = None,
 ) -> BenchTable:
     """Measure the layer and (unless ``model=False``) the training-step benchmarks; return the table.
 
@@ -347,7 +354,14 @@ def run_benchmarks(
         progress (callable | None): called with a line of text before each benchmark.
         device (str): where models and inputs live (``"cpu"`` or ``"cuda"``); on CUDA the Triton kernels
             (``molora triton``) are measured too.
+        dtype (str): ``"float32"``, ``"bfloat16"`` or ``"float16"``: models (adapters included) and inputs.
+        batch (int | None): sequences per training step. Default 2.
+        seq (int | None): tokens per sequence in the training step. Default 128 (16 with ``quick``).
     """
+    allowed = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in allowed:
+        raise ValueError(f"`dtype`={dtype!r} is not supported; allowed values: {list(allowed)}.")
+    torch_dtype = allowed[dtype]
     if threads is not None:
         torch.set_num_threads(threads)
     warmup = warmup if warmup is not None else (1 if quick else 3)
@@ -355,7 +369,7 @@ def run_benchmarks(
     width = width if width is not None else (128 if quick else 2048)
     tokens = tokens if tokens is not None else (32 if quick else 512)
     say = progress or (lambda line: None)
-    table = BenchTable(threads=torch.get_num_threads(), repeats=repeats, warmup=warmup, device=device)
+    table = BenchTable(threads=torch.get_num_threads(), repeats=repeats, warmup=warmup, device=device, dtype=dtype)
     layer_candidates = ["lora r·k", "molora auto", "molora dense", "molora grouped", "naive"]
     if torch.device(device).type == "cuda":
         layer_candidates.insert(-1, "molora triton")
@@ -363,10 +377,21 @@ def run_benchmarks(
     for num_experts, top_k, rank in shapes:
         say(f"layer d={width} T={tokens} E={num_experts} k={top_k} r={rank}")
         table.rows += bench_layer(
-            width, tokens, rank, num_experts, top_k, layer_candidates, warmup, repeats, device=device
+            width,
+            tokens,
+            rank,
+            num_experts,
+            top_k,
+            layer_candidates,
+            warmup,
+            repeats,
+            device=device,
+            dtype=torch_dtype,
         )
     if model:
         m_width, m_layers, m_batch, m_seq = (64, 2, 2, 16) if quick else (width, 2, 2, 128)
+        m_batch = batch if batch is not None else m_batch
+        m_seq = seq if seq is not None else m_seq
         say(f"train step llama d={m_width} L={m_layers} T={m_batch}x{m_seq}")
         table.rows += bench_train_step(
             m_width,
@@ -380,6 +405,7 @@ def run_benchmarks(
             max(1, warmup - 1),
             max(3, repeats // 3),
             device=device,
+            dtype=torch_dtype,
         )
     for row in table.rows:
         if row.candidate == "lora r·k":
@@ -399,7 +425,7 @@ def format_table(table: BenchTable) -> str:
         return "" if value is None else format(value, fmt)
 
     lines = [
-        f"torch {table.torch_version}, device {table.device}, {table.threads} threads, "
+        f"torch {table.torch_version}, device {table.device}, {table.dtype}, {table.threads} threads, "
         f"median of {table.repeats} interleaved rounds after {table.warmup} warm-up calls",
         "",
         "| benchmark | shape | candidate | time (ms) | × LoRA | × naive | peak MiB | mem × LoRA |",
@@ -426,6 +452,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-model", action="store_true", help="skip the small-Llama training-step benchmark")
     parser.add_argument("--no-extra-shapes", action="store_true", help="only the E=8, k=2, r=8 layer shape")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda adds the Triton kernels)")
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (models and inputs)")
+    parser.add_argument("--batch", type=int, default=None, help="sequences per training step (default 2)")
+    parser.add_argument("--seq", type=int, default=None, help="tokens per sequence in the training step (default 128)")
     parser.add_argument("--json", default=None, help="also write the table to this JSON file")
     args = parser.parse_args(argv)
     table = run_benchmarks(
@@ -439,6 +468,9 @@ def main(argv: list[str] | None = None) -> int:
         extra_shapes=not args.no_extra_shapes,
         progress=lambda line: print(f"# {line}", flush=True),
         device=args.device,
+        dtype=args.dtype,
+        batch=args.batch,
+        seq=args.seq,
     )
     print(format_table(table))
     if args.json:
