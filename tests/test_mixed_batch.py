@@ -138,14 +138,16 @@ def test_fused_dense_layer_matches_unfused_paths(router, monkeypatch):
     calls = []
     import molora.adapters.layer as layer_module
 
-    original = layer_module._fused_dense_forward
+    original = layer_module.base_and_shrink
 
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
+    def spy(x, weight, bias, shrink, conv1d=False):
+        # the router's weight rides in the shrink GEMM: E*r expert columns plus E router columns
+        calls.append(shrink.shape[1])
+        return original(x, weight, bias, shrink, conv1d)
 
-    monkeypatch.setattr(layer_module, "_fused_dense_forward", spy)
+    monkeypatch.setattr(layer_module, "base_and_shrink", spy)
     loss_fused, grads_fused, _ = layer_grads(router, "dense")
+    assert set(calls) == {5 * 4 + 5}
     assert calls, "the fused path was not taken"
     n_fused = len(calls)
     for kernel in ("naive", "grouped"):

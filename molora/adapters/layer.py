@@ -18,6 +18,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..kernels import choose_kernel, expert_delta
+from ..kernels.fused_dense import base_and_shrink, gated_expand_
 from ..kernels.torch_ops import dense_masked_expand, flat_shrink_weight
 from ..routers.base import Routing, build_router_params, get_router_class
 from .dynamic_rank import DynamicRankState
@@ -163,20 +164,59 @@ class MoLoraLayer(BaseTunerLayer):
             delta = runtime.record(self._molora_key, adapter_name, router, routing, valid, delta)
         return delta.reshape(*lead_shape, delta.shape[-1])
 
+    def _fused_base_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """Base projection + dense-path experts of one adapter through ``molora.kernels.fused_dense``.
+
+        One function computes the base output and the rank activations (and the router's logits when the router is
+        a linear scorer on the same fp32 input); the gated expansion is added into the base output in place. Same
+        results as :meth:`forward`'s general path, fewer passes over ``[tokens, d]`` tensors in both directions.
+        """
+        base = self.get_base_layer()
+        weight_A, weight_B = self.molora_A[adapter_name], self.molora_B[adapter_name]
+        router = self.molora_router[adapter_name]
+        lead_shape = x.shape[:-1]
+        x_flat = x.reshape(-1, x.shape[-1])
+        runtime = self._molora_runtime
+        valid = runtime.context.token_mask(lead_shape) if runtime is not None else None
+        if valid is not None and valid.device != x.device:
+            valid = valid.to(x.device)
+        context = runtime.context if runtime is not None else None
+        rank_state = self.molora_rank[adapter_name] if adapter_name in self.molora_rank else None
+        if rank_state is not None:
+            weight_A, weight_B = rank_state.masked_weights(weight_A, weight_B)
+        n_experts, _, rank = weight_A.shape
+        shrink = flat_shrink_weight(weight_A)
+        fuse_router = self._can_fuse_router(x_flat, adapter_name, "dense")
+        if fuse_router:
+            shrink = torch.cat([shrink, router.weight.t()], dim=1)
+        out, hl = base_and_shrink(x_flat, base.weight, base.bias, shrink, conv1d=isinstance(base, Conv1D))
+        if fuse_router:
+            # the router may score more columns than there are experts (AdaMoE's null experts)
+            h, logits = hl.split([n_experts * rank, router.weight.shape[0]], dim=1)
+            routing = router.select(logits, valid)
+        else:
+            h = hl
+            if router.uses_context:
+                routing = router(x_flat, valid, context=context, lead_shape=lead_shape)
+            else:
+                routing = router(x_flat, valid, context=context)
+        gates = (routing.dense_gates() * self.scaling[adapter_name]).to(h.dtype)
+        out = gated_expand_(out, h, gates, weight_B.reshape(n_experts * rank, weight_B.shape[-1]))
+        if rank_state is not None and self.training:
+            rank_state.observe(routing, valid)
+        if runtime is not None:
+            out = runtime.record(self._molora_key, adapter_name, router, routing, valid, out)
+        return out.reshape(*lead_shape, out.shape[-1])
+
     def _can_fuse_router(self, x_flat: torch.Tensor, adapter_name: str, kernel: str) -> bool:
         """Whether the router's logits can come out of the dense path's shrink GEMM (see ``_fused_dense_forward``).
 
         Needs the dense path, the same fp32 input for router and experts (no active dropout, no low-precision
         input, which the router would upcast) and a router whose logits are a plain linear map of ``x``.
         """
+        if self._resolve_kernel(x_flat, adapter_name, kernel) != "dense" or self._dropout_active(adapter_name):
+            return False
         weight_A = self.molora_A[adapter_name]
-        if kernel == "auto":
-            kernel = choose_kernel(x_flat.shape[0], None, weight_A.shape[0], weight_A.shape[-1], x_flat.device)
-        if kernel != "dense":
-            return False
-        dropout = self.molora_dropout[adapter_name]
-        if not (isinstance(dropout, nn.Identity) or not dropout.training or dropout.p == 0):
-            return False
         router = self.molora_router[adapter_name]
         if not x_flat.dtype == weight_A.dtype == router.weight.dtype == torch.float32:
             return False
@@ -184,6 +224,37 @@ class MoLoraLayer(BaseTunerLayer):
             # the fused path never calls router.forward: respect hooks users put on the router
             return False
         return router.linear_scoring()
+
+    def _resolve_kernel(self, x_flat: torch.Tensor, adapter_name: str, kernel: str) -> str:
+        if kernel != "auto":
+            return kernel
+        weight_A = self.molora_A[adapter_name]
+        return choose_kernel(x_flat.shape[0], None, weight_A.shape[0], weight_A.shape[-1], x_flat.device)
+
+    def _dropout_active(self, adapter_name: str) -> bool:
+        dropout = self.molora_dropout[adapter_name]
+        return not (isinstance(dropout, nn.Identity) or not dropout.training or dropout.p == 0)
+
+    def _fusable_with_base(self, x: torch.Tensor, adapter_name: str) -> bool:
+        """Whether the base projection and the dense path can run as one fused pair (``molora.kernels.fused_dense``).
+
+        Needs a plain ``nn.Linear``/``Conv1D`` base without hooks whose weights do not train, the dense path, no
+        active dropout (the experts must see the base layer's input), one dtype for input, base and bank, and no
+        autocast.
+        """
+        base = self.get_base_layer()
+        if type(base) not in (nn.Linear, Conv1D) or base._forward_hooks or base._forward_pre_hooks:
+            return False
+        if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+            return False
+        if not x.dtype == base.weight.dtype == self.molora_A[adapter_name].dtype:
+            return False
+        if torch.is_autocast_enabled(x.device.type):
+            # autocast would recast some products inside the functions and not the in-place ones
+            return False
+        x_flat = x.reshape(-1, x.shape[-1])
+        kernel = self._resolve_kernel(x_flat, adapter_name, self.kernel[adapter_name])
+        return kernel == "dense" and not self._dropout_active(adapter_name)
 
     def _batch_adapter_names(self, x: torch.Tensor, adapter_names: list[str] | None) -> list[str] | None:
         """Per-sample adapter names for this call: the ``adapter_names`` kwarg, else the model-level mixed call's."""
@@ -282,6 +353,9 @@ class MoLoraLayer(BaseTunerLayer):
         adapter_names = self._batch_adapter_names(x, adapter_names)
         if adapter_names is not None:
             return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
+        active = [name for name in self.active_adapters if name in self.molora_A]
+        if len(active) == 1 and not args and not kwargs and self._fusable_with_base(x, active[0]):
+            return self._fused_base_forward(x, active[0])
         result = self.base_layer(x, *args, **kwargs)
         if self.quantization_backend is not None:
             result = self.quantization_backend.maybe_clone_base_result(result)

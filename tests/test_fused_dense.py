@@ -1,0 +1,167 @@
+"""The dense path fused with the frozen base projection (``molora.kernels.fused_dense``).
+
+Function level: ``base_and_shrink`` + ``gated_expand_`` against the same maths in plain fp64 torch ops, for
+``nn.Linear`` and ``Conv1D`` weights, with and without bias, with an input that does or does not need a gradient.
+Layer level: a model whose layers take the fused path gives the same loss and gradients as the naive reference
+kernel (Llama and GPT-2's Conv1D, a router with extra null-expert columns, DR-LoRA masks), and the layer falls back
+to the general path whenever fusing would change the maths (hooks, trainable base weights, dropout, autocast).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import VOCAB, make_gpt2, make_llama
+from peft import get_peft_model
+from torch import nn
+
+import molora.adapters.layer as layer_module
+from molora import MoLoraConfig, MoLoraLayer
+from molora.kernels.fused_dense import base_and_shrink, gated_expand_
+
+
+def reference(x, weight, bias, shrink, gates, b_flat, conv1d):
+    base = x @ weight if conv1d else x @ weight.t()
+    if bias is not None:
+        base = base + bias
+    hl = x @ shrink
+    n_experts = gates.shape[1]
+    h = hl[:, : b_flat.shape[0]]
+    hg = (h.unflatten(1, (n_experts, -1)) * gates.unsqueeze(-1)).flatten(1)
+    return base + hg @ b_flat, hl
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_functions_match_plain_ops(conv1d, with_bias, x_grad):
+    torch.manual_seed(3)
+    n_tokens, d_in, d_out, n_experts, rank, extra = 7, 6, 5, 3, 2, 3
+    weight = torch.randn(d_in, d_out) if conv1d else torch.randn(d_out, d_in)
+    bias = torch.randn(d_out) if with_bias else None
+    leaves = {
+        "x": torch.randn(n_tokens, d_in, dtype=torch.float64),
+        "shrink": torch.randn(d_in, n_experts * rank + extra, dtype=torch.float64),
+        "gates": torch.rand(n_tokens, n_experts, dtype=torch.float64),
+        "b": torch.randn(n_experts * rank, d_out, dtype=torch.float64),
+    }
+    upstream = torch.randn(n_tokens, d_out, dtype=torch.float64)
+    up_logits = torch.randn(n_tokens, extra, dtype=torch.float64)
+    results = []
+    for fused in (True, False):
+        t = {k: v.clone().requires_grad_(k != "x" or x_grad) for k, v in leaves.items()}
+        w, b = weight.double(), bias.double() if bias is not None else None
+        if fused:
+            out, hl = base_and_shrink(t["x"], w, b, t["shrink"], conv1d)
+            out = gated_expand_(out, hl[:, : n_experts * rank], t["gates"], t["b"])
+        else:
+            out, hl = reference(t["x"], w, b, t["shrink"], t["gates"], t["b"], conv1d)
+        # the extra columns (router logits) get their own gradient, as in the layer
+        loss = (out * upstream).sum() + (hl[:, n_experts * rank :] * up_logits).sum()
+        wanted = [v for v in t.values() if v.requires_grad]
+        results.append((out.detach(), torch.autograd.grad(loss, wanted)))
+    (out_f, grads_f), (out_r, grads_r) = results
+    torch.testing.assert_close(out_f, out_r)
+    assert len(grads_f) == (4 if x_grad else 3)
+    for g_f, g_r in zip(grads_f, grads_r):
+        torch.testing.assert_close(g_f, g_r)
+
+
+def model_grads(make, kernel, targets, router="topk", seed=0, **config_kwargs):
+    config = MoLoraConfig(
+        r=4,
+        num_experts=4,
+        top_k=2,
+        router=router,
+        kernel=kernel,
+        init_lora_weights=False,
+        aux_loss_coef=0.1,
+        z_loss_coef=0.01,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+        **config_kwargs,
+    )
+    model = get_peft_model(make(seed=seed), config).train()
+    input_ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(seed))
+    out = model(input_ids=input_ids, labels=input_ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out.loss.detach(), out.logits.detach(), grads
+
+
+def _count_fused(monkeypatch):
+    calls = []
+    original = layer_module.base_and_shrink
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(layer_module, "base_and_shrink", spy)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "make, targets, router, extra",
+    [
+        (make_llama, ["q_proj", "v_proj", "down_proj"], "topk", {}),
+        (make_llama, ["q_proj", "o_proj"], "adamoe", {}),  # null experts: more router columns than experts
+        (make_llama, ["up_proj"], "topk", {"dynamic_rank": {"init_rank": 2}}),  # DR-LoRA masks
+        (make_gpt2, ["c_attn", "c_fc"], "soft", {}),  # transformers' Conv1D
+    ],
+)
+def test_fused_model_matches_naive(make, targets, router, extra, monkeypatch):
+    calls = _count_fused(monkeypatch)
+    loss_f, logits_f, grads_f = model_grads(make, "dense", targets, router, **extra)
+    assert calls, "the fused path was not taken"
+    n_calls = len(calls)
+    loss_n, logits_n, grads_n = model_grads(make, "naive", targets, router, **extra)
+    assert len(calls) == n_calls
+    torch.testing.assert_close(loss_f, loss_n, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(logits_f, logits_n, atol=1e-5, rtol=1e-5)
+    assert grads_f.keys() == grads_n.keys()
+    for name in grads_f:
+        torch.testing.assert_close(grads_f[name], grads_n[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def _layer(model):
+    return next(m for m in model.modules() if isinstance(m, MoLoraLayer))
+
+
+def test_fusion_falls_back_when_it_would_change_the_maths():
+    config = MoLoraConfig(r=4, num_experts=4, top_k=2, target_modules=["q_proj"], init_lora_weights=False)
+    model = get_peft_model(make_llama(), config).train()
+    layer = _layer(model)
+    x = torch.randn(2, 3, layer.in_features)
+    assert layer._fusable_with_base(x, "default")
+    assert not layer._fusable_with_base(x.double(), "default")  # dtype differs from the base weight
+    layer.kernel["default"] = "grouped"
+    assert not layer._fusable_with_base(x, "default")
+    layer.kernel["default"] = "auto"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not layer._fusable_with_base(x, "default")
+    handle = layer.base_layer.register_forward_hook(lambda *a: None)
+    assert not layer._fusable_with_base(x, "default")  # a hook on the base layer must see its call
+    handle.remove()
+    layer.base_layer.weight.requires_grad_(True)
+    assert not layer._fusable_with_base(x, "default")  # the fused functions give the base weight no gradient
+    layer.base_layer.weight.requires_grad_(False)
+    layer.molora_dropout["default"] = nn.Dropout(0.5)
+    assert not layer._fusable_with_base(x, "default")  # the experts would see another input than the base
+    layer.molora_dropout["default"].eval()
+    assert layer._fusable_with_base(x, "default")
+
+
+def test_base_hook_still_runs_and_results_agree():
+    config = MoLoraConfig(r=4, num_experts=4, top_k=2, target_modules=["q_proj"], init_lora_weights=False)
+    model = get_peft_model(make_llama(), config).eval()
+    layer = _layer(model)
+    x = torch.randn(2, 3, layer.in_features)
+    with torch.no_grad():
+        fused = layer(x)
+        seen = []
+        handle = layer.base_layer.register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
+        general = layer(x)
+        handle.remove()
+    assert seen == [torch.Size([2, 3, layer.out_features])]
+    torch.testing.assert_close(fused, general, atol=1e-6, rtol=1e-5)
