@@ -71,7 +71,13 @@ class RoutingContext:
         mask = self.attention_mask
         if mask is None or tuple(leading_shape) != tuple(mask.shape):
             return None
-        return mask.reshape(-1).bool()
+        # one flat mask object per attention mask, shared by every layer of the forward pass: the routers cache the
+        # valid-row index per mask object (molora.routers.balancing.valid_rows)
+        cached = self.extra.get("_flat_mask")
+        if cached is None or cached[0] is not mask:
+            cached = (mask, mask.reshape(-1).bool())
+            self.extra["_flat_mask"] = cached
+        return cached[1]
 
 
 @dataclass
@@ -478,24 +484,33 @@ class MoLoraRuntime:
 
 
 def _stats_delta(routing: Routing, valid: torch.Tensor | None) -> _StatsDelta:
+    # no host synchronisation on CUDA: padding is masked by weights instead of boolean indexing (a nonzero), counts
+    # come from index_add_ instead of bincount (which reads its maximum back), the token count stays on the device
     with torch.no_grad():
-        probs = routing.probs.detach()
+        probs = routing.probs.detach().float()
         n_experts = probs.shape[1]
         expert_index = routing.expert_index
         weight = routing.weight.detach().float()
+        ones = torch.ones_like(weight)
+        ent = entropy(probs)
         if valid is not None:
-            keep = valid[routing.token_index]
-            expert_index = expert_index[keep]
-            weight = weight[keep]
-            probs = probs[valid]
-        assignments = torch.bincount(expert_index, minlength=n_experts).float()
-        gate_mass = torch.zeros(n_experts, device=probs.device).index_add_(0, expert_index, weight)
+            # where, not a product: padding rows are dropped even if their values are not finite
+            keep = valid.to(probs.device, torch.bool)
+            keep_assignment = keep[routing.token_index]
+            ones = keep_assignment.float()
+            weight = torch.where(keep_assignment, weight, 0.0)
+            probs = torch.where(keep.unsqueeze(-1), probs, 0.0)
+            ent = torch.where(keep, ent, 0.0)
+            tokens = ones.new_zeros(()) + keep.sum()
+        else:
+            tokens = probs.new_full((), float(probs.shape[0]))
+        zeros = probs.new_zeros(n_experts)
         return _StatsDelta(
-            tokens=torch.tensor(float(probs.shape[0]), device=probs.device),
-            assignments=assignments,
-            gate_mass=gate_mass,
-            prob_mass=probs.float().sum(dim=0),
-            entropy_sum=entropy(probs.float()).sum(),
+            tokens=tokens,
+            assignments=zeros.index_add(0, expert_index, ones),
+            gate_mass=zeros.index_add(0, expert_index, weight),
+            prob_mass=probs.sum(dim=0),
+            entropy_sum=ent.sum(),
         )
 
 

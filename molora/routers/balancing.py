@@ -21,6 +21,7 @@ Router z-loss (ST-MoE): ``L_z = mean_t logsumexp(z_t)^2``.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,35 @@ import torch
 
 if TYPE_CHECKING:
     from .base import Routing
+
+# valid-token row indices per padding mask: every adapted layer of one forward pass gets the same mask tensor, so
+# the index (a nonzero, which reads back to the host on CUDA) is computed once per forward instead of once per use
+_VALID_ROWS: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+
+
+def valid_rows(valid: torch.Tensor) -> torch.Tensor:
+    """Indices of the True entries of the padding mask ``valid[T]`` (cached per mask tensor)."""
+    key = id(valid)
+    hit = _VALID_ROWS.get(key)
+    if hit is not None and hit[0]() is valid:
+        return hit[1]
+    rows = valid.reshape(-1).nonzero().squeeze(1)
+    if len(_VALID_ROWS) > 64:
+        _VALID_ROWS.clear()
+    _VALID_ROWS[key] = (weakref.ref(valid), rows)
+    return rows
+
+
+def take_valid(tensor: torch.Tensor | None, valid: torch.Tensor | None) -> torch.Tensor | None:
+    """The rows of ``tensor`` (first dimension ``T``) at valid tokens; ``tensor`` itself when ``valid`` is None.
+
+    Same as ``tensor[valid]`` but through :func:`valid_rows` and ``index_select``: no host synchronisation per call
+    on CUDA, and a backward without one either.
+    """
+    if tensor is None or valid is None:
+        return tensor
+    return tensor.index_select(0, valid_rows(valid).to(tensor.device))
+
 
 BALANCE_LOSS_TYPES = ("megatron", "mixtral", "switch", "soft")
 
@@ -59,9 +89,7 @@ class AuxInputs:
     @classmethod
     def from_routing(cls, routing: Routing, valid: torch.Tensor | None, top_k: int) -> AuxInputs:
         probs, gates, selected, logits = routing.probs, routing.dense_gates(), routing.selected(), routing.logits
-        if valid is not None:
-            probs, gates, selected = probs[valid], gates[valid], selected[valid]
-            logits = logits[valid] if logits is not None else None
+        probs, gates, selected, logits = (take_valid(t, valid) for t in (probs, gates, selected, logits))
         return cls(probs=probs, gates=gates, selected=selected, logits=logits, top_k=top_k)
 
     @classmethod

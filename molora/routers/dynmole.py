@@ -199,7 +199,7 @@ class DynMoLERouter(Router):
             entropy = getattr(routing, "entropy", None)
             if entropy is None:
                 entropy = self.normalized_entropy(routing.probs)
-            inputs.extra["entropy"] = entropy[valid] if valid is not None else entropy
+            inputs.extra["entropy"] = balancing.take_valid(entropy, valid)
         return inputs
 
 

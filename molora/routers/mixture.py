@@ -145,7 +145,7 @@ class MixtureOfRoutersRouter(Router):
         for name in ("sub_logits", "main_probs"):
             value = getattr(routing, name, None)
             if value is not None:
-                inputs.extra[name] = value[valid] if valid is not None else value
+                inputs.extra[name] = balancing.take_valid(value, valid)
         return inputs
 
     @staticmethod

@@ -119,6 +119,5 @@ class AdaMoERouter(Router):
         selected = torch.cat([selected[:, :n], null_share], dim=-1)
         gates = torch.cat([routing.dense_gates(), routing.gates.new_zeros(routing.num_tokens, m)], dim=-1)
         probs, logits = routing.full_probs, routing.full_logits
-        if valid is not None:
-            probs, logits, gates, selected = probs[valid], logits[valid], gates[valid], selected[valid]
+        probs, logits, gates, selected = (balancing.take_valid(t, valid) for t in (probs, logits, gates, selected))
         return balancing.AuxInputs(probs=probs, gates=gates, selected=selected, logits=logits, top_k=self.top_k)
