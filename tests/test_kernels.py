@@ -93,8 +93,8 @@ def make_routing(kind: str, logits: torch.Tensor, seed: int) -> Routing:
     if kind == "soft":
         return Routing(
             probs=probs,
-            token_index=torch.arange(n_tokens).repeat_interleave(n_experts),
-            expert_index=torch.arange(n_experts).repeat(n_tokens),
+            token_index=torch.arange(n_tokens, device=logits.device).repeat_interleave(n_experts),
+            expert_index=torch.arange(n_experts, device=logits.device).repeat(n_tokens),
             weight=probs.reshape(-1),
             logits=logits,
             gates=probs,
@@ -108,7 +108,7 @@ def make_routing(kind: str, logits: torch.Tensor, seed: int) -> Routing:
         mask = (torch.rand(n_tokens, n_experts, generator=gen) < 0.6) & allowed
         if n_tokens > 1:
             mask[0] = False
-        token_index, expert_index = mask.nonzero(as_tuple=True)
+        token_index, expert_index = mask.to(logits.device).nonzero(as_tuple=True)
         weight = torch.sigmoid(logits[token_index, expert_index])
         return Routing(probs=probs, token_index=token_index, expert_index=expert_index, weight=weight, logits=logits)
     raise AssertionError(kind)
@@ -237,12 +237,15 @@ def test_choose_kernel(num_tokens, num_assignments, num_experts, rank, expected)
 
 
 def test_choose_kernel_on_cuda_devices():
-    # decided from the device type alone (no GPU needed): smaller dense limit, the Triton kernels for sparse routing
+    # decided from the device type alone (no GPU needed): a larger dense limit (E*r <= 4096, measured on an H200),
+    # the Triton kernels beyond it for sparse routing; other devices keep the conservative 512
     sparse = "triton" if importlib.util.find_spec("triton") is not None else "grouped"
-    assert choose_kernel(10, 20, 8, 64, "cuda") == "dense"  # E*r = 512
-    assert choose_kernel(10, 20, 8, 65, "cuda") == sparse
-    assert choose_kernel(10, 40, 8, 65, "cuda") == "dense"  # density 0.5
-    assert choose_kernel(10, 20, 64, 32, "cuda") == sparse
+    assert choose_kernel(10, 20, 64, 64, "cuda") == "dense"  # E*r = 4096
+    assert choose_kernel(10, 20, 64, 65, "cuda") == sparse
+    assert choose_kernel(10, 640, 64, 65, "cuda") == "dense"  # density 0.5
+    assert choose_kernel(10, 20, 256, 32, "cuda") == sparse
+    assert choose_kernel(10, 20, 8, 64, "mps") == "dense"  # E*r = 512
+    assert choose_kernel(10, 20, 8, 65, "mps") == "grouped"
 
 
 @pytest.mark.parametrize("kind, expected_path", [("topk1", "grouped"), ("soft", "dense")])

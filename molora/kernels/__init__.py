@@ -50,9 +50,11 @@ _PATHS: dict[str, Callable[..., torch.Tensor]] = {
 # for a gather, a scatter and a few small GEMMs per expert (forward and backward). Measured on a CPU at d=2048,
 # T=512 (docs/kernels.md): dense wins or ties at every shape up to E*r = 1024 (E=128, r=8: dense 2.6x LoRA(r*k),
 # grouped 6.4x; E=8 and E=16 with r=64: ties), so on a CPU the grouped path is only chosen beyond that,
-# for sparse routing over at most 32 experts (its cost per expert segment grows with E). On CUDA the bank switches
-# to the Triton kernels above 512 rank columns for sparse routing (not yet measured on a GPU).
-_DENSE_MAX_RANK_COLUMNS = {"cpu": 1024}
+# for sparse routing over at most 32 experts (its cost per expert segment grows with E). On an H200 (bf16, d=4096,
+# 8192-16384 tokens; docs/kernels.md) the dense path's extra FLOPs are nearly free and it beat the Triton kernels at
+# every shape up to E*r = 1024 (E=128, r=8: dense 1.9x LoRA(r*k) at layer level, Triton 6.2x), so on CUDA the bank
+# stays dense up to 4096 rank columns (where its FLOPs start to count, see scripts/bench_triton.py).
+_DENSE_MAX_RANK_COLUMNS = {"cpu": 1024, "cuda": 4096}
 _DENSE_MAX_RANK_COLUMNS_DEFAULT = 512
 _DENSE_MIN_DENSITY = 0.5
 _GROUPED_MAX_EXPERTS_CPU = 32
