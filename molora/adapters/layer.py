@@ -132,10 +132,9 @@ class MoLoraLayer(BaseTunerLayer):
 
     # -- forward ----------------------------------------------------------------------------------------------------
 
-    def _expert_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        weight_A = self.molora_A[adapter_name]
-        weight_B = self.molora_B[adapter_name]
-        router = self.molora_router[adapter_name]
+    def _prepare(self, x: torch.Tensor, adapter_name: str):
+        """What every forward path of one adapter needs: flat input, padding mask, routing context, the bank (with
+        DR-LoRA's dormant rank components masked out) and the DR-LoRA state."""
         lead_shape = x.shape[:-1]
         x_flat = x.reshape(-1, x.shape[-1])  # [T, d_in]
         runtime = self._molora_runtime
@@ -143,26 +142,40 @@ class MoLoraLayer(BaseTunerLayer):
         if valid is not None and valid.device != x.device:
             valid = valid.to(x.device)
         context = runtime.context if runtime is not None else None
+        weight_A, weight_B = self.molora_A[adapter_name], self.molora_B[adapter_name]
         rank_state = self.molora_rank[adapter_name] if adapter_name in self.molora_rank else None
         if rank_state is not None:
             # DR-LoRA: dormant rank components are masked out of A and B (and so get zero gradient)
             weight_A, weight_B = rank_state.masked_weights(weight_A, weight_B)
+        return x_flat, lead_shape, valid, context, weight_A, weight_B, rank_state
+
+    @staticmethod
+    def _route(router: nn.Module, x_flat: torch.Tensor, valid, context, lead_shape) -> Routing:
+        if router.uses_context:
+            # sequence-level routers (e.g. "prompt") also need the [batch, seq] layout
+            return router(x_flat, valid, context=context, lead_shape=lead_shape)
+        return router(x_flat, valid, context=context)
+
+    def _finish(self, adapter_name: str, router, routing: Routing, valid, rank_state, out: torch.Tensor, lead_shape):
+        """Record DR-LoRA frequencies, aux losses and statistics; restore the leading shape."""
+        if rank_state is not None and self.training:
+            rank_state.observe(routing, valid)
+        runtime = self._molora_runtime
+        if runtime is not None:
+            out = runtime.record(self._molora_key, adapter_name, router, routing, valid, out)
+        return out.reshape(*lead_shape, out.shape[-1])
+
+    def _expert_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        x_flat, lead_shape, valid, context, weight_A, weight_B, rank_state = self._prepare(x, adapter_name)
+        router = self.molora_router[adapter_name]
         scaling, kernel = self.scaling[adapter_name], self.kernel[adapter_name]
         if self._can_fuse_router(x_flat, adapter_name, kernel):
             delta, routing = _fused_dense_forward(x_flat, weight_A, weight_B, router, valid, scaling)
         else:
-            if router.uses_context:
-                # sequence-level routers (e.g. "prompt") also need the [batch, seq] layout
-                routing = router(x_flat, valid, context=context, lead_shape=lead_shape)
-            else:
-                routing = router(x_flat, valid, context=context)
+            routing = self._route(router, x_flat, valid, context, lead_shape)
             h = self._cast_input_dtype(self.molora_dropout[adapter_name](x_flat), weight_A.dtype)
             delta = expert_delta(h, weight_A, weight_B, routing, scaling, kernel)
-        if rank_state is not None and self.training:
-            rank_state.observe(routing, valid)
-        if runtime is not None:
-            delta = runtime.record(self._molora_key, adapter_name, router, routing, valid, delta)
-        return delta.reshape(*lead_shape, delta.shape[-1])
+        return self._finish(adapter_name, router, routing, valid, rank_state, delta, lead_shape)
 
     def _fused_base_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """Base projection + dense-path experts of one adapter through ``molora.kernels.fused_dense``.
@@ -172,18 +185,8 @@ class MoLoraLayer(BaseTunerLayer):
         results as :meth:`forward`'s general path, fewer passes over ``[tokens, d]`` tensors in both directions.
         """
         base = self.get_base_layer()
-        weight_A, weight_B = self.molora_A[adapter_name], self.molora_B[adapter_name]
+        x_flat, lead_shape, valid, context, weight_A, weight_B, rank_state = self._prepare(x, adapter_name)
         router = self.molora_router[adapter_name]
-        lead_shape = x.shape[:-1]
-        x_flat = x.reshape(-1, x.shape[-1])
-        runtime = self._molora_runtime
-        valid = runtime.context.token_mask(lead_shape) if runtime is not None else None
-        if valid is not None and valid.device != x.device:
-            valid = valid.to(x.device)
-        context = runtime.context if runtime is not None else None
-        rank_state = self.molora_rank[adapter_name] if adapter_name in self.molora_rank else None
-        if rank_state is not None:
-            weight_A, weight_B = rank_state.masked_weights(weight_A, weight_B)
         n_experts, _, rank = weight_A.shape
         shrink = flat_shrink_weight(weight_A)
         fuse_router = self._can_fuse_router(x_flat, adapter_name, "dense")
@@ -196,17 +199,10 @@ class MoLoraLayer(BaseTunerLayer):
             routing = router.select(logits, valid)
         else:
             h = hl
-            if router.uses_context:
-                routing = router(x_flat, valid, context=context, lead_shape=lead_shape)
-            else:
-                routing = router(x_flat, valid, context=context)
+            routing = self._route(router, x_flat, valid, context, lead_shape)
         gates = (routing.dense_gates() * self.scaling[adapter_name]).to(h.dtype)
         out = gated_expand_(out, h, gates, weight_B.reshape(n_experts * rank, weight_B.shape[-1]))
-        if rank_state is not None and self.training:
-            rank_state.observe(routing, valid)
-        if runtime is not None:
-            out = runtime.record(self._molora_key, adapter_name, router, routing, valid, out)
-        return out.reshape(*lead_shape, out.shape[-1])
+        return self._finish(adapter_name, router, routing, valid, rank_state, out, lead_shape)
 
     def _can_fuse_router(self, x_flat: torch.Tensor, adapter_name: str, kernel: str) -> bool:
         """Whether the router's logits can come out of the dense path's shrink GEMM (see ``_fused_dense_forward``).
@@ -307,10 +303,7 @@ class MoLoraLayer(BaseTunerLayer):
                 valid = valid.to(x.device)
             router = self.molora_router[name]
             context = runtime.context if runtime is not None else None
-            if router.uses_context:
-                routing = router(sub_flat, valid, context=context, lead_shape=sub.shape[:-1])
-            else:
-                routing = router(sub_flat, valid, context=context)
+            routing = self._route(router, sub_flat, valid, context, sub.shape[:-1])
             records.append((name, router, routing, valid))
             weight_A, weight_B = self.molora_A[name], self.molora_B[name]
             if name in self.molora_rank:
