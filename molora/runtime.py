@@ -81,14 +81,23 @@ class RoutingContext:
 
 
 @dataclass
-class _StatsDelta:
-    """Routing statistics of one router in one forward (detached, on the router's device)."""
+class _RawRouting:
+    """One router's decision in one forward, kept (detached) until the statistics are committed.
 
-    tokens: torch.Tensor  # scalar, valid tokens
-    assignments: torch.Tensor  # [E] assignments per expert
-    gate_mass: torch.Tensor  # [E] sum of gates per expert
-    prob_mass: torch.Tensor  # [E] sum of router probabilities per expert
-    entropy_sum: torch.Tensor  # scalar, sum of router entropies (nats)
+    The reduction into sums happens once per forward for all layers together (:func:`_stats_rows`): recording is
+    then a handful of references per layer instead of a dozen small operators.
+    """
+
+    probs: torch.Tensor  # [T, E]
+    token_index: torch.Tensor  # [N]
+    expert_index: torch.Tensor  # [N]
+    weight: torch.Tensor  # [N]
+    valid: torch.Tensor | None  # [T] bool, or None (every token counts)
+
+    def group(self) -> tuple:
+        """Records with equal keys can be stacked and reduced together."""
+        valid_shape = None if self.valid is None else tuple(self.valid.shape)
+        return (tuple(self.probs.shape), self.expert_index.numel(), self.probs.device, valid_shape)
 
 
 @dataclass
@@ -119,25 +128,12 @@ class LayerRoutingStats:
         return dict(self.__dict__)
 
 
-class _Totals:
-    def __init__(self, delta: _StatsDelta) -> None:
-        self.tokens = delta.tokens.clone()
-        self.assignments = delta.assignments.clone()
-        self.gate_mass = delta.gate_mass.clone()
-        self.prob_mass = delta.prob_mass.clone()
-        self.entropy_sum = delta.entropy_sum.clone()
-
-    def add(self, delta: _StatsDelta) -> None:
-        # out of place: totals started under torch.inference_mode() are inference tensors, which cannot be updated
-        # in place once training resumes (and vice versa)
-        self.tokens = self.tokens + delta.tokens
-        self.assignments = self.assignments + delta.assignments
-        self.gate_mass = self.gate_mass + delta.gate_mass
-        self.prob_mass = self.prob_mass + delta.prob_mass
-        self.entropy_sum = self.entropy_sum + delta.entropy_sum
-
-    def summarize(self) -> LayerRoutingStats:
-        return summarize_sums(self.tokens, self.entropy_sum, self.assignments, self.gate_mass, self.prob_mass)
+def _summarize_row(row: torch.Tensor) -> LayerRoutingStats:
+    """:class:`LayerRoutingStats` from one flat row of sums ``[tokens, entropy_sum, assignments[E], gates[E],
+    probs[E]]`` (the layout of :func:`_stats_rows`)."""
+    n_experts = (row.numel() - 2) // 3
+    assignments, gate_mass, prob_mass = row[2:].view(3, n_experts)
+    return summarize_sums(row[0], row[1], assignments, gate_mass, prob_mass)
 
 
 def summarize_sums(
@@ -240,8 +236,10 @@ class MoLoraRuntime:
         self.peft_config = peft_config
         self.context = RoutingContext()
         self._aux: dict[tuple[str, str], _AuxRecord] = {}
-        self._pending: dict[tuple[str, str], _StatsDelta] = {}
-        self._totals: dict[tuple[str, str], _Totals] = {}
+        # per (layer, adapter): the last forward's decision (a recompute under activation checkpointing overwrites
+        # it instead of counting twice) and the running sums as one flat row (see _stats_rows)
+        self._pending: dict[tuple[str, str], _RawRouting] = {}
+        self._totals: dict[tuple[str, str], torch.Tensor] = {}
         # gradient delivery (see the module docstring); `generation` tells one forward's graph from the next
         self.generation = 0
         self.loss_grad: torch.Tensor | None = None
@@ -350,7 +348,13 @@ class MoLoraRuntime:
         config = self.peft_config[adapter_name]
         key = (layer_key, adapter_name)
         if config.track_routing_stats:
-            self._pending[key] = _stats_delta(routing, valid)
+            self._pending[key] = _RawRouting(
+                routing.probs.detach(),
+                routing.token_index,
+                routing.expert_index,
+                routing.weight.detach(),
+                valid,
+            )
         coefs = router.loss_coefficients(config)
         need = frozenset(name for name, coef in coefs.items() if coef > 0)
         if not need or self.context.is_decode:
@@ -456,14 +460,18 @@ class MoLoraRuntime:
     # -- statistics -------------------------------------------------------------------------------------------------
 
     def commit_stats(self) -> None:
-        """Move the last forward's statistics into the running totals."""
-        for key, delta in self._pending.items():
-            totals = self._totals.get(key)
-            if totals is None:
-                self._totals[key] = _Totals(delta)
-            else:
-                totals.add(delta)
+        """Move the last forward's statistics into the running totals (one batched reduction per group of layers)."""
+        groups: dict[tuple, list[tuple[tuple[str, str], _RawRouting]]] = {}
+        for key, raw in self._pending.items():
+            groups.setdefault(raw.group(), []).append((key, raw))
         self._pending = {}
+        for members in groups.values():
+            rows = _stats_rows([raw for _, raw in members])
+            for (key, _), row in zip(members, rows):
+                totals = self._totals.get(key)
+                # out of place: totals started under torch.inference_mode() are inference tensors, which cannot be
+                # updated in place once training resumes (and vice versa)
+                self._totals[key] = row.clone() if totals is None else totals + row
 
     def routing_stats(self, adapter_name: str | None = None) -> dict[str, LayerRoutingStats]:
         """Accumulated statistics per adapted layer (keys are module names; ``name:adapter`` with several adapters)."""
@@ -474,7 +482,7 @@ class MoLoraRuntime:
             if adapter_name is not None and adapter != adapter_name:
                 continue
             key = layer if adapter_name is not None or len(adapters) == 1 else f"{layer}:{adapter}"
-            out[key] = totals.summarize()
+            out[key] = _summarize_row(totals)
         return out
 
     def reset_stats(self) -> None:
@@ -483,34 +491,40 @@ class MoLoraRuntime:
         self._totals = {}
 
 
-def _stats_delta(routing: Routing, valid: torch.Tensor | None) -> _StatsDelta:
-    # no host synchronisation on CUDA: padding is masked by weights instead of boolean indexing (a nonzero), counts
-    # come from index_add_ instead of bincount (which reads its maximum back), the token count stays on the device
+def _stats_rows(raws: list[_RawRouting]) -> torch.Tensor:
+    """Sums of the routing statistics of several routers with the same shapes, one row each: ``[L, 2 + 3E]`` =
+    valid tokens, summed router entropy, then per expert the assignments, gate sums and probability sums.
+
+    No host synchronisation on CUDA: padding is masked with ``where`` (not boolean indexing, a nonzero), counts come
+    from ``index_add`` (not ``bincount``, which reads its maximum back), token counts stay on the device.
+    """
     with torch.no_grad():
-        probs = routing.probs.detach().float()
-        n_experts = probs.shape[1]
-        expert_index = routing.expert_index
-        weight = routing.weight.detach().float()
-        ones = torch.ones_like(weight)
-        ent = entropy(probs)
-        if valid is not None:
+        probs = torch.stack([r.probs for r in raws]).float()  # [L, T, E]
+        n_layers, n_tokens, n_experts = probs.shape
+        token_index = torch.stack([r.token_index for r in raws])  # [L, N]
+        expert_index = torch.stack([r.expert_index for r in raws])
+        weight = torch.stack([r.weight for r in raws]).float()
+        ent = entropy(probs)  # [L, T]
+        if raws[0].valid is not None:
             # where, not a product: padding rows are dropped even if their values are not finite
-            keep = valid.to(probs.device, torch.bool)
-            keep_assignment = keep[routing.token_index]
+            keep = torch.stack([r.valid for r in raws]).to(probs.device, torch.bool)  # [L, T]
+            keep_assignment = keep.gather(1, token_index)
             ones = keep_assignment.float()
             weight = torch.where(keep_assignment, weight, 0.0)
             probs = torch.where(keep.unsqueeze(-1), probs, 0.0)
             ent = torch.where(keep, ent, 0.0)
-            tokens = ones.new_zeros(()) + keep.sum()
+            tokens = keep.sum(dim=1, dtype=torch.float32)
         else:
-            tokens = probs.new_full((), float(probs.shape[0]))
-        zeros = probs.new_zeros(n_experts)
-        return _StatsDelta(
-            tokens=tokens,
-            assignments=zeros.index_add(0, expert_index, ones),
-            gate_mass=zeros.index_add(0, expert_index, weight),
-            prob_mass=probs.sum(dim=0),
-            entropy_sum=ent.sum(),
+            ones = torch.ones_like(weight)
+            tokens = probs.new_full((n_layers,), float(n_tokens))
+        # one index_add over all layers: layer l's experts occupy slots l*E .. l*E + E - 1
+        slots = (expert_index + n_experts * torch.arange(n_layers, device=probs.device).unsqueeze(1)).reshape(-1)
+        sums = probs.new_zeros(2, n_layers * n_experts)
+        sums[0].index_add_(0, slots, ones.reshape(-1))
+        sums[1].index_add_(0, slots, weight.reshape(-1))
+        sums = sums.view(2, n_layers, n_experts)
+        return torch.cat(
+            [tokens.unsqueeze(1), ent.sum(dim=1, keepdim=True), sums[0], sums[1], probs.sum(dim=1)], dim=1
         )
 
 
