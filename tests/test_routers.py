@@ -667,3 +667,21 @@ def test_valid_router_kwargs_accepted(router, kwargs, expected):
     layer = molora.Linear(nn.Linear(3, 3), "default", config)
     assert layer.molora_router["default"].params == expected
     assert dataclasses.asdict(layer.molora_router["default"].params) == dataclasses.asdict(expected)
+
+
+def test_cached_token_index_is_safe_across_inference_mode():
+    """The token index is cached per shape; one first built under inference_mode must still serve training."""
+    from molora.routers.base import _REPEATED_ARANGE, repeated_arange
+    from molora.routers.topk import topk_routing
+
+    _REPEATED_ARANGE.clear()
+    with torch.inference_mode():
+        first = repeated_arange(5, 2, torch.device("cpu"))
+    assert torch.equal(first, torch.arange(5).repeat_interleave(2))
+    assert repeated_arange(5, 2, torch.device("cpu")) is first  # cached
+    logits = torch.randn(5, 4, requires_grad=True)
+    routing = topk_routing(torch.softmax(logits, -1), 2, logits=logits)
+    assert routing.token_index is first
+    out = torch.zeros(5).index_add(0, routing.token_index, routing.weight)
+    out.sum().backward()  # index tensors saved for backward must not be inference tensors
+    assert logits.grad is not None

@@ -99,6 +99,24 @@ class Routing:
         return sel.index_put_((self.token_index, self.expert_index), sel.new_ones(()))
 
 
+_REPEATED_ARANGE: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+
+
+def repeated_arange(n: int, k: int, device: torch.device) -> torch.Tensor:
+    """``arange(n).repeat_interleave(k)``, cached per ``(n, k, device)``: every layer of a forward pass asks for the
+    same token index, which would otherwise cost five small operators (and kernel launches) per layer."""
+    key = (n, k, torch.device(device))
+    index = _REPEATED_ARANGE.get(key)
+    if index is None:
+        if len(_REPEATED_ARANGE) > 256:
+            _REPEATED_ARANGE.clear()
+        # a normal tensor even under inference_mode: autograd saves index tensors for backward later
+        with torch.inference_mode(False):
+            index = torch.arange(n, device=device).repeat_interleave(k)
+        _REPEATED_ARANGE[key] = index
+    return index
+
+
 @dataclass
 class RouterParams:
     """Base class of a router's own hyper-parameters (``MoLoraConfig.router_kwargs``).

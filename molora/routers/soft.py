@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Router, RouterParams, Routing, register_router
+from .base import Router, RouterParams, Routing, register_router, repeated_arange
 
 
 @dataclass
@@ -44,7 +44,7 @@ class SoftRouter(Router):
         device = probs.device
         return Routing(
             probs=probs,
-            token_index=torch.arange(n_tokens, device=device).repeat_interleave(n_experts),
+            token_index=repeated_arange(n_tokens, n_experts, device),
             expert_index=torch.arange(n_experts, device=device).repeat(n_tokens),
             weight=probs.reshape(-1),
             logits=logits,

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Router, RouterParams, Routing, register_router
+from .base import Router, RouterParams, Routing, register_router, repeated_arange
 
 
 @dataclass
@@ -78,7 +78,7 @@ def topk_routing(
         mass = top_probs.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(top_probs.dtype).tiny)
         top_probs = top_probs / mass
     gates = torch.zeros_like(probs).scatter(-1, expert_index, top_probs)
-    token_index = torch.arange(n_tokens, device=probs.device).repeat_interleave(k)
+    token_index = repeated_arange(n_tokens, k, probs.device)
     return Routing(
         probs=probs,
         token_index=token_index,
