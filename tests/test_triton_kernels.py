@@ -110,3 +110,31 @@ def test_triton_bf16_gradients_on_cuda(n_tokens, n_experts, rank, monkeypatch):
         scale = ref.abs().max().clamp_min(1e-6)
         err = (grad.double() - ref).abs().max() / scale
         assert err < 3e-2, f"d/d{name}: max error {err:.3g} of the largest entry"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_token_major_routings_take_the_atomic_free_expand(device, monkeypatch):
+    """Top-k routings (``per_token`` set) store rows once and sum per token; sparse ones add atomically."""
+    import test_kernels
+
+    from molora.kernels import triton_ops
+
+    seen = []
+    original = triton_ops._scatter_rows
+
+    def spy(*args):
+        seen.append(args[7])  # per_token
+        return original(*args)
+
+    monkeypatch.setattr(triton_ops, "_scatter_rows", spy)
+    monkeypatch.setitem(test_kernels.PATHS, "triton", lambda *a: expert_delta(*a, kernel="triton"))
+    x, A, B, logits = _to(device, *make_inputs(9, 4, 3, torch.float32, torch.float32, 2))
+    upstream = torch.randn(9, test_kernels.D_OUT, device=device)
+    for kind, expected in (("topk2", 2), ("sparse", 0)):
+        seen.clear()
+        ref_out, ref_grads = forward_backward("naive", kind, x, A, B, logits, upstream, 1.0, 2)
+        out, grads = forward_backward("triton", kind, x, A, B, logits, upstream, 1.0, 2)
+        assert seen == [expected, expected]  # forward expand and backward input gradient
+        torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+        for grad, ref in zip(grads, ref_grads):
+            torch.testing.assert_close(grad, ref, atol=1e-5, rtol=1e-5)

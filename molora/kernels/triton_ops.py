@@ -10,12 +10,14 @@ the sorted assignments. Three kernels cover forward and backward (``tok[n]`` = t
                                                                             dx[tok[n]] += dh[n] @ A[e]^T
     _seg_outer:  G[e] = sum_{n in e} L[l(n)]^T R[r(n)]             dA[e] = x[tok]^T dh,  dB[e] = (w h)^T dY[tok]
 
-``i``, ``o``, ``l``, ``r`` are either the identity or the gather/scatter through ``tok``: token rows are read and
-written in place, never copied into a ``[N, d]`` buffer; scattered writes use atomic adds (a token has several
-experts). Gate gradients are ``dw[n] = <g[n], h[n]>`` and ``dh[n] = w[n] * g[n]`` on ``[N, r]`` tensors in torch.
-Everything accumulates in fp32. With fp32 inputs the products are exact fp32 (``input_precision="ieee"``, no TF32);
-with bf16/fp16 inputs the operands of each product are cast to that dtype (tensor cores) and accumulate in fp32, as
-cuBLAS does for PEFT's LoRA in those dtypes.
+``i``, ``o``, ``l``, ``r`` are either the identity or the gather/scatter through ``tok``: token rows are read in place,
+never copied into a ``[N, d_in]`` buffer. A token has several experts, so its output rows are combined: for a
+token-major routing with ``Routing.per_token = k`` each product row is stored once at its token-major position in a
+``[T * k, d]`` buffer and the ``k`` rows of a token are summed (no atomics); otherwise rows are added atomically
+into an fp32 ``[T, d]`` buffer. Gate gradients are ``dw[n] = <g[n], h[n]>`` and ``dh[n] = w[n] * g[n]`` on
+``[N, r]`` tensors in torch. Everything accumulates in fp32. With fp32 inputs the products are exact fp32
+(``input_precision="ieee"``, no TF32); with bf16/fp16 inputs the operands of each product are cast to that dtype
+(tensor cores) and accumulate in fp32, as cuBLAS does for PEFT's LoRA in those dtypes.
 
 Block sizes depend on the kind of product (``shrink``: wide reduction into a few rank columns; ``expand``: a few
 rank columns into a wide output; ``outer``: the weight gradients) and were chosen from measurements on an H200
@@ -271,7 +273,7 @@ class _SGMVExperts(torch.autograd.Function):
     """``delta = sum_n w[n] * x[tok[n]] @ A[e_n] @ B[e_n]`` over assignments sorted by expert; see the module doc."""
 
     @staticmethod
-    def forward(ctx, x, A, B, weight, tok, seg_start, max_seg):  # noqa: D102
+    def forward(ctx, x, A, B, weight, tok, seg_start, max_seg, order, per_token):  # noqa: D102
         n_tokens, d_in = x.shape
         n_experts, _, rank = A.shape
         d_out = B.shape[-1]
@@ -279,18 +281,20 @@ class _SGMVExperts(torch.autograd.Function):
         lp = _low_precision(x)
         h = torch.empty(tok.numel(), rank, device=x.device, dtype=torch.float32)
         _sgmv_call("shrink", x, tok, A.stride(), A, h, None, None, seg_start, max_seg, d_in, rank, False, lp)
-        out = torch.zeros(n_tokens, d_out, device=x.device, dtype=torch.float32)
         w = weight.float().contiguous()
-        _sgmv_call("expand", h, None, B.stride(), B, out, tok, w, seg_start, max_seg, rank, d_out, True, lp)
-        ctx.save_for_backward(x, A, B, w, tok, seg_start, h)
+        out = _scatter_rows(
+            "expand", h, B.stride(), B, w, tok, order, per_token, seg_start, max_seg, rank, d_out, n_tokens, x, lp
+        )
+        ctx.save_for_backward(x, A, B, w, tok, seg_start, h, order)
         ctx.max_seg = max_seg
+        ctx.per_token = per_token
         ctx.lp = lp
         ctx.dtypes = (x.dtype, A.dtype, B.dtype, weight.dtype)
-        return out.to(x.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
-        x, A, B, w, tok, seg_start, h = ctx.saved_tensors
+        x, A, B, w, tok, seg_start, h, order = ctx.saved_tensors
         max_seg, lp = ctx.max_seg, ctx.lp
         n_experts, d_in, rank = A.shape
         d_out = B.shape[-1]
@@ -301,13 +305,35 @@ class _SGMVExperts(torch.autograd.Function):
         _sgmv_call("shrink", grad_out, tok, b_t, B, g, None, None, seg_start, max_seg, d_out, rank, False, lp)
         grad_w = (g * h).sum(dim=-1)
         dh = g * w.unsqueeze(-1)
-        grad_x = torch.zeros(x.shape, device=x.device, dtype=torch.float32)
         a_t = (A.stride(0), A.stride(2), A.stride(1))
-        _sgmv_call("expand", dh, None, a_t, A, grad_x, tok, None, seg_start, max_seg, rank, d_in, True, lp)
+        grad_x = _scatter_rows(
+            "expand", dh, a_t, A, None, tok, order, ctx.per_token, seg_start, max_seg, rank, d_in, x.shape[0], x, lp
+        )
         grad_A = _seg_outer_call(x, tok, dh, None, seg_start, n_experts, lp)
         grad_B = _seg_outer_call(h * w.unsqueeze(-1), None, grad_out, tok, seg_start, n_experts, lp)
         x_dtype, a_dtype, b_dtype, w_dtype = ctx.dtypes
-        return grad_x.to(x_dtype), grad_A.to(a_dtype), grad_B.to(b_dtype), grad_w.to(w_dtype), None, None, None
+        return grad_x, grad_A.to(a_dtype), grad_B.to(b_dtype), grad_w.to(w_dtype), None, None, None, None, None
+
+
+def _scatter_rows(
+    kind, rows, weight_strides, weight, scale, tok, order, per_token, seg_start, max_seg, n_k, n_n, n_tokens, like, lp
+):
+    """``out[tok[n]] += scale[n] * rows[n] @ W[e(n)]`` for the sorted assignments ``n``, as a ``[T, n_n]`` tensor of
+    ``like``'s dtype.
+
+    With a token-major routing of ``per_token`` assignments per token, each product row is stored once at its
+    token-major position in a ``[T * per_token, n_n]`` buffer (no atomics) and the rows of a token are summed;
+    otherwise the rows are added atomically into an fp32 ``[T, n_n]`` buffer. Both accumulate in fp32.
+    """
+    if per_token:
+        buf = torch.empty(n_tokens * per_token, n_n, device=like.device, dtype=like.dtype)
+        _sgmv_call(
+            kind, rows, None, weight_strides, weight, buf, order, scale, seg_start, max_seg, n_k, n_n, False, lp
+        )
+        return buf.view(n_tokens, per_token, n_n).sum(dim=1, dtype=torch.float32).to(like.dtype)
+    out = torch.zeros(n_tokens, n_n, device=like.device, dtype=torch.float32)
+    _sgmv_call(kind, rows, None, weight_strides, weight, out, tok, scale, seg_start, max_seg, n_k, n_n, True, lp)
+    return out.to(like.dtype)
 
 
 def triton_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, routing: Routing, scaling: float) -> torch.Tensor:
@@ -323,4 +349,8 @@ def triton_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, routing: Rou
     # grid is sized from shapes known on the host, without reading the counts back (no synchronisation); programs
     # past the end of their segment return at once
     max_seg = min(x.shape[0], tok.numel())
-    return _SGMVExperts.apply(x, A.contiguous(), B.contiguous(), weight, tok, seg_start, max_seg)
+    # token-major routings with a fixed number of assignments per token (top-k, soft) take the atomic-free expand
+    per_token = routing.per_token if routing.per_token and tok.numel() == x.shape[0] * routing.per_token else 0
+    return _SGMVExperts.apply(
+        x, A.contiguous(), B.contiguous(), weight, tok, seg_start, max_seg, order.contiguous(), per_token
+    )

@@ -43,6 +43,9 @@ class Routing:
         logits (Tensor[T, E] or None): raw router scores, for the z-loss; ``None`` for routers without logits.
         gates (Tensor[T, E] or None): the same gates as a dense matrix, when the router has it at hand (saves a
             scatter in the dense kernel); built on demand by :meth:`dense_gates` otherwise.
+        per_token (int or None): set when every token has exactly this many assignments, stored token-major
+            (assignment ``t * per_token + j`` belongs to token ``t``), as top-k and soft routers produce; the Triton
+            kernels then sum each token's rows instead of adding them atomically. ``None``: no such layout.
     """
 
     probs: torch.Tensor
@@ -51,6 +54,7 @@ class Routing:
     weight: torch.Tensor
     logits: torch.Tensor | None = None
     gates: torch.Tensor | None = None
+    per_token: int | None = None
 
     @property
     def num_tokens(self) -> int:

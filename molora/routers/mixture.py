@@ -133,6 +133,7 @@ class MixtureOfRoutersRouter(Router):
             expert_index=base.expert_index,
             weight=base.weight,
             gates=base.gates,
+            per_token=base.per_token,
             sub_logits=sub_logits,
             main_probs=main_probs,
         )

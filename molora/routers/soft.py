@@ -49,4 +49,5 @@ class SoftRouter(Router):
             weight=probs.reshape(-1),
             logits=logits,
             gates=probs,
+            per_token=n_experts,
         )

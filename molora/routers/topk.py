@@ -86,4 +86,5 @@ def topk_routing(
         weight=top_probs.reshape(-1),
         logits=logits,
         gates=gates,
+        per_token=k,
     )
