@@ -41,7 +41,9 @@ def valid_rows(valid: torch.Tensor) -> torch.Tensor:
     hit = _VALID_ROWS.get(key)
     if hit is not None and hit[0]() is valid:
         return hit[1]
-    rows = valid.reshape(-1).nonzero().squeeze(1)
+    # a normal tensor even under inference_mode (index_select saves its index for backward)
+    with torch.inference_mode(False):
+        rows = valid.reshape(-1).nonzero().squeeze(1)
     if len(_VALID_ROWS) > 64:
         _VALID_ROWS.clear()
     _VALID_ROWS[key] = (weakref.ref(valid), rows)
