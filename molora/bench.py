@@ -321,6 +321,23 @@ def bench_train_step(
 
 # -- the run ---------------------------------------------------------------------------------------------------------
 
+#: the ``dtype`` values :func:`run_benchmarks` accepts
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def device_problem(device: str) -> str | None:
+    """Why ``device`` cannot run the benchmark here, or None: only ``cpu`` and an available ``cuda`` are measured."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        return f"`device`={device!r} is not supported; allowed values: 'cpu', 'cuda' (or 'cuda:N')."
+    if kind == "cuda" and not torch.cuda.is_available():
+        return f"`device`={device!r} was asked for but this torch build sees no CUDA device; use --device cpu."
+    return None
+
+
 #: (E, k, r) of the layer shapes measured besides the headline E=8, k=2, r=8
 EXTRA_LAYER_SHAPES = [(4, 1, 16), (16, 2, 8), (64, 2, 8), (128, 2, 8), (8, 2, 64), (16, 2, 64)]
 
@@ -358,10 +375,12 @@ def run_benchmarks(
         batch (int | None): sequences per training step. Default 2.
         seq (int | None): tokens per sequence in the training step. Default 128 (16 with ``quick``).
     """
-    allowed = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in allowed:
-        raise ValueError(f"`dtype`={dtype!r} is not supported; allowed values: {list(allowed)}.")
-    torch_dtype = allowed[dtype]
+    if dtype not in DTYPES:
+        raise ValueError(f"`dtype`={dtype!r} is not supported; allowed values: {list(DTYPES)}.")
+    problem = device_problem(device)
+    if problem:
+        raise ValueError(problem)
+    torch_dtype = DTYPES[dtype]
     if threads is not None:
         torch.set_num_threads(threads)
     warmup = warmup if warmup is not None else (1 if quick else 3)
@@ -452,11 +471,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-model", action="store_true", help="skip the small-Llama training-step benchmark")
     parser.add_argument("--no-extra-shapes", action="store_true", help="only the E=8, k=2, r=8 layer shape")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda adds the Triton kernels)")
-    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (models and inputs)")
+    parser.add_argument(
+        "--dtype", default="float32", choices=list(DTYPES), help="models (adapters included) and inputs"
+    )
     parser.add_argument("--batch", type=int, default=None, help="sequences per training step (default 2)")
     parser.add_argument("--seq", type=int, default=None, help="tokens per sequence in the training step (default 128)")
     parser.add_argument("--json", default=None, help="also write the table to this JSON file")
     args = parser.parse_args(argv)
+    problem = device_problem(args.device)
+    if problem:
+        parser.error(problem)
     table = run_benchmarks(
         quick=args.quick,
         threads=args.threads,

@@ -109,3 +109,20 @@ def test_bench_triton_script_smoke_under_the_interpreter(tmp_path):
     assert checks and max(checks) < 1e-4  # the Triton delta matches the dense path (fp32 in the interpreter)
     for r in rows:
         assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["fwd_x_floor"] > 0
+
+
+def test_bad_device_and_dtype_are_clear_errors(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--quick", "--device", "tpu"])
+    assert exc.value.code == 2
+    assert "`device`='tpu' is not supported; allowed values: 'cpu', 'cuda'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--dtype", "float8"])
+    assert "invalid choice: 'float8'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="`dtype`='int8' is not supported"):
+        bench.run_benchmarks(quick=True, dtype="int8")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="sees no CUDA device"):
+            bench.run_benchmarks(quick=True, device="cuda")
