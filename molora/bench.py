@@ -4,7 +4,8 @@
 measures, in one run and with the same thread count:
 
 * **layer**: forward + backward of one adapted ``d x d`` projection (frozen ``nn.Linear`` base, input that requires
-  grad, as inside a network) on ``T`` tokens, for PEFT LoRA with rank ``r*k`` (the same active rank), MoLoRA on
+  grad, as inside a network) on ``T`` tokens, for PEFT LoRA with rank ``r*k`` (the same active rank; the reference
+  of every ratio), PEFT LoRA with rank ``E*r`` (as wide as the expert bank: what the dense path multiplies), MoLoRA on
   each compute path (``auto``, ``dense``, ``grouped``) and the naive per-expert loop (``kernel="naive"``);
 * **train step**: forward with labels, backward and an AdamW step on a small random Llama whose projections are all
   adapted, for the same candidates (MoLoRA with its defaults: top-k router, balance loss, routing statistics).
@@ -48,7 +49,8 @@ class BenchRow:
     Attributes:
         section (str): ``"layer"`` or ``"train step"``.
         shape (str): what was measured, e.g. ``"d=2048 T=512 E=8 k=2 r=8"``.
-        candidate (str): ``"lora r=16"``, ``"molora auto"``, ``"molora dense"``, ``"molora grouped"`` or ``"naive"``.
+        candidate (str): ``"lora r=16"`` (the reference), ``"lora r=64 (bank width)"``, ``"molora auto"``,
+            ``"molora dense"``, ``"molora grouped"`` or ``"naive"``.
         time_ms (float): median forward + backward (+ optimizer step) time in milliseconds.
         peak_mb (float): peak tensor memory of one step in MiB (see the module docstring).
         vs_lora (float or None): time over the LoRA row's: the median over rounds of the per-round ratio.
@@ -161,7 +163,7 @@ def _paired_ratio(times: list[float], reference: list[float]) -> float:
 
 
 def _make_rows(section: str, shape: str, times: dict[str, list[float]], peaks: dict[str, float], kernels) -> list:
-    lora = next((name for name in times if name.startswith("lora")), None)
+    lora = "lora r·k" if "lora r·k" in times else None
     rows = []
     for name, values in times.items():
         median = statistics.median(values)
@@ -193,7 +195,10 @@ def _peft_config(candidate: str, rank: int, num_experts: int, top_k: int, target
     from .config import MoLoraConfig
 
     if candidate.startswith("lora"):
-        return LoraConfig(r=rank * top_k, lora_alpha=2 * rank * top_k, target_modules=targets)
+        # "lora r·k": the same active rank as the MoLoRA candidates (the reference); "lora r·E": as wide as the whole
+        # expert bank, i.e. what the dense path computes (tells the bank's width apart from MoLoRA's own overhead)
+        width = rank * (num_experts if candidate == "lora r·E" else top_k)
+        return LoraConfig(r=width, lora_alpha=2 * width, target_modules=targets)
     kernel = "naive" if candidate == "naive" else candidate.split()[-1]
     return MoLoraConfig(
         r=rank, lora_alpha=2 * rank, num_experts=num_experts, top_k=top_k, target_modules=targets, kernel=kernel
@@ -389,7 +394,7 @@ def run_benchmarks(
     tokens = tokens if tokens is not None else (32 if quick else 512)
     say = progress or (lambda line: None)
     table = BenchTable(threads=torch.get_num_threads(), repeats=repeats, warmup=warmup, device=device, dtype=dtype)
-    layer_candidates = ["lora r·k", "molora auto", "molora dense", "molora grouped", "naive"]
+    layer_candidates = ["lora r·k", "lora r·E", "molora auto", "molora dense", "molora grouped", "naive"]
     if torch.device(device).type == "cuda":
         layer_candidates.insert(-1, "molora triton")
     shapes = [(8, 2, 8)] + (EXTRA_LAYER_SHAPES if extra_shapes and not quick else [])
@@ -429,12 +434,14 @@ def run_benchmarks(
     for row in table.rows:
         if row.candidate == "lora r·k":
             row.candidate = f"lora r={_rk(row.shape)}"
+        elif row.candidate == "lora r·E":
+            row.candidate = f"lora r={_rk(row.shape, 'E')} (bank width)"
     return table
 
 
-def _rk(shape: str) -> int:
+def _rk(shape: str, factor: str = "k") -> int:
     parts = dict(p.split("=") for p in shape.split() if "=" in p)
-    return int(parts["k"]) * int(parts["r"])
+    return int(parts[factor]) * int(parts["r"])
 
 
 def format_table(table: BenchTable) -> str:

@@ -53,12 +53,19 @@ def test_quick_run_prints_a_complete_table(capsys, tmp_path):
     table = json.loads(out_json.read_text())
     rows = table["rows"]
     layer = [r for r in rows if r["section"] == "layer"]
-    assert [r["candidate"] for r in layer] == ["lora r=16", "molora auto", "molora dense", "molora grouped", "naive"]
+    assert [r["candidate"] for r in layer] == [
+        "lora r=16",
+        "lora r=64 (bank width)",
+        "molora auto",
+        "molora dense",
+        "molora grouped",
+        "naive",
+    ]
     assert {r["candidate"] for r in rows if r["section"] == "train step"} == {"lora r=16", "molora auto", "naive"}
     for row in rows:
         assert row["time_ms"] > 0 and row["peak_mb"] > 0
         assert row["vs_lora"] > 0 and row["vs_naive"] > 0 and row["mem_vs_lora"] > 0
-        if row["candidate"].startswith("lora"):
+        if row["candidate"] == "lora r=16":  # the reference
             assert row["vs_lora"] == 1.0 and row["mem_vs_lora"] == 1.0
         if row["candidate"] == "molora auto":
             assert row["kernel"] in ("dense", "grouped")
