@@ -112,7 +112,7 @@ def repeated_arange(n: int, k: int, device: torch.device) -> torch.Tensor:
     key = (n, k, torch.device(device))
     index = _REPEATED_ARANGE.get(key)
     if index is None:
-        if len(_REPEATED_ARANGE) > 256:
+        if len(_REPEATED_ARANGE) > 64:  # shapes vary with dynamic padding: keep the cache small
             _REPEATED_ARANGE.clear()
         # a normal tensor even under inference_mode: autograd saves index tensors for backward later
         with torch.inference_mode(False):
