@@ -61,6 +61,8 @@ class RoutingContext:
     past_length: int | None = 0
     forward_id: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    # (attention_mask, its flat bool view) for token_mask: one mask object shared by every layer of a forward
+    _flat_mask: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     def token_mask(self, leading_shape: torch.Size) -> torch.Tensor | None:
         """A flat bool mask ``[prod(leading_shape)]`` of non-padding tokens for a layer input of that leading shape.
@@ -73,11 +75,9 @@ class RoutingContext:
             return None
         # one flat mask object per attention mask, shared by every layer of the forward pass: the routers cache the
         # valid-row index per mask object (molora.routers.balancing.valid_rows)
-        cached = self.extra.get("_flat_mask")
-        if cached is None or cached[0] is not mask:
-            cached = (mask, mask.reshape(-1).bool())
-            self.extra["_flat_mask"] = cached
-        return cached[1]
+        if self._flat_mask is None or self._flat_mask[0] is not mask:
+            self._flat_mask = (mask, mask.reshape(-1).bool())
+        return self._flat_mask[1]
 
 
 @dataclass
@@ -128,9 +128,9 @@ class LayerRoutingStats:
         return dict(self.__dict__)
 
 
-def _summarize_row(row: torch.Tensor) -> LayerRoutingStats:
+def summarize_row(row: torch.Tensor) -> LayerRoutingStats:
     """:class:`LayerRoutingStats` from one flat row of sums ``[tokens, entropy_sum, assignments[E], gates[E],
-    probs[E]]`` (the layout of :func:`_stats_rows`)."""
+    probs[E]]`` (the layout of :func:`_stats_rows`, and of the logging callback's raw totals)."""
     n_experts = (row.numel() - 2) // 3
     assignments, gate_mass, prob_mass = row[2:].view(3, n_experts)
     return summarize_sums(row[0], row[1], assignments, gate_mass, prob_mass)
@@ -482,7 +482,7 @@ class MoLoraRuntime:
             if adapter_name is not None and adapter != adapter_name:
                 continue
             key = layer if adapter_name is not None or len(adapters) == 1 else f"{layer}:{adapter}"
-            out[key] = _summarize_row(totals)
+            out[key] = summarize_row(totals)
         return out
 
     def reset_stats(self) -> None:

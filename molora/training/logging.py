@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from ..runtime import summarize_sums
+from ..runtime import summarize_row
 
 STATS_FILE = "routing_stats.json"
 HISTORY_FILE = "routing_stats_history.jsonl"
@@ -52,10 +52,7 @@ def stats_to_raw(stats) -> torch.Tensor:
 
 def raw_to_summary(raw: torch.Tensor) -> dict[str, Any]:
     """Per-layer summary (the fields of ``LayerRoutingStats``) from :func:`stats_to_raw` sums."""
-    n_experts = (raw.numel() - 2) // 3
-    return summarize_sums(
-        raw[0], raw[1], raw[2 : 2 + n_experts], raw[2 + n_experts : 2 + 2 * n_experts], raw[2 + 2 * n_experts :]
-    ).to_dict()
+    return summarize_row(raw).to_dict()
 
 
 def _all_reduce(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
