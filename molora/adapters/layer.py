@@ -187,21 +187,15 @@ class MoLoraLayer(BaseTunerLayer):
         base = self.get_base_layer()
         x_flat, lead_shape, valid, context, weight_A, weight_B, rank_state = self._prepare(x, adapter_name)
         router = self.molora_router[adapter_name]
-        n_experts, _, rank = weight_A.shape
-        shrink = flat_shrink_weight(weight_A)
         fuse_router = self._can_fuse_router(x_flat, adapter_name, "dense")
-        if fuse_router:
-            shrink = torch.cat([shrink, router.weight.t()], dim=1)
+        shrink = _shrink_with_router(weight_A, router) if fuse_router else flat_shrink_weight(weight_A)
         out, hl = base_and_shrink(x_flat, base.weight, base.bias, shrink, conv1d=isinstance(base, Conv1D))
         if fuse_router:
-            # the router may score more columns than there are experts (AdaMoE's null experts)
-            h, logits = hl.split([n_experts * rank, router.weight.shape[0]], dim=1)
-            routing = router.select(logits, valid)
+            h, routing = _select_from_shrink(hl, weight_A, router, valid)
         else:
-            h = hl
-            routing = self._route(router, x_flat, valid, context, lead_shape)
+            h, routing = hl, self._route(router, x_flat, valid, context, lead_shape)
         gates = (routing.dense_gates() * self.scaling[adapter_name]).to(h.dtype)
-        out = gated_expand_(out, h, gates, weight_B.reshape(n_experts * rank, weight_B.shape[-1]))
+        out = gated_expand_(out, h, gates, weight_B.reshape(-1, weight_B.shape[-1]))
         return self._finish(adapter_name, router, routing, valid, rank_state, out, lead_shape)
 
     def _can_fuse_router(self, x_flat: torch.Tensor, adapter_name: str, kernel: str) -> bool:
@@ -353,9 +347,7 @@ class MoLoraLayer(BaseTunerLayer):
         if self.quantization_backend is not None:
             result = self.quantization_backend.maybe_clone_base_result(result)
         in_place = self._base_output_is_private()
-        for adapter_name in self.active_adapters:
-            if adapter_name not in self.molora_A:
-                continue
+        for adapter_name in active:
             delta = self._expert_output(x, adapter_name).to(result.dtype)
             # adding in place saves a [tokens, d_out] allocation and a pass over it (a few percent of a layer)
             result = result.add_(delta) if in_place else result + delta
@@ -368,6 +360,19 @@ class MoLoraLayer(BaseTunerLayer):
         return type(base) in (nn.Linear, Conv1D) and not base._forward_hooks
 
 
+def _shrink_with_router(A: torch.Tensor, router: nn.Module) -> torch.Tensor:
+    """``[A_flat | W_router^T]`` (``[d_in, E*r + E_router]``): one GEMM over ``x`` gives the rank activations and the
+    router's logits (the router may score more columns than there are experts: AdaMoE's null experts)."""
+    return torch.cat([flat_shrink_weight(A), router.weight.t()], dim=1)
+
+
+def _select_from_shrink(hl: torch.Tensor, A: torch.Tensor, router: nn.Module, valid) -> tuple[torch.Tensor, Routing]:
+    """Split ``x @ _shrink_with_router(A, router)`` into the rank activations and the routing from the logits."""
+    n_experts, _, rank = A.shape
+    h, logits = hl.split([n_experts * rank, router.weight.shape[0]], dim=1)
+    return h, router.select(logits, valid)
+
+
 def _fused_dense_forward(
     x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, router: nn.Module, valid, scaling: float
 ) -> tuple[torch.Tensor, Any]:
@@ -377,11 +382,7 @@ def _fused_dense_forward(
     the logits; in the backward pass the input gradient is one GEMM too instead of two plus an addition. On a CPU
     this is what makes a MoLoRA layer cost about as much as a LoRA layer of rank ``r*k`` (docs/kernels.md).
     """
-    n_experts, _, rank = A.shape
-    weight = torch.cat([flat_shrink_weight(A), router.weight.t()], dim=1)  # [d_in, E*r + E_router]
-    # the router may score more columns than there are experts (AdaMoE's null experts)
-    h, logits = (x @ weight).split([n_experts * rank, router.weight.shape[0]], dim=1)
-    routing = router.select(logits, valid)
+    h, routing = _select_from_shrink(x @ _shrink_with_router(A, router), A, router, valid)
     return dense_masked_expand(h, B, routing, scaling), routing
 
 
