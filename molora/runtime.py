@@ -335,6 +335,25 @@ class MoLoraRuntime:
 
     # -- recording (called by the layers) ---------------------------------------------------------------------------
 
+    def losses_needed(self, adapter_name: str, router: Router) -> frozenset[str]:
+        """Names of the aux losses :meth:`record` will take from ``router`` in the current forward (maybe none)."""
+        config = self.peft_config[adapter_name]
+        if self.context.is_decode or not (torch.is_grad_enabled() or self.context.labels is not None):
+            return frozenset()
+        return frozenset(name for name, coef in router.loss_coefficients(config).items() if coef > 0)
+
+    def select(
+        self, adapter_name: str, router: Router, logits: torch.Tensor, valid: torch.Tensor | None
+    ) -> tuple[Routing, dict[str, torch.Tensor] | None]:
+        """``router.select_with_losses`` for the losses this forward needs: the routing and, when the router computes
+        them itself, the losses to hand to :meth:`record` (``None``: record computes them from the routing)."""
+        config = self.peft_config[adapter_name]
+        need = self.losses_needed(adapter_name, router)
+        if need and config.loss_reduction == "concat":
+            # the concatenated losses need every router's inputs (AuxInputs), not per-router values
+            return router.select(logits, valid), None
+        return router.select_with_losses(logits, valid, need, config.balance_loss_type)
+
     def record(
         self,
         layer_key: str,
@@ -343,8 +362,13 @@ class MoLoraRuntime:
         routing: Routing,
         valid: torch.Tensor | None,
         output: torch.Tensor,
+        losses: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Record one router's aux losses and statistics; return ``output`` (possibly wrapped, see below)."""
+        """Record one router's aux losses and statistics; return ``output`` (possibly wrapped, see below).
+
+        ``losses``: the unweighted losses this forward needs (:meth:`losses_needed`), when the router computed them
+        with the routing (:meth:`select`); otherwise they are computed here from ``routing``.
+        """
         config = self.peft_config[adapter_name]
         key = (layer_key, adapter_name)
         if config.track_routing_stats:
@@ -356,14 +380,14 @@ class MoLoraRuntime:
                 valid,
             )
         coefs = router.loss_coefficients(config)
-        need = frozenset(name for name, coef in coefs.items() if coef > 0)
-        if not need or self.context.is_decode:
+        need = self.losses_needed(adapter_name, router)
+        if not need:
             return output
-        if not (torch.is_grad_enabled() or self.context.labels is not None):
-            return output
-        inputs = router.aux_inputs(routing, valid)
         concat = config.loss_reduction == "concat"
-        losses = {} if concat else type(router).aux_losses(inputs, config.balance_loss_type, need)
+        inputs = None
+        if losses is None:
+            inputs = router.aux_inputs(routing, valid)
+            losses = {} if concat else type(router).aux_losses(inputs, config.balance_loss_type, need)
         self._aux[key] = _AuxRecord(
             losses=losses, coefs=coefs, inputs=inputs if concat else None, router_cls=type(router)
         )

@@ -156,26 +156,48 @@ class MoLoraLayer(BaseTunerLayer):
             return router(x_flat, valid, context=context, lead_shape=lead_shape)
         return router(x_flat, valid, context=context)
 
-    def _finish(self, adapter_name: str, router, routing: Routing, valid, rank_state, out: torch.Tensor, lead_shape):
+    def _finish(
+        self,
+        adapter_name: str,
+        router,
+        routing: Routing,
+        valid,
+        rank_state,
+        out: torch.Tensor,
+        lead_shape,
+        losses: dict[str, torch.Tensor] | None = None,
+    ):
         """Record DR-LoRA frequencies, aux losses and statistics; restore the leading shape."""
         if rank_state is not None and self.training:
             rank_state.observe(routing, valid)
         runtime = self._molora_runtime
         if runtime is not None:
-            out = runtime.record(self._molora_key, adapter_name, router, routing, valid, out)
+            out = runtime.record(self._molora_key, adapter_name, router, routing, valid, out, losses)
         return out.reshape(*lead_shape, out.shape[-1])
+
+    def _select(self, adapter_name: str, router, logits: torch.Tensor, valid):
+        """The routing from logits computed by the layer, and the aux losses when the router computes them with it
+        (``MoLoraRuntime.select``; without a runtime no loss is recorded)."""
+        runtime = self._molora_runtime
+        if runtime is None:
+            return router.select(logits, valid), None
+        return runtime.select(adapter_name, router, logits, valid)
 
     def _expert_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         x_flat, lead_shape, valid, context, weight_A, weight_B, rank_state = self._prepare(x, adapter_name)
         router = self.molora_router[adapter_name]
         scaling, kernel = self.scaling[adapter_name], self.kernel[adapter_name]
+        losses = None
         if self._can_fuse_router(x_flat, adapter_name, kernel):
-            delta, routing = _fused_dense_forward(x_flat, weight_A, weight_B, router, valid, scaling)
+            # the dense path with the router's scoring in the same GEMM: x @ [A_flat | W_router^T]
+            h, logits = _split_shrink(x_flat @ _shrink_with_router(weight_A, router), weight_A)
+            routing, losses = self._select(adapter_name, router, logits, valid)
+            delta = dense_masked_expand(h, weight_B, routing, scaling)
         else:
             routing = self._route(router, x_flat, valid, context, lead_shape)
             h = self._cast_input_dtype(self.molora_dropout[adapter_name](x_flat), weight_A.dtype)
             delta = expert_delta(h, weight_A, weight_B, routing, scaling, kernel)
-        return self._finish(adapter_name, router, routing, valid, rank_state, delta, lead_shape)
+        return self._finish(adapter_name, router, routing, valid, rank_state, delta, lead_shape, losses)
 
     def _fused_base_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """Base projection + dense-path experts of one adapter through ``molora.kernels.fused_dense``.
@@ -190,16 +212,18 @@ class MoLoraLayer(BaseTunerLayer):
         fuse_router = self._can_fuse_router(x_flat, adapter_name, "dense")
         shrink = _shrink_with_router(weight_A, router) if fuse_router else flat_shrink_weight(weight_A)
         out, hl = base_and_shrink(x_flat, base.weight, base.bias, shrink, conv1d=isinstance(base, Conv1D))
+        losses = None
         if fuse_router:
-            h, routing = _select_from_shrink(hl, weight_A, router, valid)
+            h, logits = _split_shrink(hl, weight_A)
+            routing, losses = self._select(adapter_name, router, logits, valid)
         else:
             h, routing = hl, self._route(router, x_flat, valid, context, lead_shape)
         gates = (routing.dense_gates() * self.scaling[adapter_name]).to(h.dtype)
         out = gated_expand_(out, h, gates, weight_B.reshape(-1, weight_B.shape[-1]))
-        return self._finish(adapter_name, router, routing, valid, rank_state, out, lead_shape)
+        return self._finish(adapter_name, router, routing, valid, rank_state, out, lead_shape, losses)
 
     def _can_fuse_router(self, x_flat: torch.Tensor, adapter_name: str, kernel: str) -> bool:
-        """Whether the router's logits can come out of the dense path's shrink GEMM (see ``_fused_dense_forward``).
+        """Whether the router's logits can come out of the dense path's shrink GEMM (see ``_split_shrink``).
 
         Needs the dense path, the same fp32 input for router and experts (no active dropout, no low-precision
         input, which the router would upcast) and a router whose logits are a plain linear map of ``x``.
@@ -366,24 +390,14 @@ def _shrink_with_router(A: torch.Tensor, router: nn.Module) -> torch.Tensor:
     return torch.cat([flat_shrink_weight(A), router.weight.t()], dim=1)
 
 
-def _select_from_shrink(hl: torch.Tensor, A: torch.Tensor, router: nn.Module, valid) -> tuple[torch.Tensor, Routing]:
-    """Split ``x @ _shrink_with_router(A, router)`` into the rank activations and the routing from the logits."""
-    n_experts, _, rank = A.shape
-    h, logits = hl.split([n_experts * rank, router.weight.shape[0]], dim=1)
-    return h, router.select(logits, valid)
+def _split_shrink(hl: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split ``x @ _shrink_with_router(A, router)`` into the rank activations and the router's logits.
 
-
-def _fused_dense_forward(
-    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, router: nn.Module, valid, scaling: float
-) -> tuple[torch.Tensor, Any]:
-    """The dense-masked path with the router's scoring in the same GEMM: ``x @ [A_flat | W_router^T]``.
-
-    The router and the experts read the same ``x``, so one ``[d_in, E*r + E]`` GEMM gives the rank activations and
-    the logits; in the backward pass the input gradient is one GEMM too instead of two plus an addition. On a CPU
-    this is what makes a MoLoRA layer cost about as much as a LoRA layer of rank ``r*k`` (docs/kernels.md).
+    The router and the experts read the same ``x``, so one ``[d_in, E*r + E]`` GEMM gives both; in the backward pass
+    the input gradient is one GEMM too instead of two plus an addition (docs/kernels.md).
     """
-    h, routing = _select_from_shrink(x @ _shrink_with_router(A, router), A, router, valid)
-    return dense_masked_expand(h, B, routing, scaling), routing
+    n_experts, _, rank = A.shape
+    return hl.split([n_experts * rank, hl.shape[1] - n_experts * rank], dim=1)
 
 
 class Linear(nn.Module, MoLoraLayer):

@@ -222,6 +222,18 @@ class Router(nn.Module):
         """Turn logits ``[T, E]`` into a :class:`Routing`. Implemented by each router."""
         raise NotImplementedError
 
+    def select_with_losses(
+        self, logits: torch.Tensor, valid: torch.Tensor | None, need: frozenset[str], balance_loss_type: str
+    ) -> tuple[Routing, dict[str, torch.Tensor] | None]:
+        """:meth:`select` plus the unweighted aux losses named in ``need``, for routers that compute both at once.
+
+        Returns ``(routing, losses)``; ``losses`` is ``None`` when the router leaves them to the default route
+        (:meth:`aux_inputs` then :meth:`aux_losses`, run by the model's runtime). The built-in top-k router computes
+        its routing, balancing loss and z-loss in one autograd node here (``molora.kernels.fused_router``); the
+        values must equal those of the default route.
+        """
+        return self.select(logits, valid), None
+
     # -- state updated once per optimizer step ---------------------------------------------------------------------
 
     def on_optimizer_step(self) -> None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels.fused_router import FUSED_BALANCE_TYPES, topk_gates_and_losses
 from .base import Router, RouterParams, Routing, register_router, repeated_arange
 
 
@@ -53,6 +54,40 @@ class TopKRouter(Router):
     def select(self, logits: torch.Tensor, valid: torch.Tensor | None) -> Routing:
         probs = torch.softmax(logits, dim=-1)
         return topk_routing(probs, self.top_k, renormalize=self.params.renormalize, logits=logits)
+
+    def select_with_losses(
+        self, logits: torch.Tensor, valid: torch.Tensor | None, need: frozenset[str], balance_loss_type: str
+    ) -> tuple[Routing, dict[str, torch.Tensor] | None]:
+        # one autograd node for softmax, top-k, renormalisation, dense gates and the losses (same values); subclasses
+        # that change the selection, losses other than balance/z, or a load that carries gradient take select()
+        fusable = (
+            type(self).select is TopKRouter.select
+            and type(self).loss_coefficients is Router.loss_coefficients
+            and need <= {"balance", "z"}
+            and ("balance" not in need or balance_loss_type in FUSED_BALANCE_TYPES)
+            and logits.dtype in (torch.float32, torch.float64)
+        )
+        if not fusable:
+            return super().select_with_losses(logits, valid, need, balance_loss_type)
+        gates, balance, z, probs, expert_index, weight = topk_gates_and_losses(
+            logits,
+            self.top_k,
+            renormalize=self.params.renormalize,
+            valid=valid,
+            balance_type=balance_loss_type if "balance" in need else None,
+            z_loss="z" in need,
+        )
+        routing = Routing(
+            probs=probs,
+            token_index=repeated_arange(probs.shape[0], self.top_k, probs.device),
+            expert_index=expert_index.reshape(-1),
+            weight=weight.reshape(-1),
+            logits=logits,
+            gates=gates,
+            per_token=self.top_k,
+        )
+        losses = {"balance": balance, "z": z}
+        return routing, {name: losses[name] for name in sorted(need)}
 
 
 def topk_routing(

@@ -1,0 +1,135 @@
+"""Top-k routing and its auxiliary losses as one autograd function with an analytic backward.
+
+The top-k router written with plain torch ops (``softmax``, ``topk``, ``gather``, a renormalisation, a ``scatter``
+into dense gates) plus the balancing loss (a one-hot of the selection, two column means, a dot product) records about
+twenty operators per layer in the autograd graph, and about as many run again in backward. For a ``2048``-wide
+projection that is a few percent of the layer; on a GPU, where each of them is a kernel launch, and for small models
+it is most of what MoLoRA adds to LoRA. :func:`topk_gates_and_losses` computes the same values in one function
+whose backward is written out (spec/algorithms.md 1.1 and 1.4):
+
+* gates ``g = p_S / sum(p_S)`` of the ``k`` largest probabilities ``p = softmax(z)``:
+  ``dL/dp_j = (dL/dg_j - sum_{i in S} g_i dL/dg_i) / sum(p_S)`` for ``j`` in ``S`` (``dL/dg_j`` without
+  renormalisation), 0 elsewhere;
+* balance ``L_b = E * sum_e f_e P_e`` with ``P_e`` the mean probability over valid tokens and ``f_e`` a constant load:
+  ``dL_b/dp_te = E f_e / n_valid`` on valid tokens;
+* z-loss ``L_z = mean_t logsumexp(z_t)^2``: ``dL_z/dz_te = 2 lse_t p_te / n_valid`` on valid tokens;
+* the softmax: ``dL/dz = p * (dL/dp - sum_e p_e dL/dp_e)``.
+
+Same values and gradients as :func:`molora.routers.topk.topk_routing` followed by
+:func:`molora.routers.balancing.load_balancing_loss` / :func:`~molora.routers.balancing.router_z_loss` on the valid
+rows (tests/test_fused_router.py checks both against autograd in fp64). Balance types with a constant load only
+(``"megatron"``, ``"mixtral"``, ``"switch"``); ``"soft"`` differentiates the load and takes the general path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: balance-loss normalisations this function computes (their load ``f`` carries no gradient)
+FUSED_BALANCE_TYPES = ("megatron", "mixtral", "switch")
+
+
+class _TopKGatesAndLosses(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, k, renormalize, valid, balance_type, with_z):  # noqa: D102
+        ctx.set_materialize_grads(False)
+        n_tokens, n_experts = logits.shape
+        probs = torch.softmax(logits, dim=-1)
+        top_probs, expert_index = probs.topk(k, dim=-1)  # [T, k]
+        mass = None
+        if renormalize:
+            # the k largest of E probabilities sum to at least k/E: the clamp only guards NaN rows
+            mass = top_probs.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
+            top_probs = top_probs / mass
+        gates = torch.zeros_like(probs).scatter_(-1, expert_index, top_probs)
+
+        # losses over the valid rows: a 0/1 row weight (not indexing) keeps the shapes static and the device in sync
+        mask = None if valid is None else valid.reshape(-1).to(probs.dtype)
+        # 1 / valid tokens (a 0-d tensor with a mask: no host synchronisation); a batch without any gives losses of 0
+        inv_n = 1.0 / max(n_tokens, 1) if mask is None else mask.sum().clamp_min(1.0).reciprocal()
+        balance = z_loss = load = lse = None
+        if balance_type is not None:
+            importance = (probs.sum(dim=0) if mask is None else mask @ probs) * inv_n  # P[E]
+            one_hot = torch.zeros_like(probs)
+            if balance_type == "switch":
+                one_hot.scatter_(-1, probs.argmax(dim=-1, keepdim=True), 1.0)
+            else:
+                one_hot.scatter_(-1, expert_index, 1.0)
+            counts = one_hot.sum(dim=0) if mask is None else mask @ one_hot
+            if balance_type == "megatron":
+                load = counts / counts.sum().clamp_min(1.0)
+            else:  # "mixtral" (assignments per token) and "switch" (argmax per token)
+                load = counts * inv_n
+            balance = n_experts * (load * importance).sum()
+        if with_z:
+            lse = torch.logsumexp(logits, dim=-1)  # [T]
+            sq = lse.square()
+            z_loss = (sq.sum() if mask is None else mask @ sq) * inv_n
+        ctx.k, ctx.renormalize = k, renormalize
+        ctx.mark_non_differentiable(probs, expert_index)
+        ctx.inv_n = inv_n if mask is None else None
+        ctx.save_for_backward(
+            probs, expert_index, top_probs, mass, mask, inv_n if mask is not None else None, load, lse
+        )
+        return gates, balance, z_loss, probs, expert_index, top_probs
+
+    @staticmethod
+    def backward(ctx, grad_gates, grad_balance, grad_z, _grad_probs, _grad_index, grad_weight):  # noqa: D102
+        probs, expert_index, weight, mass, mask, inv_n, load, lse = ctx.saved_tensors
+        if inv_n is None:
+            inv_n = ctx.inv_n
+        grad_probs = torch.zeros_like(probs)
+        if grad_gates is not None or grad_weight is not None:
+            # the dense gates and the per-assignment weights are the same values: their gradients add up
+            grad_sel = grad_gates.gather(-1, expert_index) if grad_gates is not None else grad_weight
+            if grad_gates is not None and grad_weight is not None:
+                grad_sel = grad_sel + grad_weight
+            if ctx.renormalize:
+                grad_sel = (grad_sel - (grad_sel * weight).sum(dim=-1, keepdim=True)) / mass
+            grad_probs.scatter_(-1, expert_index, grad_sel)
+        if load is not None and grad_balance is not None:
+            row = (grad_balance * probs.shape[1] * inv_n) * load  # [E]
+            grad_probs += row if mask is None else mask.unsqueeze(1) * row
+        grad_logits = probs * (grad_probs - (grad_probs * probs).sum(dim=-1, keepdim=True))
+        if lse is not None and grad_z is not None:
+            coef = (2.0 * grad_z * inv_n) * lse  # [T]
+            if mask is not None:
+                coef = coef * mask
+            grad_logits += coef.unsqueeze(1) * probs
+        return grad_logits, None, None, None, None, None
+
+
+def topk_gates_and_losses(
+    logits: torch.Tensor,
+    k: int,
+    *,
+    renormalize: bool = True,
+    valid: torch.Tensor | None = None,
+    balance_type: str | None = None,
+    z_loss: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k gates of ``softmax(logits)`` and the requested aux losses, in one autograd node.
+
+    Args:
+        logits (Tensor[T, E]): router scores (fp32 or fp64).
+        k (int): experts per token.
+        renormalize (bool): rescale the kept probabilities to sum to 1 (the ``topk`` router's default).
+        valid (BoolTensor[T] or None): non-padding tokens; the losses average over these only (``None`` = all).
+        balance_type (str or None): ``"megatron"``, ``"mixtral"`` or ``"switch"`` computes the unweighted balancing
+            loss ``E * sum_e f_e P_e`` of that normalisation; ``None`` skips it.
+        z_loss (bool): also compute the router z-loss ``mean_t logsumexp(z_t)^2``.
+
+    Returns:
+        ``(gates[T, E], balance, z, probs[T, E], expert_index[T, k], weight[T, k])``: the dense gates (differentiable),
+        the two losses (0-d, differentiable; ``None`` when not requested), and the probabilities, chosen experts
+        (in descending order of probability), which carry no gradient, and their final gates ``weight[T, k]`` (the
+        nonzero entries of ``gates``, differentiable).
+    """
+    if balance_type is not None and balance_type not in FUSED_BALANCE_TYPES:
+        raise ValueError(f"`balance_type`={balance_type!r} is not one of {FUSED_BALANCE_TYPES} (or None).")
+    if not 1 <= k <= logits.shape[-1]:
+        raise ValueError(f"`k`={k} must be between 1 and the number of experts ({logits.shape[-1]}).")
+    gates, balance, z, probs, expert_index, weight = _TopKGatesAndLosses.apply(
+        logits, k, renormalize, valid, balance_type, z_loss
+    )
+    return gates, balance, z, probs, expert_index, weight

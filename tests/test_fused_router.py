@@ -1,0 +1,184 @@
+"""Top-k routing and its aux losses in one autograd node (``molora.kernels.fused_router``).
+
+Function level: values and gradients (through the gates, the per-assignment weights and both losses) against the
+plain-op route (``topk_routing`` + ``AuxInputs`` + ``load_balancing_loss`` / ``router_z_loss``) in fp64, for every
+balance type it takes, with and without renormalisation, padding and valid tokens; ``gradcheck`` on the function.
+Model level: a MoLoRA model trained with the fused selection gives the same loss and gradients as with the router's
+plain ``select`` (labels in the forward, and a trainer-style loss computed outside the model), and routers or
+settings the function does not cover keep the general route.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import VOCAB, make_llama
+from peft import get_peft_model
+
+from molora import MoLoraConfig
+from molora.kernels.fused_router import topk_gates_and_losses
+from molora.routers import balancing
+from molora.routers.base import Router
+from molora.routers.topk import TopKRouter, topk_routing
+
+N_TOKENS, N_EXPERTS = 9, 5
+
+
+def _reference(logits, k, renormalize, valid, balance_type, z_loss):
+    routing = topk_routing(torch.softmax(logits, dim=-1), k, renormalize=renormalize, logits=logits)
+    inputs = balancing.AuxInputs.from_routing(routing, valid, top_k=k)
+    balance = balancing.load_balancing_loss(inputs, balance_type) if balance_type else None
+    z = balancing.router_z_loss(inputs.logits) if z_loss else None
+    weight = routing.weight.view(-1, k)
+    return routing.dense_gates(), balance, z, routing.probs, routing.expert_index.view(-1, k), weight
+
+
+def _valid(kind):
+    if kind == "none":
+        return None
+    valid = torch.ones(N_TOKENS, dtype=torch.bool)
+    if kind == "padded":
+        valid[[0, 3, 4]] = False
+    else:  # "empty": a batch of padding only
+        valid[:] = False
+    return valid
+
+
+@pytest.mark.parametrize("balance_type", ["megatron", "mixtral", "switch", None])
+@pytest.mark.parametrize("z_loss", [True, False])
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("valid_kind", ["none", "padded", "empty"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_matches_plain_ops(balance_type, z_loss, renormalize, valid_kind, k):
+    torch.manual_seed(k + 7)
+    base = torch.randn(N_TOKENS, N_EXPERTS, dtype=torch.float64) * 2
+    valid = _valid(valid_kind)
+    upstream = {
+        "gates": torch.randn(N_TOKENS, N_EXPERTS, dtype=torch.float64),
+        "weight": torch.randn(N_TOKENS, k, dtype=torch.float64),
+        "balance": torch.tensor(0.7, dtype=torch.float64),
+        "z": torch.tensor(-1.3, dtype=torch.float64),
+    }
+    results = []
+    for fused in (True, False):
+        logits = base.clone().requires_grad_(True)
+        if fused:
+            out = topk_gates_and_losses(
+                logits, k, renormalize=renormalize, valid=valid, balance_type=balance_type, z_loss=z_loss
+            )
+        else:
+            out = _reference(logits, k, renormalize, valid, balance_type, z_loss)
+        gates, balance, z, probs, expert_index, weight = out
+        total = (gates * upstream["gates"]).sum() + (weight * upstream["weight"]).sum()
+        for value, name in ((balance, "balance"), (z, "z")):
+            if value is not None:
+                total = total + value * upstream[name]
+        (grad,) = torch.autograd.grad(total, logits)
+        results.append((gates, balance, z, probs, expert_index, weight, grad))
+    for got, want in zip(*results):
+        if want is None:
+            assert got is None
+        else:
+            # the plain z-loss computes in fp32 whatever the input (the fused one keeps fp64 here, fp32 in models)
+            torch.testing.assert_close(got.detach(), want.detach().to(got.dtype), rtol=1e-5, atol=1e-7)
+    fused_out = results[0]
+    assert not fused_out[3].requires_grad and not fused_out[4].requires_grad  # probs, expert index
+    if valid_kind == "empty" and balance_type is not None:
+        assert fused_out[1].item() == 0.0
+
+
+@pytest.mark.parametrize("balance_type", ["megatron", "mixtral", "switch"])
+def test_gradcheck(balance_type):
+    torch.manual_seed(0)
+    logits = (torch.randn(6, 4, dtype=torch.float64) * 2).requires_grad_(True)
+    valid = torch.tensor([True, False, True, True, True, False])
+
+    def fn(z):
+        gates, balance, z_loss, _, _, weight = topk_gates_and_losses(
+            z, 2, valid=valid, balance_type=balance_type, z_loss=True
+        )
+        return gates, balance, z_loss, weight
+
+    assert torch.autograd.gradcheck(fn, (logits,))
+
+
+def test_bad_arguments_name_the_field():
+    logits = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="balance_type.*'soft'"):
+        topk_gates_and_losses(logits, 2, balance_type="soft")
+    with pytest.raises(ValueError, match="`k`=5"):
+        topk_gates_and_losses(logits, 5)
+
+
+# -- model level -------------------------------------------------------------------------------------------------
+
+
+def _train_grads(monkeypatch, fused, *, labels_in_forward=True, padded=False, **config_kwargs):
+    if not fused:
+        monkeypatch.setattr(TopKRouter, "select_with_losses", Router.select_with_losses)
+    calls = []
+    original = TopKRouter.select
+
+    def spy(self, logits, valid):
+        calls.append(1)
+        return original(self, logits, valid)
+
+    monkeypatch.setattr(TopKRouter, "select", spy)
+    kwargs = dict(r=4, num_experts=4, top_k=2, init_lora_weights=False, target_modules=["q_proj", "up_proj"])
+    kwargs.update(config_kwargs)
+    model = get_peft_model(make_llama(seed=1), MoLoraConfig(**kwargs)).train()
+    gen = torch.Generator().manual_seed(3)
+    input_ids = torch.randint(3, VOCAB, (2, 7), generator=gen)
+    mask = torch.ones_like(input_ids)
+    if padded:
+        mask[0, :3] = 0
+    labels = input_ids.masked_fill(mask == 0, -100)
+    if labels_in_forward:
+        out = model(input_ids=input_ids, attention_mask=mask, labels=labels)
+        loss = out.loss
+    else:
+        # as TRL's SFTTrainer does: the model returns logits, the trainer computes the loss
+        out = model(input_ids=input_ids, attention_mask=mask)
+        loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1))
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    monkeypatch.undo()
+    return loss.detach(), grads, bool(calls), model.get_routing_stats()
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"padded": True, "z_loss_coef": 0.01, "balance_loss_type": "mixtral"},
+        {"padded": True, "balance_loss_type": "switch", "loss_reduction": "sum"},
+        {"labels_in_forward": False, "z_loss_coef": 0.01},
+        {"router_kwargs": {"renormalize": False}, "aux_loss_coef": 0.5},
+    ],
+)
+def test_model_matches_plain_select(monkeypatch, settings):
+    loss_f, grads_f, plain_f, stats_f = _train_grads(monkeypatch, True, **settings)
+    loss_p, grads_p, plain_p, stats_p = _train_grads(monkeypatch, False, **settings)
+    assert not plain_f and plain_p, "the fused selection was not taken (or the plain one was not)"
+    torch.testing.assert_close(loss_f, loss_p)
+    assert grads_f.keys() == grads_p.keys()
+    for name in grads_f:
+        torch.testing.assert_close(grads_f[name], grads_p[name], atol=1e-7, rtol=1e-5, msg=name)
+    router_grads = [g for n, g in grads_f.items() if "molora_router" in n]
+    assert router_grads and all(g.abs().sum() > 0 for g in router_grads)
+    assert stats_f.keys() == stats_p.keys()
+    for name in stats_f:
+        assert stats_f[name].tokens == stats_p[name].tokens
+        assert stats_f[name].load == pytest.approx(stats_p[name].load)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"balance_loss_type": "soft"},  # the load carries gradient
+        {"loss_reduction": "concat"},  # the losses need every router's inputs
+    ],
+)
+def test_settings_it_does_not_cover_take_the_plain_route(monkeypatch, settings):
+    loss_f, grads_f, plain_f, _ = _train_grads(monkeypatch, True, **settings)
+    assert plain_f
