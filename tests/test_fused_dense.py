@@ -1,7 +1,8 @@
 """The dense path fused with the frozen base projection (``molora.kernels.fused_dense``).
 
 Function level: ``base_and_shrink`` + ``gated_expand_`` against the same maths in plain fp64 torch ops, for
-``nn.Linear`` and ``Conv1D`` weights, with and without bias, with an input that does or does not need a gradient.
+``nn.Linear`` and ``Conv1D`` weights, with and without bias and router, with an input that does or does not need a
+gradient.
 Layer level: a model whose layers take the fused path gives the same loss and gradients as the naive reference
 kernel (Llama and GPT-2's Conv1D, a router with extra null-expert columns, DR-LoRA masks), and the layer falls back
 to the general path whenever fusing would change the maths (hooks, trainable base weights, dropout, autocast).
@@ -20,50 +21,60 @@ from molora import MoLoraConfig, MoLoraLayer
 from molora.kernels.fused_dense import base_and_shrink, gated_expand_
 
 
-def reference(x, weight, bias, shrink, gates, b_flat, conv1d):
+def reference(x, weight, bias, bank, router, gates, b_flat, scaling, conv1d):
     base = x @ weight if conv1d else x @ weight.t()
     if bias is not None:
         base = base + bias
-    hl = x @ shrink
-    n_experts = gates.shape[1]
-    h = hl[:, : b_flat.shape[0]]
-    hg = (h.unflatten(1, (n_experts, -1)) * gates.unsqueeze(-1)).flatten(1)
-    return base + hg @ b_flat, hl
+    n_experts, d_in, rank = bank.shape
+    h = x @ bank.permute(1, 0, 2).reshape(d_in, n_experts * rank)
+    logits = x @ router.t() if router is not None else None
+    hg = (h.unflatten(1, (n_experts, -1)) * (gates * scaling).unsqueeze(-1)).flatten(1)
+    return base + hg @ b_flat, logits
 
 
 @pytest.mark.parametrize("conv1d", [False, True])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("x_grad", [True, False])
-def test_functions_match_plain_ops(conv1d, with_bias, x_grad):
+@pytest.mark.parametrize("with_router", [True, False])
+def test_functions_match_plain_ops(conv1d, with_bias, x_grad, with_router):
     torch.manual_seed(3)
-    n_tokens, d_in, d_out, n_experts, rank, extra = 7, 6, 5, 3, 2, 3
+    n_tokens, d_in, d_out, n_experts, rank, extra, scaling = 7, 6, 5, 3, 2, 4, 0.5
     weight = torch.randn(d_in, d_out) if conv1d else torch.randn(d_out, d_in)
     bias = torch.randn(d_out) if with_bias else None
     leaves = {
         "x": torch.randn(n_tokens, d_in, dtype=torch.float64),
-        "shrink": torch.randn(d_in, n_experts * rank + extra, dtype=torch.float64),
+        "bank": torch.randn(n_experts, d_in, rank, dtype=torch.float64),
         "gates": torch.rand(n_tokens, n_experts, dtype=torch.float64),
         "b": torch.randn(n_experts * rank, d_out, dtype=torch.float64),
     }
+    if with_router:
+        # more router columns than experts, as AdaMoE's null experts
+        leaves["router"] = torch.randn(extra, d_in, dtype=torch.float64)
     upstream = torch.randn(n_tokens, d_out, dtype=torch.float64)
     up_logits = torch.randn(n_tokens, extra, dtype=torch.float64)
     results = []
     for fused in (True, False):
         t = {k: v.clone().requires_grad_(k != "x" or x_grad) for k, v in leaves.items()}
         w, b = weight.double(), bias.double() if bias is not None else None
+        router = t.get("router")
         if fused:
-            out, hl = base_and_shrink(t["x"], w, b, t["shrink"], conv1d)
-            out = gated_expand_(out, hl[:, : n_experts * rank], t["gates"], t["b"])
+            out, h, logits = base_and_shrink(t["x"], w, b, t["bank"], router, conv1d)
+            assert h.shape == (n_tokens, n_experts * rank)
+            out = gated_expand_(out, h, t["gates"], t["b"], scaling)
         else:
-            out, hl = reference(t["x"], w, b, t["shrink"], t["gates"], t["b"], conv1d)
-        # the extra columns (router logits) get their own gradient, as in the layer
-        loss = (out * upstream).sum() + (hl[:, n_experts * rank :] * up_logits).sum()
+            out, logits = reference(t["x"], w, b, t["bank"], router, t["gates"], t["b"], scaling, conv1d)
+        loss = (out * upstream).sum()
+        if with_router:
+            loss = loss + (logits * up_logits).sum()
+        else:
+            assert logits is None
         wanted = [v for v in t.values() if v.requires_grad]
         results.append((out.detach(), torch.autograd.grad(loss, wanted)))
     (out_f, grads_f), (out_r, grads_r) = results
     torch.testing.assert_close(out_f, out_r)
-    assert len(grads_f) == (4 if x_grad else 3)
+    assert len(grads_f) == len(leaves) - (0 if x_grad else 1)
     for g_f, g_r in zip(grads_f, grads_r):
+        assert g_f.shape == g_r.shape
         torch.testing.assert_close(g_f, g_r)
 
 

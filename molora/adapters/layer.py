@@ -210,16 +210,16 @@ class MoLoraLayer(BaseTunerLayer):
         x_flat, lead_shape, valid, context, weight_A, weight_B, rank_state = self._prepare(x, adapter_name)
         router = self.molora_router[adapter_name]
         fuse_router = self._can_fuse_router(x_flat, adapter_name, "dense")
-        shrink = _shrink_with_router(weight_A, router) if fuse_router else flat_shrink_weight(weight_A)
-        out, hl = base_and_shrink(x_flat, base.weight, base.bias, shrink, conv1d=isinstance(base, Conv1D))
+        out, h, logits = base_and_shrink(
+            x_flat, base.weight, base.bias, weight_A, router.weight if fuse_router else None, isinstance(base, Conv1D)
+        )
         losses = None
         if fuse_router:
-            h, logits = _split_shrink(hl, weight_A)
             routing, losses = self._select(adapter_name, router, logits, valid)
         else:
-            h, routing = hl, self._route(router, x_flat, valid, context, lead_shape)
-        gates = (routing.dense_gates() * self.scaling[adapter_name]).to(h.dtype)
-        out = gated_expand_(out, h, gates, weight_B.reshape(-1, weight_B.shape[-1]))
+            routing = self._route(router, x_flat, valid, context, lead_shape)
+        b_flat = weight_B.reshape(-1, weight_B.shape[-1])
+        out = gated_expand_(out, h, routing.dense_gates(), b_flat, self.scaling[adapter_name])
         return self._finish(adapter_name, router, routing, valid, rank_state, out, lead_shape, losses)
 
     def _can_fuse_router(self, x_flat: torch.Tensor, adapter_name: str, kernel: str) -> bool:

@@ -29,12 +29,25 @@ import torch
 FUSED_BALANCE_TYPES = ("megatron", "mixtral", "switch")
 
 
+def softmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """``softmax(logits, dim=-1)`` for ``logits[T, E]``, without autograd history.
+
+    On a CPU, ``torch.softmax`` over fewer than 16 columns takes a scalar path: measured 5x slower than
+    ``exp(z - max) / sum`` for ``E = 8`` (348 vs 68 us at ``T = 2048``, one thread), while it wins from 16 columns
+    on. The two agree to 1 ulp.
+    """
+    if logits.device.type != "cpu" or logits.shape[-1] >= 16:
+        return torch.softmax(logits, dim=-1)
+    e = (logits - logits.amax(dim=-1, keepdim=True)).exp_()
+    return e.div_(e.sum(dim=-1, keepdim=True))
+
+
 class _TopKGatesAndLosses(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, k, renormalize, valid, balance_type, with_z):  # noqa: D102
         ctx.set_materialize_grads(False)
         n_tokens, n_experts = logits.shape
-        probs = torch.softmax(logits, dim=-1)
+        probs = softmax_rows(logits)
         top_probs, expert_index = probs.topk(k, dim=-1)  # [T, k]
         mass = None
         if renormalize:
