@@ -182,3 +182,20 @@ def test_model_matches_plain_select(monkeypatch, settings):
 def test_settings_it_does_not_cover_take_the_plain_route(monkeypatch, settings):
     loss_f, grads_f, plain_f, _ = _train_grads(monkeypatch, True, **settings)
     assert plain_f
+
+
+def test_a_subclass_that_changes_the_selection_keeps_it():
+    # the README's custom router: a TopKRouter whose select() differs must not be replaced by the fused function
+    class Tempered(TopKRouter):
+        def select(self, logits, valid):
+            return topk_routing(torch.softmax(logits / 2, -1), self.top_k, logits=logits)
+
+    router = Tempered(8, 4, 2)
+    logits = torch.randn(5, 4)
+    routing, losses = router.select_with_losses(logits, None, frozenset({"balance"}), "megatron")
+    assert losses is None
+    torch.testing.assert_close(routing.probs, torch.softmax(logits / 2, -1))
+    plain = TopKRouter(8, 4, 2)
+    routing, losses = plain.select_with_losses(logits, None, frozenset({"balance"}), "megatron")
+    assert set(losses) == {"balance"}
+    torch.testing.assert_close(routing.probs, torch.softmax(logits, -1))
