@@ -113,7 +113,7 @@ def test_bad_arguments_name_the_field():
 # -- model level -------------------------------------------------------------------------------------------------
 
 
-def _train_grads(monkeypatch, fused, *, labels_in_forward=True, padded=False, **config_kwargs):
+def _train_grads(monkeypatch, fused, *, labels_in_forward=True, padded=False, dtype=torch.float32, **config_kwargs):
     if not fused:
         monkeypatch.setattr(TopKRouter, "select_with_losses", Router.select_with_losses)
     calls = []
@@ -126,7 +126,8 @@ def _train_grads(monkeypatch, fused, *, labels_in_forward=True, padded=False, **
     monkeypatch.setattr(TopKRouter, "select", spy)
     kwargs = dict(r=4, num_experts=4, top_k=2, init_lora_weights=False, target_modules=["q_proj", "up_proj"])
     kwargs.update(config_kwargs)
-    model = get_peft_model(make_llama(seed=1), MoLoraConfig(**kwargs)).train()
+    model = get_peft_model(make_llama(seed=1).to(dtype), MoLoraConfig(**kwargs)).train()
+    torch.manual_seed(11)  # dropout and jitter noise draw the same numbers in both runs
     gen = torch.Generator().manual_seed(3)
     input_ids = torch.randint(3, VOCAB, (2, 7), generator=gen)
     mask = torch.ones_like(input_ids)
@@ -154,6 +155,11 @@ def _train_grads(monkeypatch, fused, *, labels_in_forward=True, padded=False, **
         {"padded": True, "balance_loss_type": "switch", "loss_reduction": "sum"},
         {"labels_in_forward": False, "z_loss_coef": 0.01},
         {"router_kwargs": {"renormalize": False}, "aux_loss_coef": 0.5},
+        # the router scored on its own (not in the dense GEMM): other kernels, dropout, jitter noise
+        {"kernel": "grouped", "padded": True, "z_loss_coef": 0.01},
+        {"kernel": "naive"},
+        {"lora_dropout": 0.1},
+        {"router_kwargs": {"jitter_noise": 0.1}},
     ],
 )
 def test_model_matches_plain_select(monkeypatch, settings):
@@ -170,6 +176,16 @@ def test_model_matches_plain_select(monkeypatch, settings):
     for name in stats_f:
         assert stats_f[name].tokens == stats_p[name].tokens
         assert stats_f[name].load == pytest.approx(stats_p[name].load)
+
+
+def test_bf16_model_matches_plain_select(monkeypatch):
+    # a bf16 model: the router still scores in fp32 (on its own, not in the experts' GEMM) and takes the function
+    loss_f, grads_f, plain_f, _ = _train_grads(monkeypatch, True, dtype=torch.bfloat16, padded=True)
+    loss_p, grads_p, plain_p, _ = _train_grads(monkeypatch, False, dtype=torch.bfloat16, padded=True)
+    assert not plain_f and plain_p
+    torch.testing.assert_close(loss_f, loss_p)
+    for name in grads_f:
+        torch.testing.assert_close(grads_f[name], grads_p[name], msg=name)
 
 
 @pytest.mark.parametrize(

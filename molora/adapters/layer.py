@@ -20,7 +20,7 @@ from transformers.pytorch_utils import Conv1D
 from ..kernels import choose_kernel, expert_delta
 from ..kernels.fused_dense import base_and_shrink, gated_expand_
 from ..kernels.torch_ops import dense_masked_expand, flat_shrink_weight
-from ..routers.base import Routing, build_router_params, get_router_class
+from ..routers.base import Router, Routing, build_router_params, get_router_class
 from .dynamic_rank import DynamicRankState
 
 MERGE_ERROR = (
@@ -156,6 +156,14 @@ class MoLoraLayer(BaseTunerLayer):
             return router(x_flat, valid, context=context, lead_shape=lead_shape)
         return router(x_flat, valid, context=context)
 
+    def _route_with_losses(self, adapter_name: str, router, x_flat: torch.Tensor, valid, context, lead_shape):
+        """Route ``x_flat`` with the router's own scoring; for routers whose ``forward`` is the base class's
+        (``select(scores(x))``), through :meth:`_select` so that the router may compute its aux losses with the
+        routing (the fused top-k function). Returns ``(routing, losses or None)``."""
+        if type(router).forward is Router.forward and not (router._forward_hooks or router._forward_pre_hooks):
+            return self._select(adapter_name, router, router.scores(x_flat), valid)
+        return self._route(router, x_flat, valid, context, lead_shape), None
+
     def _finish(
         self,
         adapter_name: str,
@@ -194,7 +202,7 @@ class MoLoraLayer(BaseTunerLayer):
             routing, losses = self._select(adapter_name, router, logits, valid)
             delta = dense_masked_expand(h, weight_B, routing, scaling)
         else:
-            routing = self._route(router, x_flat, valid, context, lead_shape)
+            routing, losses = self._route_with_losses(adapter_name, router, x_flat, valid, context, lead_shape)
             h = self._cast_input_dtype(self.molora_dropout[adapter_name](x_flat), weight_A.dtype)
             delta = expert_delta(h, weight_A, weight_B, routing, scaling, kernel)
         return self._finish(adapter_name, router, routing, valid, rank_state, delta, lead_shape, losses)
@@ -217,7 +225,7 @@ class MoLoraLayer(BaseTunerLayer):
         if fuse_router:
             routing, losses = self._select(adapter_name, router, logits, valid)
         else:
-            routing = self._route(router, x_flat, valid, context, lead_shape)
+            routing, losses = self._route_with_losses(adapter_name, router, x_flat, valid, context, lead_shape)
         b_flat = weight_B.reshape(-1, weight_B.shape[-1])
         out = gated_expand_(out, h, routing.dense_gates(), b_flat, self.scaling[adapter_name])
         return self._finish(adapter_name, router, routing, valid, rank_state, out, lead_shape, losses)
