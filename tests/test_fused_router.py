@@ -215,3 +215,12 @@ def test_a_subclass_that_changes_the_selection_keeps_it():
     routing, losses = plain.select_with_losses(logits, None, frozenset({"balance"}), "megatron")
     assert set(losses) == {"balance"}
     torch.testing.assert_close(routing.probs, torch.softmax(logits, -1))
+
+
+def test_double_backward_fails_clearly():
+    # the written-out backward is not itself differentiable: a second derivative must raise, not be silently wrong
+    logits = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    gates, balance, *_ = topk_gates_and_losses(logits, 2, balance_type="megatron")
+    (grad,) = torch.autograd.grad((gates.square().sum() + balance), logits, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()

@@ -20,6 +20,7 @@ weights (the adapter never trains them) and the dense path; the layer falls back
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 
@@ -47,6 +48,7 @@ class _BaseAndShrink(torch.autograd.Function):
         return out, hl[:, : n_experts * rank], hl[:, n_experts * rank :]
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out, grad_h, grad_logits):  # noqa: D102
         x, weight, shrink = ctx.saved_tensors
         grad_hl = grad_h if grad_logits is None else torch.cat([grad_h, grad_logits], dim=1)
@@ -82,6 +84,7 @@ class _GatedExpand(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):  # noqa: D102
         h, scaled, b_flat, hg = ctx.saved_tensors
         n_experts = scaled.shape[1]

@@ -24,6 +24,7 @@ rows (tests/test_fused_router.py checks both against autograd in fp64). Balance 
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 #: balance-loss normalisations this function computes (their load ``f`` carries no gradient)
 FUSED_BALANCE_TYPES = ("megatron", "mixtral", "switch")
@@ -88,6 +89,7 @@ class _TopKGatesAndLosses(torch.autograd.Function):
         return gates, balance, z_loss, probs, expert_index, top_probs
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_gates, grad_balance, grad_z, _grad_probs, _grad_index, grad_weight):  # noqa: D102
         probs, expert_index, weight, mass, mask, inv_n, load, lse = ctx.saved_tensors
         if inv_n is None:

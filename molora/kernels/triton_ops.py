@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from ..routers.base import Routing
 
@@ -293,6 +294,7 @@ class _SGMVExperts(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):  # noqa: D102
         x, A, B, w, tok, seg_start, h, order = ctx.saved_tensors
         max_seg, lp = ctx.max_seg, ctx.lp
