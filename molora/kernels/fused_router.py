@@ -80,7 +80,7 @@ class _TopKGatesAndLosses(torch.autograd.Function):
             lse = torch.logsumexp(logits, dim=-1)  # [T]
             sq = lse.square()
             z_loss = (sq.sum() if mask is None else mask @ sq) * inv_n
-        ctx.k, ctx.renormalize = k, renormalize
+        ctx.renormalize = renormalize
         ctx.mark_non_differentiable(probs, expert_index)
         ctx.inv_n = inv_n if mask is None else None
         ctx.save_for_backward(
