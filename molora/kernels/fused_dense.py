@@ -13,7 +13,7 @@ output, and each elementwise step keeps its own buffers. Here:
   ``hg @ B_flat`` into the base output in place (``addmm_``): no ``[T, d_out]`` delta, no separate addition; its
   backward passes ``dY`` through unchanged.
 
-Same results as the unfused path (tests/test_kernels.py compares outputs and every gradient). Only for frozen base
+Same results as the unfused path (tests/test_fused_dense.py compares outputs and every gradient). Only for frozen base
 weights (the adapter never trains them) and the dense path; the layer falls back to the general path otherwise.
 """
 
