@@ -276,3 +276,22 @@ def test_invalid_kernel_name_raises(kernel):
         assert repr(choice) in message
     with pytest.raises(ValueError, match="allowed values"):
         MoLoraConfig(kernel=kernel)
+
+
+def test_flat_shrink_weight_layout():
+    from molora.kernels.torch_ops import flat_shrink_weight
+
+    A = torch.randn(3, 5, 2, requires_grad=True)
+    router = torch.randn(4, 5, requires_grad=True)  # more router columns than experts, as AdaMoE's null experts
+    flat = flat_shrink_weight(A, router)
+    assert flat.shape == (5, 3 * 2 + 4)
+    for e in range(3):
+        for j in range(2):
+            torch.testing.assert_close(flat[:, e * 2 + j], A[e, :, j])
+    torch.testing.assert_close(flat[:, 6:], router.t())
+    torch.testing.assert_close(flat_shrink_weight(A), flat[:, :6])
+    # gradients reach both in their own layouts
+    upstream = torch.randn_like(flat)
+    (flat * upstream).sum().backward()
+    torch.testing.assert_close(A.grad, upstream[:, :6].reshape(5, 3, 2).permute(1, 0, 2))
+    torch.testing.assert_close(router.grad, upstream[:, 6:].t())

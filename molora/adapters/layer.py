@@ -395,7 +395,7 @@ class MoLoraLayer(BaseTunerLayer):
 def _shrink_with_router(A: torch.Tensor, router: nn.Module) -> torch.Tensor:
     """``[A_flat | W_router^T]`` (``[d_in, E*r + E_router]``): one GEMM over ``x`` gives the rank activations and the
     router's logits (the router may score more columns than there are experts: AdaMoE's null experts)."""
-    return torch.cat([flat_shrink_weight(A), router.weight.t()], dim=1)
+    return flat_shrink_weight(A, router.weight)
 
 
 def _split_shrink(hl: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,6 +23,8 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
+from .torch_ops import flat_shrink_weight
+
 
 class _BaseAndShrink(torch.autograd.Function):
     """``(base(x), x @ A_flat, x @ W_router^T)`` for a frozen base weight; see :func:`base_and_shrink`."""
@@ -33,11 +35,9 @@ class _BaseAndShrink(torch.autograd.Function):
             out = torch.addmm(bias, x, weight) if bias is not None else x @ weight
         else:
             out = F.linear(x, weight, bias)
-        n_experts, d_in, rank = bank.shape
+        n_experts, _, rank = bank.shape
         # [A_flat | W_router^T]: one GEMM over x for all experts' rank columns and the router's logits
-        shrink = bank.permute(1, 0, 2).reshape(d_in, n_experts * rank)
-        if router_weight is not None:
-            shrink = torch.cat([shrink, router_weight.t()], dim=1)
+        shrink = flat_shrink_weight(bank, router_weight)
         hl = x @ shrink
         ctx.conv1d = conv1d
         ctx.bank_shape = bank.shape

@@ -36,10 +36,18 @@ def dense_masked_delta(
     return dense_masked_expand(x @ flat_shrink_weight(A), B, routing, scaling)
 
 
-def flat_shrink_weight(A: torch.Tensor) -> torch.Tensor:
-    """``A[E, d_in, r]`` as one ``[d_in, E*r]`` matrix: column ``e*r + j`` is rank column ``j`` of expert ``e``."""
-    n_experts, d_in, rank = A.shape
-    return A.permute(1, 0, 2).reshape(d_in, n_experts * rank)
+def flat_shrink_weight(A: torch.Tensor, router_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``A[E, d_in, r]`` as one ``[d_in, E*r]`` matrix: column ``e*r + j`` is rank column ``j`` of expert ``e``.
+
+    With ``router_weight[E_router, d_in]``, its transpose follows as ``E_router`` more columns (``[A_flat |
+    W_router^T]``: one GEMM over ``x`` then gives the rank activations and the router's logits). Built as one
+    concatenation of the experts' ``[d_in, r]`` slices: on a CPU about twice as fast as ``A.permute(1, 0, 2)``
+    followed by a reshape and a second concatenation (this copy runs in every forward).
+    """
+    parts = list(A.unbind(0))
+    if router_weight is not None:
+        parts.append(router_weight.t().contiguous())
+    return torch.cat(parts, dim=1)
 
 
 def dense_masked_expand(h: torch.Tensor, B: torch.Tensor, routing: Routing, scaling: float) -> torch.Tensor:
