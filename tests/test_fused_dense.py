@@ -210,3 +210,20 @@ def test_bf16_model_with_bf16_adapters_takes_the_fused_path(monkeypatch):
         if p_ref.requires_grad and ("molora_A" in name or "molora_B" in name):
             cosine = torch.nn.functional.cosine_similarity(grads[name].float().flatten(), p_ref.grad.flatten(), dim=0)
             assert cosine > 0.95, (name, cosine.item())  # bf16 end to end against fp32: a sanity bound
+
+
+def test_functions_without_grad_give_the_same_values():
+    # inference and generation skip the autograd.Function call; the values must not change
+    torch.manual_seed(4)
+    x, weight = torch.randn(5, 6), torch.randn(7, 6)
+    bank, router = torch.randn(3, 6, 2, requires_grad=True), torch.randn(3, 6, requires_grad=True)
+    gates, b_flat = torch.rand(5, 3), torch.randn(6, 7, requires_grad=True)
+    out, h, logits = base_and_shrink(x, weight, None, bank, router)
+    want = gated_expand_(out, h, gates, b_flat, 0.5)
+    assert want.requires_grad
+    with torch.no_grad():
+        out, h, logits_ng = base_and_shrink(x, weight, None, bank, router)
+        got = gated_expand_(out, h, gates, b_flat, 0.5)
+    assert not got.requires_grad
+    torch.testing.assert_close(got, want.detach())
+    torch.testing.assert_close(logits_ng, logits.detach())

@@ -241,3 +241,26 @@ def test_triton_kernel_model_matches_plain_select(monkeypatch):
     torch.testing.assert_close(loss_f, loss_p)
     for name in grads_f:
         torch.testing.assert_close(grads_f[name], grads_p[name], atol=1e-7, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("n_tokens", [5, 100])
+@pytest.mark.parametrize("n_experts", [4, 8, 32])
+def test_softmax_rows_matches_torch(n_tokens, n_experts):
+    from molora.kernels.fused_router import softmax_rows
+
+    logits = torch.randn(n_tokens, n_experts) * 5
+    torch.testing.assert_close(softmax_rows(logits), torch.softmax(logits, dim=-1))
+
+
+@pytest.mark.parametrize("n_tokens", [7, 96])  # below and above the row count where the CPU softmax formula is used
+def test_without_grad_same_values(n_tokens):
+    torch.manual_seed(2)
+    logits = torch.randn(n_tokens, 6)
+    valid = torch.rand(n_tokens) > 0.3
+    kwargs = dict(valid=valid, balance_type="mixtral", z_loss=True)
+    with_grad = topk_gates_and_losses(logits.clone().requires_grad_(True), 2, **kwargs)
+    with torch.no_grad():
+        without = topk_gates_and_losses(logits, 2, **kwargs)
+    for got, want in zip(without, with_grad):
+        assert not got.requires_grad
+        torch.testing.assert_close(got, want.detach())

@@ -214,7 +214,7 @@ class MoLoraLayer(BaseTunerLayer):
         a linear scorer on the same fp32 input); the gated expansion is added into the base output in place. Same
         results as :meth:`forward`'s general path, fewer passes over ``[tokens, d]`` tensors in both directions.
         """
-        base = self.get_base_layer()
+        base = self._plain_base_layer()
         x_flat, lead_shape, valid, context, weight_A, weight_B, rank_state = self._prepare(x, adapter_name)
         router = self.molora_router[adapter_name]
         fuse_router = self._can_fuse_router(x_flat, adapter_name, "dense")
@@ -264,7 +264,7 @@ class MoLoraLayer(BaseTunerLayer):
         active dropout (the experts must see the base layer's input), one dtype for input, base and bank, and no
         autocast.
         """
-        base = self.get_base_layer()
+        base = self._plain_base_layer()
         if type(base) not in (nn.Linear, Conv1D) or base._forward_hooks or base._forward_pre_hooks:
             return False
         if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
@@ -385,10 +385,16 @@ class MoLoraLayer(BaseTunerLayer):
             result = result.add_(delta) if in_place else result + delta
         return result
 
+    def _plain_base_layer(self) -> nn.Module:
+        """``get_base_layer()`` without PEFT's generic unwrapping loop when the base layer is not itself a tuner layer
+        (the usual case; this runs in every forward)."""
+        base = self.base_layer
+        return self.get_base_layer() if isinstance(base, BaseTunerLayer) else base
+
     def _base_output_is_private(self) -> bool:
         """Whether the base layer's output may be modified in place: its backward does not read it, nothing else
         holds it (no forward hooks on the base layer)."""
-        base = self.get_base_layer()
+        base = self._plain_base_layer()
         return type(base) in (nn.Linear, Conv1D) and not base._forward_hooks
 
 

@@ -26,26 +26,40 @@ from torch.nn import functional as F
 from .torch_ops import flat_shrink_weight
 
 
+def _needs_autograd(*tensors: torch.Tensor | None) -> bool:
+    # without it (inference, generation) the functions below run their forward directly: an autograd.Function call
+    # costs tens of microseconds, which is most of a decode step's work in a small layer
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _base_and_shrink_forward(x, weight, bias, bank, router_weight, conv1d):
+    if conv1d:
+        out = torch.addmm(bias, x, weight) if bias is not None else x @ weight
+    else:
+        out = F.linear(x, weight, bias)
+    # [A_flat | W_router^T]: one GEMM over x for all experts' rank columns and the router's logits
+    shrink = flat_shrink_weight(bank, router_weight)
+    return out, x @ shrink, shrink
+
+
+def _split_rank_and_logits(hl, bank, router_weight):
+    if router_weight is None:
+        return hl, None
+    n_experts, _, rank = bank.shape
+    return hl[:, : n_experts * rank], hl[:, n_experts * rank :]
+
+
 class _BaseAndShrink(torch.autograd.Function):
     """``(base(x), x @ A_flat, x @ W_router^T)`` for a frozen base weight; see :func:`base_and_shrink`."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, bank, router_weight, conv1d):  # noqa: D102
-        if conv1d:
-            out = torch.addmm(bias, x, weight) if bias is not None else x @ weight
-        else:
-            out = F.linear(x, weight, bias)
-        n_experts, _, rank = bank.shape
-        # [A_flat | W_router^T]: one GEMM over x for all experts' rank columns and the router's logits
-        shrink = flat_shrink_weight(bank, router_weight)
-        hl = x @ shrink
+        out, hl, shrink = _base_and_shrink_forward(x, weight, bias, bank, router_weight, conv1d)
         ctx.conv1d = conv1d
         ctx.bank_shape = bank.shape
         needs_x = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
         ctx.save_for_backward(x if needs_x else None, weight, shrink)
-        if router_weight is None:
-            return out, hl, None
-        return out, hl[:, : n_experts * rank], hl[:, n_experts * rank :]
+        return (out, *_split_rank_and_logits(hl, bank, router_weight))
 
     @staticmethod
     @once_differentiable
@@ -67,16 +81,21 @@ class _BaseAndShrink(torch.autograd.Function):
         return grad_x, None, None, grad_bank, grad_router, None
 
 
+def _gated_expand_forward(out, h, gates, b_flat, scaling):
+    n_experts = gates.shape[1]
+    scaled = (gates * scaling).to(h.dtype)
+    h3 = h.unflatten(1, (n_experts, h.shape[1] // n_experts))
+    hg = (h3 * scaled.unsqueeze(-1)).flatten(1)
+    out.addmm_(hg, b_flat)
+    return scaled, hg
+
+
 class _GatedExpand(torch.autograd.Function):
     """``out += (h ⊙ gates * scaling) @ B_flat`` in place; see :func:`gated_expand_`."""
 
     @staticmethod
     def forward(ctx, out, h, gates, b_flat, scaling):  # noqa: D102
-        n_experts = gates.shape[1]
-        scaled = (gates * scaling).to(h.dtype)
-        h3 = h.unflatten(1, (n_experts, h.shape[1] // n_experts))
-        hg = (h3 * scaled.unsqueeze(-1)).flatten(1)
-        out.addmm_(hg, b_flat)
+        scaled, hg = _gated_expand_forward(out, h, gates, b_flat, scaling)
         ctx.mark_dirty(out)
         ctx.scaling = scaling
         ctx.gates_dtype = gates.dtype
@@ -118,6 +137,9 @@ def base_and_shrink(
     Returns ``(base(x)[T, d_out], h[T, E*r], logits[T, E_router] or None)``; expert ``e`` owns columns
     ``e*r .. e*r + r - 1`` of ``h``. ``h`` and ``logits`` are views of one buffer: do not modify them in place.
     """
+    if not _needs_autograd(x, bank, router_weight):
+        out, hl, _ = _base_and_shrink_forward(x, weight, bias, bank, router_weight, conv1d)
+        return (out, *_split_rank_and_logits(hl, bank, router_weight))
     return _BaseAndShrink.apply(x, weight, bias, bank, router_weight, conv1d)
 
 
@@ -130,4 +152,7 @@ def gated_expand_(
     dense gates (any float dtype; cast to ``h``'s), ``scaling`` the LoRA scaling, ``b_flat[E*r, d_out]`` the stacked
     ``B`` bank. ``out`` must be a tensor nothing else reads (the base output from :func:`base_and_shrink`).
     """
+    if not _needs_autograd(out, h, gates, b_flat):
+        _gated_expand_forward(out, h, gates, b_flat, scaling)
+        return out
     return _GatedExpand.apply(out, h, gates, b_flat, scaling)

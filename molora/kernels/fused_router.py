@@ -35,58 +35,65 @@ def softmax_rows(logits: torch.Tensor) -> torch.Tensor:
 
     On a CPU, ``torch.softmax`` over fewer than 16 columns takes a scalar path: measured 5x slower than
     ``exp(z - max) / sum`` for ``E = 8`` (348 vs 68 us at ``T = 2048``, one thread), while it wins from 16 columns
-    on. The two agree to 1 ulp.
+    on, and below 64 rows (a decode step) its single call beats the formula's four. The two agree to 1 ulp.
     """
-    if logits.device.type != "cpu" or logits.shape[-1] >= 16:
+    if logits.device.type != "cpu" or logits.shape[-1] >= 16 or logits.shape[0] < 64:
         return torch.softmax(logits, dim=-1)
     e = (logits - logits.amax(dim=-1, keepdim=True)).exp_()
     return e.div_(e.sum(dim=-1, keepdim=True))
+
+
+def _topk_forward(logits, k, renormalize, valid, balance_type, with_z):
+    """The forward values, plus what the backward needs: ``(outputs, (mass, mask, inv_n, load, lse))``."""
+    n_tokens, n_experts = logits.shape
+    probs = softmax_rows(logits)
+    top_probs, expert_index = probs.topk(k, dim=-1)  # [T, k]
+    mass = None
+    if renormalize:
+        # as in topk_routing; selected by probability, the k largest of E sum to at least k/E, so the clamp never
+        # binds here and the backward treats the mass as unclamped
+        mass = top_probs.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
+        top_probs = top_probs / mass
+    gates = torch.zeros_like(probs).scatter_(-1, expert_index, top_probs)
+
+    # losses over the valid rows: a 0/1 row weight (not indexing) keeps the shapes static and the device in sync
+    mask = None if valid is None else valid.reshape(-1).to(probs.dtype)
+    # 1 / valid tokens (a 0-d tensor with a mask: no host synchronisation); a batch without any gives losses of 0
+    inv_n = 1.0 / max(n_tokens, 1) if mask is None else mask.sum().clamp_min(1.0).reciprocal()
+    balance = z_loss = load = lse = None
+    if balance_type is not None:
+        importance = (probs.sum(dim=0) if mask is None else mask @ probs) * inv_n  # P[E]
+        one_hot = torch.zeros_like(probs)
+        if balance_type == "switch":
+            one_hot.scatter_(-1, probs.argmax(dim=-1, keepdim=True), 1.0)
+        else:
+            one_hot.scatter_(-1, expert_index, 1.0)
+        counts = one_hot.sum(dim=0) if mask is None else mask @ one_hot
+        if balance_type == "megatron":
+            load = counts / counts.sum().clamp_min(1.0)
+        else:  # "mixtral" (assignments per token) and "switch" (argmax per token)
+            load = counts * inv_n
+        balance = n_experts * (load * importance).sum()
+    if with_z:
+        lse = torch.logsumexp(logits, dim=-1)  # [T]
+        sq = lse.square()
+        z_loss = (sq.sum() if mask is None else mask @ sq) * inv_n
+    return (gates, balance, z_loss, probs, expert_index, top_probs), (mass, mask, inv_n, load, lse)
 
 
 class _TopKGatesAndLosses(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, k, renormalize, valid, balance_type, with_z):  # noqa: D102
         ctx.set_materialize_grads(False)
-        n_tokens, n_experts = logits.shape
-        probs = softmax_rows(logits)
-        top_probs, expert_index = probs.topk(k, dim=-1)  # [T, k]
-        mass = None
-        if renormalize:
-            # as in topk_routing; selected by probability, the k largest of E sum to at least k/E, so the clamp never
-            # binds here and the backward treats the mass as unclamped
-            mass = top_probs.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
-            top_probs = top_probs / mass
-        gates = torch.zeros_like(probs).scatter_(-1, expert_index, top_probs)
-
-        # losses over the valid rows: a 0/1 row weight (not indexing) keeps the shapes static and the device in sync
-        mask = None if valid is None else valid.reshape(-1).to(probs.dtype)
-        # 1 / valid tokens (a 0-d tensor with a mask: no host synchronisation); a batch without any gives losses of 0
-        inv_n = 1.0 / max(n_tokens, 1) if mask is None else mask.sum().clamp_min(1.0).reciprocal()
-        balance = z_loss = load = lse = None
-        if balance_type is not None:
-            importance = (probs.sum(dim=0) if mask is None else mask @ probs) * inv_n  # P[E]
-            one_hot = torch.zeros_like(probs)
-            if balance_type == "switch":
-                one_hot.scatter_(-1, probs.argmax(dim=-1, keepdim=True), 1.0)
-            else:
-                one_hot.scatter_(-1, expert_index, 1.0)
-            counts = one_hot.sum(dim=0) if mask is None else mask @ one_hot
-            if balance_type == "megatron":
-                load = counts / counts.sum().clamp_min(1.0)
-            else:  # "mixtral" (assignments per token) and "switch" (argmax per token)
-                load = counts * inv_n
-            balance = n_experts * (load * importance).sum()
-        if with_z:
-            lse = torch.logsumexp(logits, dim=-1)  # [T]
-            sq = lse.square()
-            z_loss = (sq.sum() if mask is None else mask @ sq) * inv_n
+        outputs, (mass, mask, inv_n, load, lse) = _topk_forward(logits, k, renormalize, valid, balance_type, with_z)
+        probs, expert_index, top_probs = outputs[3:]
         ctx.renormalize = renormalize
         ctx.mark_non_differentiable(probs, expert_index)
         ctx.inv_n = inv_n if mask is None else None
         ctx.save_for_backward(
             probs, expert_index, top_probs, mass, mask, inv_n if mask is not None else None, load, lse
         )
-        return gates, balance, z_loss, probs, expert_index, top_probs
+        return outputs
 
     @staticmethod
     @once_differentiable
@@ -145,7 +152,7 @@ def topk_gates_and_losses(
         raise ValueError(f"`balance_type`={balance_type!r} is not one of {FUSED_BALANCE_TYPES} (or None).")
     if not 1 <= k <= logits.shape[-1]:
         raise ValueError(f"`k`={k} must be between 1 and the number of experts ({logits.shape[-1]}).")
-    gates, balance, z, probs, expert_index, weight = _TopKGatesAndLosses.apply(
-        logits, k, renormalize, valid, balance_type, z_loss
-    )
-    return gates, balance, z, probs, expert_index, weight
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _TopKGatesAndLosses.apply(logits, k, renormalize, valid, balance_type, z_loss)
+    # no gradient wanted (inference, generation): the same values without the autograd.Function call
+    return _topk_forward(logits, k, renormalize, valid, balance_type, z_loss)[0]
