@@ -227,3 +227,33 @@ def test_functions_without_grad_give_the_same_values():
     assert not got.requires_grad
     torch.testing.assert_close(got, want.detach())
     torch.testing.assert_close(logits_ng, logits.detach())
+
+
+def test_generation_reuses_the_shrink_matrix_only_within_one_call(monkeypatch):
+    # the decode steps of one generate() reuse the [A_flat | W_router^T] their prefill built; a new call rebuilds it,
+    # so weights changed between calls (even through .data, which no version counter sees) are used
+    config = MoLoraConfig(r=4, num_experts=4, top_k=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = get_peft_model(make_llama(seed=3), config).eval()
+    builds = []
+    original = layer_module.flat_shrink_weight
+
+    def spy(*args, **kwargs):
+        builds.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(layer_module, "flat_shrink_weight", spy)
+    input_ids = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        first = model.generate(input_ids=input_ids, **kwargs)
+    n_layers = sum(isinstance(m, MoLoraLayer) for m in model.modules())
+    assert len(builds) == n_layers  # once per layer at the prefill, not per decode step
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, MoLoraLayer):
+                module.molora_A["default"].data.copy_(torch.randn_like(module.molora_A["default"]))
+        changed = model.generate(input_ids=input_ids, **kwargs)
+        # the same weights without any cache: a full forward per step
+        uncached = model.generate(input_ids=input_ids, use_cache=False, **kwargs)
+    assert not torch.equal(first, changed)
+    torch.testing.assert_close(changed, uncached)

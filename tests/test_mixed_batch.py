@@ -140,10 +140,10 @@ def test_fused_dense_layer_matches_unfused_paths(router, monkeypatch):
 
     original = layer_module.base_and_shrink
 
-    def spy(x, weight, bias, bank, router_weight=None, conv1d=False):
+    def spy(x, weight, bias, bank, router_weight=None, conv1d=False, **kwargs):
         # the router's weight rides in the shrink GEMM: E*r expert columns plus E router columns
         calls.append(bank.shape[0] * bank.shape[2] + (router_weight.shape[0] if router_weight is not None else 0))
-        return original(x, weight, bias, bank, router_weight, conv1d)
+        return original(x, weight, bias, bank, router_weight, conv1d, **kwargs)
 
     monkeypatch.setattr(layer_module, "base_and_shrink", spy)
     loss_fused, grads_fused, _ = layer_grads(router, "dense")

@@ -32,13 +32,14 @@ def _needs_autograd(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _base_and_shrink_forward(x, weight, bias, bank, router_weight, conv1d):
+def _base_and_shrink_forward(x, weight, bias, bank, router_weight, conv1d, shrink=None):
     if conv1d:
         out = torch.addmm(bias, x, weight) if bias is not None else x @ weight
     else:
         out = F.linear(x, weight, bias)
     # [A_flat | W_router^T]: one GEMM over x for all experts' rank columns and the router's logits
-    shrink = flat_shrink_weight(bank, router_weight)
+    if shrink is None:
+        shrink = flat_shrink_weight(bank, router_weight)
     return out, x @ shrink, shrink
 
 
@@ -126,6 +127,7 @@ def base_and_shrink(
     bank: torch.Tensor,
     router_weight: torch.Tensor | None = None,
     conv1d: bool = False,
+    shrink: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The frozen base projection of ``x[T, d_in]``, the experts' rank activations and the router's logits.
 
@@ -134,11 +136,14 @@ def base_and_shrink(
     ``A[E, d_in, r]``; ``router_weight[E_router, d_in]`` (optional) a linear router's weight, whose logits come out
     of the same GEMM (it may score more columns than there are experts: AdaMoE's null experts).
 
+    ``shrink``: ``flat_shrink_weight(bank, router_weight)`` computed by the caller (a cache), used only when no
+    gradient is needed; with autograd the function builds it.
+
     Returns ``(base(x)[T, d_out], h[T, E*r], logits[T, E_router] or None)``; expert ``e`` owns columns
     ``e*r .. e*r + r - 1`` of ``h``. ``h`` and ``logits`` are views of one buffer: do not modify them in place.
     """
     if not _needs_autograd(x, bank, router_weight):
-        out, hl, _ = _base_and_shrink_forward(x, weight, bias, bank, router_weight, conv1d)
+        out, hl, _ = _base_and_shrink_forward(x, weight, bias, bank, router_weight, conv1d, shrink)
         return (out, *_split_rank_and_logits(hl, bank, router_weight))
     return _BaseAndShrink.apply(x, weight, bias, bank, router_weight, conv1d)
 
