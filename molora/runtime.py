@@ -242,9 +242,6 @@ class MoLoraRuntime:
         self._totals: dict[tuple[str, str], torch.Tensor] = {}
         # gradient delivery (see the module docstring); `generation` tells one forward's graph from the next
         self.generation = 0
-        # model calls that were not cached decode steps: layers reuse per-call work across the decode steps of one
-        # generation only (MoLoraLayer._shrink_matrix)
-        self.prefill_count = 0
         self.loss_grad: torch.Tensor | None = None
         self.aux_delivered = False
         self._warned_concat = False
@@ -278,8 +275,6 @@ class MoLoraRuntime:
         elif not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
             mask = None
         past_length, is_decode = _cache_state(kwargs)
-        if not is_decode:
-            self.prefill_count += 1
         self.context = RoutingContext(
             attention_mask=mask,
             is_decode=is_decode,

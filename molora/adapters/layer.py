@@ -58,8 +58,8 @@ class MoLoraLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}
-        # per adapter, [A_flat | W_router^T] built in a forward without autograd, reused while A and the router's
-        # weight are unchanged (see _shrink_matrix)
+        # per adapter, [A_flat | W_router^T] of the last call without autograd, for the decode steps after it
+        # (see _cached_shrink)
         self._molora_shrink_cache: dict[str, tuple[tuple, torch.Tensor]] = {}
         self.quantization_backend = resolve_quantization_backend(self.get_base_layer(), **kwargs)
         in_features, out_features = _get_in_out_features(self.get_base_layer())
@@ -201,7 +201,10 @@ class MoLoraLayer(BaseTunerLayer):
         losses = None
         if self._can_fuse_router(x_flat, adapter_name, kernel):
             # the dense path with the router's scoring in the same GEMM: x @ [A_flat | W_router^T]
-            h, logits = _split_shrink(x_flat @ self._shrink_matrix(adapter_name, weight_A, router.weight), weight_A)
+            shrink = self._cached_shrink(adapter_name, weight_A, router.weight)
+            if shrink is None:
+                shrink = flat_shrink_weight(weight_A, router.weight)
+            h, logits = _split_shrink(x_flat @ shrink, weight_A)
             routing, losses = self._select(adapter_name, router, logits, valid)
             delta = dense_masked_expand(h, weight_B, routing, scaling)
         else:
@@ -222,8 +225,8 @@ class MoLoraLayer(BaseTunerLayer):
         router = self.molora_router[adapter_name]
         fuse_router = self._can_fuse_router(x_flat, adapter_name, "dense")
         router_weight = router.weight if fuse_router else None
-        # with autograd the function builds the matrix itself; without (generation), it is cached across calls
-        shrink = None if torch.is_grad_enabled() else self._shrink_matrix(adapter_name, weight_A, router_weight)
+        # None with autograd: the function then builds [A_flat | W_router^T] itself
+        shrink = self._cached_shrink(adapter_name, weight_A, router_weight)
         out, h, logits = base_and_shrink(
             x_flat, base.weight, base.bias, weight_A, router_weight, isinstance(base, Conv1D), shrink=shrink
         )
@@ -391,27 +394,26 @@ class MoLoraLayer(BaseTunerLayer):
             result = result.add_(delta) if in_place else result + delta
         return result
 
-    def _shrink_matrix(self, adapter_name: str, weight_A: torch.Tensor, router_weight: torch.Tensor | None):
-        """``[A_flat | W_router^T]`` (``[d_in, E*r + E_router]``, without the router part when ``router_weight`` is
-        None): one GEMM over ``x`` gives the rank activations and the router's logits (the router may score more
-        columns than there are experts: AdaMoE's null experts).
+    def _cached_shrink(self, adapter_name: str, weight_A: torch.Tensor, router_weight: torch.Tensor | None):
+        """``[A_flat | W_router^T]`` for a call without autograd, reused by cached decode steps; else ``None``.
 
-        Without autograd, the cached decode steps of one generation (``RoutingContext.is_decode``, a few tokens per
-        layer each) reuse the matrix their prefill built, unless ``A`` or the router's weight changed in between (a
-        new version or storage). Every other call builds it afresh: weights only change between calls, and an update
-        through ``.data`` would not show in the version. With autograd the cache is let go, so that gradients reach
-        ``A`` and the router.
+        The matrix (``flat_shrink_weight(weight_A, router_weight)``, ``[d_in, E*r + E_router]``) is built by every
+        call and reused only by the cached decode steps that follow it (``RoutingContext.is_decode``: a few tokens
+        per layer each, where rebuilding it was a good part of the layer's work), and only while ``A`` and the
+        router's weight keep their version and storage. With autograd (or a DR-LoRA-masked bank, or no runtime) it
+        returns ``None`` and drops the cache: the caller builds the matrix so that gradients reach ``A`` and the
+        router.
         """
         cache = self._molora_shrink_cache
         runtime = self._molora_runtime
         if torch.is_grad_enabled() or runtime is None or weight_A is not self.molora_A[adapter_name]:
             cache.pop(adapter_name, None)
-            return flat_shrink_weight(weight_A, router_weight)
-        key = (runtime.prefill_count, weight_A.data_ptr(), weight_A._version, weight_A.dtype, weight_A.device)
+            return None
+        key = (weight_A.data_ptr(), weight_A._version, weight_A.dtype, weight_A.device)
         if router_weight is not None:
             key += (router_weight.data_ptr(), router_weight._version, router_weight.dtype)
         hit = cache.get(adapter_name)
-        if hit is not None and hit[0] == key:
+        if runtime.context.is_decode and hit is not None and hit[0] == key:
             return hit[1]
         shrink = flat_shrink_weight(weight_A, router_weight)
         for name in [name for name in cache if name not in self.molora_A]:  # deleted adapters
