@@ -520,19 +520,18 @@ def _stats_rows(raws: list[_RawRouting]) -> torch.Tensor:
     valid tokens, summed router entropy, then per expert the assignments, gate sums and probability sums.
 
     No host synchronisation on CUDA: padding is masked with ``where`` (not boolean indexing, a nonzero), counts come
-    from ``index_add`` (not ``bincount``, which reads its maximum back), token counts stay on the device.
+    from ``scatter_add`` (not ``bincount``, which reads its maximum back), token counts stay on the device.
     """
     with torch.no_grad():
         probs = torch.stack([r.probs for r in raws]).float()  # [L, T, E]
         n_layers, n_tokens, n_experts = probs.shape
-        token_index = torch.stack([r.token_index for r in raws])  # [L, N]
-        expert_index = torch.stack([r.expert_index for r in raws])
+        expert_index = torch.stack([r.expert_index for r in raws])  # [L, N]
         weight = torch.stack([r.weight for r in raws]).float()
         ent = entropy(probs)  # [L, T]
         if raws[0].valid is not None:
             # where, not a product: padding rows are dropped even if their values are not finite
             keep = torch.stack([r.valid for r in raws]).to(probs.device, torch.bool)  # [L, T]
-            keep_assignment = keep.gather(1, token_index)
+            keep_assignment = keep.gather(1, torch.stack([r.token_index for r in raws]))
             ones = keep_assignment.float()
             weight = torch.where(keep_assignment, weight, 0.0)
             probs = torch.where(keep.unsqueeze(-1), probs, 0.0)
@@ -541,14 +540,11 @@ def _stats_rows(raws: list[_RawRouting]) -> torch.Tensor:
         else:
             ones = torch.ones_like(weight)
             tokens = probs.new_full((n_layers,), float(n_tokens))
-        # one index_add over all layers: layer l's experts occupy slots l*E .. l*E + E - 1
-        slots = (expert_index + n_experts * torch.arange(n_layers, device=probs.device).unsqueeze(1)).reshape(-1)
-        sums = probs.new_zeros(2, n_layers * n_experts)
-        sums[0].index_add_(0, slots, ones.reshape(-1))
-        sums[1].index_add_(0, slots, weight.reshape(-1))
-        sums = sums.view(2, n_layers, n_experts)
+        # per layer (row), assignments and gate sums per expert
+        counts = probs.new_zeros(n_layers, n_experts).scatter_add_(1, expert_index, ones)
+        gate_sums = probs.new_zeros(n_layers, n_experts).scatter_add_(1, expert_index, weight)
         return torch.cat(
-            [tokens.unsqueeze(1), ent.sum(dim=1, keepdim=True), sums[0], sums[1], probs.sum(dim=1)], dim=1
+            [tokens.unsqueeze(1), ent.sum(dim=1, keepdim=True), counts, gate_sums, probs.sum(dim=1)], dim=1
         )
 
 
