@@ -379,10 +379,10 @@ class MoLoraRuntime:
                 routing.weight.detach(),
                 valid,
             )
-        coefs = router.loss_coefficients(config)
         need = self.losses_needed(adapter_name, router)
         if not need:
             return output
+        coefs = router.loss_coefficients(config)
         concat = config.loss_reduction == "concat"
         inputs = None
         if losses is None:
