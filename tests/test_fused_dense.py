@@ -100,15 +100,16 @@ def model_grads(make, kernel, targets, router="topk", seed=0, **config_kwargs):
     return out.loss.detach(), out.logits.detach(), grads
 
 
-def _count_fused(monkeypatch):
+def _count_calls(monkeypatch, name="base_and_shrink"):
+    """Count the layer module's calls of ``name`` (by default the fused path's entry point)."""
     calls = []
-    original = layer_module.base_and_shrink
+    original = getattr(layer_module, name)
 
     def spy(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(layer_module, "base_and_shrink", spy)
+    monkeypatch.setattr(layer_module, name, spy)
     return calls
 
 
@@ -122,7 +123,7 @@ def _count_fused(monkeypatch):
     ],
 )
 def test_fused_model_matches_naive(make, targets, router, extra, monkeypatch):
-    calls = _count_fused(monkeypatch)
+    calls = _count_calls(monkeypatch)
     loss_f, logits_f, grads_f = model_grads(make, "dense", targets, router, **extra)
     assert calls, "the fused path was not taken"
     n_calls = len(calls)
@@ -180,7 +181,7 @@ def test_base_hook_still_runs_and_results_agree():
 
 def test_bf16_model_with_bf16_adapters_takes_the_fused_path(monkeypatch):
     """A bf16 base with bf16 banks (the router stays fp32): fused, and close to the naive reference in fp32."""
-    calls = _count_fused(monkeypatch)
+    calls = _count_calls(monkeypatch)
     config = MoLoraConfig(
         r=4,
         num_experts=4,
@@ -234,14 +235,7 @@ def test_generation_reuses_the_shrink_matrix_only_within_one_call(monkeypatch):
     # so weights changed between calls (even through .data, which no version counter sees) are used
     config = MoLoraConfig(r=4, num_experts=4, top_k=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     model = get_peft_model(make_llama(seed=3), config).eval()
-    builds = []
-    original = layer_module.flat_shrink_weight
-
-    def spy(*args, **kwargs):
-        builds.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(layer_module, "flat_shrink_weight", spy)
+    builds = _count_calls(monkeypatch, "flat_shrink_weight")
     input_ids = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     with torch.no_grad():
