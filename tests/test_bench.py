@@ -133,3 +133,15 @@ def test_bad_device_and_dtype_are_clear_errors(capsys):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="sees no CUDA device"):
             bench.run_benchmarks(quick=True, device="cuda")
+
+
+def test_train_step_optimizer_is_the_trainers_default_fused_adamw():
+    # transformers.Trainer (and TRL's SFTTrainer) default to optim="adamw_torch_fused"; the bench times the same.
+    param = torch.nn.Parameter(torch.randn(4, 3))
+    optimizer = bench._adamw([param])
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert optimizer.defaults["fused"] is True
+    param.grad = torch.ones_like(param)
+    before = param.detach().clone()
+    optimizer.step()
+    assert not torch.equal(param, before)
