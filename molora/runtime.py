@@ -354,6 +354,7 @@ class MoLoraRuntime:
             return router.select(logits, valid), None
         return router.select_with_losses(logits, valid, need, config.balance_loss_type)
 
+    @torch.compiler.disable
     def record(
         self,
         layer_key: str,
