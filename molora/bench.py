@@ -288,9 +288,10 @@ def _small_llama(width: int, layers: int, vocab: int):
 def _adamw(params: list[nn.Parameter]) -> torch.optim.Optimizer:
     """AdamW as ``transformers.Trainer`` and TRL's ``SFTTrainer`` build it by default (``optim="adamw_torch_fused"``).
 
-    The fused implementation updates every parameter in one kernel per dtype and device; the ``foreach`` one makes
-    about ten passes over the parameters and their states, which on a CPU costs ~4x more per parameter. Falls back to
-    the default implementation where the fused one is not available (it raises at construction there).
+    The fused implementation updates every parameter in one kernel per dtype and device; the default one (a loop
+    over the tensors on a CPU, ``foreach`` on CUDA) makes about ten elementwise passes over each parameter and its
+    states, which on a CPU costs ~4x more per parameter. Falls back to the default where the fused one is not
+    available (it raises at construction there).
     """
     try:
         return torch.optim.AdamW(params, lr=1e-4, fused=True)
