@@ -245,9 +245,10 @@ class MoLoraLayer(BaseTunerLayer):
         Needs the dense path, the same fp32 input for router and experts (no active dropout, no low-precision
         input, which the router would upcast) and a router whose logits are a plain linear map of ``x``.
         """
-        if self._resolve_kernel(x_flat, adapter_name, kernel) != "dense" or self._dropout_active(adapter_name):
-            return False
         weight_A = self.molora_A[adapter_name]
+        resolved = self._resolve_kernel(x_flat.shape[0], weight_A, kernel, x_flat.device)
+        if resolved != "dense" or self._dropout_active(adapter_name):
+            return False
         router = self.molora_router[adapter_name]
         if not x_flat.dtype == weight_A.dtype == router.weight.dtype == torch.float32:
             return False
@@ -256,11 +257,13 @@ class MoLoraLayer(BaseTunerLayer):
             return False
         return router.linear_scoring()
 
-    def _resolve_kernel(self, x_flat: torch.Tensor, adapter_name: str, kernel: str) -> str:
+    @staticmethod
+    def _resolve_kernel(n_tokens: int, weight_A: torch.Tensor, kernel: str, device: torch.device) -> str:
+        """``kernel``, with ``"auto"`` resolved for ``n_tokens`` tokens on ``device`` through the bank
+        ``weight_A[E, d_in, r]``."""
         if kernel != "auto":
             return kernel
-        weight_A = self.molora_A[adapter_name]
-        return choose_kernel(x_flat.shape[0], None, weight_A.shape[0], weight_A.shape[-1], x_flat.device)
+        return choose_kernel(n_tokens, None, weight_A.shape[0], weight_A.shape[-1], device)
 
     def _dropout_active(self, adapter_name: str) -> bool:
         dropout = self.molora_dropout[adapter_name]
@@ -271,21 +274,24 @@ class MoLoraLayer(BaseTunerLayer):
 
         Needs a plain ``nn.Linear``/``Conv1D`` base without hooks whose weights do not train, the dense path, no
         active dropout (the experts must see the base layer's input), one dtype for input, base and bank, and no
-        autocast.
+        autocast. (Runs before every forward, every decode step included: kept to attribute reads.)
         """
         base = self._plain_base_layer()
         if type(base) not in (nn.Linear, Conv1D) or base._forward_hooks or base._forward_pre_hooks:
             return False
-        if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+        weight, bias = base.weight, base.bias
+        if weight.requires_grad or (bias is not None and bias.requires_grad):
             return False
-        if not x.dtype == base.weight.dtype == self.molora_A[adapter_name].dtype:
+        weight_A = self.molora_A[adapter_name]
+        if not x.dtype == weight.dtype == weight_A.dtype:
             return False
         if torch.is_autocast_enabled(x.device.type):
             # autocast would recast some products inside the functions and not the in-place ones
             return False
-        x_flat = x.reshape(-1, x.shape[-1])
-        kernel = self._resolve_kernel(x_flat, adapter_name, self.kernel[adapter_name])
-        return kernel == "dense" and not self._dropout_active(adapter_name)
+        n_tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if self._resolve_kernel(n_tokens, weight_A, self.kernel[adapter_name], x.device) != "dense":
+            return False
+        return not self._dropout_active(adapter_name)
 
     def _batch_adapter_names(self, x: torch.Tensor, adapter_names: list[str] | None) -> list[str] | None:
         """Per-sample adapter names for this call: the ``adapter_names`` kwarg, else the model-level mixed call's."""
