@@ -12,6 +12,9 @@ loss is attached to its layer's output by an identity autograd function (the tec
 ``molora_aux_loss()`` the attachments do nothing; otherwise (a trainer that computes its own loss from the logits
 or log-probabilities, as TRL's ``SFTTrainer`` does, or reentrant activation checkpointing, whose first forward runs
 without autograd) they deliver ``d(coef * loss)`` themselves, scaled like ``outputs.loss`` was when it is known.
+The built-in top-k router needs no attachment: its losses come out of the same autograd node as its gates
+(``molora.kernels.fused_router``), whose backward finds no gradient on the losses in exactly those cases and takes
+the same ``d(coef * loss)`` from :class:`_MissingAuxGrads` (one autograd node less per layer).
 
 Values recorded by a layer are *keyed by (layer, adapter)* and overwritten, never appended, within one forward: a
 layer that is re-run by activation checkpointing during backward records the same values again instead of counting
@@ -221,6 +224,43 @@ class _AttachAuxGrad(torch.autograd.Function):
         return (grad, None, None, None, *grads)
 
 
+class _MissingAuxGrads:
+    """The gradients a router's aux losses get when nothing back-propagated into them (``missing_grads`` of
+    :func:`molora.kernels.fused_router.topk_gates_and_losses`): what :class:`_AttachAuxGrad` delivers, from inside the
+    router's own autograd node instead of an extra identity node on the layer's output."""
+
+    __slots__ = ("runtime", "adapter_name", "generation")
+
+    def __init__(self, runtime: MoLoraRuntime, adapter_name: str) -> None:
+        self.runtime = runtime
+        self.adapter_name = adapter_name
+        self.generation = runtime.generation
+
+    def __call__(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        runtime = self.runtime
+        if runtime.aux_delivered or self.generation != runtime.generation:
+            return None, None
+        weights = runtime.aux_weights(self.adapter_name)
+        scale = runtime.loss_grad
+        grads = []
+        for name in ("balance", "z"):
+            g = torch.tensor(weights.get(name, 0.0), dtype=dtype, device=device)
+            if scale is not None:
+                g = g * scale.to(device=device, dtype=dtype)
+            grads.append(g)
+        return grads[0], grads[1]
+
+
+class _SelfDelivered(dict):
+    """Aux losses (name -> value) whose router delivers their gradient itself (see :class:`_MissingAuxGrads`)."""
+
+
+def _delivers_missing_grads(router: Router) -> bool:
+    # only implementations marked so take the `missing_grads` argument (the built-in top-k router's; a subclass
+    # that overrides the method without the mark keeps the identity node on its layer's output)
+    return getattr(type(router).select_with_losses, "takes_missing_grads", False)
+
+
 @dataclass
 class _AuxRecord:
     losses: dict[str, torch.Tensor]
@@ -352,7 +392,17 @@ class MoLoraRuntime:
         if need and config.loss_reduction == "concat":
             # the concatenated losses need every router's inputs (AuxInputs), not per-router values
             return router.select(logits, valid), None
-        return router.select_with_losses(logits, valid, need, config.balance_loss_type)
+        if not (need and _delivers_missing_grads(router) and torch.is_grad_enabled() and router.weight.requires_grad):
+            return router.select_with_losses(logits, valid, need, config.balance_loss_type)
+        # the built-in top-k function delivers the aux gradient itself when nothing else does (see the module
+        # docstring): no identity node on the layer's output is needed then
+        routing, losses = router.select_with_losses(
+            logits, valid, need, config.balance_loss_type, missing_grads=_MissingAuxGrads(self, adapter_name)
+        )
+        if losses is not None and any(loss.requires_grad for loss in losses.values()):
+            # the losses carry the node that holds the callback (with no gradient there is nothing to deliver)
+            losses = _SelfDelivered(losses)
+        return routing, losses
 
     @torch.compiler.disable
     def record(
@@ -392,6 +442,8 @@ class MoLoraRuntime:
         self._aux[key] = _AuxRecord(
             losses=losses, coefs=coefs, inputs=inputs if concat else None, router_cls=type(router)
         )
+        if isinstance(losses, _SelfDelivered):
+            return output  # their own autograd node delivers the aux gradient when nothing else does
         if torch.is_grad_enabled() and router.weight.requires_grad and output.requires_grad:
             # with concat the per-router losses are not separable: the attachment only warns if nothing delivered
             names = () if concat else tuple(losses)

@@ -217,6 +217,39 @@ def test_a_subclass_that_changes_the_selection_keeps_it():
     torch.testing.assert_close(routing.probs, torch.softmax(logits, -1))
 
 
+@pytest.mark.parametrize("fill", ["weights", "none"])
+@pytest.mark.parametrize("valid_kind", ["none", "padded"])
+def test_missing_loss_gradients_come_from_the_callback(fill, valid_kind):
+    # a loss computed from the gates alone: the losses get no gradient, the callback supplies d(balance), d(z)
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(N_TOKENS, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    up = torch.randn(N_TOKENS, 4, dtype=torch.float64, generator=gen)
+    valid = _valid(valid_kind)
+    calls = []
+
+    def missing(device, dtype):
+        calls.append((device, dtype))
+        if fill == "none":
+            return None, None
+        return torch.tensor(0.3, dtype=dtype, device=device), torch.tensor(0.07, dtype=dtype, device=device)
+
+    gates, *_ = topk_gates_and_losses(
+        logits, 2, valid=valid, balance_type="megatron", z_loss=True, missing_grads=missing
+    )
+    (got,) = torch.autograd.grad((gates * up).sum(), logits)
+    assert calls == [(logits.device, torch.float64)]
+    ref_gates, balance, z, *_ = _reference(logits, 2, True, valid, "megatron", True)
+    target = (ref_gates * up).sum() + (0.3 * balance + 0.07 * z if fill == "weights" else 0.0)
+    (expected,) = torch.autograd.grad(target, logits)
+    torch.testing.assert_close(got, expected)
+    # with the losses in the differentiated expression the callback is not asked
+    gates, balance, z, *_ = topk_gates_and_losses(
+        logits, 2, valid=valid, balance_type="megatron", z_loss=True, missing_grads=missing
+    )
+    torch.autograd.grad((gates * up).sum() + balance + z, logits)
+    assert len(calls) == 1
+
+
 def test_double_backward_fails_clearly():
     # the written-out backward is not itself differentiable: a second derivative must raise, not be silently wrong
     logits = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)

@@ -318,12 +318,15 @@ def _router_grads(model) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("how", ["logits_only", "custom_loop_adds_aux", "scaled_outputs_loss", "aux_alone"])
-def test_aux_gradient_reaches_routers_exactly_once_whoever_computes_the_loss(batch, how):
-    """The routers get d(aux) once: via outputs.loss, via molora_aux_loss(), or from the layers themselves."""
+@pytest.mark.parametrize("router", ["topk", "topp"])
+def test_aux_gradient_reaches_routers_exactly_once_whoever_computes_the_loss(batch, how, router):
+    """The routers get d(aux) once: via outputs.loss, via molora_aux_loss(), or from the layers themselves (the
+    top-k router's own autograd node; an identity node on the layer output for the others, e.g. top-p)."""
 
     def run(mode):
         model = get_peft_model(
-            make_llama(), MoLoraConfig(num_experts=4, top_k=2, aux_loss_coef=0.5, init_lora_weights=False)
+            make_llama(),
+            MoLoraConfig(num_experts=4, top_k=2, aux_loss_coef=0.5, init_lora_weights=False, router=router),
         )
         model.train()
         if mode == "reference":

@@ -23,8 +23,13 @@ rows (tests/test_fused_router.py checks both against autograd in fp64). Balance 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch.autograd.function import once_differentiable
+
+#: ``missing_grads(device, dtype) -> (d_balance, d_z)``: see :func:`topk_gates_and_losses`
+MissingGrads = Callable[[torch.device, torch.dtype], tuple[torch.Tensor | None, torch.Tensor | None]]
 
 #: balance-loss normalisations this function computes (their load ``f`` carries no gradient)
 FUSED_BALANCE_TYPES = ("megatron", "mixtral", "switch")
@@ -86,8 +91,9 @@ def _topk_forward(logits, k, renormalize, valid, balance_type, with_z):
 
 class _TopKGatesAndLosses(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, k, renormalize, valid, balance_type, with_z):  # noqa: D102
+    def forward(ctx, logits, k, renormalize, valid, balance_type, with_z, missing_grads):  # noqa: D102
         ctx.set_materialize_grads(False)
+        ctx.missing_grads = missing_grads
         outputs, (mass, mask, inv_n, load, lse) = _topk_forward(logits, k, renormalize, valid, balance_type, with_z)
         probs, expert_index, top_probs = outputs[3:]
         ctx.renormalize = renormalize
@@ -104,6 +110,14 @@ class _TopKGatesAndLosses(torch.autograd.Function):
         probs, expert_index, weight, mass, mask, inv_n, load, lse = ctx.saved_tensors
         if inv_n is None:
             inv_n = ctx.inv_n
+        missing_balance = load is not None and grad_balance is None
+        missing_z = lse is not None and grad_z is None
+        if ctx.missing_grads is not None and (missing_balance or missing_z):
+            # the losses are not part of what is being differentiated (a loss computed from the logits alone): the
+            # caller says which gradients they should get anyway (None: none)
+            fill_balance, fill_z = ctx.missing_grads(probs.device, probs.dtype)
+            grad_balance = fill_balance if missing_balance else grad_balance
+            grad_z = fill_z if missing_z else grad_z
         if load is not None and grad_balance is not None:
             # the balance loss: the same row d/dP_e = E * load_e / n_valid for every valid token
             row = load * (grad_balance * (probs.shape[1] * inv_n))  # [E]
@@ -124,7 +138,7 @@ class _TopKGatesAndLosses(torch.autograd.Function):
             if mask is not None:
                 coef = coef * mask
             grad_logits += coef.unsqueeze(1) * probs
-        return grad_logits, None, None, None, None, None
+        return grad_logits, None, None, None, None, None, None
 
 
 def topk_gates_and_losses(
@@ -135,6 +149,7 @@ def topk_gates_and_losses(
     valid: torch.Tensor | None = None,
     balance_type: str | None = None,
     z_loss: bool = False,
+    missing_grads: MissingGrads | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k gates of ``softmax(logits)`` and the requested aux losses, in one autograd node.
 
@@ -146,6 +161,11 @@ def topk_gates_and_losses(
         balance_type (str or None): ``"megatron"``, ``"mixtral"`` or ``"switch"`` computes the unweighted balancing
             loss ``E * sum_e f_e P_e`` of that normalisation; ``None`` skips it.
         z_loss (bool): also compute the router z-loss ``mean_t logsumexp(z_t)^2``.
+        missing_grads (callable or None): called in backward, with the device and dtype of the probabilities, when a
+            requested loss received no gradient (it is not in what is being differentiated, e.g. the gates are);
+            returns ``(d_balance, d_z)``, 0-d tensors (or None: no gradient) used as those losses' gradients. The
+            model's runtime passes one that delivers ``coef * loss`` to the router when a trainer computes its own
+            loss from the logits (see ``molora.runtime``).
 
     Returns:
         ``(gates[T, E], balance, z, probs[T, E], expert_index[T, k], weight[T, k])``: the dense gates (differentiable),
@@ -158,6 +178,6 @@ def topk_gates_and_losses(
     if not 1 <= k <= logits.shape[-1]:
         raise ValueError(f"`k`={k} must be between 1 and the number of experts ({logits.shape[-1]}).")
     if torch.is_grad_enabled() and logits.requires_grad:
-        return _TopKGatesAndLosses.apply(logits, k, renormalize, valid, balance_type, z_loss)
+        return _TopKGatesAndLosses.apply(logits, k, renormalize, valid, balance_type, z_loss, missing_grads)
     # no gradient wanted (inference, generation): the same values without the autograd.Function call
     return _topk_forward(logits, k, renormalize, valid, balance_type, z_loss)[0]

@@ -56,10 +56,16 @@ class TopKRouter(Router):
         return topk_routing(probs, self.top_k, renormalize=self.params.renormalize, logits=logits)
 
     def select_with_losses(
-        self, logits: torch.Tensor, valid: torch.Tensor | None, need: frozenset[str], balance_loss_type: str
+        self,
+        logits: torch.Tensor,
+        valid: torch.Tensor | None,
+        need: frozenset[str],
+        balance_loss_type: str,
+        missing_grads=None,
     ) -> tuple[Routing, dict[str, torch.Tensor] | None]:
         # one autograd node for softmax, top-k, renormalisation, dense gates and the losses (same values); subclasses
-        # that change the selection, losses other than balance/z, or a load that carries gradient take select()
+        # that change the selection, losses other than balance/z, or a load that carries gradient take select().
+        # missing_grads: see topk_gates_and_losses (the runtime's aux-gradient delivery, molora.runtime)
         fusable = (
             type(self).select is TopKRouter.select
             and type(self).loss_coefficients is Router.loss_coefficients
@@ -76,6 +82,7 @@ class TopKRouter(Router):
             valid=valid,
             balance_type=balance_loss_type if "balance" in need else None,
             z_loss="z" in need,
+            missing_grads=missing_grads,
         )
         routing = Routing(
             probs=probs,
@@ -88,6 +95,9 @@ class TopKRouter(Router):
         )
         losses = {"balance": balance, "z": z}
         return routing, {name: losses[name] for name in sorted(need)}
+
+    # read by MoLoraRuntime.select: this implementation takes `missing_grads`
+    select_with_losses.takes_missing_grads = True
 
 
 def topk_routing(
