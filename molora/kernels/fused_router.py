@@ -62,11 +62,14 @@ def _topk_forward(logits, k, renormalize, valid, balance_type, with_z):
         top_probs = top_probs / mass
     gates = torch.zeros_like(probs).scatter_(-1, expert_index, top_probs)
 
+    balance = z_loss = load = lse = mask = None
+    inv_n = 1.0
+    if balance_type is None and not with_z:
+        return (gates, balance, z_loss, probs, expert_index, top_probs), (mass, mask, inv_n, load, lse)
     # losses over the valid rows: a 0/1 row weight (not indexing) keeps the shapes static and the device in sync
     mask = None if valid is None else valid.reshape(-1).to(probs.dtype)
     # 1 / valid tokens (a 0-d tensor with a mask: no host synchronisation); a batch without any gives losses of 0
     inv_n = 1.0 / max(n_tokens, 1) if mask is None else mask.sum().clamp_min(1.0).reciprocal()
-    balance = z_loss = load = lse = None
     if balance_type is not None:
         one_hot = torch.zeros_like(probs)
         if balance_type == "switch":
