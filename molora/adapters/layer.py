@@ -135,9 +135,10 @@ class MoLoraLayer(BaseTunerLayer):
 
     # -- forward ----------------------------------------------------------------------------------------------------
 
-    def _prepare(self, x: torch.Tensor, adapter_name: str):
+    def _prepare(self, x: torch.Tensor, adapter_name: str, weight_A: torch.Tensor | None = None):
         """What every forward path of one adapter needs: flat input, padding mask, routing context, the bank (with
-        DR-LoRA's dormant rank components masked out) and the DR-LoRA state."""
+        DR-LoRA's dormant rank components masked out) and the DR-LoRA state. ``weight_A``: the adapter's ``A``
+        parameter when the caller already fetched it."""
         lead_shape = x.shape[:-1]
         x_flat = x.reshape(-1, x.shape[-1])  # [T, d_in]
         runtime = self._molora_runtime
@@ -145,7 +146,9 @@ class MoLoraLayer(BaseTunerLayer):
         if valid is not None and valid.device != x.device:
             valid = valid.to(x.device)
         context = runtime.context if runtime is not None else None
-        weight_A, weight_B = self.molora_A[adapter_name], self.molora_B[adapter_name]
+        if weight_A is None:
+            weight_A = self.molora_A[adapter_name]
+        weight_B = self.molora_B[adapter_name]
         rank_state = self.molora_rank[adapter_name] if adapter_name in self.molora_rank else None
         if rank_state is not None:
             # DR-LoRA: dormant rank components are masked out of A and B (and so get zero gradient)
@@ -213,20 +216,26 @@ class MoLoraLayer(BaseTunerLayer):
             delta = expert_delta(h, weight_A, weight_B, routing, scaling, kernel)
         return self._finish(adapter_name, router, routing, valid, rank_state, delta, lead_shape, losses)
 
-    def _fused_base_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+    def _fused_base_forward(
+        self, x: torch.Tensor, adapter_name: str, plan: tuple[nn.Module, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """Base projection + dense-path experts of one adapter through ``molora.kernels.fused_dense``.
 
         One function computes the base output and the rank activations (and the router's logits when the router is
         a linear scorer on the same fp32 input); the gated expansion is added into the base output in place. Same
         results as :meth:`forward`'s general path, fewer passes over ``[tokens, d]`` tensors in both directions.
+        ``plan``: ``(base layer, A)`` from :meth:`_fusion_plan` (which checked the dense path and the dropout).
         """
-        base = self._plain_base_layer()
-        x_flat, lead_shape, valid, context, weight_A, weight_B, rank_state = self._prepare(x, adapter_name)
+        base, bank = plan if plan is not None else (self._plain_base_layer(), self.molora_A[adapter_name])
+        x_flat, lead_shape, valid, context, weight_A, weight_B, rank_state = self._prepare(x, adapter_name, bank)
         router = self.molora_router[adapter_name]
-        fuse_router = self._can_fuse_router(x_flat, adapter_name, "dense")
+        if plan is None:
+            fuse_router = self._can_fuse_router(x_flat, adapter_name, "dense")
+        else:
+            fuse_router = self._router_fusable(x_flat, bank, router)
         router_weight = router.weight if fuse_router else None
         # None with autograd: the function then builds [A_flat | W_router^T] itself
-        shrink = self._cached_shrink(adapter_name, weight_A, router_weight)
+        shrink = self._cached_shrink(adapter_name, weight_A, router_weight, bank)
         out, h, logits = base_and_shrink(
             x_flat, base.weight, base.bias, weight_A, router_weight, isinstance(base, Conv1D), shrink=shrink
         )
@@ -249,7 +258,11 @@ class MoLoraLayer(BaseTunerLayer):
         resolved = self._resolve_kernel(x_flat.shape[0], weight_A, kernel, x_flat.device)
         if resolved != "dense" or self._dropout_active(adapter_name):
             return False
-        router = self.molora_router[adapter_name]
+        return self._router_fusable(x_flat, weight_A, self.molora_router[adapter_name])
+
+    @staticmethod
+    def _router_fusable(x_flat: torch.Tensor, weight_A: torch.Tensor, router: Router) -> bool:
+        """:meth:`_can_fuse_router` once the dense path and the dropout are known to allow it."""
         if not x_flat.dtype == weight_A.dtype == router.weight.dtype == torch.float32:
             return False
         if router._forward_hooks or router._forward_pre_hooks:
@@ -274,24 +287,32 @@ class MoLoraLayer(BaseTunerLayer):
 
         Needs a plain ``nn.Linear``/``Conv1D`` base without hooks whose weights do not train, the dense path, no
         active dropout (the experts must see the base layer's input), one dtype for input, base and bank, and no
-        autocast. (Runs before every forward, every decode step included: kept to attribute reads.)
+        autocast.
         """
+        return self._fusion_plan(x, adapter_name) is not None
+
+    def _fusion_plan(self, x: torch.Tensor, adapter_name: str) -> tuple[nn.Module, torch.Tensor] | None:
+        """``(base layer, A)`` when :meth:`_fusable_with_base` holds, else ``None``: what the check fetched, handed to
+        :meth:`_fused_base_forward` (this runs before every layer call, each decode step included, where looking
+        the same modules up again was a visible part of the call)."""
         base = self._plain_base_layer()
         if type(base) not in (nn.Linear, Conv1D) or base._forward_hooks or base._forward_pre_hooks:
-            return False
+            return None
         weight, bias = base.weight, base.bias
         if weight.requires_grad or (bias is not None and bias.requires_grad):
-            return False
+            return None
         weight_A = self.molora_A[adapter_name]
         if not x.dtype == weight.dtype == weight_A.dtype:
-            return False
+            return None
         if torch.is_autocast_enabled(x.device.type):
             # autocast would recast some products inside the functions and not the in-place ones
-            return False
+            return None
         n_tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if self._resolve_kernel(n_tokens, weight_A, self.kernel[adapter_name], x.device) != "dense":
-            return False
-        return not self._dropout_active(adapter_name)
+            return None
+        if self._dropout_active(adapter_name):
+            return None
+        return base, weight_A
 
     def _batch_adapter_names(self, x: torch.Tensor, adapter_names: list[str] | None) -> list[str] | None:
         """Per-sample adapter names for this call: the ``adapter_names`` kwarg, else the model-level mixed call's."""
@@ -388,8 +409,10 @@ class MoLoraLayer(BaseTunerLayer):
         if adapter_names is not None:
             return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
         active = [name for name in self.active_adapters if name in self.molora_A]
-        if len(active) == 1 and not args and not kwargs and self._fusable_with_base(x, active[0]):
-            return self._fused_base_forward(x, active[0])
+        if len(active) == 1 and not args and not kwargs:
+            plan = self._fusion_plan(x, active[0])
+            if plan is not None:
+                return self._fused_base_forward(x, active[0], plan)
         result = self.base_layer(x, *args, **kwargs)
         if self.quantization_backend is not None:
             result = self.quantization_backend.maybe_clone_base_result(result)
@@ -400,7 +423,13 @@ class MoLoraLayer(BaseTunerLayer):
             result = result.add_(delta) if in_place else result + delta
         return result
 
-    def _cached_shrink(self, adapter_name: str, weight_A: torch.Tensor, router_weight: torch.Tensor | None):
+    def _cached_shrink(
+        self,
+        adapter_name: str,
+        weight_A: torch.Tensor,
+        router_weight: torch.Tensor | None,
+        bank: torch.Tensor | None = None,
+    ):
         """``[A_flat | W_router^T]`` for a call without autograd, reused by cached decode steps; else ``None``.
 
         The matrix (``flat_shrink_weight(weight_A, router_weight)``, ``[d_in, E*r + E_router]``) is built by every
@@ -408,11 +437,14 @@ class MoLoraLayer(BaseTunerLayer):
         per layer each, where rebuilding it was a good part of the layer's work), and only while ``A`` and the
         router's weight keep their version and storage. With autograd (or a DR-LoRA-masked bank, or no runtime) it
         returns ``None`` and drops the cache: the caller builds the matrix so that gradients reach ``A`` and the
-        router.
+        router. ``bank``: the adapter's ``A`` parameter when the caller already fetched it (``weight_A`` is another
+        tensor when DR-LoRA masked it).
         """
         cache = self._molora_shrink_cache
         runtime = self._molora_runtime
-        if torch.is_grad_enabled() or runtime is None or weight_A is not self.molora_A[adapter_name]:
+        if bank is None:
+            bank = self.molora_A[adapter_name]
+        if torch.is_grad_enabled() or runtime is None or weight_A is not bank:
             cache.pop(adapter_name, None)
             return None
         key = (weight_A.data_ptr(), weight_A._version, weight_A.dtype, weight_A.device)
