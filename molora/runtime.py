@@ -280,6 +280,9 @@ class MoLoraRuntime:
         # it instead of counting twice) and the running sums as one flat row (see _stats_rows)
         self._pending: dict[tuple[str, str], _RawRouting] = {}
         self._totals: dict[tuple[str, str], torch.Tensor] = {}
+        # earlier forwards' records waiting to be reduced together: cached decode steps (a few tokens each) are
+        # committed in batches of up to _MAX_DEFERRED_FORWARDS instead of one reduction per step
+        self._deferred: list[dict[tuple[str, str], _RawRouting]] = []
         # gradient delivery (see the module docstring); `generation` tells one forward's graph from the next
         self.generation = 0
         self.loss_grad: torch.Tensor | None = None
@@ -296,7 +299,15 @@ class MoLoraRuntime:
 
     def begin_forward(self, args: tuple, kwargs: dict) -> None:
         """Publish the routing context of a model-level call and start a new collection."""
-        self.commit_stats()
+        past_length, is_decode = _cache_state(kwargs)
+        if is_decode and len(self._deferred) < _MAX_DEFERRED_FORWARDS:
+            # statistics are only read between calls (routing_stats commits first): keep the records of this
+            # generation's steps and reduce them together
+            if self._pending:
+                self._deferred.append(self._pending)
+                self._pending = {}
+        else:
+            self.commit_stats()
         self._aux = {}
         self._weights_cache = {}
         self.generation += 1
@@ -314,7 +325,6 @@ class MoLoraRuntime:
                 mask = None
         elif not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
             mask = None
-        past_length, is_decode = _cache_state(kwargs)
         self.context = RoutingContext(
             attention_mask=mask,
             is_decode=is_decode,
@@ -537,14 +547,27 @@ class MoLoraRuntime:
     # -- statistics -------------------------------------------------------------------------------------------------
 
     def commit_stats(self) -> None:
-        """Move the last forward's statistics into the running totals (one batched reduction per group of layers)."""
-        groups: dict[tuple, list[tuple[tuple[str, str], _RawRouting]]] = {}
-        for key, raw in self._pending.items():
-            groups.setdefault(raw.group(), []).append((key, raw))
+        """Move the statistics of the forwards not yet counted into the running totals (one batched reduction per
+        group of same-shaped records, over layers and deferred decode steps together)."""
+        forwards = self._deferred
+        if self._pending:
+            forwards.append(self._pending)
+        self._deferred = []
         self._pending = {}
+        groups: dict[tuple, list[tuple[tuple[str, str], _RawRouting]]] = {}
+        for pending in forwards:
+            for key, raw in pending.items():
+                groups.setdefault(raw.group(), []).append((key, raw))
         for members in groups.values():
             rows = _stats_rows([raw for _, raw in members])
-            for (key, _), row in zip(members, rows):
+            keys = [key for key, _ in members]
+            if len(forwards) > 1:
+                # the same layer in several forwards: sum its rows first (one index_add for the group)
+                order = {key: i for i, key in enumerate(dict.fromkeys(keys))}
+                index = torch.tensor([order[key] for key in keys], device=rows.device)
+                rows = rows.new_zeros(len(order), rows.shape[1]).index_add_(0, index, rows)
+                keys = list(order)
+            for key, row in zip(keys, rows):
                 totals = self._totals.get(key)
                 # out of place: totals started under torch.inference_mode() are inference tensors, which cannot be
                 # updated in place once training resumes (and vice versa)
@@ -565,7 +588,12 @@ class MoLoraRuntime:
     def reset_stats(self) -> None:
         """Forget all accumulated routing statistics."""
         self._pending = {}
+        self._deferred = []
         self._totals = {}
+
+
+#: the most decode steps whose routing records wait for one batched reduction (see MoLoraRuntime.begin_forward)
+_MAX_DEFERRED_FORWARDS = 32
 
 
 def _stats_rows(raws: list[_RawRouting]) -> torch.Tensor:

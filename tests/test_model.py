@@ -296,6 +296,32 @@ def test_generate_works_and_decode_steps_skip_aux_losses(batch):
     assert tokens == {int(batch["attention_mask"].sum()) + 3 * 2}
 
 
+def test_decode_step_statistics_are_reduced_in_batches_with_the_same_totals(batch, monkeypatch):
+    """Cached decode steps keep their routing records and reduce them together (at most _MAX_DEFERRED_FORWARDS at a
+    time); the totals equal those of one reduction per step, and reading the statistics counts everything."""
+    import molora.runtime as runtime_module
+
+    def generate_stats(max_deferred, new_tokens):
+        monkeypatch.setattr(runtime_module, "_MAX_DEFERRED_FORWARDS", max_deferred)
+        model = get_peft_model(make_llama(), MoLoraConfig(num_experts=4, top_k=2, init_lora_weights=False))
+        runtime = model.base_model.molora_runtime
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, min_new_tokens=new_tokens)
+        deferred = len(runtime._deferred)
+        return model.get_routing_stats(), deferred, len(runtime._deferred)
+
+    per_step, deferred_0, _ = generate_stats(0, 9)
+    batched, deferred_before_read, deferred_after_read = generate_stats(4, 9)
+    assert deferred_0 == 0 and 1 <= deferred_before_read <= 4 and deferred_after_read == 0
+    assert per_step.keys() == batched.keys()
+    for name, stats in per_step.items():
+        other = batched[name]
+        assert stats.tokens == other.tokens == int(batch["attention_mask"].sum()) + 8 * 2
+        for field in ("load", "gate_mass", "prob_mass"):
+            torch.testing.assert_close(torch.tensor(getattr(other, field)), torch.tensor(getattr(stats, field)))
+        assert abs(other.entropy - stats.entropy) < 1e-6
+
+
 def test_peft_model_from_pretrained_in_process(tmp_path, batch):
     model = get_peft_model(make_llama(), MoLoraConfig(num_experts=4, top_k=2, init_lora_weights=False))
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
