@@ -433,11 +433,13 @@ class MoLoraRuntime:
         config = self.peft_config[adapter_name]
         key = (layer_key, adapter_name)
         if config.track_routing_stats:
+            probs, weight = routing.probs, routing.weight
             self._pending[key] = _RawRouting(
-                routing.probs.detach(),
+                # detach only what carries history (without autograd, as in generation, two operator calls less)
+                probs.detach() if probs.requires_grad else probs,
                 routing.token_index,
                 routing.expert_index,
-                routing.weight.detach(),
+                weight.detach() if weight.requires_grad else weight,
                 valid,
             )
         need = self.losses_needed(adapter_name, router)

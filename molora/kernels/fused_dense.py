@@ -160,6 +160,7 @@ def gated_expand_(
     if not _needs_autograd(out, h, gates, b_flat):
         # nothing to save for a backward: the scaling goes into the GEMM's alpha (two fewer operator calls, which
         # are a good part of a decode step's work)
-        hg = h.unflatten(1, (gates.shape[1], -1)) * gates.to(h.dtype).unsqueeze(-1)
+        gates = gates if gates.dtype == h.dtype else gates.to(h.dtype)
+        hg = h.unflatten(1, (gates.shape[1], -1)) * gates.unsqueeze(-1)
         return out.addmm_(hg.flatten(1), b_flat, alpha=scaling)
     return _GatedExpand.apply(out, h, gates, b_flat, scaling)
