@@ -231,6 +231,11 @@ class Router(nn.Module):
         (:meth:`aux_inputs` then :meth:`aux_losses`, run by the model's runtime). The built-in top-k router computes
         its routing, balancing loss and z-loss in one autograd node here (``molora.kernels.fused_router``); the
         values must equal those of the default route.
+
+        An implementation marked ``select_with_losses.takes_missing_grads = True`` is also given
+        ``missing_grads=``, a callable its autograd node calls in backward when its losses received no gradient
+        (see ``topk_gates_and_losses``); it then delivers the aux gradient itself and the runtime adds no identity
+        node on the layer's output. Unmarked implementations are called with the four arguments above.
         """
         return self.select(logits, valid), None
 
