@@ -208,19 +208,12 @@ class _AttachAuxGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
         runtime = ctx.runtime
-        if runtime.aux_delivered or ctx.generation != runtime.generation:
+        if not runtime.aux_undelivered(ctx.generation):
             return (grad, None, None, None) + (None,) * len(ctx.names)
         if not ctx.names:
             runtime._warn_concat_once()
             return grad, None, None, None
-        weights = runtime.aux_weights(ctx.adapter_name)
-        scale = runtime.loss_grad
-        grads = []
-        for name, (shape, dtype, device) in zip(ctx.names, ctx.shapes):
-            g = torch.full(shape, weights.get(name, 0.0), dtype=dtype, device=device)
-            if scale is not None:
-                g = g * scale.to(device=device, dtype=dtype)
-            grads.append(g)
+        grads = runtime.aux_fallback_grads(ctx.adapter_name, zip(ctx.names, ctx.shapes))
         return (grad, None, None, None, *grads)
 
 
@@ -238,17 +231,11 @@ class _MissingAuxGrads:
 
     def __call__(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         runtime = self.runtime
-        if runtime.aux_delivered or self.generation != runtime.generation:
+        if not runtime.aux_undelivered(self.generation):
             return None, None
-        weights = runtime.aux_weights(self.adapter_name)
-        scale = runtime.loss_grad
-        grads = []
-        for name in ("balance", "z"):
-            g = torch.tensor(weights.get(name, 0.0), dtype=dtype, device=device)
-            if scale is not None:
-                g = g * scale.to(device=device, dtype=dtype)
-            grads.append(g)
-        return grads[0], grads[1]
+        scalar = (torch.Size(), dtype, device)
+        grad_balance, grad_z = runtime.aux_fallback_grads(self.adapter_name, [("balance", scalar), ("z", scalar)])
+        return grad_balance, grad_z
 
 
 class _SelfDelivered(dict):
@@ -387,10 +374,15 @@ class MoLoraRuntime:
 
     def losses_needed(self, adapter_name: str, router: Router) -> frozenset[str]:
         """Names of the aux losses :meth:`record` will take from ``router`` in the current forward (maybe none)."""
-        config = self.peft_config[adapter_name]
+        return self._coefficients_needed(adapter_name, router)[1]
+
+    def _coefficients_needed(self, adapter_name: str, router: Router) -> tuple[dict[str, float], frozenset[str]]:
+        """``router``'s loss coefficients and the names of the losses the current forward needs (``({}, {})`` in a
+        decode step or without autograd and labels)."""
         if self.context.is_decode or not (torch.is_grad_enabled() or self.context.labels is not None):
-            return frozenset()
-        return frozenset(name for name, coef in router.loss_coefficients(config).items() if coef > 0)
+            return {}, frozenset()
+        coefs = router.loss_coefficients(self.peft_config[adapter_name])
+        return coefs, frozenset(name for name, coef in coefs.items() if coef > 0)
 
     def select(
         self, adapter_name: str, router: Router, logits: torch.Tensor, valid: torch.Tensor | None
@@ -442,10 +434,9 @@ class MoLoraRuntime:
                 weight.detach() if weight.requires_grad else weight,
                 valid,
             )
-        need = self.losses_needed(adapter_name, router)
+        coefs, need = self._coefficients_needed(adapter_name, router)
         if not need:
             return output
-        coefs = router.loss_coefficients(config)
         concat = config.loss_reduction == "concat"
         inputs = None
         if losses is None:
@@ -471,6 +462,24 @@ class MoLoraRuntime:
                 stacklevel=3,
             )
             self._warned_concat = True
+
+    def aux_undelivered(self, generation: int) -> bool:
+        """Whether the aux-loss gradient of forward ``generation`` (still the last one) has not reached the routers
+        through ``outputs.loss`` or ``molora_aux_loss()``: the layers then deliver it themselves."""
+        return not self.aux_delivered and generation == self.generation
+
+    def aux_fallback_grads(self, adapter_name: str, specs) -> list[torch.Tensor]:
+        """``d(weight * loss)/d(loss)`` for one router's losses that received no gradient, scaled like ``outputs.loss``
+        was when that is known; ``specs`` are ``(loss name, (shape, dtype, device))`` pairs."""
+        weights = self.aux_weights(adapter_name)
+        scale = self.loss_grad
+        grads = []
+        for name, (shape, dtype, device) in specs:
+            g = torch.full(shape, weights.get(name, 0.0), dtype=dtype, device=device)
+            if scale is not None:
+                g = g * scale.to(device=device, dtype=dtype)
+            grads.append(g)
+        return grads
 
     def aux_weights(self, adapter_name: str) -> dict[str, float]:
         """Weight of one router's loss in the total: ``coef`` (sum) or ``coef / number of routers`` (mean)."""
