@@ -145,23 +145,23 @@ def test_fusion_falls_back_when_it_would_change_the_maths():
     model = get_peft_model(make_llama(), config).train()
     layer = _layer(model)
     x = torch.randn(2, 3, layer.in_features)
-    assert layer._fusable_with_base(x, "default")
-    assert not layer._fusable_with_base(x.double(), "default")  # dtype differs from the base weight
+    assert layer._fusion_plan(x, "default") is not None
+    assert layer._fusion_plan(x.double(), "default") is None  # dtype differs from the base weight
     layer.kernel["default"] = "grouped"
-    assert not layer._fusable_with_base(x, "default")
+    assert layer._fusion_plan(x, "default") is None
     layer.kernel["default"] = "auto"
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not layer._fusable_with_base(x, "default")
+        assert layer._fusion_plan(x, "default") is None
     handle = layer.base_layer.register_forward_hook(lambda *a: None)
-    assert not layer._fusable_with_base(x, "default")  # a hook on the base layer must see its call
+    assert layer._fusion_plan(x, "default") is None  # a hook on the base layer must see its call
     handle.remove()
     layer.base_layer.weight.requires_grad_(True)
-    assert not layer._fusable_with_base(x, "default")  # the fused functions give the base weight no gradient
+    assert layer._fusion_plan(x, "default") is None  # the fused functions give the base weight no gradient
     layer.base_layer.weight.requires_grad_(False)
     layer.molora_dropout["default"] = nn.Dropout(0.5)
-    assert not layer._fusable_with_base(x, "default")  # the experts would see another input than the base
+    assert layer._fusion_plan(x, "default") is None  # the experts would see another input than the base
     layer.molora_dropout["default"].eval()
-    assert layer._fusable_with_base(x, "default")
+    assert layer._fusion_plan(x, "default") is not None
 
 
 def test_base_hook_still_runs_and_results_agree():

@@ -217,7 +217,7 @@ class MoLoraLayer(BaseTunerLayer):
         return self._finish(adapter_name, router, routing, valid, rank_state, delta, lead_shape, losses)
 
     def _fused_base_forward(
-        self, x: torch.Tensor, adapter_name: str, plan: tuple[nn.Module, torch.Tensor] | None = None
+        self, x: torch.Tensor, adapter_name: str, plan: tuple[nn.Module, torch.Tensor]
     ) -> torch.Tensor:
         """Base projection + dense-path experts of one adapter through ``molora.kernels.fused_dense``.
 
@@ -226,13 +226,10 @@ class MoLoraLayer(BaseTunerLayer):
         results as :meth:`forward`'s general path, fewer passes over ``[tokens, d]`` tensors in both directions.
         ``plan``: ``(base layer, A)`` from :meth:`_fusion_plan` (which checked the dense path and the dropout).
         """
-        base, bank = plan if plan is not None else (self._plain_base_layer(), self.molora_A[adapter_name])
+        base, bank = plan
         x_flat, lead_shape, valid, context, weight_A, weight_B, rank_state = self._prepare(x, adapter_name, bank)
         router = self.molora_router[adapter_name]
-        if plan is None:
-            fuse_router = self._can_fuse_router(x_flat, adapter_name, "dense")
-        else:
-            fuse_router = self._router_fusable(x_flat, bank, router)
+        fuse_router = self._router_fusable(x_flat, bank, router)
         router_weight = router.weight if fuse_router else None
         # None with autograd: the function then builds [A_flat | W_router^T] itself
         shrink = self._cached_shrink(adapter_name, weight_A, router_weight, bank)
@@ -282,19 +279,15 @@ class MoLoraLayer(BaseTunerLayer):
         dropout = self.molora_dropout[adapter_name]
         return not (isinstance(dropout, nn.Identity) or not dropout.training or dropout.p == 0)
 
-    def _fusable_with_base(self, x: torch.Tensor, adapter_name: str) -> bool:
-        """Whether the base projection and the dense path can run as one fused pair (``molora.kernels.fused_dense``).
+    def _fusion_plan(self, x: torch.Tensor, adapter_name: str) -> tuple[nn.Module, torch.Tensor] | None:
+        """``(base layer, A)`` when the base projection and the dense path can run as one fused pair
+        (``molora.kernels.fused_dense``), else ``None``.
 
         Needs a plain ``nn.Linear``/``Conv1D`` base without hooks whose weights do not train, the dense path, no
         active dropout (the experts must see the base layer's input), one dtype for input, base and bank, and no
-        autocast.
+        autocast. What the check fetched is handed to :meth:`_fused_base_forward` (this runs before every layer
+        call, each decode step included, where looking the same modules up again was a visible part of the call).
         """
-        return self._fusion_plan(x, adapter_name) is not None
-
-    def _fusion_plan(self, x: torch.Tensor, adapter_name: str) -> tuple[nn.Module, torch.Tensor] | None:
-        """``(base layer, A)`` when :meth:`_fusable_with_base` holds, else ``None``: what the check fetched, handed to
-        :meth:`_fused_base_forward` (this runs before every layer call, each decode step included, where looking
-        the same modules up again was a visible part of the call)."""
         base = self._plain_base_layer()
         if type(base) not in (nn.Linear, Conv1D) or base._forward_hooks or base._forward_pre_hooks:
             return None
