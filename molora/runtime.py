@@ -242,6 +242,15 @@ class _SelfDelivered(dict):
     """Aux losses (name -> value) whose router delivers their gradient itself (see :class:`_MissingAuxGrads`)."""
 
 
+def self_delivered(losses: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    """``losses`` computed with a ``missing_grads`` callback, marked for :meth:`MoLoraRuntime.record` (which then adds
+    no identity node): the losses carry the autograd node that holds the callback. Without gradient there is nothing
+    to deliver and they stay a plain dict."""
+    if losses is not None and any(loss.requires_grad for loss in losses.values()):
+        return _SelfDelivered(losses)
+    return losses
+
+
 def _delivers_missing_grads(router: Router) -> bool:
     # only implementations marked so take the `missing_grads` argument (the built-in top-k router's; a subclass
     # that overrides the method without the mark keeps the identity node on its layer's output)
@@ -389,22 +398,32 @@ class MoLoraRuntime:
     ) -> tuple[Routing, dict[str, torch.Tensor] | None]:
         """``router.select_with_losses`` for the losses this forward needs: the routing and, when the router computes
         them itself, the losses to hand to :meth:`record` (``None``: record computes them from the routing)."""
+        args = self.selection_args(adapter_name, router)
+        if args is None:
+            return router.select(logits, valid), None
+        need, balance_type, missing = args
+        if missing is None:
+            return router.select_with_losses(logits, valid, need, balance_type)
+        routing, losses = router.select_with_losses(logits, valid, need, balance_type, missing_grads=missing)
+        return routing, self_delivered(losses)
+
+    def selection_args(
+        self, adapter_name: str, router: Router
+    ) -> tuple[frozenset[str], str, _MissingAuxGrads | None] | None:
+        """What :meth:`select` passes to ``router.select_with_losses``: the losses this forward needs, the balance
+        type, and the missing-gradient callback for routers marked ``takes_missing_grads`` (``None`` for the others,
+        and without autograd or losses); ``None`` where the router's plain ``select`` is used instead."""
         config = self.peft_config[adapter_name]
         need = self.losses_needed(adapter_name, router)
         if need and config.loss_reduction == "concat":
             # the concatenated losses need every router's inputs (AuxInputs), not per-router values
-            return router.select(logits, valid), None
-        if not (need and _delivers_missing_grads(router) and torch.is_grad_enabled() and router.weight.requires_grad):
-            return router.select_with_losses(logits, valid, need, config.balance_loss_type)
-        # the built-in top-k function delivers the aux gradient itself when nothing else does (see the module
-        # docstring): no identity node on the layer's output is needed then
-        routing, losses = router.select_with_losses(
-            logits, valid, need, config.balance_loss_type, missing_grads=_MissingAuxGrads(self, adapter_name)
-        )
-        if losses is not None and any(loss.requires_grad for loss in losses.values()):
-            # the losses carry the node that holds the callback (with no gradient there is nothing to deliver)
-            losses = _SelfDelivered(losses)
-        return routing, losses
+            return None
+        missing = None
+        if need and _delivers_missing_grads(router) and torch.is_grad_enabled() and router.weight.requires_grad:
+            # the built-in top-k function delivers the aux gradient itself when nothing else does (see the module
+            # docstring): no identity node on the layer's output is needed then
+            missing = _MissingAuxGrads(self, adapter_name)
+        return need, config.balance_loss_type, missing
 
     @torch.compiler.disable
     def record(

@@ -2,7 +2,8 @@
 
 Function level: ``base_and_shrink`` + ``gated_expand_`` against the same maths in plain fp64 torch ops, for
 ``nn.Linear`` and ``Conv1D`` weights, with and without bias and router, with an input that does or does not need a
-gradient.
+gradient; ``dense_topk_layer`` (the same with the top-k router's function, as one node) against the three functions
+in sequence, for every loss setting, gradient source and set of trainable inputs.
 Layer level: a model whose layers take the fused path gives the same loss and gradients as the naive reference
 kernel (Llama and GPT-2's Conv1D, a router with extra null-expert columns, DR-LoRA masks), and the layer falls back
 to the general path whenever fusing would change the maths (hooks, trainable base weights, dropout, autocast).
@@ -18,7 +19,8 @@ from torch import nn
 
 import molora.adapters.layer as layer_module
 from molora import MoLoraConfig, MoLoraLayer
-from molora.kernels.fused_dense import base_and_shrink, gated_expand_
+from molora.kernels.fused_dense import base_and_shrink, dense_topk_layer, gated_expand_
+from molora.kernels.fused_router import topk_gates_and_losses
 
 
 def reference(x, weight, bias, bank, router, gates, b_flat, scaling, conv1d):
@@ -78,6 +80,116 @@ def test_functions_match_plain_ops(conv1d, with_bias, x_grad, with_router):
         torch.testing.assert_close(g_f, g_r)
 
 
+def _topk_layer_pieces(t, weight, bias, conv1d, scaling, k, valid, missing, options):
+    """The three functions in sequence: what ``dense_topk_layer`` computes as one node."""
+    out, h, logits = base_and_shrink(t["x"], weight, bias, t["bank"], t["router"], conv1d)
+    gates, balance, z_loss, *_ = topk_gates_and_losses(logits, k, valid=valid, missing_grads=missing, **options)
+    return gated_expand_(out, h, gates, t["b"], scaling), balance, z_loss
+
+
+TOPK_OPTIONS = [
+    {"balance_type": "megatron", "z_loss": True},
+    {"balance_type": "mixtral", "renormalize": False},
+    {"balance_type": "switch"},
+    {"balance_type": None, "z_loss": True},
+    {},
+]
+FROZEN = {"all": set(), "no x": {"x"}, "only B": {"x", "bank", "router"}, "no router": {"router"}}
+
+
+def _topk_cases():
+    for options in TOPK_OPTIONS:
+        has_losses = options.get("balance_type") is not None or options.get("z_loss", False)
+        for trainable, frozen in FROZEN.items():
+            for source in ("everything", "output only", "losses only"):
+                # the losses alone reach a trainable input only through the logits (x or the router)
+                if source != "losses only" or (has_losses and {"x", "router"} - frozen):
+                    yield options, source, trainable
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("options, source, trainable", list(_topk_cases()))
+def test_dense_topk_layer_matches_the_three_functions(options, padded, source, trainable):
+    torch.manual_seed(5)
+    n_tokens, d_in, d_out, n_experts, rank, k, scaling = 9, 6, 5, 4, 3, 2, 0.75
+    conv1d = trainable == "no router"  # a Conv1D base with a bias once
+    weight = (torch.randn(d_in, d_out) if conv1d else torch.randn(d_out, d_in)).double()
+    bias = torch.randn(d_out, dtype=torch.float64) if conv1d else None
+    leaves = {
+        "x": torch.randn(n_tokens, d_in, dtype=torch.float64),
+        "bank": torch.randn(n_experts, d_in, rank, dtype=torch.float64),
+        "b": torch.randn(n_experts * rank, d_out, dtype=torch.float64),
+        "router": torch.randn(n_experts, d_in, dtype=torch.float64),
+    }
+    frozen = FROZEN[trainable]
+    valid = torch.rand(n_tokens, generator=torch.Generator().manual_seed(1)) > 0.3 if padded else None
+    upstream = torch.randn(n_tokens, d_out, dtype=torch.float64)
+    has_losses = options.get("balance_type") is not None or options.get("z_loss", False)
+    # a trainer that differentiates only the output: the callback supplies the losses' gradients (as the runtime)
+    fill = (torch.tensor(0.3, dtype=torch.float64), torch.tensor(0.05, dtype=torch.float64))
+    calls = []
+
+    def missing(device, dtype):
+        calls.append(1)
+        return fill
+
+    results = []
+    for fused in (True, False):
+        t = {name: v.clone().requires_grad_(name not in frozen) for name, v in leaves.items()}
+        if fused:
+            out, gates, balance, z_loss, probs, index, top = dense_topk_layer(
+                t["x"],
+                weight,
+                bias,
+                t["bank"],
+                t["b"],
+                t["router"],
+                scaling,
+                k,
+                conv1d=conv1d,
+                valid=valid,
+                missing_grads=missing,
+                **options,
+            )
+            assert not any(v.requires_grad for v in (gates, probs, top)) and index.dtype == torch.long
+            assert torch.equal(gates.gather(-1, index), top)
+        else:
+            out, balance, z_loss = _topk_layer_pieces(t, weight, bias, conv1d, scaling, k, valid, missing, options)
+        assert (balance is None) == (options.get("balance_type") is None)
+        assert (z_loss is None) == (not options.get("z_loss", False))
+        terms = []
+        if source != "losses only":
+            terms.append((out * upstream).sum())
+        if source != "output only":
+            terms += [0.7 * loss for loss in (balance, z_loss) if loss is not None]
+        wanted = [v for v in t.values() if v.requires_grad]
+        grads = torch.autograd.grad(sum(terms), wanted, allow_unused=True)
+        results.append((out.detach(), [loss.detach() for loss in (balance, z_loss) if loss is not None], grads))
+    (out_f, losses_f, grads_f), (out_r, losses_r, grads_r) = results
+    torch.testing.assert_close(out_f, out_r)
+    torch.testing.assert_close(losses_f, losses_r)
+    for name, g_f, g_r in zip([n for n in leaves if n not in frozen], grads_f, grads_r):
+        if g_r is None:  # B through the losses alone
+            assert g_f is None or not g_f.any(), name
+            continue
+        assert g_f is not None and g_f.shape == g_r.shape, name
+        torch.testing.assert_close(g_f, g_r, msg=name)
+    # the callback ran in both (and only) where the losses got no gradient of their own
+    wants_fill = source == "output only" and has_losses and bool({"x", "bank", "router"} - frozen)
+    assert len(calls) == (2 if wants_fill else 0)
+
+
+def test_dense_topk_layer_rejects_what_it_cannot_compute():
+    x, weight = torch.randn(3, 4), torch.randn(5, 4)
+    bank, b_flat = torch.randn(2, 4, 3), torch.randn(6, 5)
+    with pytest.raises(ValueError, match="balance_type"):
+        dense_topk_layer(x, weight, None, bank, b_flat, torch.randn(2, 4), 1.0, 1, balance_type="soft")
+    with pytest.raises(ValueError, match="one logit per expert"):
+        dense_topk_layer(x, weight, None, bank, b_flat, torch.randn(3, 4), 1.0, 1)
+    with pytest.raises(ValueError, match="`k`=3"):
+        dense_topk_layer(x, weight, None, bank, b_flat, torch.randn(2, 4), 1.0, 3)
+
+
 def model_grads(make, kernel, targets, router="topk", seed=0, **config_kwargs):
     config = MoLoraConfig(
         r=4,
@@ -100,16 +212,21 @@ def model_grads(make, kernel, targets, router="topk", seed=0, **config_kwargs):
     return out.loss.detach(), out.logits.detach(), grads
 
 
-def _count_calls(monkeypatch, name="base_and_shrink"):
-    """Count the layer module's calls of ``name`` (by default the fused path's entry point)."""
+FUSED_ENTRIES = ("base_and_shrink", "dense_topk_layer")
+
+
+def _count_calls(monkeypatch, names=FUSED_ENTRIES):
+    """Count the layer module's calls of the functions ``names`` (by default the fused path's two entry points: the
+    separate functions, and the one-node top-k layer of a training forward); each call appends its name."""
     calls = []
-    original = getattr(layer_module, name)
+    for name in (names,) if isinstance(names, str) else names:
+        original = getattr(layer_module, name)
 
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
+        def spy(*args, _name=name, _original=original, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
 
-    monkeypatch.setattr(layer_module, name, spy)
+        monkeypatch.setattr(layer_module, name, spy)
     return calls
 
 
@@ -126,6 +243,8 @@ def test_fused_model_matches_naive(make, targets, router, extra, monkeypatch):
     calls = _count_calls(monkeypatch)
     loss_f, logits_f, grads_f = model_grads(make, "dense", targets, router, **extra)
     assert calls, "the fused path was not taken"
+    # a training forward of the plain top-k router runs as one node per layer; the others as separate functions
+    assert set(calls) == {"dense_topk_layer" if router == "topk" else "base_and_shrink"}
     n_calls = len(calls)
     loss_n, logits_n, grads_n = model_grads(make, "naive", targets, router, **extra)
     assert len(calls) == n_calls

@@ -139,13 +139,20 @@ def test_fused_dense_layer_matches_unfused_paths(router, monkeypatch):
     import molora.adapters.layer as layer_module
 
     original = layer_module.base_and_shrink
+    original_topk = layer_module.dense_topk_layer
 
     def spy(x, weight, bias, bank, router_weight=None, conv1d=False, **kwargs):
         # the router's weight rides in the shrink GEMM: E*r expert columns plus E router columns
         calls.append(bank.shape[0] * bank.shape[2] + (router_weight.shape[0] if router_weight is not None else 0))
         return original(x, weight, bias, bank, router_weight, conv1d, **kwargs)
 
+    def spy_topk(x, weight, bias, bank, b_flat, router_weight, *args, **kwargs):
+        # the top-k router's training forward: the same GEMM inside one node (dense_topk_layer)
+        calls.append(bank.shape[0] * bank.shape[2] + router_weight.shape[0])
+        return original_topk(x, weight, bias, bank, b_flat, router_weight, *args, **kwargs)
+
     monkeypatch.setattr(layer_module, "base_and_shrink", spy)
+    monkeypatch.setattr(layer_module, "dense_topk_layer", spy_topk)
     loss_fused, grads_fused, _ = layer_grads(router, "dense")
     assert set(calls) == {5 * 4 + 5}
     assert calls, "the fused path was not taken"

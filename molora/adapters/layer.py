@@ -18,9 +18,10 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..kernels import choose_kernel, expert_delta
-from ..kernels.fused_dense import base_and_shrink, gated_expand_
+from ..kernels.fused_dense import base_and_shrink, dense_topk_layer, gated_expand_
 from ..kernels.torch_ops import dense_masked_expand, flat_shrink_weight
 from ..routers.base import Router, Routing, build_router_params, get_router_class
+from ..runtime import self_delivered
 from .dynamic_rank import DynamicRankState
 
 MERGE_ERROR = (
@@ -230,6 +231,11 @@ class MoLoraLayer(BaseTunerLayer):
         x_flat, lead_shape, valid, context, weight_A, weight_B, rank_state = self._prepare(x, adapter_name, bank)
         router = self.molora_router[adapter_name]
         fuse_router = self._router_fusable(x_flat, bank, router)
+        if fuse_router:
+            done = self._dense_topk_forward(adapter_name, base, router, x_flat, weight_A, weight_B, valid)
+            if done is not None:
+                out, routing, losses = done
+                return self._finish(adapter_name, router, routing, valid, rank_state, out, lead_shape, losses)
         router_weight = router.weight if fuse_router else None
         # None with autograd: the function then builds [A_flat | W_router^T] itself
         shrink = self._cached_shrink(adapter_name, weight_A, router_weight, bank)
@@ -244,6 +250,41 @@ class MoLoraLayer(BaseTunerLayer):
         b_flat = weight_B.reshape(-1, weight_B.shape[-1])
         out = gated_expand_(out, h, routing.dense_gates(), b_flat, self.scaling[adapter_name])
         return self._finish(adapter_name, router, routing, valid, rank_state, out, lead_shape, losses)
+
+    def _dense_topk_forward(self, adapter_name, base, router, x_flat, weight_A, weight_B, valid):
+        """``(out, routing, losses)`` through ``fused_dense.dense_topk_layer`` (base projection, top-k routing with its
+        losses, and the experts as one autograd node) when a training forward of a top-k router allows it, else
+        ``None``. The caller checked the fused dense path and a linear router on the same fp32 input."""
+        runtime = self._molora_runtime
+        if runtime is None or not torch.is_grad_enabled():
+            return None  # without autograd the separate functions run their forwards directly: nothing to merge
+        if not (
+            x_flat.requires_grad or weight_A.requires_grad or weight_B.requires_grad or router.weight.requires_grad
+        ):
+            return None
+        args = runtime.selection_args(adapter_name, router)
+        if args is None or router.weight.shape[0] != weight_A.shape[0]:
+            return None
+        need, balance_type, missing = args
+        topk_args = router.fused_topk_args(x_flat.dtype, need, balance_type)
+        if topk_args is None:
+            return None
+        out, *routed = dense_topk_layer(
+            x_flat,
+            base.weight,
+            base.bias,
+            weight_A,
+            weight_B.reshape(-1, weight_B.shape[-1]),
+            router.weight,
+            self.scaling[adapter_name],
+            conv1d=isinstance(base, Conv1D),
+            valid=valid,
+            missing_grads=missing,
+            **topk_args,
+        )
+        # the logits stay inside the node (the losses that read them came out of it)
+        routing, losses = router.topk_result(*routed, None, need)
+        return out, routing, (self_delivered(losses) if missing is not None else losses)
 
     def _can_fuse_router(self, x_flat: torch.Tensor, adapter_name: str, kernel: str) -> bool:
         """Whether the router's logits can come out of the dense path's shrink GEMM (see ``_split_shrink``).

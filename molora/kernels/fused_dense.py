@@ -11,7 +11,9 @@ output, and each elementwise step keeps its own buffers. Here:
   ``[T, d_in]`` buffer or pass, and hands ``A`` and the router their gradients in their own layouts;
 * :func:`gated_expand_` scales each expert's rank columns by its gate (times the LoRA scaling) and adds
   ``hg @ B_flat`` into the base output in place (``addmm_``): no ``[T, d_out]`` delta, no separate addition; its
-  backward passes ``dY`` through unchanged.
+  backward passes ``dY`` through unchanged;
+* :func:`dense_topk_layer` is both with the top-k router's function (``molora.kernels.fused_router``) between them, as
+  one autograd node: what a training forward of the built-in ``topk`` router runs.
 
 Same results as the unfused path (tests/test_fused_dense.py compares outputs and every gradient). Only for frozen base
 weights (the adapter never trains them) and the dense path; the layer falls back to the general path otherwise.
@@ -23,6 +25,7 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
+from .fused_router import FUSED_BALANCE_TYPES, MissingGrads, topk_backward, topk_forward, topk_save
 from .torch_ops import flat_shrink_weight
 
 
@@ -67,19 +70,42 @@ class _BaseAndShrink(torch.autograd.Function):
     def backward(ctx, grad_out, grad_h, grad_logits):  # noqa: D102
         x, weight, shrink = ctx.saved_tensors
         grad_hl = grad_h if grad_logits is None else torch.cat([grad_h, grad_logits], dim=1)
-        grad_x = grad_bank = grad_router = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ (weight.t() if ctx.conv1d else weight)
-            grad_x.addmm_(grad_hl, shrink.t())
-        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
-            # dH^T x rather than x^T dH: the same product, ~20% faster for these skinny shapes on a CPU
-            grad_rows = grad_hl.t() @ x  # [E*r (+ E_router), d_in]
-            n_experts, d_in, rank = ctx.bank_shape
-            if ctx.needs_input_grad[3]:
-                grad_bank = grad_rows[: n_experts * rank].view(n_experts, rank, d_in).transpose(1, 2)
-            if ctx.needs_input_grad[4]:
-                grad_router = grad_rows[n_experts * rank :]
+        grad_x, grad_bank, grad_router = _base_and_shrink_backward(
+            grad_out,
+            grad_hl,
+            x,
+            weight,
+            shrink,
+            ctx.conv1d,
+            ctx.bank_shape,
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[3],
+            ctx.needs_input_grad[4],
+        )
         return grad_x, None, None, grad_bank, grad_router, None
+
+
+def _base_and_shrink_backward(
+    grad_out, grad_hl, x, weight, shrink, conv1d, bank_shape, needs_x, needs_bank, needs_router
+):
+    """``(dx, dA, dW_router)`` of :func:`base_and_shrink` from ``dY`` and ``[dH | dlogits]`` (``None`` where not
+    needed)."""
+    grad_x = grad_bank = grad_router = None
+    if needs_x:
+        if grad_out is None:  # only the router's losses were differentiated (dense_topk_layer)
+            grad_x = grad_hl @ shrink.t()
+        else:
+            grad_x = grad_out @ (weight.t() if conv1d else weight)
+            grad_x.addmm_(grad_hl, shrink.t())
+    if needs_bank or needs_router:
+        # dH^T x rather than x^T dH: the same product, ~20% faster for these skinny shapes on a CPU
+        grad_rows = grad_hl.t() @ x  # [E*r (+ E_router), d_in]
+        n_experts, d_in, rank = bank_shape
+        if needs_bank:
+            grad_bank = grad_rows[: n_experts * rank].view(n_experts, rank, d_in).transpose(1, 2)
+        if needs_router:
+            grad_router = grad_rows[n_experts * rank :]
+    return grad_x, grad_bank, grad_router
 
 
 def _gated_expand_forward(out, h, gates, b_flat, scaling):
@@ -107,17 +133,31 @@ class _GatedExpand(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):  # noqa: D102
         h, scaled, b_flat, hg = ctx.saved_tensors
-        n_experts = scaled.shape[1]
-        grad_h = grad_gates = grad_b = None
-        grad_hg = (grad_out @ b_flat.t()).unflatten(1, (n_experts, h.shape[1] // n_experts))
-        if ctx.needs_input_grad[1]:
-            grad_h = (grad_hg * scaled.unsqueeze(-1)).flatten(1)
-        if ctx.needs_input_grad[2]:
-            grad_gates = (grad_hg * h.unflatten(1, grad_hg.shape[1:])).sum(dim=-1)
-            grad_gates = (grad_gates * ctx.scaling).to(ctx.gates_dtype)
-        if ctx.needs_input_grad[3]:
-            grad_b = hg.t() @ grad_out
+        grad_h, grad_gates, grad_b = _gated_expand_backward(
+            grad_out, h, scaled, b_flat, hg, ctx.scaling, *ctx.needs_input_grad[1:4]
+        )
+        if grad_gates is not None:
+            grad_gates = grad_gates.to(ctx.gates_dtype)
         return grad_out, grad_h, grad_gates, grad_b, None
+
+
+def _gated_expand_backward(grad_out, h, scaled, b_flat, hg, scaling, needs_h, needs_gates, needs_b, grad_h_out=None):
+    """``(dH, dgates, dB_flat)`` of :func:`gated_expand_` (``dgates`` in ``h``'s dtype; ``None`` where not needed).
+    ``grad_h_out``: a ``[T, E*r]`` view to write ``dH`` into (the first columns of a ``[dH | dlogits]`` buffer)."""
+    n_experts = scaled.shape[1]
+    grad_h = grad_gates = grad_b = None
+    grad_hg = (grad_out @ b_flat.t()).unflatten(1, (n_experts, h.shape[1] // n_experts))
+    if needs_h:
+        if grad_h_out is None:
+            grad_h = (grad_hg * scaled.unsqueeze(-1)).flatten(1)
+        else:
+            grad_h = grad_h_out
+            torch.mul(grad_hg, scaled.unsqueeze(-1), out=grad_h_out.view(grad_hg.shape))
+    if needs_gates:
+        grad_gates = (grad_hg * h.unflatten(1, grad_hg.shape[1:])).sum(dim=-1) * scaling
+    if needs_b:
+        grad_b = hg.t() @ grad_out
+    return grad_h, grad_gates, grad_b
 
 
 def base_and_shrink(
@@ -164,3 +204,140 @@ def gated_expand_(
         hg = h.unflatten(1, (gates.shape[1], -1)) * gates.unsqueeze(-1)
         return out.addmm_(hg.flatten(1), b_flat, alpha=scaling)
     return _GatedExpand.apply(out, h, gates, b_flat, scaling)
+
+
+class _DenseTopK(torch.autograd.Function):
+    """:func:`base_and_shrink`, the top-k selection with its losses and :func:`gated_expand_` as one node; see
+    :func:`dense_topk_layer`."""
+
+    @staticmethod
+    def forward(  # noqa: D102
+        ctx,
+        x,
+        weight,
+        bias,
+        bank,
+        b_flat,
+        router_weight,
+        conv1d,
+        scaling,
+        k,
+        renormalize,
+        valid,
+        balance_type,
+        with_z,
+        missing_grads,
+    ):
+        ctx.set_materialize_grads(False)
+        out, hl, shrink = _base_and_shrink_forward(x, weight, bias, bank, router_weight, conv1d)
+        h, logits = _split_rank_and_logits(hl, bank, router_weight)
+        routed, state = topk_forward(logits, k, renormalize, valid, balance_type, with_z)
+        scaled, hg = _gated_expand_forward(out, h, routed[0], b_flat, scaling)
+        ctx.conv1d, ctx.bank_shape, ctx.scaling = conv1d, bank.shape, scaling
+        ctx.renormalize, ctx.missing_grads = renormalize, missing_grads
+        needs = ctx.needs_input_grad
+        ctx.save_for_backward(
+            x if needs[3] or needs[5] else None, weight, shrink, h, scaled, b_flat, hg, *topk_save(ctx, routed, state)
+        )
+        gates, balance, z_loss, probs, expert_index, top_probs = routed
+        ctx.mark_non_differentiable(gates, probs, expert_index, top_probs)
+        return out, gates, balance, z_loss, probs, expert_index, top_probs
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, _gates, grad_balance, grad_z, _probs, _index, _weight):  # noqa: D102
+        x, weight, shrink, h, scaled, b_flat, hg, *routed = ctx.saved_tensors
+        needs_x, _, _, needs_bank, needs_b, needs_router = ctx.needs_input_grad[:6]
+        grad_sel = grad_b = grad_x = grad_bank = grad_router = None
+        if not (needs_x or needs_bank or needs_router):
+            # only B trains: nothing upstream of the rank activations and the logits
+            if grad_out is not None and needs_b:
+                grad_b = hg.t() @ grad_out
+            return None, None, None, None, grad_b, *([None] * 9)
+        # [dH | dlogits] in one buffer, written in place by both halves: the input gradient and the bank's and
+        # router's gradients are then one GEMM each over it (no concatenation)
+        n_rank = h.shape[1]
+        grad_hl = h.new_empty(h.shape[0], shrink.shape[1])
+        if grad_out is not None:
+            _, grad_gates, grad_b = _gated_expand_backward(
+                grad_out, h, scaled, b_flat, hg, ctx.scaling, True, True, needs_b, grad_h_out=grad_hl[:, :n_rank]
+            )
+            grad_sel = grad_gates.gather(-1, routed[1])
+        else:
+            grad_hl[:, :n_rank].zero_()
+        topk_backward(
+            routed,
+            ctx.inv_n,
+            ctx.renormalize,
+            grad_sel,
+            grad_balance,
+            grad_z,
+            ctx.missing_grads,
+            out=grad_hl[:, n_rank:],
+        )
+        grad_x, grad_bank, grad_router = _base_and_shrink_backward(
+            grad_out, grad_hl, x, weight, shrink, ctx.conv1d, ctx.bank_shape, needs_x, needs_bank, needs_router
+        )
+        return grad_x, None, None, grad_bank, grad_b, grad_router, *([None] * 8)
+
+
+def dense_topk_layer(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    bank: torch.Tensor,
+    b_flat: torch.Tensor,
+    router_weight: torch.Tensor,
+    scaling: float,
+    k: int,
+    *,
+    conv1d: bool = False,
+    renormalize: bool = True,
+    valid: torch.Tensor | None = None,
+    balance_type: str | None = None,
+    z_loss: bool = False,
+    missing_grads: MissingGrads | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """A frozen projection with top-k-routed experts on the dense path, forward and backward in one autograd node.
+
+    The same values and gradients as :func:`base_and_shrink` (with the router's weight), then
+    :func:`~molora.kernels.fused_router.topk_gates_and_losses` on the logits and :func:`gated_expand_` with the
+    gates, written as one function: a training forward records one node per adapted projection instead of three, and
+    the backward writes the rank activations' and the logits' gradients into one buffer (no concatenation). On a
+    small model, where MoLoRA's cost is mostly operator and Python overhead per layer, that is a tenth of a layer's
+    forward + backward (docs/kernels.md).
+
+    Args mirror those functions: ``x[T, d_in]``, the base ``weight``/``bias`` (no gradient; ``conv1d``: a
+    transformers ``Conv1D``'s layout), ``bank`` = ``A[E, d_in, r]``, ``b_flat[E*r, d_out]``, ``router_weight[E,
+    d_in]`` (a linear router: exactly one logit per expert), the LoRA ``scaling``, then the top-k options.
+
+    Returns:
+        ``(out[T, d_out], gates[T, E], balance, z, probs[T, E], expert_index[T, k], weight[T, k])``: the layer
+        output (base + experts) and the two requested losses (``None`` when not requested) are differentiable; the
+        routing tensors are not (every gradient of the routing reaches the router through ``out`` and the losses).
+    """
+    if balance_type is not None and balance_type not in FUSED_BALANCE_TYPES:
+        raise ValueError(f"`balance_type`={balance_type!r} is not one of {FUSED_BALANCE_TYPES} (or None).")
+    if router_weight.shape[0] != bank.shape[0]:
+        raise ValueError(
+            f"`router_weight` scores {router_weight.shape[0]} columns for {bank.shape[0]} experts; the top-k layer "
+            "function needs one logit per expert."
+        )
+    if not 1 <= k <= bank.shape[0]:
+        raise ValueError(f"`k`={k} must be between 1 and the number of experts ({bank.shape[0]}).")
+    return _DenseTopK.apply(
+        x,
+        weight,
+        bias,
+        bank,
+        b_flat,
+        router_weight,
+        conv1d,
+        scaling,
+        k,
+        renormalize,
+        valid,
+        balance_type,
+        z_loss,
+        missing_grads,
+    )

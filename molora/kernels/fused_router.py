@@ -49,7 +49,7 @@ def softmax_rows(logits: torch.Tensor) -> torch.Tensor:
     return e.div_(e.sum(dim=-1, keepdim=True))
 
 
-def _topk_forward(logits, k, renormalize, valid, balance_type, with_z):
+def topk_forward(logits, k, renormalize, valid, balance_type, with_z):
     """The forward values, plus what the backward needs: ``(outputs, (mass, mask, inv_n, load, lse))``."""
     n_tokens, n_experts = logits.shape
     probs = softmax_rows(logits)
@@ -97,51 +97,82 @@ class _TopKGatesAndLosses(torch.autograd.Function):
     def forward(ctx, logits, k, renormalize, valid, balance_type, with_z, missing_grads):  # noqa: D102
         ctx.set_materialize_grads(False)
         ctx.missing_grads = missing_grads
-        outputs, (mass, mask, inv_n, load, lse) = _topk_forward(logits, k, renormalize, valid, balance_type, with_z)
-        probs, expert_index, top_probs = outputs[3:]
+        outputs, state = topk_forward(logits, k, renormalize, valid, balance_type, with_z)
         ctx.renormalize = renormalize
-        ctx.mark_non_differentiable(probs, expert_index)
-        ctx.inv_n = inv_n if mask is None else None
-        ctx.save_for_backward(
-            probs, expert_index, top_probs, mass, mask, inv_n if mask is not None else None, load, lse
-        )
+        ctx.save_for_backward(*topk_save(ctx, outputs, state))
+        ctx.mark_non_differentiable(outputs[3], outputs[4])  # probs, expert_index
         return outputs
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_gates, grad_balance, grad_z, _grad_probs, _grad_index, grad_weight):  # noqa: D102
-        probs, expert_index, weight, mass, mask, inv_n, load, lse = ctx.saved_tensors
-        if inv_n is None:
-            inv_n = ctx.inv_n
-        missing_balance = load is not None and grad_balance is None
-        missing_z = lse is not None and grad_z is None
-        if ctx.missing_grads is not None and (missing_balance or missing_z):
-            # the losses are not part of what is being differentiated (a loss computed from the logits alone): the
-            # caller says which gradients they should get anyway (None: none)
-            fill_balance, fill_z = ctx.missing_grads(probs.device, probs.dtype)
-            grad_balance = fill_balance if missing_balance else grad_balance
-            grad_z = fill_z if missing_z else grad_z
-        if load is not None and grad_balance is not None:
-            # the balance loss: the same row d/dP_e = E * load_e / n_valid for every valid token
-            row = load * (grad_balance * (probs.shape[1] * inv_n))  # [E]
-            grad_probs = row.expand_as(probs).contiguous() if mask is None else mask.unsqueeze(1) * row
-        else:
-            grad_probs = torch.zeros_like(probs)
+        saved = ctx.saved_tensors
+        grad_sel = None
         if grad_gates is not None or grad_weight is not None:
             # the dense gates and the per-assignment weights are the same values: their gradients add up
-            grad_sel = grad_gates.gather(-1, expert_index) if grad_gates is not None else grad_weight
+            grad_sel = grad_gates.gather(-1, saved[1]) if grad_gates is not None else grad_weight
             if grad_gates is not None and grad_weight is not None:
                 grad_sel = grad_sel + grad_weight
-            if ctx.renormalize:
-                grad_sel = (grad_sel - (grad_sel * weight).sum(dim=-1, keepdim=True)) / mass
-            grad_probs.scatter_add_(-1, expert_index, grad_sel)
-        grad_logits = probs * (grad_probs - (grad_probs * probs).sum(dim=-1, keepdim=True))
-        if lse is not None and grad_z is not None:
-            coef = (2.0 * grad_z * inv_n) * lse  # [T]
-            if mask is not None:
-                coef = coef * mask
-            grad_logits += coef.unsqueeze(1) * probs
+        grad_logits = topk_backward(
+            saved, ctx.inv_n, ctx.renormalize, grad_sel, grad_balance, grad_z, ctx.missing_grads
+        )
         return grad_logits, None, None, None, None, None, None
+
+
+def topk_save(ctx, outputs, state) -> tuple[torch.Tensor | None, ...]:
+    """What :func:`topk_backward` needs from :func:`topk_forward`'s ``(outputs, state)``: sets ``ctx.inv_n`` (the
+    constant ``1 / n_valid`` without a mask) and returns the tensors to save, in the order ``saved`` expects."""
+    probs, expert_index, top_probs = outputs[3:]
+    mass, mask, inv_n, load, lse = state
+    ctx.inv_n = inv_n if mask is None else None
+    return probs, expert_index, top_probs, mass, mask, inv_n if mask is not None else None, load, lse
+
+
+def topk_backward(
+    saved,
+    inv_n_const: float | None,
+    renormalize: bool,
+    grad_sel: torch.Tensor | None,
+    grad_balance: torch.Tensor | None,
+    grad_z: torch.Tensor | None,
+    missing_grads: MissingGrads | None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``dL/dlogits[T, E]`` of the top-k selection and its losses (the module docstring's formulas).
+
+    ``saved``: :func:`topk_save`'s tensors; ``inv_n_const``: ``ctx.inv_n``; ``grad_sel[T, k]``: the gradient of the
+    selected gates (``weight``), ``None`` when they got none; ``grad_balance`` / ``grad_z``: the losses' gradients
+    (``None``: none, and then ``missing_grads`` may supply them); ``out``: where to write the result (a ``[T, E]``
+    view of a larger buffer), else a new tensor.
+    """
+    probs, expert_index, weight, mass, mask, inv_n, load, lse = saved
+    if inv_n is None:
+        inv_n = inv_n_const
+    missing_balance = load is not None and grad_balance is None
+    missing_z = lse is not None and grad_z is None
+    if missing_grads is not None and (missing_balance or missing_z):
+        # the losses are not part of what is being differentiated (a loss computed from the logits alone): the
+        # caller says which gradients they should get anyway (None: none)
+        fill_balance, fill_z = missing_grads(probs.device, probs.dtype)
+        grad_balance = fill_balance if missing_balance else grad_balance
+        grad_z = fill_z if missing_z else grad_z
+    if load is not None and grad_balance is not None:
+        # the balance loss: the same row d/dP_e = E * load_e / n_valid for every valid token
+        row = load * (grad_balance * (probs.shape[1] * inv_n))  # [E]
+        grad_probs = row.expand_as(probs).contiguous() if mask is None else mask.unsqueeze(1) * row
+    else:
+        grad_probs = torch.zeros_like(probs)
+    if grad_sel is not None:
+        if renormalize:
+            grad_sel = (grad_sel - (grad_sel * weight).sum(dim=-1, keepdim=True)) / mass
+        grad_probs.scatter_add_(-1, expert_index, grad_sel)
+    grad_logits = torch.mul(probs, grad_probs - (grad_probs * probs).sum(dim=-1, keepdim=True), out=out)
+    if lse is not None and grad_z is not None:
+        coef = (2.0 * grad_z * inv_n) * lse  # [T]
+        if mask is not None:
+            coef = coef * mask
+        grad_logits += coef.unsqueeze(1) * probs
+    return grad_logits
 
 
 def topk_gates_and_losses(
@@ -183,4 +214,4 @@ def topk_gates_and_losses(
     if torch.is_grad_enabled() and logits.requires_grad:
         return _TopKGatesAndLosses.apply(logits, k, renormalize, valid, balance_type, z_loss, missing_grads)
     # no gradient wanted (inference, generation): the same values without the autograd.Function call
-    return _topk_forward(logits, k, renormalize, valid, balance_type, z_loss)[0]
+    return topk_forward(logits, k, renormalize, valid, balance_type, z_loss)[0]

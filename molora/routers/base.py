@@ -239,6 +239,23 @@ class Router(nn.Module):
         """
         return self.select(logits, valid), None
 
+    def fused_topk_args(
+        self, logits_dtype: torch.dtype, need: frozenset[str], balance_loss_type: str
+    ) -> dict[str, Any] | None:
+        """The top-k options (``k``, ``renormalize``, ``balance_type``, ``z_loss``) when :meth:`select_with_losses`
+        would compute this routing and the losses in ``need`` with ``molora.kernels.fused_router`` (the built-in
+        top-k router); ``None`` otherwise (the default). The dense layer path then computes the base projection, the
+        routing and the experts in one autograd node (``molora.kernels.fused_dense.dense_topk_layer``) and builds
+        the result with :meth:`topk_result`."""
+        return None
+
+    def topk_result(
+        self, gates: torch.Tensor, balance, z_loss, probs, expert_index, weight, logits, need: frozenset[str]
+    ) -> tuple[Routing, dict[str, torch.Tensor] | None]:
+        """``(routing, losses)`` as :meth:`select_with_losses` returns them, from the fused top-k outputs (see
+        :meth:`fused_topk_args`; only called for routers whose ``fused_topk_args`` returned options)."""
+        raise NotImplementedError
+
     # -- state updated once per optimizer step ---------------------------------------------------------------------
 
     def on_optimizer_step(self) -> None:

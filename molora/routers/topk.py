@@ -66,24 +66,41 @@ class TopKRouter(Router):
         # one autograd node for softmax, top-k, renormalisation, dense gates and the losses (same values); subclasses
         # that change the selection, losses other than balance/z, or a load that carries gradient take select().
         # missing_grads: see topk_gates_and_losses (the runtime's aux-gradient delivery, molora.runtime)
+        args = self._fusable_topk_args(logits.dtype, need, balance_loss_type)
+        if args is None:
+            return super().select_with_losses(logits, valid, need, balance_loss_type)
+        outputs = topk_gates_and_losses(logits, valid=valid, missing_grads=missing_grads, **args)
+        return self.topk_result(*outputs, logits, need)
+
+    # read by MoLoraRuntime.select: this implementation takes `missing_grads`
+    select_with_losses.takes_missing_grads = True
+    # read by fused_topk_args: this implementation computes with topk_gates_and_losses (a subclass overriding it
+    # computes its routing and losses its own way, and the layer must call it)
+    select_with_losses.fused_topk = True
+
+    def fused_topk_args(self, logits_dtype, need, balance_loss_type):
+        if not getattr(type(self).select_with_losses, "fused_topk", False):
+            return None
+        return self._fusable_topk_args(logits_dtype, need, balance_loss_type)
+
+    def _fusable_topk_args(self, logits_dtype, need, balance_loss_type):
         fusable = (
             type(self).select is TopKRouter.select
             and type(self).loss_coefficients is Router.loss_coefficients
             and need <= {"balance", "z"}
             and ("balance" not in need or balance_loss_type in FUSED_BALANCE_TYPES)
-            and logits.dtype in (torch.float32, torch.float64)
+            and logits_dtype in (torch.float32, torch.float64)
         )
         if not fusable:
-            return super().select_with_losses(logits, valid, need, balance_loss_type)
-        gates, balance, z, probs, expert_index, weight = topk_gates_and_losses(
-            logits,
-            self.top_k,
-            renormalize=self.params.renormalize,
-            valid=valid,
-            balance_type=balance_loss_type if "balance" in need else None,
-            z_loss="z" in need,
-            missing_grads=missing_grads,
-        )
+            return None
+        return {
+            "k": self.top_k,
+            "renormalize": self.params.renormalize,
+            "balance_type": balance_loss_type if "balance" in need else None,
+            "z_loss": "z" in need,
+        }
+
+    def topk_result(self, gates, balance, z_loss, probs, expert_index, weight, logits, need):
         routing = Routing(
             probs=probs,
             token_index=repeated_arange(probs.shape[0], self.top_k, probs.device),
@@ -93,11 +110,8 @@ class TopKRouter(Router):
             gates=gates,
             per_token=self.top_k,
         )
-        losses = {"balance": balance, "z": z}
+        losses = {"balance": balance, "z": z_loss}
         return routing, {name: losses[name] for name in sorted(need)}
-
-    # read by MoLoraRuntime.select: this implementation takes `missing_grads`
-    select_with_losses.takes_missing_grads = True
 
 
 def topk_routing(
