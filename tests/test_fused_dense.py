@@ -237,6 +237,7 @@ def _count_calls(monkeypatch, names=FUSED_ENTRIES):
         (make_llama, ["q_proj", "o_proj"], "adamoe", {}),  # null experts: more router columns than experts
         (make_llama, ["up_proj"], "topk", {"dynamic_rank": {"init_rank": 2}}),  # DR-LoRA masks
         (make_gpt2, ["c_attn", "c_fc"], "soft", {}),  # transformers' Conv1D
+        (make_gpt2, ["c_attn", "c_proj"], "topk", {}),  # Conv1D with a bias, as one top-k node
     ],
 )
 def test_fused_model_matches_naive(make, targets, router, extra, monkeypatch):
