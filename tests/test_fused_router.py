@@ -217,6 +217,49 @@ def test_a_subclass_that_changes_the_selection_keeps_it():
     torch.testing.assert_close(routing.probs, torch.softmax(logits, -1))
 
 
+@pytest.mark.parametrize("override", ["select", "select_with_losses"])
+def test_subclass_overrides_run_in_a_training_forward_of_the_dense_path(override, monkeypatch):
+    """The one-node top-k layer (``fused_dense.dense_topk_layer``) serves the plain top-k router only: a subclass that
+    overrides ``select`` or ``select_with_losses`` gets its method called."""
+    import molora.adapters.layer as layer_module
+
+    calls, merged = [], []
+
+    class Sub(TopKRouter):
+        if override == "select":
+
+            def select(self, logits, valid):
+                calls.append(override)
+                return super().select(logits, valid)
+
+        else:
+
+            def select_with_losses(self, logits, valid, need, balance_loss_type):
+                calls.append(override)
+                return super().select_with_losses(logits, valid, need, balance_loss_type)
+
+    original = layer_module.dense_topk_layer
+
+    def spy(*args, **kwargs):
+        merged.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(layer_module, "dense_topk_layer", spy)
+    config = MoLoraConfig(
+        r=4, num_experts=4, top_k=2, kernel="dense", target_modules=["q_proj", "up_proj"], init_lora_weights=False
+    )
+    model = get_peft_model(make_llama(seed=1), config).train()
+    input_ids = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(3))
+    model(input_ids=input_ids, labels=input_ids).loss.backward()
+    assert merged and not calls
+    merged.clear()
+    routers = [m for m in model.modules() if isinstance(m, TopKRouter)]
+    for router in routers:
+        router.__class__ = Sub
+    model(input_ids=input_ids, labels=input_ids).loss.backward()
+    assert not merged and len(calls) == len(routers)
+
+
 @pytest.mark.parametrize("fill", ["weights", "none"])
 @pytest.mark.parametrize("valid_kind", ["none", "padded"])
 def test_missing_loss_gradients_come_from_the_callback(fill, valid_kind):
