@@ -136,14 +136,12 @@ def topk_backward(
     grad_balance: torch.Tensor | None,
     grad_z: torch.Tensor | None,
     missing_grads: MissingGrads | None,
-    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``dL/dlogits[T, E]`` of the top-k selection and its losses (the module docstring's formulas).
 
     ``saved``: :func:`topk_save`'s tensors; ``inv_n_const``: ``ctx.inv_n``; ``grad_sel[T, k]``: the gradient of the
     selected gates (``weight``), ``None`` when they got none; ``grad_balance`` / ``grad_z``: the losses' gradients
-    (``None``: none, and then ``missing_grads`` may supply them); ``out``: where to write the result (a ``[T, E]``
-    view of a larger buffer), else a new tensor.
+    (``None``: none, and then ``missing_grads`` may supply them).
     """
     probs, expert_index, weight, mass, mask, inv_n, load, lse = saved
     if inv_n is None:
@@ -166,7 +164,7 @@ def topk_backward(
         if renormalize:
             grad_sel = (grad_sel - (grad_sel * weight).sum(dim=-1, keepdim=True)) / mass
         grad_probs.scatter_add_(-1, expert_index, grad_sel)
-    grad_logits = torch.mul(probs, grad_probs - (grad_probs * probs).sum(dim=-1, keepdim=True), out=out)
+    grad_logits = probs * (grad_probs - (grad_probs * probs).sum(dim=-1, keepdim=True))
     if lse is not None and grad_z is not None:
         coef = (2.0 * grad_z * inv_n) * lse  # [T]
         if mask is not None:
