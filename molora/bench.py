@@ -9,7 +9,10 @@ measures, in one run and with the same thread count:
   each compute path (``auto``, ``dense``, ``grouped``) and the naive per-expert loop (``kernel="naive"``);
 * **train step**: forward with labels, backward and an AdamW step (fused, ``transformers.Trainer``'s default) on a
   small random Llama whose projections are all adapted, for the same candidates (MoLoRA with its defaults: top-k
-  router, balance loss, routing statistics).
+  router, balance loss, routing statistics);
+* **generate**: greedy ``generate`` with the KV cache (a prefill, then one decode step per new token, always the same
+  number of tokens) on a small random Llama whose projections are all adapted, by default 256 wide: a decode step
+  has a few tokens per layer, so MoLoRA's per-layer work (router, gating, statistics) shows there more than anywhere.
 
 Timing: every candidate is built once, warmed up, then the candidates run interleaved (one call each per round, so
 that drift in the machine's speed hits all of them alike) and each gets the median over the rounds. A ratio is the
@@ -48,11 +51,12 @@ class BenchRow:
     """One measured candidate.
 
     Attributes:
-        section (str): ``"layer"`` or ``"train step"``.
+        section (str): ``"layer"``, ``"train step"`` or ``"generate"``.
         shape (str): what was measured, e.g. ``"d=2048 T=512 E=8 k=2 r=8"``.
         candidate (str): ``"lora r=16"`` (the reference), ``"lora r=64 (bank width)"``, ``"molora auto"``,
             ``"molora dense"``, ``"molora grouped"`` or ``"naive"``.
-        time_ms (float): median forward + backward (+ optimizer step) time in milliseconds.
+        time_ms (float): median forward + backward (+ optimizer step) time, or of one ``generate`` call, in
+            milliseconds.
         peak_mb (float): peak tensor memory of one step in MiB (see the module docstring).
         vs_lora (float or None): time over the LoRA row's: the median over rounds of the per-round ratio.
         vs_naive (float or None): time over the naive row's, the same way.
@@ -339,6 +343,54 @@ def bench_train_step(
     return _make_rows("train step", shape, times, peaks, kernels)
 
 
+def bench_generate(
+    width: int,
+    layers: int,
+    batch: int,
+    prompt: int,
+    new_tokens: int,
+    rank: int,
+    num_experts: int,
+    top_k: int,
+    candidates,
+    warmup: int,
+    repeats: int,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> list[BenchRow]:
+    """Greedy generation of exactly ``new_tokens`` tokens for ``batch`` prompts of ``prompt`` tokens (KV cache on) with
+    a small random Llama, per candidate (models in eval mode, no gradient, as ``generate`` runs)."""
+    vocab = 512
+    gen = torch.Generator().manual_seed(2)
+    input_ids = torch.randint(3, vocab, (batch, prompt), generator=gen).to(device)
+    attention_mask = torch.ones_like(input_ids)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    steps, models = {}, {}
+    for candidate in candidates:
+        model = _adapt(_small_llama(width, layers, vocab), _peft_config(candidate, rank, num_experts, top_k, targets))
+        model.to(device, dtype).eval()
+        models[candidate] = model
+
+        def step(model=model) -> None:
+            with torch.no_grad():
+                model.generate(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,  # no early end of sequence: every candidate makes the same steps
+                    do_sample=False,
+                    pad_token_id=0,
+                )
+
+        steps[candidate] = step
+    times = _time_interleaved(steps, warmup, repeats)
+    shape = f"llama d={width} L={layers} {batch}x{prompt}+{new_tokens} E={num_experts} k={top_k} r={rank}"
+    peaks = {name: _peak_bytes(step) for name, step in steps.items()}
+    # the decode steps' token count, which is what the layers see most of the time
+    kernels = {name: _auto_kernel(models[name], batch) for name in steps if name == "molora auto"}
+    return _make_rows("generate", shape, times, peaks, kernels)
+
+
 # -- the run ---------------------------------------------------------------------------------------------------------
 
 #: the ``dtype`` values :func:`run_benchmarks` accepts
@@ -376,8 +428,11 @@ def run_benchmarks(
     dtype: str = "float32",
     batch: int | None = None,
     seq: int | None = None,
+    generation: bool = True,
+    gen_width: int | None = None,
 ) -> BenchTable:
-    """Measure the layer and (unless ``model=False``) the training-step benchmarks; return the table.
+    """Measure the layer, (unless ``model=False``) the training-step and (unless ``generation=False``) the generation
+    benchmarks; return the table.
 
     Args:
         quick (bool): tiny shapes and few repeats (seconds; for smoke tests, the ratios mean little).
@@ -394,6 +449,8 @@ def run_benchmarks(
         dtype (str): ``"float32"``, ``"bfloat16"`` or ``"float16"``: models (adapters included) and inputs.
         batch (int | None): sequences per training step. Default 2.
         seq (int | None): tokens per sequence in the training step. Default 128 (16 with ``quick``).
+        generation (bool): also run the generation benchmark (2 prompts of 16 tokens, 32 new tokens).
+        gen_width (int | None): width of the generation benchmark's Llama. Default 256 (64 with ``quick``).
     """
     if dtype not in DTYPES:
         raise ValueError(f"`dtype`={dtype!r} is not supported; allowed values: {list(DTYPES)}.")
@@ -437,6 +494,25 @@ def run_benchmarks(
             m_layers,
             m_batch,
             m_seq,
+            8,
+            8,
+            2,
+            ["lora r·k", "molora auto", "naive"],
+            max(1, warmup - 1),
+            max(3, repeats // 3),
+            device=device,
+            dtype=torch_dtype,
+        )
+    if generation:
+        g_width = gen_width if gen_width is not None else (64 if quick else 256)
+        g_prompt, g_new = (8, 8) if quick else (16, 32)
+        say(f"generate llama d={g_width} L=2 2x{g_prompt}+{g_new}")
+        table.rows += bench_generate(
+            g_width,
+            2,
+            2,
+            g_prompt,
+            g_new,
             8,
             8,
             2,
@@ -498,6 +574,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--batch", type=int, default=None, help="sequences per training step (default 2)")
     parser.add_argument("--seq", type=int, default=None, help="tokens per sequence in the training step (default 128)")
+    parser.add_argument("--no-generate", action="store_true", help="skip the small-Llama generation benchmark")
+    parser.add_argument(
+        "--gen-width", type=int, default=None, help="width of the generation benchmark's Llama (default 256)"
+    )
     parser.add_argument("--json", default=None, help="also write the table to this JSON file")
     args = parser.parse_args(argv)
     problem = device_problem(args.device)
@@ -517,6 +597,8 @@ def main(argv: list[str] | None = None) -> int:
         dtype=args.dtype,
         batch=args.batch,
         seq=args.seq,
+        generation=not args.no_generate,
+        gen_width=args.gen_width,
     )
     print(format_table(table))
     if args.json:

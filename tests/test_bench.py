@@ -62,6 +62,8 @@ def test_quick_run_prints_a_complete_table(capsys, tmp_path):
         "naive",
     ]
     assert {r["candidate"] for r in rows if r["section"] == "train step"} == {"lora r=16", "molora auto", "naive"}
+    assert {r["candidate"] for r in rows if r["section"] == "generate"} == {"lora r=16", "molora auto", "naive"}
+    assert "| generate | llama d=64 L=2 2x8+8 E=8 k=2 r=8 |" in printed
     for row in rows:
         assert row["time_ms"] > 0 and row["peak_mb"] > 0
         assert row["vs_lora"] > 0 and row["vs_naive"] > 0 and row["mem_vs_lora"] > 0
@@ -84,6 +86,31 @@ def test_molora_bench_command_runs():
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "lora r=16" in proc.stdout and "molora" in proc.stdout and "naive" in proc.stdout
+    assert "| generate |" in proc.stdout and "| train step |" not in proc.stdout
+
+
+def test_generate_benchmark_makes_the_same_number_of_tokens_for_every_candidate(monkeypatch):
+    # the ratio compares like with like only if no candidate stops early at an end-of-sequence token
+    from transformers import GenerationMixin
+
+    lengths = []
+    original = GenerationMixin.generate
+
+    def spy(self, *args, **kwargs):
+        # make each prompt's first greedy token an end-of-sequence token: without min_new_tokens, generation would
+        # stop right after it
+        probe_kwargs = {k: v for k, v in kwargs.items() if k != "min_new_tokens"}
+        probe = original(self, *args, **{**probe_kwargs, "max_new_tokens": 1})
+        out = original(self, *args, eos_token_id=probe[:, -1].tolist(), **kwargs)
+        lengths.append(out.shape[-1])
+        return out
+
+    monkeypatch.setattr(GenerationMixin, "generate", spy)
+    rows = bench.bench_generate(32, 1, 2, 4, 6, 4, 4, 2, ["lora r·k", "molora auto", "naive"], 0, 2)
+    assert [r.section for r in rows] == ["generate"] * 3
+    assert lengths and set(lengths) == {4 + 6}
+    assert all(r.time_ms > 0 and r.vs_lora > 0 for r in rows)
+    assert next(r for r in rows if r.candidate == "molora auto").kernel == "dense"
 
 
 def test_bench_triton_script_smoke_under_the_interpreter(tmp_path):
