@@ -19,12 +19,13 @@ that drift in the machine's speed hits all of them alike) and each gets the medi
 median over rounds of (candidate time / reference time in the same round), the reference being PEFT LoRA or the
 naive loop: on a shared machine whose speed drifts, per-round ratios are far steadier than ratios of medians.
 
-Peak memory: the largest number of bytes held by tensors allocated during one forward + backward (activations
-kept for backward, temporaries, gradients), tracked per tensor storage by :class:`PeakTensorMemory` (a
-``TorchDispatchMode`` that sees every operator output, forward and backward, and a weak reference per storage that
-tells when it is freed); parameters and inputs that exist before the step are not counted. This works on a CPU,
-where ``torch.cuda.max_memory_allocated`` is not available, and does not depend on the allocator's caching. It is
-measured in a separate call from the timing (the mode slows the call down).
+Peak memory, two numbers per candidate: **step** is the largest number of bytes held by tensors allocated during
+one step (activations kept for backward, temporaries, gradients), tracked per tensor storage by
+:class:`PeakTensorMemory` (a ``TorchDispatchMode`` that sees every operator output, forward and backward, and a weak
+reference per storage that tells when it is freed); **peak** adds what the model holds through the step (parameters,
+buffers, optimizer state: the distinct storages, counted once), i.e. what ``torch.cuda.max_memory_allocated`` would
+report without the allocator's caching. This works on a CPU, where that function is not available. It is measured
+in a separate call from the timing (the mode slows the call down).
 """
 
 from __future__ import annotations
@@ -57,11 +58,14 @@ class BenchRow:
             ``"molora dense"``, ``"molora grouped"`` or ``"naive"``.
         time_ms (float): median forward + backward (+ optimizer step) time, or of one ``generate`` call, in
             milliseconds.
-        peak_mb (float): peak tensor memory of one step in MiB (see the module docstring).
+        peak_mb (float): peak memory of one step in MiB, the model's parameters, buffers and optimizer state
+            included (see the module docstring).
         vs_lora (float or None): time over the LoRA row's: the median over rounds of the per-round ratio.
         vs_naive (float or None): time over the naive row's, the same way.
         mem_vs_lora (float or None): ``peak_mb`` over the LoRA row's.
         kernel (str): the path ``kernel="auto"`` picked (MoLoRA rows), else ``""``.
+        step_mb (float): peak of the tensors the step itself allocates (activations, temporaries, gradients), MiB.
+        step_mem_vs_lora (float or None): ``step_mb`` over the LoRA row's.
     """
 
     section: str
@@ -73,6 +77,8 @@ class BenchRow:
     vs_naive: float | None = None
     mem_vs_lora: float | None = None
     kernel: str = ""
+    step_mb: float | None = None
+    step_mem_vs_lora: float | None = None
 
 
 @dataclass
@@ -115,12 +121,15 @@ class PeakTensorMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # a view or an in-place result shares an input's storage: it allocates nothing (and a view of a parameter,
+        # such as the transposed weight inside ``F.linear``, must not count the parameter)
+        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for tensor in tree_leaves(out):
             if not isinstance(tensor, torch.Tensor):
                 continue
             storage = tensor.untyped_storage()
             key = storage._cdata
-            if key in self.live:
+            if key in self.live or key in inputs:
                 continue
             nbytes = storage.nbytes()
             self.live[key] = (weakref.ref(storage, lambda _ref, key=key: self._free(key)), nbytes)
@@ -134,6 +143,20 @@ def _peak_bytes(step: Callable[[], None]) -> float:
     with PeakTensorMemory() as tracker:
         step()
     return float(tracker.peak)
+
+
+def _resident_bytes(*owners: nn.Module | torch.optim.Optimizer) -> float:
+    """Bytes of the distinct tensor storages the modules (parameters, buffers) and optimizers (state) hold."""
+    storages: dict[int, int] = {}
+    for owner in owners:
+        if isinstance(owner, torch.optim.Optimizer):
+            tensors = [v for state in owner.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+        else:
+            tensors = [*owner.parameters(), *owner.buffers()]
+        for tensor in tensors:
+            storage = tensor.untyped_storage()
+            storages[storage._cdata] = storage.nbytes()
+    return float(sum(storages.values()))
 
 
 def _time_interleaved(steps: dict[str, Callable[[], None]], warmup: int, repeats: int) -> dict[str, list[float]]:
@@ -167,15 +190,28 @@ def _paired_ratio(times: list[float], reference: list[float]) -> float:
     return statistics.median(t / r for t, r in zip(times, reference))
 
 
-def _make_rows(section: str, shape: str, times: dict[str, list[float]], peaks: dict[str, float], kernels) -> list:
+def _make_rows(
+    section: str,
+    shape: str,
+    times: dict[str, list[float]],
+    peaks: dict[str, float],
+    kernels,
+    resident: dict[str, float],
+) -> list:
+    """Rows from the per-round times, the step's peak tensor bytes and the bytes held through it (per candidate)."""
     lora = "lora r·k" if "lora r·k" in times else None
     rows = []
     for name, values in times.items():
         median = statistics.median(values)
-        row = BenchRow(section, shape, name, median, peaks[name] / 2**20, kernel=kernels.get(name, ""))
+        total = peaks[name] + resident[name]
+        row = BenchRow(
+            section, shape, name, median, total / 2**20, kernel=kernels.get(name, ""), step_mb=peaks[name] / 2**20
+        )
         if lora is not None:
             row.vs_lora = _paired_ratio(values, times[lora])
-            row.mem_vs_lora = peaks[name] / peaks[lora] if peaks[lora] else None
+            lora_total = peaks[lora] + resident[lora]
+            row.mem_vs_lora = total / lora_total if lora_total else None
+            row.step_mem_vs_lora = peaks[name] / peaks[lora] if peaks[lora] else None
         if "naive" in times:
             row.vs_naive = _paired_ratio(values, times["naive"])
         rows.append(row)
@@ -269,8 +305,9 @@ def bench_layer(
     times = _time_interleaved(steps, warmup, repeats)
     shape = f"d={width} T={tokens} E={num_experts} k={top_k} r={rank}"
     peaks = {name: _peak_bytes(step) for name, step in steps.items()}
+    resident = {name: _resident_bytes(models[name]) for name in steps}
     kernels = {name: _auto_kernel(models[name], tokens) for name in steps if name == "molora auto"}
-    return _make_rows("layer", shape, times, peaks, kernels)
+    return _make_rows("layer", shape, times, peaks, kernels, resident)
 
 
 def _small_llama(width: int, layers: int, vocab: int):
@@ -322,12 +359,12 @@ def bench_train_step(
     gen = torch.Generator().manual_seed(1)
     input_ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    steps, models = {}, {}
+    steps, models, optimizers = {}, {}, {}
     for candidate in candidates:
         model = _adapt(_small_llama(width, layers, vocab), _peft_config(candidate, rank, num_experts, top_k, targets))
         model.to(device, dtype).train()
         models[candidate] = model
-        optimizer = _adamw([p for p in model.parameters() if p.requires_grad])
+        optimizer = optimizers[candidate] = _adamw([p for p in model.parameters() if p.requires_grad])
 
         def step(model=model, optimizer=optimizer) -> None:
             out = model(input_ids=input_ids, labels=input_ids)
@@ -339,8 +376,10 @@ def bench_train_step(
     times = _time_interleaved(steps, warmup, repeats)
     shape = f"llama d={width} L={layers} T={batch}x{seq} E={num_experts} k={top_k} r={rank}"
     peaks = {name: _peak_bytes(step) for name, step in steps.items()}
+    # after the warm-up and timed steps: AdamW's state exists
+    resident = {name: _resident_bytes(models[name], optimizers[name]) for name in steps}
     kernels = {name: _auto_kernel(models[name], batch * seq) for name in steps if name == "molora auto"}
-    return _make_rows("train step", shape, times, peaks, kernels)
+    return _make_rows("train step", shape, times, peaks, kernels, resident)
 
 
 def bench_generate(
@@ -386,9 +425,10 @@ def bench_generate(
     times = _time_interleaved(steps, warmup, repeats)
     shape = f"llama d={width} L={layers} {batch}x{prompt}+{new_tokens} E={num_experts} k={top_k} r={rank}"
     peaks = {name: _peak_bytes(step) for name, step in steps.items()}
+    resident = {name: _resident_bytes(models[name]) for name in steps}
     # the decode steps' token count, which is what the layers see most of the time
     kernels = {name: _auto_kernel(models[name], batch) for name in steps if name == "molora auto"}
-    return _make_rows("generate", shape, times, peaks, kernels)
+    return _make_rows("generate", shape, times, peaks, kernels, resident)
 
 
 # -- the run ---------------------------------------------------------------------------------------------------------
@@ -545,14 +585,16 @@ def format_table(table: BenchTable) -> str:
         f"torch {table.torch_version}, device {table.device}, {table.dtype}, {table.threads} threads, "
         f"median of {table.repeats} interleaved rounds after {table.warmup} warm-up calls",
         "",
-        "| benchmark | shape | candidate | time (ms) | × LoRA | × naive | peak MiB | mem × LoRA |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| benchmark | shape | candidate | time (ms) | × LoRA | × naive | peak MiB | mem × LoRA | step MiB "
+        "| step mem × LoRA |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in table.rows:
         candidate = r.candidate + (f" → {r.kernel}" if r.kernel else "")
         lines.append(
             f"| {r.section} | {r.shape} | {candidate} | {r.time_ms:.1f} | {num(r.vs_lora, '.3f')} | "
-            f"{num(r.vs_naive, '.3f')} | {num(r.peak_mb, '.1f')} | {num(r.mem_vs_lora, '.3f')} |"
+            f"{num(r.vs_naive, '.3f')} | {num(r.peak_mb, '.1f')} | {num(r.mem_vs_lora, '.3f')} | "
+            f"{num(r.step_mb, '.1f')} | {num(r.step_mem_vs_lora, '.3f')} |"
         )
     return "\n".join(lines)
 

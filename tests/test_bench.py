@@ -26,6 +26,32 @@ def test_peak_tensor_memory_counts_live_storages():
     assert tracker.current == 0
 
 
+def test_peak_tensor_memory_does_not_count_views_of_existing_tensors():
+    weight = torch.randn(512, 512)  # a parameter, say: exists before tracking
+    x = torch.ones(8, 512)
+    with bench.PeakTensorMemory() as tracker:
+        transposed = weight.t()  # what F.linear does with the weight: a view, no new bytes
+        rows = weight[:16]
+        weight.mul_(1.0)  # in place: no new bytes either
+        y = x @ transposed  # 16 KiB
+        del transposed, rows
+        assert tracker.current == y.numel() * 4
+    assert tracker.peak == y.numel() * 4
+
+
+def test_resident_bytes_count_each_storage_once_with_the_optimizer_state():
+    model = torch.nn.Linear(64, 32)
+    model.register_buffer("tied", model.weight[:4])  # a view: its storage is the weight's
+    params = (64 * 32 + 32) * 4
+    assert bench._resident_bytes(model) == params
+    optimizer = torch.optim.AdamW(model.parameters())
+    assert bench._resident_bytes(model, optimizer) == params  # no state before the first step
+    model(torch.randn(2, 64)).sum().backward()
+    optimizer.step()
+    # exp_avg and exp_avg_sq per parameter, plus one 4-byte step counter per parameter
+    assert bench._resident_bytes(model, optimizer) == 3 * params + 2 * 4
+
+
 def test_peak_tensor_memory_sees_backward():
     w = torch.randn(512, 512, requires_grad=True)
     x = torch.randn(64, 512)
@@ -65,10 +91,10 @@ def test_quick_run_prints_a_complete_table(capsys, tmp_path):
     assert {r["candidate"] for r in rows if r["section"] == "generate"} == {"lora r=16", "molora auto", "naive"}
     assert "| generate | llama d=64 L=2 2x8+8 E=8 k=2 r=8 |" in printed
     for row in rows:
-        assert row["time_ms"] > 0 and row["peak_mb"] > 0
-        assert row["vs_lora"] > 0 and row["vs_naive"] > 0 and row["mem_vs_lora"] > 0
+        assert row["time_ms"] > 0 and row["peak_mb"] > row["step_mb"] > 0  # the peak adds the weights held
+        assert row["vs_lora"] > 0 and row["vs_naive"] > 0 and row["mem_vs_lora"] > 0 and row["step_mem_vs_lora"] > 0
         if row["candidate"] == "lora r=16":  # the reference
-            assert row["vs_lora"] == 1.0 and row["mem_vs_lora"] == 1.0
+            assert row["vs_lora"] == 1.0 and row["mem_vs_lora"] == 1.0 and row["step_mem_vs_lora"] == 1.0
         if row["candidate"] == "molora auto":
             assert row["kernel"] in ("dense", "grouped")
     assert table["threads"] == 1
