@@ -218,6 +218,15 @@ def _make_rows(
     return rows
 
 
+def _measured_rows(section, shape, steps, times, models, auto_tokens, optimizers=None) -> list:
+    """The rows of one benchmark: memory measured per candidate after the timing (``optimizers``: their state counts
+    as held by the model), the path ``auto`` picks for ``auto_tokens`` tokens."""
+    peaks = {name: _peak_bytes(step) for name, step in steps.items()}
+    held = {name: _resident_bytes(models[name], *([optimizers[name]] if optimizers else [])) for name in steps}
+    kernels = {name: _auto_kernel(models[name], auto_tokens) for name in steps if name == "molora auto"}
+    return _make_rows(section, shape, times, peaks, kernels, held)
+
+
 # -- candidates ------------------------------------------------------------------------------------------------------
 
 
@@ -304,10 +313,7 @@ def bench_layer(
         steps[candidate] = step
     times = _time_interleaved(steps, warmup, repeats)
     shape = f"d={width} T={tokens} E={num_experts} k={top_k} r={rank}"
-    peaks = {name: _peak_bytes(step) for name, step in steps.items()}
-    resident = {name: _resident_bytes(models[name]) for name in steps}
-    kernels = {name: _auto_kernel(models[name], tokens) for name in steps if name == "molora auto"}
-    return _make_rows("layer", shape, times, peaks, kernels, resident)
+    return _measured_rows("layer", shape, steps, times, models, tokens)
 
 
 def _small_llama(width: int, layers: int, vocab: int):
@@ -375,11 +381,8 @@ def bench_train_step(
         steps[candidate] = step
     times = _time_interleaved(steps, warmup, repeats)
     shape = f"llama d={width} L={layers} T={batch}x{seq} E={num_experts} k={top_k} r={rank}"
-    peaks = {name: _peak_bytes(step) for name, step in steps.items()}
     # after the warm-up and timed steps: AdamW's state exists
-    resident = {name: _resident_bytes(models[name], optimizers[name]) for name in steps}
-    kernels = {name: _auto_kernel(models[name], batch * seq) for name in steps if name == "molora auto"}
-    return _make_rows("train step", shape, times, peaks, kernels, resident)
+    return _measured_rows("train step", shape, steps, times, models, batch * seq, optimizers)
 
 
 def bench_generate(
@@ -424,11 +427,8 @@ def bench_generate(
         steps[candidate] = step
     times = _time_interleaved(steps, warmup, repeats)
     shape = f"llama d={width} L={layers} {batch}x{prompt}+{new_tokens} E={num_experts} k={top_k} r={rank}"
-    peaks = {name: _peak_bytes(step) for name, step in steps.items()}
-    resident = {name: _resident_bytes(models[name]) for name in steps}
     # the decode steps' token count, which is what the layers see most of the time
-    kernels = {name: _auto_kernel(models[name], batch) for name in steps if name == "molora auto"}
-    return _make_rows("generate", shape, times, peaks, kernels, resident)
+    return _measured_rows("generate", shape, steps, times, models, batch)
 
 
 # -- the run ---------------------------------------------------------------------------------------------------------
@@ -524,44 +524,20 @@ def run_benchmarks(
             device=device,
             dtype=torch_dtype,
         )
+    # the small-Llama benchmarks: E=8, k=2, r=8 against LoRA r=16 and the naive loop, fewer rounds than the layer
+    model_args = (8, 8, 2, ["lora r·k", "molora auto", "naive"], max(1, warmup - 1), max(3, repeats // 3))
+    where = {"device": device, "dtype": torch_dtype}
     if model:
         m_width, m_layers, m_batch, m_seq = (64, 2, 2, 16) if quick else (width, 2, 2, 128)
         m_batch = batch if batch is not None else m_batch
         m_seq = seq if seq is not None else m_seq
         say(f"train step llama d={m_width} L={m_layers} T={m_batch}x{m_seq}")
-        table.rows += bench_train_step(
-            m_width,
-            m_layers,
-            m_batch,
-            m_seq,
-            8,
-            8,
-            2,
-            ["lora r·k", "molora auto", "naive"],
-            max(1, warmup - 1),
-            max(3, repeats // 3),
-            device=device,
-            dtype=torch_dtype,
-        )
+        table.rows += bench_train_step(m_width, m_layers, m_batch, m_seq, *model_args, **where)
     if generation:
         g_width = gen_width if gen_width is not None else (64 if quick else 256)
         g_prompt, g_new = (8, 8) if quick else (16, 32)
         say(f"generate llama d={g_width} L=2 2x{g_prompt}+{g_new}")
-        table.rows += bench_generate(
-            g_width,
-            2,
-            2,
-            g_prompt,
-            g_new,
-            8,
-            8,
-            2,
-            ["lora r·k", "molora auto", "naive"],
-            max(1, warmup - 1),
-            max(3, repeats // 3),
-            device=device,
-            dtype=torch_dtype,
-        )
+        table.rows += bench_generate(g_width, 2, 2, g_prompt, g_new, *model_args, **where)
     for row in table.rows:
         if row.candidate == "lora r·k":
             row.candidate = f"lora r={_rk(row.shape)}"
