@@ -450,6 +450,28 @@ def device_problem(device: str) -> str | None:
     return None
 
 
+#: the run's whole-number settings and the smallest value each takes
+SETTING_MINIMUMS = {
+    "threads": 1,
+    "warmup": 0,
+    "repeats": 1,
+    "width": 1,
+    "tokens": 1,
+    "batch": 1,
+    "seq": 1,
+    "gen_width": 1,
+}
+
+
+def settings_problem(**settings: int | None) -> str | None:
+    """Why one of the run's whole-number settings (:data:`SETTING_MINIMUMS`; None = the default) is out of range, or
+    None."""
+    for name, value in settings.items():
+        if value is not None and value < SETTING_MINIMUMS[name]:
+            return f"`{name}`={value} is out of range; allowed values: whole numbers >= {SETTING_MINIMUMS[name]}."
+    return None
+
+
 #: (E, k, r) of the layer shapes measured besides the headline E=8, k=2, r=8
 EXTRA_LAYER_SHAPES = [(4, 1, 16), (16, 2, 8), (64, 2, 8), (128, 2, 8), (8, 2, 64), (16, 2, 64)]
 
@@ -494,7 +516,16 @@ def run_benchmarks(
     """
     if dtype not in DTYPES:
         raise ValueError(f"`dtype`={dtype!r} is not supported; allowed values: {list(DTYPES)}.")
-    problem = device_problem(device)
+    problem = device_problem(device) or settings_problem(
+        threads=threads,
+        warmup=warmup,
+        repeats=repeats,
+        width=width,
+        tokens=tokens,
+        batch=batch,
+        seq=seq,
+        gen_width=gen_width,
+    )
     if problem:
         raise ValueError(problem)
     torch_dtype = DTYPES[dtype]
@@ -598,7 +629,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", default=None, help="also write the table to this JSON file")
     args = parser.parse_args(argv)
-    problem = device_problem(args.device)
+    problem = device_problem(args.device) or settings_problem(
+        **{name: getattr(args, name) for name in SETTING_MINIMUMS}
+    )
     if problem:
         parser.error(problem)
     table = run_benchmarks(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from molora import bench
@@ -186,6 +187,27 @@ def test_bad_device_and_dtype_are_clear_errors(capsys):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="sees no CUDA device"):
             bench.run_benchmarks(quick=True, device="cuda")
+
+
+@pytest.mark.parametrize(
+    "flag, value, name, minimum",
+    [
+        ("--repeats", "0", "repeats", 1),
+        ("--width", "0", "width", 1),
+        ("--gen-width", "-5", "gen_width", 1),
+        ("--warmup", "-1", "warmup", 0),
+        ("--threads", "0", "threads", 1),
+        ("--seq", "0", "seq", 1),
+    ],
+)
+def test_out_of_range_settings_are_clear_errors(capsys, flag, value, name, minimum):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--quick", flag, value])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"`{name}`={value} is out of range; allowed values: whole numbers >= {minimum}." in err
+    with pytest.raises(ValueError, match=f"`{name}`={value} is out of range"):
+        bench.run_benchmarks(quick=True, **{name: int(value)})
 
 
 def test_train_step_optimizer_is_the_trainers_default_fused_adamw():
