@@ -149,8 +149,6 @@ def test_bench_triton_script_smoke_under_the_interpreter(tmp_path):
     from pathlib import Path
 
     if importlib.util.find_spec("triton") is None:
-        import pytest
-
         pytest.skip("triton is not installed")
     script = Path(__file__).resolve().parents[1] / "scripts" / "bench_triton.py"
     out = tmp_path / "triton.json"
@@ -173,8 +171,6 @@ def test_bench_triton_script_smoke_under_the_interpreter(tmp_path):
 
 
 def test_bad_device_and_dtype_are_clear_errors(capsys):
-    import pytest
-
     with pytest.raises(SystemExit) as exc:
         bench.main(["--quick", "--device", "tpu"])
     assert exc.value.code == 2
