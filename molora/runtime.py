@@ -16,6 +16,13 @@ The built-in top-k router needs no attachment: its losses come out of the same a
 (``molora.kernels.fused_router``), whose backward finds no gradient on the losses in exactly those cases and takes
 the same ``d(coef * loss)`` from :class:`_MissingAuxGrads` (one autograd node less per layer).
 
+Under ``torch.compile`` the layers' part is traced into the model's graph: :meth:`MoLoraRuntime.record` stores the
+statistics and losses (dict stores, which Dynamo replays) and attaches nothing, since an attachment's backward reads
+this object's Python state, which a compiled backward cannot. ``begin_forward`` and ``end_forward`` stay eager (a
+graph break at the start and at the end of the model's forward, nowhere else), and ``end_forward`` then attaches one
+delivery node for all routers to the output's logits (:class:`_AttachModelAuxGrad`): the same gradients as eager for
+a loss taken from ``outputs.loss``, from ``molora_aux_loss()`` or from the logits.
+
 Values recorded by a layer are *keyed by (layer, adapter)* and overwritten, never appended, within one forward: a
 layer that is re-run by activation checkpointing during backward records the same values again instead of counting
 them twice. Statistics move into the running totals at the start of the next forward or when read.
@@ -217,6 +224,32 @@ class _AttachAuxGrad(torch.autograd.Function):
         return (grad, None, None, None, *grads)
 
 
+class _AttachModelAuxGrad(torch.autograd.Function):
+    """Identity on the model's output (its logits) that back-propagates the weighted aux losses of a compiled forward
+    when nothing else did: :class:`_AttachAuxGrad` for all routers at once, created outside the compiled graph (whose
+    backward cannot read the runtime's Python state). A loss computed from ``outputs.logits`` reaches it; one
+    computed from ``outputs.loss`` or with ``molora_aux_loss()`` delivers the gradient itself first."""
+
+    @staticmethod
+    def forward(ctx, output, runtime, specs, concat, *losses):  # noqa: D102
+        ctx.runtime = runtime
+        ctx.specs = specs
+        ctx.concat = concat
+        ctx.generation = runtime.generation
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        runtime = ctx.runtime
+        nothing = (grad, None, None, None) + (None,) * len(ctx.specs)
+        if not runtime.aux_undelivered(ctx.generation):
+            return nothing
+        if ctx.concat:
+            runtime._warn_concat_once()
+        grads = [runtime.aux_fallback_grads(adapter, [(name, spec)])[0] for adapter, name, spec in ctx.specs]
+        return (grad, None, None, None, *grads)
+
+
 class _MissingAuxGrads:
     """The gradients a router's aux losses get when nothing back-propagated into them (``missing_grads`` of
     :func:`molora.kernels.fused_router.topk_gates_and_losses`): what :class:`_AttachAuxGrad` delivers, from inside the
@@ -263,6 +296,9 @@ class _AuxRecord:
     coefs: dict[str, float]
     inputs: AuxInputs | None
     router_cls: type
+    # whether the layer took care of the aux gradient's fallback delivery (an attachment on its output or the router's
+    # own node); False for a compiled forward, where end_forward attaches one node for the whole model
+    delivers: bool = True
 
 
 class MoLoraRuntime:
@@ -293,8 +329,12 @@ class MoLoraRuntime:
 
     # -- forward lifecycle ------------------------------------------------------------------------------------------
 
+    @torch.compiler.disable
     def begin_forward(self, args: tuple, kwargs: dict) -> None:
-        """Publish the routing context of a model-level call and start a new collection."""
+        """Publish the routing context of a model-level call and start a new collection.
+
+        Not compiled (``torch.compile`` of the model runs it eagerly): it commits statistics and resets Python state,
+        and a compiled copy would guard on that state and recompile every forward."""
         past_length, is_decode = _cache_state(kwargs)
         if is_decode and len(self._deferred) < _MAX_DEFERRED_FORWARDS:
             # statistics are only read between calls (routing_stats commits first): keep the records of this
@@ -366,8 +406,13 @@ class MoLoraRuntime:
         tail = override.new_zeros(batch, seq - override.shape[1])
         return torch.cat([override, tail], dim=1).to(current.device)
 
+    @torch.compiler.disable
     def end_forward(self, output: Any) -> Any:
-        """Add the weighted aux losses to ``output.loss`` when the call computed a loss."""
+        """Add the weighted aux losses to ``output.loss`` when the call computed a loss. After a compiled forward, also
+        attach the model-level fallback delivery of the aux gradient to the output (:class:`_AttachModelAuxGrad`).
+
+        Not compiled: the loss probe and the delivery node keep Python state for the backward."""
+        output = self._attach_model_delivery(output)
         loss = _get_loss(output)
         if loss is None:
             return output
@@ -378,6 +423,29 @@ class MoLoraRuntime:
         if torch.is_grad_enabled() and new_loss.requires_grad:
             new_loss = _LossProbe.apply(new_loss, self, aux.requires_grad)
         return _set_loss(output, new_loss)
+
+    def _attach_model_delivery(self, output: Any) -> Any:
+        """``output`` with its logits (or last hidden state) wrapped by :class:`_AttachModelAuxGrad` for the losses
+        that no layer took care of (a compiled forward's); ``output`` itself when there are none."""
+        undelivered = [(adapter, record) for (_, adapter), record in self._aux.items() if not record.delivers]
+        if not undelivered or not torch.is_grad_enabled():
+            return output
+        specs, losses, concat = [], [], False
+        for adapter, record in undelivered:
+            if not record.losses and record.inputs is not None:
+                concat = True  # loss_reduction="concat": not separable per router (warns if nothing delivers)
+            for name, value in record.losses.items():
+                if value.requires_grad:
+                    specs.append((adapter, name, (value.shape, value.dtype, value.device)))
+                    losses.append(value)
+        where, tensor = _output_tensor(output)
+        if tensor is None or not tensor.requires_grad or not (losses or concat):
+            return output
+        wrapped = _AttachModelAuxGrad.apply(tensor, self, specs, concat, *losses)
+        if isinstance(where, int):
+            return (*output[:where], wrapped, *output[where + 1 :])
+        setattr(output, where, wrapped)
+        return output
 
     # -- recording (called by the layers) ---------------------------------------------------------------------------
 
@@ -419,13 +487,18 @@ class MoLoraRuntime:
             # the concatenated losses need every router's inputs (AuxInputs), not per-router values
             return None
         missing = None
-        if need and _delivers_missing_grads(router) and torch.is_grad_enabled() and router.weight.requires_grad:
+        if (
+            need
+            and _delivers_missing_grads(router)
+            and torch.is_grad_enabled()
+            and router.weight.requires_grad
+            and not torch.compiler.is_compiling()  # a compiled backward cannot call back into Python state
+        ):
             # the built-in top-k function delivers the aux gradient itself when nothing else does (see the module
             # docstring): no identity node on the layer's output is needed then
             missing = _MissingAuxGrads(self, adapter_name)
         return need, config.balance_loss_type, missing
 
-    @torch.compiler.disable
     def record(
         self,
         layer_key: str,
@@ -440,6 +513,10 @@ class MoLoraRuntime:
 
         ``losses``: the unweighted losses this forward needs (:meth:`losses_needed`), when the router computed them
         with the routing (:meth:`select`); otherwise they are computed here from ``routing``.
+
+        Traced by ``torch.compile`` (the records are dict stores, which Dynamo replays after the graph): compiled, it
+        attaches nothing to ``output``, since that node's backward reads this object's Python state, and
+        :meth:`end_forward` attaches one delivery node for the whole model instead (:class:`_AttachModelAuxGrad`).
         """
         config = self.peft_config[adapter_name]
         key = (layer_key, adapter_name)
@@ -461,11 +538,17 @@ class MoLoraRuntime:
         if losses is None:
             inputs = router.aux_inputs(routing, valid)
             losses = {} if concat else type(router).aux_losses(inputs, config.balance_loss_type, need)
+        compiling = torch.compiler.is_compiling()
         self._aux[key] = _AuxRecord(
-            losses=losses, coefs=coefs, inputs=inputs if concat else None, router_cls=type(router)
+            losses=losses,
+            coefs=coefs,
+            inputs=inputs if concat else None,
+            router_cls=type(router),
+            delivers=not compiling,
         )
-        if isinstance(losses, _SelfDelivered):
-            return output  # their own autograd node delivers the aux gradient when nothing else does
+        if compiling or isinstance(losses, _SelfDelivered):
+            # self-delivered: their own autograd node delivers the aux gradient when nothing else does
+            return output
         if torch.is_grad_enabled() and router.weight.requires_grad and output.requires_grad:
             # with concat the per-router losses are not separable: the attachment only warns if nothing delivered
             names = () if concat else tuple(losses)
@@ -683,6 +766,21 @@ def _cache_state(kwargs: dict) -> tuple[int | None, bool]:
             return None, False
         return past_length, past_length > 0
     return None, bool(past)
+
+
+def _output_tensor(output: Any) -> tuple[str | int | None, torch.Tensor | None]:
+    """The model output's main tensor and where it sits: ``("logits", t)``, else ``("last_hidden_state", t)``, else
+    ``(index, t)`` for the first non-scalar tensor among the first two elements of a tuple output (a scalar first
+    element is the loss); ``(None, None)`` when there is none."""
+    for name in ("logits", "last_hidden_state"):
+        value = getattr(output, name, None)
+        if isinstance(value, torch.Tensor):
+            return name, value
+    if isinstance(output, tuple):
+        for index, value in enumerate(output[:2]):
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                return index, value
+    return None, None
 
 
 def _get_loss(output: Any) -> torch.Tensor | None:

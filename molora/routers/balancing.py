@@ -36,7 +36,10 @@ _VALID_ROWS: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
 
 
 def valid_rows(valid: torch.Tensor) -> torch.Tensor:
-    """Indices of the True entries of the padding mask ``valid[T]`` (cached per mask tensor)."""
+    """Indices of the True entries of the padding mask ``valid[T]`` (cached per mask tensor; not under
+    ``torch.compile``, which cannot trace the weak reference and traces the ``nonzero`` instead)."""
+    if torch.compiler.is_compiling():
+        return valid.reshape(-1).nonzero().squeeze(1)
     key = id(valid)
     hit = _VALID_ROWS.get(key)
     if hit is not None and hit[0]() is valid:

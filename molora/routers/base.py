@@ -108,7 +108,12 @@ _REPEATED_ARANGE: dict[tuple[int, int, torch.device], torch.Tensor] = {}
 
 def repeated_arange(n: int, k: int, device: torch.device) -> torch.Tensor:
     """``arange(n).repeat_interleave(k)``, cached per ``(n, k, device)``: every layer of a forward pass asks for the
-    same token index, which would otherwise cost five small operators (and kernel launches) per layer."""
+    same token index, which would otherwise cost five small operators (and kernel launches) per layer.
+
+    Under ``torch.compile`` the index is computed in the graph (the compiler folds it; a lookup in this cache would
+    make Dynamo guard on the cache's contents and recompile whenever they change)."""
+    if torch.compiler.is_compiling():
+        return torch.arange(n, device=device).repeat_interleave(k)
     key = (n, k, torch.device(device))
     index = _REPEATED_ARANGE.get(key)
     if index is None:
