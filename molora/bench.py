@@ -14,6 +14,10 @@ measures, in one run and with the same thread count:
   number of tokens) on a small random Llama whose projections are all adapted, by default 256 wide: a decode step
   has a few tokens per layer, so MoLoRA's per-layer work (router, gating, statistics) shows there more than anywhere.
 
+With ``--compile`` the training step also runs ``torch.compile``-d copies of PEFT LoRA and MoLoRA (candidates
+``... +compile``, compiled during their warm-up; their ratio is against the compiled LoRA, and their memory is not
+measured: the tracking mode does not see inside compiled code).
+
 Timing: every candidate is built once, warmed up, then the candidates run interleaved (one call each per round, so
 that drift in the machine's speed hits all of them alike) and each gets the median over the rounds. A ratio is the
 median over rounds of (candidate time / reference time in the same round), the reference being PEFT LoRA or the
@@ -199,19 +203,22 @@ def _make_rows(
     resident: dict[str, float],
 ) -> list:
     """Rows from the per-round times, the step's peak tensor bytes and the bytes held through it (per candidate)."""
-    lora = "lora r·k" if "lora r·k" in times else None
     rows = []
     for name, values in times.items():
         median = statistics.median(values)
-        total = peaks[name] + resident[name]
-        row = BenchRow(
-            section, shape, name, median, total / 2**20, kernel=kernels.get(name, ""), step_mb=peaks[name] / 2**20
-        )
+        # a compiled candidate is compared with the compiled LoRA, the others with eager LoRA
+        lora = "lora r·k" + COMPILED if name.endswith(COMPILED) else "lora r·k"
+        lora = lora if lora in times else None
+        row = BenchRow(section, shape, name, median, kernel=kernels.get(name, ""))
         if lora is not None:
             row.vs_lora = _paired_ratio(values, times[lora])
-            lora_total = peaks[lora] + resident[lora]
-            row.mem_vs_lora = total / lora_total if lora_total else None
-            row.step_mem_vs_lora = peaks[name] / peaks[lora] if peaks[lora] else None
+        if name in peaks:  # not for compiled candidates
+            total = peaks[name] + resident[name]
+            row.peak_mb, row.step_mb = total / 2**20, peaks[name] / 2**20
+            if lora is not None:
+                lora_total = peaks[lora] + resident[lora]
+                row.mem_vs_lora = total / lora_total if lora_total else None
+                row.step_mem_vs_lora = peaks[name] / peaks[lora] if peaks[lora] else None
         if "naive" in times:
             row.vs_naive = _paired_ratio(values, times["naive"])
         rows.append(row)
@@ -221,9 +228,13 @@ def _make_rows(
 def _measured_rows(section, shape, steps, times, models, auto_tokens, optimizers=None) -> list:
     """The rows of one benchmark: memory measured per candidate after the timing (``optimizers``: their state counts
     as held by the model), the path ``auto`` picks for ``auto_tokens`` tokens."""
-    peaks = {name: _peak_bytes(step) for name, step in steps.items()}
-    held = {name: _resident_bytes(models[name], *([optimizers[name]] if optimizers else [])) for name in steps}
-    kernels = {name: _auto_kernel(models[name], auto_tokens) for name in steps if name == "molora auto"}
+    # the memory-tracking mode does not see the allocations inside compiled code: compiled candidates are not measured
+    measured = [name for name in steps if not name.endswith(COMPILED)]
+    peaks = {name: _peak_bytes(steps[name]) for name in measured}
+    held = {name: _resident_bytes(models[name], *([optimizers[name]] if optimizers else [])) for name in measured}
+    kernels = {
+        name: _auto_kernel(models[name], auto_tokens) for name in steps if name.removesuffix(COMPILED) == "molora auto"
+    }
     return _make_rows(section, shape, times, peaks, kernels, held)
 
 
@@ -360,24 +371,33 @@ def bench_train_step(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> list[BenchRow]:
-    """One training step (forward with labels, backward, AdamW) of a small random Llama, per candidate."""
+    """One training step (forward with labels, backward, AdamW) of a small random Llama, per candidate.
+
+    A candidate named ``"<candidate> +compile"`` runs ``torch.compile(model)`` (inductor's default mode), compiled by
+    two extra warm-up calls (the first compiles, the second runs with the optimizer state in place)."""
     vocab = 512
     gen = torch.Generator().manual_seed(1)
     input_ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     steps, models, optimizers = {}, {}, {}
     for candidate in candidates:
-        model = _adapt(_small_llama(width, layers, vocab), _peft_config(candidate, rank, num_experts, top_k, targets))
+        base_candidate = candidate.removesuffix(COMPILED)
+        config = _peft_config(base_candidate, rank, num_experts, top_k, targets)
+        model = _adapt(_small_llama(width, layers, vocab), config)
         model.to(device, dtype).train()
         models[candidate] = model
         optimizer = optimizers[candidate] = _adamw([p for p in model.parameters() if p.requires_grad])
+        forward = torch.compile(model) if candidate.endswith(COMPILED) else model
 
-        def step(model=model, optimizer=optimizer) -> None:
-            out = model(input_ids=input_ids, labels=input_ids)
+        def step(forward=forward, optimizer=optimizer) -> None:
+            out = forward(input_ids=input_ids, labels=input_ids)
             out.loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
+        if candidate.endswith(COMPILED):
+            for _ in range(2):
+                step()
         steps[candidate] = step
     times = _time_interleaved(steps, warmup, repeats)
     shape = f"llama d={width} L={layers} T={batch}x{seq} E={num_experts} k={top_k} r={rank}"
@@ -432,6 +452,9 @@ def bench_generate(
 
 
 # -- the run ---------------------------------------------------------------------------------------------------------
+
+#: suffix of the candidates that run ``torch.compile(model)`` (``run_benchmarks(compile=True)``)
+COMPILED = " +compile"
 
 #: the ``dtype`` values :func:`run_benchmarks` accepts
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -492,6 +515,7 @@ def run_benchmarks(
     seq: int | None = None,
     generation: bool = True,
     gen_width: int | None = None,
+    compile: bool = False,
 ) -> BenchTable:
     """Measure the layer, (unless ``model=False``) the training-step and (unless ``generation=False``) the generation
     benchmarks; return the table.
@@ -513,6 +537,8 @@ def run_benchmarks(
         seq (int | None): tokens per sequence in the training step. Default 128 (16 with ``quick``).
         generation (bool): also run the generation benchmark (2 prompts of 16 tokens, 32 new tokens).
         gen_width (int | None): width of the generation benchmark's Llama. Default 256 (64 with ``quick``).
+        compile (bool): also time ``torch.compile``-d PEFT LoRA and MoLoRA in the training-step benchmark (compiling
+            takes tens of seconds per model; needs a working inductor backend, i.e. a C++ compiler on a CPU).
     """
     if dtype not in DTYPES:
         raise ValueError(f"`dtype`={dtype!r} is not supported; allowed values: {list(DTYPES)}.")
@@ -562,17 +588,22 @@ def run_benchmarks(
         m_width, m_layers, m_batch, m_seq = (64, 2, 2, 16) if quick else (width, 2, 2, 128)
         m_batch = batch if batch is not None else m_batch
         m_seq = seq if seq is not None else m_seq
-        say(f"train step llama d={m_width} L={m_layers} T={m_batch}x{m_seq}")
-        table.rows += bench_train_step(m_width, m_layers, m_batch, m_seq, *model_args, **where)
+        say(f"train step llama d={m_width} L={m_layers} T={m_batch}x{m_seq}" + (" (compiling)" if compile else ""))
+        train_args = model_args
+        if compile:
+            compiled = ["lora r·k" + COMPILED, "molora auto" + COMPILED]
+            train_args = (*model_args[:3], [*model_args[3], *compiled], *model_args[4:])
+        table.rows += bench_train_step(m_width, m_layers, m_batch, m_seq, *train_args, **where)
     if generation:
         g_width = gen_width if gen_width is not None else (64 if quick else 256)
         g_prompt, g_new = (8, 8) if quick else (16, 32)
         say(f"generate llama d={g_width} L=2 2x{g_prompt}+{g_new}")
         table.rows += bench_generate(g_width, 2, 2, g_prompt, g_new, *model_args, **where)
     for row in table.rows:
-        if row.candidate == "lora r·k":
-            row.candidate = f"lora r={_rk(row.shape)}"
-        elif row.candidate == "lora r·E":
+        base, compiled_row = row.candidate.removesuffix(COMPILED), row.candidate.endswith(COMPILED)
+        if base == "lora r·k":
+            row.candidate = f"lora r={_rk(row.shape)}" + (COMPILED if compiled_row else "")
+        elif base == "lora r·E":
             row.candidate = f"lora r={_rk(row.shape, 'E')} (bank width)"
     return table
 
@@ -627,6 +658,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--gen-width", type=int, default=None, help="width of the generation benchmark's Llama (default 256)"
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time torch.compile'd LoRA and MoLoRA training steps (slow to compile; needs a C++ compiler on CPU)",
+    )
     parser.add_argument("--json", default=None, help="also write the table to this JSON file")
     args = parser.parse_args(argv)
     problem = device_problem(args.device) or settings_problem(
@@ -650,6 +686,7 @@ def main(argv: list[str] | None = None) -> int:
         seq=args.seq,
         generation=not args.no_generate,
         gen_width=args.gen_width,
+        compile=args.compile,
     )
     print(format_table(table))
     if args.json:

@@ -216,3 +216,33 @@ def test_train_step_optimizer_is_the_trainers_default_fused_adamw():
     before = param.detach().clone()
     optimizer.step()
     assert not torch.equal(param, before)
+
+
+def test_compile_option_times_compiled_lora_and_molora(monkeypatch, capsys):
+    # `molora bench --compile`: compiled copies of LoRA and MoLoRA in the training step, each compared with the
+    # compiled LoRA, without memory columns (the tracking mode cannot see inside compiled code); the compiled models
+    # really are torch.compile'd (counted here)
+    compiled = []
+    original = torch.compile
+
+    def spy(model, *args, **kwargs):
+        compiled.append(type(model).__name__)
+        return original(model, *args, backend="eager")  # Dynamo's tracing without code generation: seconds
+
+    monkeypatch.setattr(torch, "compile", spy)
+    assert bench.main(["--quick", "--compile", "--no-generate", "--no-extra-shapes", "--repeats", "1"]) == 0
+    assert compiled == ["PeftModel", "PeftModel"]
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split("|")[3].strip(): line for line in lines if line.startswith("| train step")}
+    assert set(rows) == {
+        "lora r=16",
+        "molora auto → dense",
+        "naive",
+        "lora r=16 +compile",
+        "molora auto +compile → dense",
+    }
+    cells = [c.strip() for c in rows["lora r=16 +compile"].split("|")]
+    assert cells[5] == "1.000" and cells[7:11] == ["", "", "", ""]  # its own reference, no memory
+    cells = [c.strip() for c in rows["molora auto +compile → dense"].split("|")]
+    assert float(cells[5]) > 0 and cells[7] == ""
+    assert float([c.strip() for c in rows["molora auto → dense"].split("|")][7]) > 0  # eager rows keep memory
