@@ -19,9 +19,10 @@ the same ``d(coef * loss)`` from :class:`_MissingAuxGrads` (one autograd node le
 Under ``torch.compile`` the layers' part is traced into the model's graph: :meth:`MoLoraRuntime.record` stores the
 statistics and losses (dict stores, which Dynamo replays) and attaches nothing, since an attachment's backward reads
 this object's Python state, which a compiled backward cannot. ``begin_forward`` and ``end_forward`` stay eager (a
-graph break at the start and at the end of the model's forward, nowhere else), and ``end_forward`` then attaches one
-delivery node for all routers to the output's logits (:class:`_AttachModelAuxGrad`): the same gradients as eager for
-a loss taken from ``outputs.loss``, from ``molora_aux_loss()`` or from the logits.
+graph break at the start and at the end of the model's forward, nowhere else), and ``end_forward`` then attaches a
+delivery node for all routers to each differentiable output (:class:`_AttachModelAuxGrad`: logits, TRL's
+log-probabilities, ...; the first to back-propagate delivers): the same gradients as eager for a loss taken from
+``outputs.loss``, from ``molora_aux_loss()`` or from those outputs.
 
 Values recorded by a layer are *keyed by (layer, adapter)* and overwritten, never appended, within one forward: a
 layer that is re-run by activation checkpointing during backward records the same values again instead of counting
@@ -33,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -225,29 +226,42 @@ class _AttachAuxGrad(torch.autograd.Function):
 
 
 class _AttachModelAuxGrad(torch.autograd.Function):
-    """Identity on the model's output (its logits) that back-propagates the weighted aux losses of a compiled forward
-    when nothing else did: :class:`_AttachAuxGrad` for all routers at once, created outside the compiled graph (whose
-    backward cannot read the runtime's Python state). A loss computed from ``outputs.logits`` reaches it; one
-    computed from ``outputs.loss`` or with ``molora_aux_loss()`` delivers the gradient itself first."""
+    """Identity on one of the model's outputs (its logits, say) that back-propagates the weighted aux losses of a
+    compiled forward when nothing else did: :class:`_AttachAuxGrad` for all routers at once, created outside the
+    compiled graph (whose backward cannot read the runtime's Python state). A loss computed from ``outputs.logits``
+    (or TRL's ``outputs.log_probs``) reaches it; one computed from ``outputs.loss`` or with ``molora_aux_loss()``
+    delivers the gradient itself first."""
 
     @staticmethod
-    def forward(ctx, output, runtime, specs, concat, *losses):  # noqa: D102
+    def forward(ctx, output, runtime, delivery, concat, *losses):  # noqa: D102
         ctx.runtime = runtime
-        ctx.specs = specs
+        ctx.delivery = delivery
         ctx.concat = concat
         ctx.generation = runtime.generation
         return output.view_as(output)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        runtime = ctx.runtime
-        nothing = (grad, None, None, None) + (None,) * len(ctx.specs)
-        if not runtime.aux_undelivered(ctx.generation):
+        runtime, delivery = ctx.runtime, ctx.delivery
+        nothing = (grad, None, None, None) + (None,) * len(delivery.specs)
+        if delivery.done or not runtime.aux_undelivered(ctx.generation):
             return nothing
+        # once per forward, whichever of the wrapped outputs back-propagates first (not `runtime.aux_delivered`: the
+        # layers that ran eagerly, past a graph break, still deliver their own routers' gradient)
+        delivery.done = True
         if ctx.concat:
             runtime._warn_concat_once()
-        grads = [runtime.aux_fallback_grads(adapter, [(name, spec)])[0] for adapter, name, spec in ctx.specs]
+        grads = [runtime.aux_fallback_grads(adapter, [(name, spec)])[0] for adapter, name, spec in delivery.specs]
         return (grad, None, None, None, *grads)
+
+
+@dataclass
+class _ModelDelivery:
+    """The losses one forward's :class:`_AttachModelAuxGrad` nodes deliver (``(adapter, loss name, (shape, dtype,
+    device))`` each) and whether one of them already did."""
+
+    specs: list[tuple[str, str, tuple]]
+    done: bool = False
 
 
 class _MissingAuxGrads:
@@ -425,8 +439,9 @@ class MoLoraRuntime:
         return _set_loss(output, new_loss)
 
     def _attach_model_delivery(self, output: Any) -> Any:
-        """``output`` with its logits (or last hidden state) wrapped by :class:`_AttachModelAuxGrad` for the losses
-        that no layer took care of (a compiled forward's); ``output`` itself when there are none."""
+        """``output`` with its differentiable tensors (logits, log-probabilities, ...) wrapped by
+        :class:`_AttachModelAuxGrad` for the losses that no layer took care of (a compiled forward's); ``output``
+        itself when there are none."""
         undelivered = [(adapter, record) for (_, adapter), record in self._aux.items() if not record.delivers]
         if not undelivered or not torch.is_grad_enabled():
             return output
@@ -438,13 +453,18 @@ class MoLoraRuntime:
                 if value.requires_grad:
                     specs.append((adapter, name, (value.shape, value.dtype, value.device)))
                     losses.append(value)
-        where, tensor = _output_tensor(output)
-        if tensor is None or not tensor.requires_grad or not (losses or concat):
+        targets = [(where, t) for where, t in _output_tensors(output) if t.requires_grad]
+        if not targets or not (losses or concat):
             return output
-        wrapped = _AttachModelAuxGrad.apply(tensor, self, specs, concat, *losses)
-        if isinstance(where, int):
-            return (*output[:where], wrapped, *output[where + 1 :])
-        setattr(output, where, wrapped)
+        delivery = _ModelDelivery(specs)
+        for where, tensor in targets:
+            # one node per output a loss may be computed from (logits, TRL's log-probabilities, ...): the first whose
+            # backward runs delivers, the others then find it done
+            wrapped = _AttachModelAuxGrad.apply(tensor, self, delivery, concat, *losses)
+            if isinstance(where, int):
+                output = (*output[:where], wrapped, *output[where + 1 :])
+            else:
+                output[where] = wrapped
         return output
 
     # -- recording (called by the layers) ---------------------------------------------------------------------------
@@ -768,19 +788,17 @@ def _cache_state(kwargs: dict) -> tuple[int | None, bool]:
     return None, bool(past)
 
 
-def _output_tensor(output: Any) -> tuple[str | int | None, torch.Tensor | None]:
-    """The model output's main tensor and where it sits: ``("logits", t)``, else ``("last_hidden_state", t)``, else
-    ``(index, t)`` for the first non-scalar tensor among the first two elements of a tuple output (a scalar first
-    element is the loss); ``(None, None)`` when there is none."""
-    for name in ("logits", "last_hidden_state"):
-        value = getattr(output, name, None)
-        if isinstance(value, torch.Tensor):
-            return name, value
-    if isinstance(output, tuple):
-        for index, value in enumerate(output[:2]):
-            if isinstance(value, torch.Tensor) and value.dim() > 0:
-                return index, value
-    return None, None
+def _output_tensors(output: Any) -> list[tuple[str | int, torch.Tensor]]:
+    """The model output's floating-point tensors a loss may be computed from, with where they sit: every top-level
+    field of a ``ModelOutput`` (or dict) but ``loss`` (``logits``, ``log_probs``, ``last_hidden_state``, ...), or the
+    non-scalar tensors among the first two elements of a tuple output (a scalar first element is the loss)."""
+    if isinstance(output, Mapping):
+        items = [(key, value) for key, value in output.items() if key != "loss"]
+    elif isinstance(output, tuple):
+        items = [(index, value) for index, value in enumerate(output[:2]) if getattr(value, "dim", lambda: 0)() > 0]
+    else:
+        return []
+    return [(key, value) for key, value in items if isinstance(value, torch.Tensor) and value.is_floating_point()]
 
 
 def _get_loss(output: Any) -> torch.Tensor | None:
