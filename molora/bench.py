@@ -396,8 +396,15 @@ def bench_train_step(
             optimizer.zero_grad(set_to_none=True)
 
         if candidate.endswith(COMPILED):
-            for _ in range(2):
-                step()
+            try:
+                for _ in range(2):
+                    step()
+            except Exception as error:  # noqa: BLE001 - whatever the backend raised, say which option caused it
+                raise RuntimeError(
+                    f"torch.compile failed for the {base_candidate!r} training step ({type(error).__name__}: "
+                    f"{error}); inductor on a CPU needs a working C++ compiler. Run without --compile "
+                    "(torch_compile=False)."
+                ) from error
         steps[candidate] = step
     times = _time_interleaved(steps, warmup, repeats)
     shape = f"llama d={width} L={layers} T={batch}x{seq} E={num_experts} k={top_k} r={rank}"
@@ -453,7 +460,7 @@ def bench_generate(
 
 # -- the run ---------------------------------------------------------------------------------------------------------
 
-#: suffix of the candidates that run ``torch.compile(model)`` (``run_benchmarks(compile=True)``)
+#: suffix of the candidates that run ``torch.compile(model)`` (``run_benchmarks(torch_compile=True)``)
 COMPILED = " +compile"
 
 #: the ``dtype`` values :func:`run_benchmarks` accepts
@@ -515,7 +522,7 @@ def run_benchmarks(
     seq: int | None = None,
     generation: bool = True,
     gen_width: int | None = None,
-    compile: bool = False,
+    torch_compile: bool = False,
 ) -> BenchTable:
     """Measure the layer, (unless ``model=False``) the training-step and (unless ``generation=False``) the generation
     benchmarks; return the table.
@@ -537,8 +544,9 @@ def run_benchmarks(
         seq (int | None): tokens per sequence in the training step. Default 128 (16 with ``quick``).
         generation (bool): also run the generation benchmark (2 prompts of 16 tokens, 32 new tokens).
         gen_width (int | None): width of the generation benchmark's Llama. Default 256 (64 with ``quick``).
-        compile (bool): also time ``torch.compile``-d PEFT LoRA and MoLoRA in the training-step benchmark (compiling
-            takes tens of seconds per model; needs a working inductor backend, i.e. a C++ compiler on a CPU).
+        torch_compile (bool): also time ``torch.compile``-d PEFT LoRA and MoLoRA in the training-step benchmark
+            (compiling takes tens of seconds per model; needs a working inductor backend, i.e. a C++ compiler on a
+            CPU).
     """
     if dtype not in DTYPES:
         raise ValueError(f"`dtype`={dtype!r} is not supported; allowed values: {list(DTYPES)}.")
@@ -588,9 +596,10 @@ def run_benchmarks(
         m_width, m_layers, m_batch, m_seq = (64, 2, 2, 16) if quick else (width, 2, 2, 128)
         m_batch = batch if batch is not None else m_batch
         m_seq = seq if seq is not None else m_seq
-        say(f"train step llama d={m_width} L={m_layers} T={m_batch}x{m_seq}" + (" (compiling)" if compile else ""))
+        compiling = " (compiling)" if torch_compile else ""
+        say(f"train step llama d={m_width} L={m_layers} T={m_batch}x{m_seq}{compiling}")
         train_args = model_args
-        if compile:
+        if torch_compile:
             compiled = ["lora r·k" + COMPILED, "molora auto" + COMPILED]
             train_args = (*model_args[:3], [*model_args[3], *compiled], *model_args[4:])
         table.rows += bench_train_step(m_width, m_layers, m_batch, m_seq, *train_args, **where)
@@ -686,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
         seq=args.seq,
         generation=not args.no_generate,
         gen_width=args.gen_width,
-        compile=args.compile,
+        torch_compile=args.compile,
     )
     print(format_table(table))
     if args.json:

@@ -795,7 +795,7 @@ def _output_tensors(output: Any) -> list[tuple[str | int, torch.Tensor]]:
     if isinstance(output, Mapping):
         items = [(key, value) for key, value in output.items() if key != "loss"]
     elif isinstance(output, tuple):
-        items = [(index, value) for index, value in enumerate(output[:2]) if getattr(value, "dim", lambda: 0)() > 0]
+        items = [(i, v) for i, v in enumerate(output[:2]) if isinstance(v, torch.Tensor) and v.dim() > 0]
     else:
         return []
     return [(key, value) for key, value in items if isinstance(value, torch.Tensor) and value.is_floating_point()]

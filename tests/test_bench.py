@@ -246,3 +246,16 @@ def test_compile_option_times_compiled_lora_and_molora(monkeypatch, capsys):
     cells = [c.strip() for c in rows["molora auto +compile → dense"].split("|")]
     assert float(cells[5]) > 0 and cells[7] == ""
     assert float([c.strip() for c in rows["molora auto → dense"].split("|")][7]) > 0  # eager rows keep memory
+
+
+def test_compile_failure_is_a_clear_error(monkeypatch):
+    # inductor without a C++ compiler fails at the first call: the bench names the option that caused it
+    def broken(model, *args, **kwargs):
+        def call(*a, **k):
+            raise OSError("no C++ compiler")
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.raises(RuntimeError, match=r"torch.compile failed for the 'lora r·k' training step .*--compile"):
+        bench.run_benchmarks(quick=True, extra_shapes=False, generation=False, repeats=1, torch_compile=True)
