@@ -1,12 +1,13 @@
 """``torch.compile`` on a MoLoRA model: one graph for the whole model, no recompilation from step to step, and the same
 loss, gradients and routing statistics as eager, whoever computes the loss.
 
-Compiled, the per-layer bookkeeping (:meth:`molora.runtime.MoLoraRuntime.record`: statistics and aux losses) is traced
-into the graph as dict stores; the only code left out of it is the model-level ``begin_forward`` / ``end_forward``
-(Python state: statistics commits, the loss probe), so a training step breaks the graph at its start and its end and
-nowhere else. The aux-loss gradient's fallback delivery (for a loss computed from the logits, or from
-``outputs.log_probs`` as TRL's ``SFTTrainer`` does) is then one node per differentiable output instead of one per
-layer: ``test_compiled_logits_loss_trains_the_routers`` and the SFT test fail without it. The ``eager`` backend exercises Dynamo's tracing without generating code (seconds); one test runs inductor.
+Compiled, the per-layer bookkeeping (:meth:`molora.runtime.MoLoraRuntime.record`: statistics and aux losses) is
+traced into the graph as dict stores; the only code left out of it is the model-level ``begin_forward`` /
+``end_forward`` (Python state: statistics commits, the loss probe), so a training step breaks the graph at its start
+and its end and nowhere else. The aux-loss gradient's fallback delivery (for a loss computed from the logits, or
+from ``outputs.log_probs`` as TRL's ``SFTTrainer`` does) is then one node per differentiable output instead of one
+per layer: ``test_compiled_logits_loss_trains_the_routers`` and the SFT test fail without it. The ``eager`` backend
+exercises Dynamo's tracing without generating code (seconds); one slow test (`-m slow`) runs inductor.
 """
 
 from __future__ import annotations
