@@ -327,6 +327,13 @@ def bench_layer(
     return _measured_rows("layer", shape, steps, times, models, tokens)
 
 
+def _llama_targets() -> list[str]:
+    """All seven attention and MLP projections of a Llama: molora's default targets for it."""
+    from .model import MOLORA_TARGET_MODULES
+
+    return list(MOLORA_TARGET_MODULES["llama"])
+
+
 def _small_llama(width: int, layers: int, vocab: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -378,7 +385,7 @@ def bench_train_step(
     vocab = 512
     gen = torch.Generator().manual_seed(1)
     input_ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    targets = _llama_targets()
     steps, models, optimizers = {}, {}, {}
     for candidate in candidates:
         base_candidate = candidate.removesuffix(COMPILED)
@@ -433,7 +440,7 @@ def bench_generate(
     gen = torch.Generator().manual_seed(2)
     input_ids = torch.randint(3, vocab, (batch, prompt), generator=gen).to(device)
     attention_mask = torch.ones_like(input_ids)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    targets = _llama_targets()
     steps, models = {}, {}
     for candidate in candidates:
         model = _adapt(_small_llama(width, layers, vocab), _peft_config(candidate, rank, num_experts, top_k, targets))
