@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .routers.balancing import AuxInputs, entropy
+from .routers.state import commit_staged
 
 if TYPE_CHECKING:
     from .routers.base import Router, Routing
@@ -425,7 +426,9 @@ class MoLoraRuntime:
         """Add the weighted aux losses to ``output.loss`` when the call computed a loss. After a compiled forward, also
         attach the model-level fallback delivery of the aux gradient to the output (:class:`_AttachModelAuxGrad`).
 
-        Not compiled: the loss probe and the delivery node keep Python state for the backward."""
+        Not compiled: the loss probe and the delivery node keep Python state for the backward. Also records what
+        stateful routers observed inside a compiled forward (``molora.routers.state.commit_staged``)."""
+        commit_staged(self.context.forward_id)
         output = self._attach_model_delivery(output)
         loss = _get_loss(output)
         if loss is None:

@@ -131,6 +131,35 @@ def test_compiled_mixture_of_routers_is_one_graph():
     _assert_same_training(model, loss, eager, eager_loss, tokens=2 * 16)
 
 
+def test_compiled_loss_free_balancing_is_one_graph_and_updates_like_eager():
+    # topk_bias (DeepSeek's loss-free balancing): the expert loads it sums for the bias update are staged by the
+    # compiled code and recorded by the eager end of the forward, so the per-forward bookkeeping neither breaks the
+    # graph nor recompiles it, and the biases move exactly as in eager (padding counts 0 in both)
+    cfg = molora.MoLoraConfig(
+        r=4, num_experts=4, top_k=2, init_lora_weights=False, router="topk_bias", aux_loss_coef=0.0
+    )
+
+    def run(backend):
+        model = _model(cfg)
+        dynamo.reset()
+        dynamo.utils.counters.clear()
+        forward = torch.compile(model, backend=backend) if backend else model
+        for _ in range(3):
+            forward(input_ids=_IDS, attention_mask=_MASK).logits.sum().backward()
+            model.molora_on_optimizer_step()
+        graphs = dynamo.utils.counters["stats"]["unique_graphs"]
+        dynamo.reset()
+        return {n: b.clone() for n, b in model.named_buffers() if "selection_bias" in n}, graphs
+
+    eager, _ = run(None)
+    compiled, graphs = run("eager")
+    assert graphs == 1
+    assert len(eager) == 14 and all(bias.abs().sum() > 0 for bias in eager.values())
+    assert compiled.keys() == eager.keys()
+    for name, bias in compiled.items():
+        torch.testing.assert_close(bias, eager[name], msg=name)
+
+
 @pytest.mark.parametrize("router", ["topp", pytest.param("soft", marks=pytest.mark.slow)])
 def test_compiled_routers_with_data_dependent_shapes_train_like_eager(router):
     # a selection of data-dependent size (topp: nonzero), or losses over the valid rows of a padded batch (soft),

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .balancing import valid_rows
 from .base import Router, RouterParams, Routing, register_router
 from .topk import topk_routing
 
@@ -90,7 +91,9 @@ class ExpertChoiceRouter(Router):
     def select(self, logits: torch.Tensor, valid: torch.Tensor | None) -> Routing:
         probs = torch.softmax(logits, dim=-1)  # [T, E]
         n_tokens, n_experts = probs.shape
-        n_valid = n_tokens if valid is None else int(valid.sum())
+        # the capacity depends on the number of real tokens: counted from the padding mask's row index, which every
+        # layer of the forward shares (one read-back to the host per forward on CUDA, not one per layer)
+        n_valid = n_tokens if valid is None else valid_rows(valid).numel()
         if n_valid <= 1:
             return self.token_choice(logits)
         k_c = self.capacity(n_valid)

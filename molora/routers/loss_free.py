@@ -112,9 +112,14 @@ class TopKBiasRouter(Router):
         routing = super().forward(x, valid, context)
         if self.training:
             expert_index = routing.expert_index
-            if valid is not None:
-                expert_index = expert_index[valid[routing.token_index]]
-            counts = torch.bincount(expert_index, minlength=self.num_experts).float()
+            # assignments per expert, padding weighted 0: a scatter-add of static shape, where boolean indexing and
+            # `bincount` read back to the host on CUDA (twice per layer) and break a torch.compile graph
+            if valid is None:
+                weight = torch.ones(expert_index.shape, dtype=torch.float32, device=expert_index.device)
+            else:
+                weight = valid.to(expert_index.device)[routing.token_index].to(torch.float32)
+            counts = torch.zeros(self.num_experts, dtype=torch.float32, device=expert_index.device)
+            counts.scatter_add_(0, expert_index, weight)
             self._loads.add(counts, context.forward_id if context is not None else None)
         return routing
 

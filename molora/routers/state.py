@@ -17,6 +17,9 @@ import torch.distributed as dist
 _UNUPDATED_FORWARDS_WARNING = 1000
 _warned_unupdated = False
 
+# accumulators given a value inside a torch.compile'd forward, waiting for the runtime's (eager) end of that forward
+_STAGED: list[StepAccumulator] = []
+
 
 class StepAccumulator:
     """Sums one tensor per model forward until the next optimizer step.
@@ -35,10 +38,21 @@ class StepAccumulator:
         self._pending: torch.Tensor | None = None
         self._pending_id: int | None = None
         self._forwards = 0
+        self._staged: torch.Tensor | None = None
 
     def add(self, value: torch.Tensor, forward_id: int | None = None) -> None:
-        """Record ``value`` (detached) for the forward ``forward_id``."""
+        """Record ``value`` (detached) for the forward ``forward_id``.
+
+        Inside a ``torch.compile``'d forward the value is only staged, without reading any of this object's state
+        (compiled code guards on the Python values it reads, and the forward id and the counters change every
+        forward: every step would recompile); :func:`commit_staged`, which the model's runtime calls eagerly at
+        the end of the forward, records it with that forward's id.
+        """
         value = value.detach()
+        if torch.compiler.is_compiling():
+            self._staged = value
+            _STAGED.append(self)
+            return
         if forward_id is not None and forward_id == self._pending_id:
             self._pending = value
             return
@@ -69,6 +83,15 @@ class StepAccumulator:
         if total is None:
             return torch.zeros(shape, dtype=torch.float32, device=device)
         return total.to(device=device, dtype=torch.float32)
+
+
+def commit_staged(forward_id: int | None) -> None:
+    """Record what compiled code staged (see :meth:`StepAccumulator.add`) for the forward ``forward_id``."""
+    while _STAGED:
+        accumulator = _STAGED.pop(0)
+        staged, accumulator._staged = accumulator._staged, None
+        if staged is not None:
+            accumulator.add(staged, forward_id)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

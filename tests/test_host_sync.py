@@ -1,0 +1,59 @@
+"""No host synchronisation per layer in a training step.
+
+On CUDA an operator whose output size or value the host must know (``nonzero``, ``bincount``, boolean indexing,
+``.item()``) waits for the GPU to catch up; one per layer serialises the whole step. The CPU cannot observe the
+waits, but it sees the operators: a dispatch mode flags every such call made from molora's code during the forward
+and backward of a padded batch. The padding mask's row index is computed once per forward and shared by every layer
+(``molora.routers.balancing.valid_rows``), so the general loss path may read back once per forward, never per layer.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections import Counter
+
+import pytest
+import torch
+from conftest import VOCAB, make_llama
+from peft import get_peft_model
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import molora
+
+# operators whose result the host needs before the next one can be launched
+_READ_BACK = {"nonzero", "bincount", "masked_select", "_local_scalar_dense", "is_nonzero", "equal", "_unique2"}
+_SEP = "/"
+
+
+class _ReadBacks(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        flagged = name in _READ_BACK or (
+            name == "index"
+            and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None)
+        )
+        if flagged:
+            frames = [f for f in traceback.extract_stack() if f"{_SEP}molora{_SEP}" in f.filename]
+            if frames:
+                self.calls[f"{name} at {frames[-1].filename.rsplit(_SEP, 1)[-1]}:{frames[-1].lineno}"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    ("router", "allowed"),
+    [("topk", 0), ("topk_bias", 1), ("expert_choice", 1), ("soft", 1), ("mor", 1)],
+)
+def test_training_step_reads_back_at_most_once_per_forward(router, allowed):
+    cfg = molora.MoLoraConfig(r=4, num_experts=4, top_k=2, router=router, init_lora_weights=False)
+    model = get_peft_model(make_llama(seed=1), cfg).train()  # 14 adapted layers
+    ids = torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()  # warm caches
+    with _ReadBacks() as seen:
+        model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    assert sum(seen.calls.values()) <= allowed, dict(seen.calls)
