@@ -368,13 +368,13 @@ class MoLoraRuntime:
         embeds = kwargs.get("inputs_embeds")
         current = input_ids if input_ids is not None else embeds
         mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and current is not None:
-            seq = current.shape[1] if current.dim() >= 2 else None
-            if seq is not None and mask.shape[1] >= seq:
-                mask = mask[:, mask.shape[1] - seq :]
-            else:
-                mask = None
-        elif not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+        seq = current.shape[1] if current is not None and current.dim() >= 2 else None
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and seq is not None:
+            mask = mask[:, mask.shape[1] - seq :] if mask.shape[1] >= seq else None
+        elif isinstance(mask, torch.Tensor) and mask.dim() == 4 and seq is not None:
+            # a prepared [batch, heads, query, key] mask, as generate() passes with a static KV cache
+            mask = _token_mask_from_4d(mask, past_length, seq)
+        else:
             mask = None
         self.context = RoutingContext(
             attention_mask=mask,
@@ -763,6 +763,25 @@ def _stats_rows(raws: list[_RawRouting]) -> torch.Tensor:
         return torch.cat(
             [tokens.unsqueeze(1), ent.sum(dim=1, keepdim=True), counts, gate_sums, probs.sum(dim=1)], dim=1
         )
+
+
+def _token_mask_from_4d(mask: torch.Tensor, past_length: int | None, seq: int) -> torch.Tensor | None:
+    """``[batch, seq]`` bool, True for the real tokens among the current ``seq`` positions, from a prepared 4-d
+    attention mask ``[batch, heads, query, key]`` (bool: True attends; float: 0 attends, the dtype's minimum masks).
+
+    A real token attends to its own key position ``past_length + i``; a padding token's key column is masked for
+    every query, its own included. ``None`` (every token counts, as without a mask) when the layout does not allow
+    the check: unknown cache length, or fewer query rows or key columns than the positions need.
+    """
+    if past_length is None or mask.shape[2] != seq or mask.shape[3] < past_length + seq:
+        return None
+    position = torch.arange(seq, device=mask.device)
+    own = mask[:, 0, position, position + past_length]  # [batch, seq]
+    if own.dtype == torch.bool:
+        return own
+    if own.is_floating_point():
+        return own > torch.finfo(own.dtype).min / 2
+    return own != 0
 
 
 def _cache_state(kwargs: dict) -> tuple[int | None, bool]:

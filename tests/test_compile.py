@@ -244,3 +244,32 @@ def test_compiled_concat_reduction_and_tuple_outputs_behave_like_eager(recwarn):
         dynamo.reset()
     for name, grad in grads[None].items():
         torch.testing.assert_close(grads["eager"][name], grad, msg=name)
+
+
+@pytest.mark.parametrize("cache", [None, "static"])
+def test_compiled_generation_matches_eager_without_graph_breaks(cache):
+    # the way transformers documents compiled generation: compile the model's forward and call generate(); the
+    # decode steps' cache of [A_flat | W_router^T] compares data pointers, which Dynamo cannot trace, so compiled
+    # code skips it (it builds the matrix inside the graph)
+    cfg = molora.MoLoraConfig(r=4, num_experts=4, top_k=2, init_lora_weights=False, task_type="CAUSAL_LM")
+    model = get_peft_model(make_llama(seed=1), cfg).eval()
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0, "cache_implementation": cache}
+    eager = model.generate(input_ids=_IDS, attention_mask=_MASK, **kwargs)
+    eager_tokens = model.get_routing_stats()["model.layers.0.self_attn.q_proj"].tokens
+    model.reset_routing_stats()
+    dynamo.reset()
+    dynamo.utils.counters.clear()
+    inner = model.base_model.model
+    inner.forward = torch.compile(inner.forward, backend="eager")
+    try:
+        for _ in range(2):  # the second call reuses the compiled code
+            model.reset_routing_stats()
+            compiled = model.generate(input_ids=_IDS, attention_mask=_MASK, **kwargs)
+            assert torch.equal(compiled, eager)
+        breaks = dict(dynamo.utils.counters["graph_break"])
+    finally:
+        del inner.forward
+        dynamo.reset()
+    assert breaks == {}, breaks
+    # 14 real prompt tokens, then 5 routed decode steps of 2 sequences
+    assert model.get_routing_stats()["model.layers.0.self_attn.q_proj"].tokens == eager_tokens == 14 + 2 * 5

@@ -218,6 +218,28 @@ def test_greedy_generation_in_a_padded_batch_equals_each_sample_alone():
         assert torch.equal(batch[i], alone[0])
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_static_cache_generation_sees_the_padding(attention):
+    # with a static KV cache generate() passes a prepared 4-d mask ([batch, 1, query, key]; bool for sdpa, float
+    # for eager attention) instead of the 2-d one: the padding must still be found, or the padded prompt's pooled
+    # representation (and so its experts) would include the pad tokens
+    model = prompt_model()
+    model.base_model.model.config._attn_implementation = attention
+    ids, mask = padded(PROMPTS, "left")
+    model.reset_routing_stats()
+    dynamic = greedy(model, ids, mask)
+    dynamic_tokens = next(iter(model.get_routing_stats().values())).tokens
+    model.reset_routing_stats()
+    static = greedy(model, ids, mask, cache_implementation="static")
+    # the statistics count the real tokens only: the prompts' and 5 routed decode steps per sequence
+    static_tokens = next(iter(model.get_routing_stats().values())).tokens
+    assert static_tokens == dynamic_tokens == sum(map(len, PROMPTS)) + 3 * 5
+    assert torch.equal(static, dynamic)
+    for i, prompt in enumerate(PROMPTS):
+        alone = greedy(model, torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long))
+        assert torch.equal(static[i], alone[0])
+
+
 def test_beam_search_and_changing_batch_sizes_between_calls():
     model = prompt_model()
     ids, mask = padded(PROMPTS, "left")

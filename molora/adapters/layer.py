@@ -474,6 +474,10 @@ class MoLoraLayer(BaseTunerLayer):
         router. ``bank``: the adapter's ``A`` parameter when the caller already fetched it (``weight_A`` is another
         tensor when DR-LoRA masked it).
         """
+        if torch.compiler.is_compiling():
+            # compiled code cannot compare data pointers (a graph break per layer and step) and builds the matrix
+            # inside its graph anyway
+            return None
         cache = self._molora_shrink_cache
         runtime = self._molora_runtime
         if bank is None:
