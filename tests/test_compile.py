@@ -50,9 +50,12 @@ def _loss(model, mode: str, mask: torch.Tensor | None) -> torch.Tensor:
     return 0.5 * torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets)
 
 
-def _train(cfg, mode: str, backend: str | None, steps: int = 2, mask: torch.Tensor | None = _MASK):
+def _train(
+    cfg, mode: str, backend: str | None, steps: int = 2, mask: torch.Tensor | None = _MASK, base_forward: bool = False
+):
     """``steps`` forward/backward passes; returns the model, the last loss, the graph-break reasons, the number of
-    graphs and the recompilation messages (``backend=None``: eager)."""
+    graphs and the recompilation messages (``backend=None``: eager). ``base_forward``: compile the base model's
+    ``forward`` with ``fullgraph=True`` instead of the whole ``PeftModel``."""
     model = _model(cfg)
     dynamo.reset()
     dynamo.utils.counters.clear()
@@ -62,7 +65,10 @@ def _train(cfg, mode: str, backend: str | None, steps: int = 2, mask: torch.Tens
         # torch's loggers do not propagate to the root logger: listen on Dynamo's own, with recompile reasons on
         with dynamo.config.patch(recompile_limit=8):
             torch._logging.set_logs(recompiles=True)
-            run = torch.compile(model, backend=backend) if backend else model
+            run = torch.compile(model, backend=backend) if backend and not base_forward else model
+            if backend and base_forward:
+                base = model.get_base_model()
+                base.forward = torch.compile(base.forward, backend=backend, fullgraph=True)
             for _ in range(steps):
                 model.zero_grad(set_to_none=True)
                 loss = _loss(run, mode, mask)
@@ -107,6 +113,18 @@ def test_compiled_model_is_one_graph_and_trains_like_eager(mode):
     reasons = {reason.splitlines()[0][:60]: count for reason, count in breaks.items()}
     assert all("MoLoraRuntime.begin_forward" in r or "MoLoraRuntime.end_forward" in r for r in breaks), reasons
     assert sum(breaks.values()) <= 2 * 2, reasons
+    _assert_same_training(model, loss, eager, eager_loss)
+
+
+@pytest.mark.parametrize("mode", ["labels", "logits"])
+def test_base_model_forward_compiles_with_fullgraph(mode):
+    # the model-level begin/end calls are hooks on the base model, outside its forward: compiling that forward alone
+    # (as transformers documents for generation) takes every adapted layer into one graph with fullgraph=True
+    cfg = molora.MoLoraConfig(r=4, num_experts=4, top_k=2, init_lora_weights=False, z_loss_coef=0.01)
+    eager, eager_loss, *_ = _train(cfg, mode, None)
+    model, loss, breaks, graphs, messages = _train(cfg, mode, "eager", base_forward=True)
+    assert graphs == 1 and breaks == {}, breaks
+    assert [m for m in messages if "Recompiling" in m or "recompile_limit" in m] == []
     _assert_same_training(model, loss, eager, eager_loss)
 
 
