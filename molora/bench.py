@@ -14,9 +14,10 @@ measures, in one run and with the same thread count:
   number of tokens) on a small random Llama whose projections are all adapted, by default 256 wide: a decode step
   has a few tokens per layer, so MoLoRA's per-layer work (router, gating, statistics) shows there more than anywhere.
 
-With ``--compile`` the training step also runs ``torch.compile``-d copies of PEFT LoRA and MoLoRA (candidates
-``... +compile``, compiled during their warm-up; their ratio is against the compiled LoRA, and their memory is not
-measured: the tracking mode does not see inside compiled code).
+With ``--compile`` the training step and the generation also run ``torch.compile``-d copies of PEFT LoRA and MoLoRA
+(candidates ``... +compile``, compiled during their warm-up; their ratio is against the compiled LoRA, and their
+memory is not measured: the tracking mode does not see inside compiled code). The compiled training step compiles the
+whole ``PeftModel``; the compiled generation compiles the base model's ``forward`` and uses a static KV cache.
 
 Timing: every candidate is built once, warmed up, then the candidates run interleaved (one call each per round, so
 that drift in the machine's speed hits all of them alike) and each gets the median over the rounds. A ratio is the
@@ -403,20 +404,25 @@ def bench_train_step(
             optimizer.zero_grad(set_to_none=True)
 
         if candidate.endswith(COMPILED):
-            try:
-                for _ in range(2):
-                    step()
-            except Exception as error:  # noqa: BLE001 - whatever the backend raised, say which option caused it
-                raise RuntimeError(
-                    f"torch.compile failed for the {base_candidate!r} training step ({type(error).__name__}: "
-                    f"{error}); inductor on a CPU needs a working C++ compiler. Run without --compile "
-                    "(torch_compile=False)."
-                ) from error
+            _compile_by_calling(step, f"the {base_candidate!r} training step")
         steps[candidate] = step
     times = _time_interleaved(steps, warmup, repeats)
     shape = f"llama d={width} L={layers} T={batch}x{seq} E={num_experts} k={top_k} r={rank}"
     # after the warm-up and timed steps: AdamW's state exists
     return _measured_rows("train step", shape, steps, times, models, batch * seq, optimizers)
+
+
+def _compile_by_calling(step: Callable[[], None], what: str) -> None:
+    """Run a compiled candidate's ``step`` twice (the first call compiles; the second runs with what the first left,
+    e.g. the optimizer state); a backend failure is a ``RuntimeError`` naming the option that asked for it."""
+    try:
+        for _ in range(2):
+            step()
+    except Exception as error:  # noqa: BLE001 - whatever the backend raised, say which option caused it
+        raise RuntimeError(
+            f"torch.compile failed for {what} ({type(error).__name__}: {error}); inductor on a CPU needs a working "
+            "C++ compiler. Run without --compile (torch_compile=False)."
+        ) from error
 
 
 def bench_generate(
@@ -435,7 +441,11 @@ def bench_generate(
     dtype: torch.dtype = torch.float32,
 ) -> list[BenchRow]:
     """Greedy generation of exactly ``new_tokens`` tokens for ``batch`` prompts of ``prompt`` tokens (KV cache on) with
-    a small random Llama, per candidate (models in eval mode, no gradient, as ``generate`` runs)."""
+    a small random Llama, per candidate (models in eval mode, no gradient, as ``generate`` runs).
+
+    A candidate named ``"<candidate> +compile"`` compiles the base model's ``forward`` (inductor's default mode), as
+    transformers documents for generation, and generates with a static KV cache (fixed shapes: no recompilation as
+    the sequence grows); compiled by two extra warm-up calls."""
     vocab = 512
     gen = torch.Generator().manual_seed(2)
     input_ids = torch.randint(3, vocab, (batch, prompt), generator=gen).to(device)
@@ -443,11 +453,17 @@ def bench_generate(
     targets = _llama_targets()
     steps, models = {}, {}
     for candidate in candidates:
-        model = _adapt(_small_llama(width, layers, vocab), _peft_config(candidate, rank, num_experts, top_k, targets))
+        base_candidate = candidate.removesuffix(COMPILED)
+        config = _peft_config(base_candidate, rank, num_experts, top_k, targets)
+        model = _adapt(_small_llama(width, layers, vocab), config)
         model.to(device, dtype).eval()
         models[candidate] = model
+        compiled = candidate.endswith(COMPILED)
+        if compiled:
+            base = model.get_base_model()
+            base.forward = torch.compile(base.forward)
 
-        def step(model=model) -> None:
+        def step(model=model, cache="static" if compiled else None) -> None:
             with torch.no_grad():
                 model.generate(
                     input_ids=input_ids,
@@ -456,8 +472,11 @@ def bench_generate(
                     min_new_tokens=new_tokens,  # no early end of sequence: every candidate makes the same steps
                     do_sample=False,
                     pad_token_id=0,
+                    cache_implementation=cache,
                 )
 
+        if compiled:
+            _compile_by_calling(step, f"the {base_candidate!r} generation")
         steps[candidate] = step
     times = _time_interleaved(steps, warmup, repeats)
     shape = f"llama d={width} L={layers} {batch}x{prompt}+{new_tokens} E={num_experts} k={top_k} r={rank}"
@@ -551,9 +570,9 @@ def run_benchmarks(
         seq (int | None): tokens per sequence in the training step. Default 128 (16 with ``quick``).
         generation (bool): also run the generation benchmark (2 prompts of 16 tokens, 32 new tokens).
         gen_width (int | None): width of the generation benchmark's Llama. Default 256 (64 with ``quick``).
-        torch_compile (bool): also time ``torch.compile``-d PEFT LoRA and MoLoRA in the training-step benchmark
-            (compiling takes tens of seconds per model; needs a working inductor backend, i.e. a C++ compiler on a
-            CPU).
+        torch_compile (bool): also time ``torch.compile``-d PEFT LoRA and MoLoRA in the training-step and generation
+            benchmarks (compiling takes tens of seconds per model; needs a working inductor backend, i.e. a C++
+            compiler on a CPU).
     """
     if dtype not in DTYPES:
         raise ValueError(f"`dtype`={dtype!r} is not supported; allowed values: {list(DTYPES)}.")
@@ -613,8 +632,12 @@ def run_benchmarks(
     if generation:
         g_width = gen_width if gen_width is not None else (64 if quick else 256)
         g_prompt, g_new = (8, 8) if quick else (16, 32)
-        say(f"generate llama d={g_width} L=2 2x{g_prompt}+{g_new}")
-        table.rows += bench_generate(g_width, 2, 2, g_prompt, g_new, *model_args, **where)
+        say(f"generate llama d={g_width} L=2 2x{g_prompt}+{g_new}{' (compiling)' if torch_compile else ''}")
+        gen_args = model_args
+        if torch_compile:
+            compiled = ["lora r·k" + COMPILED, "molora auto" + COMPILED]
+            gen_args = (*model_args[:3], [*model_args[3], *compiled], *model_args[4:])
+        table.rows += bench_generate(g_width, 2, 2, g_prompt, g_new, *gen_args, **where)
     for row in table.rows:
         base, compiled_row = row.candidate.removesuffix(COMPILED), row.candidate.endswith(COMPILED)
         if base == "lora r·k":
@@ -677,7 +700,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="also time torch.compile'd LoRA and MoLoRA training steps (slow to compile; needs a C++ compiler on CPU)",
+        help="also time torch.compile'd LoRA and MoLoRA training steps and generation (slow to compile; needs a C++ "
+        "compiler on CPU)",
     )
     parser.add_argument("--json", default=None, help="also write the table to this JSON file")
     args = parser.parse_args(argv)

@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from transformers import LlamaForCausalLM
 
 from molora import bench
 
@@ -219,33 +220,49 @@ def test_train_step_optimizer_is_the_trainers_default_fused_adamw():
 
 
 def test_compile_option_times_compiled_lora_and_molora(monkeypatch, capsys):
-    # `molora bench --compile`: compiled copies of LoRA and MoLoRA in the training step, each compared with the
-    # compiled LoRA, without memory columns (the tracking mode cannot see inside compiled code); the compiled models
-    # really are torch.compile'd (counted here)
+    # `molora bench --compile`: compiled copies of LoRA and MoLoRA in the training step (the whole PeftModel) and in
+    # the generation (the base model's forward, as transformers documents it), each compared with the compiled LoRA,
+    # without memory columns (the tracking mode cannot see inside compiled code); the compiled models really are
+    # torch.compile'd (counted here), and the compiled generation makes the same tokens as the eager one
     compiled = []
     original = torch.compile
 
-    def spy(model, *args, **kwargs):
-        compiled.append(type(model).__name__)
-        return original(model, *args, backend="eager")  # Dynamo's tracing without code generation: seconds
+    def spy(target, *args, **kwargs):
+        compiled.append(type(getattr(target, "__self__", target)).__name__)
+        return original(target, *args, backend="eager")  # Dynamo's tracing without code generation: seconds
+
+    generated = {}
+    generate = LlamaForCausalLM.generate
+
+    def record(self, *args, **kwargs):
+        out = generate(self, *args, **kwargs)
+        generated.setdefault(kwargs.get("cache_implementation"), []).append(out)
+        return out
 
     monkeypatch.setattr(torch, "compile", spy)
-    assert bench.main(["--quick", "--compile", "--no-generate", "--no-extra-shapes", "--repeats", "1"]) == 0
-    assert compiled == ["PeftModel", "PeftModel"]
+    monkeypatch.setattr(LlamaForCausalLM, "generate", record)
+    assert bench.main(["--quick", "--compile", "--no-extra-shapes", "--repeats", "1"]) == 0
+    assert compiled == ["PeftModel", "PeftModel", "LlamaForCausalLM", "LlamaForCausalLM"]
     lines = capsys.readouterr().out.splitlines()
-    rows = {line.split("|")[3].strip(): line for line in lines if line.startswith("| train step")}
-    assert set(rows) == {
-        "lora r=16",
-        "molora auto → dense",
-        "naive",
-        "lora r=16 +compile",
-        "molora auto +compile → dense",
-    }
-    cells = [c.strip() for c in rows["lora r=16 +compile"].split("|")]
-    assert cells[5] == "1.000" and cells[7:11] == ["", "", "", ""]  # its own reference, no memory
-    cells = [c.strip() for c in rows["molora auto +compile → dense"].split("|")]
-    assert float(cells[5]) > 0 and cells[7] == ""
-    assert float([c.strip() for c in rows["molora auto → dense"].split("|")][7]) > 0  # eager rows keep memory
+    for section in ("train step", "generate"):
+        rows = {line.split("|")[3].strip(): line for line in lines if line.startswith(f"| {section}")}
+        assert set(rows) == {
+            "lora r=16",
+            "molora auto → dense",
+            "naive",
+            "lora r=16 +compile",
+            "molora auto +compile → dense",
+        }, section
+        cells = [c.strip() for c in rows["lora r=16 +compile"].split("|")]
+        assert cells[5] == "1.000" and cells[7:11] == ["", "", "", ""]  # its own reference, no memory
+        cells = [c.strip() for c in rows["molora auto +compile → dense"].split("|")]
+        assert float(cells[5]) > 0 and cells[7] == ""
+        assert float([c.strip() for c in rows["molora auto → dense"].split("|")][7]) > 0  # eager rows keep memory
+    # the compiled candidates generate with a static cache, the eager ones with the dynamic one, and the same weights
+    # make the same tokens: the last static call is the compiled MoLoRA's last round, the second-to-last dynamic one
+    # the eager MoLoRA's memory measurement (after LoRA's, before the naive loop's)
+    assert set(generated) == {None, "static"}
+    assert torch.equal(generated["static"][-1], generated[None][-2])
 
 
 def test_compile_failure_is_a_clear_error(monkeypatch):
