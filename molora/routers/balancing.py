@@ -71,6 +71,11 @@ BALANCE_LOSS_TYPES = ("megatron", "mixtral", "switch", "soft")
 class AuxInputs:
     """What the losses need from one or more routers, restricted to non-padding tokens.
 
+    The rows are the valid tokens (``Tv`` of them), unless ``row_weight`` is set: then every token has a row and the
+    losses here weight the rows by it (0 for padding). That form has static shapes, which ``torch.compile`` needs
+    (selecting the valid rows is a ``nonzero``, a graph break); :meth:`from_routing` builds it only when asked
+    (``Router.aux_inputs`` does under compilation, for routers whose losses are the built-in ones).
+
     Attributes:
         probs (Tensor[Tv, E]): router probabilities (differentiable).
         gates (Tensor[Tv, E]): final dense gates (differentiable).
@@ -82,6 +87,8 @@ class AuxInputs:
         extra (dict[str, Tensor]): router-specific loss inputs, one row per valid token (first dimension ``Tv``),
             e.g. per-token entropies or a second distribution; filled by a router's ``aux_inputs`` and read by its
             ``aux_losses``. Rows are concatenated by :meth:`cat` like the other fields.
+        row_weight (Tensor[T] or None): float 0/1 weight of each row (padding 0) when the rows are all tokens rather
+            than the valid ones; ``None``: every row counts.
     """
 
     probs: torch.Tensor
@@ -90,10 +97,18 @@ class AuxInputs:
     logits: torch.Tensor | None
     top_k: int
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    row_weight: torch.Tensor | None = None
 
     @classmethod
-    def from_routing(cls, routing: Routing, valid: torch.Tensor | None, top_k: int) -> AuxInputs:
+    def from_routing(
+        cls, routing: Routing, valid: torch.Tensor | None, top_k: int, weighted: bool = False
+    ) -> AuxInputs:
+        """The inputs of ``routing``'s valid rows, or with ``weighted=True`` all its rows and ``row_weight`` from
+        ``valid``."""
         probs, gates, selected, logits = routing.probs, routing.dense_gates(), routing.selected(), routing.logits
+        if weighted and valid is not None:
+            weight = valid.reshape(-1).to(device=probs.device, dtype=probs.dtype)
+            return cls(probs=probs, gates=gates, selected=selected, logits=logits, top_k=top_k, row_weight=weight)
         probs, gates, selected, logits = (take_valid(t, valid) for t in (probs, gates, selected, logits))
         return cls(probs=probs, gates=gates, selected=selected, logits=logits, top_k=top_k)
 
@@ -111,6 +126,11 @@ class AuxInputs:
             logits = torch.cat([i.logits for i in inputs])
         # a key only some routers provide cannot be reduced over all rows, so it is dropped
         keys = set.intersection(*(set(i.extra) for i in inputs))
+        row_weight = None
+        if any(i.row_weight is not None for i in inputs):
+            row_weight = torch.cat(
+                [i.probs.new_ones(i.probs.shape[0]) if i.row_weight is None else i.row_weight for i in inputs]
+            )
         return cls(
             probs=torch.cat([i.probs for i in inputs]),
             gates=torch.cat([i.gates for i in inputs]),
@@ -118,6 +138,7 @@ class AuxInputs:
             logits=logits,
             top_k=inputs[0].top_k,
             extra={key: torch.cat([i.extra[key] for i in inputs]) for key in sorted(keys)},
+            row_weight=row_weight,
         )
 
 
@@ -126,18 +147,36 @@ def _zero(like: torch.Tensor) -> torch.Tensor:
     return like.sum() * 0.0
 
 
+def _row_sum(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Sum of ``values[T, ...]`` over its rows, each weighted by ``weight[T]`` when given."""
+    if weight is None:
+        return values.sum(dim=0)
+    return torch.tensordot(weight.to(values.dtype), values, dims=1)
+
+
+def row_mean(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``values[T, ...]`` over its rows (a ``[...]`` tensor), over the rows of weight 1 when ``weight[T]`` is
+    given; with weights and no row of weight 1 it is 0 (the weighted sum is, and the count is clamped to 1)."""
+    if weight is None:
+        return values.mean(dim=0)
+    return _row_sum(values, weight) / weight.sum().clamp_min(1.0).to(values.dtype)
+
+
 def expert_load(inputs: AuxInputs, balance_loss_type: str) -> torch.Tensor:
     """The load ``f[E]`` of the chosen normalisation (see the module docstring)."""
-    probs = inputs.probs
+    probs, weight = inputs.probs, inputs.row_weight
     n_tokens, n_experts = probs.shape
     if balance_loss_type == "switch":
         top1 = probs.argmax(dim=-1)
-        return torch.bincount(top1, minlength=n_experts).to(probs.dtype) / n_tokens
+        if weight is None:
+            return torch.bincount(top1, minlength=n_experts).to(probs.dtype) / n_tokens
+        # a one-hot of static shape instead of bincount (whose size the host must read)
+        return row_mean(torch.zeros_like(probs).scatter_(-1, top1.unsqueeze(-1), 1.0), weight)
     if balance_loss_type == "soft":
-        return inputs.gates.float().mean(dim=0)
-    counts = inputs.selected.sum(dim=0).to(probs.dtype)
+        return row_mean(inputs.gates.float(), weight)
+    counts = _row_sum(inputs.selected.to(probs.dtype), weight)
     if balance_loss_type == "mixtral":
-        return counts / n_tokens
+        return counts / (n_tokens if weight is None else weight.sum().clamp_min(1.0))
     if balance_loss_type == "megatron":
         return counts / counts.sum().clamp_min(1.0)
     raise ValueError(f"`balance_loss_type`={balance_loss_type!r} is not one of {BALANCE_LOSS_TYPES}.")
@@ -149,22 +188,25 @@ def load_balancing_loss(inputs: AuxInputs, balance_loss_type: str = "megatron") 
     if probs.shape[0] == 0:
         return _zero(probs)
     load = expert_load(inputs, balance_loss_type)
-    importance = probs.mean(dim=0)
+    importance = row_mean(probs, inputs.row_weight)
     return probs.shape[1] * (load * importance).sum()
 
 
-def mean_rows(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Mean of per-token ``values[Tv]``; a graph-connected 0 (through ``like``) when there is no valid token."""
+def mean_rows(values: torch.Tensor, like: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of the per-token ``values[Tv, ...]`` (over the rows of ``weight`` 1 when given, see :class:`AuxInputs`);
+    a graph-connected 0 (through ``like``) when there is no valid token."""
     if values.shape[0] == 0:
         return _zero(like)
-    return values.mean()
+    if weight is None:
+        return values.mean()
+    per_row = values[0].numel()
+    return _row_sum(values, weight).sum() / (weight.sum().clamp_min(1.0).to(values.dtype) * per_row)
 
 
-def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """ST-MoE router z-loss ``mean_t logsumexp(z_t)^2`` over the rows of ``logits`` (0 when there are none)."""
-    if logits.shape[0] == 0:
-        return _zero(logits)
-    return torch.logsumexp(logits.float(), dim=-1).square().mean()
+def router_z_loss(logits: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """ST-MoE router z-loss ``mean_t logsumexp(z_t)^2`` over the rows of ``logits[T, ..., E]`` (those of ``weight``
+    1 when given; 0 when there are none)."""
+    return mean_rows(torch.logsumexp(logits.float(), dim=-1).square(), logits, weight)
 
 
 def entropy(probs: torch.Tensor) -> torch.Tensor:

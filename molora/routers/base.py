@@ -292,9 +292,27 @@ class Router(nn.Module):
         """
         return {"balance": float(config.aux_loss_coef), "z": float(config.z_loss_coef)}
 
+    #: whether this class's :meth:`aux_inputs` / :meth:`aux_losses` handle ``AuxInputs.row_weight`` (all rows,
+    #: padding weighted 0). Set it in a subclass that overrides them and does; a class that keeps both of this base
+    #: class's methods needs nothing (see :meth:`weighted_aux_rows`).
+    handles_row_weight: bool = False
+
+    def weighted_aux_rows(self) -> bool:
+        """Whether :meth:`aux_inputs` should keep every row and weight the padding 0 instead of selecting the valid
+        rows: under ``torch.compile`` only (selecting is a ``nonzero``, a graph break per layer), and only for a class
+        whose losses handle the weights (its own ``handles_row_weight``, or both methods inherited from here)."""
+        if not torch.compiler.is_compiling():
+            return False
+        cls = type(self)
+        if "handles_row_weight" in vars(cls):
+            return bool(cls.handles_row_weight)
+        return cls.aux_inputs is Router.aux_inputs and cls.aux_losses is Router.aux_losses
+
     def aux_inputs(self, routing: Routing, valid: torch.Tensor | None) -> balancing.AuxInputs:
-        """Collect what the balancing losses need from ``routing``, restricted to the valid (non-padding) tokens."""
-        return balancing.AuxInputs.from_routing(routing, valid, top_k=self.top_k)
+        """Collect what the balancing losses need from ``routing``, restricted to the valid (non-padding) tokens (or
+        all tokens with the padding weighted 0, see :meth:`weighted_aux_rows`)."""
+        weighted = self.weighted_aux_rows()
+        return balancing.AuxInputs.from_routing(routing, valid, top_k=self.top_k, weighted=weighted)
 
     @staticmethod
     def aux_losses(
@@ -310,10 +328,10 @@ class Router(nn.Module):
         if "balance" in need:
             out["balance"] = balancing.load_balancing_loss(inputs, balance_loss_type)
         if "z" in need and inputs.logits is not None:
-            out["z"] = balancing.router_z_loss(inputs.logits)
+            out["z"] = balancing.router_z_loss(inputs.logits, inputs.row_weight)
         for name in sorted(need - out.keys()):
             if name in inputs.extra:
-                out[name] = balancing.mean_rows(inputs.extra[name], inputs.probs)
+                out[name] = balancing.mean_rows(inputs.extra[name], inputs.probs, inputs.row_weight)
         return out
 
 

@@ -141,12 +141,15 @@ class MixtureOfRoutersRouter(Router):
     def loss_coefficients(self, config) -> dict[str, float]:
         return {**super().loss_coefficients(config), "main_balance": float(self.params.main_balance_coef)}
 
+    handles_row_weight = True  # aux_losses below weights its own losses' rows too
+
     def aux_inputs(self, routing: Routing, valid: torch.Tensor | None) -> balancing.AuxInputs:
         inputs = super().aux_inputs(routing, valid)
         for name in ("sub_logits", "main_probs"):
             value = getattr(routing, name, None)
             if value is not None:
-                inputs.extra[name] = balancing.take_valid(value, valid)
+                # the same rows as the other inputs: all of them when they are weighted
+                inputs.extra[name] = value if inputs.row_weight is not None else balancing.take_valid(value, valid)
         return inputs
 
     @staticmethod
@@ -155,15 +158,20 @@ class MixtureOfRoutersRouter(Router):
     ) -> dict[str, torch.Tensor]:
         """``"balance"`` on the combined distribution, ``"z"`` on the sub-routers' logits, ``"main_balance"``."""
         out = Router.aux_losses(inputs, balance_loss_type, need - {"z"})
+        weight = inputs.row_weight
         if "z" in need and "sub_logits" in inputs.extra:
-            sub_logits = inputs.extra["sub_logits"]
-            out["z"] = balancing.router_z_loss(sub_logits.reshape(-1, sub_logits.shape[-1]))
+            sub_logits = inputs.extra["sub_logits"]  # [T, R, E]: the mean over every (token, sub-router) pair
+            if weight is None:
+                sub_logits = sub_logits.reshape(-1, sub_logits.shape[-1])
+            out["z"] = balancing.router_z_loss(sub_logits, weight)
         if "main_balance" in need and "main_probs" in inputs.extra:
             main_probs = inputs.extra["main_probs"]
             if main_probs.shape[0] == 0:
                 out["main_balance"] = balancing.mean_rows(main_probs[:, 0], main_probs)
-            else:
+            elif weight is None:
                 out["main_balance"] = main_probs.shape[1] * main_probs.mean(dim=0).square().sum()
+            else:
+                out["main_balance"] = main_probs.shape[1] * balancing.row_mean(main_probs, weight).square().sum()
         return out
 
 

@@ -1,0 +1,124 @@
+"""Aux losses over all rows with the padding weighted 0 (``AuxInputs.row_weight``), the form ``torch.compile`` gets.
+
+Selecting the valid rows of a padded batch is a ``nonzero``: under ``torch.compile`` a graph break in every layer.
+Compiled, the routers whose losses are the built-in ones (and MoR, which weights its own) keep every row and weight
+the padding 0 instead; the losses and their gradients must be those of the valid rows. Other routers (and user
+routers that override the losses) keep selecting rows. ``torch.compiler.is_compiling`` is patched here to take the
+compiled branch eagerly; tests/test_compile.py trains such models compiled.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from molora.routers import TopKRouter, balancing, get_router_class
+from molora.routers.balancing import BALANCE_LOSS_TYPES, AuxInputs
+
+_VALID = torch.tensor([False, True, True, False, True, True, True, False, True, True])
+
+
+def _router(name: str):
+    torch.manual_seed(3)
+    cls = get_router_class(name)
+    return cls(6, 4, 2, params=cls.Params())
+
+
+def _losses(router, x, valid, balance_type, need, compiling, monkeypatch):
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    routing = router(x, valid)
+    inputs = router.aux_inputs(routing, valid)
+    assert (inputs.row_weight is not None) == (compiling and valid is not None)
+    losses = type(router).aux_losses(inputs, balance_type, need)
+    grads = torch.autograd.grad(sum(losses.values()), [p for p in router.parameters() if p.requires_grad])
+    return losses, grads
+
+
+@pytest.mark.parametrize("name", ["topk", "soft", "topk_bias", "mor"])
+@pytest.mark.parametrize("balance_type", BALANCE_LOSS_TYPES)
+def test_weighted_rows_give_the_valid_rows_losses_and_gradients(name, balance_type, monkeypatch):
+    router = _router(name)
+    x = torch.randn(_VALID.numel(), 6, generator=torch.Generator().manual_seed(0))
+    need = frozenset(router.loss_coefficients(_Config()))
+    expected, expected_grads = _losses(router, x, _VALID, balance_type, need, False, monkeypatch)
+    weighted, weighted_grads = _losses(router, x, _VALID, balance_type, need, True, monkeypatch)
+    assert weighted.keys() == expected.keys() and len(expected) >= 2
+    for key, value in expected.items():
+        torch.testing.assert_close(weighted[key], value, msg=key)
+    for got, want in zip(weighted_grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want)
+    # padding changes nothing: the same losses as the valid tokens alone, without a mask
+    alone, _ = _losses(router, x[_VALID], None, balance_type, need, True, monkeypatch)
+    for key, value in alone.items():
+        torch.testing.assert_close(weighted[key], value, msg=key)
+
+
+@pytest.mark.parametrize("name", ["topk", "mor"])
+def test_weighted_rows_without_a_valid_token_give_zero_connected_losses(name, monkeypatch):
+    router = _router(name)
+    x = torch.randn(4, 6)
+    none_valid = torch.zeros(4, dtype=torch.bool)
+    need = frozenset(router.loss_coefficients(_Config()))
+    for compiling in (False, True):
+        losses, grads = _losses(router, x, none_valid, "megatron", need, compiling, monkeypatch)
+        assert all(float(v.detach()) == 0.0 for v in losses.values()), losses
+        assert all(torch.all(g == 0) for g in grads)
+
+
+class _OwnLoss(TopKRouter):
+    @staticmethod
+    def aux_losses(inputs, balance_loss_type, need):
+        return {"balance": inputs.probs.mean(dim=0).square().sum()}  # reads the rows, knows nothing of weights
+
+
+class _OwnLossDeclared(_OwnLoss):
+    handles_row_weight = True
+
+
+@pytest.mark.parametrize(
+    ("router", "weighted"),
+    [
+        *[(name, True) for name in ("topk", "soft", "topk_bias", "expert_choice", "mor")],
+        *[(name, False) for name in ("topp", "dynmole", "relu", "adamoe", "prompt")],
+    ],
+)
+def test_which_routers_weight_their_rows_under_compile(router, weighted, monkeypatch):
+    instance = _router(router)
+    assert instance.weighted_aux_rows() is False  # eager: always the valid rows
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert instance.weighted_aux_rows() is weighted
+
+
+def test_a_router_with_its_own_losses_keeps_the_valid_rows_unless_it_says_otherwise(monkeypatch):
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert _OwnLoss(6, 4, 2).weighted_aux_rows() is False
+    assert _OwnLossDeclared(6, 4, 2).weighted_aux_rows() is True
+
+
+def test_concatenating_weighted_and_selected_rows(monkeypatch):
+    # loss_reduction="concat" reduces several routers' inputs together, whichever form each has
+    router = _router("topk")
+    x = torch.randn(_VALID.numel(), 6, generator=torch.Generator().manual_seed(1))
+    routing = router(x, _VALID)
+    selected = AuxInputs.from_routing(routing, _VALID, top_k=2)
+    weighted = AuxInputs.from_routing(routing, _VALID, top_k=2, weighted=True)
+    need = frozenset({"balance", "z"})
+    for balance_type in BALANCE_LOSS_TYPES:
+        want = TopKRouter.aux_losses(AuxInputs.cat([selected, selected]), balance_type, need)
+        got = TopKRouter.aux_losses(AuxInputs.cat([selected, weighted]), balance_type, need)
+        for key, value in want.items():
+            torch.testing.assert_close(got[key], value, msg=(balance_type, key))
+
+
+def test_mean_rows_of_per_token_vectors():
+    values = torch.randn(_VALID.numel(), 3)
+    weight = _VALID.float()
+    torch.testing.assert_close(
+        balancing.mean_rows(values, values, weight), balancing.mean_rows(values[_VALID], values)
+    )
+
+
+class _Config:
+    # the loss coefficients the routers read: every loss on
+    aux_loss_coef = 0.01
+    z_loss_coef = 0.001
