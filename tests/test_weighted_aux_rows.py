@@ -75,6 +75,16 @@ class _OwnLossDeclared(_OwnLoss):
     handles_row_weight = True
 
 
+class _MoRChild(get_router_class("mor")):
+    pass  # inherits MoR's weighted losses
+
+
+class _MoROwnLoss(get_router_class("mor")):
+    @staticmethod
+    def aux_losses(inputs, balance_loss_type, need):
+        return {"balance": inputs.probs.mean(dim=0).square().sum()}
+
+
 @pytest.mark.parametrize(
     ("router", "weighted"),
     [
@@ -93,6 +103,8 @@ def test_a_router_with_its_own_losses_keeps_the_valid_rows_unless_it_says_otherw
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert _OwnLoss(6, 4, 2).weighted_aux_rows() is False
     assert _OwnLossDeclared(6, 4, 2).weighted_aux_rows() is True
+    assert _MoRChild(6, 4, 2).weighted_aux_rows() is True
+    assert _MoROwnLoss(6, 4, 2).weighted_aux_rows() is False
 
 
 def test_concatenating_weighted_and_selected_rows(monkeypatch):

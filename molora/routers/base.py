@@ -293,20 +293,25 @@ class Router(nn.Module):
         return {"balance": float(config.aux_loss_coef), "z": float(config.z_loss_coef)}
 
     #: whether this class's :meth:`aux_inputs` / :meth:`aux_losses` handle ``AuxInputs.row_weight`` (all rows,
-    #: padding weighted 0). Set it in a subclass that overrides them and does; a class that keeps both of this base
-    #: class's methods needs nothing (see :meth:`weighted_aux_rows`).
-    handles_row_weight: bool = False
+    #: padding weighted 0). Declare it in the class that overrides them (and does); a class that keeps both of this
+    #: base class's methods needs nothing (see :meth:`weighted_aux_rows`).
+    handles_row_weight: bool = True
 
     def weighted_aux_rows(self) -> bool:
         """Whether :meth:`aux_inputs` should keep every row and weight the padding 0 instead of selecting the valid
-        rows: under ``torch.compile`` only (selecting is a ``nonzero``, a graph break per layer), and only for a class
-        whose losses handle the weights (its own ``handles_row_weight``, or both methods inherited from here)."""
+        rows: under ``torch.compile`` only (selecting is a ``nonzero``, a graph break per layer), and only when the
+        class that last defined the loss methods says its losses handle the weights: the nearest class in the MRO
+        that defines ``aux_inputs``, ``aux_losses`` or ``handles_row_weight`` must declare ``handles_row_weight =
+        True`` (this base class does), so a subclass that overrides the losses without declaring it keeps the rows."""
         if not torch.compiler.is_compiling():
             return False
-        cls = type(self)
-        if "handles_row_weight" in vars(cls):
-            return bool(cls.handles_row_weight)
-        return cls.aux_inputs is Router.aux_inputs and cls.aux_losses is Router.aux_losses
+        for cls in type(self).__mro__:
+            defined = vars(cls)
+            if "handles_row_weight" in defined:
+                return bool(defined["handles_row_weight"])
+            if "aux_inputs" in defined or "aux_losses" in defined:
+                return False
+        return False
 
     def aux_inputs(self, routing: Routing, valid: torch.Tensor | None) -> balancing.AuxInputs:
         """Collect what the balancing losses need from ``routing``, restricted to the valid (non-padding) tokens (or
