@@ -296,6 +296,21 @@ class Router(nn.Module):
     #: padding weighted 0). Declare it in the class that overrides them (and does); a class that keeps both of this
     #: base class's methods needs nothing (see :meth:`weighted_aux_rows`).
     handles_row_weight: bool = True
+    # the decision of weighted_aux_rows for this class, made once when the class is created (compiled code reads a
+    # plain attribute; walking the class dictionaries there breaks the graph)
+    _aux_rows_weighted: bool = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # the nearest class in the MRO that defines aux_inputs, aux_losses or handles_row_weight decides
+        cls._aux_rows_weighted = False
+        for klass in cls.__mro__:
+            defined = vars(klass)
+            if "handles_row_weight" in defined:
+                cls._aux_rows_weighted = bool(defined["handles_row_weight"])
+                break
+            if "aux_inputs" in defined or "aux_losses" in defined:
+                break
 
     def weighted_aux_rows(self) -> bool:
         """Whether :meth:`aux_inputs` should keep every row and weight the padding 0 instead of selecting the valid
@@ -303,15 +318,7 @@ class Router(nn.Module):
         class that last defined the loss methods says its losses handle the weights: the nearest class in the MRO
         that defines ``aux_inputs``, ``aux_losses`` or ``handles_row_weight`` must declare ``handles_row_weight =
         True`` (this base class does), so a subclass that overrides the losses without declaring it keeps the rows."""
-        if not torch.compiler.is_compiling():
-            return False
-        for cls in type(self).__mro__:
-            defined = vars(cls)
-            if "handles_row_weight" in defined:
-                return bool(defined["handles_row_weight"])
-            if "aux_inputs" in defined or "aux_losses" in defined:
-                return False
-        return False
+        return torch.compiler.is_compiling() and type(self)._aux_rows_weighted
 
     def aux_inputs(self, routing: Routing, valid: torch.Tensor | None) -> balancing.AuxInputs:
         """Collect what the balancing losses need from ``routing``, restricted to the valid (non-padding) tokens (or
