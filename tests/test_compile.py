@@ -219,14 +219,16 @@ def test_inductor_compiled_model_trains_like_eager():
     _assert_same_training(model, loss, eager, eager_loss, atol=1e-5)
 
 
-def test_sft_trainer_with_torch_compile_trains_like_eager(tmp_path):
+@pytest.mark.parametrize("router", ["topk", pytest.param("soft", marks=pytest.mark.slow)])
+def test_sft_trainer_with_torch_compile_trains_like_eager(tmp_path, router):
     # SFTConfig(torch_compile=True): the trainer compiles the PEFT model; TRL computes its own loss from the logits, so
-    # the routers' aux-loss gradient comes through the model-level delivery node. Same loss curve as eager.
+    # the routers' aux-loss gradient comes through the model-level delivery node. Same loss curve as eager. (soft: the
+    # general loss path on TRL's padded batches, weighted rows)
     trl = pytest.importorskip("trl")
     from conftest import CHAR_VOCAB, make_char_tokenizer, sft_args, text_dataset
 
     def train(compiled: bool):
-        cfg = molora.MoLoraConfig(r=4, num_experts=4, top_k=2, task_type="CAUSAL_LM", aux_loss_coef=0.1)
+        cfg = molora.MoLoraConfig(r=4, num_experts=4, top_k=2, task_type="CAUSAL_LM", aux_loss_coef=0.1, router=router)
         model = get_peft_model(make_llama(vocab_size=CHAR_VOCAB), cfg)
         routers = {n: p.detach().clone() for n, p in model.named_parameters() if "molora_router" in n}
         extra = {"torch_compile": True, "torch_compile_backend": "eager"} if compiled else {}
