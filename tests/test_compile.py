@@ -184,6 +184,7 @@ def test_compiled_loss_free_balancing_is_one_graph_and_updates_like_eager():
         {"router": "soft"},
         {"router": "mor"},
         {"router": "topk_bias"},  # with its complementary balance loss
+        {"router": "prompt"},  # losses over sequences (MiLoRA-style), prompt from the labels
         {"balance_loss_type": "switch", "z_loss_coef": 0.01},  # not the fused top-k function's types
         pytest.param({"balance_loss_type": "soft"}, marks=pytest.mark.slow),
     ],

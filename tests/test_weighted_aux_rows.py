@@ -65,6 +65,31 @@ def test_weighted_rows_without_a_valid_token_give_zero_connected_losses(name, mo
         assert all(torch.all(g == 0) for g in grads)
 
 
+def test_prompt_router_weights_its_sequence_rows(monkeypatch):
+    # the prompt router's losses are over sequences: one row per sequence with a real token. Compiled, every
+    # sequence has a row and a fully padded one weighs 0
+    router = _router("prompt")
+    batch, seq = 3, 4
+    x = torch.randn(batch * seq, 6, generator=torch.Generator().manual_seed(2))
+    valid = torch.ones(batch, seq, dtype=torch.bool)
+    valid[0, :2] = False
+    valid[2] = False  # no real token: no row in the losses
+    valid = valid.reshape(-1)
+    need = frozenset({"balance", "z"})
+    results = {}
+    for compiling in (False, True):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda c=compiling: c)
+        routing = router(x, valid, context=None, lead_shape=(batch, seq))
+        inputs = router.aux_inputs(routing, valid)
+        assert inputs.probs.shape[0] == (3 if compiling else 2)
+        for balance_type in BALANCE_LOSS_TYPES:
+            losses = type(router).aux_losses(inputs, balance_type, need)
+            results[(compiling, balance_type)] = losses
+    for balance_type in BALANCE_LOSS_TYPES:
+        for key, value in results[(False, balance_type)].items():
+            torch.testing.assert_close(results[(True, balance_type)][key], value, msg=(balance_type, key))
+
+
 class _OwnLoss(TopKRouter):
     @staticmethod
     def aux_losses(inputs, balance_loss_type, need):
@@ -88,8 +113,8 @@ class _MoROwnLoss(get_router_class("mor")):
 @pytest.mark.parametrize(
     ("router", "weighted"),
     [
-        *[(name, True) for name in ("topk", "soft", "topk_bias", "expert_choice", "mor")],
-        *[(name, False) for name in ("topp", "dynmole", "relu", "adamoe", "prompt")],
+        *[(name, True) for name in ("topk", "soft", "topk_bias", "expert_choice", "mor", "prompt")],
+        *[(name, False) for name in ("topp", "dynmole", "relu", "adamoe")],
     ],
 )
 def test_which_routers_weight_their_rows_under_compile(router, weighted, monkeypatch):

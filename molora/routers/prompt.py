@@ -210,11 +210,25 @@ class PromptRouter(Router):
             )
         return cached
 
+    # aux_inputs below gives the built-in losses either form of rows (see Router.weighted_aux_rows)
+    handles_row_weight = True
+
     def aux_inputs(self, routing: Routing, valid: torch.Tensor | None) -> balancing.AuxInputs:
-        """Loss inputs over sequences (one row per sequence with real tokens), not over tokens."""
+        """Loss inputs over sequences (one row per sequence with real tokens), not over tokens; compiled, every
+        sequence has a row and those without a real token weigh 0 (``AuxInputs.row_weight``)."""
         if not isinstance(routing, PromptRouting) or routing.sequence is None:
             return super().aux_inputs(routing, valid)
         seq, rows = routing.sequence, routing.routed
+        if self.weighted_aux_rows():
+            weight = rows.to(device=seq.probs.device, dtype=seq.probs.dtype)
+            return balancing.AuxInputs(
+                probs=seq.probs,
+                gates=seq.dense_gates(),
+                selected=seq.selected(),
+                logits=seq.logits,
+                top_k=self.top_k,
+                row_weight=weight,
+            )
         logits = seq.logits[rows] if seq.logits is not None else None
         return balancing.AuxInputs(
             probs=seq.probs[rows],
