@@ -288,12 +288,15 @@ def test_compiled_concat_reduction_and_tuple_outputs_behave_like_eager(recwarn):
         torch.testing.assert_close(grads["eager"][name], grad, msg=name)
 
 
-@pytest.mark.parametrize("cache", [None, "static"])
-def test_compiled_generation_matches_eager_without_graph_breaks(cache):
+@pytest.mark.parametrize(("router", "cache"), [("topk", None), ("topk", "static"), ("prompt", None)])
+def test_compiled_generation_matches_eager_without_graph_breaks(router, cache):
     # the way transformers documents compiled generation: compile the model's forward and call generate(); the
     # decode steps' cache of [A_flat | W_router^T] compares data pointers, which Dynamo cannot trace, so compiled
-    # code skips it (it builds the matrix inside the graph)
-    cfg = molora.MoLoraConfig(r=4, num_experts=4, top_k=2, init_lora_weights=False, task_type="CAUSAL_LM")
+    # code skips it (it builds the matrix inside the graph); the prompt router's decode steps skip their cache-length
+    # check there (reading the length, which grows every step, recompiled each one)
+    cfg = molora.MoLoraConfig(
+        r=4, num_experts=4, top_k=2, init_lora_weights=False, task_type="CAUSAL_LM", router=router
+    )
     model = get_peft_model(make_llama(seed=1), cfg).eval()
     kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0, "cache_implementation": cache}
     eager = model.generate(input_ids=_IDS, attention_mask=_MASK, **kwargs)
@@ -309,9 +312,11 @@ def test_compiled_generation_matches_eager_without_graph_breaks(cache):
             compiled = model.generate(input_ids=_IDS, attention_mask=_MASK, **kwargs)
             assert torch.equal(compiled, eager)
         breaks = dict(dynamo.utils.counters["graph_break"])
+        graphs = dynamo.utils.counters["stats"]["unique_graphs"]
     finally:
         del inner.forward
         dynamo.reset()
     assert breaks == {}, breaks
+    assert graphs <= 3, graphs  # the prefill, the decode step and its dynamic-shape recompile
     # 14 real prompt tokens, then 5 routed decode steps of 2 sequences
     assert model.get_routing_stats()["model.layers.0.self_attn.q_proj"].tokens == eager_tokens == 14 + 2 * 5

@@ -203,6 +203,10 @@ class PromptRouter(Router):
                 "`generate` does; a KV cache reused from another call needs a new prefill."
             )
         past = context.past_length
+        # not in compiled code: the cache length changes at every decode step, and reading it there would recompile
+        # the step each time (the eager runs of the same model check it)
+        if torch.compiler.is_compiling():
+            return cached
         if past is not None and cached.length is not None and past < cached.length:
             raise ValueError(
                 f"router='prompt': the KV cache holds {past} tokens but the cached decision was made after a prefill "
