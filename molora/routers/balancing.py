@@ -154,12 +154,17 @@ def _row_sum(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     return torch.tensordot(weight.to(values.dtype), values, dims=1)
 
 
+def _weighted_count(weight: torch.Tensor) -> torch.Tensor:
+    """The rows of weight 1 in ``weight[T]``, clamped to 1 (a mean over no row is then 0, not NaN)."""
+    return weight.sum().clamp_min(1.0)
+
+
 def row_mean(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     """Mean of ``values[T, ...]`` over its rows (a ``[...]`` tensor), over the rows of weight 1 when ``weight[T]`` is
     given; with weights and no row of weight 1 it is 0 (the weighted sum is, and the count is clamped to 1)."""
     if weight is None:
         return values.mean(dim=0)
-    return _row_sum(values, weight) / weight.sum().clamp_min(1.0).to(values.dtype)
+    return _row_sum(values, weight) / _weighted_count(weight).to(values.dtype)
 
 
 def expert_load(inputs: AuxInputs, balance_loss_type: str) -> torch.Tensor:
@@ -176,7 +181,7 @@ def expert_load(inputs: AuxInputs, balance_loss_type: str) -> torch.Tensor:
         return row_mean(inputs.gates.float(), weight)
     counts = _row_sum(inputs.selected.to(probs.dtype), weight)
     if balance_loss_type == "mixtral":
-        return counts / (n_tokens if weight is None else weight.sum().clamp_min(1.0))
+        return counts / (n_tokens if weight is None else _weighted_count(weight))
     if balance_loss_type == "megatron":
         return counts / counts.sum().clamp_min(1.0)
     raise ValueError(f"`balance_loss_type`={balance_loss_type!r} is not one of {BALANCE_LOSS_TYPES}.")
@@ -199,8 +204,7 @@ def mean_rows(values: torch.Tensor, like: torch.Tensor, weight: torch.Tensor | N
         return _zero(like)
     if weight is None:
         return values.mean()
-    per_row = values[0].numel()
-    return _row_sum(values, weight).sum() / (weight.sum().clamp_min(1.0).to(values.dtype) * per_row)
+    return row_mean(values, weight).mean()
 
 
 def router_z_loss(logits: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:

@@ -160,16 +160,12 @@ class MixtureOfRoutersRouter(Router):
         out = Router.aux_losses(inputs, balance_loss_type, need - {"z"})
         weight = inputs.row_weight
         if "z" in need and "sub_logits" in inputs.extra:
-            sub_logits = inputs.extra["sub_logits"]  # [T, R, E]: the mean over every (token, sub-router) pair
-            if weight is None:
-                sub_logits = sub_logits.reshape(-1, sub_logits.shape[-1])
-            out["z"] = balancing.router_z_loss(sub_logits, weight)
+            # sub_logits [T, R, E]: the mean over every (token, sub-router) pair
+            out["z"] = balancing.router_z_loss(inputs.extra["sub_logits"], weight)
         if "main_balance" in need and "main_probs" in inputs.extra:
             main_probs = inputs.extra["main_probs"]
             if main_probs.shape[0] == 0:
                 out["main_balance"] = balancing.mean_rows(main_probs[:, 0], main_probs)
-            elif weight is None:
-                out["main_balance"] = main_probs.shape[1] * main_probs.mean(dim=0).square().sum()
             else:
                 out["main_balance"] = main_probs.shape[1] * balancing.row_mean(main_probs, weight).square().sum()
         return out

@@ -223,23 +223,13 @@ class PromptRouter(Router):
         if not isinstance(routing, PromptRouting) or routing.sequence is None:
             return super().aux_inputs(routing, valid)
         seq, rows = routing.sequence, routing.routed
-        if self.weighted_aux_rows():
-            weight = rows.to(device=seq.probs.device, dtype=seq.probs.dtype)
-            return balancing.AuxInputs(
-                probs=seq.probs,
-                gates=seq.dense_gates(),
-                selected=seq.selected(),
-                logits=seq.logits,
-                top_k=self.top_k,
-                row_weight=weight,
-            )
-        logits = seq.logits[rows] if seq.logits is not None else None
+        weight = rows.to(device=seq.probs.device, dtype=seq.probs.dtype) if self.weighted_aux_rows() else None
+        probs, gates, selected, logits = seq.probs, seq.dense_gates(), seq.selected(), seq.logits
+        if weight is None:
+            probs, gates, selected = probs[rows], gates[rows], selected[rows]
+            logits = logits[rows] if logits is not None else None
         return balancing.AuxInputs(
-            probs=seq.probs[rows],
-            gates=seq.dense_gates()[rows],
-            selected=seq.selected()[rows],
-            logits=logits,
-            top_k=self.top_k,
+            probs=probs, gates=gates, selected=selected, logits=logits, top_k=self.top_k, row_weight=weight
         )
 
 
