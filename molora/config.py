@@ -12,7 +12,7 @@ from ._peft_type import ensure_peft_type
 from .adapters.dynamic_rank import build_dynamic_rank_params
 from .kernels import KERNEL_CHOICES
 from .routers.balancing import BALANCE_LOSS_TYPES
-from .routers.base import build_router_params
+from .routers.base import build_router_params, get_router_class
 
 LOSS_REDUCTIONS = ("mean", "sum", "concat")
 ROUTER_INITS = ("kaiming", "normal")
@@ -177,6 +177,16 @@ class MoLoraConfig(PeftConfig):
         return self.lora_alpha / (math.sqrt(rank) if self.use_rslora else rank)
 
     @property
+    def milora_module_mode(self) -> bool:
+        """Whether the router is MiLoRA's per-decoder-layer router over the layer's modules
+        (``router_kwargs={"milora_mode": "module"}``, docs/prompt_router.md)."""
+        kwargs = self.router_kwargs if isinstance(self.router_kwargs, dict) else {}
+        if kwargs.get("milora_mode", "bank") != "module":
+            return False
+        fields = getattr(get_router_class(self.router).Params, "__dataclass_fields__", {})
+        return "milora_mode" in fields
+
+    @property
     def dynamic_rank_params(self):
         """The validated :class:`~molora.adapters.dynamic_rank.DynamicRankParams` (``None`` without DR-LoRA)."""
         if self.dynamic_rank is None:
@@ -191,13 +201,20 @@ class MoLoraConfig(PeftConfig):
             raise ValueError(f"`lora_dropout`={self.lora_dropout} must be in [0, 1).")
         _require_int("num_experts", self.num_experts, minimum=1)
         _require_int("top_k", self.top_k, minimum=1)
-        if self.top_k > self.num_experts:
+        if not isinstance(self.router_kwargs, dict):
+            raise ValueError(f"`router_kwargs` must be a dict, got {type(self.router_kwargs).__name__}.")
+        module_mode = self.milora_module_mode
+        # in MiLoRA's module mode top_k counts a decoder layer's modules, checked when the adapter is injected
+        if self.top_k > self.num_experts and not module_mode:
             raise ValueError(
                 f"`top_k`={self.top_k} must be <= num_experts={self.num_experts}; lower `top_k` or add experts."
             )
-        if not isinstance(self.router_kwargs, dict):
-            raise ValueError(f"`router_kwargs` must be a dict, got {type(self.router_kwargs).__name__}.")
         build_router_params(self.router, self.router_kwargs, self.num_experts, self.top_k)
+        if module_mode and self.dynamic_rank is not None:
+            raise ValueError(
+                "`dynamic_rank` (DR-LoRA) grows ranks inside an expert bank and is not available with "
+                "router_kwargs['milora_mode']='module' (one LoRA module per projection); set dynamic_rank=None."
+            )
         _require_choice("router_init", self.router_init, ROUTER_INITS)
         _require_number("router_init_std", self.router_init_std, positive=True)
         for name in ("target_modules", "exclude_modules"):

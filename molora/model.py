@@ -13,6 +13,7 @@ from peft.utils.quantization_utils import resolve_quantization_backend
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .adapters import milora
 from .adapters.dynamic_rank import RankStats, get_rank_stats
 from .adapters.layer import MERGE_ERROR, Linear, MoLoraLayer
 from .adapters.moe_experts import MoeExpertsLora, fused_experts_problem, is_fused_experts
@@ -96,6 +97,9 @@ class MoLoraModel(BaseTuner):
         # the runtime must exist before injection: layers receive a reference when they are created
         self._molora_runtime_obj: MoLoraRuntime | None = None
         self._molora_hooks: list = []
+        # MiLoRA module mode: hooks on the decoder layers, and those layers (molora.adapters.milora)
+        self._milora_hooks: list = []
+        self._milora_layers: list[nn.Module] = []
         super().__init__(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
         self._install_hooks()
 
@@ -124,6 +128,66 @@ class MoLoraModel(BaseTuner):
             handle.remove()
         self._molora_hooks = []
         self.model.__dict__.pop("_molora_runtime", None)
+        milora.remove_layer_hooks(self._milora_layers, self._milora_hooks)
+        self._milora_hooks, self._milora_layers = [], []
+
+    # -- MiLoRA module mode: one router per decoder layer -----------------------------------------------------------
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        config = self.peft_config[adapter_name]
+        if isinstance(config, MoLoraConfig) and config.milora_module_mode:
+            self._add_layer_routers(adapter_name, config)
+
+    def _add_layer_routers(self, adapter_name: str, config: MoLoraConfig) -> None:
+        """Create the decoder-layer routers of a module-mode adapter (``molora_milora[adapter_name][layer]``), hook
+        the decoder layers, and set the routers' trainability like the adapter's layers."""
+        routers, layers = milora.build_layer_routers(self.model, adapter_name, config, MoLoraLayer)
+        container = self._modules.get(milora.CONTAINER)
+        if container is None:
+            container = self.molora_milora = nn.ModuleDict()
+        container[adapter_name] = nn.ModuleDict(routers)
+        container[adapter_name].requires_grad_(adapter_name in self.active_adapters and not config.inference_mode)
+        self._milora_hooks += milora.install_layer_hooks(layers, self.molora_runtime)
+        self._milora_layers += [layer for layer in layers.values() if all(layer is not m for m in self._milora_layers)]
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        # the decoder-layer routers are saved as `...molora_milora.<layer>.weight`: their adapter name comes before
+        # the layer key (`molora_milora.<adapter>.<layer>.weight`), not second to last as in PEFT's default mapping
+        marker = f"{milora.CONTAINER}.{adapter_name}."
+        if marker in key:
+            return key.replace(marker, f"{milora.CONTAINER}.", 1)
+        return super()._remove_adapter_name_from_key(key, adapter_name)
+
+    def _layer_routers(self) -> Iterator[tuple[str, nn.Module]]:
+        """``(adapter name, router)`` for every decoder-layer router of MiLoRA's module mode."""
+        for name, routers in self._modules.get(milora.CONTAINER, {}).items():
+            for router in routers.values():
+                yield name, router
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for name, router in self._layer_routers():
+            router.requires_grad_(name in names and not inference_mode)
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        super().set_requires_grad(adapter_names, requires_grad=requires_grad)
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name, router in self._layer_routers():
+            if name in names:
+                router.requires_grad_(requires_grad)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        routers = self._modules.get(milora.CONTAINER)
+        if routers is not None and adapter_name in routers:
+            del routers[adapter_name]
+            if not len(routers):
+                # the last module-mode adapter is gone: nothing reads the decoder layers' inputs any more
+                milora.remove_layer_hooks(self._milora_layers, self._milora_hooks)
+                self._milora_hooks, self._milora_layers = [], []
 
     # -- BaseTuner contract -----------------------------------------------------------------------------------------
 

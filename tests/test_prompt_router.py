@@ -107,8 +107,8 @@ def test_params_are_validated():
         MoLoraConfig(router="prompt", router_kwargs={"pooler": "attn"})
     with pytest.raises(ValueError, match="activation"):
         MoLoraConfig(router="prompt", router_kwargs={"activation": "sigmoid"})
-    with pytest.raises(ValueError, match="unknown key"):
-        MoLoraConfig(router="prompt", router_kwargs={"milora_mode": "module"})
+    with pytest.raises(ValueError, match="unknown key.*'pool' -> 'pooler'"):
+        MoLoraConfig(router="prompt", router_kwargs={"pool": "mean"})
     cfg = MoLoraConfig(router="prompt", router_kwargs={"pooler": "max", "activation": "gelu", "gate_mode": "raw"})
     assert cfg.router_kwargs["pooler"] == "max"
 

@@ -23,6 +23,7 @@ from ..kernels.torch_ops import dense_masked_expand, flat_shrink_weight
 from ..routers.base import Router, Routing, build_router_params, get_router_class
 from ..runtime import self_delivered
 from .dynamic_rank import DynamicRankState
+from .milora import MiloraSlot, layer_decision, module_delta, module_routing
 
 MERGE_ERROR = (
     "MoLoRA adapters cannot be merged into the base weights: each token (or prompt) is routed to its own mix of "
@@ -41,7 +42,7 @@ class MoLoraLayer(BaseTunerLayer):
     """
 
     adapter_layer_names = ("molora_A", "molora_B", "molora_router", "molora_rank")
-    other_param_names = ("r", "lora_alpha", "scaling", "num_experts", "top_k", "kernel", "molora_dropout")
+    other_param_names = ("r", "lora_alpha", "scaling", "num_experts", "top_k", "kernel", "molora_dropout", "_milora")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -56,6 +57,8 @@ class MoLoraLayer(BaseTunerLayer):
         self.molora_B = nn.ParameterDict({})
         self.molora_router = nn.ModuleDict({})
         self.molora_rank = nn.ModuleDict({})
+        # MiLoRA module mode: per adapter, this projection's place in its decoder layer's router (set by the tuner)
+        self._milora: dict[str, MiloraSlot] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}
@@ -103,23 +106,31 @@ class MoLoraLayer(BaseTunerLayer):
         self.molora_A[adapter_name] = nn.Parameter(weight_A)
         self.molora_B[adapter_name] = nn.Parameter(weight_B)
 
-        router_cls = get_router_class(config.router)
-        params = build_router_params(config.router, config.router_kwargs, n_experts, config.top_k)
-        self.molora_router[adapter_name] = router_cls(
-            self.in_features,
-            n_experts,
-            config.top_k,
-            params=params,
-            init=config.router_init,
-            init_std=config.router_init_std,
-        )
+        self._milora.pop(adapter_name, None)
+        if config.milora_module_mode:
+            # MiLoRA module mode: this projection is one LoRA module, gated by its decoder layer's router, which the
+            # tuner creates once every projection is adapted (molora.adapters.milora)
+            if adapter_name in self.molora_router:
+                del self.molora_router[adapter_name]
+        else:
+            router_cls = get_router_class(config.router)
+            params = build_router_params(config.router, config.router_kwargs, n_experts, config.top_k)
+            self.molora_router[adapter_name] = router_cls(
+                self.in_features,
+                n_experts,
+                config.top_k,
+                params=params,
+                init=config.router_init,
+                init_std=config.router_init_std,
+            )
         if dynamic_rank is not None:
             self.molora_rank[adapter_name] = DynamicRankState(n_experts, rank, dynamic_rank)
         elif adapter_name in self.molora_rank:
             del self.molora_rank[adapter_name]
         self._move_adapter_to_device_of_base_layer(adapter_name)
-        # routers score in fp32 whatever the base dtype (see molora.routers.base)
-        self.molora_router[adapter_name].float()
+        if adapter_name in self.molora_router:
+            # routers score in fp32 whatever the base dtype (see molora.routers.base)
+            self.molora_router[adapter_name].float()
         self.set_adapter(self.active_adapters)
 
     # -- merging is undefined for routed experts --------------------------------------------------------------------
@@ -397,10 +408,18 @@ class MoLoraLayer(BaseTunerLayer):
             if valid_all is not None:
                 valid = valid_all.view(x.shape[0], -1).index_select(0, rows_t.to(valid_all.device)).reshape(-1)
                 valid = valid.to(x.device)
-            router = self.molora_router[name]
-            context = runtime.context if runtime is not None else None
-            routing = self._route(router, sub_flat, valid, context, sub.shape[:-1])
-            records.append((name, router, routing, valid))
+            slot = self._milora.get(name)
+            if slot is not None:
+                # MiLoRA module mode: this module's gates from its decoder layer's decision over these samples
+                decision, computed = layer_decision(self, name, slot, sub.shape[:-1], valid, rows=rows_t)
+                routing = module_routing(decision, slot.index)
+                if computed:
+                    records.append((slot.layer_key, name, slot.router, decision, valid))
+            else:
+                router = self.molora_router[name]
+                context = runtime.context if runtime is not None else None
+                routing = self._route(router, sub_flat, valid, context, sub.shape[:-1])
+                records.append((self._molora_key, name, router, routing, valid))
             weight_A, weight_B = self.molora_A[name], self.molora_B[name]
             if name in self.molora_rank:
                 weight_A, weight_B = self.molora_rank[name].masked_weights(weight_A, weight_B)
@@ -429,8 +448,8 @@ class MoLoraLayer(BaseTunerLayer):
         kernel = kernels.pop() if len(kernels) == 1 else "auto"
         delta = expert_delta(torch.cat(xs), torch.cat(banks_A), torch.cat(banks_B), routing, 1.0, kernel)
         if runtime is not None:
-            for name, router, sub_routing, valid in records:
-                delta = runtime.record(self._molora_key, name, router, sub_routing, valid, delta)
+            for key, name, router, sub_routing, valid in records:
+                delta = runtime.record(key, name, router, sub_routing, valid, delta)
         order = torch.cat(rows_order)
         delta = delta.reshape(order.numel(), *x.shape[1:-1], delta.shape[-1]).to(result.dtype)
         return result.index_add(0, order, delta)
@@ -443,7 +462,7 @@ class MoLoraLayer(BaseTunerLayer):
         if adapter_names is not None:
             return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
         active = [name for name in self.active_adapters if name in self.molora_A]
-        if len(active) == 1 and not args and not kwargs:
+        if len(active) == 1 and not args and not kwargs and active[0] not in self._milora:
             plan = self._fusion_plan(x, active[0])
             if plan is not None:
                 return self._fused_base_forward(x, active[0], plan)
@@ -452,7 +471,14 @@ class MoLoraLayer(BaseTunerLayer):
             result = self.quantization_backend.maybe_clone_base_result(result)
         in_place = self._base_output_is_private()
         for adapter_name in active:
-            delta = self._expert_output(x, adapter_name).to(result.dtype)
+            slot = self._milora.get(adapter_name)
+            if slot is not None:
+                delta = module_delta(self, x, adapter_name, slot)
+                if delta is None:
+                    continue  # no sequence selected this module: its LoRA is skipped
+                delta = delta.to(result.dtype)
+            else:
+                delta = self._expert_output(x, adapter_name).to(result.dtype)
             # adding in place saves a [tokens, d_out] allocation and a pass over it (a few percent of a layer)
             result = result.add_(delta) if in_place else result + delta
         return result

@@ -1,4 +1,4 @@
-"""Prompt-aware routing (MiLoRA, Zhang et al., Findings of EMNLP 2024, arXiv 2410.18035), "bank" mode.
+"""Prompt-aware routing (MiLoRA, Zhang et al., Findings of EMNLP 2024, arXiv 2410.18035).
 
 One routing decision per *sequence*, computed from its prompt and used for every token of that sequence, prompt
 and generated alike (spec/algorithms.md section 3). For the tokens ``x[B, S, d_in]`` entering one adapted projection
@@ -30,10 +30,11 @@ saved with the adapter, it is overwritten by the next prefill (so it cannot leak
 the next), and a decode step whose batch differs from the prefill's raises. ``generate`` expands beams and
 ``num_return_sequences`` *before* its prefill, so beam search and multiple samples work unchanged.
 
-Deviation from the paper ([OURS], documented in docs/prompt_router.md): MiLoRA routes between the seven LoRA
-modules of a decoder layer with one router per layer, fed the layer's residual-stream input. Here each adapted
-projection has its own router over its own bank of ``E`` experts, fed that projection's input. The faithful
-"module" mode is not implemented.
+Two modes (``PromptParams.milora_mode``, docs/prompt_router.md). ``"bank"`` ([OURS], the default): each adapted
+projection has its own router over its own bank of ``E`` experts, fed that projection's input. ``"module"`` (MiLoRA
+as published): one router per decoder layer, fed the layer's residual-stream input, routes between the layer's
+adapted projections, each one LoRA; the router is this class with ``E`` = the layer's modules, driven by
+``molora.adapters.milora``.
 
 Balance loss: over *sequences*, not tokens (every token of a sequence shares one decision): ``AuxInputs`` rows are
 the sequences with at least one real token, so ``balance_loss_type`` keeps its meaning with "token" read as
@@ -58,6 +59,7 @@ if TYPE_CHECKING:
 POOLERS = ("mean", "last", "max")
 ACTIVATIONS = ("tanh", "gelu", "relu", "identity")
 GATE_MODES = ("renorm", "raw")
+MILORA_MODES = ("bank", "module")
 
 _ACTIVATION_FNS = {
     "tanh": torch.tanh,
@@ -78,19 +80,31 @@ class PromptParams(RouterParams):
             ``"identity"``. Default: "tanh".
         gate_mode (str): ``"renorm"`` rescales the ``top_k`` kept probabilities to sum to 1; ``"raw"`` keeps the
             softmax probabilities. Default: "renorm".
+        milora_mode (str): ``"bank"``: each adapted projection has its own router over its own ``num_experts``
+            LoRA experts. ``"module"`` (MiLoRA as published): each adapted projection is one LoRA module
+            (``num_experts=1``) and one router per decoder layer, fed the layer's residual-stream input, picks
+            ``top_k`` of the layer's adapted projections per sequence (``molora.adapters.milora``). Default: "bank".
     """
 
     pooler: str = "mean"
     activation: str = "tanh"
     gate_mode: str = "renorm"
+    milora_mode: str = "bank"
 
     def validate(self, num_experts: int, top_k: int) -> None:
-        for key, allowed in (("pooler", POOLERS), ("activation", ACTIVATIONS), ("gate_mode", GATE_MODES)):
+        choices = (("pooler", POOLERS), ("activation", ACTIVATIONS), ("gate_mode", GATE_MODES))
+        for key, allowed in (*choices, ("milora_mode", MILORA_MODES)):
             value = getattr(self, key)
             if value not in allowed:
                 raise ValueError(
                     f"`router_kwargs[{key!r}]`={value!r} is not supported; allowed values: {list(allowed)}."
                 )
+        if self.milora_mode == "module" and num_experts != 1:
+            raise ValueError(
+                f"`num_experts`={num_experts} with router_kwargs['milora_mode']='module': in module mode each adapted "
+                "projection is a single LoRA module and the experts of a decoder layer are its projections, so set "
+                "`num_experts=1` (and `top_k` to the number of modules each sequence uses, e.g. 3 of 7)."
+            )
 
 
 @dataclass
@@ -113,11 +127,13 @@ class _CachedDecision:
     sequence: Routing
     routed: torch.Tensor
     length: int | None  # tokens in the KV cache right after the prefill (None when unknown)
+    # module mode (molora.adapters.milora): which modules some sequence selected, read back once per prefill
+    active: list[bool] | None = None
 
 
 @register_router("prompt")
 class PromptRouter(Router):
-    """Routes every token of a sequence by one decision computed from its prompt (MiLoRA, "bank" mode).
+    """Routes every token of a sequence by one decision computed from its prompt (MiLoRA).
 
     See the module docstring for the maths, which tokens count as the prompt, and the generation cache. Needs the
     layer input laid out as ``[batch, seq, d_in]`` (every transformers decoder does this).

@@ -1,0 +1,281 @@
+"""MiLoRA as published ("module" mode): the experts of a decoder layer are its adapted projections.
+
+Zhang et al., "MiLoRA: Efficient Mixture of Low-Rank Adaptation for Large Language Models Fine-tuning", Findings of
+EMNLP 2024 (spec/algorithms.md section 3). With ``MoLoraConfig(router="prompt", num_experts=1, top_k=K,
+router_kwargs={"milora_mode": "module"})``:
+
+* every adapted projection ``m`` of a decoder layer carries one LoRA module ``B_m A_m`` (a bank of one expert);
+* one router per decoder layer (a :class:`~molora.routers.prompt.PromptRouter` over the ``M`` adapted projections of
+  the layer, ``W_g[M, d]``) reads the layer's residual-stream input ``H`` (the decoder layer's ``hidden_states``
+  argument, before its input norm), pools it over the prompt, activates it and picks ``K`` modules per sequence:
+  gates ``gamma[B, M]`` (renormalised over the ``K``, or raw);
+* projection ``m`` computes ``W0_m x + gamma_{b,m} * scaling * B_m A_m dropout(x)`` for every token of sequence ``b``;
+* the decision is computed at the prefill and reused by the cached decode steps (the router's generation cache);
+  without autograd, a module that no sequence of the batch selected skips its LoRA compute entirely.
+
+Expert ``m`` of a layer's router is the ``m``-th adapted projection of that layer in module order (for a Llama layer
+with the default targets: q, k, v, o, gate, up, down); ``routers[...].module_names`` lists them, and
+``get_routing_stats()`` reports each decoder layer under its module name (e.g. ``"model.layers.3"``).
+
+Where things live: the layer routers are model-level containers on the tuner (``MoLoraModel.molora_milora[adapter]
+[layer key]``, like VeRA's shared matrices), so PEFT saves and loads them with the adapter; the file holds
+``base_model.molora_milora.model_layers_3.weight`` (``MoLoraModel._remove_adapter_name_from_key`` maps the names).
+Hooks publish each decoder layer's input to the runtime while the layer runs (:func:`install_layer_hooks`); the
+first adapted projection of the layer that runs computes the decision (and records the router's losses and
+statistics on its own output), the others read it. Activation checkpointing recomputes the decision with the layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..routers.base import Routing, build_router_params
+from ..routers.prompt import PromptRouter, PromptRouting
+
+if TYPE_CHECKING:
+    from .layer import MoLoraLayer
+
+
+@dataclass(eq=False)
+class MiloraSlot:
+    """Where one adapted projection sits in MiLoRA's module mode (held by the projection, per adapter).
+
+    Attributes:
+        layer_key (str): module name of the decoder layer (``"model.layers.3"``).
+        index (int): the projection's expert index in the layer router.
+        router (PromptRouter): the decoder layer's router (shared by the layer's projections; owned by the tuner).
+    """
+
+    layer_key: str
+    index: int
+    router: PromptRouter
+
+
+#: the tuner attribute holding the decoder-layer routers: ``molora_milora[adapter][container_key(layer)]``
+CONTAINER = "molora_milora"
+
+
+def decoder_layer_key(model: nn.Module, module_name: str) -> str | None:
+    """The name of the decoder layer holding ``module_name``: its innermost ancestor that is an element of an
+    ``nn.ModuleList`` (``"model.layers.3"`` for ``"model.layers.3.self_attn.q_proj"``); ``None`` if there is none."""
+    parts = module_name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        if parts[i].isdigit() and isinstance(model.get_submodule(".".join(parts[:i])), nn.ModuleList):
+            return ".".join(parts[: i + 1])
+    return None
+
+
+def container_key(layer_key: str) -> str:
+    """``layer_key`` as a ``ModuleDict`` key (no dots)."""
+    return layer_key.replace(".", "_")
+
+
+def build_layer_routers(
+    model: nn.Module, adapter_name: str, config: Any, layer_cls: type[MoLoraLayer]
+) -> tuple[dict[str, PromptRouter], dict[str, nn.Module]]:
+    """Create the per-decoder-layer routers of a module-mode adapter and give each projection its slot.
+
+    Returns ``(routers, decoder layers)``: the routers keyed by :func:`container_key` of their decoder layer, and the
+    decoder layer modules by name (for the hooks). Raises ``ValueError`` when an adapted projection is not inside a
+    list of decoder layers or a layer has fewer adapted projections than ``top_k``.
+    """
+    groups: dict[str, list[tuple[str, MoLoraLayer]]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, layer_cls) and adapter_name in module.molora_A:
+            key = decoder_layer_key(model, name)
+            if key is None:
+                raise ValueError(
+                    f"router_kwargs['milora_mode']='module' routes between the adapted projections of each decoder "
+                    f"layer, but {name!r} is not inside a list of layers (an nn.ModuleList such as `model.layers`). "
+                    "Adapt only projections inside the decoder layers, or use milora_mode='bank'."
+                )
+            groups.setdefault(key, []).append((name, module))
+    params = build_router_params(config.router, config.router_kwargs, config.num_experts, config.top_k)
+    width = getattr(getattr(model, "config", None), "hidden_size", None)
+    routers: dict[str, PromptRouter] = {}
+    layers = {}
+    for key, members in groups.items():
+        names = tuple(name.removeprefix(key + ".") for name, _ in members)
+        if config.top_k > len(members):
+            raise ValueError(
+                f"`top_k`={config.top_k} modules per sequence, but decoder layer {key!r} has only {len(members)} "
+                f"adapted projection(s) {list(names)} in router_kwargs['milora_mode']='module'; lower `top_k` or "
+                "adapt more projections (MiLoRA: 3 of the 7 attention and MLP projections)."
+            )
+        in_features = width if isinstance(width, int) else members[0][1].in_features
+        router = PromptRouter(
+            in_features,
+            len(members),
+            config.top_k,
+            params=params,
+            init=config.router_init,
+            init_std=config.router_init_std,
+        )
+        router.module_names = names
+        router.to(members[0][1].molora_A[adapter_name].device).float()
+        routers[container_key(key)] = router
+        layers[key] = model.get_submodule(key)
+        for index, (_, module) in enumerate(members):
+            module._milora[adapter_name] = MiloraSlot(key, index, router)
+    return routers, layers
+
+
+def _layer_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    module._molora_runtime.milora_enter(module._molora_layer_key)
+
+
+def _layer_post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    module._molora_runtime.milora_exit(module._molora_layer_key)
+
+
+def _child_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    hidden = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+    module._molora_runtime.milora_first_input(module._molora_milora_key, hidden)
+
+
+def install_layer_hooks(layers: dict[str, nn.Module], runtime: Any) -> list:
+    """Hooks that publish each decoder layer's input to ``runtime`` while the layer runs.
+
+    The input is taken from the first direct submodule the layer calls (its input norm in every transformers
+    decoder: the residual stream before the norm), because transformers checkpoints a layer's ``forward`` and not
+    its ``__call__``: hooks on the decoder layer itself do not run again when activation checkpointing recomputes
+    the layer in backward, its submodules' hooks do. The hooks on the layer only open and close the publication.
+    The hooks find the runtime and key through the modules, so a deep copy of the model drives its own runtime.
+    """
+    handles = []
+    for key, layer in layers.items():
+        if getattr(layer, "_molora_layer_key", None) is not None:
+            continue  # another module-mode adapter installed them
+        layer._molora_layer_key = key
+        layer._molora_runtime = runtime
+        handles.append(layer.register_forward_pre_hook(_layer_pre_hook, with_kwargs=True))
+        handles.append(layer.register_forward_hook(_layer_post_hook, with_kwargs=True))
+        for child in layer.children():
+            child._molora_milora_key = key
+            if getattr(child, "_molora_runtime", None) is None:
+                child._molora_runtime = runtime
+            handles.append(child.register_forward_pre_hook(_child_pre_hook, with_kwargs=True, prepend=True))
+        runtime.milora_exit(key)  # open for the first call
+    return handles
+
+
+def remove_layer_hooks(layers: list[nn.Module], handles: list) -> None:
+    """Undo :func:`install_layer_hooks` on these decoder layers."""
+    for handle in handles:
+        handle.remove()
+    for layer in layers:
+        layer.__dict__.pop("_molora_layer_key", None)
+        layer.__dict__.pop("_molora_runtime", None)
+        for child in layer.children():
+            if child.__dict__.pop("_molora_milora_key", None) is not None and not hasattr(child, "_molora_key"):
+                child.__dict__.pop("_molora_runtime", None)
+
+
+def layer_decision(
+    layer: MoLoraLayer,
+    adapter_name: str,
+    slot: MiloraSlot,
+    lead_shape: tuple[int, ...] | torch.Size,
+    valid: torch.Tensor | None,
+    rows: torch.Tensor | None = None,
+) -> tuple[PromptRouting, bool]:
+    """The decoder layer's decision for this forward, token-level (``[T, M]`` gates); ``(routing, computed)`` with
+    ``computed`` True for the call that made it (which records the router's losses and statistics).
+
+    ``rows``: the samples of a mixed-adapter batch that use ``adapter_name`` (their decision is made from their
+    rows only, so that it does not depend on the other samples).
+    """
+    runtime = layer._molora_runtime
+    if runtime is None:
+        raise RuntimeError("MiLoRA module mode needs the MoLoraModel runtime; build the model with get_peft_model.")
+    key = (slot.layer_key, adapter_name)
+    hit = runtime.milora_decisions.get(key)
+    if hit is not None:
+        return hit, False
+    ref = runtime.milora_inputs.get(slot.layer_key)
+    hidden = ref() if ref is not None else None
+    if hidden is None:
+        raise RuntimeError(
+            f"{layer._molora_key!r} uses MiLoRA module mode, whose router reads the input of decoder layer "
+            f"{slot.layer_key!r}, but that layer is not running: call the model (or the decoder layer), not the "
+            "projection on its own."
+        )
+    if rows is not None:
+        hidden = hidden.index_select(0, rows.to(hidden.device))
+    if tuple(hidden.shape[:-1]) != tuple(lead_shape) or hidden.shape[-1] != slot.router.in_features:
+        raise ValueError(
+            f"MiLoRA module mode: decoder layer {slot.layer_key!r} received hidden states of shape "
+            f"{tuple(hidden.shape)}, but its projection {layer._molora_key!r} sees tokens laid out as "
+            f"{tuple(lead_shape)} and the router expects width {slot.router.in_features}; the layer must take "
+            "[batch, seq, hidden_size] hidden states as its first argument."
+        )
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    if valid is not None and valid.device != flat.device:
+        valid = valid.to(flat.device)
+    routing = slot.router(flat, valid, context=runtime.context, lead_shape=tuple(lead_shape))
+    runtime.milora_decisions[key] = routing
+    return routing, True
+
+
+def module_routing(decision: PromptRouting, index: int) -> Routing:
+    """One projection's share of the layer decision: a one-expert routing whose gate is ``gamma[b, index]`` on
+    every token of sequence ``b`` (zero where the sequence did not select the module)."""
+    gate = decision.dense_gates()[:, index]
+    tokens = gate.shape[0]
+    return Routing(
+        probs=decision.probs[:, index : index + 1],
+        token_index=torch.arange(tokens, device=gate.device),
+        expert_index=torch.zeros(tokens, dtype=torch.long, device=gate.device),
+        weight=gate,
+        gates=gate.unsqueeze(1),
+        per_token=1,
+    )
+
+
+def module_selected(router: PromptRouter, decision: PromptRouting, index: int) -> bool:
+    """Whether any sequence of the batch selected module ``index`` (inference only: a host read-back, made once per
+    prefill and layer and kept with the router's cached decision for the decode steps)."""
+    cached = router._cached
+    if cached is not None and getattr(cached, "active", None) is not None:
+        return cached.active[index]
+    sequence = decision.sequence
+    selected = sequence.selected()
+    if decision.routed is not None:
+        selected = selected & decision.routed.to(selected.device).unsqueeze(1)
+    active = selected.any(dim=0).tolist()
+    if cached is not None:
+        cached.active = active
+    return active[index]
+
+
+def module_delta(layer: MoLoraLayer, x: torch.Tensor, adapter_name: str, slot: MiloraSlot) -> torch.Tensor | None:
+    """``gamma * scaling * B A dropout(x)`` of one projection in module mode, laid out like the base output;
+    ``None`` when, without autograd, no sequence of the batch selected this module (its LoRA is skipped)."""
+    x_flat, lead_shape, valid, _, weight_A, weight_B, _ = layer._prepare(x, adapter_name)
+    decision, computed = layer_decision(layer, adapter_name, slot, lead_shape, valid)
+    if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if not module_selected(slot.router, decision, slot.index):
+            if computed:
+                layer._molora_runtime.record(slot.layer_key, adapter_name, slot.router, decision, valid, x_flat)
+            return None
+    h = layer._cast_input_dtype(layer.molora_dropout[adapter_name](x_flat), weight_A.dtype) @ weight_A[0]
+    gate = decision.dense_gates()[:, slot.index] * layer.scaling[adapter_name]
+    out = (h * gate.to(h.dtype).unsqueeze(1)) @ weight_B[0]
+    if computed:
+        out = layer._molora_runtime.record(slot.layer_key, adapter_name, slot.router, decision, valid, out)
+    return out.reshape(*lead_shape, out.shape[-1])
+
+
+__all__ = [
+    "MiloraSlot",
+    "build_layer_routers",
+    "decoder_layer_key",
+    "install_layer_hooks",
+    "layer_decision",
+    "module_delta",
+    "module_routing",
+]
