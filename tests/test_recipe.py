@@ -15,7 +15,7 @@ from peft import get_peft_model
 from molora import MoLoraConfig
 from molora.training import card, data, recipe
 from molora.training.logging import _all_reduce, raw_to_summary, stats_to_raw
-from molora.training.report import load_grid, save_heatmap
+from molora.training.report import LAYER_ROUTER, load_grid, save_heatmap
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -184,6 +184,10 @@ def test_heatmap_grid_and_png(tmp_path):
     assert all(v != v for v in grid[1][0])  # layer 0 has no q_proj: NaN cells
     path = save_heatmap(stats, tmp_path / "h.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
+    # MiLoRA module mode: one router per decoder layer, statistics under the layer's name, one group of rows
+    layer_stats = {f"model.layers.{i}": {"load": [0.1] * 5 + [0.25, 0.25]} for i in (1, 0, 10)}
+    projections, layers, grid = load_grid(layer_stats)
+    assert projections == [LAYER_ROUTER] and layers == ["0", "1", "10"] and len(grid[0][2]) == 7
 
 
 # -- model card and push ---------------------------------------------------------------------------------------------

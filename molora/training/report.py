@@ -6,20 +6,23 @@ import re
 from pathlib import Path
 from typing import Any
 
-_LAYER = re.compile(r"^(?P<prefix>.*?)\.(?P<index>\d+)\.(?P<rest>.+)$")
+_LAYER = re.compile(r"^(?P<prefix>.*?)\.(?P<index>\d+)(?:\.(?P<rest>.+))?$")
+#: the group of decoder-layer routers (MiLoRA module mode: statistics under the layer's own name, experts = modules)
+LAYER_ROUTER = "layer router (modules)"
 
 
 def load_grid(stats: dict[str, Any]) -> tuple[list[str], list[str], list[list[list[float]]]]:
     """Arrange per-module loads as ``(projections, layer labels, grid[projection][layer] = load[E])``.
 
     Module names ``<prefix>.<i>.<projection>`` (``model.layers.3.mlp.down_proj``) are grouped by projection and
-    ordered by layer index; other names form their own projection group with a single row.
+    ordered by layer index; decoder layers (``model.layers.3``: MiLoRA module mode's routers, whose experts are the
+    layer's modules) form the group :data:`LAYER_ROUTER`; other names form their own group with a single row.
     """
     groups: dict[str, dict[int | str, list[float]]] = {}
     for name, s in stats.items():
         match = _LAYER.match(name)
         if match:
-            groups.setdefault(match["rest"], {})[int(match["index"])] = s["load"]
+            groups.setdefault(match["rest"] or LAYER_ROUTER, {})[int(match["index"])] = s["load"]
         else:
             groups.setdefault(name, {})[name] = s["load"]
     projections = sorted(groups)
@@ -47,7 +50,8 @@ def save_heatmap(stats: dict[str, Any], path: str | Path, title: str | None = No
     cols = min(len(projections), 4)
     rows = (len(projections) + cols - 1) // cols
     height = max(2.5, 0.18 * len(layers) + 1.2)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols + 1.2, height * rows), squeeze=False)
+    # wide enough for the title even with one group of rows
+    fig, axes = plt.subplots(rows, cols, figsize=(max(2.6 * cols + 1.2, 6.0), height * rows), squeeze=False)
     image = None
     for i, ax in enumerate(axes.flat):
         if i >= len(projections):
