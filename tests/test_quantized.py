@@ -149,6 +149,30 @@ def test_training_reaches_every_adapter_parameter_and_lowers_the_loss(llama_dir,
     assert losses[-1] < losses[0] - 0.05, losses
 
 
+def test_milora_module_mode_trains_on_a_4bit_base(llama_dir, batch):
+    # MiLoRA's module mode (one router per decoder layer over its projections) on QLoRA's base, with the gradient
+    # checkpointing that prepare_model_for_kbit_training turns on
+    from peft import prepare_model_for_kbit_training
+
+    base = prepare_model_for_kbit_training(load_quantized(llama_dir, "nf4-fp32"))
+    config = MoLoraConfig(
+        num_experts=1, top_k=3, router="prompt", router_kwargs={"milora_mode": "module"}, task_type="CAUSAL_LM"
+    )
+    model = get_peft_model(base, config).train()
+    params = trainable(model)
+    optimizer = torch.optim.AdamW(params.values(), lr=1e-2)
+    losses = []
+    for _ in range(4):
+        loss = model(**batch).loss
+        loss.backward()
+        routers = [p for n, p in params.items() if "molora_milora" in n]
+        assert len(routers) == 2 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in routers)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+
+
 def test_4bit_gradients_match_the_dequantized_fp32_model(llama_dir, batch):
     """With fp32 compute, QLoRA-MoLoRA must give the loss and gradients of MoLoRA on the dequantized weights.
 
