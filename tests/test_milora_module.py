@@ -367,3 +367,19 @@ def test_compiled_training_step_is_one_graph_with_eager_gradients():
     torch.testing.assert_close(loss, eager)
     for name, grad in expected.items():
         torch.testing.assert_close(model.get_parameter(name).grad, grad, atol=1e-6, rtol=1e-5)
+
+
+def test_attention_pooling_query_of_the_layer_routers_round_trips(tmp_path):
+    model = module_model(router_kwargs={"milora_mode": "module", "pooler": "attn"})
+    with torch.no_grad():
+        for router in layer_routers(model):
+            router.pool_query.normal_()
+    ids, mask = padded(PROMPTS)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    model.save_pretrained(tmp_path)
+    keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+    assert {f"base_model.molora_milora.model_layers_{i}.pool_query" for i in (0, 1)} <= keys
+    loaded = PeftModel.from_pretrained(make_llama(0), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits, expected)

@@ -63,14 +63,39 @@ def test_spec_vector_last_token_pooling():
 def test_pooling_ignores_padding_on_either_side():
     x = torch.randn(3, 5, 4)
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
-    for pooler in ("mean", "last", "max"):
-        pooled = pool(x, mask, pooler)
+    query = torch.randn(4)
+    for pooler in ("mean", "last", "max", "attn"):
+        pooled = pool(x, mask, pooler, query=query)
         for b in range(3):
             alone = x[b, mask[b]][None]
-            ref = pool(alone, torch.ones(1, alone.shape[1], dtype=torch.bool), pooler)[0]
+            ref = pool(alone, torch.ones(1, alone.shape[1], dtype=torch.bool), pooler, query=query)[0]
             torch.testing.assert_close(pooled[b], ref)
     # the last real position, wherever the padding is
     torch.testing.assert_close(pool(x, mask, "last")[1], x[1, 2])
+
+
+def test_attention_pooling_starts_as_the_mean_and_learns_its_query():
+    x = torch.randn(2, 5, 4)
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    router = PromptRouter(4, 3, 2, params=PromptParams(pooler="attn"))
+    assert torch.equal(router.pool_query, torch.zeros(4))  # zero query: uniform attention over the prompt
+    torch.testing.assert_close(pool(x, mask, "attn", query=router.pool_query), pool(x, mask, "mean"))
+    # the written-out definition: softmax over the prompt positions of q . x / sqrt(d)
+    query = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    for b in range(2):
+        rows = x[b, mask[b]]
+        alpha = torch.softmax(rows @ query / 2.0, dim=0)
+        torch.testing.assert_close(pool(x, mask, "attn", query=query)[b], alpha @ rows)
+    # an empty row pools to zeros (no NaN), and the query is trained by whatever the decision feeds
+    empty = pool(x, torch.zeros(2, 5, dtype=torch.bool), "attn", query=query)
+    assert torch.equal(empty, torch.zeros(2, 4))
+    with torch.no_grad():
+        router.pool_query.copy_(query)
+    routing = router(x.reshape(10, 4), mask.reshape(-1), lead_shape=(2, 5))
+    routing.sequence.weight.sum().backward()
+    assert router.pool_query.grad is not None and router.pool_query.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="query"):
+        pool(x, mask, "attn")
 
 
 def test_prompt_positions_precedence_and_fallback():
@@ -103,8 +128,8 @@ def test_every_token_of_a_sequence_gets_its_sequence_decision():
 
 
 def test_params_are_validated():
-    with pytest.raises(ValueError, match="pooler.*allowed values"):
-        MoLoraConfig(router="prompt", router_kwargs={"pooler": "attn"})
+    with pytest.raises(ValueError, match=r"pooler.*allowed values: \['mean', 'last', 'max', 'attn'\]"):
+        MoLoraConfig(router="prompt", router_kwargs={"pooler": "cls"})
     with pytest.raises(ValueError, match="activation"):
         MoLoraConfig(router="prompt", router_kwargs={"activation": "sigmoid"})
     with pytest.raises(ValueError, match="unknown key.*'pool' -> 'pooler'"):
@@ -298,6 +323,22 @@ def test_training_routes_from_the_prompt_tokens_only():
     out.loss.backward()
     grads = [r.weight.grad for r in routers_of(model)]
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_attention_pooling_query_is_saved_and_loaded_with_the_adapter(tmp_path):
+    model = prompt_model(pooler="attn")
+    with torch.no_grad():
+        for router in routers_of(model):
+            router.pool_query.normal_()
+    ids, mask = padded(PROMPTS, "left")
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    model.save_pretrained(tmp_path)
+    keys = load_file(tmp_path / "adapter_model.safetensors")
+    assert sum(k.endswith("molora_router.pool_query") for k in keys) == len(routers_of(model))
+    loaded = PeftModel.from_pretrained(make_llama(0), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits, expected)
 
 
 def test_save_load_roundtrip_and_no_cached_decision_in_the_state_dict(tmp_path):

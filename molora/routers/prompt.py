@@ -5,7 +5,9 @@ and generated alike (spec/algorithms.md section 3). For the tokens ``x[B, S, d_i
 and the prompt positions ``m[B, S]``:
 
 1. pool the prompt: ``h_b = Pool({x_{b,t} : m_{b,t}})`` with ``Pool`` = masked ``mean`` (default), ``last`` (the
-   last prompt position, wherever the padding is) or element-wise ``max``;
+   last prompt position, wherever the padding is), element-wise ``max`` or ``attn`` (attention pooling with a
+   learned query ``q[d_in]``: ``h_b = sum_t softmax_t(q . x_{b,t} / sqrt(d_in)) x_{b,t}`` over the prompt positions;
+   ``q`` starts at zero, i.e. as the mean, [OURS]: the spec lists the option without defining it);
 2. activate: ``u_b = sigma(h_b)``, ``sigma`` = ``tanh`` (default), ``gelu``, ``relu`` or ``identity``;
 3. score: ``l_b = W u_b`` (``W[E, d_in]``, no bias), ``pi_b = softmax(l_b)``;
 4. select ``S_b = TopK(pi_b, K)`` with ``K = MoLoraConfig.top_k``; gates ``g_{b,e} = pi_{b,e} / sum_{j in S_b}
@@ -43,6 +45,7 @@ the sequences with at least one real token, so ``balance_loss_type`` keeps its m
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -56,7 +59,7 @@ from .topk import topk_routing
 if TYPE_CHECKING:
     from ..runtime import RoutingContext
 
-POOLERS = ("mean", "last", "max")
+POOLERS = ("mean", "last", "max", "attn")
 ACTIVATIONS = ("tanh", "gelu", "relu", "identity")
 GATE_MODES = ("renorm", "raw")
 MILORA_MODES = ("bank", "module")
@@ -75,7 +78,8 @@ class PromptParams(RouterParams):
 
     Args:
         pooler (str): how the prompt's token inputs are summarised: ``"mean"`` (masked mean), ``"last"`` (the last
-            prompt token) or ``"max"`` (element-wise masked max). Default: "mean".
+            prompt token), ``"max"`` (element-wise masked max) or ``"attn"`` (softmax attention over the prompt
+            tokens with a learned query, zero-initialised so that it starts as the mean). Default: "mean".
         activation (str): applied to the pooled vector before the router: ``"tanh"``, ``"gelu"``, ``"relu"`` or
             ``"identity"``. Default: "tanh".
         gate_mode (str): ``"renorm"`` rescales the ``top_k`` kept probabilities to sum to 1; ``"raw"`` keeps the
@@ -146,6 +150,10 @@ class PromptRouter(Router):
         super().__init__(*args, **kwargs)
         # deliberately not a buffer: the decision belongs to the sequences being generated, not to the adapter
         self._cached: _CachedDecision | None = None
+        # pooler="attn": the learned query, saved and trained with the router (zero: attention starts as the mean)
+        self.pool_query = (
+            nn.Parameter(torch.zeros(self.in_features, dtype=torch.float32)) if self.params.pooler == "attn" else None
+        )
 
     def forward(
         self,
@@ -191,7 +199,7 @@ class PromptRouter(Router):
 
     def decide(self, x: torch.Tensor, prompt: torch.Tensor) -> Routing:
         """The per-sequence decision (steps 1-4 of the module docstring) for ``x[B, S, d_in]``, ``prompt[B, S]``."""
-        pooled = pool(x.float(), prompt, self.params.pooler)
+        pooled = pool(x.float(), prompt, self.params.pooler, query=self.pool_query)
         u = _ACTIVATION_FNS[self.params.activation](pooled)
         return self.select(self.scores(u), None)
 
@@ -281,14 +289,23 @@ def prompt_positions(
     return torch.where(empty, real, prompt)
 
 
-def pool(x: torch.Tensor, mask: torch.Tensor, pooler: str) -> torch.Tensor:
+def pool(x: torch.Tensor, mask: torch.Tensor, pooler: str, query: torch.Tensor | None = None) -> torch.Tensor:
     """Masked pooling of ``x[B, S, d]`` over the positions where ``mask[B, S]`` is True; ``[B, d]``.
 
-    A row without any True position pools to zeros (it is a padding-only row whose outputs nobody reads).
+    ``query[d]``: the learned query of ``pooler="attn"`` (required there). A row without any True position pools to
+    zeros (it is a padding-only row whose outputs nobody reads).
     """
     weights = mask.to(x.dtype).unsqueeze(-1)  # [B, S, 1]
     if pooler == "mean":
         return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+    if pooler == "attn":
+        if query is None:
+            raise ValueError("pooler='attn' needs the router's learned query (`query`).")
+        scores = (x @ query.to(x.dtype)) / math.sqrt(x.shape[-1])  # [B, S]
+        scores = scores.masked_fill(~mask, float("-inf"))
+        # a row without prompt positions gets all -inf: softmax would be NaN there, so those rows weigh nothing
+        alpha = torch.softmax(scores.masked_fill(~mask.any(dim=1, keepdim=True), 0.0), dim=1) * weights.squeeze(-1)
+        return (alpha.unsqueeze(-1) * x).sum(dim=1)
     if pooler == "last":
         positions = torch.arange(x.shape[1], device=x.device).expand(mask.shape)
         last = torch.where(mask, positions, -1).amax(dim=1)  # [B], -1 for an empty row
