@@ -140,29 +140,61 @@ class MoLoraModel(BaseTuner):
             self._add_layer_routers(adapter_name, config)
 
     def _add_layer_routers(self, adapter_name: str, config: MoLoraConfig) -> None:
-        """Create the decoder-layer routers of a module-mode adapter (``molora_milora[adapter_name][layer]``), hook
-        the decoder layers, and set the routers' trainability like the adapter's layers."""
+        """Create the decoder-layer routers of a module-mode adapter, hook the decoder layers, and set the routers'
+        trainability like the adapter's layers.
+
+        The routers live in the wrapped model (``model.molora_milora[adapter_name][layer]``), so that they move, copy
+        and train with it, also when ``peft.inject_adapter_in_model`` returns the model without this tuner; PEFT's
+        save and load find them through :meth:`_get_adapter_state_dict` and :meth:`_remap_adapter_state_dict_for_load`.
+        """
         routers, layers = milora.build_layer_routers(self.model, adapter_name, config, MoLoraLayer)
-        container = self._modules.get(milora.CONTAINER)
+        container = self.model._modules.get(milora.CONTAINER)
         if container is None:
-            container = self.molora_milora = nn.ModuleDict()
+            container = nn.ModuleDict()
+            self.model.add_module(milora.CONTAINER, container)
         container[adapter_name] = nn.ModuleDict(routers)
         container[adapter_name].requires_grad_(adapter_name in self.active_adapters and not config.inference_mode)
         self._milora_hooks += milora.install_layer_hooks(layers, self.molora_runtime)
         self._milora_layers += [layer for layer in layers.values() if all(layer is not m for m in self._milora_layers)]
 
     @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        to_return = super()._get_adapter_state_dict(
+            model=model,
+            config=config,
+            adapter_name=adapter_name,
+            state_dict=state_dict,
+            unwanted_adapter_names=unwanted_adapter_names,
+        )
+        # MiLoRA module mode: the decoder-layer routers (`molora_milora.<adapter>.<layer>.*`) are not on a tuner layer
+        marker = f"{milora.CONTAINER}.{adapter_name}."
+        to_return.update({k: v for k, v in state_dict.items() if k.startswith(marker) or f".{marker}" in k})
+        return to_return
+
+    @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
         # the decoder-layer routers are saved as `...molora_milora.<layer>.weight`: their adapter name comes before
         # the layer key (`molora_milora.<adapter>.<layer>.weight`), not second to last as in PEFT's default mapping
         marker = f"{milora.CONTAINER}.{adapter_name}."
-        if marker in key:
+        if key.startswith(marker) or f".{marker}" in key:
             return key.replace(marker, f"{milora.CONTAINER}.", 1)
         return super()._remove_adapter_name_from_key(key, adapter_name)
 
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        remapped = super()._remap_adapter_state_dict_for_load(
+            model=model, config=config, adapter_name=adapter_name, state_dict=state_dict
+        )
+        # the checkpoint's `...molora_milora.<layer>.*` back to the model's `...molora_milora.<adapter>.<layer>.*`
+        marker = f"{milora.CONTAINER}."
+        return {
+            (k.replace(marker, f"{marker}{adapter_name}.", 1) if k.startswith(marker) or f".{marker}" in k else k): v
+            for k, v in remapped.items()
+        }
+
     def _layer_routers(self) -> Iterator[tuple[str, nn.Module]]:
         """``(adapter name, router)`` for every decoder-layer router of MiLoRA's module mode."""
-        for name, routers in self._modules.get(milora.CONTAINER, {}).items():
+        for name, routers in self.model._modules.get(milora.CONTAINER, {}).items():
             for router in routers.values():
                 yield name, router
 
@@ -181,11 +213,12 @@ class MoLoraModel(BaseTuner):
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        routers = self._modules.get(milora.CONTAINER)
+        routers = self.model._modules.get(milora.CONTAINER)
         if routers is not None and adapter_name in routers:
             del routers[adapter_name]
             if not len(routers):
                 # the last module-mode adapter is gone: nothing reads the decoder layers' inputs any more
+                del self.model._modules[milora.CONTAINER]
                 milora.remove_layer_hooks(self._milora_layers, self._milora_hooks)
                 self._milora_hooks, self._milora_layers = [], []
 
@@ -283,6 +316,7 @@ class MoLoraModel(BaseTuner):
             merge=False, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
         self._remove_hooks()
+        model._modules.pop(milora.CONTAINER, None)  # MiLoRA module mode's decoder-layer routers
         return model
 
     # -- mixed-adapter batches --------------------------------------------------------------------------------------

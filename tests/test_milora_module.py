@@ -43,7 +43,7 @@ def module_model(seed: int = 0, **overrides):
 
 
 def layer_routers(model, adapter: str = "default") -> list[PromptRouter]:
-    return list(model.base_model.molora_milora[adapter].values())
+    return list(model.get_base_model().molora_milora[adapter].values())
 
 
 def padded(prompts: list[list[int]], side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,7 +188,7 @@ def test_training_loss_gradients_statistics_and_trainable_parameters():
     out.loss.backward()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     routers = {n for n in trainable if "molora_milora" in n}
-    assert routers == {f"base_model.molora_milora.default.model_layers_{i}.weight" for i in range(2)}
+    assert routers == {f"base_model.model.molora_milora.default.model_layers_{i}.weight" for i in range(2)}
     # one router per decoder layer of width hidden_size over its 7 modules; no per-projection routers
     assert all(p.shape == (7, 64) for n, p in model.named_parameters() if n in routers)
     assert not any("molora_router" in n for n in trainable)
@@ -250,7 +250,8 @@ def test_save_load_roundtrip_two_adapters_and_delete(tmp_path):
         expected = model(input_ids=ids, attention_mask=mask).logits
     model.save_pretrained(tmp_path)
     keys = set(load_file(tmp_path / "adapter_model.safetensors"))
-    assert {k for k in keys if "milora" in k} == {f"base_model.molora_milora.model_layers_{i}.weight" for i in (0, 1)}
+    expected_keys = {f"base_model.model.molora_milora.model_layers_{i}.weight" for i in (0, 1)}
+    assert {k for k in keys if "milora" in k} == expected_keys
 
     loaded = PeftModel.from_pretrained(make_llama(0), tmp_path)
     assert not any(p.requires_grad for p in loaded.parameters())
@@ -259,7 +260,7 @@ def test_save_load_roundtrip_two_adapters_and_delete(tmp_path):
 
     # a second adapter (loaded under another name) has its own layer routers; switching adapters switches them
     loaded.load_adapter(tmp_path, adapter_name="other", is_trainable=True)
-    base = loaded.base_model
+    base = loaded.get_base_model()
     assert set(base.molora_milora) == {"default", "other"}
     with torch.no_grad():
         for router in base.molora_milora["other"].values():
@@ -282,7 +283,7 @@ def test_mixed_adapter_batch_equals_each_sample_with_its_adapter(tmp_path):
     model.save_pretrained(tmp_path)
     model.load_adapter(tmp_path, adapter_name="other")
     with torch.no_grad():
-        for router in model.base_model.molora_milora["other"].values():
+        for router in model.get_base_model().molora_milora["other"].values():
             router.weight.neg_()
     ids, mask = padded(PROMPTS)
     names = ["default", "other", "__base__"]
@@ -309,6 +310,7 @@ def test_unload_restores_the_base_model():
     ids, mask = padded(PROMPTS)
     base = model.unload()
     assert not any(hasattr(m, "_molora_layer_key") for m in base.modules())
+    assert not hasattr(base, "molora_milora")
     with torch.no_grad():
         torch.testing.assert_close(
             base(input_ids=ids, attention_mask=mask).logits, reference(input_ids=ids, attention_mask=mask).logits
@@ -379,7 +381,21 @@ def test_attention_pooling_query_of_the_layer_routers_round_trips(tmp_path):
         expected = model(input_ids=ids, attention_mask=mask).logits
     model.save_pretrained(tmp_path)
     keys = set(load_file(tmp_path / "adapter_model.safetensors"))
-    assert {f"base_model.molora_milora.model_layers_{i}.pool_query" for i in (0, 1)} <= keys
+    assert {f"base_model.model.molora_milora.model_layers_{i}.pool_query" for i in (0, 1)} <= keys
     loaded = PeftModel.from_pretrained(make_llama(0), tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits, expected)
+
+
+def test_inject_adapter_in_model_keeps_the_layer_routers_in_the_model():
+    from peft import get_peft_model_state_dict, inject_adapter_in_model
+
+    model = inject_adapter_in_model(module_config(), make_llama(0))
+    assert {n for n, p in model.named_parameters() if "molora_milora" in n and p.requires_grad} == {
+        f"molora_milora.default.model_layers_{i}.weight" for i in (0, 1)
+    }
+    saved = get_peft_model_state_dict(model)
+    assert {k for k in saved if "milora" in k} == {f"molora_milora.model_layers_{i}.weight" for i in (0, 1)}
+    ids, mask = padded(PROMPTS)
+    model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "molora_milora" in n)

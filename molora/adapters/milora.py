@@ -17,9 +17,9 @@ Expert ``m`` of a layer's router is the ``m``-th adapted projection of that laye
 with the default targets: q, k, v, o, gate, up, down); ``routers[...].module_names`` lists them, and
 ``get_routing_stats()`` reports each decoder layer under its module name (e.g. ``"model.layers.3"``).
 
-Where things live: the layer routers are model-level containers on the tuner (``MoLoraModel.molora_milora[adapter]
-[layer key]``, like VeRA's shared matrices), so PEFT saves and loads them with the adapter; the file holds
-``base_model.molora_milora.model_layers_3.weight`` (``MoLoraModel._remove_adapter_name_from_key`` maps the names).
+Where things live: the layer routers are in the wrapped model, ``model.molora_milora[adapter][layer key]``, so they
+move, copy and train with it; ``MoLoraModel``'s state-dict hooks save and load them with the adapter (the file holds
+``base_model.model.molora_milora.model_layers_3.weight``).
 Hooks publish each decoder layer's input to the runtime while the layer runs (:func:`install_layer_hooks`); the
 first adapted projection of the layer that runs computes the decision (and records the router's losses and
 statistics on its own output), the others read it. Activation checkpointing recomputes the decision with the layer.
@@ -55,7 +55,7 @@ class MiloraSlot:
     router: PromptRouter
 
 
-#: the tuner attribute holding the decoder-layer routers: ``molora_milora[adapter][container_key(layer)]``
+#: the wrapped model's attribute holding the decoder-layer routers: ``molora_milora[adapter][container_key(layer)]``
 CONTAINER = "molora_milora"
 
 
