@@ -106,11 +106,14 @@ class _RawRouting:
     expert_index: torch.Tensor  # [N]
     weight: torch.Tensor  # [N]
     valid: torch.Tensor | None  # [T] bool, or None (every token counts)
+    # [N] bool for a routing listing all (token, expert) pairs (Routing.dense_assignments): which are assignments
+    assigned: torch.Tensor | None = None
 
     def group(self) -> tuple:
         """Records with equal keys can be stacked and reduced together."""
         valid_shape = None if self.valid is None else tuple(self.valid.shape)
-        return (tuple(self.probs.shape), self.expert_index.numel(), self.probs.device, valid_shape)
+        dense = self.assigned is not None
+        return (tuple(self.probs.shape), self.expert_index.numel(), self.probs.device, valid_shape, dense)
 
 
 @dataclass
@@ -590,6 +593,7 @@ class MoLoraRuntime:
                 routing.expert_index,
                 weight.detach() if weight.requires_grad else weight,
                 valid,
+                routing.active.reshape(-1) if routing.dense_assignments else None,
             )
         coefs, need = self._coefficients_needed(adapter_name, router)
         if not need:
@@ -795,6 +799,9 @@ def _stats_rows(raws: list[_RawRouting]) -> torch.Tensor:
         else:
             ones = torch.ones_like(weight)
             tokens = probs.new_full((n_layers,), float(n_tokens))
+        if raws[0].assigned is not None:
+            # all (token, expert) pairs were listed (a compiled variable selection): count the assignments only
+            ones = ones * torch.stack([r.assigned for r in raws]).to(ones.device, ones.dtype)
         # per layer (row), assignments and gate sums per expert
         counts = probs.new_zeros(n_layers, n_experts).scatter_add_(1, expert_index, ones)
         gate_sums = probs.new_zeros(n_layers, n_experts).scatter_add_(1, expert_index, weight)

@@ -1,10 +1,10 @@
 """Aux losses over all rows with the padding weighted 0 (``AuxInputs.row_weight``), the form ``torch.compile`` gets.
 
 Selecting the valid rows of a padded batch is a ``nonzero``: under ``torch.compile`` a graph break in every layer.
-Compiled, the routers whose losses are the built-in ones (and MoR, which weights its own) keep every row and weight
-the padding 0 instead; the losses and their gradients must be those of the valid rows. Other routers (and user
-routers that override the losses) keep selecting rows. ``torch.compiler.is_compiling`` is patched here to take the
-compiled branch eagerly; tests/test_compile.py trains such models compiled.
+Compiled, the built-in routers keep every row and weight the padding 0 instead (those with losses of their own
+weight them too); the losses and their gradients must be those of the valid rows. User routers that override the
+losses without declaring ``handles_row_weight`` keep selecting rows. ``torch.compiler.is_compiling`` is patched here
+to take the compiled branch eagerly; tests/test_compile.py trains such models compiled.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def _losses(router, x, valid, balance_type, need, compiling, monkeypatch):
     return losses, grads
 
 
-@pytest.mark.parametrize("name", ["topk", "soft", "topk_bias", "mor"])
+@pytest.mark.parametrize("name", ["topk", "soft", "topk_bias", "mor", "topp", "dynmole", "relu", "adamoe"])
 @pytest.mark.parametrize("balance_type", BALANCE_LOSS_TYPES)
 def test_weighted_rows_give_the_valid_rows_losses_and_gradients(name, balance_type, monkeypatch):
     router = _router(name)
@@ -114,7 +114,7 @@ class _MoROwnLoss(get_router_class("mor")):
     ("router", "weighted"),
     [
         *[(name, True) for name in ("topk", "soft", "topk_bias", "expert_choice", "mor", "prompt")],
-        *[(name, False) for name in ("topp", "dynmole", "relu", "adamoe")],
+        *[(name, True) for name in ("topp", "dynmole", "relu", "adamoe")],
     ],
 )
 def test_which_routers_weight_their_rows_under_compile(router, weighted, monkeypatch):
@@ -153,6 +153,23 @@ def test_mean_rows_of_per_token_vectors():
     torch.testing.assert_close(
         balancing.mean_rows(values, values, weight), balancing.mean_rows(values[_VALID], values)
     )
+
+
+@pytest.mark.parametrize("name", ["topp", "dynmole", "relu", "adamoe"])
+def test_variable_selection_lists_every_pair_when_compiling(name, monkeypatch):
+    # a selection of data-dependent size would be a nonzero (a graph break); compiled, every (token, expert) pair is
+    # listed with weight 0 off the selection: the same dense gates, selection and per-expert sums
+    router = _router(name)
+    x = torch.randn(_VALID.numel(), 6, generator=torch.Generator().manual_seed(0))
+    eager = router(x, _VALID)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    listed = router(x, _VALID)
+    assert listed.dense_assignments and not eager.dense_assignments
+    assert listed.weight.numel() == x.shape[0] * eager.num_experts
+    torch.testing.assert_close(listed.dense_gates(), eager.dense_gates())
+    assert torch.equal(listed.selected(), eager.selected())
+    sums = torch.zeros(eager.num_experts).index_add_(0, listed.expert_index, listed.weight)
+    torch.testing.assert_close(sums, torch.zeros(eager.num_experts).index_add_(0, eager.expert_index, eager.weight))
 
 
 class _Config:

@@ -46,6 +46,12 @@ class Routing:
         per_token (int or None): set when every token has exactly this many assignments, stored token-major
             (assignment ``t * per_token + j`` belongs to token ``t``), as top-k and soft routers produce; the Triton
             kernels then sum each token's rows instead of adding them atomically. ``None``: no such layout.
+        active (BoolTensor[T, E] or None): the selection as a dense mask, when the router has it at hand
+            (:meth:`selected` returns it).
+        dense_assignments (bool): the assignments are all ``T * E`` (token, expert) pairs, token-major, with weight 0
+            where ``active`` is False: how :meth:`from_dense` lists a variable selection under ``torch.compile``,
+            where the size of the real list (a ``nonzero``) would break the graph. Kernels compute the zero-weight
+            pairs (correct, wasted work off the dense path); statistics count only the active ones.
     """
 
     probs: torch.Tensor
@@ -55,6 +61,8 @@ class Routing:
     logits: torch.Tensor | None = None
     gates: torch.Tensor | None = None
     per_token: int | None = None
+    active: torch.Tensor | None = None
+    dense_assignments: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -76,8 +84,23 @@ class Routing:
         """Build a routing from dense ``gates[T, E]``: one assignment per True entry of ``active[T, E]``.
 
         For routers whose number of experts per token varies (top-p, ReLU, null experts); ``fields`` fill the
-        extra attributes of a subclass.
+        extra attributes of a subclass. Under ``torch.compile`` the assignments are all ``T * E`` pairs instead (see
+        ``dense_assignments``): the same outputs, gradients, losses and statistics without a graph break.
         """
+        if torch.compiler.is_compiling():
+            n_tokens, n_experts = gates.shape
+            return cls(
+                probs=probs,
+                token_index=repeated_arange(n_tokens, n_experts, gates.device),
+                expert_index=torch.arange(n_experts, device=gates.device).repeat(n_tokens),
+                weight=gates.masked_fill(~active, 0.0).reshape(-1),
+                logits=logits,
+                gates=gates,
+                per_token=n_experts,
+                active=active,
+                dense_assignments=True,
+                **fields,
+            )
         token_index, expert_index = active.nonzero(as_tuple=True)
         return cls(
             probs=probs,
@@ -86,6 +109,7 @@ class Routing:
             weight=gates[token_index, expert_index],
             logits=logits,
             gates=gates,
+            active=active,
             **fields,
         )
 
@@ -98,6 +122,8 @@ class Routing:
 
     def selected(self) -> torch.Tensor:
         """Return a boolean ``[T, E]`` matrix, True where a token was assigned to an expert."""
+        if self.active is not None:
+            return self.active
         sel = torch.zeros(self.num_tokens, self.num_experts, dtype=torch.bool, device=self.probs.device)
         # a device-side True: assigning the Python scalar would copy it from the host (a synchronisation on CUDA)
         return sel.index_put_((self.token_index, self.expert_index), sel.new_ones(()))

@@ -193,13 +193,17 @@ class DynMoLERouter(Router):
     def loss_coefficients(self, config) -> dict[str, float]:
         return {**super().loss_coefficients(config), "entropy": float(self.params.entropy_loss_coef)}
 
+    # aux_inputs keeps the entropy's rows as the base class keeps the others (see Router.weighted_aux_rows)
+    handles_row_weight = True
+
     def aux_inputs(self, routing: Routing, valid: torch.Tensor | None) -> balancing.AuxInputs:
         inputs = super().aux_inputs(routing, valid)
         if self.params.entropy_loss_coef > 0:
             entropy = getattr(routing, "entropy", None)
             if entropy is None:
                 entropy = self.normalized_entropy(routing.probs)
-            inputs.extra["entropy"] = balancing.take_valid(entropy, valid)
+            weighted = inputs.row_weight is not None
+            inputs.extra["entropy"] = entropy if weighted else balancing.take_valid(entropy, valid)
         return inputs
 
 

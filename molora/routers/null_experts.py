@@ -109,6 +109,9 @@ class AdaMoERouter(Router):
             full_selected=full_selected,
         )
 
+    # aux_inputs gives the built-in losses either form of rows (see Router.weighted_aux_rows)
+    handles_row_weight = True
+
     def aux_inputs(self, routing: Routing, valid: torch.Tensor | None) -> balancing.AuxInputs:
         """The loss inputs over all ``n + m`` experts, null-expert assignments shared evenly among the nulls."""
         if not isinstance(routing, NullExpertRouting):
@@ -119,5 +122,10 @@ class AdaMoERouter(Router):
         selected = torch.cat([selected[:, :n], null_share], dim=-1)
         gates = torch.cat([routing.dense_gates(), routing.gates.new_zeros(routing.num_tokens, m)], dim=-1)
         probs, logits = routing.full_probs, routing.full_logits
+        if self.weighted_aux_rows() and valid is not None:
+            weight = valid.reshape(-1).to(device=probs.device, dtype=probs.dtype)
+            return balancing.AuxInputs(
+                probs=probs, gates=gates, selected=selected, logits=logits, top_k=self.top_k, row_weight=weight
+            )
         probs, logits, gates, selected = (balancing.take_valid(t, valid) for t in (probs, logits, gates, selected))
         return balancing.AuxInputs(probs=probs, gates=gates, selected=selected, logits=logits, top_k=self.top_k)

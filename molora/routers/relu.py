@@ -70,14 +70,20 @@ class ReLUParams(RouterParams):
 
 
 def l1_balance_loss(inputs: balancing.AuxInputs) -> torch.Tensor:
-    """``sum_e F_e * G_e`` with ``F_e = E / (k T) * active count``, ``G_e = mean gate`` over the rows of ``inputs``."""
-    gates = inputs.gates
+    """``sum_e F_e * G_e`` with ``F_e = E / (k T) * active count``, ``G_e = mean gate`` over the rows of ``inputs``
+    (the rows of weight 1 when ``inputs.row_weight`` is set)."""
+    gates, weight = inputs.gates, inputs.row_weight
     n_tokens, n_experts = gates.shape
     if n_tokens == 0:
         return gates.sum() * 0.0
-    counts = inputs.selected.sum(dim=0).to(gates.dtype)
-    load = counts * (n_experts / (inputs.top_k * n_tokens))
-    return (load * gates.mean(dim=0)).sum()
+    selected = inputs.selected.to(gates.dtype)
+    if weight is None:
+        counts, n_rows = selected.sum(dim=0), n_tokens
+    else:
+        counts = (selected * weight.to(gates.dtype).unsqueeze(1)).sum(dim=0)
+        n_rows = weight.sum().clamp_min(1.0).to(gates.dtype)
+    load = counts * n_experts / (inputs.top_k * n_rows)
+    return (load * balancing.row_mean(gates, weight)).sum()
 
 
 @register_router("relu")
@@ -124,12 +130,14 @@ class ReLURouter(Router):
     ) -> Routing:
         routing = super().forward(x, valid, context)
         if self.training:
+            # from the dense selection (the assignment list holds every pair under torch.compile)
+            selected = routing.selected()
             if valid is None:
-                device = routing.weight.device
-                active = torch.tensor(float(routing.token_index.numel()), device=device)
-                n_tokens = torch.tensor(float(routing.num_tokens), device=device)
+                active = selected.sum().float()
+                n_tokens = torch.tensor(float(routing.num_tokens), device=selected.device)
             else:
-                active = valid[routing.token_index].sum().float()
+                valid = valid.to(selected.device)
+                active = (selected & valid.unsqueeze(1)).sum().float()
                 n_tokens = valid.sum().float()
             observed = torch.stack([active, n_tokens * self.num_experts])
             self._activity.add(observed, context.forward_id if context is not None else None)
@@ -140,6 +148,9 @@ class ReLURouter(Router):
     def loss_coefficients(self, config: Any) -> dict[str, float]:
         """The config's ``balance`` / ``z`` coefficients plus ``l1`` = the current adaptive ``lambda``."""
         return {**super().loss_coefficients(config), "l1": self._l1_coef_value}
+
+    # l1_balance_loss weights the rows like the base losses (see Router.weighted_aux_rows)
+    handles_row_weight = True
 
     @staticmethod
     def aux_losses(

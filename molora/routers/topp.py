@@ -159,6 +159,9 @@ class TopPRouter(Router):
     def loss_coefficients(self, config) -> dict[str, float]:
         return {**super().loss_coefficients(config), "entropy": float(self.params.entropy_loss_coef)}
 
+    # the entropy below is computed from the rows the base class kept, in either form (see Router.weighted_aux_rows)
+    handles_row_weight = True
+
     def aux_inputs(self, routing: Routing, valid: torch.Tensor | None) -> balancing.AuxInputs:
         inputs = super().aux_inputs(routing, valid)
         if self.params.entropy_loss_coef > 0:
