@@ -35,3 +35,16 @@ def test_readme_usage_snippet_runs():
     torch.manual_seed(0)
     exec(compile(snippet, "README.md", "exec"), namespace)  # noqa: S102 - the snippet is ours
     assert namespace["out"].loss.requires_grad
+
+
+def test_milora_benchmark_script_prints_its_table(capsys):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import bench_milora
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    bench_milora.main(["--width", "64", "--layers", "1", "--repeats", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| train", "| generate"))]
+    assert len(rows) == 2 * 3  # 3 candidates for each of the two benchmarks
+    assert all(float(row.split("|")[-2]) > 0 for row in rows)
+    assert [row.split("|")[-2].strip() for row in rows[::3]] == ["1.00", "1.00"]  # the LoRA baseline
