@@ -50,6 +50,27 @@ def make_gpt2(seed: int = 0) -> GPT2LMHeadModel:
 MODEL_FACTORIES = {"llama": make_llama, "gpt2": make_gpt2}
 
 
+def padded(prompts: list[list[int]], side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists as one batch padded with 0 on ``side``: ``(input_ids, attention_mask)``."""
+    width = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        cols = slice(width - len(p), width) if side == "left" else slice(0, len(p))
+        ids[i, cols] = torch.tensor(p)
+        mask[i, cols] = 1
+    return ids, mask
+
+
+def greedy(model, ids, mask, n=6, **kwargs):
+    """The ``n`` tokens greedy ``generate`` appends to ``ids``."""
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0, **kwargs
+        )
+    return out[:, ids.shape[1] :]
+
+
 @pytest.fixture
 def batch() -> dict[str, torch.Tensor]:
     """Two sequences of 12 tokens, the first left-padded by 4."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_llama
+from conftest import greedy, make_llama, padded
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -44,25 +44,6 @@ def module_model(seed: int = 0, **overrides):
 
 def layer_routers(model, adapter: str = "default") -> list[PromptRouter]:
     return list(model.get_base_model().molora_milora[adapter].values())
-
-
-def padded(prompts: list[list[int]], side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, prompts))
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        cols = slice(width - len(p), width) if side == "left" else slice(0, len(p))
-        ids[i, cols] = torch.tensor(p)
-        mask[i, cols] = 1
-    return ids, mask
-
-
-def greedy(model, ids, mask, n=6, **kwargs):
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0, **kwargs
-        )
-    return out[:, ids.shape[1] :]
 
 
 class CountShrinks(TorchDispatchMode):

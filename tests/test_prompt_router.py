@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_llama
+from conftest import greedy, make_llama, padded
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
@@ -171,27 +171,8 @@ def routers_of(model) -> list[PromptRouter]:
     return [m.molora_router["default"] for m in model.modules() if isinstance(m, MoLoraLayer)]
 
 
-def padded(prompts: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, prompts))
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        cols = slice(width - len(p), width) if side == "left" else slice(0, len(p))
-        ids[i, cols] = torch.tensor(p)
-        mask[i, cols] = 1
-    return ids, mask
-
-
 def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp_min(0)
-
-
-def greedy(model, ids, mask, n=6, **kwargs):
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0, **kwargs
-        )
-    return out[:, ids.shape[1] :]
 
 
 def test_generate_with_cache_equals_recomputing_the_prompt_decision_every_step():
