@@ -237,6 +237,34 @@ def test_model_card_describes_the_adapter(tmp_path):
         assert expected in text, expected
 
 
+def test_model_card_of_milora_module_mode(tmp_path):
+    config = MoLoraConfig(
+        r=2, num_experts=1, top_k=3, router="prompt", router_kwargs={"milora_mode": "module"}, task_type="CAUSAL_LM"
+    )
+    model = get_peft_model(make_llama(), config)
+    model.save_pretrained(tmp_path / "adapter")
+    (tmp_path / "adapter" / "routing_stats.json").write_text(
+        json.dumps(
+            {
+                f"model.layers.{i}": {
+                    "tokens": 10,
+                    "load": [0.2] * 3 + [0.1] * 4,
+                    "normalized_entropy": 0.9,
+                    "experts_per_token": 3.0,
+                    "max_violation": 0.4,
+                }
+                for i in (0, 1)
+            }
+        )
+    )
+    text = card.model_card(tmp_path / "adapter", "me/milora")
+    assert "a router per decoder layer picks a few of the layer's projections" in text
+    assert (
+        "| experts | the adapted projections of each decoder layer, one LoRA each (MiLoRA module mode), rank 2" in text
+    )
+    assert "| routed decoder layers | 2 |" in text
+
+
 def test_push_uploads_card_and_adapter_only_the_network_is_replaced(tmp_path, monkeypatch):
     from huggingface_hub import HfApi
 

@@ -83,15 +83,26 @@ def summarize_stats(stats: dict[str, Any] | None) -> dict[str, Any] | None:
     }
 
 
+def _module_mode(cfg: dict[str, Any]) -> bool:
+    """Whether a saved ``adapter_config.json`` is MiLoRA's module mode (a router per decoder layer)."""
+    return (cfg.get("router_kwargs") or {}).get("milora_mode") == "module"
+
+
 def config_summary(info: dict[str, Any]) -> list[tuple[str, str]]:
     """``(field, value)`` rows describing the adapter (what ``molora inspect`` prints first)."""
     cfg = info["config"]
     targets = cfg.get("target_modules")
     targets = ", ".join(sorted(targets)) if isinstance(targets, list) else str(targets)
+    if _module_mode(cfg):
+        experts = (
+            f"the adapted projections of each decoder layer, one LoRA each (MiLoRA module mode), rank {cfg.get('r')}"
+        )
+    else:
+        experts = f"{cfg.get('num_experts')} per projection, rank {cfg.get('r')}"
     rows = [
         ("base model", base_model_name(info)),
         ("method", f"MoLoRA ({cfg.get('peft_type')}): mixture of LoRA experts"),
-        ("experts", f"{cfg.get('num_experts')} per projection, rank {cfg.get('r')}, alpha {cfg.get('lora_alpha')}"),
+        ("experts", f"{experts}, alpha {cfg.get('lora_alpha')}"),
         ("router", f"{cfg.get('router')} (top_k={cfg.get('top_k')}) {cfg.get('router_kwargs') or ''}".rstrip()),
         (
             "aux losses",
@@ -104,7 +115,7 @@ def config_summary(info: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("training data", training_data_name(info)))
     summary = summarize_stats(info["stats"])
     if summary:
-        rows.append(("adapted layers", str(summary["layers"])))
+        rows.append(("routed decoder layers" if _module_mode(cfg) else "adapted layers", str(summary["layers"])))
         rows.append(("router entropy", f"{summary['mean_normalized_entropy']:.3f} (mean normalised, 1 = uniform)"))
         rows.append(
             (
@@ -149,8 +160,13 @@ def model_card(adapter_dir: str | Path, repo_id: str | None = None) -> str:
         f"# {repo.split('/')[-1]}",
         "",
         f"A **MoLoRA** (mixture-of-LoRA-experts) adapter for `{base}`, trained with TRL's `SFTTrainer` by "
-        "molora. Every adapted projection holds a bank of LoRA experts and a "
-        "router that mixes a few of them per token.",
+        + (
+            "molora. Every adapted projection holds one LoRA, and a router per decoder layer picks a few of the "
+            "layer's projections for each sequence from its prompt (MiLoRA)."
+            if _module_mode(cfg)
+            else "molora. Every adapted projection holds a bank of LoRA experts and a router that mixes a few of them "
+            "per token."
+        ),
         "",
         "## Adapter",
         "",
