@@ -133,6 +133,8 @@ class _CachedDecision:
     length: int | None  # tokens in the KV cache right after the prefill (None when unknown)
     # module mode (molora.adapters.milora): which modules some sequence selected, read back once per prefill
     active: list[bool] | None = None
+    # the token-level routing of a one-token decode step (the same for every such step after this prefill)
+    one_token: PromptRouting | None = None
 
 
 @register_router("prompt")
@@ -188,6 +190,11 @@ class PromptRouter(Router):
         if context is not None and context.is_decode:
             cached = self._read_cache(batch, context)
             sequence, routed = cached.sequence, cached.routed
+            if seq == 1 and not torch.compiler.is_compiling():
+                # every one-token decode step routes the same way: build its token-level routing once per prefill
+                if cached.one_token is None:
+                    cached.one_token = broadcast_to_tokens(sequence, routed, 1)
+                return cached.one_token
         else:
             valid_bs = valid.reshape(batch, seq) if valid is not None else None
             prompt = prompt_positions(context, batch, seq, x.device, valid_bs)
