@@ -380,3 +380,22 @@ def test_inject_adapter_in_model_keeps_the_layer_routers_in_the_model():
     ids, mask = padded(PROMPTS)
     model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if "molora_milora" in n)
+
+
+def test_compiled_generation_gives_eager_tokens_without_graph_breaks():
+    # compiling the base model's forward, as transformers documents for generate (the LoRAs of unselected modules
+    # then run with gate 0 instead of being skipped: the same tokens)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = module_model()
+    ids, mask = padded(PROMPTS)
+    expected = greedy(model, ids, mask)
+    base = model.get_base_model()
+    base.forward = torch.compile(base.forward, backend="eager")
+    try:
+        for _ in range(2):
+            assert torch.equal(greedy(model, ids, mask), expected)
+        assert not torch._dynamo.utils.counters["graph_break"]
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3
+    finally:
+        torch._dynamo.reset()
