@@ -255,9 +255,16 @@ def module_selected(router: PromptRouter, decision: PromptRouting, index: int) -
 def module_delta(layer: MoLoraLayer, x: torch.Tensor, adapter_name: str, slot: MiloraSlot) -> torch.Tensor | None:
     """``gamma * scaling * B A dropout(x)`` of one projection in module mode, laid out like the base output;
     ``None`` when, without autograd, no sequence of the batch selected this module (its LoRA is skipped)."""
+    skipping = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    if skipping:
+        # the layer's decision is usually made already (by its first projection): an unselected module returns
+        # before any work on its input
+        made = layer._molora_runtime.milora_decisions.get((slot.layer_key, adapter_name))
+        if made is not None and not module_selected(slot.router, made, slot.index):
+            return None
     x_flat, lead_shape, valid, _, weight_A, weight_B, _ = layer._prepare(x, adapter_name)
     decision, computed = layer_decision(layer, adapter_name, slot, lead_shape, valid)
-    if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+    if skipping:
         if not module_selected(slot.router, decision, slot.index):
             if computed:
                 layer._molora_runtime.record(slot.layer_key, adapter_name, slot.router, decision, valid, x_flat)
