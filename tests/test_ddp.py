@@ -106,3 +106,49 @@ def test_two_process_cpu_ddp_keeps_balancing_biases_identical(tmp_path):
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name  # loads were summed over both processes
     assert any(b.abs().sum() > 0 for b in rank0.values())  # and the biases did move
+
+
+MODULE_SCRIPT = """
+import sys, torch
+from accelerate import Accelerator
+from peft import get_peft_model
+sys.path.insert(0, {tests!r})
+from conftest import make_llama
+import molora
+
+accelerator = Accelerator(cpu=True)
+config = molora.MoLoraConfig(r=4, num_experts=1, top_k=3, router="prompt", router_kwargs={{"milora_mode": "module"}})
+model = get_peft_model(make_llama(), config)
+start = {{n: p.detach().clone() for n, p in model.named_parameters() if "molora_milora" in n}}
+optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+model, optimizer = accelerator.prepare(model, optimizer)
+for step in range(3):
+    gen = torch.Generator().manual_seed(100 * step + accelerator.process_index)  # different data per process
+    ids = torch.randint(3, 90, (2, 12), generator=gen)
+    accelerator.backward(model(input_ids=ids, labels=ids).loss)
+    optimizer.step()
+    optimizer.zero_grad()
+routers = {{n: p.detach() for n, p in accelerator.unwrap_model(model).named_parameters() if "molora_milora" in n}}
+torch.save((start, routers), {out!r}.format(accelerator.process_index))
+"""
+
+
+@pytest.mark.skipif(not ACCELERATE.exists() and shutil.which("accelerate") is None, reason="needs accelerate")
+def test_two_process_cpu_ddp_trains_milora_module_mode_routers_in_sync(tmp_path):
+    # the decoder-layer routers of MiLoRA's module mode live in the model: DDP averages their gradients (and every
+    # module's LoRA takes part in the graph, gate 0 or not, so DDP finds no unused parameter)
+    import torch
+
+    script = tmp_path / "module.py"
+    script.write_text(MODULE_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path / "routers{}.pt")))
+    launcher = [str(ACCELERATE)] if ACCELERATE.exists() else ["accelerate"]
+    cmd = launcher + ["launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision"]
+    cmd += ["no", "--dynamo_backend", "no", str(script)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (start, rank0), (_, rank1) = torch.load(tmp_path / "routers0.pt"), torch.load(tmp_path / "routers1.pt")
+    assert rank0.keys() == rank1.keys() and len(rank0) == 2
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+        assert not torch.equal(rank0[name], start[name]), name  # they trained
