@@ -172,6 +172,25 @@ def test_variable_selection_lists_every_pair_when_compiling(name, monkeypatch):
     torch.testing.assert_close(sums, torch.zeros(eager.num_experts).index_add_(0, eager.expert_index, eager.weight))
 
 
+@pytest.mark.parametrize("capacity_factor", [2.0, 0.3])
+def test_expert_choice_static_selection_equals_eager(capacity_factor, monkeypatch):
+    # compiled, expert choice does not read the number of real tokens back: the same choice in static shapes,
+    # including the token-choice fallback of a group with at most one real token
+    cls = get_router_class("expert_choice")
+    torch.manual_seed(3)
+    router = cls(6, 4, 2, params=cls.Params(capacity_factor=capacity_factor))
+    x = torch.randn(_VALID.numel(), 6, generator=torch.Generator().manual_seed(0))
+    one = torch.zeros_like(_VALID).index_fill(0, torch.tensor([4]), True)
+    for valid in (_VALID, one, torch.zeros_like(_VALID)):
+        eager = router.select(router.scores(x), valid)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        static = router.select(router.scores(x), valid)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+        assert static.dense_assignments and not eager.dense_assignments
+        assert torch.equal(static.selected(), eager.selected())
+        torch.testing.assert_close(static.dense_gates(), eager.dense_gates())
+
+
 class _Config:
     # the loss coefficients the routers read: every loss on
     aux_loss_coef = 0.01

@@ -89,6 +89,8 @@ class ExpertChoiceRouter(Router):
         return min(k_c, num_tokens)
 
     def select(self, logits: torch.Tensor, valid: torch.Tensor | None) -> Routing:
+        if valid is not None and torch.compiler.is_compiling():
+            return self._select_static(logits, valid)
         probs = torch.softmax(logits, dim=-1)  # [T, E]
         n_tokens, n_experts = probs.shape
         # the capacity depends on the number of real tokens: counted from the padding mask's row index, which every
@@ -109,3 +111,27 @@ class ExpertChoiceRouter(Router):
             weight=probs[token_index, expert_index],
             logits=logits,
         )
+
+    def _select_static(self, logits: torch.Tensor, valid: torch.Tensor) -> Routing:
+        """:meth:`select` with a padding mask, in shapes that do not depend on the number of real tokens (for
+        ``torch.compile``, where that number, a host read-back, would break the graph): every expert takes the top
+        ``capacity(T)`` tokens and keeps the first ``k_c``, and the single-token fallback is chosen with ``where``.
+        The same gates and selection as :meth:`select`, listed as every (token, expert) pair (``from_dense``)."""
+        probs = torch.softmax(logits, dim=-1)  # [T, E]
+        n_tokens, n_experts = probs.shape
+        valid = valid.reshape(-1).to(probs.device)
+        n_valid = valid.sum()
+        # capacity(n_valid) as a tensor, in float64 like the Python arithmetic of capacity()
+        k_c = torch.floor(n_valid.double() * self.params.capacity_factor / n_experts + 1e-9).clamp_min(1)
+        k_c = torch.minimum(k_c, n_valid.double())
+        bound = self.capacity(n_tokens)  # >= k_c: capacity grows with the number of tokens
+        by_expert = probs.detach().t().masked_fill(~valid.unsqueeze(0), -1.0)
+        top = by_expert.topk(bound, dim=-1).indices  # [E, bound], best first
+        keep = torch.arange(bound, device=probs.device).unsqueeze(0) < k_c  # [1, bound]
+        chosen = torch.zeros(n_experts, n_tokens, dtype=torch.bool, device=probs.device)
+        chosen = chosen.scatter(1, top, keep.expand(n_experts, bound)).t()  # [T, E]
+        fallback = self.token_choice(logits)
+        use_fallback = n_valid <= 1
+        active = torch.where(use_fallback, fallback.selected(), chosen)
+        gates = torch.where(use_fallback, fallback.dense_gates(), probs * chosen)
+        return Routing.from_dense(probs, gates, active, logits=logits)
