@@ -61,6 +61,17 @@ def test_two_process_cpu_ddp_reduces_routing_stats(tmp_path):
     assert tokens == {int(num_tokens)}
 
 
+def _launch_two_processes(script: Path, template: str, out: str) -> None:
+    """Run ``template`` (formatted with the tests folder and ``out``) as a script on two CPU processes (gloo)."""
+    script.write_text(template.format(tests=str(Path(__file__).parent), out=out))
+    launcher = [str(ACCELERATE)] if ACCELERATE.exists() else ["accelerate"]
+    cmd = launcher + ["launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision"]
+    cmd += ["no", "--dynamo_backend", "no", str(script)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
 BIAS_SCRIPT = """
 import sys, torch
 from accelerate import Accelerator
@@ -93,14 +104,7 @@ torch.save(biases, {out!r}.format(rank))
 def test_two_process_cpu_ddp_keeps_balancing_biases_identical(tmp_path):
     import torch
 
-    script = tmp_path / "bias.py"
-    script.write_text(BIAS_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path / "bias{}.pt")))
-    launcher = [str(ACCELERATE)] if ACCELERATE.exists() else ["accelerate"]
-    cmd = launcher + ["launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision"]
-    cmd += ["no", "--dynamo_backend", "no", str(script)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    _launch_two_processes(tmp_path / "bias.py", BIAS_SCRIPT, str(tmp_path / "bias{}.pt"))
     rank0, rank1 = torch.load(tmp_path / "bias0.pt"), torch.load(tmp_path / "bias1.pt")
     assert rank0.keys() == rank1.keys() and len(rank0) == 14
     for name in rank0:
@@ -139,14 +143,7 @@ def test_two_process_cpu_ddp_trains_milora_module_mode_routers_in_sync(tmp_path)
     # module's LoRA takes part in the graph, gate 0 or not, so DDP finds no unused parameter)
     import torch
 
-    script = tmp_path / "module.py"
-    script.write_text(MODULE_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path / "routers{}.pt")))
-    launcher = [str(ACCELERATE)] if ACCELERATE.exists() else ["accelerate"]
-    cmd = launcher + ["launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision"]
-    cmd += ["no", "--dynamo_backend", "no", str(script)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    _launch_two_processes(tmp_path / "module.py", MODULE_SCRIPT, str(tmp_path / "routers{}.pt"))
     (start, rank0), (_, rank1) = torch.load(tmp_path / "routers0.pt"), torch.load(tmp_path / "routers1.pt")
     assert rank0.keys() == rank1.keys() and len(rank0) == 2
     for name in rank0:
