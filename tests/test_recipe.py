@@ -59,7 +59,6 @@ def test_defaults_and_overrides(tmp_path):
         ({"evall": {}}, "Unknown key 'evall' in section '<top level>'; did you mean 'eval'"),
         ({"model": {"dtype": "fp8"}}, "model.dtype='fp8' is not supported"),
         ({"model": {"quantization": "3bit"}}, "model.quantization='3bit'"),
-        ({"model": {"name_or_path": "x", "gguf_file": "x.gguf", "quantization": "4bit"}}, "cannot be combined"),
         ({"data": {"format": "xml"}}, "data.format='xml'"),
         ({"data": {"train": "a.jsonl"}, "eval": {"after": True}}, "need held-out data"),
         ({"adapter": {"top_k": 3, "num_experts": 2}}, "adapter: `top_k`=3 must be <= num_experts=2"),

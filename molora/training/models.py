@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -96,15 +100,68 @@ def _load_error(what: str, source: Any, err: OSError) -> RecipeError:
     )
 
 
+def dequantized_checkpoint(cfg: dict[str, Any]) -> str:
+    """A safetensors copy (fp32) of the local GGUF model of ``cfg``, made once and cached; returns its folder.
+
+    bitsandbytes quantizes ``nn.Linear`` weights as they load from a transformers checkpoint, which a GGUF file is
+    not: QLoRA on a GGUF model (the default one) loads it through this copy. The cache lives in ``$MOLORA_CACHE`` (or
+    ``~/.cache/molora``), one folder per GGUF file, size and modification time; it is written to a temporary folder
+    and renamed, so an interrupted conversion leaves nothing behind.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    gguf = Path(str(cfg["name_or_path"])).expanduser() / str(cfg["gguf_file"])
+    if not gguf.is_file():
+        raise RecipeError(
+            f"model.quantization with a GGUF model needs the file locally; {str(gguf)!r} does not exist (point "
+            "model.name_or_path at its folder, or at a safetensors checkpoint)."
+        )
+    stat = gguf.stat()
+    root = Path(os.environ.get("MOLORA_CACHE") or Path.home() / ".cache" / "molora")
+    target = root / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    if (target / "config.json").is_file():
+        return str(target)
+    root.mkdir(parents=True, exist_ok=True)
+    print(f"molora: converting {gguf.name} once to a safetensors copy for bitsandbytes: {target}", file=sys.stderr)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent,
+        gguf_file=gguf.name,
+        dtype=torch.float32,
+        trust_remote_code=bool(cfg.get("trust_remote_code")),
+    )
+    _drop_gguf_quantizer(model)
+    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=root))
+    try:
+        model.save_pretrained(staging)
+        if not (target / "config.json").is_file():  # another process may have finished first
+            os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return str(target)
+
+
+def _drop_gguf_quantizer(model) -> None:
+    # GGUF weights are dequantized to `dtype` on load, but transformers keeps the GGUF "quantizer" on the model and
+    # Trainer then refuses to train ("quantization method does not support training"): drop the marker
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+
+
 def load_base_model(cfg: dict[str, Any], device_map: Any = None):
-    """The base causal LM of a resolved ``model`` section, quantized with bitsandbytes when asked (QLoRA)."""
+    """The base causal LM of a resolved ``model`` section, quantized with bitsandbytes when asked (QLoRA; a GGUF
+    model, like the default one, through :func:`dequantized_checkpoint`)."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quant = cfg.get("quantization")
     kwargs: dict[str, Any] = {"trust_remote_code": bool(cfg.get("trust_remote_code"))}
     kwargs["dtype"] = _dtype(cfg.get("dtype"), bool(quant))
-    if cfg.get("gguf_file"):
+    source = cfg["name_or_path"]
+    if cfg.get("gguf_file") and quant:
+        source = dequantized_checkpoint(cfg)
+    elif cfg.get("gguf_file"):
         kwargs["gguf_file"] = cfg["gguf_file"]
     if cfg.get("revision"):
         kwargs["revision"] = cfg["revision"]
@@ -123,15 +180,11 @@ def load_base_model(cfg: dict[str, Any], device_map: Any = None):
     if quant:
         kwargs["device_map"] = device_map or ("cpu" if not torch.cuda.is_available() else None)
     try:
-        model = AutoModelForCausalLM.from_pretrained(cfg["name_or_path"], **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as err:
-        raise _load_error("model", cfg["name_or_path"], err) from err
-    if cfg.get("gguf_file"):
-        # GGUF weights are dequantized to `dtype` on load, but transformers keeps the GGUF "quantizer" on the model
-        # and Trainer then refuses to train ("quantization method does not support training"): drop the marker
-        quantizer = getattr(model, "hf_quantizer", None)
-        if quantizer is not None:
-            quantizer.remove_quantization_config(model)
+        raise _load_error("model", source, err) from err
+    if "gguf_file" in kwargs:
+        _drop_gguf_quantizer(model)
     return model
 
 

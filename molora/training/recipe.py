@@ -195,16 +195,6 @@ def validate(recipe: dict) -> dict[str, dict[str, Any]]:
         raise RecipeError(
             f"model.quantization={model['quantization']!r} is not supported; allowed values: {list(QUANTIZATIONS)}."
         )
-    if model["quantization"] and model["gguf_file"]:
-        raise RecipeError(
-            "model.quantization cannot be combined with a GGUF model (model.gguf_file, or the default model, which "
-            "is GGUF): GGUF weights are dequantized on load. Give model.name_or_path of a safetensors checkpoint."
-        )
-    if model["quantization"] and model["name_or_path"] is None:
-        raise RecipeError(
-            "model.quantization needs model.name_or_path: the default model ships as GGUF, which bitsandbytes "
-            "cannot quantize. Set model.name_or_path to a transformers checkpoint (local folder or hub id)."
-        )
     if data["format"] not in FORMATS:
         raise RecipeError(f"data.format={data['format']!r} is not supported; allowed values: {list(FORMATS)}.")
     for key in ("max_examples", "max_eval_examples", "max_per_task"):
