@@ -105,12 +105,32 @@ class AuxInputs:
     ) -> AuxInputs:
         """The inputs of ``routing``'s valid rows, or with ``weighted=True`` all its rows and ``row_weight`` from
         ``valid``."""
-        probs, gates, selected, logits = routing.probs, routing.dense_gates(), routing.selected(), routing.logits
+        return cls.from_rows(
+            routing.probs, routing.dense_gates(), routing.selected(), routing.logits, valid, top_k, weighted
+        )
+
+    @classmethod
+    def from_rows(
+        cls,
+        probs: torch.Tensor,
+        gates: torch.Tensor,
+        selected: torch.Tensor,
+        logits: torch.Tensor | None,
+        valid: torch.Tensor | None,
+        top_k: int,
+        weighted: bool = False,
+    ) -> AuxInputs:
+        """:meth:`from_routing` for loss inputs a router assembled itself (rows ``T``, ``valid[T]``)."""
         if weighted and valid is not None:
             weight = valid.reshape(-1).to(device=probs.device, dtype=probs.dtype)
             return cls(probs=probs, gates=gates, selected=selected, logits=logits, top_k=top_k, row_weight=weight)
         probs, gates, selected, logits = (take_valid(t, valid) for t in (probs, gates, selected, logits))
         return cls(probs=probs, gates=gates, selected=selected, logits=logits, top_k=top_k)
+
+    def same_rows(self, values: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """``values[T, ...]`` restricted to the rows these inputs hold: every row when they are weighted
+        (``row_weight``), else the valid ones; for the per-token tensors a router adds to :attr:`extra`."""
+        return values if self.row_weight is not None else take_valid(values, valid)
 
     @classmethod
     def cat(cls, inputs: list[AuxInputs]) -> AuxInputs:

@@ -202,8 +202,7 @@ class DynMoLERouter(Router):
             entropy = getattr(routing, "entropy", None)
             if entropy is None:
                 entropy = self.normalized_entropy(routing.probs)
-            weighted = inputs.row_weight is not None
-            inputs.extra["entropy"] = entropy if weighted else balancing.take_valid(entropy, valid)
+            inputs.extra["entropy"] = inputs.same_rows(entropy, valid)
         return inputs
 
 

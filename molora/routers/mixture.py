@@ -148,8 +148,7 @@ class MixtureOfRoutersRouter(Router):
         for name in ("sub_logits", "main_probs"):
             value = getattr(routing, name, None)
             if value is not None:
-                # the same rows as the other inputs: all of them when they are weighted
-                inputs.extra[name] = value if inputs.row_weight is not None else balancing.take_valid(value, valid)
+                inputs.extra[name] = inputs.same_rows(value, valid)
         return inputs
 
     @staticmethod

@@ -121,11 +121,6 @@ class AdaMoERouter(Router):
         null_share = selected[:, n:].mean(dim=-1, keepdim=True).expand(-1, m)
         selected = torch.cat([selected[:, :n], null_share], dim=-1)
         gates = torch.cat([routing.dense_gates(), routing.gates.new_zeros(routing.num_tokens, m)], dim=-1)
-        probs, logits = routing.full_probs, routing.full_logits
-        if self.weighted_aux_rows() and valid is not None:
-            weight = valid.reshape(-1).to(device=probs.device, dtype=probs.dtype)
-            return balancing.AuxInputs(
-                probs=probs, gates=gates, selected=selected, logits=logits, top_k=self.top_k, row_weight=weight
-            )
-        probs, logits, gates, selected = (balancing.take_valid(t, valid) for t in (probs, logits, gates, selected))
-        return balancing.AuxInputs(probs=probs, gates=gates, selected=selected, logits=logits, top_k=self.top_k)
+        return balancing.AuxInputs.from_rows(
+            routing.full_probs, gates, selected, routing.full_logits, valid, self.top_k, self.weighted_aux_rows()
+        )

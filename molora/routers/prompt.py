@@ -253,14 +253,9 @@ class PromptRouter(Router):
         sequence has a row and those without a real token weigh 0 (``AuxInputs.row_weight``)."""
         if not isinstance(routing, PromptRouting) or routing.sequence is None:
             return super().aux_inputs(routing, valid)
-        seq, rows = routing.sequence, routing.routed
-        weight = rows.to(device=seq.probs.device, dtype=seq.probs.dtype) if self.weighted_aux_rows() else None
-        probs, gates, selected, logits = seq.probs, seq.dense_gates(), seq.selected(), seq.logits
-        if weight is None:
-            probs, gates, selected = probs[rows], gates[rows], selected[rows]
-            logits = logits[rows] if logits is not None else None
-        return balancing.AuxInputs(
-            probs=probs, gates=gates, selected=selected, logits=logits, top_k=self.top_k, row_weight=weight
+        # the sequences with a real token play the part of the valid tokens
+        return balancing.AuxInputs.from_routing(
+            routing.sequence, routing.routed, top_k=self.top_k, weighted=self.weighted_aux_rows()
         )
 
 

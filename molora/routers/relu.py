@@ -71,19 +71,14 @@ class ReLUParams(RouterParams):
 
 def l1_balance_loss(inputs: balancing.AuxInputs) -> torch.Tensor:
     """``sum_e F_e * G_e`` with ``F_e = E / (k T) * active count``, ``G_e = mean gate`` over the rows of ``inputs``
-    (the rows of weight 1 when ``inputs.row_weight`` is set)."""
-    gates, weight = inputs.gates, inputs.row_weight
+    (the rows of weight 1 when ``inputs.row_weight`` is set). ``F`` is the "mixtral" load (active count per row)
+    scaled by ``E / k``."""
+    gates = inputs.gates
     n_tokens, n_experts = gates.shape
     if n_tokens == 0:
         return gates.sum() * 0.0
-    selected = inputs.selected.to(gates.dtype)
-    if weight is None:
-        counts, n_rows = selected.sum(dim=0), n_tokens
-    else:
-        counts = (selected * weight.to(gates.dtype).unsqueeze(1)).sum(dim=0)
-        n_rows = weight.sum().clamp_min(1.0).to(gates.dtype)
-    load = counts * n_experts / (inputs.top_k * n_rows)
-    return (load * balancing.row_mean(gates, weight)).sum()
+    load = balancing.expert_load(inputs, "mixtral") * (n_experts / inputs.top_k)
+    return (load * balancing.row_mean(gates, inputs.row_weight)).sum()
 
 
 @register_router("relu")
