@@ -397,37 +397,28 @@ class MoLoraRuntime:
         if self.context.adapter_names is None and self.batch_adapter_names is not None:
             self.context.adapter_names = self.batch_adapter_names[0]
 
-    def milora_enter(self, layer_key: str) -> None:
-        """A decoder layer starts (MiLoRA module mode): forget its previous input and decisions; the first submodule
-        it calls publishes the new input (:meth:`milora_first_input`)."""
+    def milora_reset(self, layer_key: str) -> None:
+        """A decoder layer starts or returns (MiLoRA module mode): forget its input and decisions, and let the next
+        submodule it calls publish its input (:meth:`milora_first_input`): the first call of the next forward, or of
+        activation checkpointing's recompute of the layer in backward."""
         self._milora_open[layer_key] = True
         self.milora_inputs.pop(layer_key, None)
-        self._drop_milora_decisions(layer_key)
+        if self.milora_decisions:
+            for key in [key for key in self.milora_decisions if key[0] == layer_key]:
+                del self.milora_decisions[key]
 
     def milora_first_input(self, layer_key: str, hidden: Any) -> None:
-        """A submodule of a decoder layer is called: the first one after the layer started (or after it returned:
-        activation checkpointing recomputing the layer in backward) publishes the layer's input. Kept as a weak
+        """A submodule of a decoder layer is called: the first one since :meth:`milora_reset` publishes the layer's
+        input (no decision of the layer exists yet: its projections run after that call). Kept as a weak
         reference: the layer's own frame keeps the tensor alive while its projections need it, and nothing here
         keeps activations alive after the layer (or its recompute) is done."""
         if not self._milora_open.get(layer_key, False):
             return
         self._milora_open[layer_key] = False
-        self._drop_milora_decisions(layer_key)
         if isinstance(hidden, torch.Tensor):
             self.milora_inputs[layer_key] = weakref.ref(hidden)
         else:
             self.milora_inputs.pop(layer_key, None)
-
-    def milora_exit(self, layer_key: str) -> None:
-        """A decoder layer returned: drop its decisions and reopen the publication for a recompute."""
-        self._milora_open[layer_key] = True
-        self.milora_inputs.pop(layer_key, None)
-        self._drop_milora_decisions(layer_key)
-
-    def _drop_milora_decisions(self, layer_key: str) -> None:
-        if self.milora_decisions:
-            for key in [key for key in self.milora_decisions if key[0] == layer_key]:
-                del self.milora_decisions[key]
 
     @contextlib.contextmanager
     def prompt_mask(self, prompt_mask: torch.Tensor) -> Iterator[None]:

@@ -125,11 +125,11 @@ def build_layer_routers(
 
 
 def _layer_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    module._molora_runtime.milora_enter(module._molora_layer_key)
+    module._molora_runtime.milora_reset(module._molora_layer_key)
 
 
 def _layer_post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-    module._molora_runtime.milora_exit(module._molora_layer_key)
+    module._molora_runtime.milora_reset(module._molora_layer_key)
 
 
 def _child_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -159,7 +159,7 @@ def install_layer_hooks(layers: dict[str, nn.Module], runtime: Any) -> list:
             if getattr(child, "_molora_runtime", None) is None:
                 child._molora_runtime = runtime
             handles.append(child.register_forward_pre_hook(_child_pre_hook, with_kwargs=True, prepend=True))
-        runtime.milora_exit(key)  # open for the first call
+        runtime.milora_reset(key)  # open for the first call
     return handles
 
 
@@ -240,7 +240,7 @@ def module_selected(router: PromptRouter, decision: PromptRouting, index: int) -
     """Whether any sequence of the batch selected module ``index`` (inference only: a host read-back, made once per
     prefill and layer and kept with the router's cached decision for the decode steps)."""
     cached = router._cached
-    if cached is not None and getattr(cached, "active", None) is not None:
+    if cached is not None and cached.active is not None:
         return cached.active[index]
     sequence = decision.sequence
     selected = sequence.selected()
