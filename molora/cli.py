@@ -86,7 +86,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .training.card import HEATMAP_FILE, base_model_name, config_summary, read_adapter_folder
+    from .hub import HEATMAP_FILE, base_model_name, config_summary, read_adapter_folder
     from .training.report import save_heatmap
 
     info = read_adapter_folder(args.adapter_dir)
@@ -108,7 +108,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _push(args: argparse.Namespace) -> int:
-    from .training.card import files_to_push, push, write_model_card
+    from .hub import files_to_push, push, write_model_card
 
     if args.dry_run:
         write_model_card(args.adapter_dir, args.repo_id)

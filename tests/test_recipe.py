@@ -12,8 +12,8 @@ import torch
 from conftest import make_llama
 from peft import get_peft_model
 
-from molora import MoLoraConfig
-from molora.training import card, data, recipe
+from molora import MoLoraConfig, hub
+from molora.training import data, recipe
 from molora.training.logging import _all_reduce, raw_to_summary, stats_to_raw
 from molora.training.report import LAYER_ROUTER, load_grid, save_heatmap
 
@@ -221,7 +221,7 @@ def _adapter_folder(tmp_path: Path) -> Path:
 
 def test_model_card_describes_the_adapter(tmp_path):
     folder = _adapter_folder(tmp_path)
-    text = card.model_card(folder, "me/molora-test")
+    text = hub.model_card(folder, "me/molora-test")
     assert text.startswith("---\nlibrary_name: peft\n")
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in text
     for expected in (
@@ -256,7 +256,7 @@ def test_model_card_of_milora_module_mode(tmp_path):
             }
         )
     )
-    text = card.model_card(tmp_path / "adapter", "me/milora")
+    text = hub.model_card(tmp_path / "adapter", "me/milora")
     assert "a router per decoder layer picks a few of the layer's projections" in text
     assert (
         "| experts | the adapted projections of each decoder layer, one LoRA each (MiLoRA module mode), rank 2" in text
@@ -288,7 +288,7 @@ def test_push_uploads_card_and_adapter_only_the_network_is_replaced(tmp_path, mo
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-    assert card.push(folder, "me/molora-test", private=True) == "commit-info"
+    assert hub.push(folder, "me/molora-test", private=True) == "commit-info"
     assert calls["create"] == ("me/molora-test", "model", True, True)
     repo_id, repo_type, files, message = calls["upload"]
     assert repo_id == "me/molora-test" and repo_type == "model" and message == "Upload MoLoRA adapter"
@@ -303,7 +303,7 @@ def test_push_uploads_card_and_adapter_only_the_network_is_replaced(tmp_path, mo
     ]
     assert "me/molora-test" in calls["card"] and "![expert load per layer](expert_load.png)" in calls["card"]
     with pytest.raises(ValueError, match="user/name"):
-        card.push(folder, "no-slash")
+        hub.push(folder, "no-slash")
 
 
 def test_missing_default_model_says_how_to_install(monkeypatch):

@@ -159,7 +159,7 @@ def run_sft(recipe: dict[str, Any], default_output_dir: str = "runs/molora-sft",
     ``routing_stats.json``, ``molora_base_model.json``, the effective recipe (``molora_recipe.yaml``), a model card
     (``README.md``) and ``molora_results.json``.
     """
-    from .card import write_model_card
+    from ..hub import write_model_card
     from .evaluate import evaluate, format_table
     from .models import write_base_info
 

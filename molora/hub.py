@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .models import BASE_INFO_FILE, check_adapter_dir
+from .training.models import BASE_INFO_FILE, check_adapter_dir
 
 CARD_FILE = "README.md"
 HEATMAP_FILE = "expert_load.png"
@@ -270,7 +270,7 @@ def push(
     Returns:
         What ``HfApi.upload_folder`` returns (the commit info).
     """
-    from .report import save_heatmap
+    from .training.report import save_heatmap
 
     folder = check_adapter_dir(adapter_dir)
     if "/" not in repo_id or repo_id.count("/") != 1 or not all(repo_id.split("/")):
