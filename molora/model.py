@@ -374,10 +374,12 @@ class MoLoraModel(BaseTuner):
         when a custom loop adds it to its own loss, and otherwise from the layers themselves (for trainers that
         compute their own loss, like TRL's ``SFTTrainer``). It is never counted twice.
         """
+        self._check_adapter_name(adapter_name)
         return self.molora_runtime.user_aux_loss(adapter_name)
 
     def molora_aux_losses(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
         """The unweighted auxiliary losses of the last forward reduced over routers, e.g. ``{"balance", "z"}``."""
+        self._check_adapter_name(adapter_name)
         return self.molora_runtime.aux_losses(adapter_name)
 
     def get_routing_stats(self, adapter_name: str | None = None) -> dict[str, LayerRoutingStats]:
@@ -387,7 +389,15 @@ class MoLoraModel(BaseTuner):
         ``adapter_name`` is given); values are :class:`~molora.runtime.LayerRoutingStats` (expert load fractions,
         router entropy, tokens routed, experts per token). Padding tokens are never counted.
         """
+        self._check_adapter_name(adapter_name)
         return self.molora_runtime.routing_stats(adapter_name)
+
+    def _check_adapter_name(self, adapter_name: str | None) -> None:
+        if adapter_name is not None and adapter_name not in self.peft_config:
+            raise ValueError(
+                f"adapter_name={adapter_name!r} is not an adapter of this model; its adapters are "
+                f"{sorted(self.peft_config)} (or None for all of them)."
+            )
 
     def reset_routing_stats(self) -> None:
         """Forget the accumulated routing statistics."""

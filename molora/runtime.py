@@ -14,7 +14,9 @@ or log-probabilities, as TRL's ``SFTTrainer`` does, or reentrant activation chec
 without autograd) they deliver ``d(coef * loss)`` themselves, scaled like ``outputs.loss`` was when it is known.
 The built-in top-k router needs no attachment: its losses come out of the same autograd node as its gates
 (``molora.kernels.fused_router``), whose backward finds no gradient on the losses in exactly those cases and takes
-the same ``d(coef * loss)`` from :class:`_MissingAuxGrads` (one autograd node less per layer).
+the same ``d(coef * loss)`` from :class:`_MissingAuxGrads` (one autograd node less per layer). This state belongs to
+each forward (:class:`ForwardAux`), so another forward before the backward (a reference forward with the adapter
+disabled, as in TRL's ``DPOTrainer``, or two forwards entering one loss) does not change what the first delivers.
 
 Under ``torch.compile`` the layers' part is traced into the model's graph: :meth:`MoLoraRuntime.record` stores the
 statistics and losses (dict stores, which Dynamo replays) and attaches nothing, since an attachment's backward reads
@@ -191,18 +193,16 @@ class _LossProbe(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, loss, runtime, delivers):  # noqa: D102
-        ctx.runtime = runtime
+    def forward(ctx, loss, forward_aux, delivers):  # noqa: D102
+        ctx.forward_aux = forward_aux
         ctx.delivers = delivers
-        ctx.generation = runtime.generation
         return loss.view_as(loss)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        runtime = ctx.runtime
-        if ctx.generation == runtime.generation:
-            runtime.loss_grad = grad.detach()
-            runtime.aux_delivered = runtime.aux_delivered or ctx.delivers
+        state = ctx.forward_aux
+        state.loss_grad = grad.detach()
+        state.delivered = state.delivered or ctx.delivers
         return grad, None, None
 
 
@@ -212,21 +212,21 @@ class _AttachAuxGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, output, runtime, adapter_name, names, *losses):  # noqa: D102
         ctx.runtime = runtime
+        ctx.forward_aux = runtime.forward_aux
         ctx.adapter_name = adapter_name
         ctx.names = names
-        ctx.generation = runtime.generation
         ctx.shapes = [(loss.shape, loss.dtype, loss.device) for loss in losses]
         return output.view_as(output)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        runtime = ctx.runtime
-        if not runtime.aux_undelivered(ctx.generation):
+        state = ctx.forward_aux
+        if state.delivered:
             return (grad, None, None, None) + (None,) * len(ctx.names)
         if not ctx.names:
-            runtime._warn_concat_once()
+            ctx.runtime._warn_concat_once()
             return grad, None, None, None
-        grads = runtime.aux_fallback_grads(ctx.adapter_name, zip(ctx.names, ctx.shapes))
+        grads = state.fallback_grads(ctx.adapter_name, zip(ctx.names, ctx.shapes))
         return (grad, None, None, None, *grads)
 
 
@@ -240,23 +240,23 @@ class _AttachModelAuxGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, output, runtime, delivery, concat, *losses):  # noqa: D102
         ctx.runtime = runtime
+        ctx.forward_aux = runtime.forward_aux
         ctx.delivery = delivery
         ctx.concat = concat
-        ctx.generation = runtime.generation
         return output.view_as(output)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        runtime, delivery = ctx.runtime, ctx.delivery
+        state, delivery = ctx.forward_aux, ctx.delivery
         nothing = (grad, None, None, None) + (None,) * len(delivery.specs)
-        if delivery.done or not runtime.aux_undelivered(ctx.generation):
+        if delivery.done or state.delivered:
             return nothing
-        # once per forward, whichever of the wrapped outputs back-propagates first (not `runtime.aux_delivered`: the
+        # once per forward, whichever of the wrapped outputs back-propagates first (not `state.delivered`: the
         # layers that ran eagerly, past a graph break, still deliver their own routers' gradient)
         delivery.done = True
         if ctx.concat:
-            runtime._warn_concat_once()
-        grads = [runtime.aux_fallback_grads(adapter, [(name, spec)])[0] for adapter, name, spec in delivery.specs]
+            ctx.runtime._warn_concat_once()
+        grads = [state.fallback_grads(adapter, [(name, spec)])[0] for adapter, name, spec in delivery.specs]
         return (grad, None, None, None, *grads)
 
 
@@ -274,19 +274,18 @@ class _MissingAuxGrads:
     :func:`molora.kernels.fused_router.topk_gates_and_losses`): what :class:`_AttachAuxGrad` delivers, from inside the
     router's own autograd node instead of an extra identity node on the layer's output."""
 
-    __slots__ = ("runtime", "adapter_name", "generation")
+    __slots__ = ("forward_aux", "adapter_name")
 
-    def __init__(self, runtime: MoLoraRuntime, adapter_name: str) -> None:
-        self.runtime = runtime
+    def __init__(self, forward_aux: ForwardAux, adapter_name: str) -> None:
+        self.forward_aux = forward_aux
         self.adapter_name = adapter_name
-        self.generation = runtime.generation
 
     def __call__(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        runtime = self.runtime
-        if not runtime.aux_undelivered(self.generation):
+        state = self.forward_aux
+        if state.delivered:
             return None, None
         scalar = (torch.Size(), dtype, device)
-        grad_balance, grad_z = runtime.aux_fallback_grads(self.adapter_name, [("balance", scalar), ("z", scalar)])
+        grad_balance, grad_z = state.fallback_grads(self.adapter_name, [("balance", scalar), ("z", scalar)])
         return grad_balance, grad_z
 
 
@@ -320,13 +319,74 @@ class _AuxRecord:
     delivers: bool = True
 
 
+class ForwardAux:
+    """The aux-loss records of one model-level forward and the state of their gradient's delivery.
+
+    Every delivery node of a forward (:class:`_LossProbe`, :class:`_AttachAuxGrad`, :class:`_AttachModelAuxGrad`,
+    :class:`_MissingAuxGrads`) holds that forward's object, so forwards whose backward runs later keep their own
+    state: a second forward before the backward (a reference model's forward with the adapter disabled, as in TRL's
+    ``DPOTrainer``; two forwards whose outputs enter one loss; a ``no_grad`` forward or ``generate`` in between)
+    changes nothing for the first.
+
+    Attributes:
+        records: ``(layer, adapter) -> _AuxRecord`` of the forward (a recompute under activation checkpointing
+            overwrites its layer's record).
+        delivered: the aux gradient already reached the routers through ``outputs.loss`` or ``molora_aux_loss()``.
+        loss_grad: the gradient that arrived at ``outputs.loss`` (the scale of the fallback delivery), once known.
+    """
+
+    __slots__ = ("peft_config", "records", "delivered", "loss_grad", "_weights")
+
+    def __init__(self, peft_config: dict) -> None:
+        self.peft_config = peft_config
+        self.records: dict[tuple[str, str], _AuxRecord] = {}
+        self.delivered = False
+        self.loss_grad: torch.Tensor | None = None
+        self._weights: dict[str, dict[str, float]] = {}
+
+    def fallback_grads(self, adapter_name: str, specs) -> list[torch.Tensor]:
+        """``d(weight * loss)/d(loss)`` for one router's losses that received no gradient, scaled like ``outputs.loss``
+        was when that is known; ``specs`` are ``(loss name, (shape, dtype, device))`` pairs."""
+        weights = self.weights(adapter_name)
+        scale = self.loss_grad
+        grads = []
+        for name, (shape, dtype, device) in specs:
+            g = torch.full(shape, weights.get(name, 0.0), dtype=dtype, device=device)
+            if scale is not None:
+                g = g * scale.to(device=device, dtype=dtype)
+            grads.append(g)
+        return grads
+
+    def weights(self, adapter_name: str) -> dict[str, float]:
+        """Weight of one router's loss in the total: ``coef`` (sum) or ``coef / number of routers`` (mean)."""
+        if adapter_name not in self._weights:
+            self._weights[adapter_name] = self._compute_weights(adapter_name)
+        return self._weights[adapter_name]
+
+    def _compute_weights(self, adapter_name: str) -> dict[str, float]:
+        config = self.peft_config[adapter_name]
+        counts: dict[str, int] = {}
+        coefs: dict[str, float] = {}
+        for (_, adapter), record in self.records.items():
+            if adapter != adapter_name:
+                continue
+            coefs.update(record.coefs)
+            for name in record.losses:
+                counts[name] = counts.get(name, 0) + 1
+        if config.loss_reduction == "mean":
+            return {name: coefs[name] / n for name, n in counts.items()}
+        return {name: coefs[name] for name in counts}
+
+
 class MoLoraRuntime:
     """Routing context, aux-loss collector and routing statistics of one ``MoLoraModel``."""
 
     def __init__(self, peft_config: dict) -> None:
         self.peft_config = peft_config
         self.context = RoutingContext()
-        self._aux: dict[tuple[str, str], _AuxRecord] = {}
+        # the aux records and gradient delivery of the current forward (see ForwardAux); `_aux` is its records
+        self.forward_aux = ForwardAux(peft_config)
+        self._aux = self.forward_aux.records
         # per (layer, adapter): the last forward's decision (a recompute under activation checkpointing overwrites
         # it instead of counting twice) and the running sums as one flat row (see _stats_rows)
         self._pending: dict[tuple[str, str], _RawRouting] = {}
@@ -334,12 +394,13 @@ class MoLoraRuntime:
         # earlier forwards' records waiting to be reduced together: cached decode steps (a few tokens each) are
         # committed in batches of up to _MAX_DEFERRED_FORWARDS instead of one reduction per step
         self._deferred: list[dict[tuple[str, str], _RawRouting]] = []
-        # gradient delivery (see the module docstring); `generation` tells one forward's graph from the next
+        # counts model-level forwards (RoutingContext.forward_id)
         self.generation = 0
-        self.loss_grad: torch.Tensor | None = None
-        self.aux_delivered = False
+        # per adapted layer: (context, ForwardAux) of the last forward it ran in outside a backward pass, for
+        # activation checkpointing's recompute of it (see recompute); True while such a recompute runs
+        self._origins: dict[str, tuple[RoutingContext, ForwardAux]] = {}
+        self._recomputing = False
         self._warned_concat = False
-        self._weights_cache: dict[str, dict[str, float]] = {}
         # [B, P] prompt positions set by `prompt_mask()`, published to the routers as `RoutingContext.prompt_mask`
         self._prompt_override: torch.Tensor | None = None
         # per-sample adapter names of a mixed-adapter call (MoLoraModel._enable_peft_forward_hooks): candidate lists,
@@ -368,11 +429,9 @@ class MoLoraRuntime:
                 self._pending = {}
         else:
             self.commit_stats()
-        self._aux = {}
-        self._weights_cache = {}
+        self.forward_aux = ForwardAux(self.peft_config)
+        self._aux = self.forward_aux.records
         self.generation += 1
-        self.loss_grad = None
-        self.aux_delivered = False
         input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
         embeds = kwargs.get("inputs_embeds")
         current = input_ids if input_ids is not None else embeds
@@ -396,6 +455,31 @@ class MoLoraRuntime:
         )
         if self.context.adapter_names is None and self.batch_adapter_names is not None:
             self.context.adapter_names = self.batch_adapter_names[0]
+
+    def remember_origin(self, layer_key: str) -> None:
+        """An adapted layer runs in the current forward (outside a backward pass): what :meth:`recompute` restores."""
+        self._origins[layer_key] = (self.context, self.forward_aux)
+
+    @contextlib.contextmanager
+    def recompute(self, layer_key: str) -> Iterator[None]:
+        """An adapted layer's forward re-run inside a backward pass (activation checkpointing's recompute).
+
+        Within the block the layer routes with the context of the forward it belongs to (its padding mask, labels and
+        ``forward_id``, so stateful routers count it once), records its aux losses into that forward's records (the
+        gradient delivery of reentrant checkpointing then uses that forward's weights and loss scale), and records
+        no statistics (the original forward did). Until now this assumed that no other forward ran between a
+        forward and its backward; a reference forward with the adapter disabled, as in TRL's ``DPOTrainer``, does
+        not run the adapted layers and changes nothing here."""
+        origin = self._origins.get(layer_key)
+        saved = (self.context, self.forward_aux, self._aux, self._recomputing)
+        if origin is not None:
+            self.context, self.forward_aux = origin
+            self._aux = self.forward_aux.records
+        self._recomputing = True
+        try:
+            yield
+        finally:
+            self.context, self.forward_aux, self._aux, self._recomputing = saved
 
     def milora_reset(self, layer_key: str) -> None:
         """A decoder layer starts or returns (MiLoRA module mode): forget its input and decisions, and let the next
@@ -470,7 +554,7 @@ class MoLoraRuntime:
             return output
         new_loss = loss + aux.to(loss.dtype)
         if torch.is_grad_enabled() and new_loss.requires_grad:
-            new_loss = _LossProbe.apply(new_loss, self, aux.requires_grad)
+            new_loss = _LossProbe.apply(new_loss, self.forward_aux, aux.requires_grad)
         return _set_loss(output, new_loss)
 
     def _attach_model_delivery(self, output: Any) -> Any:
@@ -510,8 +594,14 @@ class MoLoraRuntime:
 
     def _coefficients_needed(self, adapter_name: str, router: Router) -> tuple[dict[str, float], frozenset[str]]:
         """``router``'s loss coefficients and the names of the losses the current forward needs (``({}, {})`` in a
-        decode step or without autograd and labels)."""
-        if self.context.is_decode or not (torch.is_grad_enabled() or self.context.labels is not None):
+        decode step, and without autograd, labels and training mode).
+
+        A training-mode router records its losses without autograd too: reentrant activation checkpointing runs the
+        model's forward without autograd first, and when its recompute delivers the aux gradient in backward (a loss
+        computed from the logits), the records of every router tell how many share a ``"mean"`` loss."""
+        if self.context.is_decode or not (
+            torch.is_grad_enabled() or self.context.labels is not None or router.training
+        ):
             return {}, frozenset()
         coefs = router.loss_coefficients(self.peft_config[adapter_name])
         return coefs, frozenset(name for name, coef in coefs.items() if coef > 0)
@@ -551,7 +641,7 @@ class MoLoraRuntime:
         ):
             # the built-in top-k function delivers the aux gradient itself when nothing else does (see the module
             # docstring): no identity node on the layer's output is needed then
-            missing = _MissingAuxGrads(self, adapter_name)
+            missing = _MissingAuxGrads(self.forward_aux, adapter_name)
         return need, config.balance_loss_type, missing
 
     def record(
@@ -575,7 +665,7 @@ class MoLoraRuntime:
         """
         config = self.peft_config[adapter_name]
         key = (layer_key, adapter_name)
-        if config.track_routing_stats:
+        if config.track_routing_stats and not self._recomputing:
             probs, weight = routing.probs, routing.weight
             self._pending[key] = _RawRouting(
                 # detach only what carries history (without autograd, as in generation, two operator calls less)
@@ -621,44 +711,6 @@ class MoLoraRuntime:
             )
             self._warned_concat = True
 
-    def aux_undelivered(self, generation: int) -> bool:
-        """Whether the aux-loss gradient of forward ``generation`` (still the last one) has not reached the routers
-        through ``outputs.loss`` or ``molora_aux_loss()``: the layers then deliver it themselves."""
-        return not self.aux_delivered and generation == self.generation
-
-    def aux_fallback_grads(self, adapter_name: str, specs) -> list[torch.Tensor]:
-        """``d(weight * loss)/d(loss)`` for one router's losses that received no gradient, scaled like ``outputs.loss``
-        was when that is known; ``specs`` are ``(loss name, (shape, dtype, device))`` pairs."""
-        weights = self.aux_weights(adapter_name)
-        scale = self.loss_grad
-        grads = []
-        for name, (shape, dtype, device) in specs:
-            g = torch.full(shape, weights.get(name, 0.0), dtype=dtype, device=device)
-            if scale is not None:
-                g = g * scale.to(device=device, dtype=dtype)
-            grads.append(g)
-        return grads
-
-    def aux_weights(self, adapter_name: str) -> dict[str, float]:
-        """Weight of one router's loss in the total: ``coef`` (sum) or ``coef / number of routers`` (mean)."""
-        if adapter_name not in self._weights_cache:
-            self._weights_cache[adapter_name] = self._compute_aux_weights(adapter_name)
-        return self._weights_cache[adapter_name]
-
-    def _compute_aux_weights(self, adapter_name: str) -> dict[str, float]:
-        config = self.peft_config[adapter_name]
-        counts: dict[str, int] = {}
-        coefs: dict[str, float] = {}
-        for (_, adapter), record in self._aux.items():
-            if adapter != adapter_name:
-                continue
-            coefs.update(record.coefs)
-            for name in record.losses:
-                counts[name] = counts.get(name, 0) + 1
-        if config.loss_reduction == "mean":
-            return {name: coefs[name] / n for name, n in counts.items()}
-        return {name: coefs[name] for name in counts}
-
     # -- aux losses -------------------------------------------------------------------------------------------------
 
     def aux_losses(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
@@ -674,7 +726,7 @@ class MoLoraRuntime:
         """:meth:`aux_loss` for callers that back-propagate it themselves (custom training loops)."""
         aux = self.aux_loss(adapter_name)
         if aux is not None and aux.requires_grad and torch.is_grad_enabled():
-            aux = _LossProbe.apply(aux, self, True)
+            aux = _LossProbe.apply(aux, self.forward_aux, True)
         return aux
 
     def aux_loss(self, adapter_name: str | None = None) -> torch.Tensor | None:

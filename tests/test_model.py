@@ -260,10 +260,18 @@ def test_bf16_adapter_weights_with_fp32_inputs(batch):
     assert all(g is not None and g.dtype == torch.bfloat16 and torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.parametrize("router", ["topk", "topp"])
+@pytest.mark.parametrize("own_loss", [False, True], ids=["outputs_loss", "loss_from_logits"])
 @pytest.mark.parametrize("use_reentrant", [True, False])
-def test_gradient_checkpointing_gives_the_same_gradients(batch, use_reentrant):
+def test_gradient_checkpointing_gives_the_same_gradients(batch, use_reentrant, own_loss, router):
+    """Also when the loss is computed from the logits without labels (the aux gradient then comes from the layers):
+    reentrant checkpointing's first pass runs without autograd and used to record no losses, so the recompute's
+    "mean" weights counted only the routers recomputed so far (twice the aux gradient in a 2-layer model)."""
+
     def grads(checkpointing: bool):
-        model = get_peft_model(make_llama(), MoLoraConfig(num_experts=4, top_k=2, init_lora_weights=False))
+        model = get_peft_model(
+            make_llama(), MoLoraConfig(num_experts=4, top_k=2, init_lora_weights=False, router=router)
+        )
         torch.manual_seed(3)
         for layer in molora_layers(model).values():
             layer.molora_router["default"].reset_parameters()
@@ -271,9 +279,13 @@ def test_gradient_checkpointing_gives_the_same_gradients(batch, use_reentrant):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
             model.enable_input_require_grads()
         model.train()
-        out = model(**batch)
-        out.loss.backward()
-        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        if own_loss:
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            loss = _lm_loss(out.logits, batch["labels"])
+        else:
+            loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     loss_ref, ref = grads(False)
     loss_ckpt, got = grads(True)
@@ -360,7 +372,7 @@ def test_aux_gradient_reaches_routers_exactly_once_whoever_computes_the_loss(bat
         elif mode == "reference_aux_alone":
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             runtime = model.base_model.molora_runtime
-            runtime.aux_delivered = True  # plain autograd of the aux loss, layer attachments switched off
+            runtime.forward_aux.delivered = True  # plain autograd of the aux loss, layer attachments switched off
             runtime.aux_loss().backward()
         else:
             out = model(
@@ -383,6 +395,114 @@ def test_aux_gradient_reaches_routers_exactly_once_whoever_computes_the_loss(bat
     factor = 0.25 if how == "scaled_outputs_loss" else 1.0
     for name in reference:
         torch.testing.assert_close(got[name], factor * reference[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize(
+    "between", ["no_grad", "no_grad_with_labels", "generate", "adapter_disabled", "eval_with_grad"]
+)
+@pytest.mark.parametrize("router", ["topk", "topp"])
+def test_aux_gradient_of_a_forward_survives_other_forwards_before_its_backward(batch, between, router):
+    """A forward's aux gradient reaches the routers when another forward runs before its backward (TRL's DPOTrainer
+    runs the reference forward, adapter disabled, between the policy forward and the backward). Each forward's
+    delivery state used to be the runtime's, so any later forward switched the earlier one's delivery off."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    def run(interleave: bool):
+        model = get_peft_model(
+            make_llama(),
+            MoLoraConfig(num_experts=4, top_k=2, aux_loss_coef=0.5, init_lora_weights=False, router=router),
+        )
+        model.train()
+        out = model(**inputs)
+        if interleave:
+            if between == "no_grad":
+                with torch.no_grad():
+                    model(**inputs)
+            elif between == "no_grad_with_labels":
+                with torch.no_grad():
+                    model(**batch)
+            elif between == "generate":
+                model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=0)
+            elif between == "adapter_disabled":
+                with torch.no_grad(), model.disable_adapter():
+                    model(**inputs)
+            elif between == "eval_with_grad":
+                model.eval()
+                model(**inputs)
+                model.train()
+        _lm_loss(out.logits, batch["labels"]).backward()
+        return _router_grads(model)
+
+    reference, got = run(False), run(True)
+    for name in reference:
+        torch.testing.assert_close(got[name], reference[name], rtol=1e-5, atol=1e-8, msg=name)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("router", ["topk", "topp"])
+def test_checkpointed_forward_with_a_reference_forward_before_its_backward(batch, use_reentrant, router):
+    """Activation checkpointing recomputes a layer in backward, after the reference forward (adapter disabled) that
+    DPO-style trainers run in between: the recompute routes with its own forward's mask, delivers that forward's aux
+    gradient (reentrant: from the recompute itself) and counts no statistics again."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    def run(checkpointing: bool):
+        model = get_peft_model(
+            make_llama(),
+            MoLoraConfig(num_experts=4, top_k=2, aux_loss_coef=0.5, init_lora_weights=False, router=router),
+        )
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+            model.enable_input_require_grads()
+        model.train()
+        out = model(**inputs)
+        if checkpointing:
+            with torch.no_grad(), model.disable_adapter():
+                model(input_ids=batch["input_ids"][:1])  # another shape and no padding: a different context
+        _lm_loss(out.logits, batch["labels"]).backward()
+        return _router_grads(model), {name: s.tokens for name, s in model.get_routing_stats().items()}
+
+    (reference, ref_tokens), (got, tokens) = run(False), run(True)
+    assert tokens == ref_tokens
+    for name in reference:
+        torch.testing.assert_close(got[name], reference[name], rtol=1e-5, atol=1e-8, msg=name)
+
+
+@pytest.mark.parametrize("router", ["topk", "topp"])
+def test_two_forwards_in_one_loss_each_deliver_their_aux_gradient(batch, router):
+    """Two forwards whose logits enter one loss (R-Drop, consistency losses): the routers get the aux gradient of
+    both, as when both forwards' ``outputs.loss`` are added (it used to be the second forward's only)."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    second = dict(inputs, input_ids=batch["input_ids"].flip(1))
+
+    def run(with_labels: bool):
+        model = get_peft_model(
+            make_llama(),
+            MoLoraConfig(num_experts=4, top_k=2, aux_loss_coef=0.5, init_lora_weights=False, router=router),
+        )
+        model.train()
+        if with_labels:
+            first_out = model(**inputs, labels=batch["labels"])
+            second_out = model(**second, labels=batch["labels"])
+            (first_out.loss + second_out.loss).backward()
+        else:
+            first_out, second_out = model(**inputs), model(**second)
+            (_lm_loss(first_out.logits, batch["labels"]) + _lm_loss(second_out.logits, batch["labels"])).backward()
+        return _router_grads(model)
+
+    reference, got = run(True), run(False)
+    for name in reference:
+        torch.testing.assert_close(got[name], reference[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_unknown_adapter_name_in_the_molora_accessors_is_an_error(batch):
+    model = get_peft_model(make_llama(), MoLoraConfig(num_experts=4, top_k=2))
+    model.train()
+    model(**batch)
+    for accessor in (model.get_routing_stats, model.molora_aux_loss, model.molora_aux_losses):
+        with pytest.raises(ValueError, match=r"adapter_name='nope' is not an adapter of this model.*\['default'\]"):
+            accessor("nope")
+    assert model.get_routing_stats("default") and model.molora_aux_losses("default")
 
 
 def test_bf16_base_adapter_loaded_for_inference_is_frozen(tmp_path):

@@ -129,9 +129,11 @@ def test_step_accumulator_counts_a_recomputed_forward_once():
     assert acc.pop((2,), torch.device("cpu")).tolist() == [0.0, 0.0]
 
 
+@pytest.mark.parametrize("reference_forward", [False, True], ids=["", "reference_forward_between"])
 @pytest.mark.parametrize("use_reentrant", [None, False, True])
-def test_loads_counted_once_per_micro_batch_with_activation_checkpointing(batch, use_reentrant):
-    """Checkpointed layers re-run their forward in backward; the step's loads must not double."""
+def test_loads_counted_once_per_micro_batch_with_activation_checkpointing(batch, use_reentrant, reference_forward):
+    """Checkpointed layers re-run their forward in backward; the step's loads must not double, also when a
+    reference forward with the adapter disabled runs between a forward and its backward (TRL's DPOTrainer)."""
     config = MoLoraConfig(num_experts=4, top_k=2, router="topk_bias", init_lora_weights=False)
     model = get_peft_model(make_llama(), config)
     if use_reentrant is not None:
@@ -139,7 +141,11 @@ def test_loads_counted_once_per_micro_batch_with_activation_checkpointing(batch,
         model.enable_input_require_grads()
     model.train()
     for _ in range(2):  # two micro-batches of one optimizer step
-        model(**batch).loss.backward()
+        loss = model(**batch).loss
+        if reference_forward:
+            with torch.no_grad(), model.disable_adapter():
+                model(**batch)
+        loss.backward()
     n_valid = int(batch["attention_mask"].sum())
     for router in routers_of(model):
         counts = router._loads.pop((4,), torch.device("cpu"))

@@ -455,6 +455,16 @@ class MoLoraLayer(BaseTunerLayer):
         return result.index_add(0, order, delta)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        runtime = self._molora_runtime
+        if runtime is not None and not self.disable_adapters and not torch.compiler.is_compiling():
+            if _in_backward():
+                # activation checkpointing recomputes this layer for the forward it belongs to, maybe after others
+                with runtime.recompute(self._molora_key):
+                    return self._adapted_forward(x, *args, **kwargs)
+            runtime.remember_origin(self._molora_key)
+        return self._adapted_forward(x, *args, **kwargs)
+
+    def _adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)
         if self.disable_adapters:
             return self.base_layer(x, *args, **kwargs)
@@ -534,6 +544,15 @@ class MoLoraLayer(BaseTunerLayer):
         holds it (no forward hooks on the base layer)."""
         base = self._plain_base_layer()
         return type(base) in (nn.Linear, Conv1D) and not base._forward_hooks
+
+
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
+
+
+def _in_backward() -> bool:
+    """Whether this runs inside a backward pass (the autograd engine executes a graph task): a module's forward there
+    is activation checkpointing's recompute. ``torch.utils.checkpoint`` asks the engine the same way."""
+    return _graph_task_id is not None and _graph_task_id() != -1
 
 
 def _split_shrink(hl: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
