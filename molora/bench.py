@@ -43,6 +43,7 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -708,6 +709,8 @@ def main(argv: list[str] | None = None) -> int:
     problem = device_problem(args.device) or settings_problem(
         **{name: getattr(args, name) for name in SETTING_MINIMUMS}
     )
+    if args.json and not Path(args.json).expanduser().resolve().parent.is_dir():
+        problem = f"--json {args.json!r}: the folder {str(Path(args.json).parent)!r} does not exist"
     if problem:
         parser.error(problem)
     table = run_benchmarks(

@@ -24,17 +24,25 @@ from pathlib import Path
 
 
 def _sft(args: argparse.Namespace) -> int:
-    from .training.recipe import load_recipe
+    from .training.recipe import RecipeError, load_recipe
     from .training.sft import run_sft
 
+    if args.config is None and not args.overrides:
+        # every default would train the default model for 3 epochs (hours on a CPU): make it a deliberate choice
+        raise RecipeError(
+            "molora sft needs --config RECIPE (e.g. configs/default.yaml; the recipes are in configs/, the schema in "
+            "docs/cli.md), or --set options to run on every other default."
+        )
     recipe = load_recipe(args.config, args.overrides)
+    stem = Path(args.config).stem if args.config else "molora-sft"
+    # the folder docs/cli.md promises (shown by --print-recipe, recorded in molora_recipe.yaml)
+    recipe["training"].setdefault("output_dir", str(Path("runs") / stem))
     if args.print_recipe:
         import yaml
 
         print(yaml.safe_dump(recipe, sort_keys=False), end="")
         return 0
-    stem = Path(args.config).stem if args.config else "molora-sft"
-    results = run_sft(recipe, default_output_dir=str(Path("outputs") / stem))
+    results = run_sft(recipe)
     return 0 if results.get("global_step", 0) > 0 else 1
 
 
@@ -60,6 +68,7 @@ def _eval(args: argparse.Namespace) -> int:
     from .training.models import load_adapter_model, load_base_model, load_tokenizer, resolve_model
     from .training.recipe import DATA_KEYS
 
+    _check_output_parent(args.json, "--json")
     data_cfg = {**DATA_KEYS, "format": args.format}
     dataset, _ = prepare(load_rows(args.data, "eval"), data_cfg, args.max_examples, keep_task=True)
     if args.adapter:
@@ -90,6 +99,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from .training.report import save_heatmap
 
     info = read_adapter_folder(args.adapter_dir)
+    _check_output_parent(args.output, "--output")
     width = max(len(k) for k, _ in config_summary(info))
     for key, value in config_summary(info):
         print(f"{key:<{width}}  {value}")
@@ -108,9 +118,10 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _push(args: argparse.Namespace) -> int:
-    from .hub import files_to_push, push, write_model_card
+    from .hub import check_repo_id, files_to_push, push, write_model_card
 
     if args.dry_run:
+        check_repo_id(args.repo_id)
         write_model_card(args.adapter_dir, args.repo_id)
         print(f"dry run: would upload to {args.repo_id}:")
         for name in files_to_push(args.adapter_dir):
@@ -119,6 +130,26 @@ def _push(args: argparse.Namespace) -> int:
     info = push(args.adapter_dir, args.repo_id, private=args.private, token=args.token)
     print(f"pushed {args.adapter_dir} to {getattr(info, 'commit_url', None) or args.repo_id}")
     return 0
+
+
+def _check_output_parent(path: str | None, option: str) -> None:
+    """Fail before the work when an output file's folder does not exist (not after it)."""
+    if path is not None and not Path(path).expanduser().resolve().parent.is_dir():
+        raise FileNotFoundError(f"{option} {path!r}: the folder {str(Path(path).parent)!r} does not exist.")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = greedy), got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,9 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text with a trained adapter")
     p.add_argument("--adapter", required=True, help="adapter folder written by `molora sft`")
     p.add_argument("prompts", nargs="+", metavar="PROMPT", help="one or more prompts")
-    p.add_argument("--model", help="base model to use instead of the one recorded with the adapter")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument(
+        "--model",
+        help="base model to use instead of the one recorded with the adapter ('default' = SmolLM2-135M-Instruct)",
+    )
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    p.add_argument("--temperature", type=_non_negative_float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--raw", action="store_true", help="feed the prompt as plain text, without the chat template")
     p.set_defaults(func=_generate)
 
@@ -155,10 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="base model folder or hub id ('default' = SmolLM2-135M-Instruct)")
     p.add_argument("--data", required=True, help="JSONL/JSON/CSV/parquet file, hub dataset id, or 'bundled'")
     p.add_argument("--format", default="auto", choices=["auto", "chat", "prompt_completion", "text"])
-    p.add_argument("--max-examples", type=int, help="evaluate at most this many rows")
-    p.add_argument("--max-per-task", type=int, help="evaluate at most this many rows per task")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-examples", type=_positive_int, help="evaluate at most this many rows")
+    p.add_argument("--max-per-task", type=_positive_int, help="evaluate at most this many rows per task")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=32)
+    p.add_argument("--batch-size", type=_positive_int, default=16)
     p.add_argument("--no-exact-match", action="store_true", help="only loss and perplexity (no generation)")
     p.add_argument("--json", help="also write the results (with predictions) to this JSON file")
     p.set_defaults(func=_eval)
@@ -194,9 +228,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (RecipeError, FileNotFoundError, ValueError) as err:
+    except (RecipeError, OSError, ValueError) as err:
         # what the user gave is wrong (a file, a key, a value, a combination; ValueError also covers the checks of
-        # MoLoraConfig, TRL and PEFT): one line, no traceback. MOLORA_DEBUG=1 shows the traceback.
+        # MoLoraConfig, TRL and PEFT) or the machine refused (a path, permissions, the network: OSError): one line,
+        # no traceback. MOLORA_DEBUG=1 shows the traceback.
         if os.environ.get("MOLORA_DEBUG"):
             raise
         print(f"molora {args.command}: error: {err}", file=sys.stderr)

@@ -273,8 +273,7 @@ def push(
     from .training.report import save_heatmap
 
     folder = check_adapter_dir(adapter_dir)
-    if "/" not in repo_id or repo_id.count("/") != 1 or not all(repo_id.split("/")):
-        raise ValueError(f"--repo-id must look like 'user/name', got {repo_id!r}.")
+    check_repo_id(repo_id)
     if not (folder / "adapter_model.safetensors").is_file() and not (folder / "adapter_model.bin").is_file():
         raise FileNotFoundError(f"{str(folder)!r} has no adapter weights (adapter_model.safetensors).")
     info = read_adapter_folder(folder)
@@ -285,11 +284,31 @@ def push(
         from huggingface_hub import HfApi
 
         api = HfApi(token=token)
-    api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
-    return api.upload_folder(
-        repo_id=repo_id,
-        repo_type="model",
-        folder_path=str(folder),
-        allow_patterns=files_to_push(folder),
-        commit_message=commit_message or "Upload MoLoRA adapter",
-    )
+    try:
+        api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
+        return api.upload_folder(
+            repo_id=repo_id,
+            repo_type="model",
+            folder_path=str(folder),
+            allow_patterns=files_to_push(folder),
+            commit_message=commit_message or "Upload MoLoRA adapter",
+        )
+    except Exception as err:  # noqa: BLE001 - offline mode, connection, HTTP and auth errors of several libraries
+        raise ConnectionError(
+            f"Could not upload {str(folder)!r} to {repo_id!r}: {type(err).__name__}: {err} (nothing in the folder "
+            "changed but its model card)."
+        ) from err
+
+
+def check_repo_id(repo_id: str) -> None:
+    """Raise ``ValueError`` unless ``repo_id`` is a valid ``"user/name"`` model repository id."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    problem = repo_id.count("/") != 1 or not all(repo_id.split("/"))
+    if not problem:
+        try:
+            validate_repo_id(repo_id)
+        except HFValidationError:
+            problem = True
+    if problem:
+        raise ValueError(f"--repo-id must look like 'user/name' (letters, digits, '-', '_', '.'), got {repo_id!r}.")

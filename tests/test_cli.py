@@ -151,6 +151,7 @@ def test_generate_eval_and_inspect(trained, workdir):
 
 
 def test_resume_from_checkpoint(trained, workdir):
+    (trained / "expert_load.png").write_bytes(b"a heat map of the adapter trained before")
     proc = molora(
         "sft",
         "--config",
@@ -167,6 +168,9 @@ def test_resume_from_checkpoint(trained, workdir):
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads((trained / "molora_results.json").read_text())
     assert results["global_step"] == 10
+    assert not (trained / "expert_load.png").exists()  # it described the earlier adapter (push draws a new one)
+    history = [json.loads(line)["step"] for line in (trained / "routing_stats_history.jsonl").read_text().splitlines()]
+    assert history == [2, 4, 6, 8, 10]
     # only the two remaining steps ran: one log at step 10 (logging_steps=2)
     assert len(results["losses"]) == 5  # the resumed state keeps the history of steps 2..8
     # the run-level routing statistics continue those of the checkpoint: every token of the 10 steps, once
@@ -199,10 +203,17 @@ def test_push_dry_run_and_card(trained, capsys):
         (["sft", "--set", "model.name_or_path=nobody/no-such-model"], "Cannot load the tokenizer 'nobody/no-such"),
         (["generate", "--adapter", "no/such/dir", "hi"], "Adapter folder not found"),
         (["inspect", "no/such/dir"], "Adapter folder not found"),
+        (["sft"], "molora sft needs --config RECIPE"),
+        (["sft", "--set", "training.max_steps=abc"], "training.max_steps='abc' must be an integer"),
+        (["eval", "--data", "bundled", "--json", "no/such/dir/x.json"], "the folder 'no/such/dir' does not exist"),
+        (["eval", "--data", "bad.jsonl"], "Cannot read 'bad.jsonl' as jsonl"),
+        (["eval", "--data", "empty.jsonl"], "'empty.jsonl' holds no rows"),
     ],
 )
 def test_clear_errors(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": \n')
+    (tmp_path / "empty.jsonl").write_text("")
     if argv[:2] == ["sft", "--set"] and "data.train" in argv[2]:
         # validation passes; the dataset path fails when loaded, before any model is loaded
         from molora.training.data import load_split
@@ -216,6 +227,42 @@ def test_clear_errors(argv, message, capsys, tmp_path, monkeypatch):
     # the error is the last line (progress bars of datasets' first load of a file may come before it)
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith(f"molora {argv[0]}: error:") and message in last
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["eval", "--data", "bundled", "--batch-size", "0"],
+        ["eval", "--data", "bundled", "--max-examples", "0"],
+        ["generate", "--adapter", "x", "--temperature", "-1", "hi"],
+        ["generate", "--adapter", "x", "--max-new-tokens", "0", "hi"],
+    ],
+)
+def test_options_out_of_range_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "must be" in capsys.readouterr().err
+
+
+def test_print_recipe_shows_the_default_output_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.yaml").write_text("adapter:\n  num_experts: 4\n")
+    assert main(["sft", "--config", "mine.yaml", "--print-recipe"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["training"]["output_dir"] == str(Path("runs") / "mine")  # what docs/cli.md says
+
+
+def test_push_dry_run_checks_the_repo_id(trained, capsys):
+    assert main(["push", str(trained), "--repo-id", "a/b/c", "--dry-run"]) == 2
+    assert "--repo-id must look like 'user/name'" in capsys.readouterr().err
+
+
+def test_adapter_on_a_base_of_other_shapes_is_a_clear_error(trained, tmp_path, capsys):
+    make_llama(vocab_size=CHAR_VOCAB, hidden_size=48).save_pretrained(tmp_path / "other")
+    assert main(["generate", "--adapter", str(trained), "--model", str(tmp_path / "other"), "hi"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "does not fit the base model" in err and "pass --model with the base it was trained on" in err
 
 
 def test_qlora_recipe_trains_the_same_with_and_without_an_eval_forward_first(workdir, tmp_path):

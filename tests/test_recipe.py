@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -302,8 +303,71 @@ def test_push_uploads_card_and_adapter_only_the_network_is_replaced(tmp_path, mo
         "routing_stats.json",
     ]
     assert "me/molora-test" in calls["card"] and "![expert load per layer](expert_load.png)" in calls["card"]
-    with pytest.raises(ValueError, match="user/name"):
-        hub.push(folder, "no-slash")
+    for bad in ("no-slash", "a/b/c", "me/has space"):
+        with pytest.raises(ValueError, match="user/name"):
+            hub.push(folder, bad)
+
+    def offline(self, *args, **kwargs):
+        raise OSError("Cannot reach https://huggingface.co: offline mode is enabled.")
+
+    weights = (folder / "adapter_model.safetensors").read_bytes()
+    monkeypatch.setattr(HfApi, "create_repo", offline)
+    with pytest.raises(ConnectionError, match="Could not upload .* to 'me/molora-test': OSError: Cannot reach"):
+        hub.push(folder, "me/molora-test")
+    assert (folder / "adapter_model.safetensors").read_bytes() == weights
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("training.max_steps=abc", "training.max_steps='abc' must be an integer"),
+        ("training.learning_rate=fast", "training.learning_rate='fast' must be a number"),
+        ("training.bf16=maybe", "training.bf16='maybe' must be true or false or null"),
+        ("training.output_dir=3", "training.output_dir=3 must be a string or null"),
+        ("eval.batch_size=0", "eval.batch_size=0 must be a positive integer"),
+        ("eval.max_new_tokens=-1", "eval.max_new_tokens=-1 must be a positive integer"),
+    ],
+)
+def test_wrong_value_types_fail_at_validation_naming_the_field(override, message):
+    """Before, these passed validation and failed as TypeErrors in the trainer (after loading the model) or, for
+    the eval section, after training and saving."""
+    with pytest.raises(recipe.RecipeError, match=re.escape(message)):
+        recipe.load_recipe(None, [override])
+
+
+def test_numbers_that_yaml_reads_as_strings_are_accepted_for_number_fields():
+    # YAML 1.1 reads 1e-4 (no dot) as a string
+    loaded = recipe.load_recipe(None, ["training.learning_rate=1e-4", "training.max_steps=3"])
+    assert loaded["training"] == {"learning_rate": 1e-4, "max_steps": 3}
+
+
+def test_routing_stats_history_starts_over_in_a_used_folder_and_continues_a_resumed_run(tmp_path, batch):
+    """A new run into a folder that holds another run's ``routing_stats_history.jsonl`` replaced nothing: it
+    appended to it (steps 2, 4, 2, 4). A resumed run keeps the lines up to its checkpoint's step."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    from molora.training.logging import HISTORY_FILE, RoutingStatsCallback
+
+    model = get_peft_model(make_llama(), MoLoraConfig(num_experts=4, top_k=2))
+    args = SimpleNamespace(output_dir=str(tmp_path))
+    history = tmp_path / HISTORY_FILE
+
+    def run(first_step: int, last_step: int) -> list[int]:
+        callback, state = RoutingStatsCallback(), TrainerState()
+        state.global_step = first_step
+        callback.on_train_begin(args, state, TrainerControl(), model=model)
+        for step in range(first_step + 2, last_step + 1, 2):
+            model(**batch)
+            state.global_step = step
+            callback.on_log(args, state, TrainerControl(), model=model, logs={"loss": 1.0})
+        return [json.loads(line)["step"] for line in history.read_text().splitlines()]
+
+    assert run(0, 4) == [2, 4]
+    assert run(0, 4) == [2, 4]  # a second run in the same folder
+    assert run(0, 6) == [2, 4, 6]
+    assert run(4, 8) == [2, 4, 6, 8]  # resumed from step 4: step 6 of the run that went on is dropped
 
 
 def test_missing_default_model_says_how_to_install(monkeypatch):

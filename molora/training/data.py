@@ -46,7 +46,16 @@ def load_rows(spec: str, split: str = "train"):
     if path.is_file():
         if suffix not in LOCAL_BUILDERS:
             raise RecipeError(f"Cannot read {spec!r}: supported files are {', '.join(sorted(LOCAL_BUILDERS))}.")
-        return datasets.load_dataset(LOCAL_BUILDERS[suffix], data_files=str(path), split="train")
+        if path.stat().st_size == 0:
+            raise RecipeError(f"{spec!r} holds no rows.")
+        try:
+            rows = datasets.load_dataset(LOCAL_BUILDERS[suffix], data_files=str(path), split="train")
+        except Exception as err:  # noqa: BLE001 - datasets wraps the parser's errors in several types
+            cause = err.__cause__ or err
+            raise RecipeError(f"Cannot read {spec!r} as {suffix[1:]}: {type(cause).__name__}: {cause}") from err
+        if len(rows) == 0:
+            raise RecipeError(f"{spec!r} holds no rows.")
+        return rows
     if path.is_dir():
         return datasets.load_from_disk(str(path)) if (path / "dataset_info.json").exists() else _load_dir(path, split)
     if suffix in LOCAL_BUILDERS or spec.startswith((".", "/", "~")) or spec.count("/") > 1:

@@ -97,6 +97,9 @@ class RoutingStatsCallback(TrainerCallback):
         self._aux_sums: dict[str, float] = {}
         self._aux_steps = 0
         self._totals: dict[str, torch.Tensor] = {}
+        # the history file's lines up to this step belong to the run (a resumed one); later ones and those of an
+        # earlier run in the same folder are dropped at the first write
+        self._history_kept_step: int | None = None
 
     def resume_from(self, checkpoint: str | Path) -> None:
         """Continue the run-level statistics of a checkpoint (its ``routing_stats.json``) when training resumes."""
@@ -107,6 +110,7 @@ class RoutingStatsCallback(TrainerCallback):
     # -- collection -------------------------------------------------------------------------------------------------
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._history_kept_step = state.global_step  # 0, or the checkpoint's step when resuming
         if model is not None and hasattr(model, "reset_routing_stats"):
             model.reset_routing_stats()  # drop statistics of evaluations run before training
 
@@ -151,7 +155,11 @@ class RoutingStatsCallback(TrainerCallback):
             state.log_history[-1].update(metrics)
         if window and self.per_layer_file and _is_main(state) and args.output_dir:
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-            with open(Path(args.output_dir) / HISTORY_FILE, "a") as f:
+            path = Path(args.output_dir) / HISTORY_FILE
+            if self._history_kept_step is not None:
+                _truncate_history(path, self._history_kept_step)
+                self._history_kept_step = None
+            with open(path, "a") as f:
                 f.write(json.dumps({"step": state.global_step, "layers": window}) + "\n")
 
     # -- files ------------------------------------------------------------------------------------------------------
@@ -180,3 +188,19 @@ def install_routing_stats_callback(trainer, callback: RoutingStatsCallback | Non
     callback = callback or RoutingStatsCallback()
     trainer.callback_handler.callbacks.insert(0, callback)
     return callback
+
+
+def _truncate_history(path: Path, last_step: int) -> None:
+    """Keep the lines of ``path`` (a JSONL history) whose step is at most ``last_step``: a resumed run continues
+    its checkpoint's history, a new run in a used folder starts its own."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            step = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(step, int) and step <= last_step:
+            kept.append(line + "\n")
+    path.write_text("".join(kept))

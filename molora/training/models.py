@@ -227,11 +227,18 @@ def load_adapter_model(adapter_dir: str | Path, model: str | None = None, quanti
     path = check_adapter_dir(adapter_dir)
     info = read_base_info(path)
     if model is not None:
-        cfg = resolve_model({"name_or_path": model, "quantization": quantization})
+        # "default": the default model (SmolLM2-135M-Instruct), as `molora eval --model default`
+        cfg = resolve_model({"name_or_path": None if model == "default" else model, "quantization": quantization})
     elif info:
         cfg = {**MODEL_KEYS, **info}
-        if info.get("display_name") == DEFAULT_MODEL_NAME and not Path(str(info["name_or_path"])).is_dir():
+        recorded = Path(str(info["name_or_path"])).expanduser()
+        if info.get("display_name") == DEFAULT_MODEL_NAME and not recorded.is_dir():
             cfg = resolve_model({})  # the default model moved (another machine / venv)
+        elif recorded.is_absolute() and not recorded.exists():
+            raise FileNotFoundError(
+                f"The base model recorded with the adapter ({str(recorded)!r}, in {BASE_INFO_FILE}) is not there any "
+                "more; pass --model with its folder or hub id."
+            )
         if quantization is not None:
             cfg["quantization"] = quantization
     else:
@@ -250,5 +257,15 @@ def load_adapter_model(adapter_dir: str | Path, model: str | None = None, quanti
     else:
         tokenizer = load_tokenizer(cfg)
     base = load_base_model(cfg)
-    peft_model = PeftModel.from_pretrained(base, str(path)).eval()
+    try:
+        peft_model = PeftModel.from_pretrained(base, str(path)).eval()
+    except RuntimeError as err:
+        if "size mismatch" not in str(err):
+            raise
+        base_name = cfg.get("display_name") or cfg["name_or_path"]
+        raise RecipeError(
+            f"The adapter in {str(path)!r} does not fit the base model {base_name!r}"
+            " (its weights have other shapes: it was trained on another base); pass --model with the base it was "
+            "trained on."
+        ) from None
     return peft_model, tokenizer, cfg

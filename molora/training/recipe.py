@@ -186,7 +186,7 @@ def validate(recipe: dict) -> dict[str, dict[str, Any]]:
     training = dict(recipe.get("training") or {})
     check_keys("training", training, training_keys())
     out["adapter"] = adapter
-    out["training"] = training
+    out["training"] = training = check_training_values(training)
 
     model, data, ev = out["model"], out["data"], out["eval"]
     if model["dtype"] not in DTYPES:
@@ -197,11 +197,17 @@ def validate(recipe: dict) -> dict[str, dict[str, Any]]:
         )
     if data["format"] not in FORMATS:
         raise RecipeError(f"data.format={data['format']!r} is not supported; allowed values: {list(FORMATS)}.")
-    for key in ("max_examples", "max_eval_examples", "max_per_task"):
-        section = ev if key == "max_per_task" else data
-        value = section[key]
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise RecipeError(f"{'eval' if section is ev else 'data'}.{key}={value!r} must be a positive integer.")
+    for section_name, key, optional in (
+        ("data", "max_examples", True),
+        ("data", "max_eval_examples", True),
+        ("eval", "max_per_task", True),
+        ("eval", "max_new_tokens", False),
+        ("eval", "batch_size", False),
+    ):
+        value = out[section_name][key]
+        bad = isinstance(value, bool) or not isinstance(value, int) or value < 1
+        if bad and (value is not None or not optional):
+            raise RecipeError(f"{section_name}.{key}={value!r} must be a positive integer.")
     for key in ("before", "after"):
         if not isinstance(ev[key], bool):
             raise RecipeError(f"eval.{key}={ev[key]!r} must be true or false.")
@@ -217,6 +223,45 @@ def validate(recipe: dict) -> dict[str, dict[str, Any]]:
     if adapter:
         # validates values with MoLoraConfig's own messages (field name, value, allowed values)
         build_adapter_config(adapter)
+    return out
+
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+
+
+def check_training_values(training: dict[str, Any]) -> dict[str, Any]:
+    """``training`` with each value checked against the type of its ``trl.SFTConfig`` field (fields of plain types:
+    booleans, integers, numbers, strings, maybe null; the others are left to ``SFTConfig``), so that a wrong value
+    fails here, named, and not as a ``TypeError`` deep in the trainer after the model has loaded. A string that
+    reads as a number is accepted for a number field: YAML 1.1 reads ``1e-4`` (no dot) as a string."""
+    import types
+    import typing
+
+    from trl import SFTConfig
+
+    fields = {f.name: f.type for f in dataclasses.fields(SFTConfig) if f.init}
+    out = dict(training)
+    for key, value in training.items():
+        field_type = fields[key]
+        union = typing.get_origin(field_type) in (typing.Union, types.UnionType)
+        allowed = typing.get_args(field_type) if union else (field_type,)
+        if not set(allowed) <= set(_TYPE_WORDS):
+            continue
+        if float in allowed and isinstance(value, str):
+            try:
+                value = out[key] = float(value)
+            except ValueError:
+                pass
+        ok = (
+            (bool in allowed and isinstance(value, bool))
+            or (int in allowed and isinstance(value, int) and not isinstance(value, bool))
+            or (float in allowed and isinstance(value, (int, float)) and not isinstance(value, bool))
+            or (str in allowed and isinstance(value, str))
+            or (type(None) in allowed and value is None)
+        )
+        if not ok:
+            words = " or ".join(_TYPE_WORDS[t] for t in allowed)
+            raise RecipeError(f"training.{key}={value!r} must be {words} (the type of trl.SFTConfig.{key}).")
     return out
 
 

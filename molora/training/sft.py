@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -37,9 +38,21 @@ def sft_config(training: dict[str, Any], default_output_dir: str = "runs/molora-
     defaults: dict[str, Any] = {
         "output_dir": default_output_dir,
         "bf16": bool(cuda and torch.cuda.is_bf16_supported()),
-        "gradient_checkpointing": False,
         "report_to": "none",
     }
+    training = dict(training)
+    if any(f.name == "activation_checkpointing" for f in dataclasses.fields(SFTConfig)):
+        # transformers 5 renamed gradient_checkpointing(_kwargs) to activation_checkpointing(_kwargs) and warns
+        # whenever only the old name is set, TRL's own default included: recipes may use either name
+        for old, new in (
+            ("gradient_checkpointing", "activation_checkpointing"),
+            ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"),
+        ):
+            if old in training and training.get(new) is None:
+                training[new] = training.pop(old)
+        defaults["activation_checkpointing"] = False
+    else:
+        defaults["gradient_checkpointing"] = False
     if not cuda:
         defaults["use_cpu"] = True
     kwargs = {**defaults, **training}
@@ -159,7 +172,7 @@ def run_sft(recipe: dict[str, Any], default_output_dir: str = "runs/molora-sft",
     ``routing_stats.json``, ``molora_base_model.json``, the effective recipe (``molora_recipe.yaml``), a model card
     (``README.md``) and ``molora_results.json``.
     """
-    from ..hub import write_model_card
+    from ..hub import HEATMAP_FILE, write_model_card
     from .evaluate import evaluate, format_table
     from .models import write_base_info
 
@@ -193,6 +206,8 @@ def run_sft(recipe: dict[str, Any], default_output_dir: str = "runs/molora-sft",
     results["log_history"] = trainer.state.log_history
     trainer.save_model(out_dir)
     if main_process:
+        # a heat map left by `molora inspect` of an earlier adapter in this folder (push draws a new one)
+        Path(out_dir, HEATMAP_FILE).unlink(missing_ok=True)
         write_base_info(out_dir, ctx["model_cfg"])
         dump_recipe(recipe, Path(out_dir) / RECIPE_FILE)
         if ev["after"] and ctx["eval_rows"] is not None:
@@ -206,6 +221,11 @@ def run_sft(recipe: dict[str, Any], default_output_dir: str = "runs/molora-sft",
             log(
                 f"training loss {first:.4f} -> {last:.4f} in {trainer.state.global_step} steps "
                 f"({results['train_seconds']:.0f} s); adapter saved to {out_dir}"
+            )
+        else:
+            log(
+                f"{trainer.state.global_step} training steps ({results['train_seconds']:.0f} s, no loss logged: "
+                f"training.logging_steps is larger); adapter saved to {out_dir}"
             )
     return results
 
