@@ -34,7 +34,12 @@ PUSH_PATTERNS = [
 
 
 def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{str(path)!r} is not valid JSON: {err}") from None
 
 
 def read_adapter_folder(adapter_dir: str | Path) -> dict[str, Any]:

@@ -208,12 +208,23 @@ def test_push_dry_run_and_card(trained, capsys):
         (["eval", "--data", "bundled", "--json", "no/such/dir/x.json"], "the folder 'no/such/dir' does not exist"),
         (["eval", "--data", "bad.jsonl"], "Cannot read 'bad.jsonl' as jsonl"),
         (["eval", "--data", "empty.jsonl"], "'empty.jsonl' holds no rows"),
+        (["sft", "--config", "."], "is a folder; give a recipe file"),
+        (["sft", "--set", "bogus.key=3"], "(sections: model, data, adapter, training, eval)"),
+        (["sft", "--set", "adapter.peft_type=LORA"], "Unknown key 'peft_type' in section 'adapter'"),
+        (
+            ["sft", "--set", "training.resume_from_checkpoint=true", "--set", "training.output_dir=fresh"],
+            "'fresh' holds no checkpoint-* folder",  # before the model loads (it would fail to: no default model)
+        ),
+        (["inspect", "corrupt"], "routing_stats.json' is not valid JSON"),
     ],
 )
 def test_clear_errors(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": \n')
     (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "adapter_config.json").write_text("{}")
+    (tmp_path / "corrupt" / "routing_stats.json").write_text("{bad")
     if argv[:2] == ["sft", "--set"] and "data.train" in argv[2]:
         # validation passes; the dataset path fails when loaded, before any model is loaded
         from molora.training.data import load_split

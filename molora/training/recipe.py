@@ -99,7 +99,11 @@ def adapter_keys() -> list[str]:
     """The keys of the ``adapter`` section: the fields of :class:`molora.MoLoraConfig` that a user sets."""
     from ..config import MoLoraConfig
 
-    return [f.name for f in dataclasses.fields(MoLoraConfig) if f.init]
+    return [f.name for f in dataclasses.fields(MoLoraConfig) if f.init and f.name not in _PEFT_INTERNAL]
+
+
+#: MoLoraConfig fields that PEFT sets itself (the type, the version that saved it, ...): not recipe keys
+_PEFT_INTERNAL = frozenset({"peft_type", "auto_mapping", "peft_version", "inference_mode", "base_model_name_or_path"})
 
 
 def training_keys() -> list[str]:
@@ -128,6 +132,8 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise RecipeError(f"--config {str(path)!r} is a folder; give a recipe file (e.g. configs/default.yaml).")
         if not path.is_file():
             raise FileNotFoundError(f"Recipe file not found: {str(path)!r}.")
         try:
@@ -153,7 +159,10 @@ def apply_override(recipe: dict, override: str) -> None:
     if len(parts) < 2 or not all(parts):
         raise RecipeError(f"--set expects a dotted key such as adapter.num_experts=4, got {override!r}.")
     if parts[0] not in SECTIONS:
-        raise RecipeError(f"Unknown section {parts[0]!r} in --set {override!r}{_closest(parts[0], SECTIONS)}.")
+        raise RecipeError(
+            f"Unknown section {parts[0]!r} in --set {override!r}{_closest(parts[0], SECTIONS)} "
+            f"(sections: {', '.join(SECTIONS)})."
+        )
     try:
         value = yaml.safe_load(value_text) if value_text.strip() else None
     except yaml.YAMLError as err:
@@ -242,7 +251,8 @@ def check_training_values(training: dict[str, Any]) -> dict[str, Any]:
     fields = {f.name: f.type for f in dataclasses.fields(SFTConfig) if f.init}
     out = dict(training)
     for key, value in training.items():
-        field_type = fields[key]
+        # molora reads `true` as "the newest checkpoint in output_dir" (see molora.training.sft)
+        field_type = str | bool | None if key == "resume_from_checkpoint" else fields[key]
         union = typing.get_origin(field_type) in (typing.Union, types.UnionType)
         allowed = typing.get_args(field_type) if union else (field_type,)
         if not set(allowed) <= set(_TYPE_WORDS):

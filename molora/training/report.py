@@ -51,7 +51,10 @@ def save_heatmap(stats: dict[str, Any], path: str | Path, title: str | None = No
     rows = (len(projections) + cols - 1) // cols
     height = max(2.5, 0.18 * len(layers) + 1.2)
     # wide enough for the title even with one group of rows
-    fig, axes = plt.subplots(rows, cols, figsize=(max(2.6 * cols + 1.2, 6.0), height * rows), squeeze=False)
+    # constrained layout: titles of the second row of panels cleared the first row's axis labels only by chance
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(max(2.6 * cols + 1.2, 6.0), height * rows), squeeze=False, layout="constrained"
+    )
     image = None
     for i, ax in enumerate(axes.flat):
         if i >= len(projections):
@@ -60,7 +63,8 @@ def save_heatmap(stats: dict[str, Any], path: str | Path, title: str | None = No
         image = ax.imshow(data[i], aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
         ax.set_title(projections[i], fontsize=8)
         ax.set_xticks(range(n_experts))
-        ax.set_xlabel("expert", fontsize=7)
+        # MiLoRA module mode: the columns of a decoder layer's router are its adapted projections
+        ax.set_xlabel("module" if projections[i] == LAYER_ROUTER else "expert", fontsize=7)
         step = max(1, len(layers) // 16)
         ax.set_yticks(range(0, len(layers), step))
         ax.set_yticklabels(layers[::step], fontsize=6)
@@ -70,6 +74,7 @@ def save_heatmap(stats: dict[str, Any], path: str | Path, title: str | None = No
     if image is not None:
         bar = fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8)
         bar.set_label(f"share of assignments (balanced = {1 / n_experts:.3f})", fontsize=7)
+        bar.ax.tick_params(labelsize=6)
     fig.suptitle(f"MoLoRA expert load{' - ' + title if title else ''}", fontsize=9)
     path = Path(path)
     fig.savefig(path, dpi=110)

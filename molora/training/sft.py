@@ -177,6 +177,10 @@ def run_sft(recipe: dict[str, Any], default_output_dir: str = "runs/molora-sft",
     from .models import write_base_info
 
     start = time.time()
+    # a resume that cannot work fails before the model loads
+    _resume_arg(
+        recipe["training"].get("resume_from_checkpoint"), recipe["training"].get("output_dir", default_output_dir)
+    )
     trainer, ctx = build_trainer(recipe, default_output_dir)
     out_dir = trainer.args.output_dir
     main_process = trainer.is_world_process_zero()
