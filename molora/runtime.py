@@ -65,6 +65,8 @@ class RoutingContext:
         past_length (int or None): tokens already in the KV cache (0 for a prefill; ``None`` when unknown).
         forward_id (int): increases with every model-level forward; a layer re-run by activation checkpointing
             during backward sees the id of its original forward (stateful routers use it to count once).
+        kv_cache (bool): the call passes a KV cache (a generation prefill or decode step; cached decode steps may
+            follow this call).
         extra (dict): anything else a router may need (the raw forward kwargs are not kept).
     """
 
@@ -75,6 +77,7 @@ class RoutingContext:
     prompt_mask: torch.Tensor | None = None
     past_length: int | None = 0
     forward_id: int = 0
+    kv_cache: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
     # (attention_mask, its flat bool view) for token_mask: one mask object shared by every layer of a forward
     _flat_mask: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
@@ -452,6 +455,7 @@ class MoLoraRuntime:
             prompt_mask=None if is_decode else self._current_prompt_mask(current),
             past_length=past_length,
             forward_id=self.generation,
+            kv_cache=kwargs.get("cache", kwargs.get("past_key_values")) is not None,
         )
         if self.context.adapter_names is None and self.batch_adapter_names is not None:
             self.context.adapter_names = self.batch_adapter_names[0]
@@ -685,13 +689,24 @@ class MoLoraRuntime:
             inputs = router.aux_inputs(routing, valid)
             losses = {} if concat else type(router).aux_losses(inputs, config.balance_loss_type, need)
         compiling = torch.compiler.is_compiling()
-        self._aux[key] = _AuxRecord(
-            losses=losses,
-            coefs=coefs,
-            inputs=inputs if concat else None,
-            router_cls=type(router),
-            delivers=not compiling,
-        )
+        if not self._recomputing:
+            self._aux[key] = _AuxRecord(
+                losses=losses,
+                coefs=coefs,
+                inputs=inputs if concat else None,
+                router_cls=type(router),
+                delivers=not compiling,
+            )
+        elif key not in self._aux:
+            # a recompute keeps its forward's record (it has the same values): the recomputed losses would keep the
+            # recomputed graph, with this layer's activations, alive (non-reentrant checkpointing never runs it).
+            # Without one (none was recorded) it counts the router for the "mean" weights, detached.
+            self._aux[key] = _AuxRecord(
+                losses={name: value.detach() for name, value in losses.items()},
+                coefs=coefs,
+                inputs=inputs if concat else None,
+                router_cls=type(router),
+            )
         if compiling or isinstance(losses, _SelfDelivered):
             # self-delivered: their own autograd node delivers the aux gradient when nothing else does
             return output

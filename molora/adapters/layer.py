@@ -503,12 +503,13 @@ class MoLoraLayer(BaseTunerLayer):
         """``[A_flat | W_router^T]`` for a call without autograd, reused by cached decode steps; else ``None``.
 
         The matrix (``flat_shrink_weight(weight_A, router_weight)``, ``[d_in, E*r + E_router]``) is built by every
-        call and reused only by the cached decode steps that follow it (``RoutingContext.is_decode``: a few tokens
-        per layer each, where rebuilding it was a good part of the layer's work), and only while ``A`` and the
-        router's weight keep their version and storage. With autograd (or a DR-LoRA-masked bank, or no runtime) it
-        returns ``None`` and drops the cache: the caller builds the matrix so that gradients reach ``A`` and the
-        router. ``bank``: the adapter's ``A`` parameter when the caller already fetched it (``weight_A`` is another
-        tensor when DR-LoRA masked it).
+        call with a KV cache (``RoutingContext.kv_cache``: a generation prefill or decode step) and reused only by the
+        cached decode steps that follow it (``RoutingContext.is_decode``: a few tokens per layer each, where
+        rebuilding it was a good part of the layer's work), and only while ``A`` and the router's weight keep their
+        version and storage. With autograd (or without a KV cache, a DR-LoRA-masked bank, or no runtime) it returns
+        ``None`` and drops the cache: the caller builds the matrix so that gradients reach ``A`` and the router.
+        ``bank``: the adapter's ``A`` parameter when the caller already fetched it (``weight_A`` is another tensor
+        when DR-LoRA masked it).
         """
         if torch.compiler.is_compiling():
             # compiled code cannot compare data pointers (a graph break per layer and step) and builds the matrix
@@ -518,7 +519,9 @@ class MoLoraLayer(BaseTunerLayer):
         runtime = self._molora_runtime
         if bank is None:
             bank = self.molora_A[adapter_name]
-        if torch.is_grad_enabled() or runtime is None or weight_A is not bank:
+        if torch.is_grad_enabled() or runtime is None or weight_A is not bank or not runtime.context.kv_cache:
+            # (only a call with a KV cache can be followed by the decode steps that reuse it: not an eval forward,
+            # nor reentrant checkpointing's gradient-free first pass, where it held a copy of every layer's bank)
             cache.pop(adapter_name, None)
             return None
         key = (weight_A.data_ptr(), weight_A._version, weight_A.dtype, weight_A.device)

@@ -104,7 +104,9 @@ def _base_and_shrink_backward(
         if needs_bank:
             grad_bank = grad_rows[: n_experts * rank].view(n_experts, rank, d_in).transpose(1, 2)
         if needs_router:
-            grad_router = grad_rows[n_experts * rank :]
+            # a copy: as a view, AccumulateGrad would keep it as the router's `.grad` (its layout matches) and with it
+            # the whole [E*r + E, d_in] buffer until the gradients are zeroed (the bank's view is copied anyway)
+            grad_router = grad_rows[n_experts * rank :].clone()
     return grad_x, grad_bank, grad_router
 
 

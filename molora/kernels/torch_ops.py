@@ -77,7 +77,10 @@ def grouped_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, routing: Ro
     xs = x.index_select(0, token_index)  # [N, d_in]
     # split, not slicing: the backward of E slices would write E zero-filled [N, d_in] gradients, that of one
     # split is a single concatenation
-    outs = [(seg @ A[e]) @ B[e] for e, seg in enumerate(xs.split(counts)) if counts[e] > 0]
+    # unbind, not indexing: the backward of E index operations would each write a zero-filled gradient the size
+    # of the whole bank (E^2 work), that of one unbind stacks the experts' gradients once
+    experts_A, experts_B = A.unbind(0), B.unbind(0)
+    outs = [(seg @ experts_A[e]) @ experts_B[e] for e, seg in enumerate(xs.split(counts)) if counts[e] > 0]
     out = x.new_zeros(x.shape[0], B.shape[-1])
     if not outs:
         # keep A and B in the graph so that every parameter receives a (zero) gradient
