@@ -26,9 +26,11 @@ delivery node for all routers to each differentiable output (:class:`_AttachMode
 log-probabilities, ...; the first to back-propagate delivers): the same gradients as eager for a loss taken from
 ``outputs.loss``, from ``molora_aux_loss()`` or from those outputs.
 
-Values recorded by a layer are *keyed by (layer, adapter)* and overwritten, never appended, within one forward: a
-layer that is re-run by activation checkpointing during backward records the same values again instead of counting
-them twice. Statistics move into the running totals at the start of the next forward or when read.
+Values recorded by a layer are *keyed by (layer, adapter)* within one forward. A layer that activation checkpointing
+re-runs during backward (:meth:`MoLoraRuntime.recompute`) records nothing again: it routes with its forward's context
+and delivers its aux gradient through that forward's state, and its recomputed losses are not kept (they would keep
+the recomputed activations alive). Statistics move into the running totals at the start of the next forward or when
+read.
 """
 
 from __future__ import annotations
@@ -332,8 +334,8 @@ class ForwardAux:
     changes nothing for the first.
 
     Attributes:
-        records: ``(layer, adapter) -> _AuxRecord`` of the forward (a recompute under activation checkpointing
-            overwrites its layer's record).
+        records: ``(layer, adapter) -> _AuxRecord`` of the forward (activation checkpointing's recompute of a layer
+            keeps the record its forward made, see :meth:`MoLoraRuntime.record`).
         delivered: the aux gradient already reached the routers through ``outputs.loss`` or ``molora_aux_loss()``.
         loss_grad: the gradient that arrived at ``outputs.loss`` (the scale of the fallback delivery), once known.
     """
@@ -469,11 +471,11 @@ class MoLoraRuntime:
         """An adapted layer's forward re-run inside a backward pass (activation checkpointing's recompute).
 
         Within the block the layer routes with the context of the forward it belongs to (its padding mask, labels and
-        ``forward_id``, so stateful routers count it once), records its aux losses into that forward's records (the
-        gradient delivery of reentrant checkpointing then uses that forward's weights and loss scale), and records
-        no statistics (the original forward did). Until now this assumed that no other forward ran between a
-        forward and its backward; a reference forward with the adapter disabled, as in TRL's ``DPOTrainer``, does
-        not run the adapted layers and changes nothing here."""
+        ``forward_id``, so stateful routers count it once, also when other forwards ran before this backward), its
+        delivery nodes use that forward's :class:`ForwardAux` (reentrant checkpointing delivers from the recompute),
+        and it records no statistics and keeps the aux record its forward made (see :meth:`record`). The forward is
+        the last one that ran the layer outside a backward pass: a reference forward with the adapter disabled, as in
+        TRL's ``DPOTrainer``, does not run it."""
         origin = self._origins.get(layer_key)
         saved = (self.context, self.forward_aux, self._aux, self._recomputing)
         if origin is not None:
