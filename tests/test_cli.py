@@ -399,3 +399,19 @@ def test_quantizing_the_default_gguf_model_goes_through_a_cached_safetensors_cop
     stamp = (copy / "config.json").stat().st_mtime_ns
     load_base_model(cfg)  # the second load reuses the copy
     assert (copy / "config.json").stat().st_mtime_ns == stamp
+
+
+def test_generate_model_default_means_the_default_model(trained, monkeypatch):
+    """`--model default` names the default model in `generate` as in `eval` (it was taken for a hub id)."""
+    from molora.training import models
+
+    asked = []
+
+    def resolve(model_cfg):
+        asked.append(model_cfg["name_or_path"])
+        raise FileNotFoundError("stop here")
+
+    monkeypatch.setattr(models, "resolve_model", resolve)
+    with pytest.raises(FileNotFoundError, match="stop here"):
+        models.load_adapter_model(trained, model="default")
+    assert asked == [None]  # None: the default model (SmolLM2-135M-Instruct)
