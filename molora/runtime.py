@@ -462,6 +462,11 @@ class MoLoraRuntime:
         if self.context.adapter_names is None and self.batch_adapter_names is not None:
             self.context.adapter_names = self.batch_adapter_names[0]
 
+    @property
+    def recomputing(self) -> bool:
+        """Whether an adapted layer's forward is being re-run by activation checkpointing (see :meth:`recompute`)."""
+        return self._recomputing
+
     def remember_origin(self, layer_key: str) -> None:
         """An adapted layer runs in the current forward (outside a backward pass): what :meth:`recompute` restores."""
         self._origins[layer_key] = (self.context, self.forward_aux)

@@ -455,3 +455,17 @@ def test_molora_inspect_shows_the_ranks_per_expert(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "DR-LoRA ranks per expert" in out and expected in out
     assert any(len(set(s.ranks)) > 1 for s in dr.rank_stats_from_adapter(tmp_path).values())  # heterogeneous
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_routing_frequencies_count_each_token_once_with_activation_checkpointing(batch, use_reentrant):
+    """A layer recomputed in backward observed its tokens a second time (a weighted mean then, since non-reentrant
+    checkpointing may stop before the last layers); the recompute now observes nothing."""
+    model = get_peft_model(make_llama(), _config())
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    model.enable_input_require_grads()
+    model.train()
+    model(**batch).loss.backward()
+    n_valid = int(batch["attention_mask"].sum())
+    states = [m.molora_rank["default"] for m in model.modules() if "default" in getattr(m, "molora_rank", {})]
+    assert states and all(int(state._freq_tokens) == n_valid for state in states)

@@ -194,9 +194,10 @@ class MoLoraLayer(BaseTunerLayer):
         losses: dict[str, torch.Tensor] | None = None,
     ):
         """Record DR-LoRA frequencies, aux losses and statistics; restore the leading shape."""
-        if rank_state is not None and self.training:
-            rank_state.observe(routing, valid)
         runtime = self._molora_runtime
+        if rank_state is not None and self.training and not (runtime is not None and runtime.recomputing):
+            # (activation checkpointing's recompute: the forward observed these tokens)
+            rank_state.observe(routing, valid)
         if runtime is not None:
             out = runtime.record(self._molora_key, adapter_name, router, routing, valid, out, losses)
         return out.reshape(*lead_shape, out.shape[-1])

@@ -196,7 +196,7 @@ class DynamicRankState(nn.Module):
     def observe_weights(self, weights: torch.Tensor, valid: torch.Tensor | None) -> None:
         """Add routing weights ``[T, E]`` of one forward to the step's sums; ``valid[T]`` marks non-padding tokens.
 
-        A layer re-run by activation checkpointing adds its tokens twice, which leaves the mean unchanged.
+        A layer re-run by activation checkpointing does not call it again (``MoLoraRuntime.recomputing``).
         """
         w = weights.detach().float()
         if valid is not None:
