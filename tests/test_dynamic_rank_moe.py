@@ -326,3 +326,17 @@ def test_trainer_with_checkpointing_grows_expert_ranks(tmp_path):
     ranks = torch.cat([b.state.ranks() for b in dr.dynamic_rank_banks(model)])
     assert int(ranks.sum()) == 4 * 4 * 4  # budget: 2 layers x 2 projections x 4 experts x target 4
     assert [h["dr/total_rank"] for h in trainer.state.log_history if "dr/total_rank" in h][-1] == 64
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_frequencies_count_each_token_once_with_activation_checkpointing(use_reentrant):
+    model = get_peft_model(make_moe("mixtral"), _config())
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    model.enable_input_require_grads()
+    inputs = _inputs()
+    model.train()
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    n_valid = int(inputs["attention_mask"].sum())
+    for layer in model.base_model.model.model.layers:
+        for proj in ("gate_up", "down"):
+            assert int(getattr(layer.mlp.experts, f"molora_rank_{proj}")["default"]._freq_tokens) == n_valid

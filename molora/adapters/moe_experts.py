@@ -29,7 +29,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .dynamic_rank import DynamicRankState
-from .layer import MoLoraLayer
+from .layer import MoLoraLayer, _in_backward
 
 EXPERTS_MERGE_ERROR = (
     "Merging LoRA banks into fused MoE experts is not implemented; keep the PeftModel for inference, or call "
@@ -218,7 +218,7 @@ class MoeExpertsLora(nn.Module, MoLoraLayer):
         adapters = [a for a in self.active_adapters if a in self.molora_gate_up_A]
         if self.disable_adapters or not adapters:
             return base(hidden_states, top_k_index, top_k_weights)
-        if self.training:
+        if self.training and not _in_backward():  # (a recompute by activation checkpointing: already observed)
             valid = self._valid_tokens(hidden_states.shape[0], hidden_states.device)
             for adapter_name in adapters:
                 self._observe(adapter_name, top_k_index, top_k_weights, valid)
