@@ -257,7 +257,7 @@ def check_training_values(training: dict[str, Any]) -> dict[str, Any]:
         allowed = typing.get_args(field_type) if union else (field_type,)
         if not set(allowed) <= set(_TYPE_WORDS):
             continue
-        if float in allowed and isinstance(value, str):
+        if float in allowed and str not in allowed and isinstance(value, str):
             try:
                 value = out[key] = float(value)
             except ValueError:
