@@ -98,6 +98,16 @@ def _assert_same_training(model, loss, eager, eager_loss, atol=None, tokens=2 * 
         torch.testing.assert_close(torch.tensor(value.load), torch.tensor(eager_stats[name].load), msg=name)
 
 
+def _compiled_like_eager(cfg, mode, backend="eager", atol=None, tokens=2 * 14, **train_kwargs):
+    """Train ``cfg`` eagerly and compiled with ``backend``; check one graph and the same training. Returns
+    ``(eager_model, compiled_model)``."""
+    eager, eager_loss, *_ = _train(cfg, mode, None, **train_kwargs)
+    model, loss, breaks, graphs, _ = _train(cfg, mode, backend, **train_kwargs)
+    assert graphs == 1, breaks
+    _assert_same_training(model, loss, eager, eager_loss, atol=atol, tokens=tokens)
+    return eager, model
+
+
 @pytest.mark.parametrize("mode", ["labels", "logits"])
 def test_compiled_model_is_one_graph_and_trains_like_eager(mode):
     # the default targets: all seven projections of both layers, 14 adapted layers; balance and z losses on
@@ -143,10 +153,7 @@ def test_compiled_logits_loss_trains_the_routers():
 
 def test_compiled_mixture_of_routers_is_one_graph():
     cfg = molora.MoLoraConfig(r=4, num_experts=4, top_k=2, init_lora_weights=False, router="mor")
-    eager, eager_loss, *_ = _train(cfg, "logits", None, mask=None)
-    model, loss, _, graphs, _ = _train(cfg, "logits", "eager", mask=None)
-    assert graphs == 1
-    _assert_same_training(model, loss, eager, eager_loss, tokens=2 * 16)
+    _compiled_like_eager(cfg, "logits", mask=None, tokens=2 * 16)
 
 
 def test_compiled_loss_free_balancing_is_one_graph_and_updates_like_eager():
@@ -198,20 +205,14 @@ def test_compiled_general_loss_path_with_padding_is_one_graph(options):
     # the aux losses outside the fused top-k function, over a padded batch: compiled, they weight the padding rows 0
     # instead of selecting the valid rows (a nonzero, which broke the graph in every layer), with eager's result
     cfg = molora.MoLoraConfig(r=4, num_experts=4, top_k=2, init_lora_weights=False, **options)
-    eager, eager_loss, *_ = _train(cfg, "labels", None)
-    model, loss, breaks, graphs, _ = _train(cfg, "labels", "eager")
-    assert graphs == 1, breaks
-    _assert_same_training(model, loss, eager, eager_loss)
+    _compiled_like_eager(cfg, "labels")
 
 
 def test_compiled_relu_router_is_one_graph_and_adapts_lambda_like_eager():
     # ReMoE: a data-dependent number of experts per token, the L1 loss, and a lambda updated per optimizer step from
     # the sparsity that the compiled forwards observed
     cfg = molora.MoLoraConfig(r=4, num_experts=4, top_k=2, init_lora_weights=False, router="relu")
-    eager, eager_loss, *_ = _train(cfg, "labels", None)
-    model, loss, breaks, graphs, _ = _train(cfg, "labels", "eager")
-    assert graphs == 1, breaks
-    _assert_same_training(model, loss, eager, eager_loss)
+    eager, model = _compiled_like_eager(cfg, "labels")
     for trained in (eager, model):
         trained.molora_on_optimizer_step()
     routers = [m.molora_router["default"] for m in model.modules() if isinstance(m, molora.MoLoraLayer)]
@@ -225,19 +226,13 @@ def test_compiled_expert_choice_with_padding_is_one_graph():
     # expert_choice's capacity counts the real tokens: compiled, every expert takes the top capacity(T) tokens and
     # keeps the first k_c (a tensor), instead of reading the count back to the host (a graph break per layer)
     cfg = molora.MoLoraConfig(r=4, num_experts=4, top_k=2, init_lora_weights=False, router="expert_choice")
-    eager, eager_loss, *_ = _train(cfg, "logits", None)
-    model, loss, breaks, graphs, _ = _train(cfg, "logits", "eager")
-    assert graphs == 1, breaks
-    _assert_same_training(model, loss, eager, eager_loss)
+    _compiled_like_eager(cfg, "logits")
 
 
 @pytest.mark.slow
 def test_inductor_compiled_model_trains_like_eager():
     cfg = molora.MoLoraConfig(r=4, num_experts=4, top_k=2, init_lora_weights=False, z_loss_coef=0.01)
-    eager, eager_loss, *_ = _train(cfg, "labels", None)
-    model, loss, _, graphs, _ = _train(cfg, "labels", "inductor")
-    assert graphs == 1
-    _assert_same_training(model, loss, eager, eager_loss, atol=1e-5)
+    _compiled_like_eager(cfg, "labels", backend="inductor", atol=1e-5)
 
 
 @pytest.mark.parametrize("router", ["topk", pytest.param("soft", marks=pytest.mark.slow)])
@@ -286,10 +281,7 @@ def test_compiled_concat_reduction_and_tuple_outputs_behave_like_eager(recwarn):
         r=4, num_experts=4, top_k=2, init_lora_weights=False, loss_reduction="concat", aux_loss_coef=0.5
     )
     # (with padding: the concatenated rows carry their padding weights)
-    eager, eager_loss, *_ = _train(cfg, "labels", None)
-    model, loss, _, graphs, _ = _train(cfg, "labels", "eager")
-    assert graphs == 1
-    _assert_same_training(model, loss, eager, eager_loss)
+    _compiled_like_eager(cfg, "labels")
     recwarn.clear()
     _train(cfg, "logits", "eager", steps=1)
     assert any("loss_reduction='concat'" in str(w.message) for w in recwarn.list)
