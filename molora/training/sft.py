@@ -177,9 +177,9 @@ def run_sft(recipe: dict[str, Any], default_output_dir: str = "runs/molora-sft",
     from .models import write_base_info
 
     start = time.time()
-    # a resume that cannot work fails before the model loads
-    _resume_arg(
-        recipe["training"].get("resume_from_checkpoint"), recipe["training"].get("output_dir", default_output_dir)
+    # read (and a resume that cannot work fails) before the model loads
+    resume = _resume_arg(
+        recipe["training"].get("resume_from_checkpoint"), recipe["training"].get("output_dir") or default_output_dir
     )
     trainer, ctx = build_trainer(recipe, default_output_dir)
     out_dir = trainer.args.output_dir
@@ -195,7 +195,6 @@ def run_sft(recipe: dict[str, Any], default_output_dir: str = "runs/molora-sft",
         log(format_table(results["eval_before"], "held-out tasks before training (base model):"))
     trainer.model.train()
     results["load_seconds"] = time.time() - start
-    resume = _resume_arg(recipe["training"].get("resume_from_checkpoint"), out_dir)
     if resume is not None:
         from transformers.trainer_utils import get_last_checkpoint
 
