@@ -43,7 +43,6 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -705,12 +704,13 @@ def main(argv: list[str] | None = None) -> int:
         "compiler on CPU)",
     )
     parser.add_argument("--json", default=None, help="also write the table to this JSON file")
+    from .cli import output_parent_problem
+
     args = parser.parse_args(argv)
     problem = device_problem(args.device) or settings_problem(
         **{name: getattr(args, name) for name in SETTING_MINIMUMS}
     )
-    if args.json and not Path(args.json).expanduser().resolve().parent.is_dir():
-        problem = f"--json {args.json!r}: the folder {str(Path(args.json).parent)!r} does not exist"
+    problem = problem or output_parent_problem(args.json, "--json")
     if problem:
         parser.error(problem)
     table = run_benchmarks(

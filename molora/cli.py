@@ -132,10 +132,17 @@ def _push(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_output_parent(path: str | None, option: str) -> None:
-    """Fail before the work when an output file's folder does not exist (not after it)."""
+def output_parent_problem(path: str | None, option: str) -> str | None:
+    """Why an output file cannot be written (its folder does not exist), checked before the work; ``None`` if fine."""
     if path is not None and not Path(path).expanduser().resolve().parent.is_dir():
-        raise FileNotFoundError(f"{option} {path!r}: the folder {str(Path(path).parent)!r} does not exist.")
+        return f"{option} {path!r}: the folder {str(Path(path).parent)!r} does not exist"
+    return None
+
+
+def _check_output_parent(path: str | None, option: str) -> None:
+    problem = output_parent_problem(path, option)
+    if problem:
+        raise FileNotFoundError(f"{problem}.")
 
 
 def _positive_int(text: str) -> int:
