@@ -696,23 +696,17 @@ class MoLoraRuntime:
             inputs = router.aux_inputs(routing, valid)
             losses = {} if concat else type(router).aux_losses(inputs, config.balance_loss_type, need)
         compiling = torch.compiler.is_compiling()
-        if not self._recomputing:
+        if not self._recomputing or key not in self._aux:
+            # a recompute keeps its forward's record (it has the same values): the recomputed losses would keep the
+            # recomputed graph, with this layer's activations, alive (non-reentrant checkpointing never runs it).
+            # Without one (none was recorded) it counts the router for the "mean" weights, detached.
+            kept = {name: value.detach() for name, value in losses.items()} if self._recomputing else losses
             self._aux[key] = _AuxRecord(
-                losses=losses,
+                losses=kept,
                 coefs=coefs,
                 inputs=inputs if concat else None,
                 router_cls=type(router),
                 delivers=not compiling,
-            )
-        elif key not in self._aux:
-            # a recompute keeps its forward's record (it has the same values): the recomputed losses would keep the
-            # recomputed graph, with this layer's activations, alive (non-reentrant checkpointing never runs it).
-            # Without one (none was recorded) it counts the router for the "mean" weights, detached.
-            self._aux[key] = _AuxRecord(
-                losses={name: value.detach() for name, value in losses.items()},
-                coefs=coefs,
-                inputs=inputs if concat else None,
-                router_cls=type(router),
             )
         if compiling or isinstance(losses, _SelfDelivered):
             # self-delivered: their own autograd node delivers the aux gradient when nothing else does
