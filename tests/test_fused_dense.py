@@ -6,7 +6,8 @@ gradient; ``dense_topk_layer`` (the same with the top-k router's function, as on
 in sequence, for every loss setting, gradient source and set of trainable inputs.
 Layer level: a model whose layers take the fused path gives the same loss and gradients as the naive reference
 kernel (Llama and GPT-2's Conv1D, a router with extra null-expert columns, DR-LoRA masks), and the layer falls back
-to the general path whenever fusing would change the maths (hooks, trainable base weights, dropout, autocast).
+to the general path whenever fusing would change the maths (hooks, trainable base weights, dropout, mixed dtypes); in
+an autocast region it casts its operands as autocast does and agrees with the general path there.
 """
 
 from __future__ import annotations
@@ -271,7 +272,8 @@ def test_fusion_falls_back_when_it_would_change_the_maths():
     assert layer._fusion_plan(x, "default") is None
     layer.kernel["default"] = "auto"
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert layer._fusion_plan(x, "default") is None
+        # fused, with the operands cast to the region's dtype (test_autocast_fused_layer_matches_the_general_path)
+        assert layer._fusion_plan(x.double(), "default")[2] == torch.bfloat16
     handle = layer.base_layer.register_forward_hook(lambda *a: None)
     assert layer._fusion_plan(x, "default") is None  # a hook on the base layer must see its call
     handle.remove()
@@ -282,6 +284,44 @@ def test_fusion_falls_back_when_it_would_change_the_maths():
     assert layer._fusion_plan(x, "default") is None  # the experts would see another input than the base
     layer.molora_dropout["default"].eval()
     assert layer._fusion_plan(x, "default") is not None
+
+
+@pytest.mark.parametrize("base_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("make", [make_llama, make_gpt2])
+def test_autocast_fused_layer_matches_the_general_path(base_dtype, make, monkeypatch):
+    """Inside ``torch.autocast`` (a trainer's ``bf16=True``) on a bf16 or fp32 base with fp32 adapters (PEFT's
+    ``autocast_adapter_dtype``): the fused path is taken, its products run in bf16 as the general path's do under
+    autocast, the router scores the same input in fp32 in both, so the routing is the same and the fp32 parameters
+    get the same gradients; output and input gradient agree to bf16 rounding (the in-place sums round once, the general
+    path's twice)."""
+    targets = ["q_proj"] if make is make_llama else ["c_attn"]
+    config = MoLoraConfig(r=4, num_experts=4, top_k=2, target_modules=targets, init_lora_weights=False)
+    model = get_peft_model(make().to(base_dtype), config).train()
+    layer = _layer(model)
+    assert layer.molora_A["default"].dtype == torch.float32
+    x0 = torch.randn(3, 5, layer.in_features, generator=torch.Generator().manual_seed(1)).to(base_dtype)
+    weights = torch.linspace(-1, 1, layer.out_features)
+    calls = _count_calls(monkeypatch)
+    results = []
+    for fused in (True, False):
+        handle = None if fused else layer.base_layer.register_forward_hook(lambda *a: None)  # the general path
+        model.zero_grad()
+        x = x0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+        (y.float() * weights).sum().backward()
+        results.append((y, x.grad, {n: p.grad for n, p in layer.named_parameters() if p.requires_grad}))
+        if handle is not None:
+            handle.remove()
+        assert calls == ["base_and_shrink"], calls  # once, by the fused call
+    (y_f, dx_f, grads_f), (y_g, dx_g, grads_g) = results
+    assert y_f.dtype == y_g.dtype == torch.bfloat16
+    torch.testing.assert_close(y_f.float(), y_g.float(), atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(dx_f.float(), dx_g.float(), atol=2e-2, rtol=2e-2)
+    assert grads_f.keys() == grads_g.keys() and len(grads_f) == 3  # A, B, router
+    for name, grad in grads_f.items():
+        assert grad.dtype == torch.float32, name
+        torch.testing.assert_close(grad, grads_g[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_base_hook_still_runs_and_results_agree():

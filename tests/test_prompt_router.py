@@ -74,6 +74,22 @@ def test_pooling_ignores_padding_on_either_side():
     torch.testing.assert_close(pool(x, mask, "last")[1], x[1, 2])
 
 
+@pytest.mark.parametrize("pooler", ["mean", "attn"])
+def test_decision_in_fp32_inside_autocast(pooler):
+    # a trainer's bf16=True: pooling's product and the scoring would run in bf16; the decision is the same as outside
+    torch.manual_seed(0)
+    router = PromptRouter(32, 6, 2, params=PromptParams(pooler=pooler))
+    with torch.no_grad():
+        if router.pool_query is not None:
+            router.pool_query.normal_()
+    x = torch.randn(3, 9, 32).to(torch.bfloat16)
+    prompt = torch.rand(3, 9) > 0.3
+    outside = router.decide(x, prompt)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = router.decide(x, prompt)
+    assert inside.probs.dtype == torch.float32 and torch.equal(inside.probs, outside.probs)
+
+
 def test_attention_pooling_starts_as_the_mean_and_learns_its_query():
     x = torch.randn(2, 5, 4)
     mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)

@@ -21,6 +21,7 @@ from torch import nn
 
 import molora
 from molora import MoLoraConfig, Router, RouterParams, Routing, get_router_class, register_router
+from molora.kernels.fused_router import topk_gates_and_losses
 from molora.routers import SoftParams, SoftRouter, TopKParams, TopKRouter, balancing, topk_routing
 
 # spec/algorithms.md section 0.4
@@ -444,6 +445,33 @@ def test_router_scores_in_fp32_even_when_cast(dtype):
     routing = router(x.to(dtype))
     assert routing.probs.dtype == torch.float32 and routing.logits.dtype == torch.float32
     torch.testing.assert_close(routing.probs, expected, atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(set(molora.ROUTER_REGISTRY) - {"prompt"}))
+def test_routers_compute_in_fp32_inside_autocast(name):
+    """A trainer's ``bf16=True`` runs the forward in ``torch.autocast``, which would compute ``linear``/``matmul`` in
+    bf16: the routers switch it off and route exactly as outside (``test_prompt_router.py`` covers ``"prompt"``)."""
+    torch.manual_seed(3)
+    router = get_router_class(name)(in_features=32, num_experts=6, top_k=2).train()
+    x = torch.randn(40, 32).to(torch.bfloat16)  # a bf16 model's hidden states
+    valid = torch.rand(40) > 0.2
+    outside = router(x, valid)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = router(x, valid)
+    assert inside.probs.dtype == torch.float32
+    assert torch.equal(inside.probs, outside.probs)
+    assert torch.equal(inside.expert_index, outside.expert_index) and torch.equal(inside.weight, outside.weight)
+
+
+def test_fused_topk_losses_in_fp32_inside_autocast():
+    # the balance loss counts tokens with products (`mask @ one_hot`): in bf16 a count of 1001 would round to 1000
+    logits = torch.randn(3000, 4, generator=torch.Generator().manual_seed(0))
+    valid = torch.arange(3000) % 7 != 0
+    outside = topk_gates_and_losses(logits, 2, valid=valid, balance_type="mixtral", z_loss=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = topk_gates_and_losses(logits, 2, valid=valid, balance_type="mixtral", z_loss=True)
+    for a, b in zip(inside, outside, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
 
 
 def test_all_equal_logits_topk_gates_are_uniform():

@@ -17,6 +17,7 @@ from peft.utils.quantization_utils import resolve_quantization_backend
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .._amp import autocast_dtype
 from ..kernels import choose_kernel, expert_delta
 from ..kernels.fused_dense import base_and_shrink, dense_topk_layer, gated_expand_
 from ..kernels.torch_ops import dense_masked_expand, flat_shrink_weight
@@ -229,22 +230,34 @@ class MoLoraLayer(BaseTunerLayer):
             delta = expert_delta(h, weight_A, weight_B, routing, scaling, kernel)
         return self._finish(adapter_name, router, routing, valid, rank_state, delta, lead_shape, losses)
 
-    def _fused_base_forward(
-        self, x: torch.Tensor, adapter_name: str, plan: tuple[nn.Module, torch.Tensor]
-    ) -> torch.Tensor:
+    def _fused_base_forward(self, x: torch.Tensor, adapter_name: str, plan: tuple[nn.Module, torch.Tensor, Any]):
         """Base projection + dense-path experts of one adapter through ``molora.kernels.fused_dense``.
 
         One function computes the base output and the rank activations (and the router's logits when the router is
         a linear scorer on the same fp32 input); the gated expansion is added into the base output in place. Same
         results as :meth:`forward`'s general path, fewer passes over ``[tokens, d]`` tensors in both directions.
-        ``plan``: ``(base layer, A)`` from :meth:`_fusion_plan` (which checked the dense path and the dropout).
+        ``plan``: ``(base layer, A, autocast dtype)`` from :meth:`_fusion_plan` (which checked the dense path and the
+        dropout). In an autocast region the products run in its dtype, as the general path's do: the input, the base
+        weight and the experts are cast to it (differentiably: the fp32 parameters get fp32 gradients) and autocast
+        is switched off inside, so that it cannot recast some products and not the in-place ones; the router scores
+        the uncast input in fp32 (``molora.routers.base``).
         """
-        base, bank = plan
+        base, bank, amp = plan
+        if amp is None:
+            return self._fused_forward(x, adapter_name, base, bank, None)
+        with torch.autocast(x.device.type, enabled=False):
+            return self._fused_forward(x, adapter_name, base, bank, amp)
+
+    def _fused_forward(self, x, adapter_name: str, base: nn.Module, bank: torch.Tensor, amp):
         x_flat, lead_shape, valid, context, weight_A, weight_B, rank_state = self._prepare(x, adapter_name, bank)
         router = self.molora_router[adapter_name]
-        fuse_router = self._router_fusable(x_flat, bank, router)
+        weight, bias, x_in = base.weight, base.bias, x_flat
+        if amp is not None:
+            x_in, weight, weight_A, weight_B = x_flat.to(amp), weight.to(amp), weight_A.to(amp), weight_B.to(amp)
+            bias = bias.to(amp) if bias is not None else None
+        fuse_router = self._router_fusable(x_in, weight_A, router)
         if fuse_router:
-            done = self._dense_topk_forward(adapter_name, base, router, x_flat, weight_A, weight_B, valid)
+            done = self._dense_topk_forward(adapter_name, weight, bias, base, router, x_in, weight_A, weight_B, valid)
             if done is not None:
                 out, routing, losses = done
                 return self._finish(adapter_name, router, routing, valid, rank_state, out, lead_shape, losses)
@@ -252,7 +265,7 @@ class MoLoraLayer(BaseTunerLayer):
         # None with autograd: the function then builds [A_flat | W_router^T] itself
         shrink = self._cached_shrink(adapter_name, weight_A, router_weight, bank)
         out, h, logits = base_and_shrink(
-            x_flat, base.weight, base.bias, weight_A, router_weight, isinstance(base, Conv1D), shrink=shrink
+            x_in, weight, bias, weight_A, router_weight, isinstance(base, Conv1D), shrink=shrink
         )
         losses = None
         if fuse_router:
@@ -263,7 +276,7 @@ class MoLoraLayer(BaseTunerLayer):
         out = gated_expand_(out, h, routing.dense_gates(), b_flat, self.scaling[adapter_name])
         return self._finish(adapter_name, router, routing, valid, rank_state, out, lead_shape, losses)
 
-    def _dense_topk_forward(self, adapter_name, base, router, x_flat, weight_A, weight_B, valid):
+    def _dense_topk_forward(self, adapter_name, weight, bias, base, router, x_flat, weight_A, weight_B, valid):
         """``(out, routing, losses)`` through ``fused_dense.dense_topk_layer`` (base projection, top-k routing with its
         losses, and the experts as one autograd node) when a training forward of a top-k router allows it, else
         ``None``. The caller checked the fused dense path and a linear router on the same fp32 input."""
@@ -283,8 +296,8 @@ class MoLoraLayer(BaseTunerLayer):
             return None
         out, *routed = dense_topk_layer(
             x_flat,
-            base.weight,
-            base.bias,
+            weight,
+            bias,
             weight_A,
             weight_B.reshape(-1, weight_B.shape[-1]),
             router.weight,
@@ -315,6 +328,8 @@ class MoLoraLayer(BaseTunerLayer):
         """:meth:`_can_fuse_router` once the dense path and the dropout are known to allow it."""
         if not x_flat.dtype == weight_A.dtype == router.weight.dtype == torch.float32:
             return False
+        if torch.is_autocast_enabled(x_flat.device.type):
+            return False  # the shared GEMM would run in bf16/fp16: the router's logits must be fp32
         if router._forward_hooks or router._forward_pre_hooks:
             # the fused path never calls router.forward: respect hooks users put on the router
             return False
@@ -332,14 +347,15 @@ class MoLoraLayer(BaseTunerLayer):
         dropout = self.molora_dropout[adapter_name]
         return not (isinstance(dropout, nn.Identity) or not dropout.training or dropout.p == 0)
 
-    def _fusion_plan(self, x: torch.Tensor, adapter_name: str) -> tuple[nn.Module, torch.Tensor] | None:
-        """``(base layer, A)`` when the base projection and the dense path can run as one fused pair
-        (``molora.kernels.fused_dense``), else ``None``.
+    def _fusion_plan(self, x: torch.Tensor, adapter_name: str) -> tuple[nn.Module, torch.Tensor, Any] | None:
+        """``(base layer, A, autocast dtype or None)`` when the base projection and the dense path can run as one fused
+        pair (``molora.kernels.fused_dense``), else ``None``.
 
         Needs a plain ``nn.Linear``/``Conv1D`` base without hooks whose weights do not train, the dense path, no
-        active dropout (the experts must see the base layer's input), one dtype for input, base and bank, and no
-        autocast. What the check fetched is handed to :meth:`_fused_base_forward` (this runs before every layer
-        call, each decode step included, where looking the same modules up again was a visible part of the call).
+        active dropout (the experts must see the base layer's input), and one dtype for input, base and bank or an
+        autocast region (whose dtype the fused path then casts all of them to, as autocast does for the general
+        path's products). What the check fetched is handed to :meth:`_fused_base_forward` (this runs before every
+        layer call, each decode step included, where looking the same modules up again was a visible part of it).
         """
         base = self._plain_base_layer()
         if type(base) not in (nn.Linear, Conv1D) or base._forward_hooks or base._forward_pre_hooks:
@@ -348,17 +364,15 @@ class MoLoraLayer(BaseTunerLayer):
         if weight.requires_grad or (bias is not None and bias.requires_grad):
             return None
         weight_A = self.molora_A[adapter_name]
-        if not x.dtype == weight.dtype == weight_A.dtype:
-            return None
-        if torch.is_autocast_enabled(x.device.type):
-            # autocast would recast some products inside the functions and not the in-place ones
+        amp = autocast_dtype(x.device.type)
+        if amp is None and not x.dtype == weight.dtype == weight_A.dtype:
             return None
         n_tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if self._resolve_kernel(n_tokens, weight_A, self.kernel[adapter_name], x.device) != "dense":
             return None
         if self._dropout_active(adapter_name):
             return None
-        return base, weight_A
+        return base, weight_A, amp
 
     def _batch_adapter_names(self, x: torch.Tensor, adapter_names: list[str] | None) -> list[str] | None:
         """Per-sample adapter names for this call: the ``adapter_names`` kwarg, else the model-level mixed call's."""

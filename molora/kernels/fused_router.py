@@ -51,6 +51,10 @@ def softmax_rows(logits: torch.Tensor) -> torch.Tensor:
 
 def topk_forward(logits, k, renormalize, valid, balance_type, with_z):
     """The forward values, plus what the backward needs: ``(outputs, (mass, mask, inv_n, load, lse))``."""
+    if torch.is_autocast_enabled(logits.device.type):
+        # the loss sums are products (`mask @ probs`): autocast would run them, and round the counts, in bf16/fp16
+        with torch.autocast(logits.device.type, enabled=False):
+            return topk_forward(logits, k, renormalize, valid, balance_type, with_z)
     n_tokens, n_experts = logits.shape
     probs = softmax_rows(logits)
     top_probs, expert_index = probs.topk(k, dim=-1)  # [T, k]

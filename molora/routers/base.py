@@ -8,6 +8,8 @@ with a variable number of experts per token give a variable ``N``. One format se
 
 Routers compute in fp32 whatever the dtype of the adapter or of the input ("selective precision", Switch
 Transformer): softmax over bf16 logits loses the small probability differences that the balancing losses live on.
+This holds inside ``torch.autocast`` regions too (a trainer's ``bf16=True``): :meth:`Router.scores` and the built-in
+routers' other products switch autocast off (``molora._amp``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from .._amp import fp32_linear
 from . import balancing
 
 if TYPE_CHECKING:
@@ -224,7 +227,7 @@ class Router(nn.Module):
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """Router logits ``[T, E]`` in fp32 for tokens ``x[T, d_in]``."""
-        return nn.functional.linear(x.float(), self.weight.float())
+        return fp32_linear(x, self.weight)
 
     def forward(
         self, x: torch.Tensor, valid: torch.Tensor | None = None, context: RoutingContext | None = None

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .._amp import fp32_linear
 from . import balancing
 from .base import Router, RouterParams, Routing, register_router
 from .topk import topk_routing
@@ -116,7 +117,7 @@ class MixtureOfRoutersRouter(Router):
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """All raw scores ``[T, R*E + R]``: the ``R`` sub-routers' logits (flattened), then the main router's."""
         weights = torch.cat([self.weight.unsqueeze(0), self.sub_weight]).reshape(-1, self.in_features)
-        return nn.functional.linear(x.float(), torch.cat([weights, self.main_weight]).float())
+        return fp32_linear(x, torch.cat([weights, self.main_weight]))
 
     def select(self, logits: torch.Tensor, valid: torch.Tensor | None) -> Routing:
         n_routers, n_experts = self.params.num_routers, self.num_experts

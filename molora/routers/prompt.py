@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .._amp import without_autocast
 from . import balancing
 from .base import Router, RouterParams, Routing, register_router
 from .topk import topk_routing
@@ -206,7 +207,8 @@ class PromptRouter(Router):
 
     def decide(self, x: torch.Tensor, prompt: torch.Tensor) -> Routing:
         """The per-sequence decision (steps 1-4 of the module docstring) for ``x[B, S, d_in]``, ``prompt[B, S]``."""
-        pooled = pool(x.float(), prompt, self.params.pooler, query=self.pool_query)
+        with without_autocast(x.device.type):  # the "attn" pooler's product: fp32 like the scoring
+            pooled = pool(x.float(), prompt, self.params.pooler, query=self.pool_query)
         u = _ACTIVATION_FNS[self.params.activation](pooled)
         return self.select(self.scores(u), None)
 
