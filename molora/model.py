@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import get_quantization_kwargs
+from peft.utils.other import AuxiliaryTrainingWrapper
 from peft.utils.quantization_utils import resolve_quantization_backend
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -69,6 +71,16 @@ def _supported_base(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D)) or (
         (backend := resolve_quantization_backend(module)) is not None and backend.layer_type == "linear"
     )
+
+
+def _wrapper_adapter_names(module, args, kwargs, names: list[list[str]]):
+    """Pre-forward hook of a ``modules_to_save`` wrapper in a mixed-adapter call: the per-sample names whose length
+    is the wrapper's batch (beam search repeats the samples in the decoder, not in an encoder)."""
+    if not args or not isinstance(args[0], torch.Tensor) or args[0].dim() == 0:
+        return None
+    batch = args[0].shape[0]
+    chosen = next((n for n in names if len(n) == batch), names[-1])  # else the wrapper reports the mismatch
+    return args, {**kwargs, "adapter_names": chosen}
 
 
 class MoLoraModel(BaseTuner):
@@ -358,10 +370,19 @@ class MoLoraModel(BaseTuner):
             names.insert(0, [n for n in adapter_names for _ in range(num_beams)])
         runtime = self.molora_runtime
         runtime.batch_adapter_names = names
+        # the adapters' own copies of `modules_to_save` (lm_head, a classifier's `score`) take per-sample names too,
+        # through PEFT's wrappers, as for LoRA
+        handles = [
+            module.register_forward_pre_hook(functools.partial(_wrapper_adapter_names, names=names), with_kwargs=True)
+            for module in self.model.modules()
+            if isinstance(module, AuxiliaryTrainingWrapper)
+        ]
         try:
             yield
         finally:
             runtime.batch_adapter_names = None
+            for handle in handles:
+                handle.remove()
 
     # -- MoLoRA API -------------------------------------------------------------------------------------------------
 

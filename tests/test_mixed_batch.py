@@ -79,6 +79,73 @@ def test_mixed_generate_equals_separate_generation(num_beams):
     assert model.base_model.molora_runtime.batch_adapter_names is None
 
 
+def _own_modules_to_save(model):
+    # each adapter's copy of the saved modules gets its own weights (as after training)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            for seed, adapter in enumerate(("alpha", "beta")):
+                if f"modules_to_save.{adapter}." in name:
+                    param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(seed)))
+    return model.eval()
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_mixed_batch_uses_each_adapters_modules_to_save(num_beams):
+    """``modules_to_save`` copies (here ``lm_head``) follow the per-sample names too, as PEFT's LoRA does: each row
+    goes through its adapter's copy (the base model's module for ``"__base__"``), in forward and in generate."""
+    config = dict(r=4, num_experts=4, top_k=2, init_lora_weights=False, task_type="CAUSAL_LM")
+    model = get_peft_model(make_llama(seed=3), MoLoraConfig(modules_to_save=["lm_head"], **config), "alpha")
+    model.add_adapter("beta", MoLoraConfig(modules_to_save=["lm_head"], router="soft", **config))
+    model = _own_modules_to_save(model)
+    input_ids = torch.randint(3, VOCAB, (3, 5), generator=torch.Generator().manual_seed(1))
+    names = ["beta", "__base__", "alpha"]
+    kwargs = dict(max_new_tokens=3, do_sample=False, num_beams=num_beams, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        mixed = model(input_ids=input_ids, adapter_names=names).logits
+        generated = model.generate(input_ids=input_ids, adapter_names=names, **kwargs)
+        for row, name in enumerate(names):
+            torch.testing.assert_close(
+                mixed[row : row + 1], reference_logits(model, input_ids[row : row + 1], name), atol=1e-5, rtol=1e-5
+            )
+            if name == "__base__":
+                with model.disable_adapter():
+                    alone = model.generate(input_ids=input_ids[row : row + 1], **kwargs)
+            else:
+                model.set_adapter(name)
+                alone = model.generate(input_ids=input_ids[row : row + 1], **kwargs)
+            assert torch.equal(generated[row : row + 1], alone), name
+
+
+def test_mixed_batch_classifier_head_per_sample():
+    # task_type="SEQ_CLS" saves the `score` head with each adapter
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    base = LlamaForSequenceClassification(
+        LlamaConfig(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=VOCAB,
+            pad_token_id=0,
+            num_labels=3,
+        )
+    )
+    config = dict(r=4, num_experts=4, top_k=2, init_lora_weights=False, task_type="SEQ_CLS")
+    model = get_peft_model(base, MoLoraConfig(**config), "alpha")
+    model.add_adapter("beta", MoLoraConfig(**config))
+    model = _own_modules_to_save(model)
+    input_ids = torch.randint(3, VOCAB, (3, 6), generator=torch.Generator().manual_seed(2))
+    names = ["alpha", "beta", "__base__"]
+    with torch.no_grad():
+        mixed = model(input_ids=input_ids, adapter_names=names).logits
+        for row, name in enumerate(names):
+            ref = reference_logits(model, input_ids[row : row + 1], name)
+            torch.testing.assert_close(mixed[row : row + 1], ref, atol=1e-5, rtol=1e-5)
+
+
 def test_mixed_batch_errors():
     model = two_adapter_model()
     input_ids = torch.randint(3, VOCAB, (2, 5))
