@@ -225,6 +225,7 @@ class MoLoraModel(BaseTuner):
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
+        self.molora_runtime.forget_adapter(adapter_name)
         routers = self.model._modules.get(milora.CONTAINER)
         if routers is not None and adapter_name in routers:
             del routers[adapter_name]
@@ -312,6 +313,15 @@ class MoLoraModel(BaseTuner):
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         raise ValueError(MERGE_ERROR)
+
+    def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
+        """Not supported (PEFT's LoRA method): raises a ``ValueError`` saying why and what to use instead."""
+        raise ValueError(
+            "`add_weighted_adapter` is not supported for MoLoRA adapters: it builds one LoRA from weighted sums of "
+            "the adapters' A/B matrices, but a MoLoRA adapter is a bank of experts mixed per token by its own router, "
+            "so no weighted sum of banks reproduces a mix of adapters. To serve several adapters at once, pass "
+            "`adapter_names=` (one per sample) to `forward`/`generate`; to combine them, train a new adapter."
+        )
 
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
         if merge:

@@ -822,6 +822,20 @@ class MoLoraRuntime:
             out[key] = summarize_row(totals)
         return out
 
+    def forget_adapter(self, adapter_name: str) -> None:
+        """Drop what is held for a deleted adapter: its statistics (counted or waiting), the last forward's aux records
+        and module-mode decisions. A new adapter of the same name then starts clean (it may have other shapes)."""
+
+        def keep(records: dict) -> dict:
+            return {key: value for key, value in records.items() if key[1] != adapter_name}
+
+        self._pending, self._totals = keep(self._pending), keep(self._totals)
+        self._deferred = [keep(records) for records in self._deferred]
+        self.milora_decisions = keep(self.milora_decisions)
+        for key in [key for key in self._aux if key[1] == adapter_name]:
+            del self._aux[key]
+        self.forward_aux._weights.pop(adapter_name, None)
+
     def reset_stats(self) -> None:
         """Forget all accumulated routing statistics."""
         self._pending = {}

@@ -531,6 +531,38 @@ def test_delete_adapter(batch):
     assert all(":" not in key for key in model.get_routing_stats())
 
 
+def test_add_weighted_adapter_refuses_clearly():
+    model = get_peft_model(make_llama(), MoLoraConfig(num_experts=2, top_k=1, target_modules=["q_proj"]))
+    model.add_adapter("second", MoLoraConfig(num_experts=2, top_k=1, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="add_weighted_adapter.*not supported.*adapter_names="):
+        model.add_weighted_adapter(["default", "second"], [0.5, 0.5], "combined")
+    assert list(model.peft_config) == ["default", "second"]
+
+
+def test_deleted_adapter_leaves_no_statistics_behind(batch):
+    """A deleted adapter's routing statistics go with it; a new adapter of that name (other shapes) starts clean."""
+    model = get_peft_model(make_llama(), MoLoraConfig(num_experts=2, top_k=1, target_modules=["q_proj"]))
+    model.add_adapter("second", MoLoraConfig(num_experts=4, top_k=2, target_modules=["q_proj"]))
+    model.eval()
+    n_rows = batch["input_ids"].shape[0]
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], adapter_names=["second"] * n_rows)  # counted, not yet reduced
+        model.set_adapter("second")
+        model(input_ids=batch["input_ids"])
+    assert model.get_routing_stats(adapter_name="second")
+    model(input_ids=batch["input_ids"][:1])  # a record waiting when the adapter goes
+    model.delete_adapter("second")
+    assert all(":" not in key for key in model.get_routing_stats())  # only "default" is left
+    model.add_adapter("second", MoLoraConfig(num_experts=3, top_k=1, target_modules=["q_proj"]))
+    assert model.get_routing_stats(adapter_name="second") == {}
+    model.set_adapter("second")
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"])
+    stats = model.get_routing_stats(adapter_name="second")
+    n_tokens = batch["input_ids"].numel()
+    assert {len(s.load) for s in stats.values()} == {3} and {s.tokens for s in stats.values()} == {n_tokens}
+
+
 def test_encoder_sequence_classification_with_modules_to_save(tmp_path):
     from transformers import BertConfig, BertForSequenceClassification
 
