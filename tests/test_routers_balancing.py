@@ -119,6 +119,26 @@ def test_topk_bias_update_direction_padding_and_eval_freeze():
     torch.testing.assert_close(router.selection_bias, torch.tensor([-0.01, -0.01, 0.01, 0.01]))
 
 
+@pytest.mark.parametrize("cast", ["to_bf16", "half"])
+def test_topk_bias_stays_fp32_when_the_model_is_cast(cast):
+    """``model.to(bf16)``/``.half()`` cast parameters and buffers; a bf16 bias would round away its updates (0.001 is
+    below bf16's spacing from 0.25 on) and freeze. The selection bias keeps fp32 and keeps moving."""
+    model = get_peft_model(make_llama(), MoLoraConfig(num_experts=4, top_k=1, router="topk_bias"))
+    model = model.to(torch.bfloat16) if cast == "to_bf16" else model.half()
+    routers = [m.molora_router["default"] for m in model.modules() if isinstance(m, MoLoraLayer)]
+    router = routers[0]
+    assert router.weight.dtype != torch.float32  # the parameters are cast as LoRA's are
+    assert {r.selection_bias.dtype for r in routers} == {torch.float32}
+    router.selection_bias.fill_(0.3)
+    router.train()
+    x = torch.zeros(4, router.in_features, dtype=router.weight.dtype)
+    x[:, 0] = 1.0
+    router(x)
+    router.on_optimizer_step()
+    moved = router.selection_bias - 0.3
+    assert moved.abs().max() > 0 and torch.allclose(moved.abs(), torch.full((4,), 0.001), atol=1e-6)
+
+
 def test_step_accumulator_counts_a_recomputed_forward_once():
     acc = StepAccumulator()
     acc.add(torch.tensor([1.0, 2.0]), forward_id=7)

@@ -88,6 +88,14 @@ class TopKBiasRouter(Router):
         self._loads = StepAccumulator()
         self.last_max_violation: torch.Tensor | None = None
 
+    def _apply(self, fn, recurse: bool = True):
+        # `model.to(torch.bfloat16)` / `.half()` cast buffers too: the bias would then lose its updates (u = 1e-3 is
+        # below bf16's spacing from 0.25 on) and stop moving. Devices move; the dtype stays fp32
+        super()._apply(fn, recurse)
+        if self.selection_bias.dtype != torch.float32:
+            self.selection_bias = self.selection_bias.float()
+        return self
+
     def affinities(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(s, probs)``: the affinities ``s[T, E]`` and their normalisation ``probs = s / sum_e s``."""
         if self.params.score_function == "softmax":
