@@ -324,6 +324,39 @@ def test_autocast_fused_layer_matches_the_general_path(base_dtype, make, monkeyp
         torch.testing.assert_close(grad, grads_g[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_fp32_adapters_on_a_bf16_base_share_the_router_gemm(monkeypatch):
+    """A bf16 model with fp32 adapters (PEFT's default ``autocast_adapter_dtype``, e.g. ``PeftModel.from_pretrained``
+    on a bf16 base): the input is cast to fp32 once and the router's logits come out of the experts' GEMM, with the
+    results of the router scoring on its own (which a hook on the router forces)."""
+    config = MoLoraConfig(r=4, num_experts=4, top_k=2, target_modules=["q_proj"], init_lora_weights=False)
+    model = get_peft_model(make_llama().to(torch.bfloat16), config).train()
+    layer = _layer(model)
+    router = layer.molora_router["default"]
+    assert layer.molora_A["default"].dtype == torch.float32 and layer.base_layer.weight.dtype == torch.bfloat16
+    x0 = torch.randn(3, 5, layer.in_features, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    weights = torch.linspace(-1, 1, layer.out_features)
+    scored, results = [], []
+    scores = router.scores
+    monkeypatch.setattr(router, "scores", lambda x: scored.append(1) or scores(x))
+    for shared in (True, False):
+        handle = router.register_forward_hook(lambda *a: None) if not shared else None
+        model.zero_grad()
+        x = x0.clone().requires_grad_()
+        y = layer(x)
+        (y.float() * weights).sum().backward()
+        results.append((y, x.grad, {n: p.grad for n, p in layer.named_parameters() if p.requires_grad}))
+        if handle is not None:
+            handle.remove()
+        assert len(scored) == (0 if shared else 1)  # the router scored on its own only when it had to
+    (y_s, dx_s, grads_s), (y_r, dx_r, grads_r) = results
+    assert y_s.dtype == torch.bfloat16
+    torch.testing.assert_close(y_s.float(), y_r.float(), atol=1e-2, rtol=1e-2)  # one bf16 rounding at most
+    torch.testing.assert_close(dx_s.float(), dx_r.float(), atol=1e-2, rtol=1e-2)
+    assert len(grads_s) == 3
+    for name, grad in grads_s.items():
+        torch.testing.assert_close(grad, grads_r[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
 def test_base_hook_still_runs_and_results_agree():
     config = MoLoraConfig(r=4, num_experts=4, top_k=2, target_modules=["q_proj"], init_lora_weights=False)
     model = get_peft_model(make_llama(), config).eval()

@@ -216,12 +216,17 @@ class MoLoraLayer(BaseTunerLayer):
         router = self.molora_router[adapter_name]
         scaling, kernel = self.scaling[adapter_name], self.kernel[adapter_name]
         losses = None
-        if self._can_fuse_router(x_flat, adapter_name, kernel):
+        x_in = x_flat
+        if x_flat.dtype != weight_A.dtype == torch.float32:
+            # a bf16/fp16 model with fp32 adapters (PEFT's `autocast_adapter_dtype`): experts and router both read x in
+            # fp32; cast it once, so that the router's scoring can share the experts' GEMM
+            x_in = self._cast_input_dtype(x_flat, torch.float32)
+        if self._can_fuse_router(x_in, adapter_name, kernel):
             # the dense path with the router's scoring in the same GEMM: x @ [A_flat | W_router^T]
             shrink = self._cached_shrink(adapter_name, weight_A, router.weight)
             if shrink is None:
                 shrink = flat_shrink_weight(weight_A, router.weight)
-            h, logits = _split_shrink(x_flat @ shrink, weight_A)
+            h, logits = _split_shrink(x_in @ shrink, weight_A)
             routing, losses = self._select(adapter_name, router, logits, valid)
             delta = dense_masked_expand(h, weight_B, routing, scaling)
         else:
