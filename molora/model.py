@@ -73,6 +73,18 @@ def _supported_base(module: nn.Module) -> bool:
     )
 
 
+def _loss_shifts_labels(model: nn.Module) -> bool:
+    """Whether ``model``'s own loss shifts the labels (a decoder-only causal LM), as ``transformers.Trainer`` decides
+    it when it counts ``num_items_in_batch``."""
+    try:
+        from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+    except ImportError:  # older transformers: count as a causal LM
+        return True
+    config = getattr(model, "config", None)
+    causal = LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss
+    return causal and not getattr(config, "is_encoder_decoder", False)
+
+
 def _wrapper_adapter_names(module, args, kwargs, names: list[list[str]]):
     """Pre-forward hook of a ``modules_to_save`` wrapper in a mixed-adapter call: the per-sample names whose length
     is the wrapper's batch (beam search repeats the samples in the decoder, not in an encoder)."""
@@ -122,6 +134,7 @@ class MoLoraModel(BaseTuner):
         """The routing context / aux-loss collector / statistics object shared by this model's layers."""
         if self._molora_runtime_obj is None:
             self._molora_runtime_obj = MoLoraRuntime(self.peft_config)
+            self._molora_runtime_obj.loss_shifts_labels = _loss_shifts_labels(self.model)
         return self._molora_runtime_obj
 
     def _install_hooks(self) -> None:
@@ -399,7 +412,8 @@ class MoLoraModel(BaseTuner):
     def molora_aux_loss(self, adapter_name: str | None = None) -> torch.Tensor | None:
         """The weighted auxiliary loss ``sum(coef * loss)`` of the last forward (``None`` if none was computed).
 
-        This is what was added to ``outputs.loss``. Aux losses are computed when autograd is on or labels are
+        This is what was added to ``outputs.loss`` (weighted by the micro-batch's share of ``num_items_in_batch``
+        when a trainer passed that, see the README). Aux losses are computed when autograd is on or labels are
         passed, and never in cached decode steps. The routers receive the aux-loss gradient in every backward pass
         through the model's outputs, however the loss is computed: through ``outputs.loss``, through this tensor
         when a custom loop adds it to its own loss, and otherwise from the layers themselves (for trainers that

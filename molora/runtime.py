@@ -17,6 +17,11 @@ The built-in top-k router needs no attachment: its losses come out of the same a
 the same ``d(coef * loss)`` from :class:`_MissingAuxGrads` (one autograd node less per layer). This state belongs to
 each forward (:class:`ForwardAux`), so another forward before the backward (a reference forward with the adapter
 disabled, as in TRL's ``DPOTrainer``, or two forwards entering one loss) does not change what the first delivers.
+"Nothing reached ``outputs.loss``" means no gradient at all (DDP with ``find_unused_parameters`` hands an unused
+output ``None``), not a zero one. Trainers' normalisations: with ``num_items_in_batch`` (``transformers.Trainer``) the
+aux term in ``outputs.loss`` is weighted by this forward's share of those label tokens, and the layers' delivery is
+divided by the trainer's accumulation steps (:class:`ForwardAux`), so an optimizer step applies ``coef *`` the mean
+aux loss of its micro-batches.
 
 Under ``torch.compile`` the layers' part is traced into the model's graph: :meth:`MoLoraRuntime.record` stores the
 statistics and losses (dict stores, which Dynamo replays) and attaches nothing, since an attachment's backward reads
@@ -190,6 +195,27 @@ def summarize_sums(
     )
 
 
+def _loss_share(kwargs: Mapping[str, Any], shifts_labels: bool) -> torch.Tensor | None:
+    """``labels != -100`` tokens of this forward over ``num_items_in_batch`` (the trainer's count over all
+    micro-batches of the optimizer step, and over all processes with ``average_tokens_across_devices``), when the
+    trainer passed it; counted as ``transformers.Trainer`` counts them (``shift_labels``, else ``labels[..., 1:]``
+    for a causal LM)."""
+    total = kwargs.get("num_items_in_batch")
+    labels = kwargs.get("shift_labels")
+    if labels is None:
+        labels = kwargs.get("labels")
+        if isinstance(labels, torch.Tensor) and shifts_labels:
+            labels = labels[..., 1:]
+    if total is None or not isinstance(labels, torch.Tensor):
+        return None
+    if isinstance(total, torch.Tensor):
+        if total.numel() != 1:
+            return None  # DataParallel's per-device copies: no single normaliser
+        total = total.reshape(()).to(labels.device)
+    mine = labels.ne(-100).sum()
+    return mine / torch.as_tensor(total, device=labels.device).clamp_min(1)
+
+
 class _LossProbe(torch.autograd.Function):
     """Identity on a loss that contains the aux loss; records the gradient scale arriving at it during backward.
 
@@ -199,12 +225,18 @@ class _LossProbe(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, loss, forward_aux, delivers):  # noqa: D102
+        # no zeros for a loss that got no gradient: DDP's output node (with `find_unused_parameters`) passes "none" to
+        # an unused `outputs.loss`, which must not count as having delivered the aux gradient (at a scale of 0)
+        ctx.set_materialize_grads(False)
         ctx.forward_aux = forward_aux
         ctx.delivers = delivers
-        return loss.view_as(loss)
+        # a copy, not a view: trainers scale the loss in place (`loss *= num_processes`), forbidden on a view
+        return loss.clone()
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
+        if grad is None:
+            return None, None, None
         state = ctx.forward_aux
         state.loss_grad = grad.detach()
         state.delivered = state.delivered or ctx.delivers
@@ -338,27 +370,40 @@ class ForwardAux:
             keeps the record its forward made, see :meth:`MoLoraRuntime.record`).
         delivered: the aux gradient already reached the routers through ``outputs.loss`` or ``molora_aux_loss()``.
         loss_grad: the gradient that arrived at ``outputs.loss`` (the scale of the fallback delivery), once known.
+        share: this forward's share of the loss normaliser when the trainer passed ``num_items_in_batch`` (its label
+            tokens over that count; see :func:`_loss_share`), which scales the aux term added to ``outputs.loss``.
+        accumulation_steps: micro-batches per optimizer step (``MoLoraCallback`` sets it from the trainer's
+            arguments), dividing the fallback delivery when no gradient reached ``outputs.loss``.
     """
 
-    __slots__ = ("peft_config", "records", "delivered", "loss_grad", "_weights")
+    __slots__ = ("peft_config", "records", "delivered", "loss_grad", "share", "accumulation_steps", "_weights")
 
-    def __init__(self, peft_config: dict) -> None:
+    def __init__(self, peft_config: dict, share: torch.Tensor | None = None, accumulation_steps: int = 1) -> None:
         self.peft_config = peft_config
         self.records: dict[tuple[str, str], _AuxRecord] = {}
         self.delivered = False
         self.loss_grad: torch.Tensor | None = None
+        self.share = share
+        self.accumulation_steps = accumulation_steps
         self._weights: dict[str, dict[str, float]] = {}
 
     def fallback_grads(self, adapter_name: str, specs) -> list[torch.Tensor]:
-        """``d(weight * loss)/d(loss)`` for one router's losses that received no gradient, scaled like ``outputs.loss``
-        was when that is known; ``specs`` are ``(loss name, (shape, dtype, device))`` pairs."""
+        """``d(weight * loss)/d(loss)`` for one router's losses that received no gradient; ``specs`` are ``(loss name,
+        (shape, dtype, device))`` pairs. Scaled like the aux term inside ``outputs.loss`` was when that loss got a
+        gradient (``loss_grad``, times ``share``), else by ``1 / accumulation_steps`` (a trainer that computes its own
+        loss: the aux loss is then averaged over the micro-batches of an optimizer step, as TRL does for MoE
+        models)."""
         weights = self.weights(adapter_name)
         scale = self.loss_grad
+        if scale is not None and self.share is not None:
+            scale = scale * self.share.to(scale.device)
         grads = []
         for name, (shape, dtype, device) in specs:
             g = torch.full(shape, weights.get(name, 0.0), dtype=dtype, device=device)
             if scale is not None:
                 g = g * scale.to(device=device, dtype=dtype)
+            elif self.accumulation_steps != 1:
+                g = g / self.accumulation_steps
             grads.append(g)
         return grads
 
@@ -408,6 +453,10 @@ class MoLoraRuntime:
         self._warned_concat = False
         # [B, P] prompt positions set by `prompt_mask()`, published to the routers as `RoutingContext.prompt_mask`
         self._prompt_override: torch.Tensor | None = None
+        # how a trainer normalises: causal-LM losses shift the labels (counted like `Trainer._get_num_items_in_batch`),
+        # and micro-batches per optimizer step (set by MoLoraCallback for the fallback delivery; see ForwardAux)
+        self.loss_shifts_labels = True
+        self.accumulation_steps = 1
         # per-sample adapter names of a mixed-adapter call (MoLoraModel._enable_peft_forward_hooks): candidate lists,
         # the first whose length equals a layer's batch size applies (beam search repeats the samples)
         self.batch_adapter_names: list[list[str]] | None = None
@@ -434,7 +483,8 @@ class MoLoraRuntime:
                 self._pending = {}
         else:
             self.commit_stats()
-        self.forward_aux = ForwardAux(self.peft_config)
+        share = _loss_share(kwargs, self.loss_shifts_labels)
+        self.forward_aux = ForwardAux(self.peft_config, share, self.accumulation_steps)
         self._aux = self.forward_aux.records
         self.generation += 1
         input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
@@ -563,6 +613,12 @@ class MoLoraRuntime:
         aux = self.aux_loss()
         if aux is None:
             return output
+        share = self.forward_aux.share
+        if share is not None:
+            # the trainer divides the loss by all micro-batches' label tokens (`num_items_in_batch`) and then neither
+            # averages over the micro-batches nor (with `average_tokens_across_devices`) over the processes: weighting
+            # each micro-batch's mean aux loss by its share of those tokens averages it over both
+            aux = aux * share.to(device=aux.device, dtype=aux.dtype)
         new_loss = loss + aux.to(loss.dtype)
         if torch.is_grad_enabled() and new_loss.requires_grad:
             new_loss = _LossProbe.apply(new_loss, self.forward_aux, aux.requires_grad)

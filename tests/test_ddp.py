@@ -112,6 +112,63 @@ def test_two_process_cpu_ddp_keeps_balancing_biases_identical(tmp_path):
     assert any(b.abs().sum() > 0 for b in rank0.values())  # and the biases did move
 
 
+AUX_SCRIPT = """
+import sys, torch, torch.distributed as dist, torch.nn.functional as F
+from peft import get_peft_model
+from torch.nn.parallel import DistributedDataParallel
+sys.path.insert(0, {tests!r})
+from conftest import make_llama
+import molora
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+ids = torch.randint(3, 90, (2, 12), generator=torch.Generator().manual_seed(100 + rank))  # different data per process
+
+def model():
+    config = molora.MoLoraConfig(r=4, num_experts=4, top_k=2, aux_loss_coef=0.01, z_loss_coef=1e-3)
+    return get_peft_model(make_llama(), config).train()  # B = 0: the routers' gradient is the aux gradient alone
+
+def backward(net, source):
+    out = net(input_ids=ids, labels=ids)  # outputs.loss exists (with the aux term) in both cases
+    if source == "logits":  # a trainer that computes its own loss (TRL's SFTTrainer)
+        logits = out.logits[:, :-1]
+        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).backward()
+    else:
+        out.loss.backward()
+
+def router_grads(net):
+    return torch.cat([p.grad.flatten() for n, p in net.named_parameters() if "molora_router" in n])
+
+results = {{}}
+for source in ("logits", "loss"):
+    reference = model()
+    backward(reference, source)
+    expected = router_grads(reference)
+    dist.all_reduce(expected)
+    for unused in (False, True):
+        net = model()
+        backward(DistributedDataParallel(net, find_unused_parameters=unused), source)
+        results[source, unused] = (router_grads(net), expected / world)
+torch.save(results, {out!r}.format(rank))
+"""
+
+
+@pytest.mark.skipif(not ACCELERATE.exists() and shutil.which("accelerate") is None, reason="needs accelerate")
+def test_two_process_ddp_delivers_the_aux_gradient_with_unused_outputs(tmp_path):
+    """DDP with ``find_unused_parameters`` (what transformers picks for a PeftModel) hands an unused
+    ``outputs.loss`` no gradient; the aux gradient must then come from the layers (it was dropped: zero router
+    gradients under TRL's SFTTrainer). Every case equals the process-averaged gradient of an unwrapped model."""
+    import torch
+
+    _launch_two_processes(tmp_path / "aux.py", AUX_SCRIPT, str(tmp_path / "aux{}.pt"))
+    for rank in (0, 1):
+        results = torch.load(tmp_path / f"aux{rank}.pt")
+        assert len(results) == 4
+        for case, (got, expected) in results.items():
+            assert expected.abs().max() > 1e-5
+            torch.testing.assert_close(got, expected, atol=1e-7, rtol=1e-5, msg=str(case))
+
+
 MODULE_SCRIPT = """
 import sys, torch
 from accelerate import Accelerator

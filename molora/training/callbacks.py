@@ -30,13 +30,39 @@ def molora_on_optimizer_step(model: nn.Module) -> int:
     return found
 
 
+def _set_accumulation_steps(model: nn.Module, steps: int) -> None:
+    from ..model import MoLoraModel
+
+    for module in model.modules():
+        if isinstance(module, MoLoraModel):
+            module.molora_runtime.accumulation_steps = steps
+
+
 class MoLoraCallback(TrainerCallback):
-    """Calls ``molora_on_optimizer_step()`` after every optimizer step of a ``transformers.Trainer``.
+    """Calls ``molora_on_optimizer_step()`` after every optimizer step of a ``transformers.Trainer``, and tells the
+    model the trainer's ``gradient_accumulation_steps`` for the duration of training.
 
     ``transformers`` fires ``on_optimizer_step`` right after ``optimizer.step()``, once per gradient-accumulation
     cycle and on every rank, which is what the stateful routers need (their counts are summed over the cycle's
     micro-batches and all-reduced over ranks). Harmless for stateless routers.
+
+    The accumulation steps matter to trainers that compute their own loss (TRL's ``SFTTrainer``): the routers' aux
+    gradient is then delivered by the layers themselves, once per micro-batch, and is divided by the steps so that an
+    optimizer step applies ``coef *`` the micro-batches' mean aux loss, whatever the accumulation (as TRL averages the
+    aux loss of MoE models). Through ``outputs.loss`` (``transformers.Trainer``) that needs no callback.
     """
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any):
+        """Publish ``args.gradient_accumulation_steps`` to the model's runtime."""
+        if model is not None:
+            _set_accumulation_steps(model, max(1, int(getattr(args, "gradient_accumulation_steps", 1) or 1)))
+        return control
+
+    def on_train_end(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any):
+        """Back to one micro-batch per step (a later custom loop scales its own loss)."""
+        if model is not None:
+            _set_accumulation_steps(model, 1)
+        return control
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any):
         """Update the routers' per-step state of ``model`` (the trainer passes its model)."""
