@@ -36,6 +36,7 @@ in a separate call from the timing (the mode slows the call down).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import statistics
@@ -96,6 +97,7 @@ class BenchTable:
     warmup: int = 0
     device: str = "cpu"
     dtype: str = "float32"
+    amp: bool = False
     torch_version: str = torch.__version__
 
     def to_dict(self) -> dict:
@@ -279,6 +281,19 @@ def _adapt(model: nn.Module, config) -> nn.Module:
     return model
 
 
+def _build(model: nn.Module, config, device: str, dtype: torch.dtype, amp: bool) -> nn.Module:
+    """``model`` adapted with ``config`` on ``device``: everything in ``dtype``, or with ``amp`` the base model in
+    ``dtype`` and the adapter in fp32, as PEFT keeps it on a low-precision base (``autocast_adapter_dtype``)."""
+    if amp:
+        return _adapt(model.to(device, dtype), config).to(device)
+    return _adapt(model, config).to(device, dtype)
+
+
+def _autocast(device: str, dtype: torch.dtype, amp: bool):
+    """``torch.autocast`` in ``dtype`` with ``amp`` (a trainer's ``bf16=True``/``fp16=True``), else no context."""
+    return torch.autocast(torch.device(device).type, dtype=dtype) if amp else contextlib.nullcontext()
+
+
 def _auto_kernel(model: nn.Module, tokens: int) -> str:
     from .adapters.layer import MoLoraLayer
     from .kernels import choose_kernel
@@ -302,17 +317,18 @@ def bench_layer(
     repeats: int,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
+    amp: bool = False,
 ) -> list[BenchRow]:
-    """Forward + backward of one adapted ``width x width`` projection on ``tokens`` tokens, per candidate."""
+    """Forward + backward of one adapted ``width x width`` projection on ``tokens`` tokens, per candidate (``amp``: see
+    :func:`run_benchmarks`)."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(tokens, width, generator=gen).to(device, dtype)
     upstream = torch.randn(tokens, width, generator=gen).to(device, dtype)
     steps, models = {}, {}
     for candidate in candidates:
         torch.manual_seed(0)
-        model = _adapt(_OneProjection(width), _peft_config(candidate, rank, num_experts, top_k, ["proj"]))
-        # everything, adapters included, in ``dtype`` (PEFT would keep LoRA weights in fp32 on a bf16 base)
-        model.to(device, dtype).train()
+        config = _peft_config(candidate, rank, num_experts, top_k, ["proj"])
+        model = _build(_OneProjection(width), config, device, dtype, amp).train()
         models[candidate] = model
         params = [p for p in model.parameters() if p.requires_grad]
 
@@ -320,7 +336,9 @@ def bench_layer(
             for p in params:
                 p.grad = None
             inp = x.detach().requires_grad_(True)
-            (model(inp) * upstream).sum().backward()
+            with _autocast(device, dtype, amp):
+                out = model(inp)
+            (out * upstream).sum().backward()
 
         steps[candidate] = step
     times = _time_interleaved(steps, warmup, repeats)
@@ -378,8 +396,10 @@ def bench_train_step(
     repeats: int,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
+    amp: bool = False,
 ) -> list[BenchRow]:
-    """One training step (forward with labels, backward, AdamW) of a small random Llama, per candidate.
+    """One training step (forward with labels, backward, AdamW) of a small random Llama, per candidate (``amp``: see
+    :func:`run_benchmarks`).
 
     A candidate named ``"<candidate> +compile"`` runs ``torch.compile(model)`` (inductor's default mode), compiled by
     two extra warm-up calls (the first compiles, the second runs with the optimizer state in place)."""
@@ -391,14 +411,14 @@ def bench_train_step(
     for candidate in candidates:
         base_candidate = candidate.removesuffix(COMPILED)
         config = _peft_config(base_candidate, rank, num_experts, top_k, targets)
-        model = _adapt(_small_llama(width, layers, vocab), config)
-        model.to(device, dtype).train()
+        model = _build(_small_llama(width, layers, vocab), config, device, dtype, amp).train()
         models[candidate] = model
         optimizer = optimizers[candidate] = _adamw([p for p in model.parameters() if p.requires_grad])
         forward = torch.compile(model) if candidate.endswith(COMPILED) else model
 
         def step(forward=forward, optimizer=optimizer) -> None:
-            out = forward(input_ids=input_ids, labels=input_ids)
+            with _autocast(device, dtype, amp):
+                out = forward(input_ids=input_ids, labels=input_ids)
             out.loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -439,6 +459,7 @@ def bench_generate(
     repeats: int,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
+    amp: bool = False,
 ) -> list[BenchRow]:
     """Greedy generation of exactly ``new_tokens`` tokens for ``batch`` prompts of ``prompt`` tokens (KV cache on) with
     a small random Llama, per candidate (models in eval mode, no gradient, as ``generate`` runs).
@@ -455,8 +476,8 @@ def bench_generate(
     for candidate in candidates:
         base_candidate = candidate.removesuffix(COMPILED)
         config = _peft_config(base_candidate, rank, num_experts, top_k, targets)
-        model = _adapt(_small_llama(width, layers, vocab), config)
-        model.to(device, dtype).eval()
+        # with `amp`, fp32 adapters on the low-precision base and no autocast: what PeftModel.from_pretrained gives
+        model = _build(_small_llama(width, layers, vocab), config, device, dtype, amp).eval()
         models[candidate] = model
         compiled = candidate.endswith(COMPILED)
         if compiled:
@@ -549,6 +570,7 @@ def run_benchmarks(
     generation: bool = True,
     gen_width: int | None = None,
     torch_compile: bool = False,
+    amp: bool = False,
 ) -> BenchTable:
     """Measure the layer, (unless ``model=False``) the training-step and (unless ``generation=False``) the generation
     benchmarks; return the table.
@@ -573,9 +595,14 @@ def run_benchmarks(
         torch_compile (bool): also time ``torch.compile``-d PEFT LoRA and MoLoRA in the training-step and generation
             benchmarks (compiling takes tens of seconds per model; needs a working inductor backend, i.e. a C++
             compiler on a CPU).
+        amp (bool): mixed precision as trainers run it, for a 16-bit ``dtype``: the base model in ``dtype``, LoRA
+            and MoLoRA adapters in fp32 (PEFT's ``autocast_adapter_dtype``), the layer and training steps under
+            ``torch.autocast(dtype)`` (a trainer's ``bf16=True``); generation without autocast.
     """
     if dtype not in DTYPES:
         raise ValueError(f"`dtype`={dtype!r} is not supported; allowed values: {list(DTYPES)}.")
+    if amp and dtype == "float32":
+        raise ValueError("`amp` needs a 16-bit `dtype` (bfloat16 or float16): the base model's, autocast's.")
     problem = device_problem(device) or settings_problem(
         threads=threads,
         warmup=warmup,
@@ -596,7 +623,9 @@ def run_benchmarks(
     width = width if width is not None else (128 if quick else 2048)
     tokens = tokens if tokens is not None else (32 if quick else 512)
     say = progress or (lambda line: None)
-    table = BenchTable(threads=torch.get_num_threads(), repeats=repeats, warmup=warmup, device=device, dtype=dtype)
+    table = BenchTable(
+        threads=torch.get_num_threads(), repeats=repeats, warmup=warmup, device=device, dtype=dtype, amp=amp
+    )
     layer_candidates = ["lora r·k", "lora r·E", "molora auto", "molora dense", "molora grouped", "naive"]
     if torch.device(device).type == "cuda":
         layer_candidates.insert(-1, "molora triton")
@@ -614,10 +643,11 @@ def run_benchmarks(
             repeats,
             device=device,
             dtype=torch_dtype,
+            amp=amp,
         )
     # the small-Llama benchmarks: E=8, k=2, r=8 against LoRA r=16 and the naive loop, fewer rounds than the layer
     model_args = (8, 8, 2, ["lora r·k", "molora auto", "naive"], max(1, warmup - 1), max(3, repeats // 3))
-    where = {"device": device, "dtype": torch_dtype}
+    where = {"device": device, "dtype": torch_dtype, "amp": amp}
     if model:
         m_width, m_layers, m_batch, m_seq = (64, 2, 2, 16) if quick else (width, 2, 2, 128)
         m_batch = batch if batch is not None else m_batch
@@ -659,7 +689,8 @@ def format_table(table: BenchTable) -> str:
         return "" if value is None else format(value, fmt)
 
     lines = [
-        f"torch {table.torch_version}, device {table.device}, {table.dtype}, {table.threads} threads, "
+        f"torch {table.torch_version}, device {table.device}, {table.dtype}"
+        f"{' (amp: fp32 adapters, autocast)' if table.amp else ''}, {table.threads} threads, "
         f"median of {table.repeats} interleaved rounds after {table.warmup} warm-up calls",
         "",
         "| benchmark | shape | candidate | time (ms) | × LoRA | × naive | peak MiB | mem × LoRA | step MiB "
@@ -703,6 +734,12 @@ def main(argv: list[str] | None = None) -> int:
         help="also time torch.compile'd LoRA and MoLoRA training steps and generation (slow to compile; needs a C++ "
         "compiler on CPU)",
     )
+    parser.add_argument(
+        "--amp",
+        action="store_true",
+        help="with a 16-bit --dtype: base in that dtype, adapters fp32 (PEFT's default), layer and training steps "
+        "under torch.autocast (a trainer's bf16=True)",
+    )
     parser.add_argument("--json", default=None, help="also write the table to this JSON file")
     from .cli import output_parent_problem
 
@@ -711,6 +748,8 @@ def main(argv: list[str] | None = None) -> int:
         **{name: getattr(args, name) for name in SETTING_MINIMUMS}
     )
     problem = problem or output_parent_problem(args.json, "--json")
+    if not problem and args.amp and args.dtype == "float32":
+        problem = "--amp needs --dtype bfloat16 or float16 (the base model's and autocast's dtype)"
     if problem:
         parser.error(problem)
     table = run_benchmarks(
@@ -730,6 +769,7 @@ def main(argv: list[str] | None = None) -> int:
         generation=not args.no_generate,
         gen_width=args.gen_width,
         torch_compile=args.compile,
+        amp=args.amp,
     )
     print(format_table(table))
     if args.json:

@@ -207,6 +207,39 @@ def test_out_of_range_settings_are_clear_errors(capsys, flag, value, name, minim
         bench.run_benchmarks(quick=True, **{name: int(value)})
 
 
+def test_amp_runs_fp32_adapters_on_a_bf16_base_under_autocast(monkeypatch, capsys):
+    """``--amp``: what a trainer's ``bf16=True`` runs (a bf16 base, fp32 adapters as PEFT keeps them, autocast)."""
+    seen = []
+    adapt = bench._adapt
+
+    def spy(model, config):
+        adapted = adapt(model, config)
+        trainable = {p.dtype for p in adapted.parameters() if p.requires_grad}
+        frozen = {p.dtype for p in adapted.parameters() if not p.requires_grad}
+        seen.append((trainable, frozen))
+        return adapted
+
+    monkeypatch.setattr(bench, "_adapt", spy)
+    autocast_dtypes = []
+    project = torch.nn.Linear.forward
+
+    def linear(self, x):
+        autocast_dtypes.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return project(self, x)
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", linear)
+    assert bench.main(["--quick", "--dtype", "bfloat16", "--amp", "--no-generate", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "bfloat16 (amp: fp32 adapters, autocast)" in out and "| train step |" in out
+    assert seen and all(t == {torch.float32} and f == {torch.bfloat16} for t, f in seen)
+    assert autocast_dtypes and set(autocast_dtypes) == {torch.bfloat16}  # every base projection ran under autocast
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--quick", "--amp"])
+    assert exc.value.code == 2 and "--amp needs --dtype bfloat16 or float16" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="`amp` needs a 16-bit `dtype`"):
+        bench.run_benchmarks(quick=True, amp=True)
+
+
 def test_train_step_optimizer_is_the_trainers_default_fused_adamw():
     # transformers.Trainer (and TRL's SFTTrainer) default to optim="adamw_torch_fused"; the bench times the same.
     param = torch.nn.Parameter(torch.randn(4, 3))
