@@ -517,6 +517,13 @@ class MoLoraRuntime:
         """Whether an adapted layer's forward is being re-run by activation checkpointing (see :meth:`recompute`)."""
         return self._recomputing
 
+    @property
+    def observes_nothing(self) -> bool:
+        """Whether per-step training state (DR-LoRA frequencies, stateful routers' loads) must ignore this layer call:
+        activation checkpointing's recompute (the forward counted it) or a call with a KV cache (generation, also in
+        train mode, as RL trainers sample)."""
+        return self._recomputing or self.context.kv_cache
+
     def remember_origin(self, layer_key: str) -> None:
         """An adapted layer runs in the current forward (outside a backward pass): what :meth:`recompute` restores."""
         self._origins[layer_key] = (self.context, self.forward_aux)

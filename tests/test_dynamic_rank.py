@@ -457,6 +457,17 @@ def test_molora_inspect_shows_the_ranks_per_expert(tmp_path, capsys):
     assert any(len(set(s.ranks)) > 1 for s in dr.rank_stats_from_adapter(tmp_path).values())  # heterogeneous
 
 
+def test_generation_in_train_mode_observes_nothing(batch):
+    """RL trainers sample with ``generate`` while the model is in train mode: those tokens are not training data and
+    must not enter the routing frequencies (eval forwards and generation count nothing)."""
+    model = get_peft_model(make_llama(), _config()).train()
+    model(**batch).loss.backward()
+    states = [m.molora_rank["default"] for m in model.modules() if "default" in getattr(m, "molora_rank", {})]
+    counted = [int(state._freq_tokens) for state in states]
+    model.generate(input_ids=batch["input_ids"][1:], max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert model.training and [int(state._freq_tokens) for state in states] == counted
+
+
 @pytest.mark.parametrize("use_reentrant", [False, True])
 def test_routing_frequencies_count_each_token_once_with_activation_checkpointing(batch, use_reentrant):
     """A layer recomputed in backward observed its tokens a second time (a weighted mean then, since non-reentrant

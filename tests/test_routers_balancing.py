@@ -139,6 +139,27 @@ def test_topk_bias_stays_fp32_when_the_model_is_cast(cast):
     assert moved.abs().max() > 0 and torch.allclose(moved.abs(), torch.full((4,), 0.001), atol=1e-6)
 
 
+@pytest.mark.parametrize("router", ["topk_bias", "relu"])
+def test_generation_in_train_mode_leaves_the_step_state_alone(router, batch):
+    """A ``generate`` while the model is in train mode (RL trainers sample so) counts nothing for the next step."""
+
+    def state_after_step(generate):
+        model = get_peft_model(
+            make_llama(), MoLoraConfig(num_experts=4, top_k=2, router=router, target_modules=["q_proj"])
+        )
+        model.train()
+        model(**batch).loss.backward()
+        if generate:
+            other = torch.randint(3, 90, (3, 9), generator=torch.Generator().manual_seed(9))
+            model.generate(input_ids=other, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        model.molora_on_optimizer_step()
+        routers = [m.molora_router["default"] for m in model.modules() if isinstance(m, MoLoraLayer)]
+        return [r.selection_bias.clone() if router == "topk_bias" else r.l1_coef.clone() for r in routers]
+
+    expected = state_after_step(False)
+    assert all(torch.equal(a, b) for a, b in zip(state_after_step(True), expected, strict=True))
+
+
 def test_step_accumulator_counts_a_recomputed_forward_once():
     acc = StepAccumulator()
     acc.add(torch.tensor([1.0, 2.0]), forward_id=7)

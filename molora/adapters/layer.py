@@ -196,8 +196,8 @@ class MoLoraLayer(BaseTunerLayer):
     ):
         """Record DR-LoRA frequencies, aux losses and statistics; restore the leading shape."""
         runtime = self._molora_runtime
-        if rank_state is not None and self.training and not (runtime is not None and runtime.recomputing):
-            # (activation checkpointing's recompute: the forward observed these tokens)
+        if rank_state is not None and self.training and not (runtime is not None and runtime.observes_nothing):
+            # (activation checkpointing's recompute: the forward observed these tokens; a generation in train mode)
             rank_state.observe(routing, valid)
         if runtime is not None:
             out = runtime.record(self._molora_key, adapter_name, router, routing, valid, out, losses)

@@ -218,7 +218,9 @@ class MoeExpertsLora(nn.Module, MoLoraLayer):
         adapters = [a for a in self.active_adapters if a in self.molora_gate_up_A]
         if self.disable_adapters or not adapters:
             return base(hidden_states, top_k_index, top_k_weights)
-        if self.training and not _in_backward():  # (a recompute by activation checkpointing: already observed)
+        runtime = self._molora_runtime
+        generating = runtime is not None and runtime.context.kv_cache  # generation (in train mode) observes nothing
+        if self.training and not _in_backward() and not generating:  # (a recompute: the forward observed it)
             valid = self._valid_tokens(hidden_states.shape[0], hidden_states.device)
             for adapter_name in adapters:
                 self._observe(adapter_name, top_k_index, top_k_weights, valid)
