@@ -494,6 +494,11 @@ class MoLoraRuntime:
         seq = current.shape[1] if current is not None and current.dim() >= 2 else None
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and seq is not None:
             mask = mask[:, mask.shape[1] - seq :] if mask.shape[1] >= seq else None
+        elif isinstance(mask, dict) and seq is not None:
+            # one prepared mask per attention type (Qwen2/3, Gemma2/3 with a static KV cache): a padding token is
+            # masked in every one of them; the full-attention one has every key column
+            masks = [m for m in (mask.get("full_attention"), *mask.values()) if isinstance(m, torch.Tensor)]
+            mask = _token_mask_from_4d(masks[0], past_length, seq) if masks and masks[0].dim() == 4 else None
         elif isinstance(mask, torch.Tensor) and mask.dim() == 4 and seq is not None:
             # a prepared [batch, heads, query, key] mask, as generate() passes with a static KV cache
             mask = _token_mask_from_4d(mask, past_length, seq)

@@ -262,6 +262,37 @@ def test_static_cache_generation_sees_the_padding(attention):
         assert torch.equal(static[i], alone[0])
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "gemma2"])
+def test_static_cache_masks_per_attention_type_see_the_padding(arch):
+    """Qwen2/3 and Gemma2/3 pass a dict of prepared masks (one per attention type) with a static KV cache: the padding
+    must be found there too (the statistics counted it and the padded prompt's decision pooled it)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    sizes = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=96)
+    sizes.update(num_key_value_heads=2, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    torch.manual_seed(0)
+    if arch == "qwen2":
+        base = Qwen2ForCausalLM(Qwen2Config(**sizes))
+    else:
+        base = Gemma2ForCausalLM(Gemma2Config(head_dim=16, sliding_window=4, **sizes))
+    config = MoLoraConfig(
+        r=4, num_experts=4, top_k=2, router="prompt", init_lora_weights=False, target_modules=["q_proj"]
+    )
+    model = get_peft_model(base, config).eval()
+    with torch.no_grad():
+        for router in routers_of(model):
+            router.weight.mul_(8)
+    ids, mask = padded(PROMPTS, "left")
+    model.reset_routing_stats()
+    static = greedy(model, ids, mask, cache_implementation="static")
+    tokens = {s.tokens for s in model.get_routing_stats().values()}
+    assert tokens == {sum(map(len, PROMPTS)) + 3 * 5}
+    assert torch.equal(static, greedy(model, ids, mask))
+    for i, prompt in enumerate(PROMPTS):
+        alone = greedy(model, torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long))
+        assert torch.equal(static[i], alone[0])
+
+
 def test_beam_search_and_changing_batch_sizes_between_calls():
     model = prompt_model()
     ids, mask = padded(PROMPTS, "left")
