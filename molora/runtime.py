@@ -74,6 +74,8 @@ class RoutingContext:
             during backward sees the id of its original forward (stateful routers use it to count once).
         kv_cache (bool): the call passes a KV cache (a generation prefill or decode step; cached decode steps may
             follow this call).
+        cache_ref (weakref or None): a weak reference to that KV cache object (``None`` without one, or for a cache
+            that takes no weak reference): sequence-level routers keep their prefill's decision with it.
         extra (dict): anything else a router may need (the raw forward kwargs are not kept).
     """
 
@@ -85,6 +87,7 @@ class RoutingContext:
     past_length: int | None = 0
     forward_id: int = 0
     kv_cache: bool = False
+    cache_ref: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
     # (attention_mask, its flat bool view) for token_mask: one mask object shared by every layer of a forward
     _flat_mask: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
@@ -504,6 +507,7 @@ class MoLoraRuntime:
             mask = _token_mask_from_4d(mask, past_length, seq)
         else:
             mask = None
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
         self.context = RoutingContext(
             attention_mask=mask,
             is_decode=is_decode,
@@ -512,7 +516,8 @@ class MoLoraRuntime:
             prompt_mask=None if is_decode else self._current_prompt_mask(current),
             past_length=past_length,
             forward_id=self.generation,
-            kv_cache=kwargs.get("cache", kwargs.get("past_key_values")) is not None,
+            kv_cache=cache is not None,
+            cache_ref=_weak_ref(cache),
         )
         if self.context.adapter_names is None and self.batch_adapter_names is not None:
             self.context.adapter_names = self.batch_adapter_names[0]
@@ -949,6 +954,16 @@ def _stats_rows(raws: list[_RawRouting]) -> torch.Tensor:
         return torch.cat(
             [tokens.unsqueeze(1), ent.sum(dim=1, keepdim=True), counts, gate_sums, probs.sum(dim=1)], dim=1
         )
+
+
+def _weak_ref(obj: Any) -> weakref.ref | None:
+    """A weak reference to ``obj``, or ``None`` for ``None`` and objects without weak references (tuples)."""
+    if obj is None:
+        return None
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return None
 
 
 def _token_mask_from_4d(mask: torch.Tensor, past_length: int | None, seq: int) -> torch.Tensor | None:

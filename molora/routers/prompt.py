@@ -203,6 +203,8 @@ class PromptRouter(Router):
             routed = (valid_bs if valid_bs is not None else prompt).any(dim=1)
             length = None if context is None or context.past_length is None else context.past_length + seq
             self._cached = _CachedDecision(sequence=_detached(sequence), routed=routed, length=length)
+            if not torch.compiler.is_compiling():
+                _keep_with_cache(context, self, self._cached)
         return broadcast_to_tokens(sequence, routed, seq)
 
     def decide(self, x: torch.Tensor, prompt: torch.Tensor) -> Routing:
@@ -222,6 +224,12 @@ class PromptRouter(Router):
         self._cached = None
 
     def _read_cache(self, batch: int, context: RoutingContext) -> _CachedDecision:
+        # (compiled code keeps the router's last decision: reading the cache object would break the graph)
+        kept = None if torch.compiler.is_compiling() else _kept_with_cache(context, self)
+        if kept is not None:
+            # the decision of the prefill that filled this very cache (another generation may have run since, with
+            # its own cache: interleaved conversations, a server's requests); it becomes the current one
+            self._cached = kept
         cached = self._cached
         if cached is None:
             raise RuntimeError(
@@ -351,5 +359,30 @@ def _detached(routing: Routing) -> Routing:
         gates=det(routing.dense_gates()),
     )
 
+
+
+#: attribute of a KV cache object holding the prompt routers' decisions of the prefill that filled it
+_CACHE_ATTRIBUTE = "_molora_prompt_decisions"
+
+
+def _keep_with_cache(context: RoutingContext | None, router: PromptRouter, decision: _CachedDecision) -> None:
+    """Attach a prefill's decision to the KV cache object it fills, keyed by router: decode steps of that cache then
+    read their own decision, whatever ran since; a copy of the cache (``copy.deepcopy``, to continue a conversation
+    twice) carries it along."""
+    cache = context.cache_ref() if context is not None and context.cache_ref is not None else None
+    if cache is None:
+        return
+    try:
+        kept = cache.__dict__.setdefault(_CACHE_ATTRIBUTE, {})
+    except AttributeError:  # an object without attributes: the router's last decision is used
+        return
+    kept[id(router)] = decision
+
+
+def _kept_with_cache(context: RoutingContext | None, router: PromptRouter) -> _CachedDecision | None:
+    """The decision :func:`_keep_with_cache` attached to this step's KV cache for ``router``, if any."""
+    cache = context.cache_ref() if context is not None and context.cache_ref is not None else None
+    kept = getattr(cache, "__dict__", {}).get(_CACHE_ATTRIBUTE) if cache is not None else None
+    return kept.get(id(router)) if kept else None
 
 __all__ = ["PromptParams", "PromptRouter", "PromptRouting", "broadcast_to_tokens", "pool", "prompt_positions"]
