@@ -409,6 +409,17 @@ class MoLoraModel(BaseTuner):
 
     # -- MoLoRA API -------------------------------------------------------------------------------------------------
 
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's ``generate`` (what ``PeftModel.generate`` calls), telling the runtime the prompt's
+        length: assisted and prompt-lookup decoding feed candidate tokens with the prompt in their first forward, and
+        routers that route from the prompt must not pool those (``MoLoraRuntime.generating``)."""
+        prompt = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+        if prompt is None:
+            prompt = kwargs.get("inputs_embeds")
+        length = prompt.shape[1] if isinstance(prompt, torch.Tensor) and prompt.dim() >= 2 else None
+        with self.molora_runtime.generating(length):
+            return self.model.generate(*args, **kwargs)
+
     def molora_aux_loss(self, adapter_name: str | None = None) -> torch.Tensor | None:
         """The weighted auxiliary loss ``sum(coef * loss)`` of the last forward (``None`` if none was computed).
 

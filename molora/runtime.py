@@ -456,6 +456,8 @@ class MoLoraRuntime:
         self._warned_concat = False
         # [B, P] prompt positions set by `prompt_mask()`, published to the routers as `RoutingContext.prompt_mask`
         self._prompt_override: torch.Tensor | None = None
+        # the prompt length of the `generate` call running (MoLoraModel.generate), see `generating`
+        self._generation_prompt_length: int | None = None
         # how a trainer normalises: causal-LM losses shift the labels (counted like `Trainer._get_num_items_in_batch`),
         # and micro-batches per optimizer step (set by MoLoraCallback for the fallback delivery; see ForwardAux)
         self.loss_shifts_labels = True
@@ -600,8 +602,26 @@ class MoLoraRuntime:
         finally:
             self._prompt_override = previous
 
+    @contextlib.contextmanager
+    def generating(self, prompt_length: int | None) -> Iterator[None]:
+        """Within a ``generate`` call whose prompt has ``prompt_length`` positions: a first forward that feeds more
+        (assisted or prompt-lookup decoding verify candidate tokens in the same forward as the prompt) routes from
+        those positions only, as an explicit :meth:`prompt_mask` would."""
+        previous = self._generation_prompt_length
+        self._generation_prompt_length = prompt_length
+        try:
+            yield
+        finally:
+            self._generation_prompt_length = previous
+
     def _current_prompt_mask(self, current: torch.Tensor | None) -> torch.Tensor | None:
         override = self._prompt_override
+        length = self._generation_prompt_length
+        if override is None and length is not None and current is not None and current.dim() >= 2:
+            if current.shape[1] > length:
+                positions = torch.arange(current.shape[1], device=current.device) < length
+                return positions.expand(current.shape[0], -1)
+            return None
         if override is None:
             return None
         if current is None or current.dim() < 2:

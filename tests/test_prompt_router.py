@@ -341,6 +341,25 @@ def test_continuing_a_conversation_after_another_keeps_its_own_decision(module_m
     assert not torch.equal(other[:, -4:], right_away[:, -4:])
 
 
+@pytest.mark.parametrize("how", ["prompt_lookup", "assistant"])
+def test_assisted_decoding_routes_from_the_prompt_and_equals_greedy(how):
+    """Assisted and prompt-lookup decoding verify candidate tokens in the same first forward as the prompt, then crop
+    the KV cache to the accepted ones: the decision pools the prompt only (``MoLoraModel.generate`` tells the runtime
+    its length) and survives the crop (it raised, the cache being "shorter than the prefill"). Greedy either way."""
+    model = prompt_model()
+    ids = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7]])  # repeating n-grams: prompt lookup proposes at once
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    if how == "prompt_lookup":
+        extra = {"prompt_lookup_num_tokens": 3}
+    else:
+        extra = {"assistant_model": make_llama(seed=5)}
+    with torch.no_grad():
+        reference = model.generate(input_ids=ids, eos_token_id=None, **kwargs)
+        assisted = model.generate(input_ids=ids, eos_token_id=None, **kwargs, **extra)
+    assert torch.equal(assisted, reference)
+    assert model.base_model.molora_runtime._generation_prompt_length is None  # only during the call
+
+
 def test_decode_step_that_does_not_follow_its_prefill_raises():
     model = prompt_model()
     one, short = torch.tensor([PROMPTS[0]]), torch.tensor([PROMPTS[1]])

@@ -228,7 +228,8 @@ class PromptRouter(Router):
         kept = None if torch.compiler.is_compiling() else _kept_with_cache(context, self)
         if kept is not None:
             # the decision of the prefill that filled this very cache (another generation may have run since, with
-            # its own cache: interleaved conversations, a server's requests); it becomes the current one
+            # its own cache: interleaved conversations, a server's requests); it becomes the current one. The cache
+            # may have been cropped since (assisted decoding rolls back rejected candidates): no length check
             self._cached = kept
         cached = self._cached
         if cached is None:
@@ -248,7 +249,7 @@ class PromptRouter(Router):
         # the step each time (the eager runs of the same model check it)
         if torch.compiler.is_compiling():
             return cached
-        if past is not None and cached.length is not None and past < cached.length:
+        if kept is None and past is not None and cached.length is not None and past < cached.length:
             raise ValueError(
                 f"router='prompt': the KV cache holds {past} tokens but the cached decision was made after a prefill "
                 f"of {cached.length}; the cache comes from another call. Run a new prefill."
@@ -360,7 +361,6 @@ def _detached(routing: Routing) -> Routing:
     )
 
 
-
 #: attribute of a KV cache object holding the prompt routers' decisions of the prefill that filled it
 _CACHE_ATTRIBUTE = "_molora_prompt_decisions"
 
@@ -384,5 +384,6 @@ def _kept_with_cache(context: RoutingContext | None, router: PromptRouter) -> _C
     cache = context.cache_ref() if context is not None and context.cache_ref is not None else None
     kept = getattr(cache, "__dict__", {}).get(_CACHE_ATTRIBUTE) if cache is not None else None
     return kept.get(id(router)) if kept else None
+
 
 __all__ = ["PromptParams", "PromptRouter", "PromptRouting", "broadcast_to_tokens", "pool", "prompt_positions"]
