@@ -219,8 +219,8 @@ class MoeExpertsLora(nn.Module, MoLoraLayer):
         if self.disable_adapters or not adapters:
             return base(hidden_states, top_k_index, top_k_weights)
         runtime = self._molora_runtime
-        generating = runtime is not None and runtime.context.kv_cache  # generation (in train mode) observes nothing
-        if self.training and not _in_backward() and not generating:  # (a recompute: the forward observed it)
+        # (a recompute by activation checkpointing: the forward observed it; a generation in train mode)
+        if self.training and not _in_backward() and not (runtime is not None and runtime.observes_nothing):
             valid = self._valid_tokens(hidden_states.shape[0], hidden_states.device)
             for adapter_name in adapters:
                 self._observe(adapter_name, top_k_index, top_k_weights, valid)
