@@ -43,6 +43,15 @@ def reference_logits(model, input_ids, name):
     return model(input_ids=input_ids).logits
 
 
+def generate_alone(model, input_ids, name, **kwargs):
+    """``generate`` with adapter ``name`` alone (``"__base__"``: the adapter disabled)."""
+    if name == "__base__":
+        with model.disable_adapter():
+            return model.generate(input_ids=input_ids, **kwargs)
+    model.set_adapter(name)
+    return model.generate(input_ids=input_ids, **kwargs)
+
+
 def test_mixed_batch_rows_equal_each_adapter_alone():
     model = two_adapter_model()
     gen = torch.Generator().manual_seed(0)
@@ -68,13 +77,7 @@ def test_mixed_generate_equals_separate_generation(num_beams):
     with torch.no_grad():
         mixed = model.generate(input_ids=input_ids, adapter_names=names, **kwargs)
         for row, name in enumerate(names):
-            if name == "__base__":
-                with model.disable_adapter():
-                    alone = model.generate(input_ids=input_ids[row : row + 1], **kwargs)
-            else:
-                model.set_adapter(name)
-                alone = model.generate(input_ids=input_ids[row : row + 1], **kwargs)
-            assert torch.equal(mixed[row : row + 1], alone), name
+            assert torch.equal(mixed[row : row + 1], generate_alone(model, input_ids[row : row + 1], name, **kwargs))
     # the names are only in effect during the call
     assert model.base_model.molora_runtime.batch_adapter_names is None
 
@@ -107,32 +110,17 @@ def test_mixed_batch_uses_each_adapters_modules_to_save(num_beams):
             torch.testing.assert_close(
                 mixed[row : row + 1], reference_logits(model, input_ids[row : row + 1], name), atol=1e-5, rtol=1e-5
             )
-            if name == "__base__":
-                with model.disable_adapter():
-                    alone = model.generate(input_ids=input_ids[row : row + 1], **kwargs)
-            else:
-                model.set_adapter(name)
-                alone = model.generate(input_ids=input_ids[row : row + 1], **kwargs)
+            alone = generate_alone(model, input_ids[row : row + 1], name, **kwargs)
             assert torch.equal(generated[row : row + 1], alone), name
 
 
 def test_mixed_batch_classifier_head_per_sample():
     # task_type="SEQ_CLS" saves the `score` head with each adapter
-    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from transformers import LlamaForSequenceClassification
 
+    llama_config = make_llama(num_labels=3).config
     torch.manual_seed(0)
-    base = LlamaForSequenceClassification(
-        LlamaConfig(
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=VOCAB,
-            pad_token_id=0,
-            num_labels=3,
-        )
-    )
+    base = LlamaForSequenceClassification(llama_config)
     config = dict(r=4, num_experts=4, top_k=2, init_lora_weights=False, task_type="SEQ_CLS")
     model = get_peft_model(base, MoLoraConfig(**config), "alpha")
     model.add_adapter("beta", MoLoraConfig(**config))
