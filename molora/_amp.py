@@ -2,9 +2,9 @@
 
 Under ``torch.autocast`` (a trainer's ``bf16=True``/``fp16=True``) every ``linear``/``matmul`` runs in the region's
 lower precision. MoLoRA keeps two things out of that: the routers, which score and compute their losses in fp32
-whatever the model's precision (``molora.routers.base``), and the fused dense path
-(``molora.kernels.fused_dense``), which casts its operands to the region's dtype itself, as autocast would, and must
-not have autocast recast some of its products and not the in-place ones.
+whatever the model's precision (``molora.routers.base``), and the layer's fused dense path
+(``MoLoraLayer._fused_base_forward`` around ``molora.kernels.fused_dense``), which casts its operands to the region's
+dtype itself, as autocast would, and must not have autocast recast some of its products and not the in-place ones.
 """
 
 from __future__ import annotations
