@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -83,6 +84,25 @@ def _loss_shifts_labels(model: nn.Module) -> bool:
     config = getattr(model, "config", None)
     causal = LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss
     return causal and not getattr(config, "is_encoder_decoder", False)
+
+
+def _prompt_length(args: tuple, kwargs: dict) -> int | None:
+    """Positions of a ``generate`` call's prompt (``input_ids`` or ``inputs_embeds``; ``None`` when unknown)."""
+    prompt = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+    if prompt is None:
+        prompt = kwargs.get("inputs_embeds")
+    return prompt.shape[1] if isinstance(prompt, torch.Tensor) and prompt.dim() >= 2 else None
+
+
+def _called_from_generate() -> bool:
+    """Whether :meth:`MoLoraModel._enable_peft_forward_hooks` was entered by a ``generate`` method (PEFT's), not by a
+    ``forward``: the first caller outside ``contextlib`` and the chain of ``_enable_peft_forward_hooks`` contexts."""
+    frame = sys._getframe(1)
+    while frame is not None and (
+        frame.f_code.co_filename == contextlib.__file__ or frame.f_code.co_name == "_enable_peft_forward_hooks"
+    ):
+        frame = frame.f_back
+    return frame is not None and frame.f_code.co_name == "generate"
 
 
 def _wrapper_adapter_names(module, args, kwargs, names: list[list[str]]):
@@ -358,13 +378,23 @@ class MoLoraModel(BaseTuner):
 
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
-        """Publish per-sample ``adapter_names`` to the layers for one ``forward`` or ``generate`` call.
+        """Publish per-sample ``adapter_names`` to the layers for one ``forward`` or ``generate`` call, and tell the
+        runtime when the call is a ``generate``.
 
         ``PeftModel.forward`` and ``PeftModel.generate`` enter this context (as they do for LoRA) and then drop
         ``adapter_names`` from the kwargs. Each adapted layer computes the experts of every adapter named in the batch
         in one grouped pass (``MoLoraLayer._mixed_batch_forward``); ``"__base__"`` rows get no adapter. As with LoRA
-        this is for inference: in training mode it raises.
+        this is for inference: in training mode it raises. The generic ``PeftModel.generate`` (no ``task_type``) calls
+        the base model's ``generate`` directly, past :meth:`generate`: the caller's name tells it apart here.
         """
+        with contextlib.ExitStack() as stack:
+            if _called_from_generate():
+                stack.enter_context(self.molora_runtime.generating(_prompt_length(args, kwargs)))
+            stack.enter_context(self._mixed_adapter_names(*args, **kwargs))
+            yield
+
+    @contextlib.contextmanager
+    def _mixed_adapter_names(self, *args: Any, **kwargs: Any) -> Iterator[None]:
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is None:
             yield
@@ -413,11 +443,7 @@ class MoLoraModel(BaseTuner):
         """The wrapped model's ``generate`` (what ``PeftModel.generate`` calls), telling the runtime the prompt's
         length: assisted and prompt-lookup decoding feed candidate tokens with the prompt in their first forward, and
         routers that route from the prompt must not pool those (``MoLoraRuntime.generating``)."""
-        prompt = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
-        if prompt is None:
-            prompt = kwargs.get("inputs_embeds")
-        length = prompt.shape[1] if isinstance(prompt, torch.Tensor) and prompt.dim() >= 2 else None
-        with self.molora_runtime.generating(length):
+        with self.molora_runtime.generating(_prompt_length(args, kwargs)):
             return self.model.generate(*args, **kwargs)
 
     def molora_aux_loss(self, adapter_name: str | None = None) -> torch.Tensor | None:

@@ -41,6 +41,7 @@ read.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import warnings
 import weakref
@@ -74,6 +75,8 @@ class RoutingContext:
             during backward sees the id of its original forward (stateful routers use it to count once).
         kv_cache (bool): the call passes a KV cache (a generation prefill or decode step; cached decode steps may
             follow this call).
+        generation (bool): the call is part of a generation (it passes a KV cache, or runs inside ``generate``, also
+            with ``use_cache=False``): per-step training state observes nothing from it, also in train mode.
         cache_ref (weakref or None): a weak reference to that KV cache object (``None`` without one, or for a cache
             that takes no weak reference): sequence-level routers keep their prefill's decision with it.
         extra (dict): anything else a router may need (the raw forward kwargs are not kept).
@@ -87,6 +90,7 @@ class RoutingContext:
     past_length: int | None = 0
     forward_id: int = 0
     kv_cache: bool = False
+    generation: bool = False
     cache_ref: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
     # (attention_mask, its flat bool view) for token_mask: one mask object shared by every layer of a forward
@@ -458,6 +462,7 @@ class MoLoraRuntime:
         self._prompt_override: torch.Tensor | None = None
         # the prompt length of the `generate` call running (MoLoraModel.generate), see `generating`
         self._generation_prompt_length: int | None = None
+        self._generating = False
         # how a trainer normalises: causal-LM losses shift the labels (counted like `Trainer._get_num_items_in_batch`),
         # and micro-batches per optimizer step (set by MoLoraCallback for the fallback delivery; see ForwardAux)
         self.loss_shifts_labels = True
@@ -470,6 +475,18 @@ class MoLoraRuntime:
         self.milora_inputs: dict[str, weakref.ref] = {}
         self.milora_decisions: dict[tuple[str, str], Any] = {}
         self._milora_open: dict[str, bool] = {}
+
+    def __deepcopy__(self, memo: dict) -> MoLoraRuntime:
+        """The runtime of a copied model (``copy.deepcopy``: EMA or reference copies): the configuration, the trainer
+        settings and the accumulated statistics; none of the last forward's state, whose aux records hold autograd
+        graphs (which cannot be deep-copied) and whose contexts refer to that forward's inputs."""
+        self.commit_stats()
+        clone = MoLoraRuntime(copy.deepcopy(self.peft_config, memo))
+        memo[id(self)] = clone
+        clone.loss_shifts_labels = self.loss_shifts_labels
+        clone.accumulation_steps = self.accumulation_steps
+        clone._totals = {key: total.detach().clone() for key, total in self._totals.items()}
+        return clone
 
     # -- forward lifecycle ------------------------------------------------------------------------------------------
 
@@ -519,6 +536,7 @@ class MoLoraRuntime:
             past_length=past_length,
             forward_id=self.generation,
             kv_cache=cache is not None,
+            generation=cache is not None or self._generating,
             cache_ref=_weak_ref(cache),
         )
         if self.context.adapter_names is None and self.batch_adapter_names is not None:
@@ -532,9 +550,9 @@ class MoLoraRuntime:
     @property
     def observes_nothing(self) -> bool:
         """Whether per-step training state (DR-LoRA frequencies, stateful routers' loads) must ignore this layer call:
-        activation checkpointing's recompute (the forward counted it) or a call with a KV cache (generation, also in
-        train mode, as RL trainers sample)."""
-        return self._recomputing or self.context.kv_cache
+        activation checkpointing's recompute (the forward counted it) or a generation's call (also in train mode, as
+        RL trainers sample; see ``RoutingContext.generation``)."""
+        return self._recomputing or self.context.generation
 
     def remember_origin(self, layer_key: str) -> None:
         """An adapted layer runs in the current forward (outside a backward pass): what :meth:`recompute` restores."""
@@ -607,12 +625,12 @@ class MoLoraRuntime:
         """Within a ``generate`` call whose prompt has ``prompt_length`` positions: a first forward that feeds more
         (assisted or prompt-lookup decoding verify candidate tokens in the same forward as the prompt) routes from
         those positions only, as an explicit :meth:`prompt_mask` would."""
-        previous = self._generation_prompt_length
-        self._generation_prompt_length = prompt_length
+        previous = self._generation_prompt_length, self._generating
+        self._generation_prompt_length, self._generating = prompt_length, True
         try:
             yield
         finally:
-            self._generation_prompt_length = previous
+            self._generation_prompt_length, self._generating = previous
 
     def _current_prompt_mask(self, current: torch.Tensor | None) -> torch.Tensor | None:
         override = self._prompt_override

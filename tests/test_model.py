@@ -635,3 +635,12 @@ def test_deepcopy_gives_an_independent_working_model(batch):
     clone.train()
     out = clone(**batch)
     torch.testing.assert_close(out.loss, _lm_loss(out.logits, batch["labels"]) + clone.molora_aux_loss())
+    # after a training forward (the runtime then holds autograd graphs, which cannot be deep-copied: it raised), a copy
+    # starts clean, keeps the statistics, and trains with its own aux loss
+    again = copy.deepcopy(clone)
+    assert again.get_routing_stats().keys() == clone.get_routing_stats().keys()
+    out = again(**batch)
+    out.loss.backward()
+    assert again.molora_aux_loss() is not None
+    routers = [p.grad for n, p in again.named_parameters() if "molora_router" in n]
+    assert routers and all(g is not None and g.abs().sum() > 0 for g in routers)

@@ -139,9 +139,11 @@ def test_topk_bias_stays_fp32_when_the_model_is_cast(cast):
     assert moved.abs().max() > 0 and torch.allclose(moved.abs(), torch.full((4,), 0.001), atol=1e-6)
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
 @pytest.mark.parametrize("router", ["topk_bias", "relu"])
-def test_generation_in_train_mode_leaves_the_step_state_alone(router, batch):
-    """A ``generate`` while the model is in train mode (RL trainers sample so) counts nothing for the next step."""
+def test_generation_in_train_mode_leaves_the_step_state_alone(router, use_cache, batch):
+    """A ``generate`` while the model is in train mode (RL trainers sample so) counts nothing for the next step, with
+    or without a KV cache."""
 
     def state_after_step(generate):
         model = get_peft_model(
@@ -151,7 +153,7 @@ def test_generation_in_train_mode_leaves_the_step_state_alone(router, batch):
         model(**batch).loss.backward()
         if generate:
             other = torch.randint(3, 90, (3, 9), generator=torch.Generator().manual_seed(9))
-            model.generate(input_ids=other, max_new_tokens=4, do_sample=False, pad_token_id=0)
+            model.generate(input_ids=other, max_new_tokens=4, do_sample=False, pad_token_id=0, use_cache=use_cache)
         model.molora_on_optimizer_step()
         routers = [m.molora_router["default"] for m in model.modules() if isinstance(m, MoLoraLayer)]
         return [r.selection_bias.clone() if router == "topk_bias" else r.l1_coef.clone() for r in routers]

@@ -124,7 +124,7 @@ class ReLURouter(Router):
         self, x: torch.Tensor, valid: torch.Tensor | None = None, context: RoutingContext | None = None
     ) -> Routing:
         routing = super().forward(x, valid, context)
-        if self.training and not (context is not None and context.kv_cache):  # generation counts nothing
+        if self.training and not (context is not None and context.generation):  # generation counts nothing
             # from the dense selection (the assignment list holds every pair under torch.compile)
             selected = routing.selected()
             if valid is None:
