@@ -254,11 +254,12 @@ class _AttachAuxGrad(torch.autograd.Function):
     """Identity on a layer output that back-propagates its router's weighted aux losses when nothing else did."""
 
     @staticmethod
-    def forward(ctx, output, runtime, adapter_name, names, *losses):  # noqa: D102
+    def forward(ctx, output, runtime, adapter_name, names, router, *losses):  # noqa: D102
         ctx.runtime = runtime
         ctx.forward_aux = runtime.forward_aux
         ctx.adapter_name = adapter_name
         ctx.names = names
+        ctx.router_weight = router.weight
         ctx.shapes = [(loss.shape, loss.dtype, loss.device) for loss in losses]
         return output.view_as(output)
 
@@ -266,12 +267,13 @@ class _AttachAuxGrad(torch.autograd.Function):
     def backward(ctx, grad):  # noqa: D102
         state = ctx.forward_aux
         if state.delivered:
-            return (grad, None, None, None) + (None,) * len(ctx.names)
+            return (grad, None, None, None, None) + (None,) * len(ctx.names)
         if not ctx.names:
             ctx.runtime._warn_concat_once()
-            return grad, None, None, None
-        grads = state.fallback_grads(ctx.adapter_name, zip(ctx.names, ctx.shapes))
-        return (grad, None, None, None, *grads)
+            return grad, None, None, None, None
+        accumulated = ctx.router_weight.grad is not None
+        grads = state.fallback_grads(ctx.adapter_name, zip(ctx.names, ctx.shapes), accumulated)
+        return (grad, None, None, None, None, *grads)
 
 
 class _AttachModelAuxGrad(torch.autograd.Function):
@@ -318,18 +320,21 @@ class _MissingAuxGrads:
     :func:`molora.kernels.fused_router.topk_gates_and_losses`): what :class:`_AttachAuxGrad` delivers, from inside the
     router's own autograd node instead of an extra identity node on the layer's output."""
 
-    __slots__ = ("forward_aux", "adapter_name")
+    __slots__ = ("forward_aux", "adapter_name", "router_weight")
 
-    def __init__(self, forward_aux: ForwardAux, adapter_name: str) -> None:
+    def __init__(self, forward_aux: ForwardAux, adapter_name: str, router_weight: torch.Tensor) -> None:
         self.forward_aux = forward_aux
         self.adapter_name = adapter_name
+        self.router_weight = router_weight
 
     def __call__(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         state = self.forward_aux
         if state.delivered:
             return None, None
         scalar = (torch.Size(), dtype, device)
-        grad_balance, grad_z = state.fallback_grads(self.adapter_name, [("balance", scalar), ("z", scalar)])
+        accumulated = self.router_weight.grad is not None
+        specs = [("balance", scalar), ("z", scalar)]
+        grad_balance, grad_z = state.fallback_grads(self.adapter_name, specs, accumulated)
         return grad_balance, grad_z
 
 
@@ -363,6 +368,25 @@ class _AuxRecord:
     delivers: bool = True
 
 
+_warned_accumulation = False
+
+
+def _warn_accumulation_once() -> None:
+    global _warned_accumulation
+    if _warned_accumulation:
+        return
+    _warned_accumulation = True
+    warnings.warn(
+        "molora: the routers' aux-loss gradient is delivered by the adapted layers (the trainer computes its own loss "
+        "instead of using outputs.loss), and the routers already held gradients from an earlier backward: if "
+        "gradients accumulate over micro-batches, each one adds the full aux gradient. Add "
+        "molora.training.MoLoraCallback() to the trainer (it divides by gradient_accumulation_steps), or add "
+        "model.molora_aux_loss() / steps to the loss of a custom loop.",
+        UserWarning,
+        stacklevel=2,
+    )
+
+
 class ForwardAux:
     """The aux-loss records of one model-level forward and the state of their gradient's delivery.
 
@@ -394,12 +418,13 @@ class ForwardAux:
         self.accumulation_steps = accumulation_steps
         self._weights: dict[str, dict[str, float]] = {}
 
-    def fallback_grads(self, adapter_name: str, specs) -> list[torch.Tensor]:
+    def fallback_grads(self, adapter_name: str, specs, accumulated: bool = False) -> list[torch.Tensor]:
         """``d(weight * loss)/d(loss)`` for one router's losses that received no gradient; ``specs`` are ``(loss name,
         (shape, dtype, device))`` pairs. Scaled like the aux term inside ``outputs.loss`` was when that loss got a
         gradient (``loss_grad``, times ``share``), else by ``1 / accumulation_steps`` (a trainer that computes its own
         loss: the aux loss is then averaged over the micro-batches of an optimizer step, as TRL does for MoE
-        models)."""
+        models). ``accumulated``: the router's weight already held a gradient (from an earlier backward since the
+        gradients were last zeroed); with one accumulation step known, that warns once (no ``MoLoraCallback``)."""
         weights = self.weights(adapter_name)
         scale = self.loss_grad
         if scale is not None and self.share is not None:
@@ -412,6 +437,8 @@ class ForwardAux:
             elif self.accumulation_steps != 1:
                 g = g / self.accumulation_steps
             grads.append(g)
+        if scale is None and accumulated and self.accumulation_steps == 1:
+            _warn_accumulation_once()
         return grads
 
     def weights(self, adapter_name: str) -> dict[str, float]:
@@ -763,7 +790,7 @@ class MoLoraRuntime:
         ):
             # the built-in top-k function delivers the aux gradient itself when nothing else does (see the module
             # docstring): no identity node on the layer's output is needed then
-            missing = _MissingAuxGrads(self.forward_aux, adapter_name)
+            missing = _MissingAuxGrads(self.forward_aux, adapter_name, router.weight)
         return need, config.balance_loss_type, missing
 
     def record(
@@ -825,7 +852,7 @@ class MoLoraRuntime:
         if torch.is_grad_enabled() and router.weight.requires_grad and output.requires_grad:
             # with concat the per-router losses are not separable: the attachment only warns if nothing delivered
             names = () if concat else tuple(losses)
-            output = _AttachAuxGrad.apply(output, self, adapter_name, names, *(losses[n] for n in names))
+            output = _AttachAuxGrad.apply(output, self, adapter_name, names, router, *(losses[n] for n in names))
         return output
 
     def _warn_concat_once(self) -> None:

@@ -89,6 +89,23 @@ def test_gradient_accumulation_averages_the_aux_loss(kind, callback, tmp_path, m
         torch.testing.assert_close(aux[2][name], grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("callback", [False, True])
+def test_accumulating_without_the_callback_warns(callback, tmp_path, monkeypatch):
+    """Without ``MoLoraCallback`` a trainer that computes its own loss cannot know the accumulation steps: molora warns
+    once, when a router that already holds a gradient gets the layers' aux delivery; with the callback it is silent."""
+    import warnings
+
+    import molora.runtime as runtime_module
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(runtime_module, "_warned_accumulation", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _router_grads("sft", 2, 2, 1.0, callback)
+    warned = [w for w in caught if "MoLoraCallback" in str(w.message)]
+    assert len(warned) == (0 if callback else 1)
+
+
 def test_trainer_with_default_arguments_scales_the_loss_in_place(tmp_path):
     """``Trainer`` multiplies the loss by the number of processes in place (``average_tokens_across_devices``, on by
     default); ``outputs.loss`` (and ``molora_aux_loss()``) are not views, so that works and scales the gradient."""
