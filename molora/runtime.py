@@ -96,6 +96,11 @@ class RoutingContext:
     # (attention_mask, its flat bool view) for token_mask: one mask object shared by every layer of a forward
     _flat_mask: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
+    @property
+    def cache(self) -> Any:
+        """The call's KV cache object while it is alive (through ``cache_ref``); ``None`` without one."""
+        return self.cache_ref() if self.cache_ref is not None else None
+
     def token_mask(self, leading_shape: torch.Size) -> torch.Tensor | None:
         """A flat bool mask ``[prod(leading_shape)]`` of non-padding tokens for a layer input of that leading shape.
 
@@ -661,14 +666,13 @@ class MoLoraRuntime:
 
     def _current_prompt_mask(self, current: torch.Tensor | None) -> torch.Tensor | None:
         override = self._prompt_override
-        length = self._generation_prompt_length
-        if override is None and length is not None and current is not None and current.dim() >= 2:
-            if current.shape[1] > length:
-                positions = torch.arange(current.shape[1], device=current.device) < length
-                return positions.expand(current.shape[0], -1)
-            return None
         if override is None:
-            return None
+            # inside `generate`, a first forward longer than the prompt (candidate tokens) routes from the prompt
+            length = self._generation_prompt_length
+            if length is None or current is None or current.dim() < 2 or current.shape[1] <= length:
+                return None
+            positions = torch.arange(current.shape[1], device=current.device) < length
+            return positions.expand(current.shape[0], -1)
         if current is None or current.dim() < 2:
             raise ValueError("A `prompt_mask` context needs `input_ids` or `inputs_embeds` laid out as [batch, seq].")
         batch, seq = current.shape[0], current.shape[1]

@@ -369,7 +369,7 @@ def _keep_with_cache(context: RoutingContext | None, router: PromptRouter, decis
     """Attach a prefill's decision to the KV cache object it fills, keyed by router: decode steps of that cache then
     read their own decision, whatever ran since; a copy of the cache (``copy.deepcopy``, to continue a conversation
     twice) carries it along."""
-    cache = context.cache_ref() if context is not None and context.cache_ref is not None else None
+    cache = context.cache if context is not None else None
     if cache is None:
         return
     try:
@@ -381,7 +381,7 @@ def _keep_with_cache(context: RoutingContext | None, router: PromptRouter, decis
 
 def _kept_with_cache(context: RoutingContext | None, router: PromptRouter) -> _CachedDecision | None:
     """The decision :func:`_keep_with_cache` attached to this step's KV cache for ``router``, if any."""
-    cache = context.cache_ref() if context is not None and context.cache_ref is not None else None
+    cache = context.cache if context is not None else None
     kept = getattr(cache, "__dict__", {}).get(_CACHE_ATTRIBUTE) if cache is not None else None
     return kept.get(id(router)) if kept else None
 

@@ -9,6 +9,7 @@ update it once per optimizer step from what they saw in all micro-batches of tha
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from torch import nn
@@ -20,22 +21,23 @@ def molora_on_optimizer_step(model: nn.Module) -> int:
 
     ``model`` may be a ``PeftModel``, a ``MoLoraModel``, or anything wrapping one (DDP, a custom module).
     """
-    from ..model import MoLoraModel
-
     found = 0
-    for module in model.modules():
-        if isinstance(module, MoLoraModel):
-            module.molora_on_optimizer_step()
-            found += 1
+    for module in _molora_models(model):
+        module.molora_on_optimizer_step()
+        found += 1
     return found
 
 
-def _set_accumulation_steps(model: nn.Module, steps: int) -> None:
+def _molora_models(model: nn.Module) -> Iterator[nn.Module]:
+    """Every ``MoLoraModel`` inside ``model`` (a ``PeftModel``, DDP, a custom module, ...)."""
     from ..model import MoLoraModel
 
-    for module in model.modules():
-        if isinstance(module, MoLoraModel):
-            module.molora_runtime.accumulation_steps = steps
+    return (module for module in model.modules() if isinstance(module, MoLoraModel))
+
+
+def _set_accumulation_steps(model: nn.Module, steps: int) -> None:
+    for module in _molora_models(model):
+        module.molora_runtime.accumulation_steps = steps
 
 
 class MoLoraCallback(TrainerCallback):
