@@ -410,26 +410,46 @@ class ForwardAux:
             tokens over that count; see :func:`_loss_share`), which scales the aux term added to ``outputs.loss``.
         accumulation_steps: micro-batches per optimizer step (``MoLoraCallback`` sets it from the trainer's
             arguments), dividing the fallback delivery when no gradient reached ``outputs.loss``.
+        grad_scaler: the trainer's enabled ``torch.amp.GradScaler`` (fp16 mixed precision; ``MoLoraCallback`` finds
+            it on the trainer's optimizer) or ``None``: it multiplies the loss before backward and divides every
+            gradient after, so the fallback delivery is multiplied by its current scale too.
     """
 
-    __slots__ = ("peft_config", "records", "delivered", "loss_grad", "share", "accumulation_steps", "_weights")
+    __slots__ = (
+        "peft_config",
+        "records",
+        "delivered",
+        "loss_grad",
+        "share",
+        "accumulation_steps",
+        "grad_scaler",
+        "_weights",
+    )
 
-    def __init__(self, peft_config: dict, share: torch.Tensor | None = None, accumulation_steps: int = 1) -> None:
+    def __init__(
+        self,
+        peft_config: dict,
+        share: torch.Tensor | None = None,
+        accumulation_steps: int = 1,
+        grad_scaler: Any = None,
+    ) -> None:
         self.peft_config = peft_config
         self.records: dict[tuple[str, str], _AuxRecord] = {}
         self.delivered = False
         self.loss_grad: torch.Tensor | None = None
         self.share = share
         self.accumulation_steps = accumulation_steps
+        self.grad_scaler = grad_scaler
         self._weights: dict[str, dict[str, float]] = {}
 
     def fallback_grads(self, adapter_name: str, specs, accumulated: bool = False) -> list[torch.Tensor]:
         """``d(weight * loss)/d(loss)`` for one router's losses that received no gradient; ``specs`` are ``(loss name,
         (shape, dtype, device))`` pairs. Scaled like the aux term inside ``outputs.loss`` was when that loss got a
         gradient (``loss_grad``, times ``share``), else by ``1 / accumulation_steps`` (a trainer that computes its own
-        loss: the aux loss is then averaged over the micro-batches of an optimizer step, as TRL does for MoE
-        models). ``accumulated``: the router's weight already held a gradient (from an earlier backward since the
-        gradients were last zeroed); with one accumulation step known, that warns once (no ``MoLoraCallback``)."""
+        loss: the aux loss is then averaged over the micro-batches of an optimizer step, as TRL does for MoE models)
+        and by ``grad_scaler``'s scale (what the loss was multiplied by). ``accumulated``: the router's weight already
+        held a gradient (from an earlier backward since the gradients were last zeroed); with one accumulation step
+        known, that warns once (no ``MoLoraCallback``)."""
         weights = self.weights(adapter_name)
         scale = self.loss_grad
         if scale is not None and self.share is not None:
@@ -439,8 +459,11 @@ class ForwardAux:
             g = torch.full(shape, weights.get(name, 0.0), dtype=dtype, device=device)
             if scale is not None:
                 g = g * scale.to(device=device, dtype=dtype)
-            elif self.accumulation_steps != 1:
-                g = g / self.accumulation_steps
+            else:
+                if self.accumulation_steps != 1:
+                    g = g / self.accumulation_steps
+                if self.grad_scaler is not None:
+                    g = self.grad_scaler.scale(g)  # a device tensor product: no host synchronisation
             grads.append(g)
         if scale is None and accumulated and self.accumulation_steps == 1:
             _warn_accumulation_once()
@@ -499,6 +522,8 @@ class MoLoraRuntime:
         # and micro-batches per optimizer step (set by MoLoraCallback for the fallback delivery; see ForwardAux)
         self.loss_shifts_labels = True
         self.accumulation_steps = 1
+        # the trainer's fp16 gradient scaler (MoLoraCallback), which scales the fallback delivery as it scales the loss
+        self.grad_scaler: Any = None
         # per-sample adapter names of a mixed-adapter call (MoLoraModel._enable_peft_forward_hooks): candidate lists,
         # the first whose length equals a layer's batch size applies (beam search repeats the samples)
         self.batch_adapter_names: list[list[str]] | None = None
@@ -517,6 +542,7 @@ class MoLoraRuntime:
         memo[id(self)] = clone
         clone.loss_shifts_labels = self.loss_shifts_labels
         clone.accumulation_steps = self.accumulation_steps
+        clone.grad_scaler = self.grad_scaler
         clone._totals = {key: total.detach().clone() for key, total in self._totals.items()}
         return clone
 
@@ -538,7 +564,7 @@ class MoLoraRuntime:
         else:
             self.commit_stats()
         share = _loss_share(kwargs, self.loss_shifts_labels)
-        self.forward_aux = ForwardAux(self.peft_config, share, self.accumulation_steps)
+        self.forward_aux = ForwardAux(self.peft_config, share, self.accumulation_steps, self.grad_scaler)
         self._aux = self.forward_aux.records
         self.generation += 1
         input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)

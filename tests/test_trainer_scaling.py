@@ -36,14 +36,16 @@ class _FirstStepRouterGrads(TrainerCallback):
         return control
 
 
-def _router_grads(kind, accumulation, batch_size, z_coef, callback):
-    """Routers' gradients of the first optimizer step; a fresh adapter (B = 0) makes them the aux gradient alone."""
+def _router_grads(kind, accumulation, batch_size, z_coef, callback, **extra):
+    """Routers' gradients of the first optimizer step; a fresh adapter (B = 0) makes them the aux gradient alone.
+    ``extra``: more training arguments (``fp16=True``)."""
     from datasets import Dataset
 
     config = MoLoraConfig(r=4, num_experts=4, top_k=2, aux_loss_coef=0.0, z_loss_coef=z_coef, task_type="CAUSAL_LM")
     grab = _FirstStepRouterGrads()
     callbacks = [grab] + ([MoLoraCallback()] if callback else [])
     common = dict(max_steps=1, per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation)
+    common.update(extra)
     tokenizer = make_char_tokenizer()
     base = make_llama(vocab_size=CHAR_VOCAB, max_position_embeddings=256)
     if kind == "sft":
@@ -87,6 +89,42 @@ def test_gradient_accumulation_averages_the_aux_loss(kind, callback, tmp_path, m
     assert len(aux[1]) == 14 and all(g.abs().max() > 1e-4 for g in aux[1].values())
     for name, grad in aux[1].items():
         torch.testing.assert_close(aux[2][name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_fp16_gradient_scaler_scales_the_layers_delivery():
+    """``fp16=True`` on a GPU: the trainer's gradient scaler multiplies the loss by 65536 before backward and divides
+    every gradient after. ``MoLoraCallback`` finds it on the trainer's optimizer (accelerate's
+    ``AcceleratedOptimizer.scaler``) so that the layers' delivery, when the trainer computes its own loss, is
+    multiplied too: the routers' unscaled aux gradient equals the unscaled run's (it was 1/65536 of it).
+    (accelerate runs no scaler on a CPU, so the trainer's loop is written out here with a CPU scaler.)"""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    grads = {}
+    for use_scaler in (False, True):
+        torch.manual_seed(0)
+        config = MoLoraConfig(r=4, num_experts=4, top_k=2, aux_loss_coef=1.0, z_loss_coef=1.0, task_type="CAUSAL_LM")
+        model = get_peft_model(make_llama(), config)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = SimpleNamespace(scaler=torch.amp.GradScaler("cpu", init_scale=2.0**16) if use_scaler else None)
+        callback, args = MoLoraCallback(), SimpleNamespace(gradient_accumulation_steps=1)
+        callback.on_train_begin(args, None, None, model=model, optimizer=optimizer)
+        ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+        logits = model(input_ids=ids).logits  # the trainer's own loss: outputs.loss is not used
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        if use_scaler:
+            optimizer.scaler.scale(loss).backward()
+            optimizer.scaler.unscale_(torch.optim.SGD(params, lr=0.1))
+        else:
+            loss.backward()
+        callback.on_train_end(args, None, None, model=model)
+        assert model.base_model.molora_runtime.grad_scaler is None
+        # a fresh adapter (B = 0): the routers' gradient is the aux gradient alone
+        grads[use_scaler] = {n: p.grad for n, p in model.named_parameters() if "molora_router" in n}
+    assert grads[False] and all(g.abs().max() > 1e-4 for g in grads[False].values())
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, msg=name)
 
 
 @pytest.mark.parametrize("callback", [False, True])

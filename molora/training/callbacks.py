@@ -35,9 +35,17 @@ def _molora_models(model: nn.Module) -> Iterator[nn.Module]:
     return (module for module in model.modules() if isinstance(module, MoLoraModel))
 
 
-def _set_accumulation_steps(model: nn.Module, steps: int) -> None:
+def _set_trainer_state(model: nn.Module, steps: int, grad_scaler: Any) -> None:
     for module in _molora_models(model):
         module.molora_runtime.accumulation_steps = steps
+        module.molora_runtime.grad_scaler = grad_scaler
+
+
+def _enabled_grad_scaler(optimizer: Any) -> Any:
+    """The ``torch.amp.GradScaler`` of an fp16 trainer (accelerate's ``AcceleratedOptimizer.scaler``) if enabled."""
+    scaler = getattr(optimizer, "scaler", None)
+    is_enabled = getattr(scaler, "is_enabled", None)
+    return scaler if callable(is_enabled) and is_enabled() else None
 
 
 class MoLoraCallback(TrainerCallback):
@@ -51,19 +59,23 @@ class MoLoraCallback(TrainerCallback):
     The accumulation steps matter to trainers that compute their own loss (TRL's ``SFTTrainer``): the routers' aux
     gradient is then delivered by the layers themselves, once per micro-batch, and is divided by the steps so that an
     optimizer step applies ``coef *`` the micro-batches' mean aux loss, whatever the accumulation (as TRL averages the
-    aux loss of MoE models). Through ``outputs.loss`` (``transformers.Trainer``) that needs no callback.
+    aux loss of MoE models). For the same reason it hands the model the trainer's gradient scaler under fp16 mixed
+    precision (``fp16=True``), which multiplies the loss before backward and divides every gradient after: the
+    layers' delivery is multiplied by its scale too. Through ``outputs.loss`` (``transformers.Trainer``) neither
+    needs the callback.
     """
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any):
-        """Publish ``args.gradient_accumulation_steps`` to the model's runtime."""
+        """Publish ``args.gradient_accumulation_steps`` and the optimizer's gradient scaler (fp16) to the model."""
         if model is not None:
-            _set_accumulation_steps(model, max(1, int(getattr(args, "gradient_accumulation_steps", 1) or 1)))
+            steps = max(1, int(getattr(args, "gradient_accumulation_steps", 1) or 1))
+            _set_trainer_state(model, steps, _enabled_grad_scaler(kwargs.get("optimizer")))
         return control
 
     def on_train_end(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any):
-        """Back to one micro-batch per step (a later custom loop scales its own loss)."""
+        """Back to one micro-batch per step and no scaler (a later custom loop scales its own loss)."""
         if model is not None:
-            _set_accumulation_steps(model, 1)
+            _set_trainer_state(model, 1, None)
         return control
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any):
