@@ -241,6 +241,36 @@ def test_importance_follows_the_gradient_and_frequency_ignores_padding():
     torch.testing.assert_close(state.importance, expected_i)
 
 
+@pytest.mark.parametrize("cast", ["half_base", "model_to_bf16"])
+def test_saliency_state_stays_fp32_on_a_half_precision_model(cast):
+    """A half-precision base (PEFT places the state like the base layer) or ``model.to(bf16)`` cast every buffer: the
+    sensitivities (~1e-12 here) rounded to 0 in fp16, the frequency EMA stalled in bf16 and the fp16 token count
+    overflowed past 65504. The state keeps fp32 and the values it had before the cast."""
+    base = make_llama()
+    if cast == "half_base":
+        base = base.half()
+    model = get_peft_model(base, _config())
+    state = model.base_model.model.model.layers[0].self_attn.q_proj.molora_rank["default"]
+    state.freq.copy_(torch.tensor([0.2513, 0.2491, 0.2502, 0.2494]))
+    before = state.freq.clone()
+    if cast == "model_to_bf16":
+        model = model.to(torch.bfloat16)
+    buffers = ("freq", "importance", "_freq_sum", "_freq_tokens")
+    assert {getattr(state, name).dtype for name in buffers} == {torch.float32}
+    assert torch.equal(state.freq, before)
+    # 9 micro-batches of 8192 tokens routed [0.4, 0.2, 0.2, 0.2]: 73728 tokens, beyond fp16's largest value
+    for _ in range(9):
+        state.observe_weights(torch.tensor([0.4, 0.2, 0.2, 0.2]).expand(8192, 4), None)
+    assert state._freq_tokens.item() == 73728
+    state.update_frequency()
+    torch.testing.assert_close(state.freq, 0.9 * before + 0.1 * torch.tensor([0.4, 0.2, 0.2, 0.2]))
+    model.train()
+    inputs = _inputs()
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    molora.update_importance(model)
+    assert (state.importance > 0).all()
+
+
 def test_outputs_are_continuous_across_growth_and_budget_is_never_exceeded():
     model = get_peft_model(make_llama(), _config(dynamic_rank={"start_step": 2, "end_step": 5, "growth_step": 1}))
     budget = sum(b.state.num_experts * 4 for b in _banks(model))

@@ -124,11 +124,15 @@ def test_topk_bias_stays_fp32_when_the_model_is_cast(cast):
     """``model.to(bf16)``/``.half()`` cast parameters and buffers; a bf16 bias would round away its updates (0.001 is
     below bf16's spacing from 0.25 on) and freeze. The selection bias keeps fp32 and keeps moving."""
     model = get_peft_model(make_llama(), MoLoraConfig(num_experts=4, top_k=1, router="topk_bias"))
+    first = next(m for m in model.modules() if isinstance(m, MoLoraLayer)).molora_router["default"]
+    first.selection_bias.copy_(torch.tensor([0.2513, -0.0021, 0.0004, 1e-8]))  # not representable in bf16/fp16
+    before = first.selection_bias.clone()
     model = model.to(torch.bfloat16) if cast == "to_bf16" else model.half()
     routers = [m.molora_router["default"] for m in model.modules() if isinstance(m, MoLoraLayer)]
     router = routers[0]
     assert router.weight.dtype != torch.float32  # the parameters are cast as LoRA's are
     assert {r.selection_bias.dtype for r in routers} == {torch.float32}
+    assert torch.equal(router.selection_bias, before)  # and the values are those from before the cast
     router.selection_bias.fill_(0.3)
     router.train()
     x = torch.zeros(4, router.in_features, dtype=router.weight.dtype)
@@ -137,6 +141,20 @@ def test_topk_bias_stays_fp32_when_the_model_is_cast(cast):
     router.on_optimizer_step()
     moved = router.selection_bias - 0.3
     assert moved.abs().max() > 0 and torch.allclose(moved.abs(), torch.full((4,), 0.001), atol=1e-6)
+
+
+def test_relu_l1_coef_survives_half_and_a_save(tmp_path):
+    """``.half()`` rounded ReLU's adaptive lambda (1e-8 at the start) to 0, which the adapter then saved: a reloaded
+    model had lambda 0 for good (the update multiplies it). The buffer keeps fp32 and its value through the cast."""
+    model = get_peft_model(make_llama(), MoLoraConfig(num_experts=4, top_k=2, router="relu", task_type="CAUSAL_LM"))
+    router = model.base_model.model.model.layers[0].self_attn.q_proj.molora_router["default"]
+    router.set_l1_coef(7e-9)
+    model = model.half()
+    assert router.l1_coef.dtype == torch.float32 and router.l1_coef.item() == pytest.approx(7e-9, rel=1e-6)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(make_llama(), tmp_path)
+    reloaded = loaded.base_model.model.model.layers[0].self_attn.q_proj.molora_router["default"]
+    assert reloaded._l1_coef_value == pytest.approx(7e-9, rel=1e-6)
 
 
 @pytest.mark.parametrize("use_cache", [True, False])

@@ -31,7 +31,7 @@ from torch import nn
 
 from .balancing import max_violation
 from .base import Router, RouterParams, Routing, register_router
-from .state import StepAccumulator, pop_stacked
+from .state import StepAccumulator, buffers_kept_fp32, pop_stacked
 from .topk import topk_routing
 
 if TYPE_CHECKING:
@@ -91,9 +91,8 @@ class TopKBiasRouter(Router):
     def _apply(self, fn, recurse: bool = True):
         # `model.to(torch.bfloat16)` / `.half()` cast buffers too: the bias would then lose its updates (u = 1e-3 is
         # below bf16's spacing from 0.25 on) and stop moving. Devices move; the dtype stays fp32
-        super()._apply(fn, recurse)
-        if self.selection_bias.dtype != torch.float32:
-            self.selection_bias = self.selection_bias.float()
+        with buffers_kept_fp32(self, "selection_bias"):
+            super()._apply(fn, recurse)
         return self
 
     def affinities(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,7 +33,7 @@ import torch
 
 from . import balancing
 from .base import Router, RouterParams, Routing, register_router
-from .state import StepAccumulator, pop_stacked
+from .state import StepAccumulator, buffers_kept_fp32, pop_stacked
 
 if TYPE_CHECKING:
     from ..runtime import RoutingContext
@@ -98,6 +98,12 @@ class ReLURouter(Router):
         self._l1_coef_value = float(self.params.l1_coef_init)
         self._activity = StepAccumulator()
         self.last_sparsity: float | None = None
+
+    def _apply(self, fn, recurse: bool = True):
+        # `.half()` would round the initial lambda of 1e-8 to 0, where its multiplicative update can never move it
+        with buffers_kept_fp32(self, "l1_coef"):
+            super()._apply(fn, recurse)
+        return self
 
     @property
     def target_sparsity(self) -> float:

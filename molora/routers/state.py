@@ -8,7 +8,9 @@ micro-batches of one optimizer step, reduces the sum over data-parallel ranks, a
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -19,6 +21,23 @@ _warned_unupdated = False
 
 # accumulators given a value inside a torch.compile'd forward, waiting for the runtime's (eager) end of that forward
 _STAGED: list[StepAccumulator] = []
+
+
+@contextlib.contextmanager
+def buffers_kept_fp32(module: torch.nn.Module, *names: str) -> Iterator[None]:
+    """Around ``super()._apply(fn)`` in a module's ``_apply``: the named fp32 buffers follow a device move but keep
+    their dtype *and values*.
+
+    ``model.to(torch.bfloat16)`` / ``.half()``, and PEFT placing an adapter on a half-precision base layer, cast every
+    floating buffer, and per-step statistics (small EMA updates, token counts past 65504, an L1 coefficient of 1e-8)
+    do not survive bf16/fp16: the values from before the cast are put back, on the new device."""
+    before = {name: getattr(module, name) for name in names}
+    yield
+    for name, old in before.items():
+        new = getattr(module, name)
+        if old is None or new is None or new.dtype == old.dtype or not old.is_floating_point():
+            continue
+        setattr(module, name, new.to(old.dtype) if old.is_meta else old.to(new.device))
 
 
 class StepAccumulator:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ...routers.base import Routing
+from ...routers.state import buffers_kept_fp32
 
 FREQ_SOURCES = ("probs", "gates")
 
@@ -170,6 +171,13 @@ class DynamicRankState(nn.Module):
         self.register_buffer("_freq_tokens", torch.zeros(()), persistent=False)
         # element-wise sensitivity EMAs, allocated on the first importance update (not saved, see module docstring)
         self._ema: dict[str, torch.Tensor] = {}
+
+    def _apply(self, fn, recurse: bool = True):
+        # a half-precision base (PEFT places the state like the base layer's weight, `model.to(torch.float16)`) would
+        # round the sensitivities (~1e-12) to 0, stall the frequency EMA in bf16 and overflow the fp16 token count
+        with buffers_kept_fp32(self, "freq", "importance", "_freq_sum", "_freq_tokens"):
+            super()._apply(fn, recurse)
+        return self
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, r_max={self.r_max}, ranks={self.ranks().tolist()}"
