@@ -67,6 +67,35 @@ def test_mixed_batch_rows_equal_each_adapter_alone():
         assert (a - b).abs().max() > 1e-3 and (a - base).abs().max() > 1e-3
 
 
+def test_mixed_batch_with_adapters_of_different_dtypes(tmp_path):
+    """A bf16 adapter (loaded with ``autocast_adapter_dtype=False``) beside an fp32 one on a bf16 base: each is
+    computed in its own dtype, as alone, whatever the other samples' adapters (all of them were computed in the first
+    adapter's dtype, so a sample's output changed with the order of the others)."""
+    from peft import PeftModel
+
+    for seed, name in ((1, "a"), (2, "b")):
+        torch.manual_seed(seed)
+        config = MoLoraConfig(r=4, num_experts=4, top_k=2, init_lora_weights=False, task_type="CAUSAL_LM")
+        get_peft_model(make_llama(), config).save_pretrained(tmp_path / name)
+    model = PeftModel.from_pretrained(
+        make_llama().to(torch.bfloat16), tmp_path / "a", adapter_name="a", autocast_adapter_dtype=False
+    )
+    model.load_adapter(tmp_path / "b", adapter_name="b")
+    model.eval()
+    layer = next(m for m in model.modules() if isinstance(m, MoLoraLayer))
+    assert (layer.molora_A["a"].dtype, layer.molora_A["b"].dtype) == (torch.bfloat16, torch.float32)
+    input_ids = torch.randint(3, VOCAB, (1, 9), generator=torch.Generator().manual_seed(0)).repeat(2, 1)
+    with torch.no_grad():
+        ab = model(input_ids=input_ids, adapter_names=["a", "b"]).logits
+        ba = model(input_ids=input_ids, adapter_names=["b", "a"]).logits
+        alone = {name: reference_logits(model, input_ids[:1], name) for name in ("a", "b")}
+    assert torch.equal(ab[1], ba[0]) and torch.equal(ab[0], ba[1])
+    # the fp32 adapter's sample: computed as alone whatever the other sample uses (it was computed in bf16 behind "a")
+    torch.testing.assert_close(ab[1:], alone["b"], atol=1e-6, rtol=1e-6)
+    # the bf16 adapter's: bf16 roundings differ between the grouped pass and the alone layer's fused path
+    torch.testing.assert_close(ab[:1], alone["a"], atol=8e-2, rtol=5e-2)
+
+
 @pytest.mark.parametrize("num_beams", [1, 2])
 def test_mixed_generate_equals_separate_generation(num_beams):
     model = two_adapter_model()

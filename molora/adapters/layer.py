@@ -402,7 +402,8 @@ class MoLoraLayer(BaseTunerLayer):
 
         Each adapter's router routes its own samples' tokens; the assignments are then offset into one
         concatenated expert bank (ranks zero-padded to the largest, each adapter's scaling folded into its gates)
-        and a single :func:`~molora.kernels.expert_delta` call computes every delta.
+        and a single :func:`~molora.kernels.expert_delta` call computes every delta (one per adapter dtype, when
+        adapters of different dtypes share the batch).
         """
         result = self.base_layer(x, *args, **kwargs)
         if self.quantization_backend is not None:
@@ -415,6 +416,21 @@ class MoLoraLayer(BaseTunerLayer):
             return result
         runtime = self._molora_runtime
         valid_all = runtime.context.token_mask(x.shape[:-1]) if runtime is not None else None
+        # adapters of different dtypes (one loaded with `autocast_adapter_dtype=False`) are computed in their own
+        # dtype, one grouped pass per dtype, as each would be alone: a sample's output must not depend on the others'
+        # adapters
+        by_dtype: dict[torch.dtype, dict[str, list[int]]] = {}
+        for name, rows in groups.items():
+            by_dtype.setdefault(self.molora_A[name].dtype, {})[name] = rows
+        for dtype_groups in by_dtype.values():
+            result = self._grouped_adapters_pass(x, result, dtype_groups, valid_all)
+        return result
+
+    def _grouped_adapters_pass(
+        self, x: torch.Tensor, result: torch.Tensor, groups: dict[str, list[int]], valid_all: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``result`` plus the experts' deltas of ``groups`` (adapter -> its rows of the batch, one dtype)."""
+        runtime = self._molora_runtime
         first = next(iter(groups))
         dtype = self.molora_A[first].dtype
         max_rank = max(self.molora_A[name].shape[-1] for name in groups)
