@@ -418,6 +418,21 @@ def test_save_load_restores_ranks_exactly_and_compaction_keeps_outputs(tmp_path)
         assert torch.equal(reloaded(**inputs).logits, expected)
 
 
+def test_growth_leaves_a_frozen_adapter_alone():
+    """Training adapter ``a`` beside a frozen ``b`` (both DR-LoRA) with the documented loop: ``b``'s ranks and ``A``
+    bank stay as they were (every adapter grew, and ``b``'s ``A`` rows were re-initialised, though ``b`` never ran)."""
+    model = get_peft_model(make_llama(), _config(), adapter_name="a")
+    model.add_adapter("b", _config())
+    b_ranks = {key: stats.ranks for key, stats in model.get_rank_stats("b").items()}
+    b_banks = {n: p.detach().clone() for n, p in model.named_parameters() if ".b." in n and "molora_A" in n}
+    history, _ = _train_steps(model, 6, total_steps=6)
+    assert any(history), "adapter a must grow"
+    assert {key: stats.ranks for key, stats in model.get_rank_stats("b").items()} == b_ranks
+    for name, param in model.named_parameters():
+        if name in b_banks:
+            assert torch.equal(param, b_banks[name]), name
+
+
 def test_adapter_without_dynamic_rank_has_no_rank_state():
     model = get_peft_model(make_llama(), MoLoraConfig(r=4, num_experts=2, top_k=1, task_type="CAUSAL_LM"))
     assert model.get_rank_stats() == {}

@@ -75,16 +75,27 @@ def _by_adapter(model: nn.Module, adapter_name: str | None) -> dict[str, list[_B
     return out
 
 
+def _trained_banks(model: nn.Module, adapter_name: str | None) -> dict[str, list[_Bank]]:
+    """``adapter_name``'s banks, or (``None``) those of every adapter being trained: whose ``A`` requires gradients
+    (PEFT freezes the adapters that are not active). A frozen adapter beside the trained one keeps its ranks."""
+    banks = _by_adapter(model, adapter_name)
+    if adapter_name is not None:
+        return banks
+    return {name: group for name, group in banks.items() if any(b.A.requires_grad for b in group)}
+
+
 def update_importance(model: nn.Module, adapter_name: str | None = None) -> None:
     """Fold the last optimizer step into the saliency signals; call after ``backward()``, before ``step()``.
 
-    Updates every bank's routing-frequency EMA (from the routing weights seen since the previous call) and its
-    sensitivity EMAs (from the current gradients of ``A`` and ``B``). The Trainer callback calls it from
-    ``on_pre_optimizer_step``; under gradient accumulation this sees the accumulated gradient.
+    Updates every trained bank's routing-frequency EMA (from the routing weights seen since the previous call) and
+    its sensitivity EMAs (from the current gradients of ``A`` and ``B``); ``adapter_name=None``: the adapters being
+    trained (whose weights require gradients), as in :func:`grow` and :func:`maybe_grow`. The Trainer callback calls
+    it from ``on_pre_optimizer_step``; under gradient accumulation this sees the accumulated gradient.
     """
-    for bank in dynamic_rank_banks(model, adapter_name):
-        bank.state.update_frequency()
-        bank.state.update_importance(bank.A, bank.B)
+    for banks in _trained_banks(model, adapter_name).values():
+        for bank in banks:
+            bank.state.update_frequency()
+            bank.state.update_importance(bank.A, bank.B)
 
 
 def _schedule(banks: list[_Bank], total_steps: int | None) -> GrowthSchedule:
@@ -119,11 +130,12 @@ def grow(
 
     Uses the schedule's ``experts_per_event`` and ``growth_step`` (resolved from ``total_steps`` when no
     ``schedule`` is given). Components are switched on as described in the module docstring; ``optimizer``
-    (a torch optimizer, or a wrapper with ``.optimizer``) gets their moments zeroed.
+    (a torch optimizer, or a wrapper with ``.optimizer``) gets their moments zeroed. ``adapter_name=None``: every
+    adapter being trained (whose weights require gradients).
     """
     grown: dict[str, dict[int, int]] = {}
     several = len(_by_adapter(model, None)) > 1
-    for adapter, banks in _by_adapter(model, adapter_name).items():
+    for adapter, banks in _trained_banks(model, adapter_name).items():
         sched = schedule or _schedule(banks, total_steps)
         scores = torch.cat(
             saliency_scores([b.state.freq.cpu() for b in banks], [b.state.importance.cpu() for b in banks])
@@ -162,10 +174,11 @@ def maybe_grow(
         optimizer.step(); optimizer.zero_grad()
         molora.dynamic_rank.maybe_grow(model, step + 1, total_steps, optimizer=optimizer)
 
-    Calling it twice for the same step grows only once. Returns what grew (see :func:`grow`).
+    Calling it twice for the same step grows only once. Returns what grew (see :func:`grow`). Without
+    ``adapter_name`` it grows the adapters being trained (whose weights require gradients), never a frozen one.
     """
     grown: dict[str, dict[int, int]] = {}
-    for adapter, banks in _by_adapter(model, adapter_name).items():
+    for adapter, banks in _trained_banks(model, adapter_name).items():
         schedule = _schedule(banks, total_steps)
         if not schedule.is_event(step):
             continue
