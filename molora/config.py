@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,6 +75,14 @@ class MoLoraConfig(PeftConfig):
         kernel (str): expert compute path: ``"auto"``, ``"dense"`` (one GEMM into all ``E*r`` rank columns),
             ``"grouped"`` (tokens grouped by expert), ``"naive"`` (per-expert loop, the reference) or ``"triton"``
             (SGMV kernels; CUDA). Default: "auto".
+        rank_pattern (dict[str, int]): per-module expert rank overriding ``r``, as in ``LoraConfig``: keys are module
+            names (suffix match) or regexes, e.g. ``{"down_proj": 16}``. Not with ``dynamic_rank``. Default: ``{}``.
+        alpha_pattern (dict[str, float]): per-module ``lora_alpha``, keyed like ``rank_pattern``. Default: ``{}``.
+        fan_in_fan_out (bool): accepted for ``LoraConfig`` compatibility (GPT-2 recipes set it): molora recognises
+            transformers' ``Conv1D`` (whose weight is stored ``[in, out]``) by its type, whatever this says.
+            Default: False.
+        use_dora (bool): ``LoraConfig``'s DoRA switch; DoRA's magnitude vector is not defined for a mixture of
+            experts, so only ``False`` is accepted. Default: False.
         dynamic_rank (dict | None): enable DR-LoRA (docs/dynamic_rank.md): every expert keeps capacity ``r`` but
             starts at a small active rank that grows during training where routing frequency and gradient
             sensitivity say it is needed, under a budget of ``target_rank`` per expert on average. Keys:
@@ -153,6 +164,19 @@ class MoLoraConfig(PeftConfig):
         default="auto",
         metadata={"help": "Expert compute path: 'auto', 'dense', 'grouped', 'naive' or 'triton' (CUDA)."},
     )
+    rank_pattern: dict[str, int] = field(
+        default_factory=dict,
+        metadata={"help": "Per-module expert rank overriding r ({module name or regex: rank}), as in LoraConfig."},
+    )
+    alpha_pattern: dict[str, float] = field(
+        default_factory=dict,
+        metadata={"help": "Per-module lora_alpha ({module name or regex: alpha}), as in LoraConfig."},
+    )
+    fan_in_fan_out: bool = field(
+        default=False,
+        metadata={"help": "Accepted for LoraConfig compatibility; Conv1D layers are recognised by their type."},
+    )
+    use_dora: bool = field(default=False, metadata={"help": "LoraConfig's DoRA switch; MoLoRA supports only False."})
     dynamic_rank: dict[str, Any] | None = field(
         default=None,
         metadata={
@@ -185,6 +209,22 @@ class MoLoraConfig(PeftConfig):
             return False
         fields = getattr(get_router_class(self.router).Params, "__dataclass_fields__", {})
         return "milora_mode" in fields
+
+    def for_module(self, key: str) -> MoLoraConfig:
+        """This configuration with ``r`` and ``lora_alpha`` of module ``key`` (``rank_pattern`` / ``alpha_pattern``,
+        matched as PEFT's ``LoraConfig`` matches them); ``self`` when neither pattern names the module."""
+        from peft.utils.other import get_pattern_key
+
+        r, alpha = self.r, self.lora_alpha
+        if self.rank_pattern:
+            r = self.rank_pattern.get(get_pattern_key(self.rank_pattern.keys(), key), r)
+        if self.alpha_pattern:
+            alpha = self.alpha_pattern.get(get_pattern_key(self.alpha_pattern.keys(), key), alpha)
+        if (r, alpha) == (self.r, self.lora_alpha):
+            return self
+        module_config = copy.copy(self)
+        module_config.r, module_config.lora_alpha = r, alpha
+        return module_config
 
     @property
     def dynamic_rank_params(self):
@@ -255,6 +295,73 @@ class MoLoraConfig(PeftConfig):
         _require_choice("kernel", self.kernel, KERNEL_CHOICES)
         if self.dynamic_rank is not None:
             build_dynamic_rank_params(self.dynamic_rank, self.r)
+        for name in ("rank_pattern", "alpha_pattern"):
+            value = getattr(self, name)
+            if not isinstance(value, dict):
+                raise ValueError(f"`{name}` must be a dict {{module name or regex: value}}, got {value!r}.")
+            for key, item in value.items():
+                if not isinstance(key, str) or not key:
+                    raise ValueError(f"`{name}` keys must be non-empty module names or regexes, got {key!r}.")
+                if name == "rank_pattern":
+                    _require_int(f"rank_pattern[{key!r}]", item, minimum=1)
+                else:
+                    _require_number(f"alpha_pattern[{key!r}]", item, positive=True)
+        if self.rank_pattern and self.dynamic_rank is not None:
+            raise ValueError(
+                "`rank_pattern` sets fixed per-module ranks and `dynamic_rank` (DR-LoRA) grows them; use one of them."
+            )
+        if not isinstance(self.fan_in_fan_out, bool):
+            raise ValueError(f"`fan_in_fan_out`={self.fan_in_fan_out!r} must be True or False.")
+        if self.use_dora is not False:
+            raise ValueError(
+                f"`use_dora`={self.use_dora!r}: DoRA is not supported by MoLoRA (its per-weight magnitude vector has "
+                "no meaning for a routed mixture of experts); set use_dora=False, or use peft.LoraConfig for DoRA."
+            )
+
+
+def _explain_lora_options(init):
+    """Wrap the dataclass ``__init__``: a ``peft.LoraConfig`` option that MoLoRA does not have is still a
+    ``TypeError`` about an unexpected keyword (what PEFT's config loading filters on), but one that says so."""
+
+    @functools.wraps(init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        own = {f.name for f in dataclasses.fields(type(self))}
+        unknown = sorted(set(kwargs) - own)
+        if unknown:
+            from peft import LoraConfig
+
+            lora_fields = {f.name: f for f in dataclasses.fields(LoraConfig)}
+            unsupported = []
+            for name in unknown:
+                if name not in lora_fields:
+                    continue
+                if kwargs[name] == _field_default(lora_fields[name]):
+                    del kwargs[name]  # LoraConfig's default (a converted LoraConfig lists them all): nothing to do
+                else:
+                    unsupported.append(name)
+            if unsupported:
+                raise TypeError(
+                    f"MoLoraConfig.__init__() got an unexpected keyword argument {unsupported[0]!r}: "
+                    f"peft.LoraConfig option(s) {unsupported} are not supported by MoLoRA (only at LoraConfig's "
+                    "default); remove them. The LoraConfig options MoLoraConfig takes: r, lora_alpha, lora_dropout, "
+                    "use_rslora, target_modules, exclude_modules, layers_to_transform, layers_pattern, "
+                    "modules_to_save, bias, init_lora_weights (True/False), rank_pattern, alpha_pattern, "
+                    "fan_in_fan_out, use_dora (False)."
+                )
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+MoLoraConfig.__init__ = _explain_lora_options(MoLoraConfig.__init__)
+
+
+def _field_default(spec: dataclasses.Field) -> Any:
+    if spec.default is not dataclasses.MISSING:
+        return spec.default
+    if spec.default_factory is not dataclasses.MISSING:
+        return spec.default_factory()
+    return dataclasses.MISSING
 
 
 def _require_int(name: str, value: Any, minimum: int) -> None:

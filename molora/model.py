@@ -296,6 +296,7 @@ class MoLoraModel(BaseTuner):
     ) -> None:
         if current_key is None:
             raise ValueError("Current key shouldn't be `None`; this should not happen, please report it.")
+        peft_config = peft_config.for_module(current_key)  # rank_pattern / alpha_pattern
         if isinstance(target, MoLoraLayer):
             target.update_layer(adapter_name, peft_config)
             return

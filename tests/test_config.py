@@ -42,6 +42,12 @@ BAD_CONFIGS = [
     ({"loss_reduction": "avg"}, r"`loss_reduction`='avg' is not supported; allowed values: \['mean', 'sum'"),
     ({"kernel": "triton9"}, r"`kernel`='triton9' is not supported; allowed values"),
     ({"init_lora_weights": "gaussian"}, r"`init_lora_weights`='gaussian' must be True or False"),
+    ({"rank_pattern": {"down_proj": 0}}, r"`rank_pattern\['down_proj'\]`=0 must be an integer >= 1"),
+    ({"alpha_pattern": {"q_proj": "big"}}, r"`alpha_pattern\['q_proj'\]`='big' must be a finite number"),
+    ({"rank_pattern": [("q_proj", 4)]}, r"`rank_pattern` must be a dict"),
+    ({"rank_pattern": {"q_proj": 4}, "dynamic_rank": {}}, r"`rank_pattern` sets fixed per-module ranks"),
+    ({"use_dora": True}, r"`use_dora`=True: DoRA is not supported by MoLoRA"),
+    ({"fan_in_fan_out": "yes"}, r"`fan_in_fan_out`='yes' must be True or False"),
 ]
 
 
@@ -95,3 +101,46 @@ def test_design_example_config_builds_and_wraps_a_model():
     ids = torch.randint(3, 90, (2, 8))
     out = model(input_ids=ids, labels=ids)
     assert torch.isfinite(out.loss) and model.molora_aux_loss() is not None
+
+
+def test_rank_and_alpha_patterns_follow_lora_config(tmp_path):
+    """``rank_pattern``/``alpha_pattern`` give a module its own rank and alpha, matched as ``LoraConfig`` matches them
+    (the same per-module ranks and scalings as PEFT LoRA), and survive a save and reload."""
+    from conftest import make_llama
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    import molora
+
+    patterns = dict(rank_pattern={"down_proj": 16, "layers.1.self_attn.q_proj": 2}, alpha_pattern={"v_proj": 4})
+    targets = ["q_proj", "v_proj", "down_proj"]
+    model = get_peft_model(make_llama(), MoLoraConfig(num_experts=4, target_modules=targets, **patterns))
+    lora = get_peft_model(make_llama(), LoraConfig(target_modules=targets, lora_alpha=16, **patterns))
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, molora.MoLoraLayer)}
+    lora_layers = {n: m for n, m in lora.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+    assert layers.keys() == lora_layers.keys()
+    for name, layer in layers.items():
+        assert layer.r["default"] == lora_layers[name].r["default"], name
+        assert layer.scaling["default"] == lora_layers[name].scaling["default"], name
+        assert layer.molora_A["default"].shape[-1] == layer.r["default"]
+    assert {layer.r["default"] for layer in layers.values()} == {2, 8, 16}
+    assert layers["base_model.model.model.layers.0.self_attn.v_proj"].scaling["default"] == 0.5
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(make_llama(), tmp_path)
+    for name, layer in loaded.named_modules():
+        if isinstance(layer, molora.MoLoraLayer):
+            assert layer.r == layers[name].r and layer.scaling == layers[name].scaling, name
+
+
+def test_lora_config_options_convert_or_explain():
+    """A ``LoraConfig``'s keyword arguments carry over: GPT-2's ``fan_in_fan_out=True`` is accepted (Conv1D is
+    recognised by type), options at ``LoraConfig``'s default are dropped, and the others name themselves."""
+    from conftest import make_gpt2
+    from peft import get_peft_model
+
+    config = MoLoraConfig(r=4, num_experts=2, top_k=1, target_modules=["c_attn"], fan_in_fan_out=True)
+    get_peft_model(make_gpt2(), config)(input_ids=torch.randint(0, 32, (1, 6))).logits.sum()
+    assert MoLoraConfig(layer_replication=None, lora_bias=False, use_dora=False).r == 8
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'layer_replication'.*LoraConfig option"):
+        MoLoraConfig(layer_replication=[[0, 2]])
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'no_such_option'"):
+        MoLoraConfig(no_such_option=1)
