@@ -7,6 +7,8 @@ Importing this package registers the PEFT type ``"MOLORA"``, after which PEFT's 
 
 from __future__ import annotations
 
+import sys
+
 from ._peft_type import ensure_peft_type
 from .adapters import Linear, MoLoraLayer, dynamic_rank
 from .adapters.dynamic_rank import compact_adapter, get_rank_stats, maybe_grow, update_importance
@@ -17,6 +19,9 @@ from .routers import ROUTER_REGISTRY, Router, RouterParams, Routing, get_router_
 from .runtime import LayerRoutingStats, RoutingContext
 
 __version__ = "0.1.0"
+
+# the docs name the DR-LoRA helpers `molora.dynamic_rank.*`: importable under that name too
+sys.modules.setdefault(__name__ + ".dynamic_rank", dynamic_rank)
 
 
 def _register_with_peft() -> None:

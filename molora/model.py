@@ -57,6 +57,10 @@ MOLORA_TARGET_MODULES: dict[str, list[str]] = {
     "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
     "roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
     "t5": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"],
+    "mt5": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"],
+    "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "mbart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "gpt_neo": ["q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"],
 }
 
 
@@ -275,10 +279,15 @@ class MoLoraModel(BaseTuner):
             model_type = model_config.get("model_type")
             targets = self.target_module_mapping.get(model_type)
             if targets is None:
+                # an architecture molora has no mapping for: PEFT LoRA's defaults for it (attention projections)
+                from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+                targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+            if targets is None:
                 raise ValueError(
                     f"MoLoraConfig.target_modules is None and molora has no default targets for model_type="
-                    f"{model_type!r}; set target_modules (e.g. ['q_proj', 'v_proj'] or 'all-linear'). Known "
-                    f"model types: {sorted(self.target_module_mapping)}."
+                    f"{model_type!r} (nor has PEFT LoRA); set target_modules (e.g. ['q_proj', 'v_proj'] or "
+                    f"'all-linear'). Known model types: {sorted(self.target_module_mapping)}."
                 )
             peft_config.target_modules = set(targets)
         return peft_config

@@ -525,3 +525,10 @@ def test_routing_frequencies_count_each_token_once_with_activation_checkpointing
     n_valid = int(batch["attention_mask"].sum())
     states = [m.molora_rank["default"] for m in model.modules() if "default" in getattr(m, "molora_rank", {})]
     assert states and all(int(state._freq_tokens) == n_valid for state in states)
+
+
+def test_helpers_import_under_the_documented_name():
+    """The docs name the helpers ``molora.dynamic_rank.*``: an import statement finds them too."""
+    from molora.dynamic_rank import grow, rank_stats_from_adapter  # noqa: F401
+
+    assert grow is dr.grow

@@ -74,6 +74,32 @@ def test_unknown_architecture_without_targets_fails_clearly():
         get_peft_model(tiny, MoLoraConfig())
 
 
+def test_default_targets_fall_back_to_peft_loras():
+    """An architecture without a molora mapping (GPT-BigCode here) takes PEFT LoRA's default targets for it, as
+    ``LoraConfig(target_modules=None)`` does; BART has molora's own (attention and MLP projections)."""
+    from peft import LoraConfig
+    from transformers import BartConfig, BartForConditionalGeneration, GPTBigCodeConfig, GPTBigCodeForCausalLM
+
+    bigcode = GPTBigCodeConfig(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32)
+    model = get_peft_model(GPTBigCodeForCausalLM(bigcode), MoLoraConfig(r=2, num_experts=2, top_k=1))
+    lora = get_peft_model(GPTBigCodeForCausalLM(bigcode), LoraConfig(r=2))
+    lora_targets = {n for n, m in lora.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+    assert set(molora_layers(model)) == lora_targets and lora_targets
+    bart = BartConfig(
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=48,
+        decoder_ffn_dim=48,
+        vocab_size=64,
+    )
+    model = get_peft_model(BartForConditionalGeneration(bart), MoLoraConfig(r=2, num_experts=2, top_k=1))
+    names = {name.rsplit(".", 1)[-1] for name in molora_layers(model)}
+    assert names == {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}
+
+
 @pytest.mark.parametrize("use_rslora, expected", [(False, 16 / 8), (True, 16 / 8**0.5)])
 def test_scaling(use_rslora, expected):
     model = get_peft_model(make_llama(), MoLoraConfig(r=8, lora_alpha=16, use_rslora=use_rslora))
