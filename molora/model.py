@@ -72,6 +72,16 @@ def _end_forward_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any)
     return module._molora_runtime.end_forward(output)
 
 
+def _begin_stack_hook(module: nn.Module, args: tuple, kwargs: dict, stack: str) -> None:
+    module._molora_began = module._molora_runtime.begin_stack(stack, args, kwargs)
+
+
+def _end_stack_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    if module.__dict__.pop("_molora_began", False):
+        return module._molora_runtime.end_forward(output)
+    return output
+
+
 def _supported_base(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D)) or (
         (backend := resolve_quantization_backend(module)) is not None and backend.layer_type == "linear"
@@ -171,12 +181,32 @@ class MoLoraModel(BaseTuner):
             self.model.register_forward_pre_hook(_begin_forward_hook, with_kwargs=True),
             self.model.register_forward_hook(_end_forward_hook, with_kwargs=True),
         ]
+        for stack, module in self._encoder_decoder_stacks():
+            # their tokens differ (and `generate` runs the encoder on its own): see MoLoraRuntime.begin_stack
+            module._molora_runtime = self.molora_runtime
+            hook = functools.partial(_begin_stack_hook, stack=stack)
+            self._molora_hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            self._molora_hooks.append(module.register_forward_hook(_end_stack_hook, with_kwargs=True))
+
+    def _encoder_decoder_stacks(self) -> list[tuple[str, nn.Module]]:
+        """``[("encoder", module), ("decoder", module)]`` of an encoder-decoder model (T5, BART, ...), else ``[]``."""
+        if not getattr(getattr(self.model, "config", None), "is_encoder_decoder", False):
+            return []
+        stacks = []
+        for stack in ("encoder", "decoder"):
+            getter = getattr(self.model, f"get_{stack}", None)
+            module = getter() if callable(getter) else None
+            if isinstance(module, nn.Module) and module is not self.model:
+                stacks.append((stack, module))
+        return stacks
 
     def _remove_hooks(self) -> None:
         for handle in self._molora_hooks:
             handle.remove()
         self._molora_hooks = []
         self.model.__dict__.pop("_molora_runtime", None)
+        for _, module in self._encoder_decoder_stacks():
+            module.__dict__.pop("_molora_runtime", None)
         milora.remove_layer_hooks(self._milora_layers, self._milora_hooks)
         self._milora_hooks, self._milora_layers = [], []
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import warnings
 import weakref
@@ -518,6 +519,8 @@ class MoLoraRuntime:
         # the prompt length of the `generate` call running (MoLoraModel.generate), see `generating`
         self._generation_prompt_length: int | None = None
         self._generating = False
+        # a model-level forward is running (between begin_forward and end_forward): see begin_stack
+        self._in_forward = False
         # how a trainer normalises: causal-LM losses shift the labels (counted like `Trainer._get_num_items_in_batch`),
         # and micro-batches per optimizer step (set by MoLoraCallback for the fallback delivery; see ForwardAux)
         self.loss_shifts_labels = True
@@ -570,20 +573,8 @@ class MoLoraRuntime:
         input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
         embeds = kwargs.get("inputs_embeds")
         current = input_ids if input_ids is not None else embeds
-        mask = kwargs.get("attention_mask")
-        seq = current.shape[1] if current is not None and current.dim() >= 2 else None
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and seq is not None:
-            mask = mask[:, mask.shape[1] - seq :] if mask.shape[1] >= seq else None
-        elif isinstance(mask, dict) and seq is not None:
-            # one prepared mask per attention type (Qwen2/3, Gemma2/3 with a static KV cache): a padding token is
-            # masked in every one of them; the full-attention one has every key column
-            masks = [m for m in (mask.get("full_attention"), *mask.values()) if isinstance(m, torch.Tensor)]
-            mask = _token_mask_from_4d(masks[0], past_length, seq) if masks and masks[0].dim() == 4 else None
-        elif isinstance(mask, torch.Tensor) and mask.dim() == 4 and seq is not None:
-            # a prepared [batch, heads, query, key] mask, as generate() passes with a static KV cache
-            mask = _token_mask_from_4d(mask, past_length, seq)
-        else:
-            mask = None
+        mask = _call_token_mask(current, kwargs.get("attention_mask"), past_length)
+        self._in_forward = True
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         self.context = RoutingContext(
             attention_mask=mask,
@@ -599,6 +590,24 @@ class MoLoraRuntime:
         )
         if self.context.adapter_names is None and self.batch_adapter_names is not None:
             self.context.adapter_names = self.batch_adapter_names[0]
+
+    @torch.compiler.disable
+    def begin_stack(self, stack: str, args: tuple, kwargs: dict) -> bool:
+        """An encoder-decoder model's encoder or decoder (``stack``) starts: its own tokens' padding mask replaces the
+        model call's (the encoder's ``attention_mask``), which would apply to decoder tokens whenever the two lengths
+        happen to be equal. An encoder called on its own, as ``generate`` calls it before the decoding steps, begins
+        a model-level forward (its mask, its statistics); returns True then (the caller ends it)."""
+        if not self._in_forward:
+            if stack != "encoder":
+                return False
+            self.begin_forward(args, kwargs)
+            return True
+        input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+        current = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        past_length = _cache_state(kwargs)[0] if stack == "decoder" else 0
+        mask = _call_token_mask(current, kwargs.get("attention_mask"), past_length)
+        self.context = dataclasses.replace(self.context, attention_mask=mask, _flat_mask=None)
+        return False
 
     @property
     def recomputing(self) -> bool:
@@ -717,6 +726,7 @@ class MoLoraRuntime:
 
         Not compiled: the loss probe and the delivery node keep Python state for the backward. Also records what
         stateful routers observed inside a compiled forward (``molora.routers.state.commit_staged``)."""
+        self._in_forward = False
         commit_staged(self.context.forward_id)
         output = self._attach_model_delivery(output)
         loss = _get_loss(output)
@@ -1104,6 +1114,23 @@ def _cache_state(kwargs: dict) -> tuple[int | None, bool]:
             return None, False
         return past_length, past_length > 0
     return None, bool(past)
+
+
+def _call_token_mask(current: torch.Tensor | None, mask: Any, past_length: int | None) -> torch.Tensor | None:
+    """The ``[B, S]`` padding mask of a call's current input positions (``current``: its ``input_ids`` or
+    ``inputs_embeds``) from the ``attention_mask`` it was given, or ``None`` (every token counts)."""
+    seq = current.shape[1] if current is not None and current.dim() >= 2 else None
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and seq is not None:
+        return mask[:, mask.shape[1] - seq :] if mask.shape[1] >= seq else None
+    if isinstance(mask, dict) and seq is not None:
+        # one prepared mask per attention type (Qwen2/3, Gemma2/3 with a static KV cache): a padding token is
+        # masked in every one of them; the full-attention one has every key column
+        masks = [m for m in (mask.get("full_attention"), *mask.values()) if isinstance(m, torch.Tensor)]
+        return _token_mask_from_4d(masks[0], past_length, seq) if masks and masks[0].dim() == 4 else None
+    if isinstance(mask, torch.Tensor) and mask.dim() == 4 and seq is not None:
+        # a prepared [batch, heads, query, key] mask, as generate() passes with a static KV cache
+        return _token_mask_from_4d(mask, past_length, seq)
+    return None
 
 
 def _output_tensors(output: Any) -> list[tuple[str | int, torch.Tensor]]:
