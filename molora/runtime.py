@@ -105,11 +105,14 @@ class RoutingContext:
     def token_mask(self, leading_shape: torch.Size) -> torch.Tensor | None:
         """A flat bool mask ``[prod(leading_shape)]`` of non-padding tokens for a layer input of that leading shape.
 
-        Returns ``None`` (every token counts) when there is no mask or the layer's input is not laid out as
-        ``[batch, seq, ...]`` (e.g. tokens already flattened or re-ordered inside the model).
+        ``[batch * seq]`` (tokens flattened in order, as OPT's decoder layers feed their MLP) is read the same way.
+        Returns ``None`` (every token counts) when there is no mask or the layer's input is laid out otherwise (e.g.
+        tokens re-ordered inside the model).
         """
         mask = self.attention_mask
-        if mask is None or tuple(leading_shape) != tuple(mask.shape):
+        if mask is None:
+            return None
+        if tuple(leading_shape) != tuple(mask.shape) and tuple(leading_shape) != (mask.numel(),):
             return None
         # one flat mask object per attention mask, shared by every layer of the forward pass: the routers cache the
         # valid-row index per mask object (molora.routers.balancing.valid_rows)

@@ -670,3 +670,36 @@ def test_deepcopy_gives_an_independent_working_model(batch):
     assert again.molora_aux_loss() is not None
     routers = [p.grad for n, p in again.named_parameters() if "molora_router" in n]
     assert routers and all(g is not None and g.abs().sum() > 0 for g in routers)
+
+
+def test_tokens_flattened_in_order_keep_their_padding_mask():
+    """OPT's decoder layers feed their MLP (``fc1``/``fc2``) the tokens as ``[batch * seq, d]``: padding was counted
+    there, in the statistics and the balance loss (which changed with the ids of masked tokens)."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    config = OPTConfig(
+        hidden_size=32,
+        ffn_dim=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        vocab_size=64,
+        max_position_embeddings=32,
+        word_embed_proj_dim=32,
+        pad_token_id=0,
+    )
+    model = get_peft_model(OPTForCausalLM(config), MoLoraConfig(r=2, num_experts=4, top_k=2, task_type="CAUSAL_LM"))
+    model.eval()  # (OPT has dropout)
+    ids = torch.randint(3, 64, (2, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    balance = []
+    for pad_id in (0, 7):
+        ids[0, :4] = pad_id
+        model.reset_routing_stats()
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+        balance.append(model.molora_aux_losses()["balance"])
+        stats = model.get_routing_stats()
+        assert stats["model.decoder.layers.0.fc1"].tokens == stats["model.decoder.layers.0.fc2"].tokens == 16
+    torch.testing.assert_close(balance[0], balance[1], rtol=0, atol=0)
