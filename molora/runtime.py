@@ -102,6 +102,23 @@ class RoutingContext:
         """The call's KV cache object while it is alive (through ``cache_ref``); ``None`` without one."""
         return self.cache_ref() if self.cache_ref is not None else None
 
+    def select_rows(self, rows: torch.Tensor, batch_size: int) -> RoutingContext:
+        """The context of samples ``rows`` of a ``batch_size`` batch (a mixed-adapter batch's samples of one adapter):
+        the per-sample tensors (padding mask, labels, prompt mask) cut to those rows, the rest shared."""
+
+        def cut(value: torch.Tensor | None) -> torch.Tensor | None:
+            if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != batch_size:
+                return value
+            return value.index_select(0, rows.to(value.device))
+
+        return dataclasses.replace(
+            self,
+            attention_mask=cut(self.attention_mask),
+            labels=cut(self.labels),
+            prompt_mask=cut(self.prompt_mask),
+            _flat_mask=None,
+        )
+
     def token_mask(self, leading_shape: torch.Size) -> torch.Tensor | None:
         """A flat bool mask ``[prod(leading_shape)]`` of non-padding tokens for a layer input of that leading shape.
 

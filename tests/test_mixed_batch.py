@@ -287,3 +287,39 @@ def test_mixed_batch_on_gpt2_and_direct_layer_call():
         torch.testing.assert_close(out[0], layer.get_base_layer()(x[:1])[0])
         model.set_adapter("beta")
         torch.testing.assert_close(out[1:], layer(x[1:]))
+
+
+@pytest.mark.parametrize("router_kwargs", [{}, {"milora_mode": "module"}], ids=["bank", "module"])
+def test_prompt_router_mixed_batch_uses_each_samples_prompt(router_kwargs):
+    """The prompt router pools over each sample's prompt (``labels == -100``, or ``molora_prompt_mask``): in a mixed
+    batch the positions were not cut to each adapter's samples (labels ignored, silently; an explicit prompt mask or
+    ``generate(use_cache=False)`` raised)."""
+
+    def config(**kwargs):
+        return MoLoraConfig(router="prompt", router_kwargs=router_kwargs, init_lora_weights=False, **kwargs)
+
+    module = bool(router_kwargs)  # module mode: one LoRA per projection, top_k of a decoder layer's 7 modules
+    model = get_peft_model(
+        make_llama(seed=3), config(r=4, num_experts=1 if module else 4, top_k=3 if module else 2), adapter_name="alpha"
+    )
+    model.add_adapter("beta", config(r=2, num_experts=1 if module else 3, top_k=2 if module else 1))
+    model.eval()
+    input_ids = torch.randint(3, VOCAB, (3, 10), generator=torch.Generator().manual_seed(0))
+    labels = input_ids.clone()
+    labels[:, :6] = -100  # 6 prompt tokens
+    names = ["alpha", "beta", "alpha"]
+    with torch.no_grad():
+        mixed = model(input_ids=input_ids, labels=labels, adapter_names=names).logits
+        with model.molora_prompt_mask(torch.ones(3, 6, dtype=torch.long)):
+            masked = model(input_ids=input_ids, adapter_names=names).logits
+        for row, name in enumerate(names):
+            model.set_adapter(name)
+            alone = model(input_ids=input_ids[row : row + 1], labels=labels[row : row + 1]).logits
+            torch.testing.assert_close(mixed[row : row + 1], alone, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(masked[row : row + 1], alone, atol=1e-5, rtol=1e-5)
+        # generate without a KV cache re-feeds prompt and new tokens: routing stays on the prompt
+        uncached = model.generate(
+            input_ids=input_ids, max_new_tokens=3, do_sample=False, use_cache=False, adapter_names=names
+        )
+        cached = model.generate(input_ids=input_ids, max_new_tokens=3, do_sample=False, adapter_names=names)
+    assert torch.equal(uncached, cached)

@@ -453,7 +453,7 @@ class MoLoraLayer(BaseTunerLayer):
                     records.append((slot.layer_key, name, slot.router, decision, valid))
             else:
                 router = self.molora_router[name]
-                context = runtime.context if runtime is not None else None
+                context = runtime.context.select_rows(rows_t, x.shape[0]) if runtime is not None else None
                 routing = self._route(router, sub_flat, valid, context, sub.shape[:-1])
                 records.append((self._molora_key, name, router, routing, valid))
             weight_A, weight_B = self.molora_A[name], self.molora_B[name]

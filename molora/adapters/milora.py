@@ -204,7 +204,9 @@ def layer_decision(
             f"{slot.layer_key!r}, but that layer is not running: call the model (or the decoder layer), not the "
             "projection on its own."
         )
+    context = runtime.context
     if rows is not None:
+        context = context.select_rows(rows, hidden.shape[0])
         hidden = hidden.index_select(0, rows.to(hidden.device))
     if tuple(hidden.shape[:-1]) != tuple(lead_shape) or hidden.shape[-1] != slot.router.in_features:
         raise ValueError(
@@ -216,7 +218,7 @@ def layer_decision(
     flat = hidden.reshape(-1, hidden.shape[-1])
     if valid is not None and valid.device != flat.device:
         valid = valid.to(flat.device)
-    routing = slot.router(flat, valid, context=runtime.context, lead_shape=tuple(lead_shape))
+    routing = slot.router(flat, valid, context=context, lead_shape=tuple(lead_shape))
     runtime.milora_decisions[key] = routing
     return routing, True
 
