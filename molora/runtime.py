@@ -102,6 +102,15 @@ class RoutingContext:
         """The call's KV cache object while it is alive (through ``cache_ref``); ``None`` without one."""
         return self.cache_ref() if self.cache_ref is not None else None
 
+    def for_input(self, x: torch.Tensor) -> RoutingContext:
+        """The context of a layer whose input is ``x``: in an encoder-decoder model's decoder, the cross-attention's
+        key/value projections read the encoder's output (``encoder_hidden_states``, the very tensor), whose tokens
+        have the encoder's padding mask and are all prompt; every other layer gets this context."""
+        encoder = self.extra.get("encoder_input")
+        if encoder is not None and encoder[0]() is x:
+            return encoder[1]
+        return self
+
     def select_rows(self, rows: torch.Tensor, batch_size: int) -> RoutingContext:
         """The context of samples ``rows`` of a ``batch_size`` batch (a mixed-adapter batch's samples of one adapter):
         the per-sample tensors (padding mask, labels, prompt mask) cut to those rows, the rest shared."""
@@ -624,9 +633,31 @@ class MoLoraRuntime:
             return True
         input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
         current = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
-        past_length = _cache_state(kwargs)[0] if stack == "decoder" else 0
+        if stack == "encoder":
+            # the encoder's input is the prompt: its padding mask; labels (the decoder's targets) say nothing here
+            mask = _call_token_mask(current, kwargs.get("attention_mask"), 0)
+            self.context = dataclasses.replace(self.context, attention_mask=mask, labels=None, _flat_mask=None)
+            return False
+        past_length = _cache_state(kwargs)[0]
         mask = _call_token_mask(current, kwargs.get("attention_mask"), past_length)
-        self.context = dataclasses.replace(self.context, attention_mask=mask, _flat_mask=None)
+        prompt_mask = None
+        if past_length == 0 and current is not None and current.dim() >= 2:
+            # sequence-level routers decide from the decoder's first token (its start token): what generate's prefill
+            # sees, and causal in teacher-forced training (the targets never steer the decision)
+            prompt_mask = torch.zeros(current.shape[:2], dtype=torch.bool, device=current.device)
+            prompt_mask[:, 0] = True
+        extra = dict(self.context.extra)
+        encoder_states = kwargs.get("encoder_hidden_states")
+        if isinstance(encoder_states, torch.Tensor):
+            encoder_mask = kwargs.get("encoder_attention_mask")
+            encoder_mask = encoder_mask if isinstance(encoder_mask, torch.Tensor) and encoder_mask.dim() == 2 else None
+            encoder_context = dataclasses.replace(
+                self.context, attention_mask=encoder_mask, labels=None, prompt_mask=None, _flat_mask=None
+            )
+            extra["encoder_input"] = (weakref.ref(encoder_states), encoder_context)
+        self.context = dataclasses.replace(
+            self.context, attention_mask=mask, labels=None, prompt_mask=prompt_mask, extra=extra, _flat_mask=None
+        )
         return False
 
     @property

@@ -100,3 +100,38 @@ def test_expert_choice_generates_the_same_twice_and_reloads(tmp_path):
     loaded = PeftModel.from_pretrained(_bart(), tmp_path).eval()
     with torch.no_grad():
         assert torch.equal(loaded.generate(**kwargs), first)
+
+
+def test_prompt_router_decides_from_the_input_and_the_start_token():
+    """``router="prompt"`` on T5: the encoder's routers pool over its real tokens (the prompt), the decoder's over
+    its start token (what ``generate``'s first step sees; the targets of a teacher-forced forward never steer it),
+    and the cross-attention's key/value projections over the encoder's real tokens. A padded sample generates as
+    it does alone."""
+    config = MoLoraConfig(
+        r=2, num_experts=4, top_k=1, router="prompt", init_lora_weights=False, task_type="SEQ_2_SEQ_LM"
+    )
+    model = get_peft_model(_t5(), config).eval()
+    ids, mask = _padded_inputs()
+    labels = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(2))
+    other = labels.clone()
+    other[:, 1:] = torch.randint(3, 64, (2, 5), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        model.reset_routing_stats()
+        first = model(input_ids=ids, attention_mask=mask, labels=labels).logits[:, 0]
+        stats = model.get_routing_stats()
+        assert stats["decoder.block.0.layer.1.EncDecAttention.k"].tokens == 17  # encoder tokens, padding left out
+        changed = model(input_ids=ids, attention_mask=mask, labels=other).logits[:, 0]
+        torch.testing.assert_close(first, changed, rtol=0, atol=0)
+        step = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=1,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        ).logits[0]
+        torch.testing.assert_close(step, first, atol=1e-5, rtol=1e-5)
+        kwargs = dict(max_new_tokens=6, do_sample=False, suppress_tokens=[2])
+        batched = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        alone = model.generate(input_ids=ids[:1, :7], attention_mask=mask[:1, :7], **kwargs)
+    assert torch.equal(batched[:1], alone)

@@ -155,10 +155,10 @@ class MoLoraLayer(BaseTunerLayer):
         lead_shape = x.shape[:-1]
         x_flat = x.reshape(-1, x.shape[-1])  # [T, d_in]
         runtime = self._molora_runtime
-        valid = runtime.context.token_mask(lead_shape) if runtime is not None else None
+        context = runtime.context.for_input(x) if runtime is not None else None
+        valid = context.token_mask(lead_shape) if context is not None else None
         if valid is not None and valid.device != x.device:
             valid = valid.to(x.device)
-        context = runtime.context if runtime is not None else None
         if weight_A is None:
             weight_A = self.molora_A[adapter_name]
         weight_B = self.molora_B[adapter_name]
@@ -415,7 +415,8 @@ class MoLoraLayer(BaseTunerLayer):
         if not groups:
             return result
         runtime = self._molora_runtime
-        valid_all = runtime.context.token_mask(x.shape[:-1]) if runtime is not None else None
+        context = runtime.context.for_input(x) if runtime is not None else None
+        valid_all = context.token_mask(x.shape[:-1]) if context is not None else None
         # adapters of different dtypes (one loaded with `autocast_adapter_dtype=False`) are computed in their own
         # dtype, one grouped pass per dtype, as each would be alone: a sample's output must not depend on the others'
         # adapters
@@ -453,7 +454,7 @@ class MoLoraLayer(BaseTunerLayer):
                     records.append((slot.layer_key, name, slot.router, decision, valid))
             else:
                 router = self.molora_router[name]
-                context = runtime.context.select_rows(rows_t, x.shape[0]) if runtime is not None else None
+                context = runtime.context.for_input(x).select_rows(rows_t, x.shape[0]) if runtime is not None else None
                 routing = self._route(router, sub_flat, valid, context, sub.shape[:-1])
                 records.append((self._molora_key, name, router, routing, valid))
             weight_A, weight_B = self.molora_A[name], self.molora_B[name]
