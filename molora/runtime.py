@@ -80,6 +80,8 @@ class RoutingContext:
             with ``use_cache=False``): per-step training state observes nothing from it, also in train mode.
         cache_ref (weakref or None): a weak reference to that KV cache object (``None`` without one, or for a cache
             that takes no weak reference): sequence-level routers keep their prefill's decision with it.
+        token_layout (tuple[int, int] or None): ``(batch, seq)`` of the call's current input, which a layer fed the
+            tokens flattened in order (``[batch * seq, d]``, OPT's MLP) has lost.
         extra (dict): anything else a router may need (the raw forward kwargs are not kept).
     """
 
@@ -93,6 +95,7 @@ class RoutingContext:
     kv_cache: bool = False
     generation: bool = False
     cache_ref: Any = None
+    token_layout: tuple[int, int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     # (attention_mask, its flat bool view) for token_mask: one mask object shared by every layer of a forward
     _flat_mask: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
@@ -101,6 +104,14 @@ class RoutingContext:
     def cache(self) -> Any:
         """The call's KV cache object while it is alive (through ``cache_ref``); ``None`` without one."""
         return self.cache_ref() if self.cache_ref is not None else None
+
+    def sequence_layout(self, leading_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """``(batch, seq)`` for a layer input whose leading shape is ``[batch * seq]`` (tokens flattened in order);
+        ``leading_shape`` itself otherwise."""
+        layout = self.token_layout
+        if len(leading_shape) == 1 and layout is not None and layout[0] * layout[1] == leading_shape[0]:
+            return layout
+        return tuple(leading_shape)
 
     def for_input(self, x: torch.Tensor) -> RoutingContext:
         """The context of a layer whose input is ``x``: in an encoder-decoder model's decoder, the cross-attention's
@@ -616,6 +627,7 @@ class MoLoraRuntime:
             kv_cache=cache is not None,
             generation=cache is not None or self._generating,
             cache_ref=_weak_ref(cache),
+            token_layout=_token_layout(current),
         )
         if self.context.adapter_names is None and self.batch_adapter_names is not None:
             self.context.adapter_names = self.batch_adapter_names[0]
@@ -636,7 +648,9 @@ class MoLoraRuntime:
         if stack == "encoder":
             # the encoder's input is the prompt: its padding mask; labels (the decoder's targets) say nothing here
             mask = _call_token_mask(current, kwargs.get("attention_mask"), 0)
-            self.context = dataclasses.replace(self.context, attention_mask=mask, labels=None, _flat_mask=None)
+            self.context = dataclasses.replace(
+                self.context, attention_mask=mask, labels=None, token_layout=_token_layout(current), _flat_mask=None
+            )
             return False
         past_length = _cache_state(kwargs)[0]
         mask = _call_token_mask(current, kwargs.get("attention_mask"), past_length)
@@ -656,7 +670,13 @@ class MoLoraRuntime:
             )
             extra["encoder_input"] = (weakref.ref(encoder_states), encoder_context)
         self.context = dataclasses.replace(
-            self.context, attention_mask=mask, labels=None, prompt_mask=prompt_mask, extra=extra, _flat_mask=None
+            self.context,
+            attention_mask=mask,
+            labels=None,
+            prompt_mask=prompt_mask,
+            token_layout=_token_layout(current),
+            extra=extra,
+            _flat_mask=None,
         )
         return False
 
@@ -1165,6 +1185,10 @@ def _cache_state(kwargs: dict) -> tuple[int | None, bool]:
             return None, False
         return past_length, past_length > 0
     return None, bool(past)
+
+
+def _token_layout(current: torch.Tensor | None) -> tuple[int, int] | None:
+    return (int(current.shape[0]), int(current.shape[1])) if current is not None and current.dim() >= 2 else None
 
 
 def _call_token_mask(current: torch.Tensor | None, mask: Any, past_length: int | None) -> torch.Tensor | None:

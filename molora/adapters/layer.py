@@ -171,7 +171,10 @@ class MoLoraLayer(BaseTunerLayer):
     @staticmethod
     def _route(router: nn.Module, x_flat: torch.Tensor, valid, context, lead_shape) -> Routing:
         if router.uses_context:
-            # sequence-level routers (e.g. "prompt") also need the [batch, seq] layout
+            # sequence-level routers (e.g. "prompt") also need the [batch, seq] layout (known to the context when the
+            # model flattened the tokens in order)
+            if context is not None:
+                lead_shape = context.sequence_layout(tuple(lead_shape))
             return router(x_flat, valid, context=context, lead_shape=lead_shape)
         return router(x_flat, valid, context=context)
 

@@ -208,6 +208,7 @@ def layer_decision(
     if rows is not None:
         context = context.select_rows(rows, hidden.shape[0])
         hidden = hidden.index_select(0, rows.to(hidden.device))
+    lead_shape = context.sequence_layout(tuple(lead_shape))  # [batch * seq] tokens flattened in order (OPT's MLP)
     if tuple(hidden.shape[:-1]) != tuple(lead_shape) or hidden.shape[-1] != slot.router.in_features:
         raise ValueError(
             f"MiLoRA module mode: decoder layer {slot.layer_key!r} received hidden states of shape "
