@@ -383,3 +383,40 @@ def test_missing_default_model_says_how_to_install(monkeypatch):
         models.resolve_model({})
     with pytest.raises(FileNotFoundError, match="no such model folder"):
         models.resolve_model({"name_or_path": "./not/here"})
+
+
+def test_evaluation_tokenizes_string_prompts_as_training_does():
+    """TRL tokenizes a plain-string prompt with the tokenizer's special tokens (BOS for Llama-style tokenizers);
+    evaluation (``eval.before/after``, ``molora eval``) fed the same rows without them: its loss, perplexity and exact
+    match were measured on inputs training never showed the model."""
+    from conftest import make_char_tokenizer
+    from tokenizers import processors
+
+    from molora.training.evaluate import answer_nll, generate
+
+    tokenizer = make_char_tokenizer()
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tokenizer.convert_tokens_to_ids("<s>"))]
+    )
+    bos = tokenizer.convert_tokens_to_ids("<s>")
+    assert tokenizer("ab")["input_ids"][0] == bos
+
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids, attention_mask):
+            seen.append(input_ids[0, attention_mask[0].bool()][0].item())
+            return type("Out", (), {"logits": torch.zeros(*input_ids.shape, len(tokenizer))})()
+
+        def generate(self, input_ids, attention_mask, max_new_tokens, **kwargs):
+            seen.append(input_ids[0, attention_mask[0].bool()][0].item())
+            return torch.cat([input_ids, input_ids[:, -1:]], dim=1)
+
+    rows = [{"prompt": "upper cat ->", "completion": " CAT"}]
+    answer_nll(Recorder(), tokenizer, rows)
+    generate(Recorder(), tokenizer, ["upper cat ->"], max_new_tokens=1)
+    assert seen == [bos, bos]

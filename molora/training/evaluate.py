@@ -40,8 +40,18 @@ def render_prompt(tokenizer, prompt: Any) -> str:
     return prompt
 
 
-def _encode(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+def _encode(tokenizer, text: str, special: bool = False) -> list[int]:
+    """``special``: add the tokenizer's special tokens (BOS for Llama-style tokenizers), as TRL does when it
+    tokenizes a plain-string prompt or text for training; a rendered chat template already holds its own."""
+    return tokenizer(text, add_special_tokens=special)["input_ids"]
+
+
+def prompt_ids(tokenizer, prompt: Any) -> list[int]:
+    """The token ids of a prompt as training saw them: a message list through the chat template (with the
+    generation prompt), a string with the tokenizer's special tokens (TRL's ``processing_class(text=...)``)."""
+    if isinstance(prompt, list):
+        return _encode(tokenizer, render_prompt(tokenizer, prompt))
+    return _encode(tokenizer, prompt, special=True)
 
 
 @torch.no_grad()
@@ -49,23 +59,29 @@ def generate(
     model, tokenizer, prompts: list[Any], max_new_tokens: int = 32, batch_size: int = 16, **gen_kwargs
 ) -> list[str]:
     """Greedy (unless ``gen_kwargs`` say otherwise) continuations of ``prompts`` (strings or message lists)."""
-    texts = [render_prompt(tokenizer, p) for p in prompts]
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
+    encoded = [prompt_ids(tokenizer, p) for p in prompts]
     device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     outputs: list[str] = []
-    try:
-        for start in range(0, len(texts), batch_size):
-            enc = tokenizer(
-                texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
-            )
-            enc = {k: v.to(device) for k, v in enc.items()}
-            kwargs = {"do_sample": False, **gen_kwargs}
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **kwargs)
-            new = out[:, enc["input_ids"].shape[1] :]
-            outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = side
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start : start + batch_size]
+        width = max(len(ids) for ids in chunk)
+        # left padding: every prompt ends where generation starts
+        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for i, ids in enumerate(chunk):
+            if ids:
+                input_ids[i, width - len(ids) :] = torch.tensor(ids)
+                mask[i, width - len(ids) :] = 1
+        kwargs = {"do_sample": False, **gen_kwargs}
+        out = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            **kwargs,
+        )
+        outputs.extend(tokenizer.batch_decode(out[:, width:], skip_special_tokens=True))
     return outputs
 
 
@@ -77,18 +93,17 @@ def answer_nll(model, tokenizer, rows: list[dict[str, Any]], batch_size: int = 1
     for row in rows:
         prompt, answer = split_row(row)
         if answer is None:
-            ids = _encode(tokenizer, render_prompt(tokenizer, prompt) if isinstance(prompt, list) else prompt)
-            items.append((ids, 1))
+            items.append((prompt_ids(tokenizer, prompt), 1))
             continue
         if isinstance(prompt, list):
             full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": answer}], tokenize=False)
-            prefix = render_prompt(tokenizer, prompt)
+            full_ids = _encode(tokenizer, full)
         else:
-            prefix, full = prompt, prompt + answer
-        full_ids = _encode(tokenizer, full)
-        prefix_len = len(_encode(tokenizer, prefix))
-        if full_ids[:prefix_len] != _encode(tokenizer, prefix):
-            prefix_len = _common_prefix(full_ids, _encode(tokenizer, prefix))
+            full_ids = _encode(tokenizer, prompt + answer, special=True)
+        prefix = prompt_ids(tokenizer, prompt)
+        prefix_len = len(prefix)
+        if full_ids[:prefix_len] != prefix:
+            prefix_len = _common_prefix(full_ids, prefix)
         items.append((full_ids, max(prefix_len, 1)))
     results = []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
