@@ -102,3 +102,29 @@ def test_sft_with_packing_padding_free(tmp_path):
     )
     trainer.train()
     assert all(torch.isfinite(torch.tensor(_losses(trainer))))
+
+
+def test_routing_statistics_leave_out_evaluations_during_training(tmp_path):
+    """With ``eval_strategy="steps"`` the evaluation forwards were counted in the run's routing statistics (its
+    ``routing_stats.json``, the logged windows, the heat map): the run's token counts equal those of the same
+    training without evaluations."""
+    from molora.training.logging import install_routing_stats_callback
+
+    tokens = {}
+    for evaluate in (False, True):
+        extra = dict(eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=4) if evaluate else {}
+        trainer = trl.SFTTrainer(
+            model=make_llama(vocab_size=CHAR_VOCAB),
+            args=sft_args(
+                tmp_path / str(evaluate), max_steps=4, per_device_train_batch_size=2, logging_steps=2, **extra
+            ),
+            train_dataset=text_dataset(8),
+            eval_dataset=text_dataset(8) if evaluate else None,
+            processing_class=make_char_tokenizer(),
+            peft_config=MoLoraConfig(r=2, num_experts=4, top_k=2, task_type="CAUSAL_LM"),
+        )
+        callback = install_routing_stats_callback(trainer)
+        trainer.train()
+        stats = callback.run_stats()
+        tokens[evaluate] = {name: s["tokens"] for name, s in stats.items()}
+    assert tokens[False] and tokens[True] == tokens[False]

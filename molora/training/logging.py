@@ -97,6 +97,9 @@ class RoutingStatsCallback(TrainerCallback):
         self._aux_sums: dict[str, float] = {}
         self._aux_steps = 0
         self._totals: dict[str, torch.Tensor] = {}
+        # training statistics folded out of the model before an evaluation (whose forwards must not count), not yet
+        # logged: the next window starts with them
+        self._held: dict[str, torch.Tensor] = {}
         # the history file's lines up to this step belong to the run (a resumed one); later ones and those of an
         # earlier run in the same folder are dropped at the first write
         self._history_kept_step: int | None = None
@@ -119,13 +122,37 @@ class RoutingStatsCallback(TrainerCallback):
         for name, value in losses.items():
             self._aux_sums[name] = self._aux_sums.get(name, 0.0) + float(value.detach().float())
         self._aux_steps += 1
+        if _evaluates_after_step(args, state):
+            self._hold(model)
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        if str(getattr(args, "eval_strategy", "no")) in ("epoch", "IntervalStrategy.EPOCH"):
+            self._hold(model)
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        # the evaluation's forwards are not training routing: drop them (the training ones were held before it)
+        if model is not None and hasattr(model, "reset_routing_stats"):
+            model.reset_routing_stats()
+
+    def _hold(self, model) -> None:
+        """Fold the model's statistics since the last window into ``_held`` (before an evaluation runs)."""
+        if model is None or not hasattr(model, "get_routing_stats"):
+            return
+        for name, stats in model.get_routing_stats().items():
+            raw = stats_to_raw(stats)
+            self._held[name] = self._held[name] + raw if name in self._held else raw
+        model.reset_routing_stats()
 
     def _window(self, model) -> dict[str, torch.Tensor]:
         if model is None or not hasattr(model, "get_routing_stats"):
             return {}
         stats = model.get_routing_stats()
         model.reset_routing_stats()
-        raw = _all_reduce({name: stats_to_raw(s) for name, s in stats.items()})
+        local = {name: stats_to_raw(s) for name, s in stats.items()}
+        for name, held in self._held.items():
+            local[name] = local[name] + held if name in local else held
+        self._held = {}
+        raw = _all_reduce(local)
         for name, value in raw.items():
             self._totals[name] = self._totals[name] + value if name in self._totals else value.clone()
         return raw
@@ -181,6 +208,19 @@ class RoutingStatsCallback(TrainerCallback):
         if _is_main(state) and stats and args.output_dir:
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
             Path(args.output_dir, STATS_FILE).write_text(json.dumps(stats, indent=1))
+
+
+def _evaluates_after_step(args, state) -> bool:
+    """Whether the trainer evaluates right after this optimizer step (``eval_strategy="steps"``; what
+    ``DefaultFlowCallback`` decides, which runs after this callback)."""
+    if str(getattr(args, "eval_strategy", "no")) not in ("steps", "IntervalStrategy.STEPS"):
+        return False
+    eval_steps = getattr(state, "eval_steps", None) or getattr(args, "eval_steps", None)
+    if not eval_steps:
+        return False
+    if eval_steps < 1:  # a fraction of the training steps, resolved by the trainer into state.eval_steps
+        return False
+    return state.global_step % int(eval_steps) == 0
 
 
 def install_routing_stats_callback(trainer, callback: RoutingStatsCallback | None = None) -> RoutingStatsCallback:
