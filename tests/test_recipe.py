@@ -420,3 +420,25 @@ def test_evaluation_tokenizes_string_prompts_as_training_does():
     answer_nll(Recorder(), tokenizer, rows)
     generate(Recorder(), tokenizer, ["upper cat ->"], max_new_tokens=1)
     assert seen == [bos, bos]
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([{"prompt": 5, "completion": "x"}], "Row 0 of the data: column 'prompt' (data.prompt_field) holds int 5"),
+        (
+            [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": None}],
+            "Row 1 of the data: column 'completion' (data.completion_field) holds NoneType",
+        ),
+        ([{"messages": []}], "column 'messages' (data.messages_field) is an empty list"),
+        ([{"messages": "hello"}], "column 'messages' (data.messages_field) is a string"),
+        ([{"messages": [{"role": "user"}]}], "not a {role, content} message"),
+        ([{"text": 3}], "column 'text' (data.text_field) holds int 3"),
+    ],
+)
+def test_bad_rows_fail_with_the_column_and_the_row(rows, message):
+    """Rows of the wrong type stopped deep inside TRL's preprocessing (AttributeError, IndexError: a traceback)."""
+    from datasets import Dataset
+
+    with pytest.raises(recipe.RecipeError, match=re.escape(message)):
+        data.prepare(Dataset.from_list(rows), dict(recipe.DATA_KEYS), max_examples=None)

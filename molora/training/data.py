@@ -109,6 +109,7 @@ def prepare(dataset, data_cfg: dict[str, Any], max_examples: int | None, keep_ta
         "prompt_completion": {data_cfg["prompt_field"]: "prompt", data_cfg["completion_field"]: "completion"},
         "text": {data_cfg["text_field"]: "text"},
     }[fmt]
+    _check_rows(dataset, fmt, mapping)
     keep = dict(mapping)
     task_field = data_cfg.get("task_field")
     if keep_task and task_field in dataset.column_names:
@@ -120,6 +121,36 @@ def prepare(dataset, data_cfg: dict[str, Any], max_examples: int | None, keep_ta
     if max_examples is not None and len(dataset) > max_examples:
         dataset = dataset.select(range(max_examples))
     return dataset, fmt
+
+
+def _check_rows(dataset, fmt: str, mapping: dict[str, str]) -> None:
+    """Fail with the column, the row and what is expected when rows do not hold what the format needs (TRL's
+    preprocessing would stop with an AttributeError or IndexError deep inside)."""
+    key = {"chat": "messages_field", "prompt_completion": None, "text": "text_field"}[fmt]
+    for column, role in mapping.items():
+        setting = key or ("prompt_field" if role == "prompt" else "completion_field")
+        for index, value in enumerate(dataset[column]):
+            problem = _row_problem(value, role, fmt)
+            if problem:
+                raise RecipeError(
+                    f"Row {index} of the data: column {column!r} (data.{setting}) {problem}; a {fmt} row needs "
+                    + {
+                        "chat": "a non-empty list of {role, content} messages.",
+                        "prompt_completion": "a prompt and a completion, each a string or a list of messages.",
+                        "text": "a string.",
+                    }[fmt]
+                )
+
+
+def _row_problem(value: Any, role: str, fmt: str) -> str | None:
+    if isinstance(value, str):
+        return "is a string" if role == "messages" else None
+    if isinstance(value, list) and role != "text":
+        if not value and role != "prompt":
+            return "is an empty list"
+        bad = [m for m in value if not isinstance(m, dict) or not isinstance(m.get("content"), str) or "role" not in m]
+        return f"holds {bad[0]!r}, not a {{role, content}} message" if bad else None
+    return f"holds {type(value).__name__} {value!r}"
 
 
 def load_split(data_cfg: dict[str, Any], which: str, keep_task: bool = False):
