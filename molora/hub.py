@@ -48,9 +48,15 @@ def read_adapter_folder(adapter_dir: str | Path) -> dict[str, Any]:
 
     path = check_adapter_dir(adapter_dir)
     recipe_path = path / "molora_recipe.yaml"
+    config = _read_json(path / "adapter_config.json")
+    if (config or {}).get("peft_type") != "MOLORA":
+        raise ValueError(
+            f"{str(path)!r} holds a {(config or {}).get('peft_type')} adapter, not a MoLoRA one (peft_type MOLORA): "
+            "molora inspect and push describe MoLoRA adapters."
+        )
     return {
         "path": path,
-        "config": _read_json(path / "adapter_config.json"),
+        "config": config,
         "base": _read_json(path / BASE_INFO_FILE),
         "recipe": yaml.safe_load(recipe_path.read_text()) if recipe_path.is_file() else None,
         "stats": _read_json(path / "routing_stats.json"),

@@ -415,3 +415,27 @@ def test_generate_model_default_means_the_default_model(trained, monkeypatch):
     with pytest.raises(FileNotFoundError, match="stop here"):
         models.load_adapter_model(trained, model="default")
     assert asked == [None]  # None: the default model (SmolLM2-135M-Instruct)
+
+
+def test_inspect_refuses_an_adapter_of_another_type(workdir, capsys):
+    """A plain LoRA folder was described as a MoLoRA adapter ("None per projection, router None")."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(workdir / "model"), LoraConfig(r=2))
+    lora.save_pretrained(workdir / "lora")
+    assert main(["inspect", str(workdir / "lora")]) == 2
+    assert "holds a LORA adapter, not a MoLoRA one" in capsys.readouterr().err
+
+
+def test_generate_takes_a_hub_repository_as_the_card_says(trained, monkeypatch, capsys):
+    """The pushed card says ``molora generate --adapter owner/name``: a name that is no local folder is fetched from
+    the hub (here a stand-in for ``snapshot_download`` returning the trained folder); offline it fails saying so."""
+    import huggingface_hub
+
+    assert main(["generate", "--adapter", "someone/tiny-molora", "--max-new-tokens", "2", "upper cat"]) == 2
+    assert "as a Hugging Face Hub repository it could not be downloaded" in capsys.readouterr().err
+    fetched = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id: fetched.append(repo_id) or str(trained))
+    assert main(["generate", "--adapter", "someone/tiny-molora", "--max-new-tokens", "2", "upper cat"]) == 0
+    assert fetched == ["someone/tiny-molora"]

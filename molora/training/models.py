@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -200,9 +201,23 @@ def read_base_info(adapter_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def check_adapter_dir(adapter_dir: str | Path) -> Path:
-    """Raise ``FileNotFoundError`` unless ``adapter_dir`` holds a saved adapter."""
+def check_adapter_dir(adapter_dir: str | Path, download: bool = False) -> Path:
+    """Raise ``FileNotFoundError`` unless ``adapter_dir`` holds a saved adapter.
+
+    ``download``: an ``owner/name`` that is no local folder is fetched from the Hugging Face Hub (as
+    ``PeftModel.from_pretrained`` would) and its local copy returned.
+    """
     path = Path(adapter_dir)
+    if not path.is_dir() and download and re.fullmatch(r"[\w.-]+/[\w.-]+", str(adapter_dir)):
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = Path(snapshot_download(str(adapter_dir)))
+        except Exception as err:  # noqa: BLE001 - offline, no such repository, no access: say which
+            raise FileNotFoundError(
+                f"Adapter folder not found: {str(adapter_dir)!r}; as a Hugging Face Hub repository it could not be "
+                f"downloaded either ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})."
+            ) from None
     if not path.is_dir():
         raise FileNotFoundError(f"Adapter folder not found: {str(path)!r}.")
     if not (path / "adapter_config.json").is_file():
@@ -224,7 +239,7 @@ def load_adapter_model(adapter_dir: str | Path, model: str | None = None, quanti
 
     import molora  # noqa: F401  (registers the PEFT type)
 
-    path = check_adapter_dir(adapter_dir)
+    path = check_adapter_dir(adapter_dir, download=True)
     info = read_base_info(path)
     if model is not None:
         # "default": the default model (SmolLM2-135M-Instruct), as `molora eval --model default`
