@@ -357,12 +357,15 @@ def _small_llama(width: int, layers: int, vocab: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
+    # heads of 128 (fewer for a width they do not divide): rotary embeddings need an even head size
+    heads = next(h for h in range(max(1, width // 128), 0, -1) if width % h == 0 and (width // h) % 2 == 0)
+    kv_heads = next(h for h in range(min(heads, max(1, width // 512)), 0, -1) if heads % h == 0)
     config = LlamaConfig(
         hidden_size=width,
         intermediate_size=2 * width,
         num_hidden_layers=layers,
-        num_attention_heads=max(1, width // 128),
-        num_key_value_heads=max(1, width // 512),
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         vocab_size=vocab,
         max_position_embeddings=4096,
     )
@@ -549,6 +552,17 @@ def settings_problem(**settings: int | None) -> str | None:
     return None
 
 
+def llama_width_problem(width: int | None, gen_width: int | None) -> str | None:
+    """Why a width of the small-Llama benchmarks (training step: ``width``; generation: ``gen_width``; None = the
+    default or not run) cannot build the model, or None: rotary embeddings need an even head size."""
+    for name, value in (("width", width), ("gen_width", gen_width)):
+        if value is not None and value % 2:
+            return (
+                f"`{name}`={value} must be even for the Llama benchmarks (rotary embeddings need an even head size)."
+            )
+    return None
+
+
 #: (E, k, r) of the layer shapes measured besides the headline E=8, k=2, r=8
 EXTRA_LAYER_SHAPES = [(4, 1, 16), (16, 2, 8), (64, 2, 8), (128, 2, 8), (8, 2, 64), (16, 2, 64)]
 
@@ -615,6 +629,10 @@ def run_benchmarks(
     )
     if problem:
         raise ValueError(problem)
+    problem = llama_width_problem(width if model else None, gen_width if generation else None)
+    if problem:
+        raise ValueError(problem)
+    width_given = width is not None
     torch_dtype = DTYPES[dtype]
     if threads is not None:
         torch.set_num_threads(threads)
@@ -650,6 +668,7 @@ def run_benchmarks(
     where = {"device": device, "dtype": torch_dtype, "amp": amp}
     if model:
         m_width, m_layers, m_batch, m_seq = (64, 2, 2, 16) if quick else (width, 2, 2, 128)
+        m_width = width if width_given else m_width
         m_batch = batch if batch is not None else m_batch
         m_seq = seq if seq is not None else m_seq
         compiling = " (compiling)" if torch_compile else ""
@@ -746,6 +765,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     problem = device_problem(args.device) or settings_problem(
         **{name: getattr(args, name) for name in SETTING_MINIMUMS}
+    )
+    problem = problem or llama_width_problem(
+        None if args.no_model else args.width, None if args.no_generate else args.gen_width
     )
     problem = problem or output_parent_problem(args.json, "--json")
     if not problem and args.amp and args.dtype == "float32":

@@ -309,3 +309,18 @@ def test_compile_failure_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch, "compile", broken)
     with pytest.raises(RuntimeError, match=r"torch.compile failed for the 'lora r·k' training step .*--compile"):
         bench.run_benchmarks(quick=True, extra_shapes=False, generation=False, repeats=1, torch_compile=True)
+
+
+def test_odd_llama_widths_are_clear_errors_and_quick_honours_width(monkeypatch, capsys):
+    """An odd ``--gen-width``/``--width`` crashed inside the model's rotary embeddings (a traceback); ``--quick``
+    ignored ``--width`` for the training-step benchmark."""
+    for flag in ("--gen-width", "--width"):
+        with pytest.raises(SystemExit) as exc:
+            bench.main(["--quick", flag, "129"])
+        assert exc.value.code == 2
+        assert "must be even for the Llama benchmarks" in capsys.readouterr().err
+    assert bench._small_llama(258, 1, 32).config.num_attention_heads == 1  # head size 258: even
+    widths = []
+    monkeypatch.setattr(bench, "bench_train_step", lambda width, *args, **kwargs: widths.append(width) or [])
+    bench.run_benchmarks(quick=True, width=96, extra_shapes=False, generation=False)
+    assert widths == [96]
