@@ -38,12 +38,32 @@ def _sft(args: argparse.Namespace) -> int:
     # the folder docs/cli.md promises (shown by --print-recipe, recorded in molora_recipe.yaml)
     recipe["training"].setdefault("output_dir", str(Path("runs") / stem))
     if args.print_recipe:
-        import yaml
-
-        print(yaml.safe_dump(recipe, sort_keys=False), end="")
+        print(_full_recipe(recipe), end="")
         return 0
     results = run_sft(recipe)
     return 0 if results.get("global_step", 0) > 0 else 1
+
+
+def _full_recipe(recipe: dict) -> str:
+    """The recipe as YAML with the adapter's every ``MoLoraConfig`` value and the training section's molora defaults
+    filled in, after checking them as ``molora sft`` would (``SFTConfig`` included)."""
+    import dataclasses
+
+    import yaml
+
+    from .training.recipe import adapter_keys, build_adapter_config
+    from .training.sft import sft_config, sft_kwargs
+
+    config = build_adapter_config(recipe["adapter"])
+    adapter = {}
+    for key in adapter_keys():
+        value = getattr(config, key)
+        adapter[key] = sorted(value) if isinstance(value, set) else value
+    adapter["task_type"] = str(getattr(config.task_type, "value", config.task_type))
+    sft_config(recipe["training"], recipe["training"]["output_dir"])  # the values SFTConfig itself rejects
+    training = sft_kwargs(recipe["training"], recipe["training"]["output_dir"])
+    full = {**recipe, "adapter": adapter, "training": training}
+    return yaml.safe_dump(json.loads(json.dumps(full, default=str)), sort_keys=False)
 
 
 def _generate(args: argparse.Namespace) -> int:

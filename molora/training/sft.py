@@ -31,6 +31,19 @@ RESULTS_FILE = "molora_results.json"
 
 def sft_config(training: dict[str, Any], default_output_dir: str = "runs/molora-sft"):
     """A ``trl.SFTConfig`` from a recipe's ``training`` section plus molora's CPU-friendly defaults."""
+    from trl import SFTConfig
+
+    kwargs = sft_kwargs(training, default_output_dir)
+    kwargs.pop("resume_from_checkpoint", None)  # given to train(), see run_sft
+    try:
+        return SFTConfig(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"training: {err}") from None
+
+
+def sft_kwargs(training: dict[str, Any], default_output_dir: str = "runs/molora-sft") -> dict[str, Any]:
+    """A recipe's ``training`` section with molora's defaults (no reports, CPU, bf16 where the GPU has it, no
+    checkpointing) and the YAML spellings normalised: the keyword arguments of ``trl.SFTConfig``."""
     import torch
     from trl import SFTConfig
 
@@ -56,7 +69,6 @@ def sft_config(training: dict[str, Any], default_output_dir: str = "runs/molora-
     if not cuda:
         defaults["use_cpu"] = True
     kwargs = {**defaults, **training}
-    kwargs.pop("resume_from_checkpoint", None)  # given to train(), see run_sft
     # YAML 1.1 reads an unquoted `no` as False (`save_strategy: no`, `--set training.report_to=none` is fine)
     for key in ("save_strategy", "eval_strategy", "logging_strategy", "hub_strategy"):
         if kwargs.get(key) is False:
@@ -67,10 +79,7 @@ def sft_config(training: dict[str, Any], default_output_dir: str = "runs/molora-
         raise RecipeError("training.bf16 and training.fp16 are both true; choose one.")
     if not cuda and kwargs.get("fp16"):
         raise RecipeError("training.fp16 needs a GPU; on a CPU use bf16 or neither.")
-    try:
-        return SFTConfig(**kwargs)
-    except (TypeError, ValueError) as err:
-        raise RecipeError(f"training: {err}") from None
+    return kwargs
 
 
 @contextlib.contextmanager
