@@ -47,7 +47,6 @@ def _sft(args: argparse.Namespace) -> int:
 def _full_recipe(recipe: dict) -> str:
     """The recipe as YAML with the adapter's every ``MoLoraConfig`` value and the training section's molora defaults
     filled in, after checking them as ``molora sft`` would (``SFTConfig`` included)."""
-    import dataclasses
 
     import yaml
 

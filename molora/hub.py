@@ -49,7 +49,7 @@ def read_adapter_folder(adapter_dir: str | Path) -> dict[str, Any]:
     path = check_adapter_dir(adapter_dir)
     recipe_path = path / "molora_recipe.yaml"
     config = _read_json(path / "adapter_config.json")
-    if (config or {}).get("peft_type") != "MOLORA":
+    if (config or {}).get("peft_type", "MOLORA") != "MOLORA":
         raise ValueError(
             f"{str(path)!r} holds a {(config or {}).get('peft_type')} adapter, not a MoLoRA one (peft_type MOLORA): "
             "molora inspect and push describe MoLoRA adapters."
