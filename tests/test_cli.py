@@ -445,3 +445,19 @@ def test_generate_takes_a_hub_repository_as_the_card_says(trained, monkeypatch, 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id: fetched.append(repo_id) or str(trained))
     assert main(["generate", "--adapter", "someone/tiny-molora", "--max-new-tokens", "2", "upper cat"]) == 0
     assert fetched == ["someone/tiny-molora"]
+
+
+def test_checkpoints_leave_an_earlier_adapters_card_alone(workdir, tmp_path):
+    """TRL writes its generic card into output_dir at every checkpoint: a run stopped after one, in a folder holding
+    an earlier adapter, left that adapter under TRL's card. molora's trainer writes none until its adapter is saved."""
+    from molora.training.recipe import load_recipe
+    from molora.training.sft import build_trainer
+
+    out = tmp_path / "used"
+    out.mkdir()
+    (out / "README.md").write_text("the earlier adapter's card")
+    overrides = [f"training.output_dir={out}", "training.max_steps=2", "training.save_steps=1", "eval.before=false"]
+    trainer, _ = build_trainer(load_recipe(workdir / "recipe.yaml", overrides))
+    trainer.train()
+    assert (out / "checkpoint-1").is_dir()
+    assert (out / "README.md").read_text() == "the earlier adapter's card"

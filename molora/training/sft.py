@@ -151,6 +151,9 @@ def build_trainer(recipe: dict[str, Any], default_output_dir: str = "runs/molora
         processing_class=tokenizer,
         peft_config=adapter_config,
     )
+    # TRL writes its generic model card into output_dir at every checkpoint: a run that stops early in a folder
+    # holding an earlier adapter would leave that adapter under TRL's card. molora writes its own when it saves
+    trainer.create_model_card = _no_model_card
     # per-step router state (loss-free balancing biases, ReMoE's L1 coefficient) and DR-LoRA rank growth: both are
     # no-ops for adapters without those features; the stats callback goes first so the loggers see its values
     trainer.add_callback(MoLoraCallback())
@@ -158,6 +161,10 @@ def build_trainer(recipe: dict[str, Any], default_output_dir: str = "runs/molora
     callback = install_routing_stats_callback(trainer)
     context = {"model_cfg": model_cfg, "eval_rows": eval_rows, "callback": callback, "tokenizer": tokenizer}
     return trainer, context
+
+
+def _no_model_card(*args: Any, **kwargs: Any) -> None:
+    """Stands in for ``SFTTrainer.create_model_card`` (see :func:`build_trainer`)."""
 
 
 def _resume_arg(value: Any, output_dir: str) -> Any:
