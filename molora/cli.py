@@ -89,7 +89,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     _check_output_parent(args.json, "--json")
     data_cfg = {**DATA_KEYS, "format": args.format}
-    dataset, _ = prepare(load_rows(args.data, "eval"), data_cfg, args.max_examples, keep_task=True)
+    hint = "molora eval reads the columns messages (chat), prompt + completion, or text: rename the file's columns"
+    dataset, _ = prepare(load_rows(args.data, "eval"), data_cfg, args.max_examples, keep_task=True, field_hint=hint)
     if args.adapter:
         model, tokenizer, _ = load_adapter_model(args.adapter, model=args.model)
         title = f"{args.adapter} on {args.data}"

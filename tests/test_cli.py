@@ -461,3 +461,11 @@ def test_checkpoints_leave_an_earlier_adapters_card_alone(workdir, tmp_path):
     trainer.train()
     assert (out / "checkpoint-1").is_dir()
     assert (out / "README.md").read_text() == "the earlier adapter's card"
+
+
+def test_a_max_length_that_drops_every_row_names_the_field(workdir, capsys):
+    """``training.max_length=1`` left no row after TRL's truncation: torch's sampler then said "num_samples should be
+    a positive integer value" with nothing about max_length."""
+    overrides = ["--set", "training.max_length=1", "--set", "eval.before=false", "--set", "eval.after=false"]
+    assert main(["sft", "--config", str(workdir / "recipe.yaml"), *overrides]) == 2
+    assert "No training rows are left after TRL's tokenization (training.max_length=1)" in capsys.readouterr().err

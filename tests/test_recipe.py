@@ -326,6 +326,8 @@ def test_push_uploads_card_and_adapter_only_the_network_is_replaced(tmp_path, mo
         ("training.output_dir=3", "training.output_dir=3 must be a string or null"),
         ("eval.batch_size=0", "eval.batch_size=0 must be a positive integer"),
         ("eval.max_new_tokens=-1", "eval.max_new_tokens=-1 must be a positive integer"),
+        ("training.per_device_train_batch_size=0", "training.per_device_train_batch_size=0 must be a positive"),
+        ("training.gradient_accumulation_steps=0", "training.gradient_accumulation_steps=0 must be a positive"),
     ],
 )
 def test_wrong_value_types_fail_at_validation_naming_the_field(override, message):

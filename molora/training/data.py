@@ -75,8 +75,13 @@ def _load_dir(path: Path, split: str):
     return datasets.load_dataset(str(path), split=split)
 
 
-def detect_format(columns: list[str], data_cfg: dict[str, Any]) -> str:
-    """The row layout (``chat``, ``prompt_completion`` or ``text``) of a dataset with these columns."""
+#: what a recipe can do about columns that do not match (``molora eval`` has no field options: rename the columns)
+RECIPE_FIELD_HINT = "set data.messages_field / prompt_field / completion_field / text_field to the right column names"
+
+
+def detect_format(columns: list[str], data_cfg: dict[str, Any], field_hint: str = RECIPE_FIELD_HINT) -> str:
+    """The row layout (``chat``, ``prompt_completion`` or ``text``) of a dataset with these columns; ``field_hint``
+    says how to point the reader at other columns."""
     fmt = data_cfg.get("format", "auto")
     fields = {
         "chat": [data_cfg["messages_field"]],
@@ -87,8 +92,7 @@ def detect_format(columns: list[str], data_cfg: dict[str, Any]) -> str:
         missing = [c for c in fields[fmt] if c not in columns]
         if missing:
             raise RecipeError(
-                f"data.format={fmt!r} needs the column(s) {missing}, but the dataset has {columns}; set "
-                "data.messages_field / prompt_field / completion_field / text_field to the right column names."
+                f"data.format={fmt!r} needs the column(s) {missing}, but the dataset has {columns}; {field_hint}."
             )
         return fmt
     for candidate in ("chat", "prompt_completion", "text"):
@@ -96,14 +100,19 @@ def detect_format(columns: list[str], data_cfg: dict[str, Any]) -> str:
             return candidate
     raise RecipeError(
         f"Cannot tell the dataset format from its columns {columns}: expected {fields['chat']} (chat), "
-        f"{fields['prompt_completion']} (prompt/completion) or {fields['text']} (text). Set data.format and the "
-        "matching *_field key."
+        f"{fields['prompt_completion']} (prompt/completion) or {fields['text']} (text); {field_hint}."
     )
 
 
-def prepare(dataset, data_cfg: dict[str, Any], max_examples: int | None, keep_task: bool = False):
+def prepare(
+    dataset,
+    data_cfg: dict[str, Any],
+    max_examples: int | None,
+    keep_task: bool = False,
+    field_hint: str = RECIPE_FIELD_HINT,
+):
     """Rename the layout's columns to TRL's names and drop the rest; return ``(dataset, format)``."""
-    fmt = detect_format(list(dataset.column_names), data_cfg)
+    fmt = detect_format(list(dataset.column_names), data_cfg, field_hint)
     mapping = {
         "chat": {data_cfg["messages_field"]: "messages"},
         "prompt_completion": {data_cfg["prompt_field"]: "prompt", data_cfg["completion_field"]: "completion"},

@@ -272,7 +272,18 @@ def check_training_values(training: dict[str, Any]) -> dict[str, Any]:
         if not ok:
             words = " or ".join(_TYPE_WORDS[t] for t in allowed)
             raise RecipeError(f"training.{key}={value!r} must be {words} (the type of trl.SFTConfig.{key}).")
+        if key in _POSITIVE_TRAINING_KEYS and isinstance(value, int) and value < 1:
+            raise RecipeError(f"training.{key}={value!r} must be a positive integer.")
     return out
+
+
+#: training keys whose integer values must be >= 1 (else torch's sampler or TRL fails after the model has loaded)
+_POSITIVE_TRAINING_KEYS = (
+    "per_device_train_batch_size",
+    "per_device_eval_batch_size",
+    "gradient_accumulation_steps",
+    "max_length",
+)
 
 
 def build_adapter_config(adapter: dict[str, Any]):

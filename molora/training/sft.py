@@ -151,6 +151,12 @@ def build_trainer(recipe: dict[str, Any], default_output_dir: str = "runs/molora
         processing_class=tokenizer,
         peft_config=adapter_config,
     )
+    if len(trainer.train_dataset) == 0:
+        raise RecipeError(
+            f"No training rows are left after TRL's tokenization (training.max_length={args.max_length}): rows "
+            "whose supervised tokens all lie beyond max_length are dropped; raise training.max_length or check "
+            "the data."
+        )
     # TRL writes its generic model card into output_dir at every checkpoint: a run that stops early in a folder
     # holding an earlier adapter would leave that adapter under TRL's card. molora writes its own when it saves
     trainer.create_model_card = _no_model_card
