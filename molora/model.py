@@ -72,6 +72,10 @@ def _end_forward_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any)
     return module._molora_runtime.end_forward(output)
 
 
+def _forward_done_hook(module: nn.Module, args: tuple, output: Any) -> None:
+    module._molora_runtime.forward_done()
+
+
 def _begin_stack_hook(module: nn.Module, args: tuple, kwargs: dict, stack: str) -> None:
     module._molora_began = module._molora_runtime.begin_stack(stack, args, kwargs)
 
@@ -180,6 +184,8 @@ class MoLoraModel(BaseTuner):
         self._molora_hooks = [
             self.model.register_forward_pre_hook(_begin_forward_hook, with_kwargs=True),
             self.model.register_forward_hook(_end_forward_hook, with_kwargs=True),
+            # also when the forward raised: an encoder that `generate` calls next must begin its own forward
+            self.model.register_forward_hook(_forward_done_hook, always_call=True),
         ]
         for stack, module in self._encoder_decoder_stacks():
             # their tokens differ (and `generate` runs the encoder on its own): see MoLoraRuntime.begin_stack

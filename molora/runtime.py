@@ -632,6 +632,10 @@ class MoLoraRuntime:
         if self.context.adapter_names is None and self.batch_adapter_names is not None:
             self.context.adapter_names = self.batch_adapter_names[0]
 
+    def forward_done(self) -> None:
+        """The model-level forward returned or raised (see :meth:`begin_stack`)."""
+        self._in_forward = False
+
     @torch.compiler.disable
     def begin_stack(self, stack: str, args: tuple, kwargs: dict) -> bool:
         """An encoder-decoder model's encoder or decoder (``stack``) starts: its own tokens' padding mask replaces the
