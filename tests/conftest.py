@@ -47,6 +47,67 @@ def make_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config).eval()
 
 
+def make_opt(seed: int = 0):
+    """A 1-layer OPT (its decoder layers feed the MLP tokens flattened to ``[batch * seq, d]``), in eval mode."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    config = OPTConfig(
+        hidden_size=32,
+        ffn_dim=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        vocab_size=64,
+        max_position_embeddings=32,
+        word_embed_proj_dim=32,
+        pad_token_id=0,
+    )
+    return OPTForCausalLM(config).eval()
+
+
+def make_t5(seed: int = 0):
+    """A 1+1-layer T5 encoder-decoder (pad 0, eos 2), in eval mode."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = T5Config(
+        d_model=32,
+        d_ff=48,
+        d_kv=8,
+        num_layers=1,
+        num_heads=4,
+        vocab_size=64,
+        pad_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=0,
+    )
+    return T5ForConditionalGeneration(config).eval()
+
+
+def make_bart(seed: int = 0):
+    """A 1+1-layer BART encoder-decoder (pad 1, eos 2), in eval mode."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = BartConfig(
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=48,
+        decoder_ffn_dim=48,
+        vocab_size=64,
+        max_position_embeddings=64,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+        forced_eos_token_id=None,
+    )
+    return BartForConditionalGeneration(config).eval()
+
+
 MODEL_FACTORIES = {"llama": make_llama, "gpt2": make_gpt2}
 
 

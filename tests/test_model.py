@@ -77,25 +77,16 @@ def test_unknown_architecture_without_targets_fails_clearly():
 def test_default_targets_fall_back_to_peft_loras():
     """An architecture without a molora mapping (GPT-BigCode here) takes PEFT LoRA's default targets for it, as
     ``LoraConfig(target_modules=None)`` does; BART has molora's own (attention and MLP projections)."""
+    from conftest import make_bart
     from peft import LoraConfig
-    from transformers import BartConfig, BartForConditionalGeneration, GPTBigCodeConfig, GPTBigCodeForCausalLM
+    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
 
     bigcode = GPTBigCodeConfig(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32)
     model = get_peft_model(GPTBigCodeForCausalLM(bigcode), MoLoraConfig(r=2, num_experts=2, top_k=1))
     lora = get_peft_model(GPTBigCodeForCausalLM(bigcode), LoraConfig(r=2))
     lora_targets = {n for n, m in lora.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
     assert set(molora_layers(model)) == lora_targets and lora_targets
-    bart = BartConfig(
-        d_model=32,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=48,
-        decoder_ffn_dim=48,
-        vocab_size=64,
-    )
-    model = get_peft_model(BartForConditionalGeneration(bart), MoLoraConfig(r=2, num_experts=2, top_k=1))
+    model = get_peft_model(make_bart(), MoLoraConfig(r=2, num_experts=2, top_k=1))
     names = {name.rsplit(".", 1)[-1] for name in molora_layers(model)}
     assert names == {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}
 
@@ -675,21 +666,9 @@ def test_deepcopy_gives_an_independent_working_model(batch):
 def test_tokens_flattened_in_order_keep_their_padding_mask():
     """OPT's decoder layers feed their MLP (``fc1``/``fc2``) the tokens as ``[batch * seq, d]``: padding was counted
     there, in the statistics and the balance loss (which changed with the ids of masked tokens)."""
-    from transformers import OPTConfig, OPTForCausalLM
+    from conftest import make_opt
 
-    torch.manual_seed(0)
-    config = OPTConfig(
-        hidden_size=32,
-        ffn_dim=48,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        vocab_size=64,
-        max_position_embeddings=32,
-        word_embed_proj_dim=32,
-        pad_token_id=0,
-    )
-    model = get_peft_model(OPTForCausalLM(config), MoLoraConfig(r=2, num_experts=4, top_k=2, task_type="CAUSAL_LM"))
-    model.eval()  # (OPT has dropout)
+    model = get_peft_model(make_opt(), MoLoraConfig(r=2, num_experts=4, top_k=2, task_type="CAUSAL_LM")).eval()
     ids = torch.randint(3, 64, (2, 10), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[0, :4] = 0

@@ -461,19 +461,8 @@ def test_prompt_router_on_tokens_flattened_in_order(router_kwargs):
     """OPT feeds its MLP the tokens as ``[batch * seq, d]``: the prompt router stopped there ("needs the layer input
     as [batch, seq, d_in]") with molora's default targets; the call's layout restores the sequences, and a padded
     sample is routed as it is alone."""
-    from transformers import OPTConfig, OPTForCausalLM
+    from conftest import make_opt
 
-    torch.manual_seed(0)
-    config = OPTConfig(
-        hidden_size=32,
-        ffn_dim=48,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        vocab_size=64,
-        max_position_embeddings=32,
-        word_embed_proj_dim=32,
-        pad_token_id=0,
-    )
     module = bool(router_kwargs)
     adapter = MoLoraConfig(
         r=2,
@@ -484,7 +473,7 @@ def test_prompt_router_on_tokens_flattened_in_order(router_kwargs):
         init_lora_weights=False,
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(OPTForCausalLM(config), adapter).eval()
+    model = get_peft_model(make_opt(), adapter).eval()
     ids = torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     ids[0, :3], mask[0, :3] = 0, 0  # left padding

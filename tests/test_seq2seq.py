@@ -5,47 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_bart, make_t5
 from peft import PeftModel, get_peft_model
-from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
 
 from molora import MoLoraConfig
-
-
-def _t5():
-    torch.manual_seed(0)
-    config = T5Config(
-        d_model=32,
-        d_ff=48,
-        d_kv=8,
-        num_layers=1,
-        num_heads=4,
-        vocab_size=64,
-        pad_token_id=0,
-        eos_token_id=2,
-        decoder_start_token_id=0,
-    )
-    return T5ForConditionalGeneration(config).eval()
-
-
-def _bart():
-    torch.manual_seed(0)
-    config = BartConfig(
-        d_model=32,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=48,
-        decoder_ffn_dim=48,
-        vocab_size=64,
-        max_position_embeddings=64,
-        pad_token_id=1,
-        bos_token_id=0,
-        eos_token_id=2,
-        decoder_start_token_id=2,
-        forced_eos_token_id=None,
-    )
-    return BartForConditionalGeneration(config).eval()
 
 
 def _padded_inputs():
@@ -60,7 +23,7 @@ def test_decoder_tokens_are_not_masked_with_the_encoders_padding(decoder_length)
     """The encoder's mask applied to the decoder's tokens whenever the two lengths were equal (10 here): decoder
     positions facing encoder padding dropped out of the statistics and the aux losses."""
     config = MoLoraConfig(r=2, num_experts=4, top_k=1, target_modules=["q"], task_type="SEQ_2_SEQ_LM")
-    model = get_peft_model(_t5(), config)
+    model = get_peft_model(make_t5(), config)
     ids, mask = _padded_inputs()
     labels = torch.randint(3, 64, (2, decoder_length), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -74,7 +37,7 @@ def test_generate_routes_the_encoder_with_its_mask():
     """``generate`` calls the encoder on its own (not through the model's forward): it ran with the previous call's
     routing context, counting padding (or, after a decode step, as a decode step)."""
     config = MoLoraConfig(r=2, num_experts=4, top_k=1, target_modules=["q", "k", "v", "o"], task_type="SEQ_2_SEQ_LM")
-    model = get_peft_model(_t5(), config)
+    model = get_peft_model(make_t5(), config)
     ids, mask = _padded_inputs()
     with torch.no_grad():
         for _ in range(2):
@@ -89,7 +52,7 @@ def test_expert_choice_generates_the_same_twice_and_reloads(tmp_path):
     config = MoLoraConfig(
         r=2, num_experts=4, top_k=1, router="expert_choice", init_lora_weights=False, task_type="SEQ_2_SEQ_LM"
     )
-    model = get_peft_model(_bart(), config).eval()
+    model = get_peft_model(make_bart(), config).eval()
     ids, mask = _padded_inputs()
     ids[0, 7:] = 1  # BART's pad id
     kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
@@ -97,7 +60,7 @@ def test_expert_choice_generates_the_same_twice_and_reloads(tmp_path):
         first, second = model.generate(**kwargs), model.generate(**kwargs)
     assert torch.equal(first, second)
     model.save_pretrained(tmp_path)
-    loaded = PeftModel.from_pretrained(_bart(), tmp_path).eval()
+    loaded = PeftModel.from_pretrained(make_bart(), tmp_path).eval()
     with torch.no_grad():
         assert torch.equal(loaded.generate(**kwargs), first)
 
@@ -110,7 +73,7 @@ def test_prompt_router_decides_from_the_input_and_the_start_token():
     config = MoLoraConfig(
         r=2, num_experts=4, top_k=1, router="prompt", init_lora_weights=False, task_type="SEQ_2_SEQ_LM"
     )
-    model = get_peft_model(_t5(), config).eval()
+    model = get_peft_model(make_t5(), config).eval()
     ids, mask = _padded_inputs()
     labels = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(2))
     other = labels.clone()
