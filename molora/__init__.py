@@ -24,6 +24,16 @@ __version__ = "0.1.0"
 sys.modules.setdefault(__name__ + ".dynamic_rank", dynamic_rank)
 
 
+def __getattr__(name: str):
+    # `molora.training.MoLoraCallback()` after a plain `import molora`, as the README writes it; imported on first use
+    # (it pulls in the trainer-side helpers, which inference does not need)
+    if name == "training":
+        import importlib
+
+        return importlib.import_module(".training", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _register_with_peft() -> None:
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
     from peft.utils import register_peft_method

@@ -493,7 +493,10 @@ class MoLoraModel(BaseTuner):
             return self.model.generate(*args, **kwargs)
 
     def molora_aux_loss(self, adapter_name: str | None = None) -> torch.Tensor | None:
-        """The weighted auxiliary loss ``sum(coef * loss)`` of the last forward (``None`` if none was computed).
+        """The weighted auxiliary loss ``sum(coef * loss)`` of the last forward.
+
+        ``0`` (a 0-d tensor) when that forward computed aux losses but every coefficient is 0; ``None`` when it
+        computed none (an inference forward without labels, a cached decode step, no forward yet).
 
         This is what was added to ``outputs.loss`` (weighted by the micro-batch's share of ``num_items_in_batch``
         when a trainer passed that, see the README). Aux losses are computed when autograd is on or labels are

@@ -559,6 +559,8 @@ class MoLoraRuntime:
         # the prompt length of the `generate` call running (MoLoraModel.generate), see `generating`
         self._generation_prompt_length: int | None = None
         self._generating = False
+        # the device of a zero aux loss for a forward that computes aux losses but has none (see user_aux_loss)
+        self._aux_zero_device: torch.device | None = None
         # a model-level forward is running (between begin_forward and end_forward): see begin_stack
         self._in_forward = False
         # how a trainer normalises: causal-LM losses shift the labels (counted like `Trainer._get_num_items_in_batch`),
@@ -615,6 +617,10 @@ class MoLoraRuntime:
         current = input_ids if input_ids is not None else embeds
         mask = _call_token_mask(current, kwargs.get("attention_mask"), past_length)
         self._in_forward = True
+        # a forward that computes aux losses (autograd on or labels given, not a cached decode step): where
+        # user_aux_loss returns 0 rather than None when no router has a loss with a non-zero coefficient
+        computes_aux = (torch.is_grad_enabled() or kwargs.get("labels") is not None) and not is_decode
+        self._aux_zero_device = current.device if computes_aux and current is not None else None
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         self.context = RoutingContext(
             attention_mask=mask,
@@ -994,6 +1000,10 @@ class MoLoraRuntime:
     def user_aux_loss(self, adapter_name: str | None = None) -> torch.Tensor | None:
         """:meth:`aux_loss` for callers that back-propagate it themselves (custom training loops)."""
         aux = self.aux_loss(adapter_name)
+        if aux is None and self._aux_zero_device is not None:
+            # every coefficient is 0 (aux_loss_coef=0 with topk_bias, expert_choice, ...): the sum of no terms, so that
+            # `loss + model.molora_aux_loss()` in a custom loop needs no special case
+            return torch.zeros((), device=self._aux_zero_device)
         if aux is not None and aux.requires_grad and torch.is_grad_enabled():
             aux = _LossProbe.apply(aux, self.forward_aux, True)
         return aux

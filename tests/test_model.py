@@ -131,10 +131,16 @@ def test_aux_loss_is_added_to_outputs_loss(batch, z_loss_coef):
 
 
 def test_no_aux_loss_when_coefficients_are_zero(batch):
+    """``outputs.loss`` is the LM loss alone; ``molora_aux_loss()`` is 0 (not None: the README's custom loop adds it
+    to its loss whatever the coefficients), and None for a forward that computes no aux losses."""
     model = get_peft_model(make_llama(), MoLoraConfig(aux_loss_coef=0.0, task_type="CAUSAL_LM"))
     out = model(**batch)
-    assert model.molora_aux_loss() is None
+    assert model.molora_aux_loss().item() == 0.0 and model.molora_aux_losses() == {}
     torch.testing.assert_close(out.loss, _lm_loss(out.logits, batch["labels"]))
+    (out.loss + model.molora_aux_loss()).backward()
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"])
+    assert model.molora_aux_loss() is None
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "concat"])
@@ -682,3 +688,14 @@ def test_tokens_flattened_in_order_keep_their_padding_mask():
         stats = model.get_routing_stats()
         assert stats["model.decoder.layers.0.fc1"].tokens == stats["model.decoder.layers.0.fc2"].tokens == 16
     torch.testing.assert_close(balance[0], balance[1], rtol=0, atol=0)
+
+
+def test_molora_training_is_reachable_after_a_plain_import():
+    """The README writes ``molora.training.MoLoraCallback()`` after ``import molora`` (a fresh process: here other
+    tests have imported the subpackage already)."""
+    import subprocess
+    import sys
+
+    code = "import molora; print(type(molora.training.MoLoraCallback()).__name__)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "MoLoraCallback", proc.stderr[-2000:]
