@@ -245,11 +245,11 @@ class MoLoraConfig(PeftConfig):
             raise ValueError(f"`router_kwargs` must be a dict, got {type(self.router_kwargs).__name__}.")
         module_mode = self.milora_module_mode
         # in MiLoRA's module mode top_k counts a decoder layer's modules, checked when the adapter is injected
-        if self.top_k > self.num_experts and not module_mode:
-            raise ValueError(
-                f"`top_k`={self.top_k} must be <= num_experts={self.num_experts}; lower `top_k` or add experts."
-            )
-        build_router_params(self.router, self.router_kwargs, self.num_experts, self.top_k)
+        params = build_router_params(self.router, self.router_kwargs, self.num_experts, self.top_k)
+        limit = get_router_class(self.router).max_top_k(params, self.num_experts)
+        if self.top_k > limit and not module_mode:
+            among = "num_experts" if limit == self.num_experts else "the experts this router selects among"
+            raise ValueError(f"`top_k`={self.top_k} must be <= {among}={limit}; lower `top_k` or add experts.")
         if module_mode and self.dynamic_rank is not None:
             raise ValueError(
                 "`dynamic_rank` (DR-LoRA) grows ranks inside an expert bank and is not available with "
@@ -283,8 +283,25 @@ class MoLoraConfig(PeftConfig):
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("`layers_pattern` only has an effect together with `layers_to_transform`; set both.")
         _require_choice("bias", self.bias, BIAS_CHOICES)
-        if not isinstance(self.init_lora_weights, bool):
-            raise ValueError(f"`init_lora_weights`={self.init_lora_weights!r} must be True or False.")
+        for name in ("init_lora_weights", "use_rslora", "track_routing_stats"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}`={getattr(self, name)!r} must be True or False.")
+        if self.modules_to_save is not None and (
+            isinstance(self.modules_to_save, str) or not all(isinstance(m, str) and m for m in self.modules_to_save)
+        ):
+            raise ValueError(
+                f"`modules_to_save`={self.modules_to_save!r} must be a list of module names (e.g. ['lm_head']) or "
+                "None."
+            )
+        layers = self.layers_to_transform
+        if layers is not None and not (
+            (isinstance(layers, int) and not isinstance(layers, bool))
+            or (
+                isinstance(layers, (list, tuple))
+                and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
+            )
+        ):
+            raise ValueError(f"`layers_to_transform`={layers!r} must be a layer index, a list of them, or None.")
         for name in ("aux_loss_coef", "z_loss_coef"):
             value = getattr(self, name)
             _require_number(name, value)

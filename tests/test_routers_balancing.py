@@ -721,3 +721,18 @@ def test_stateful_router_warns_when_nobody_updates_it(monkeypatch):
     acc.add(torch.ones(2), forward_id=3)
     with pytest.warns(UserWarning, match="MoLoraCallback"):
         acc.add(torch.ones(2), forward_id=4)
+
+
+def test_adamoe_top_k_counts_the_null_experts_too():
+    """AdaMoE's top-k runs over the ``n`` true and ``m`` null experts (docs: pair it with a larger ``top_k``), so
+    ``top_k`` may exceed ``num_experts`` up to ``n + m``; a token still uses at most ``n`` true experts."""
+    config = MoLoraConfig(num_experts=4, top_k=6, router="adamoe", router_kwargs={"num_null_experts": 4})
+    model = get_peft_model(make_llama(), config)
+    ids = torch.randint(3, 90, (2, 8), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    for stats in model.get_routing_stats().values():
+        assert 2.0 <= stats.experts_per_token <= 4.0  # 6 slots, at most 4 null ones, at most 4 true experts
+    with pytest.raises(ValueError, match=r"`top_k`=9 must be <= the experts this router selects among=8"):
+        MoLoraConfig(num_experts=4, top_k=9, router="adamoe", router_kwargs={"num_null_experts": 4})
+    with pytest.raises(ValueError, match=r"`top_k`=5 must be <= num_experts=4"):
+        MoLoraConfig(num_experts=4, top_k=5, router="topk")

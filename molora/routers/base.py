@@ -311,6 +311,11 @@ class Router(nn.Module):
         for router in routers:
             router.on_optimizer_step()
 
+    @classmethod
+    def max_top_k(cls, params: RouterParams, num_experts: int) -> int:
+        """The largest ``top_k`` this router takes with these params: the number of experts it selects among."""
+        return num_experts
+
     # -- auxiliary losses -------------------------------------------------------------------------------------------
 
     def loss_coefficients(self, config: Any) -> dict[str, float]:
@@ -461,6 +466,8 @@ def _check_type(router: str, key: str, value: Any, fld: dataclasses.Field) -> No
         ok = isinstance(value, bool)
     elif expected is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and not math.isfinite(value):
+            raise ValueError(f"`router_kwargs[{key!r}]`={value!r} for router {router!r} must be a finite number.")
     elif expected is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     else:

@@ -78,6 +78,11 @@ class AdaMoERouter(Router):
 
     Params = AdaMoEParams
 
+    @classmethod
+    def max_top_k(cls, params: AdaMoEParams, num_experts: int) -> int:
+        """Top-k runs over the ``n`` true and ``m`` null experts: ``top_k`` may be up to ``n + m``."""
+        return num_experts + (num_experts if params.num_null_experts is None else params.num_null_experts)
+
     def __init__(self, in_features: int, num_experts: int, top_k: int, **kwargs) -> None:
         super().__init__(in_features, num_experts, top_k, **kwargs)
         m = self.params.num_null_experts
