@@ -48,6 +48,11 @@ BAD_CONFIGS = [
     ({"rank_pattern": {"q_proj": 4}, "dynamic_rank": {}}, r"`rank_pattern` sets fixed per-module ranks"),
     ({"use_dora": True}, r"`use_dora`=True: DoRA is not supported by MoLoRA"),
     ({"fan_in_fan_out": "yes"}, r"`fan_in_fan_out`='yes' must be True or False"),
+    ({"use_rslora": "false"}, r"`use_rslora`='false' must be True or False"),
+    ({"track_routing_stats": 0}, r"`track_routing_stats`=0 must be True or False"),
+    ({"modules_to_save": "lm_head"}, r"`modules_to_save`='lm_head' must be a list of module names"),
+    ({"layers_to_transform": "1"}, r"`layers_to_transform`='1' must be a layer index, a list of them, or None"),
+    ({"router": "soft", "router_kwargs": {"temperature": float("inf")}}, r"temperature.*must be a finite number"),
 ]
 
 
