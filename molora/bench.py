@@ -299,7 +299,7 @@ def _auto_kernel(model: nn.Module, tokens: int) -> str:
     from .kernels import choose_kernel
 
     for module in model.modules():
-        if isinstance(module, MoLoraLayer):
+        if isinstance(module, MoLoraLayer) and getattr(module, "molora_A", None):
             name = next(iter(module.molora_A))
             e, _, r = module.molora_A[name].shape
             return choose_kernel(tokens, tokens * module.top_k[name], e, r, module.molora_A[name].device)

@@ -32,7 +32,6 @@ MOLORA_TARGET_MODULES: dict[str, list[str]] = {
         for name in (
             "llama",
             "mistral",
-            "mixtral",
             "qwen2",
             "qwen3",
             "gemma",
@@ -46,6 +45,9 @@ MOLORA_TARGET_MODULES: dict[str, list[str]] = {
             "deepseek_v2",
         )
     },
+    # MoE models: the attention projections and the fused experts (a LoRA per expert, routed by the base router)
+    **{name: ["q_proj", "k_proj", "v_proj", "o_proj", "experts"] for name in ("mixtral", "qwen3_moe", "olmoe")},
+    "qwen2_moe": ["q_proj", "k_proj", "v_proj", "o_proj", "experts", "gate_proj", "up_proj", "down_proj"],
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
     "gpt2": ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"],
     "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
@@ -453,7 +455,13 @@ class MoLoraModel(BaseTuner):
         if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
             raise TypeError(f"`adapter_names` must be a list of adapter names, one per sample; got {adapter_names!r}.")
         known = set()
-        for module in self.model.modules():
+        for name, module in self.model.named_modules():
+            if isinstance(module, MoLoraLayer) and not hasattr(module, "molora_A"):
+                raise ValueError(
+                    f"`adapter_names` (a mixed-adapter batch) is not supported when a model's MoE experts are adapted "
+                    f"({name!r}, routed by the base model's router): run each adapter's samples in their own batch "
+                    "(as PEFT LoRA requires for experts too)."
+                )
             if isinstance(module, MoLoraLayer):
                 known |= set(module.molora_A.keys())
         unknown = sorted({n for n in adapter_names if n != "__base__"} - known)
@@ -563,7 +571,8 @@ class MoLoraModel(BaseTuner):
         groups: dict[tuple[str, type], list] = {}
         for module in self.model.modules():
             if isinstance(module, MoLoraLayer):
-                for adapter_name, router in module.molora_router.items():
+                # (MoE experts adapters have no router of their own: the base model's routes them)
+                for adapter_name, router in getattr(module, "molora_router", {}).items():
                     groups.setdefault((adapter_name, type(router)), []).append(router)
         for (_, router_cls), routers in groups.items():
             router_cls.on_optimizer_step_group(routers)

@@ -340,3 +340,42 @@ def test_frequencies_count_each_token_once_with_activation_checkpointing(use_ree
     for layer in model.base_model.model.model.layers:
         for proj in ("gate_up", "down"):
             assert int(getattr(layer.mlp.experts, f"molora_rank_{proj}")["default"]._freq_tokens) == n_valid
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+def test_default_targets_include_the_experts(kind):
+    """``target_modules=None`` on an MoE model adapted the attention only (the Llama names of the MLP do not exist
+    there): the experts are the MLP, and a fresh adapter leaves the output unchanged."""
+    base = make_moe(kind)
+    inputs = _inputs()
+    with torch.no_grad():
+        reference = base(**inputs).logits
+    model = get_peft_model(base, MoLoraConfig(r=4, num_experts=4, task_type="CAUSAL_LM"))
+    adapted = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, molora.MoLoraLayer)}
+    assert {"q_proj", "v_proj", "experts"} <= adapted
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, reference, rtol=0, atol=0)
+
+
+def test_trainer_callbacks_and_mixed_batches_with_adapted_experts():
+    """The experts' LoRA has no router of its own: ``molora_on_optimizer_step()`` (``MoLoraCallback``, which
+    ``molora sft`` installs) raised an AttributeError at the first optimizer step; a mixed-adapter batch, which the
+    experts cannot route per sample, and MiLoRA's module mode over the experts now fail saying so."""
+    model = get_peft_model(make_moe("mixtral"), MoLoraConfig(r=4, target_modules=["q_proj", "experts"]))
+    model.train()
+    inputs = _inputs()
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    model.molora_on_optimizer_step()
+    model.eval()
+    with pytest.raises(ValueError, match="`adapter_names` .* not supported when a model's MoE experts are adapted"):
+        model(**inputs, adapter_names=["default", "__base__"])
+    module_mode = MoLoraConfig(
+        r=4,
+        num_experts=1,
+        top_k=1,
+        router="prompt",
+        target_modules=["q_proj", "experts"],
+        router_kwargs={"milora_mode": "module"},
+    )
+    with pytest.raises(ValueError, match="is a model's MoE experts"):
+        get_peft_model(make_moe("mixtral"), module_mode)

@@ -85,6 +85,12 @@ def build_layer_routers(
     """
     groups: dict[str, list[tuple[str, MoLoraLayer]]] = {}
     for name, module in model.named_modules():
+        if isinstance(module, layer_cls) and not hasattr(module, "molora_A"):
+            raise ValueError(
+                f"router_kwargs['milora_mode']='module' routes between the adapted linear projections of each decoder "
+                f"layer; {name!r} is a model's MoE experts (routed by the base model's own router). Leave the experts "
+                "out of target_modules, or use milora_mode='bank'."
+            )
         if isinstance(module, layer_cls) and adapter_name in module.molora_A:
             key = decoder_layer_key(model, name)
             if key is None:
