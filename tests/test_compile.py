@@ -222,6 +222,18 @@ def test_compiled_relu_router_is_one_graph_and_adapts_lambda_like_eager():
     assert [r._l1_coef_value for r in routers] == [r._l1_coef_value for r in eager_routers]
 
 
+def test_compiled_dynamic_rank_is_one_graph_and_observes_like_eager():
+    # DR-LoRA's routing-frequency sums selected the valid rows by a boolean mask: a graph break in every layer, and
+    # the resumed frames recompiled past the limit (falling back to eager); a 0/1 row weight keeps one graph
+    cfg = molora.MoLoraConfig(r=8, num_experts=4, top_k=2, init_lora_weights=False, dynamic_rank={"target_rank": 4})
+    eager, model = _compiled_like_eager(cfg, "labels")
+    for name, module in model.named_modules():
+        if isinstance(module, molora.MoLoraLayer):
+            state, other = module.molora_rank["default"], dict(eager.named_modules())[name].molora_rank["default"]
+            assert state._freq_tokens.item() == other._freq_tokens.item() == 2 * 14
+            torch.testing.assert_close(state._freq_sum, other._freq_sum)
+
+
 def test_compiled_expert_choice_with_padding_is_one_graph():
     # expert_choice's capacity counts the real tokens: compiled, every expert takes the top capacity(T) tokens and
     # keeps the first k_c (a tensor), instead of reading the count back to the host (a graph break per layer)

@@ -207,10 +207,14 @@ class DynamicRankState(nn.Module):
         A layer re-run by activation checkpointing does not call it again (``MoLoraRuntime.recomputing``).
         """
         w = weights.detach().float()
-        if valid is not None:
-            w = w[valid.to(w.device)]
-        self._freq_sum += w.sum(dim=0).to(self._freq_sum.device)
-        self._freq_tokens += w.shape[0]
+        if valid is None:
+            self._freq_sum += w.sum(dim=0).to(self._freq_sum.device)
+            self._freq_tokens += w.shape[0]
+            return
+        # a 0/1 row weight rather than indexing by the mask: static shapes, so a compiled forward keeps one graph
+        keep = valid.to(device=w.device, dtype=w.dtype)
+        self._freq_sum += (keep @ w).to(self._freq_sum.device)
+        self._freq_tokens += keep.sum().to(self._freq_tokens.device)
 
     @torch.no_grad()
     def update_frequency(self) -> None:
