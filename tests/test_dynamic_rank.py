@@ -106,6 +106,14 @@ def test_saliency_and_allocation_spec_vector():
     assert seen[4] == seen[5] == [12, 12, 4, 4]  # budget reached: no more growth
 
 
+def test_saliency_weighs_banks_of_different_sizes_alike():
+    """A bank of 4 base experts beside a molora bank of 8 (one budget): with uniform routing and equal importances
+    every expert scores the same (per-bank ``f / sum f`` gave the smaller bank's experts twice the saliency)."""
+    small, large = torch.full((4,), 0.25), torch.full((8,), 0.125)
+    s_small, s_large = dr.saliency_scores([small, large], [torch.ones(4), torch.ones(8)])
+    torch.testing.assert_close(s_small, torch.full((4,), float(s_large[0])).double())
+
+
 def test_saliency_normalises_importance_over_layers_and_frequency_per_layer():
     f1, f2 = torch.tensor([1.0, 3.0]), torch.tensor([2.0, 2.0])
     i1, i2 = torch.tensor([1.0, 1.0]), torch.tensor([2.0, 4.0])

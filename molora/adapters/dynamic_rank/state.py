@@ -323,14 +323,19 @@ def saliency_scores(freqs: list[torch.Tensor], importances: list[torch.Tensor]) 
     """``S_{l,e} = f~_{l,e} * I~_{l,e}`` for per-layer ``freqs[l][E]`` and ``importances[l][E]``.
 
     Frequencies are normalised per layer, importances over all layers; when every importance is still zero (no
-    gradient seen yet) the importance factor is uniform, so the frequency alone decides.
+    gradient seen yet) the importance factor is uniform, so the frequency alone decides. Banks of different sizes
+    (molora banks beside an MoE base's experts) have their frequencies scaled by ``E_l / mean_l E_l``, so that an
+    expert with an average share of its bank's tokens weighs the same in a bank of 4 as in a bank of 8 (with equal
+    bank sizes the factor is 1: the spec's ``f / sum f``).
     """
     total_imp = sum(float(i.double().sum()) for i in importances)
     n_all = sum(i.numel() for i in importances)
+    mean_size = n_all / max(len(importances), 1)
     out = []
     for f, imp in zip(freqs, importances):
         f = f.double()
         f_norm = f / f.sum() if float(f.sum()) > 0 else torch.full_like(f, 1.0 / f.numel())
+        f_norm = f_norm * (f.numel() / mean_size)
         i_norm = imp.double() / total_imp if total_imp > 0 else torch.full_like(f, 1.0 / n_all)
         out.append(f_norm * i_norm)
     return out
