@@ -98,3 +98,35 @@ def test_prompt_router_decides_from_the_input_and_the_start_token():
         batched = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
         alone = model.generate(input_ids=ids[:1, :7], attention_mask=mask[:1, :7], **kwargs)
     assert torch.equal(batched[:1], alone)
+
+
+@pytest.mark.parametrize("router", ["topk", "prompt"])
+def test_activation_checkpointing_gives_the_same_gradients(router):
+    """Reentrant checkpointing recomputes a decoder layer from detached copies of its inputs: the cross-attention's
+    key/value projections then lost the encoder's context (its mask; for the prompt router, its prompt), and the
+    gradients differed (by 1.3 with the prompt router)."""
+    ids, mask = _padded_inputs()
+    labels = torch.randint(3, 64, (2, 10), generator=torch.Generator().manual_seed(2))
+    grads = {}
+    for checkpointing in (None, True, False):
+        base = make_t5()
+        if checkpointing is not None:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing})
+            base.enable_input_require_grads()
+        torch.manual_seed(5)
+        config = MoLoraConfig(
+            r=2,
+            num_experts=4,
+            top_k=2,
+            router=router,
+            init_lora_weights=False,
+            z_loss_coef=1e-2,
+            task_type="SEQ_2_SEQ_LM",
+        )
+        model = get_peft_model(base, config).train()
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        grads[checkpointing] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    for checkpointing in (True, False):
+        assert grads[checkpointing].keys() == grads[None].keys()
+        for name, grad in grads[None].items():
+            torch.testing.assert_close(grads[checkpointing][name], grad, msg=name)
