@@ -283,7 +283,7 @@ class MoLoraConfig(PeftConfig):
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("`layers_pattern` only has an effect together with `layers_to_transform`; set both.")
         _require_choice("bias", self.bias, BIAS_CHOICES)
-        for name in ("init_lora_weights", "use_rslora", "track_routing_stats"):
+        for name in ("init_lora_weights", "use_rslora", "track_routing_stats", "fan_in_fan_out"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}`={getattr(self, name)!r} must be True or False.")
         if self.modules_to_save is not None and (
@@ -327,8 +327,6 @@ class MoLoraConfig(PeftConfig):
             raise ValueError(
                 "`rank_pattern` sets fixed per-module ranks and `dynamic_rank` (DR-LoRA) grows them; use one of them."
             )
-        if not isinstance(self.fan_in_fan_out, bool):
-            raise ValueError(f"`fan_in_fan_out`={self.fan_in_fan_out!r} must be True or False.")
         if self.use_dora is not False:
             raise ValueError(
                 f"`use_dora`={self.use_dora!r}: DoRA is not supported by MoLoRA (its per-weight magnitude vector has "

@@ -21,7 +21,7 @@ from .adapters.dynamic_rank import RankStats, get_rank_stats
 from .adapters.layer import MERGE_ERROR, Linear, MoLoraLayer
 from .adapters.moe_experts import MoeExpertsLora, fused_experts_problem, is_fused_experts
 from .config import MoLoraConfig
-from .runtime import LayerRoutingStats, MoLoraRuntime
+from .runtime import LayerRoutingStats, MoLoraRuntime, call_input
 
 _LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -108,9 +108,7 @@ def _loss_shifts_labels(model: nn.Module) -> bool:
 
 def _prompt_length(args: tuple, kwargs: dict) -> int | None:
     """Positions of a ``generate`` call's prompt (``input_ids`` or ``inputs_embeds``; ``None`` when unknown)."""
-    prompt = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
-    if prompt is None:
-        prompt = kwargs.get("inputs_embeds")
+    prompt = call_input(args, kwargs)
     return prompt.shape[1] if isinstance(prompt, torch.Tensor) and prompt.dim() >= 2 else None
 
 

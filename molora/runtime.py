@@ -625,9 +625,7 @@ class MoLoraRuntime:
         self.forward_aux = ForwardAux(self.peft_config, share, self.accumulation_steps, self.grad_scaler)
         self._aux = self.forward_aux.records
         self.generation += 1
-        input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
-        embeds = kwargs.get("inputs_embeds")
-        current = input_ids if input_ids is not None else embeds
+        current = call_input(args, kwargs)
         mask = _call_token_mask(current, kwargs.get("attention_mask"), past_length)
         self._in_forward = True
         # a forward that computes aux losses (autograd on or labels given, not a cached decode step): where
@@ -666,8 +664,7 @@ class MoLoraRuntime:
                 return False
             self.begin_forward(args, kwargs)
             return True
-        input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
-        current = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        current = call_input(args, kwargs)
         if stack == "encoder":
             # the encoder's input is the prompt: its padding mask; labels (the decoder's targets) say nothing here
             mask = _call_token_mask(current, kwargs.get("attention_mask"), 0)
@@ -1212,6 +1209,13 @@ def _cache_state(kwargs: dict) -> tuple[int | None, bool]:
             return None, False
         return past_length, past_length > 0
     return None, bool(past)
+
+
+def call_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """A model (or encoder/decoder) call's current input: its ``input_ids`` (keyword or first positional argument),
+    else its ``inputs_embeds``; ``None`` when it has neither."""
+    input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+    return input_ids if input_ids is not None else kwargs.get("inputs_embeds")
 
 
 def _token_layout(current: torch.Tensor | None) -> tuple[int, int] | None:

@@ -135,11 +135,10 @@ def prepare(
 def _check_rows(dataset, fmt: str, mapping: dict[str, str]) -> None:
     """Fail with the column, the row and what is expected when rows do not hold what the format needs (TRL's
     preprocessing would stop with an AttributeError or IndexError deep inside)."""
-    key = {"chat": "messages_field", "prompt_completion": None, "text": "text_field"}[fmt]
     for column, role in mapping.items():
-        setting = key or ("prompt_field" if role == "prompt" else "completion_field")
+        setting = f"{role}_field"  # data.messages_field, prompt_field, completion_field, text_field
         for index, value in enumerate(dataset[column]):
-            problem = _row_problem(value, role, fmt)
+            problem = _row_problem(value, role)
             if problem:
                 raise RecipeError(
                     f"Row {index} of the data: column {column!r} (data.{setting}) {problem}; a {fmt} row needs "
@@ -151,7 +150,8 @@ def _check_rows(dataset, fmt: str, mapping: dict[str, str]) -> None:
                 )
 
 
-def _row_problem(value: Any, role: str, fmt: str) -> str | None:
+def _row_problem(value: Any, role: str) -> str | None:
+    """What is wrong with one row's value of a column in ``role`` (messages, prompt, completion, text), or None."""
     if isinstance(value, str):
         return "is a string" if role == "messages" else None
     if isinstance(value, list) and role != "text":

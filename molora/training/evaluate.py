@@ -64,15 +64,9 @@ def generate(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     outputs: list[str] = []
     for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start : start + batch_size]
-        width = max(len(ids) for ids in chunk)
         # left padding: every prompt ends where generation starts
-        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(input_ids)
-        for i, ids in enumerate(chunk):
-            if ids:
-                input_ids[i, width - len(ids) :] = torch.tensor(ids)
-                mask[i, width - len(ids) :] = 1
+        input_ids, mask = _padded_batch(encoded[start : start + batch_size], pad, left=True)
+        width = input_ids.shape[1]
         kwargs = {"do_sample": False, **gen_kwargs}
         out = model.generate(
             input_ids=input_ids.to(device),
@@ -109,13 +103,9 @@ def answer_nll(model, tokenizer, rows: list[dict[str, Any]], batch_size: int = 1
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(input_ids)
+        input_ids, mask = _padded_batch([ids for ids, _ in chunk], pad, left=False)
         labels = torch.full_like(input_ids, -100)
         for i, (ids, first) in enumerate(chunk):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            mask[i, : len(ids)] = 1
             labels[i, first : len(ids)] = torch.tensor(ids[first:])
         logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
         shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(device)
@@ -126,6 +116,19 @@ def answer_nll(model, tokenizer, rows: list[dict[str, Any]], batch_size: int = 1
         for i in range(len(chunk)):
             results.append((float(nll[i][valid[i]].sum()), int(valid[i].sum())))
     return results
+
+
+def _padded_batch(rows: list[list[int]], pad: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of token lists padded with ``pad`` on the left or the right."""
+    width = max(len(ids) for ids in rows)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for i, ids in enumerate(rows):
+        if ids:
+            cols = slice(width - len(ids), width) if left else slice(0, len(ids))
+            input_ids[i, cols] = torch.tensor(ids)
+            mask[i, cols] = 1
+    return input_ids, mask
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

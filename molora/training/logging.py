@@ -135,7 +135,8 @@ class RoutingStatsCallback(TrainerCallback):
             model.reset_routing_stats()
 
     def _hold(self, model) -> None:
-        """Fold the model's statistics since the last window into ``_held`` (before an evaluation runs)."""
+        """Fold the model's statistics since the last fold into ``_held`` and reset them (before an evaluation runs,
+        and at every logged window)."""
         if model is None or not hasattr(model, "get_routing_stats"):
             return
         for name, stats in model.get_routing_stats().items():
@@ -146,12 +147,8 @@ class RoutingStatsCallback(TrainerCallback):
     def _window(self, model) -> dict[str, torch.Tensor]:
         if model is None or not hasattr(model, "get_routing_stats"):
             return {}
-        stats = model.get_routing_stats()
-        model.reset_routing_stats()
-        local = {name: stats_to_raw(s) for name, s in stats.items()}
-        for name, held in self._held.items():
-            local[name] = local[name] + held if name in local else held
-        self._held = {}
+        self._hold(model)
+        local, self._held = self._held, {}
         raw = _all_reduce(local)
         for name, value in raw.items():
             self._totals[name] = self._totals[name] + value if name in self._totals else value.clone()
@@ -216,11 +213,8 @@ def _evaluates_after_step(args, state) -> bool:
     if str(getattr(args, "eval_strategy", "no")) not in ("steps", "IntervalStrategy.STEPS"):
         return False
     eval_steps = getattr(state, "eval_steps", None) or getattr(args, "eval_steps", None)
-    if not eval_steps:
-        return False
-    if eval_steps < 1:  # a fraction of the training steps, resolved by the trainer into state.eval_steps
-        return False
-    return state.global_step % int(eval_steps) == 0
+    # (a fraction below 1 is a share of the training steps, which the trainer resolves into state.eval_steps)
+    return bool(eval_steps) and eval_steps >= 1 and state.global_step % int(eval_steps) == 0
 
 
 def install_routing_stats_callback(trainer, callback: RoutingStatsCallback | None = None) -> RoutingStatsCallback:
