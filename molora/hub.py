@@ -18,6 +18,7 @@ HEATMAP_FILE = "expert_load.png"
 #: Files ``molora push`` uploads (with the tokenizer files and the card); checkpoints and logs stay local.
 PUSH_PATTERNS = [
     "adapter_model.safetensors",
+    "adapter_model.bin",  # `save_pretrained(..., safe_serialization=False)`
     "adapter_config.json",
     "README.md",
     "routing_stats.json",

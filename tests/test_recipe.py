@@ -303,6 +303,11 @@ def test_push_uploads_card_and_adapter_only_the_network_is_replaced(tmp_path, mo
         "routing_stats.json",
     ]
     assert "me/molora-test" in calls["card"] and "![expert load per layer](expert_load.png)" in calls["card"]
+    # weights saved as PEFT's `safe_serialization=False` writes them go too (they were left out: a card-only repo)
+    (folder / "adapter_model.safetensors").rename(folder / "adapter_model.bin")
+    hub.push(folder, "me/molora-test")
+    assert "adapter_model.bin" in calls["upload"][2] and "adapter_model.bin" in hub.files_to_push(folder)
+    (folder / "adapter_model.bin").rename(folder / "adapter_model.safetensors")
     for bad in ("no-slash", "a/b/c", "me/has space"):
         with pytest.raises(ValueError, match="user/name"):
             hub.push(folder, bad)
