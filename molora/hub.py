@@ -287,7 +287,9 @@ def push(
     folder = check_adapter_dir(adapter_dir)
     check_repo_id(repo_id)
     if not (folder / "adapter_model.safetensors").is_file() and not (folder / "adapter_model.bin").is_file():
-        raise FileNotFoundError(f"{str(folder)!r} has no adapter weights (adapter_model.safetensors).")
+        raise FileNotFoundError(
+            f"{str(folder)!r} has no adapter weights (adapter_model.safetensors or adapter_model.bin)."
+        )
     info = read_adapter_folder(folder)
     if info["stats"] and not (folder / HEATMAP_FILE).is_file():
         save_heatmap(info["stats"], folder / HEATMAP_FILE, title=base_model_name(info))
