@@ -82,6 +82,8 @@ class RoutingContext:
             that takes no weak reference): sequence-level routers keep their prefill's decision with it.
         token_layout (tuple[int, int] or None): ``(batch, seq)`` of the call's current input, which a layer fed the
             tokens flattened in order (``[batch * seq, d]``, OPT's MLP) has lost.
+        position_ids (Tensor[B, S] or None): the call's ``position_ids`` when it passes them without an attention
+            mask, the way packed / padding-free batches mark several sequences in one row (see :meth:`packed`).
         extra (dict): anything else a router may need (the raw forward kwargs are not kept).
     """
 
@@ -96,6 +98,7 @@ class RoutingContext:
     generation: bool = False
     cache_ref: Any = None
     token_layout: tuple[int, int] | None = None
+    position_ids: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     # (attention_mask, its flat bool view) for token_mask: one mask object shared by every layer of a forward
     _flat_mask: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
@@ -104,6 +107,15 @@ class RoutingContext:
     def cache(self) -> Any:
         """The call's KV cache object while it is alive (through ``cache_ref``); ``None`` without one."""
         return self.cache_ref() if self.cache_ref is not None else None
+
+    def packed(self) -> bool:
+        """Whether a row of the call holds several sequences: ``position_ids`` restart inside a row and no attention
+        mask separates them (what TRL's ``packing=True`` / ``padding_free=True`` feed, and transformers reads the
+        same way). Reads the positions back from the device; ``False`` in compiled code, which cannot."""
+        positions = self.position_ids
+        if positions is None or positions.dim() != 2 or positions.shape[1] < 2 or torch.compiler.is_compiling():
+            return False
+        return bool((positions[:, 1:] != positions[:, :-1] + 1).any())
 
     def sequence_layout(self, leading_shape: tuple[int, ...]) -> tuple[int, ...]:
         """``(batch, seq)`` for a layer input whose leading shape is ``[batch * seq]`` (tokens flattened in order);
@@ -149,6 +161,7 @@ class RoutingContext:
             attention_mask=cut(self.attention_mask),
             labels=cut(self.labels),
             prompt_mask=cut(self.prompt_mask),
+            position_ids=cut(self.position_ids),
             _flat_mask=None,
         )
 
@@ -633,6 +646,9 @@ class MoLoraRuntime:
         computes_aux = (torch.is_grad_enabled() or kwargs.get("labels") is not None) and not is_decode
         self._aux_zero_device = current.device if computes_aux and current is not None else None
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        positions = kwargs.get("position_ids")
+        if is_decode or kwargs.get("attention_mask") is not None or not isinstance(positions, torch.Tensor):
+            positions = None  # only packed rows need them (RoutingContext.packed), and those come without a mask
         self.context = RoutingContext(
             attention_mask=mask,
             is_decode=is_decode,
@@ -645,6 +661,7 @@ class MoLoraRuntime:
             generation=cache is not None or self._generating,
             cache_ref=_weak_ref(cache),
             token_layout=_token_layout(current),
+            position_ids=positions,
         )
         if self.context.adapter_names is None and self.batch_adapter_names is not None:
             self.context.adapter_names = self.batch_adapter_names[0]
@@ -669,7 +686,12 @@ class MoLoraRuntime:
             # the encoder's input is the prompt: its padding mask; labels (the decoder's targets) say nothing here
             mask = _call_token_mask(current, kwargs.get("attention_mask"), 0)
             self.context = dataclasses.replace(
-                self.context, attention_mask=mask, labels=None, token_layout=_token_layout(current), _flat_mask=None
+                self.context,
+                attention_mask=mask,
+                labels=None,
+                token_layout=_token_layout(current),
+                position_ids=None,
+                _flat_mask=None,
             )
             return False
         past_length = _cache_state(kwargs)[0]
@@ -695,6 +717,7 @@ class MoLoraRuntime:
             labels=None,
             prompt_mask=prompt_mask,
             token_layout=_token_layout(current),
+            position_ids=None,
             extra=extra,
             _flat_mask=None,
         )

@@ -481,3 +481,43 @@ def test_prompt_router_on_tokens_flattened_in_order(router_kwargs):
         batched = model(input_ids=ids, attention_mask=mask).logits
         alone = model(input_ids=ids[:1, 3:], attention_mask=mask[:1, 3:]).logits
     torch.testing.assert_close(batched[:1, 3:], alone, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("router_kwargs", [{}, {"milora_mode": "module"}], ids=["bank", "module"])
+def test_packed_rows_fail_clearly(router_kwargs):
+    """A packed / padding-free row (TRL's ``packing=True``: position_ids restarting, no attention_mask) holds several
+    sequences, which one decision per row would pool across (silently: logits 0.96 away from the unpacked ones); it
+    fails naming the options. Explicit position_ids of one sequence per row, or a mask beside them, still work."""
+    adapter = MoLoraConfig(
+        r=2,
+        num_experts=1 if router_kwargs else 4,
+        top_k=2,
+        router="prompt",
+        router_kwargs=router_kwargs,
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(make_llama(), adapter).eval()
+    a, b = torch.tensor([PROMPTS[0]]), torch.tensor([PROMPTS[2]])
+    packed = torch.cat([a, b], 1)
+    restart = torch.cat([torch.arange(a.shape[1]), torch.arange(b.shape[1])])[None]
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="packs several sequences into one row.*packing=False"):
+            model(input_ids=packed, position_ids=restart)
+        one = model(input_ids=packed, position_ids=torch.arange(packed.shape[1])[None]).logits
+        torch.testing.assert_close(one, model(input_ids=packed).logits)
+        model(input_ids=packed, position_ids=restart, attention_mask=torch.ones_like(packed))
+        assert model(input_ids=a).logits.isfinite().all()  # the next call is not affected
+
+
+def test_token_level_routers_accept_packed_rows():
+    """Routing per token needs no sequence boundaries: a packed row gives each sequence's own logits (transformers
+    masks the packed row block-diagonally from its position_ids)."""
+    adapter = MoLoraConfig(r=2, num_experts=4, top_k=2, init_lora_weights=False, task_type="CAUSAL_LM")
+    model = get_peft_model(make_llama(), adapter).eval()
+    a, b = torch.tensor([PROMPTS[0]]), torch.tensor([PROMPTS[2]])
+    restart = torch.cat([torch.arange(a.shape[1]), torch.arange(b.shape[1])])[None]
+    with torch.no_grad():
+        # (as in training: with a KV cache transformers would not read the position_ids as boundaries)
+        packed = model(input_ids=torch.cat([a, b], 1), position_ids=restart, use_cache=False).logits
+        separate = torch.cat([model(input_ids=a).logits, model(input_ids=b).logits], 1)
+    torch.testing.assert_close(packed, separate, atol=1e-5, rtol=1e-5)

@@ -282,6 +282,13 @@ def prompt_positions(
     ``valid[B, S]`` (non-padding tokens) is used when the context has no attention mask of that shape.
     """
     shape = (batch, seq)
+    if context is not None and context.packed():
+        raise ValueError(
+            "router='prompt' decides once per sequence from its prompt, but this batch packs several sequences into "
+            "one row (position_ids restart inside a row and no attention_mask separates them: TRL's packing=True or "
+            "padding_free=True); the decision would pool across them. Train with SFTConfig(packing=False, "
+            "padding_free=False), or pass one sequence per row with its attention_mask."
+        )
     real = valid
     if context is not None and context.attention_mask is not None and tuple(context.attention_mask.shape) == shape:
         real = context.attention_mask.to(device).bool()
