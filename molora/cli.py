@@ -138,13 +138,14 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _push(args: argparse.Namespace) -> int:
-    from .hub import check_repo_id, files_to_push, push, write_model_card
+    from .hub import CARD_FILE, is_generated_card, prepare_upload, push
 
+    if not is_generated_card(Path(args.adapter_dir) / CARD_FILE):
+        print(f"keeping the folder's own {CARD_FILE} as the model card (molora writes one where there is none)")
     if args.dry_run:
-        check_repo_id(args.repo_id)
-        write_model_card(args.adapter_dir, args.repo_id)
+        files, _ = prepare_upload(args.adapter_dir, args.repo_id)
         print(f"dry run: would upload to {args.repo_id}:")
-        for name in files_to_push(args.adapter_dir):
+        for name in files:
             print(f"  {name}")
         return 0
     info = push(args.adapter_dir, args.repo_id, private=args.private, token=args.token)

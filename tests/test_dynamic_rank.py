@@ -426,6 +426,41 @@ def test_save_load_restores_ranks_exactly_and_compaction_keeps_outputs(tmp_path)
         assert torch.equal(reloaded(**inputs).logits, expected)
 
 
+def test_tools_read_an_adapter_saved_without_safetensors_and_compaction_fails_atomically(tmp_path, monkeypatch):
+    """``save_pretrained(..., safe_serialization=False)`` writes ``adapter_model.bin``: the rank tools read it (they
+    raised FileNotFoundError). Compacting in place writes every file before replacing any, so a failure part-way
+    leaves the folder's adapter as it was (new weights beside the old config before)."""
+    import molora.adapters.dynamic_rank.growth as growth
+
+    model = get_peft_model(make_llama(), _config())
+    _train_steps(model, 7)
+    ranks = {k: v.ranks for k, v in model.get_rank_stats().items()}
+    folder = tmp_path / "bin"
+    model.save_pretrained(folder, safe_serialization=False)
+    assert (folder / "adapter_model.bin").is_file() and not (folder / "adapter_model.safetensors").exists()
+    assert {k: v.ranks for k, v in molora.dynamic_rank.rank_stats_from_adapter(folder).items()} == ranks
+
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    real_copy = growth.shutil.copyfile
+
+    def failing_copy(src, dst, *args, **kwargs):  # the weights and the config are written, then a copy fails
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(growth.shutil, "copyfile", failing_copy)
+    with pytest.raises(OSError, match="No space left"):
+        molora.compact_adapter(folder, folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # no staging folder left either
+    monkeypatch.setattr(growth.shutil, "copyfile", real_copy)
+
+    layer_ranks = molora.compact_adapter(folder, folder)  # in place: safetensors replace the .bin
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert layer_ranks == {k: max(v) for k, v in ranks.items()}
+    (folder / "adapter_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="holds no adapter weights"):
+        molora.dynamic_rank.rank_stats_from_adapter(folder)
+
+
 def test_growth_leaves_a_frozen_adapter_alone():
     """Training adapter ``a`` beside a frozen ``b`` (both DR-LoRA) with the documented loop: ``b``'s ranks and ``A``
     bank stay as they were (every adapter grew, and ``b``'s ``A`` rows were re-initialised, though ``b`` never ran)."""

@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_llama
+from huggingface_hub import HfApi
 from peft import get_peft_model
 
 from molora import MoLoraConfig, hub
+from molora.cli import main
 from molora.training import data, recipe
 from molora.training.logging import _all_reduce, raw_to_summary, stats_to_raw
 from molora.training.report import LAYER_ROUTER, load_grid, save_heatmap
@@ -263,6 +265,97 @@ def test_model_card_of_milora_module_mode(tmp_path):
         "| experts | the adapted projections of each decoder layer, one LoRA each (MiLoRA module mode), rank 2" in text
     )
     assert "| routed decoder layers | 2 |" in text
+
+
+def test_model_card_of_a_plain_save_states_only_what_the_folder_says(tmp_path):
+    """A folder ``save_pretrained`` wrote (no ``molora sft``): no TRL/SFT claim, no "unknown" base model."""
+    model = get_peft_model(make_llama(), MoLoraConfig(r=2, num_experts=3, task_type="CAUSAL_LM"))
+    model.save_pretrained(tmp_path / "plain")
+    text = hub.model_card(tmp_path / "plain", "me/plain")
+    assert "SFTTrainer" not in text and "- sft" not in text and "- trl" not in text
+    assert "unknown" not in text and "base_model:" not in text
+    assert "A **MoLoRA** (mixture-of-LoRA-experts) adapter. Every adapted projection" in text
+    assert 'from_pretrained("<the base model>"' in text
+    folder = _adapter_folder(tmp_path)  # written by molora sft: its recipe is there
+    assert "trained with TRL's `SFTTrainer` by molora" in hub.model_card(folder, "me/x")
+
+
+def _record_uploads(monkeypatch) -> dict:
+    calls = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        pass
+
+    def upload_folder(self, repo_id, folder_path, allow_patterns=None, **kwargs):
+        from huggingface_hub.utils import filter_repo_objects
+
+        folder = Path(folder_path)
+        names = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+        calls["files"] = sorted(filter_repo_objects(names, allow_patterns=allow_patterns))
+        calls["card"] = (folder / "README.md").read_text()
+        return "commit"
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    return calls
+
+
+def test_push_keeps_a_users_own_card_and_uploads_every_adapter(tmp_path, monkeypatch):
+    """PEFT's layout for several adapters (the others in subfolders) goes up whole (only the default adapter did);
+    a README.md of the user's own is the card (it was replaced, also by a dry run); molora's card and PEFT's
+    template are rewritten; checkpoints stay local."""
+    calls = _record_uploads(monkeypatch)
+    model = get_peft_model(make_llama(), MoLoraConfig(r=2, num_experts=3, task_type="CAUSAL_LM"))
+    model.add_adapter("task_b", MoLoraConfig(r=2, num_experts=2, task_type="CAUSAL_LM"))
+    folder = tmp_path / "multi"
+    model.save_pretrained(folder)
+    assert "# Model Card for Model ID" in (folder / "README.md").read_text()  # PEFT's template: replaced
+    (folder / "checkpoint-3").mkdir()
+    (folder / "checkpoint-3" / "adapter_config.json").write_text("{}")
+    (folder / "checkpoint-3" / "adapter_model.safetensors").write_bytes(b"x")
+    hub.push(folder, "me/multi")
+    assert calls["files"] == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "task_b/adapter_config.json",
+        "task_b/adapter_model.safetensors",
+    ]
+    assert hub.CARD_MARKER in calls["card"] and 'adapter_name="task_b", subfolder="task_b"' in calls["card"]
+    hub.push(folder, "me/multi")  # molora's own card is rewritten
+    assert calls["card"].count(hub.CARD_MARKER) == 1
+
+    own = "# My adapter\n\nHand-written notes.\n"
+    (folder / "README.md").write_text(own)
+    assert main(["push", str(folder), "--repo-id", "me/multi", "--dry-run"]) == 0
+    hub.push(folder, "me/multi")
+    assert (folder / "README.md").read_text() == own and calls["card"] == own
+
+
+def test_push_dry_run_lists_and_draws_what_push_uploads(tmp_path, monkeypatch, capsys):
+    """The dry run prepares the folder as the push does (the heat map was drawn only by the real push)."""
+    calls = _record_uploads(monkeypatch)
+    folder = _adapter_folder(tmp_path)
+    assert main(["push", str(folder), "--repo-id", "me/x", "--dry-run"]) == 0
+    listed = [line.strip() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert "expert_load.png" in listed and "expert_load.png" in (folder / "README.md").read_text()
+    hub.push(folder, "me/x")
+    assert listed == calls["files"]
+
+
+def test_model_card_write_failure_leaves_the_previous_card(tmp_path, monkeypatch):
+    folder = _adapter_folder(tmp_path)
+    hub.write_model_card(folder, "me/x")
+    before = (folder / "README.md").read_text()
+
+    def broken(adapter_dir, repo_id=None):
+        return "new card \ud800"  # a lone surrogate: encoding fails part-way through writing the file
+
+    monkeypatch.setattr(hub, "model_card", broken)
+    with pytest.raises(UnicodeEncodeError):
+        hub.write_model_card(folder, "me/y")
+    assert (folder / "README.md").read_text() == before
+    assert [p.name for p in folder.iterdir() if p.name.endswith(".tmp")] == []
 
 
 def test_push_uploads_card_and_adapter_only_the_network_is_replaced(tmp_path, monkeypatch):

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -274,17 +277,25 @@ def rank_summary(model: nn.Module, adapter_name: str | None = None) -> dict[str,
 # -- adapter directories --------------------------------------------------------------------------------------------
 
 _WEIGHTS = "adapter_model.safetensors"
+_WEIGHTS_BIN = "adapter_model.bin"  # `save_pretrained(..., safe_serialization=False)`
 _CONFIG = "adapter_config.json"
+
+
+def _read_adapter(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The config and the saved tensors of an adapter folder, from either weight file PEFT writes."""
+    from peft.utils import load_peft_weights
+
+    if not (adapter_dir / _CONFIG).is_file():
+        raise FileNotFoundError(f"{str(adapter_dir)!r} holds no {_CONFIG}: not a saved adapter folder.")
+    if not (adapter_dir / _WEIGHTS).is_file() and not (adapter_dir / _WEIGHTS_BIN).is_file():
+        raise FileNotFoundError(f"{str(adapter_dir)!r} holds no adapter weights ({_WEIGHTS} or {_WEIGHTS_BIN}).")
+    return json.loads((adapter_dir / _CONFIG).read_text()), load_peft_weights(str(adapter_dir), device="cpu")
 
 
 def rank_stats_from_adapter(adapter_dir: str | Path) -> dict[str, RankStats]:
     """:class:`RankStats` per module read straight from a saved adapter directory (no model needed)."""
-    from safetensors.torch import load_file
-
-    adapter_dir = Path(adapter_dir)
-    config = json.loads((adapter_dir / _CONFIG).read_text())
+    config, tensors = _read_adapter(Path(adapter_dir))
     params = build_dynamic_rank_params(dict(config.get("dynamic_rank") or {}), config["r"])
-    tensors = load_file(adapter_dir / _WEIGHTS)
     out = {}
     for key, act in tensors.items():
         found = _saved_bank(key)
@@ -325,13 +336,12 @@ def compact_adapter(adapter_dir: str | Path, output_dir: str | Path) -> dict[str
     ``adapter_config.json`` so that ``PeftModel.from_pretrained`` builds banks of those shapes. The scaling
     (``lora_alpha / target_rank``) is unchanged. Returns ``{module: r_layer}``.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
-    config = json.loads((adapter_dir / _CONFIG).read_text())
+    config, tensors = _read_adapter(adapter_dir)
     if not config.get("dynamic_rank"):
         raise ValueError(f"{adapter_dir} is not a DR-LoRA adapter (its config has no `dynamic_rank`).")
-    tensors = load_file(adapter_dir / _WEIGHTS)
     layer_ranks: dict[str, int] = {}
     out = dict(tensors)
     for key, act in tensors.items():
@@ -346,11 +356,22 @@ def compact_adapter(adapter_dir: str | Path, output_dir: str | Path) -> dict[str
         out[a_key] = tensors[a_key][:, :, :r_layer].contiguous()
         out[b_key] = tensors[b_key][:, :r_layer, :].contiguous()
         layer_ranks[_module_key(module_prefix) + suffix] = r_layer
-    output_dir.mkdir(parents=True, exist_ok=True)
-    save_file(out, output_dir / _WEIGHTS, metadata={"format": "pt"})
     config["dynamic_rank"] = {**config["dynamic_rank"], "layer_ranks": layer_ranks}
-    (output_dir / _CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
-    for extra in adapter_dir.iterdir():
-        if extra.name not in (_WEIGHTS, _CONFIG) and extra.is_file():
-            (output_dir / extra.name).write_bytes(extra.read_bytes())
+    output_dir.mkdir(parents=True, exist_ok=True)
+    # every file is written into a staging folder beside the output and moved into place only when all are complete:
+    # a failure (also when compacting in place) leaves the folder's previous adapter as it was
+    staging = Path(tempfile.mkdtemp(prefix=".compacting-", dir=output_dir))
+    try:
+        save_file(out, staging / _WEIGHTS, metadata={"format": "pt"})
+        (staging / _CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+        for extra in adapter_dir.iterdir():
+            if extra.name not in (_WEIGHTS, _WEIGHTS_BIN, _CONFIG) and extra.is_file():
+                shutil.copyfile(extra, staging / extra.name)
+        for written in staging.iterdir():
+            os.replace(written, output_dir / written.name)
+        # the compacted weights are safetensors: a `.bin` beside them would be a second, stale copy
+        if (output_dir / _WEIGHTS_BIN).is_file():
+            (output_dir / _WEIGHTS_BIN).unlink()
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return layer_ranks
