@@ -171,3 +171,33 @@ def test_trainer_with_default_arguments_scales_the_loss_in_place(tmp_path):
         model=model, args=args, train_dataset=Dataset.from_list([{"input_ids": r, "labels": r} for r in rows])
     )
     assert trainer.train().global_step == 2
+
+
+def test_an_epochs_last_partial_accumulation_is_counted(tmp_path):
+    """5 micro-batches per epoch at ``gradient_accumulation_steps=4``: transformers runs each epoch's second optimizer
+    step on 1 micro-batch; the layers' aux delivery must be divided by 1 there, not 4 (aux/4 on that step before)."""
+    from datasets import Dataset
+
+    tokenizer = make_char_tokenizer()
+    rows = [tokenizer(t)["input_ids"] for t in TEXTS[:5]]
+    model = get_peft_model(make_llama(vocab_size=CHAR_VOCAB), MoLoraConfig(r=2, num_experts=2, task_type="CAUSAL_LM"))
+    args = TrainingArguments(
+        output_dir=str(tmp_path), report_to="none", use_cpu=True, save_strategy="no", num_train_epochs=2
+    )
+    args.per_device_train_batch_size, args.gradient_accumulation_steps = 1, 4
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list([{"input_ids": r, "labels": r} for r in rows]),
+        callbacks=[MoLoraCallback()],
+    )
+    seen = []
+
+    def record(module, args, kwargs):
+        seen.append((trainer.current_gradient_accumulation_steps, model.base_model.molora_runtime.accumulation_steps))
+
+    model.register_forward_pre_hook(record, with_kwargs=True)
+    trainer.train()
+    assert [told for _, told in seen] == [4, 4, 4, 4, 1] * 2
+    assert all(trainer_steps == told for trainer_steps, told in seen)
+    assert model.base_model.molora_runtime.accumulation_steps == 1  # reset after training

@@ -59,17 +59,41 @@ class MoLoraCallback(TrainerCallback):
     The accumulation steps matter to trainers that compute their own loss (TRL's ``SFTTrainer``): the routers' aux
     gradient is then delivered by the layers themselves, once per micro-batch, and is divided by the steps so that an
     optimizer step applies ``coef *`` the micro-batches' mean aux loss, whatever the accumulation (as TRL averages the
-    aux loss of MoE models). For the same reason it hands the model the trainer's gradient scaler under fp16 mixed
-    precision (``fp16=True``), which multiplies the loss before backward and divides every gradient after: the
-    layers' delivery is multiplied by its scale too. Through ``outputs.loss`` (``transformers.Trainer``) neither
-    needs the callback.
+    aux loss of MoE models); the last step of an epoch may have fewer micro-batches (:meth:`on_step_begin`). For the
+    same reason it hands the model the trainer's gradient scaler under fp16 mixed precision (``fp16=True``), which
+    multiplies the loss before backward and divides every gradient after: the layers' delivery is multiplied by its
+    scale too. Through ``outputs.loss`` (``transformers.Trainer``) neither needs the callback.
     """
+
+    def __init__(self) -> None:
+        self._accumulation = 1
+        self._steps_in_epoch: int | None = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any):
         """Publish ``args.gradient_accumulation_steps`` and the optimizer's gradient scaler (fp16) to the model."""
+        self._accumulation = max(1, int(getattr(args, "gradient_accumulation_steps", 1) or 1))
+        loader = kwargs.get("train_dataloader")
+        try:
+            self._steps_in_epoch = len(loader) if loader is not None else None
+        except TypeError:  # an iterable dataset: every optimizer step gets its full accumulation
+            self._steps_in_epoch = None
         if model is not None:
-            steps = max(1, int(getattr(args, "gradient_accumulation_steps", 1) or 1))
-            _set_trainer_state(model, steps, _enabled_grad_scaler(kwargs.get("optimizer")))
+            _set_trainer_state(model, self._accumulation, _enabled_grad_scaler(kwargs.get("optimizer")))
+        return control
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any):
+        """The micro-batches of the optimizer step starting now: ``gradient_accumulation_steps``, except in the last
+        step of an epoch whose batches do not divide evenly, where ``transformers`` runs the remainder (its
+        ``current_gradient_accumulation_steps``, by which TRL divides an MoE model's aux loss too)."""
+        batches = self._steps_in_epoch
+        if model is None or not batches or self._accumulation == 1:
+            return control
+        full = self._accumulation
+        per_epoch = max(-(-batches // full), 1)  # the trainer's num_update_steps_per_epoch
+        last = state.global_step % per_epoch == per_epoch - 1
+        steps = (batches % full or full) if last else full
+        for module in _molora_models(model):
+            module.molora_runtime.accumulation_steps = steps
         return control
 
     def on_train_end(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any):
