@@ -939,7 +939,6 @@ class MoLoraRuntime:
             need
             and _delivers_missing_grads(router)
             and torch.is_grad_enabled()
-            and router.weight.requires_grad
             and not torch.compiler.is_compiling()  # a compiled backward cannot call back into Python state
         ):
             # the built-in top-k function delivers the aux gradient itself when nothing else does (see the module
@@ -1003,7 +1002,9 @@ class MoLoraRuntime:
         if compiling or isinstance(losses, _SelfDelivered):
             # self-delivered: their own autograd node delivers the aux gradient when nothing else does
             return output
-        if torch.is_grad_enabled() and router.weight.requires_grad and output.requires_grad:
+        trains = router.weight.requires_grad if concat else any(value.requires_grad for value in losses.values())
+        if torch.is_grad_enabled() and trains and output.requires_grad:
+            # (a frozen router's losses still train the experts of earlier layers through its input)
             # with concat the per-router losses are not separable: the attachment only warns if nothing delivered
             names = () if concat else tuple(losses)
             output = _AttachAuxGrad.apply(output, self, adapter_name, names, router, *(losses[n] for n in names))

@@ -420,6 +420,39 @@ def test_aux_gradient_reaches_routers_exactly_once_whoever_computes_the_loss(bat
         torch.testing.assert_close(got[name], factor * reference[name], rtol=1e-4, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize("how", ["logits_only", "reentrant_checkpointing"])
+@pytest.mark.parametrize("router", ["topk", "topp"])
+def test_frozen_routers_losses_still_train_the_experts_before_them(batch, how, router):
+    """With the routers frozen, the aux losses still depend on the experts of earlier layers (through the routers'
+    inputs): ``outputs.loss`` trains them, and so must the layers' own delivery (a loss computed from the logits,
+    reentrant checkpointing), which was skipped for a frozen router (6.5e-3 off in a 3.4e-2 gradient)."""
+
+    def run(mode):
+        model = get_peft_model(
+            make_llama(),
+            MoLoraConfig(num_experts=4, top_k=2, aux_loss_coef=1.0, init_lora_weights=False, router=router),
+        )
+        for name, param in model.named_parameters():
+            if "molora_router" in name:
+                param.requires_grad_(False)
+        if mode == "reentrant_checkpointing":
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+            model.enable_input_require_grads()
+        model.train()
+        if mode == "logits_only":
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            _lm_loss(out.logits, batch["labels"]).backward()
+        else:
+            model(**batch).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    reference, got = run("reference"), run(how)
+    first = next(name for name in reference if "layers.0.self_attn.q_proj.molora_A" in name)
+    assert reference[first].abs().max() > 1e-4
+    for name in reference:
+        torch.testing.assert_close(got[name], reference[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
 @pytest.mark.parametrize(
     "between", ["no_grad", "no_grad_with_labels", "generate", "adapter_disabled", "eval_with_grad"]
 )
