@@ -409,6 +409,41 @@ def test_training_routes_from_the_prompt_tokens_only():
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
+@pytest.mark.parametrize("router_kwargs", [{}, {"milora_mode": "module"}], ids=["bank", "module"])
+def test_a_later_unsupervised_turn_does_not_steer_an_earlier_answer(router_kwargs):
+    """Multi-turn chat labels (TRL's ``assistant_only_loss``): user turn, answer, user turn, answer, the user turns
+    -100. The decision comes from the first turn only: the first answer's logits are causal (a later user turn moved
+    them by 0.7) and equal generating it from its prompt."""
+    adapter = MoLoraConfig(
+        r=4,
+        num_experts=1 if router_kwargs else 4,
+        top_k=2,
+        router="prompt",
+        router_kwargs=router_kwargs,
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(make_llama(), adapter).eval()
+    for router in (m for m in model.modules() if isinstance(m, PromptRouter)):
+        with torch.no_grad():
+            router.weight.mul_(8)
+    user1, answer1, answer2 = PROMPTS[0], [11, 12, 13], [14, 15]
+
+    def logits(user2):
+        ids = torch.tensor([user1 + answer1 + user2 + answer2])
+        labels = torch.full_like(ids, -100)
+        labels[0, len(user1) : len(user1) + len(answer1)] = ids[0, len(user1) : len(user1) + len(answer1)]
+        labels[0, -len(answer2) :] = ids[0, -len(answer2) :]
+        with torch.no_grad():
+            return model(input_ids=ids, labels=labels).logits[:, : len(user1) + len(answer1)]
+
+    first = logits([70, 22, 9])
+    torch.testing.assert_close(logits([44, 3, 81, 27]), first)  # causal: the later user turn changes nothing
+    with torch.no_grad():  # ... and the first turn is routed as generating the first answer routes it (its prefill)
+        prefill = model(input_ids=torch.tensor([user1])).logits
+    torch.testing.assert_close(prefill, first[:, : len(user1)], atol=1e-5, rtol=1e-5)
+
+
 def test_attention_pooling_query_is_saved_and_loaded_with_the_adapter(tmp_path):
     model = prompt_model(pooler="attn")
     with torch.no_grad():

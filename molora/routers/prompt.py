@@ -19,8 +19,9 @@ and the prompt positions ``m[B, S]``:
 Which positions are the prompt (``m``), in order of precedence:
 
 * an explicit ``MoLoraModel.molora_prompt_mask(...)`` context (``RoutingContext.prompt_mask``);
-* with ``labels`` (training, evaluation loss): ``labels == -100`` and ``attention_mask == 1``, i.e. the tokens the
-  loss ignores, which is how SFT data marks the prompt;
+* with ``labels`` (training, evaluation loss): ``labels == -100`` and ``attention_mask == 1`` before the first
+  supervised token, i.e. the leading tokens the loss ignores, which is how SFT data marks the prompt (later
+  unsupervised tokens, a multi-turn chat's next user turns, follow an answer and stay out);
 * otherwise every non-padding token of the call (a generation prefill is exactly the prompt).
 
 A sequence whose prompt mask is empty (labels supervise every token) falls back to all of its non-padding tokens.
@@ -303,7 +304,10 @@ def prompt_positions(
                 )
             prompt = real & context.prompt_mask.to(device).bool()
         elif context.labels is not None and tuple(context.labels.shape) == shape:
-            prompt = real & (context.labels.to(device) == -100)
+            # the unsupervised tokens before a sequence's first supervised one: in multi-turn chat data the later
+            # user turns are -100 too, but they follow the first answer, which a causal decision must not see
+            supervised = context.labels.to(device) != -100
+            prompt = real & (supervised.cumsum(dim=1) == 0)
     # a sequence without prompt tokens (every token supervised) is routed from all its real tokens
     empty = ~prompt.any(dim=1, keepdim=True)
     return torch.where(empty, real, prompt)
