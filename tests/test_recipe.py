@@ -192,6 +192,30 @@ def test_heatmap_grid_and_png(tmp_path):
     assert projections == [LAYER_ROUTER] and layers == ["0", "1", "10"] and len(grid[0][2]) == 7
 
 
+def test_heatmap_of_uneven_routers_and_encoder_decoder_stacks(tmp_path):
+    """Routers with different numbers of experts (two adapters; MiLoRA layers adapting 3 and 4 modules) crashed the
+    heat map (and so `molora push`); T5's encoder and decoder projections shared one cell, one overwriting the
+    other (24 of 32 routers drawn)."""
+    uneven = {
+        "model.layers.0.mlp.down_proj:a": {"load": [0.25] * 4},
+        "model.layers.0.mlp.down_proj:b": {"load": [0.5, 0.1, 0.1, 0.1, 0.1, 0.1]},
+        "model.layers.1": {"load": [0.3, 0.3, 0.4]},
+    }
+    projections, layers, grid = load_grid(uneven)
+    assert projections == [LAYER_ROUTER, "mlp.down_proj:a", "mlp.down_proj:b"]
+    a = grid[projections.index("mlp.down_proj:a")][layers.index("0")]
+    assert a[:4] == [0.25] * 4 and all(v != v for v in a[4:]) and len(a) == 6
+    assert save_heatmap(uneven, tmp_path / "uneven.png").read_bytes()[:4] == b"\x89PNG"
+    t5 = {
+        f"{stack}.block.{i}.layer.0.SelfAttention.q": {"load": [float(i), 1.0 if stack == "decoder" else 0.0]}
+        for stack in ("encoder", "decoder")
+        for i in (0, 1)
+    }
+    projections, layers, grid = load_grid(t5)
+    assert projections == ["decoder.block.*.layer.0.SelfAttention.q", "encoder.block.*.layer.0.SelfAttention.q"]
+    assert grid[0][1] == [1.0, 1.0] and grid[1][1] == [1.0, 0.0]
+
+
 # -- model card and push ---------------------------------------------------------------------------------------------
 
 

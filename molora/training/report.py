@@ -18,17 +18,29 @@ def load_grid(stats: dict[str, Any]) -> tuple[list[str], list[str], list[list[li
     ordered by layer index; decoder layers (``model.layers.3``: MiLoRA module mode's routers, whose experts are the
     layer's modules) form the group :data:`LAYER_ROUTER`; other names form their own group with a single row.
     """
+    matches = {name: _LAYER.match(name) for name in stats}
+    # an encoder-decoder model has two stacks of layers (T5's encoder.block.0 / decoder.block.0): their projections
+    # are told apart by the stack's prefix, which a decoder-only model's one stack does not need
+    prefixes = {match["prefix"] for match in matches.values() if match}
     groups: dict[str, dict[int | str, list[float]]] = {}
     for name, s in stats.items():
-        match = _LAYER.match(name)
+        match = matches[name]
         if match:
-            groups.setdefault(match["rest"] or LAYER_ROUTER, {})[int(match["index"])] = s["load"]
+            group = match["rest"] or LAYER_ROUTER
+            if len(prefixes) > 1:
+                group = f"{match['prefix']}.*.{match['rest']}" if match["rest"] else f"{match['prefix']}.*"
+            groups.setdefault(group, {})[int(match["index"])] = s["load"]
         else:
             groups.setdefault(name, {})[name] = s["load"]
     projections = sorted(groups)
     layers = sorted({k for g in groups.values() for k in g}, key=lambda k: (isinstance(k, str), str(k).zfill(6)))
     n_experts = max(len(s["load"]) for s in stats.values())
-    grid = [[groups[p].get(layer, [float("nan")] * n_experts) for layer in layers] for p in projections]
+    nan = float("nan")
+    # routers with fewer experts (several adapters, MiLoRA layers adapting fewer modules) leave their extra cells empty
+    grid = [
+        [list(groups[p].get(layer, [])) + [nan] * (n_experts - len(groups[p].get(layer, []))) for layer in layers]
+        for p in projections
+    ]
     return projections, [str(layer) for layer in layers], grid
 
 
