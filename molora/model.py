@@ -540,6 +540,18 @@ class MoLoraModel(BaseTuner):
         """Forget the accumulated routing statistics."""
         self.molora_runtime.reset_stats()
 
+    def routing_stats_checkpoint(self) -> Any:
+        """An opaque marker of the routing statistics accumulated so far (cheap: no copy, no device sync).
+
+        :meth:`restore_routing_stats` returns to it, forgetting the forwards in between: a trainer callback marks
+        each optimizer step's end, so that an evaluation run afterwards (predicted or not) leaves the training
+        statistics as they were (``RoutingStatsCallback``)."""
+        return self.molora_runtime.stats_checkpoint()
+
+    def restore_routing_stats(self, checkpoint: Any) -> None:
+        """Return to the statistics of :meth:`routing_stats_checkpoint`."""
+        self.molora_runtime.restore_stats(checkpoint)
+
     def molora_prompt_mask(self, prompt_mask: torch.Tensor) -> contextlib.AbstractContextManager[None]:
         """Context manager: prompt-level routers (``router="prompt"``) pool over ``prompt_mask`` inside the block.
 

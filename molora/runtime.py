@@ -1101,6 +1101,9 @@ class MoLoraRuntime:
                 index = torch.tensor([order[key] for key in keys], device=rows.device)
                 rows = rows.new_zeros(len(order), rows.shape[1]).index_add_(0, index, rows)
                 keys = list(order)
+            if rows.device.type != "mps":  # (MPS has no float64)
+                # float64 running sums: float32 counts stop being exact past 2**24 tokens per layer
+                rows = rows.double()
             for key, row in zip(keys, rows):
                 totals = self._totals.get(key)
                 # out of place: totals started under torch.inference_mode() are inference tensors, which cannot be
@@ -1132,6 +1135,18 @@ class MoLoraRuntime:
         for key in [key for key in self._aux if key[1] == adapter_name]:
             del self._aux[key]
         self.forward_aux._weights.pop(adapter_name, None)
+
+    def stats_checkpoint(self) -> dict[tuple[str, str], torch.Tensor]:
+        """The statistics accumulated so far, for :meth:`restore_stats` (the running sums are replaced, never
+        updated in place, so this holds references, not copies)."""
+        self.commit_stats()
+        return dict(self._totals)
+
+    def restore_stats(self, checkpoint: dict[tuple[str, str], torch.Tensor]) -> None:
+        """Back to the statistics of :meth:`stats_checkpoint`: what the forwards since then recorded is forgotten."""
+        self._pending = {}
+        self._deferred = []
+        self._totals = dict(checkpoint)
 
     def reset_stats(self) -> None:
         """Forget all accumulated routing statistics."""

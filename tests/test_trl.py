@@ -104,20 +104,33 @@ def test_sft_with_packing_padding_free(tmp_path):
     assert all(torch.isfinite(torch.tensor(_losses(trainer))))
 
 
-def test_routing_statistics_leave_out_evaluations_during_training(tmp_path):
-    """With ``eval_strategy="steps"`` the evaluation forwards were counted in the run's routing statistics (its
-    ``routing_stats.json``, the logged windows, the heat map): the run's token counts equal those of the same
-    training without evaluations."""
-    from molora.training.logging import install_routing_stats_callback
+@pytest.mark.parametrize(
+    "extra",
+    [
+        dict(eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=4),
+        # transformers also evaluates at the last step (5, not a multiple of eval_steps): step 5 was wiped
+        dict(eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=4, max_steps=5),
+        # a checkpoint saved between two logging steps took the window's statistics so far: logged windows were short
+        dict(save_strategy="steps", save_steps=2, logging_steps=3, max_steps=6),
+    ],
+    ids=["evaluations", "final_evaluation", "saves_between_logs"],
+)
+def test_routing_statistics_leave_out_evaluations_and_keep_whole_windows(tmp_path, extra):
+    """The run's routing statistics (its ``routing_stats.json``, the heat map) and the logged windows
+    (``routing_stats_history.jsonl``, TensorBoard) count the training forwards exactly: the same as the same
+    training without evaluations or checkpoints (evaluation forwards were counted, or training steps lost)."""
+    import json
 
-    tokens = {}
-    for evaluate in (False, True):
-        extra = dict(eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=4) if evaluate else {}
+    from molora.training.logging import HISTORY_FILE, install_routing_stats_callback
+
+    seen = {}
+    for variant in ("plain", "extra"):
+        steps = dict(max_steps=extra.get("max_steps", 4), logging_steps=extra.get("logging_steps", 2))
+        evaluate = variant == "extra" and "eval_strategy" in extra
+        args = {k: v for k, v in extra.items() if k not in steps} if variant == "extra" else {}
         trainer = trl.SFTTrainer(
             model=make_llama(vocab_size=CHAR_VOCAB),
-            args=sft_args(
-                tmp_path / str(evaluate), max_steps=4, per_device_train_batch_size=2, logging_steps=2, **extra
-            ),
+            args=sft_args(tmp_path / variant, per_device_train_batch_size=2, **steps, **args),
             train_dataset=text_dataset(8),
             eval_dataset=text_dataset(8) if evaluate else None,
             processing_class=make_char_tokenizer(),
@@ -125,6 +138,41 @@ def test_routing_statistics_leave_out_evaluations_during_training(tmp_path):
         )
         callback = install_routing_stats_callback(trainer)
         trainer.train()
-        stats = callback.run_stats()
-        tokens[evaluate] = {name: s["tokens"] for name, s in stats.items()}
-    assert tokens[False] and tokens[True] == tokens[False]
+        windows = (tmp_path / variant / HISTORY_FILE).read_text().splitlines()
+        seen[variant] = (
+            {name: s["tokens"] for name, s in callback.run_stats().items()},
+            [{name: s["tokens"] for name, s in json.loads(line)["layers"].items()} for line in windows],
+        )
+    assert seen["plain"][0] and seen["extra"] == seen["plain"]
+
+
+def test_a_run_without_statistics_leaves_no_earlier_runs_statistics(tmp_path):
+    """``track_routing_stats=False`` into a folder an earlier run used: its ``routing_stats.json`` (and history)
+    described the earlier adapter in the new card and heat map."""
+    from molora.training.logging import HISTORY_FILE, STATS_FILE, install_routing_stats_callback
+
+    (tmp_path / STATS_FILE).write_text('{"model.layers.0.mlp.down_proj": {"tokens": 804}}')
+    (tmp_path / HISTORY_FILE).write_text('{"step": 2, "layers": {}}\n')
+    trainer = trl.SFTTrainer(
+        model=make_llama(vocab_size=CHAR_VOCAB),
+        args=sft_args(tmp_path, max_steps=2, per_device_train_batch_size=2),
+        train_dataset=text_dataset(4),
+        processing_class=make_char_tokenizer(),
+        peft_config=MoLoraConfig(r=2, num_experts=2, task_type="CAUSAL_LM", track_routing_stats=False),
+    )
+    install_routing_stats_callback(trainer)
+    trainer.train()
+    assert not (tmp_path / STATS_FILE).exists() and not (tmp_path / HISTORY_FILE).exists()
+
+
+def test_routing_totals_are_float64():
+    """Running sums in float64: float32 counts drift past 2**24 tokens per layer (a top-1 router reported
+    1.0000001 experts per token after 18M tokens)."""
+    model = get_peft_model(make_llama(), MoLoraConfig(r=2, num_experts=2, top_k=1, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        model(input_ids=torch.randint(3, 60, (2, 8)))
+    runtime = model.base_model.molora_runtime
+    runtime.commit_stats()
+    assert {total.dtype for total in runtime._totals.values()} == {torch.float64}
+    stats = model.get_routing_stats()
+    assert all(s.tokens == 16 and s.experts_per_token == 1.0 for s in stats.values())

@@ -97,9 +97,12 @@ class RoutingStatsCallback(TrainerCallback):
         self._aux_sums: dict[str, float] = {}
         self._aux_steps = 0
         self._totals: dict[str, torch.Tensor] = {}
-        # training statistics folded out of the model before an evaluation (whose forwards must not count), not yet
-        # logged: the next window starts with them
+        # training statistics folded out of the model (at a checkpoint save, ...) but not yet logged: the next
+        # window starts with them
         self._held: dict[str, torch.Tensor] = {}
+        # the model's statistics at the end of the last optimizer step: an evaluation after it (predicted or not:
+        # transformers also evaluates at the last step, user code may call evaluate()) is rolled back to it
+        self._step_mark: Any = None
         # the history file's lines up to this step belong to the run (a resumed one); later ones and those of an
         # earlier run in the same folder are dropped at the first write
         self._history_kept_step: int | None = None
@@ -116,33 +119,35 @@ class RoutingStatsCallback(TrainerCallback):
         self._history_kept_step = state.global_step  # 0, or the checkpoint's step when resuming
         if model is not None and hasattr(model, "reset_routing_stats"):
             model.reset_routing_stats()  # drop statistics of evaluations run before training
+        self._mark(model)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         losses = model.molora_aux_losses() if model is not None and hasattr(model, "molora_aux_losses") else {}
         for name, value in losses.items():
             self._aux_sums[name] = self._aux_sums.get(name, 0.0) + float(value.detach().float())
         self._aux_steps += 1
-        if _evaluates_after_step(args, state):
-            self._hold(model)
-
-    def on_epoch_end(self, args, state, control, model=None, **kwargs):
-        if str(getattr(args, "eval_strategy", "no")) in ("epoch", "IntervalStrategy.EPOCH"):
-            self._hold(model)
+        self._mark(model)
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):
-        # the evaluation's forwards are not training routing: drop them (the training ones were held before it)
-        if model is not None and hasattr(model, "reset_routing_stats"):
-            model.reset_routing_stats()
+        # the evaluation's forwards are not training routing: back to the statistics of the last training step
+        if model is not None and hasattr(model, "restore_routing_stats") and self._step_mark is not None:
+            model.restore_routing_stats(self._step_mark)
+
+    def _mark(self, model) -> None:
+        """Remember the model's statistics now (the end of a training step), for :meth:`on_evaluate`."""
+        if model is not None and hasattr(model, "routing_stats_checkpoint"):
+            self._step_mark = model.routing_stats_checkpoint()
 
     def _hold(self, model) -> None:
-        """Fold the model's statistics since the last fold into ``_held`` and reset them (before an evaluation runs,
-        and at every logged window)."""
+        """Fold the model's statistics since the last fold into ``_held`` and reset them (at every logged window and
+        checkpoint save)."""
         if model is None or not hasattr(model, "get_routing_stats"):
             return
         for name, stats in model.get_routing_stats().items():
             raw = stats_to_raw(stats)
             self._held[name] = self._held[name] + raw if name in self._held else raw
         model.reset_routing_stats()
+        self._mark(model)
 
     def _window(self, model) -> dict[str, torch.Tensor]:
         if model is None or not hasattr(model, "get_routing_stats"):
@@ -189,10 +194,13 @@ class RoutingStatsCallback(TrainerCallback):
     # -- files ------------------------------------------------------------------------------------------------------
 
     def run_stats(self, model=None) -> dict[str, dict[str, Any]]:
-        """Per-layer statistics of the whole run so far (including the window not yet logged)."""
-        if model is not None:
-            self._window(model)
-        return {name: raw_to_summary(raw) for name, raw in sorted(self._totals.items())}
+        """Per-layer statistics of the whole run so far, including the window not yet logged (which stays the next
+        log's: a checkpoint saved between two logging steps does not cut the logged window short)."""
+        self._hold(model)
+        totals = dict(self._totals)
+        for name, value in _all_reduce(self._held).items():
+            totals[name] = totals[name] + value if name in totals else value
+        return {name: raw_to_summary(raw) for name, raw in sorted(totals.items())}
 
     def on_save(self, args, state, control, model=None, **kwargs):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -202,19 +210,19 @@ class RoutingStatsCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         stats = self.run_stats(model)
-        if _is_main(state) and stats and args.output_dir:
-            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-            Path(args.output_dir, STATS_FILE).write_text(json.dumps(stats, indent=1))
-
-
-def _evaluates_after_step(args, state) -> bool:
-    """Whether the trainer evaluates right after this optimizer step (``eval_strategy="steps"``; what
-    ``DefaultFlowCallback`` decides, which runs after this callback)."""
-    if str(getattr(args, "eval_strategy", "no")) not in ("steps", "IntervalStrategy.STEPS"):
-        return False
-    eval_steps = getattr(state, "eval_steps", None) or getattr(args, "eval_steps", None)
-    # (a fraction below 1 is a share of the training steps, which the trainer resolves into state.eval_steps)
-    return bool(eval_steps) and eval_steps >= 1 and state.global_step % int(eval_steps) == 0
+        if not (_is_main(state) and args.output_dir):
+            return
+        out = Path(args.output_dir)
+        if stats:
+            out.mkdir(parents=True, exist_ok=True)
+            Path(out, STATS_FILE).write_text(json.dumps(stats, indent=1))
+            return
+        # no statistics (track_routing_stats=False): an earlier run's files in this folder describe another adapter
+        Path(out, STATS_FILE).unlink(missing_ok=True)
+        if self._history_kept_step is not None:
+            _truncate_history(out / HISTORY_FILE, self._history_kept_step)
+            if (out / HISTORY_FILE).is_file() and not (out / HISTORY_FILE).read_text():
+                (out / HISTORY_FILE).unlink()
 
 
 def install_routing_stats_callback(trainer, callback: RoutingStatsCallback | None = None) -> RoutingStatsCallback:
