@@ -286,6 +286,15 @@ def write_text_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(handle, "w") as file:
             file.write(text)
+        # mkstemp creates the file readable by its owner only: give it the mode of the file it replaces, or the
+        # umask's default as a plain open() would
+        if path.exists():
+            mode = path.stat().st_mode & 0o777
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -298,7 +307,34 @@ def is_generated_card(path: Path) -> bool:
     if not path.is_file():
         return True
     text = path.read_text(errors="replace")
-    return CARD_MARKER in text or "# Model Card for Model ID" in text
+    return CARD_MARKER in text or _unedited_peft_template(text)
+
+
+# the lines of PEFT's card template (huggingface_hub's modelcard template) that are neither headings, comments nor
+# "[More Information Needed]" placeholders
+_PEFT_TEMPLATE_LINES = (
+    "Users (both direct and downstream) should be made aware",
+    "Use the code below to get started with the model.",
+    "Carbon emissions can be estimated",
+    "**BibTeX:**",
+    "**APA:**",
+    "- PEFT ",
+)
+
+
+def _unedited_peft_template(text: str) -> bool:
+    """Whether ``text`` is PEFT's card template as ``save_pretrained`` wrote it: every line a heading, a comment, a
+    placeholder or one of the template's fixed sentences (a filled-in field or a paragraph makes it the user's)."""
+    if "# Model Card for Model ID" not in text:
+        return False
+    body = text.split("---", 2)[2] if text.startswith("---") and text.count("---") >= 2 else text
+    for line in (line.strip() for line in body.splitlines()):
+        if not line or line.startswith("#") or "[More Information Needed]" in line:
+            continue
+        if (line.startswith("<!--") and line.endswith("-->")) or line.startswith(_PEFT_TEMPLATE_LINES):
+            continue
+        return False
+    return True
 
 
 def prepare_upload(adapter_dir: str | Path, repo_id: str) -> tuple[list[str], bool]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -349,11 +350,29 @@ def test_push_keeps_a_users_own_card_and_uploads_every_adapter(tmp_path, monkeyp
     hub.push(folder, "me/multi")  # molora's own card is rewritten
     assert calls["card"].count(hub.CARD_MARKER) == 1
 
+    card = folder / "README.md"
+    assert card.stat().st_mode & 0o777 == 0o666 & ~_umask()  # not mkstemp's 0600
+    filled = calls["card"]
+    model.save_pretrained(tmp_path / "fresh")  # PEFT's template, then filled in by hand
+    template = (tmp_path / "fresh" / "README.md").read_text()
+    card.write_text(template.replace("- **License:** [More Information Needed]", "- **License:** apache-2.0"))
+    hub.push(folder, "me/multi")
+    assert "apache-2.0" in calls["card"] and hub.CARD_MARKER not in calls["card"]
+    card.write_text(template)
+    hub.push(folder, "me/multi")
+    assert calls["card"] == filled
+
     own = "# My adapter\n\nHand-written notes.\n"
     (folder / "README.md").write_text(own)
     assert main(["push", str(folder), "--repo-id", "me/multi", "--dry-run"]) == 0
     hub.push(folder, "me/multi")
     assert (folder / "README.md").read_text() == own and calls["card"] == own
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def test_push_dry_run_lists_and_draws_what_push_uploads(tmp_path, monkeypatch, capsys):
