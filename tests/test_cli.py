@@ -469,3 +469,35 @@ def test_a_max_length_that_drops_every_row_names_the_field(workdir, capsys):
     overrides = ["--set", "training.max_length=1", "--set", "eval.before=false", "--set", "eval.after=false"]
     assert main(["sft", "--config", str(workdir / "recipe.yaml"), *overrides]) == 2
     assert "No training rows are left after TRL's tokenization (training.max_length=1)" in capsys.readouterr().err
+
+
+def test_sft_push_to_hub_uploads_the_finished_folder(workdir, tmp_path, monkeypatch, capsys):
+    """``training.push_to_hub`` pushed at the trainer's save, before molora's card and files (PEFT's placeholder
+    card and ``training_args.bin`` went up instead): now the finished folder, as ``molora push``; the token stays
+    out of the saved recipe."""
+    from huggingface_hub import HfApi
+
+    uploads = []
+
+    def upload_folder(self, repo_id, folder_path, allow_patterns=None, **kwargs):
+        from huggingface_hub.utils import filter_repo_objects
+
+        names = [p.name for p in Path(folder_path).iterdir() if p.is_file()]
+        uploads.append((repo_id, sorted(filter_repo_objects(names, allow_patterns=allow_patterns))))
+        uploads.append((Path(folder_path) / "README.md").read_text())
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, **kwargs: None)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    overrides = ["training.max_steps=2", f"training.output_dir={tmp_path / 'out'}", "eval.before=false"]
+    overrides += ["eval.after=false", "training.push_to_hub=true", "training.hub_token=hf_secret"]
+    argv = ["sft", "--config", str(workdir / "recipe.yaml")]
+    assert main([*argv, *(arg for o in overrides for arg in ("--set", o))]) == 2  # no hub_model_id: usage error
+    assert "training.hub_model_id='user/name'" in capsys.readouterr().err and not uploads
+    overrides.append("training.hub_model_id=me/tiny")
+    assert main([*argv, *(arg for o in overrides for arg in ("--set", o))]) == 0
+    (repo, files), card = uploads
+    assert repo == "me/tiny" and "training_args.bin" not in files
+    assert {"molora_recipe.yaml", "molora_base_model.json", "molora_results.json", "adapter_model.safetensors"} <= set(
+        files
+    )
+    assert "A **MoLoRA**" in card and "hf_secret" not in (tmp_path / "out" / "molora_recipe.yaml").read_text()

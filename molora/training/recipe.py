@@ -298,7 +298,11 @@ def build_adapter_config(adapter: dict[str, Any]):
 
 
 def dump_recipe(recipe: dict, path: str | Path) -> None:
-    """Write a (validated) recipe back to YAML, e.g. next to the trained adapter."""
+    """Write a (validated) recipe back to YAML, e.g. next to the trained adapter (which `molora push` uploads: a
+    ``training.hub_token`` is left out)."""
     import yaml
 
+    training = recipe.get("training")
+    if isinstance(training, dict) and "hub_token" in training:
+        recipe = {**recipe, "training": {k: v for k, v in training.items() if k != "hub_token"}}
     Path(path).write_text(yaml.safe_dump(recipe, sort_keys=False))

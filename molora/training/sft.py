@@ -35,10 +35,35 @@ def sft_config(training: dict[str, Any], default_output_dir: str = "runs/molora-
 
     kwargs = sft_kwargs(training, default_output_dir)
     kwargs.pop("resume_from_checkpoint", None)  # given to train(), see run_sft
+    if kwargs.get("push_to_hub"):
+        # the trainer's own push would upload at its save, before molora writes the card and its files (and with
+        # training_args.bin): run_sft pushes the finished folder as `molora push` does
+        hub_repo(training)
+        kwargs["push_to_hub"] = False
     try:
         return SFTConfig(**kwargs)
     except (TypeError, ValueError) as err:
         raise RecipeError(f"training: {err}") from None
+
+
+def hub_repo(training: dict[str, Any]) -> str | None:
+    """The repository ``training.push_to_hub`` uploads the finished adapter to (``training.hub_model_id``), checked;
+    ``None`` without ``push_to_hub``."""
+    if not training.get("push_to_hub"):
+        return None
+    from ..hub import check_repo_id
+
+    repo = training.get("hub_model_id")
+    if not isinstance(repo, str):
+        raise RecipeError(
+            f"training.push_to_hub=true needs training.hub_model_id='user/name' (got {repo!r}): molora pushes the "
+            "finished adapter folder there, with its card, as `molora push` does."
+        )
+    try:
+        check_repo_id(repo)
+    except ValueError as err:
+        raise RecipeError(f"training.hub_model_id: {err}") from None
+    return repo
 
 
 def sft_kwargs(training: dict[str, Any], default_output_dir: str = "runs/molora-sft") -> dict[str, Any]:
@@ -194,7 +219,7 @@ def run_sft(recipe: dict[str, Any], default_output_dir: str = "runs/molora-sft",
     ``routing_stats.json``, ``molora_base_model.json``, the effective recipe (``molora_recipe.yaml``), a model card
     (``README.md``) and ``molora_results.json``.
     """
-    from ..hub import HEATMAP_FILE, write_model_card
+    from ..hub import HEATMAP_FILE, push, write_model_card
     from .evaluate import evaluate, format_table
     from .models import write_base_info
 
@@ -252,7 +277,16 @@ def run_sft(recipe: dict[str, Any], default_output_dir: str = "runs/molora-sft",
                 f"{trainer.state.global_step} training steps ({results['train_seconds']:.0f} s, no loss logged: "
                 f"training.logging_steps is larger); adapter saved to {out_dir}"
             )
+        repo = hub_repo(recipe["training"])
+        if repo is not None:
+            push(out_dir, repo, private=bool(recipe["training"].get("hub_private_repo")), token=_token(recipe))
+            log(f"pushed {out_dir} to {repo}")
     return results
+
+
+def _token(recipe: dict[str, Any]) -> str | None:
+    token = recipe["training"].get("hub_token")
+    return token if isinstance(token, str) else None
 
 
 def _json_default(value: Any) -> Any:
