@@ -328,6 +328,25 @@ class MoLoraModel(BaseTuner):
             peft_config.target_modules = set(targets)
         return peft_config
 
+    def _check_prompt_target(self, config: MoLoraConfig, base: nn.Module, key: str) -> None:
+        """The prompt router pools the prompt's positions; the output projection sees only the positions whose logits
+        are kept (``generate``'s prefill keeps the last one), so it would decide from one token there and from the
+        whole prompt in training."""
+        if config.router != "prompt":
+            return
+        getter = getattr(self.model, "get_output_embeddings", None)
+        try:
+            output = getter() if callable(getter) else None
+        except (AttributeError, NotImplementedError):
+            output = None
+        if output is not None and base is output:
+            raise ValueError(
+                f"router='prompt' cannot adapt the output projection {key!r}: it sees only the positions whose logits "
+                "are kept (generate's prefill keeps the last one), so it would route from one token when generating "
+                "and from the whole prompt in training. Leave it out of `target_modules` (or put it in "
+                "`modules_to_save`), or use a token-level router."
+            )
+
     def _create_and_replace(
         self,
         peft_config: MoLoraConfig,
@@ -346,6 +365,7 @@ class MoLoraModel(BaseTuner):
             target.update_layer(adapter_name, peft_config)
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        self._check_prompt_target(peft_config, base, current_key)
         if is_fused_experts(base):
             # the experts of an MoE base model: a LoRA per base expert, routed by the base router (DR-LoRA setting)
             routers = [getattr(parent, name, None) for name in ("gate", "router")]

@@ -84,6 +84,8 @@ class RoutingContext:
             tokens flattened in order (``[batch * seq, d]``, OPT's MLP) has lost.
         position_ids (Tensor[B, S] or None): the call's ``position_ids`` when it passes them without an attention
             mask, the way packed / padding-free batches mark several sequences in one row (see :meth:`packed`).
+        logits_to_keep (int, Tensor or None): the call's ``logits_to_keep``: the positions the output projection
+            sees (the last ``n``, or these indices), which :meth:`token_mask` cuts the padding mask to.
         extra (dict): anything else a router may need (the raw forward kwargs are not kept).
     """
 
@@ -99,6 +101,7 @@ class RoutingContext:
     cache_ref: Any = None
     token_layout: tuple[int, int] | None = None
     position_ids: torch.Tensor | None = None
+    logits_to_keep: int | torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     # (attention_mask, its flat bool view) for token_mask: one mask object shared by every layer of a forward
     _flat_mask: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
@@ -107,6 +110,18 @@ class RoutingContext:
     def cache(self) -> Any:
         """The call's KV cache object while it is alive (through ``cache_ref``); ``None`` without one."""
         return self.cache_ref() if self.cache_ref is not None else None
+
+    def _kept_positions(self, mask: torch.Tensor, leading_shape: tuple[int, ...]) -> torch.Tensor | None:
+        """The padding mask of the positions the output projection sees under ``logits_to_keep`` (``[B, n]``), or
+        ``None`` when ``leading_shape`` is not such a selection of the call's positions."""
+        keep = self.logits_to_keep
+        if keep is None or mask.dim() != 2 or len(leading_shape) != 2 or leading_shape[0] != mask.shape[0]:
+            return None
+        if isinstance(keep, int) and 0 < keep == leading_shape[1] < mask.shape[1]:
+            return mask[:, -keep:]
+        if isinstance(keep, torch.Tensor) and keep.dim() == 1 and keep.numel() == leading_shape[1]:
+            return mask.index_select(1, keep.to(mask.device))
+        return None
 
     def packed(self) -> bool:
         """Whether a row of the call holds several sequences: ``position_ids`` restart inside a row and no attention
@@ -176,7 +191,8 @@ class RoutingContext:
         if mask is None:
             return None
         if tuple(leading_shape) != tuple(mask.shape) and tuple(leading_shape) != (mask.numel(),):
-            return None
+            kept = self._kept_positions(mask, tuple(leading_shape))
+            return kept.reshape(-1).bool() if kept is not None else None
         # one flat mask object per attention mask, shared by every layer of the forward pass: the routers cache the
         # valid-row index per mask object (molora.routers.balancing.valid_rows)
         if self._flat_mask is None or self._flat_mask[0] is not mask:
@@ -662,6 +678,7 @@ class MoLoraRuntime:
             cache_ref=_weak_ref(cache),
             token_layout=_token_layout(current),
             position_ids=positions,
+            logits_to_keep=kwargs.get("logits_to_keep", kwargs.get("num_logits_to_keep")),
         )
         if self.context.adapter_names is None and self.batch_adapter_names is not None:
             self.context.adapter_names = self.batch_adapter_names[0]

@@ -732,3 +732,24 @@ def test_molora_training_is_reachable_after_a_plain_import():
     code = "import molora; print(type(molora.training.MoLoraCallback()).__name__)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "MoLoraCallback", proc.stderr[-2000:]
+
+
+def test_adapted_lm_head_under_logits_to_keep_sees_the_padding_of_its_positions():
+    """``logits_to_keep`` (``generate`` keeps the last position) gives the output projection a subset of the
+    positions: their padding mask is the call's cut the same way (a kept padding position was counted as a token)."""
+    config = MoLoraConfig(r=2, num_experts=2, top_k=1, target_modules=["lm_head"], task_type="CAUSAL_LM")
+    model = get_peft_model(make_llama(), config).eval()
+    ids = torch.randint(3, 60, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0  # right padding: sample 1's last position is padding
+    for keep, real in ((1, 1), (torch.tensor([0, 5]), 3), (0, 10)):
+        model.reset_routing_stats()
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, logits_to_keep=keep)
+        assert model.get_routing_stats()["lm_head"].tokens == real, keep
+
+
+def test_prompt_router_refuses_the_output_projection():
+    config = MoLoraConfig(r=2, num_experts=2, router="prompt", target_modules=["q_proj", "lm_head"])
+    with pytest.raises(ValueError, match="router='prompt' cannot adapt the output projection 'lm_head'"):
+        get_peft_model(make_llama(), config)
