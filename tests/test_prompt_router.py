@@ -183,6 +183,20 @@ def prompt_model(seed: int = 0, **router_kwargs):
     return model
 
 
+def bank_or_module(router_kwargs: dict, **overrides) -> MoLoraConfig:
+    """A prompt-router config in bank mode (``{}``) or MiLoRA module mode (one LoRA per projection)."""
+    kwargs = dict(
+        r=2,
+        num_experts=1 if router_kwargs else 4,
+        top_k=2,
+        router="prompt",
+        router_kwargs=router_kwargs,
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
+    return MoLoraConfig(**{**kwargs, **overrides})
+
+
 def routers_of(model) -> list[PromptRouter]:
     return [m.molora_router["default"] for m in model.modules() if isinstance(m, MoLoraLayer)]
 
@@ -414,16 +428,7 @@ def test_a_later_unsupervised_turn_does_not_steer_an_earlier_answer(router_kwarg
     """Multi-turn chat labels (TRL's ``assistant_only_loss``): user turn, answer, user turn, answer, the user turns
     -100. The decision comes from the first turn only: the first answer's logits are causal (a later user turn moved
     them by 0.7) and equal generating it from its prompt."""
-    adapter = MoLoraConfig(
-        r=4,
-        num_experts=1 if router_kwargs else 4,
-        top_k=2,
-        router="prompt",
-        router_kwargs=router_kwargs,
-        init_lora_weights=False,
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(make_llama(), adapter).eval()
+    model = get_peft_model(make_llama(), bank_or_module(router_kwargs, r=4)).eval()
     for router in (m for m in model.modules() if isinstance(m, PromptRouter)):
         with torch.no_grad():
             router.weight.mul_(8)
@@ -498,17 +503,7 @@ def test_prompt_router_on_tokens_flattened_in_order(router_kwargs):
     sample is routed as it is alone."""
     from conftest import make_opt
 
-    module = bool(router_kwargs)
-    adapter = MoLoraConfig(
-        r=2,
-        num_experts=1 if module else 4,
-        top_k=2,
-        router="prompt",
-        router_kwargs=router_kwargs,
-        init_lora_weights=False,
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(make_opt(), adapter).eval()
+    model = get_peft_model(make_opt(), bank_or_module(router_kwargs)).eval()
     ids = torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     ids[0, :3], mask[0, :3] = 0, 0  # left padding
@@ -523,15 +518,7 @@ def test_packed_rows_fail_clearly(router_kwargs):
     """A packed / padding-free row (TRL's ``packing=True``: position_ids restarting, no attention_mask) holds several
     sequences, which one decision per row would pool across (silently: logits 0.96 away from the unpacked ones); it
     fails naming the options. Explicit position_ids of one sequence per row, or a mask beside them, still work."""
-    adapter = MoLoraConfig(
-        r=2,
-        num_experts=1 if router_kwargs else 4,
-        top_k=2,
-        router="prompt",
-        router_kwargs=router_kwargs,
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(make_llama(), adapter).eval()
+    model = get_peft_model(make_llama(), bank_or_module(router_kwargs, init_lora_weights=True)).eval()
     a, b = torch.tensor([PROMPTS[0]]), torch.tensor([PROMPTS[2]])
     packed = torch.cat([a, b], 1)
     restart = torch.cat([torch.arange(a.shape[1]), torch.arange(b.shape[1])])[None]
