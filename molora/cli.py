@@ -143,7 +143,7 @@ def _push(args: argparse.Namespace) -> int:
     if not is_generated_card(Path(args.adapter_dir) / CARD_FILE):
         print(f"keeping the folder's own {CARD_FILE} as the model card (molora writes one where there is none)")
     if args.dry_run:
-        files, _ = prepare_upload(args.adapter_dir, args.repo_id)
+        files = prepare_upload(args.adapter_dir, args.repo_id)
         print(f"dry run: would upload to {args.repo_id}:")
         for name in files:
             print(f"  {name}")

@@ -337,25 +337,24 @@ def _unedited_peft_template(text: str) -> bool:
     return True
 
 
-def prepare_upload(adapter_dir: str | Path, repo_id: str) -> tuple[list[str], bool]:
+def prepare_upload(adapter_dir: str | Path, repo_id: str) -> list[str]:
     """What ``molora push`` (and its ``--dry-run``) does before uploading: draw the heat map when the folder has
     routing statistics but no map, write the model card unless the folder holds a README.md of the user's own
-    (:func:`is_generated_card`). Returns the files to upload and whether the card was written."""
+    (:func:`is_generated_card`). Returns the files to upload."""
     from .training.report import save_heatmap
 
     folder = check_adapter_dir(adapter_dir)
     check_repo_id(repo_id)
-    if not (folder / "adapter_model.safetensors").is_file() and not (folder / "adapter_model.bin").is_file():
+    if not _has_weights(folder):
         raise FileNotFoundError(
             f"{str(folder)!r} has no adapter weights (adapter_model.safetensors or adapter_model.bin)."
         )
     info = read_adapter_folder(folder)
     if info["stats"] and not (folder / HEATMAP_FILE).is_file():
         save_heatmap(info["stats"], folder / HEATMAP_FILE, title=base_model_name(info))
-    card = is_generated_card(folder / CARD_FILE)
-    if card:
+    if is_generated_card(folder / CARD_FILE):
         write_model_card(folder, repo_id)
-    return files_to_push(folder), card
+    return files_to_push(folder)
 
 
 def _other_adapters(folder: Path) -> list[str]:
@@ -411,7 +410,7 @@ def push(
         What ``HfApi.upload_folder`` returns (the commit info).
     """
     folder = check_adapter_dir(adapter_dir)
-    files, _ = prepare_upload(folder, repo_id)
+    files = prepare_upload(folder, repo_id)
     if api is None:
         from huggingface_hub import HfApi
 
