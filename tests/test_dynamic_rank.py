@@ -106,6 +106,24 @@ def test_saliency_and_allocation_spec_vector():
     assert seen[4] == seen[5] == [12, 12, 4, 4]  # budget reached: no more growth
 
 
+def test_an_event_with_fewer_experts_with_room_than_it_grows_goes_round_again():
+    """Late in the schedule most experts are full: an event of ``m`` steps grows the experts with room several times
+    (one step each left the budget unspent when ``target_rank`` is close to ``r``: 242 of 256)."""
+    scores = torch.tensor([0.1, 0.4, 0.3, 0.2])
+    ranks = torch.tensor([16, 8, 12, 16])
+    new = dr.allocate(scores, ranks, 16, growth_step=2, num_grow=5, budget=64)
+    assert new.tolist() == [16, 14, 16, 16]  # 5 steps: expert 1 three times, expert 2 twice
+    assert dr.allocate(scores, new, 16, growth_step=2, num_grow=5, budget=64).tolist() == [16, 16, 16, 16]
+
+
+def test_a_budget_at_full_capacity_is_spent():
+    schedule = {"start_step": 1, "end_step": 12, "target_rank": 8}
+    model = get_peft_model(make_llama(), _config(r=8, dynamic_rank=schedule))
+    _train_steps(model, 14)
+    stats = model.get_rank_stats()
+    assert all(s.ranks == [8] * 4 for s in stats.values()), {k: s.ranks for k, s in stats.items()}
+
+
 def test_saliency_weighs_banks_of_different_sizes_alike():
     """A bank of 4 base experts beside a molora bank of 8 (one budget): with uniform routing and equal importances
     every expert scores the same (per-bank ``f / sum f`` gave the smaller bank's experts twice the saliency)."""

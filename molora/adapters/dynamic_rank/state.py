@@ -347,19 +347,26 @@ def allocate(
     """One growth event: add ``growth_step`` to the ``num_grow`` highest-``scores`` experts that can still grow.
 
     An expert can grow while ``ranks + growth_step <= r_max``; growth stops when ``sum(ranks)`` reaches
-    ``budget``. Ties go to the lower index. Shapes: ``scores[N]``, ``ranks[N]`` (flattened over layers);
-    returns the new ``ranks[N]``.
+    ``budget``. Ties go to the lower index. When fewer than ``num_grow`` experts have room (late in the schedule,
+    most experts full), the event goes round them again in the same order [OURS]: every event adds ``num_grow``
+    steps while room and budget last, so the schedule's ``events x num_grow`` spends the budget (one step per
+    expert left it unspent, e.g. 242 of 256 with ``target_rank = r``). Shapes: ``scores[N]``, ``ranks[N]``
+    (flattened over layers); returns the new ``ranks[N]``.
     """
     ranks = ranks.clone()
     cap = torch.as_tensor(r_max, device=ranks.device).expand_as(ranks)
-    order = torch.argsort(-scores.double(), stable=True)
+    order = torch.argsort(-scores.double(), stable=True).tolist()
     left = num_grow
-    for i in order.tolist():
-        if left == 0 or int(ranks.sum()) + growth_step > budget:
-            break
-        if int(ranks[i]) + growth_step <= int(cap[i]):
-            ranks[i] += growth_step
-            left -= 1
+    grew = True
+    while left > 0 and grew:
+        grew = False
+        for i in order:
+            if left == 0 or int(ranks.sum()) + growth_step > budget:
+                return ranks
+            if int(ranks[i]) + growth_step <= int(cap[i]):
+                ranks[i] += growth_step
+                left -= 1
+                grew = True
     return ranks
 
 
