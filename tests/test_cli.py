@@ -205,6 +205,7 @@ def test_push_dry_run_and_card(trained, capsys):
         (["inspect", "no/such/dir"], "Adapter folder not found"),
         (["sft"], "molora sft needs --config RECIPE"),
         (["sft", "--set", "training.max_steps=abc"], "training.max_steps='abc' must be an integer"),
+        (["sft", "--set", "training.report_to=nope", "--print-recipe"], "training.report_to: nope is not supported"),
         (["eval", "--data", "bundled", "--json", "no/such/dir/x.json"], "the folder 'no/such/dir' does not exist"),
         (["eval", "--data", "bad.jsonl"], "Cannot read 'bad.jsonl' as jsonl"),
         (["eval", "--data", "empty.jsonl"], "'empty.jsonl' holds no rows"),

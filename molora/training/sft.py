@@ -41,9 +41,16 @@ def sft_config(training: dict[str, Any], default_output_dir: str = "runs/molora-
         hub_repo(training)
         kwargs["push_to_hub"] = False
     try:
-        return SFTConfig(**kwargs)
+        config = SFTConfig(**kwargs)
     except (TypeError, ValueError) as err:
         raise RecipeError(f"training: {err}") from None
+    from transformers.integrations import get_reporting_integration_callbacks
+
+    try:  # the trainer checks it only once the model and data have loaded
+        get_reporting_integration_callbacks(config.report_to)
+    except ValueError as err:
+        raise RecipeError(f"training.report_to: {err}") from None
+    return config
 
 
 def hub_repo(training: dict[str, Any]) -> str | None:
