@@ -332,8 +332,8 @@ class MoLoraModel(BaseTuner):
         """The prompt router pools the prompt's positions; the output projection sees only the positions whose logits
         are kept (``generate``'s prefill keeps the last one), so it would decide from one token there and from the
         whole prompt in training."""
-        if config.router != "prompt":
-            return
+        if config.router != "prompt" or (config.router_kwargs or {}).get("milora_mode") == "module":
+            return  # (module mode names its own requirement: a projection inside a decoder layer)
         getter = getattr(self.model, "get_output_embeddings", None)
         try:
             output = getter() if callable(getter) else None

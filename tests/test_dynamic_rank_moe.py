@@ -127,7 +127,8 @@ def test_fresh_expert_loras_keep_the_base_output_and_train_only_the_loras(kind):
     layers = {n: m for n, m in model.named_modules() if isinstance(m, MoeExpertsLora)}
     assert len(layers) == 2 and all(n.endswith("mlp.experts") for n in layers)
     with torch.no_grad():
-        assert torch.equal(model(**inputs).logits, expected)
+        # the experts' LoRA path recomputes the base experts: equal on some CPUs, 1e-7-level rounding on others
+        torch.testing.assert_close(model(**inputs).logits, expected, atol=1e-6, rtol=1e-5)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".molora_" in n for n in trainable)
     layer = next(iter(layers.values()))
@@ -231,7 +232,7 @@ def test_save_load_and_compaction_are_exact(tmp_path):
     model.save_pretrained(adapter_dir)
     loaded = PeftModel.from_pretrained(MixtralForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
     with torch.no_grad():
-        assert torch.equal(loaded(**inputs).logits, expected)
+        torch.testing.assert_close(loaded(**inputs).logits, expected, atol=1e-6, rtol=1e-5)
     assert {k: v.ranks for k, v in loaded.get_rank_stats().items()} == ranks
     assert {k: v.ranks for k, v in dr.rank_stats_from_adapter(adapter_dir).items()} == ranks
 
@@ -241,8 +242,9 @@ def test_save_load_and_compaction_are_exact(tmp_path):
     layer = compact.base_model.model.model.layers[0].mlp.experts
     assert layer.molora_down_A["default"].shape[-1] == layer_ranks["model.layers.0.mlp.experts.down_proj"]
     with torch.no_grad():
-        # dormant components only ever add exact zeros, so slicing them away changes no bit (same kernel, CPU)
-        assert torch.equal(compact(**inputs).logits, expected)
+        # dormant components only ever add exact zeros (bit-identical on some CPUs; GEMMs of another rank may round
+        # differently on others)
+        torch.testing.assert_close(compact(**inputs).logits, expected, atol=1e-6, rtol=1e-5)
 
 
 def test_unload_restores_the_base_experts():
@@ -354,7 +356,7 @@ def test_default_targets_include_the_experts(kind):
     adapted = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, molora.MoLoraLayer)}
     assert {"q_proj", "v_proj", "experts"} <= adapted
     with torch.no_grad():
-        torch.testing.assert_close(model(**inputs).logits, reference, rtol=0, atol=0)
+        torch.testing.assert_close(model(**inputs).logits, reference, atol=1e-6, rtol=1e-5)
 
 
 def test_trainer_callbacks_and_mixed_batches_with_adapted_experts():

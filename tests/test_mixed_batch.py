@@ -136,9 +136,9 @@ def test_mixed_batch_uses_each_adapters_modules_to_save(num_beams):
         mixed = model(input_ids=input_ids, adapter_names=names).logits
         generated = model.generate(input_ids=input_ids, adapter_names=names, **kwargs)
         for row, name in enumerate(names):
-            torch.testing.assert_close(
-                mixed[row : row + 1], reference_logits(model, input_ids[row : row + 1], name), atol=1e-5, rtol=1e-5
-            )
+            # (a batch of 3 and of 1 round apart by up to 2e-5 in the logits on some CPUs)
+            reference = reference_logits(model, input_ids[row : row + 1], name)
+            torch.testing.assert_close(mixed[row : row + 1], reference, atol=5e-5, rtol=1e-4)
             alone = generate_alone(model, input_ids[row : row + 1], name, **kwargs)
             assert torch.equal(generated[row : row + 1], alone), name
 
