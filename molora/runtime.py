@@ -1167,9 +1167,7 @@ class MoLoraRuntime:
 
     def reset_stats(self) -> None:
         """Forget all accumulated routing statistics."""
-        self._pending = {}
-        self._deferred = []
-        self._totals = {}
+        self.restore_stats({})
 
 
 #: the most decode steps whose routing records wait for one batched reduction (see MoLoraRuntime.begin_forward)
