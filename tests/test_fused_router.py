@@ -16,6 +16,7 @@ from conftest import VOCAB, make_llama
 from peft import get_peft_model
 
 from molora import MoLoraConfig
+from molora.kernels.fused_dense import dense_topk_layer
 from molora.kernels.fused_router import topk_gates_and_losses
 from molora.routers import balancing
 from molora.routers.base import Router
@@ -340,3 +341,35 @@ def test_without_grad_same_values(n_tokens):
     for got, want in zip(without, with_grad):
         assert not got.requires_grad
         torch.testing.assert_close(got, want.detach())
+
+
+@pytest.mark.parametrize("balance_type", ["megatron", None])
+@pytest.mark.parametrize("z_loss", [True, False])
+def test_compiled_outputs_keep_their_gradients(balance_type, z_loss):
+    """Compiled (Dynamo), the outputs of the top-k function and of the fused dense layer function are differentiable
+    exactly as in eager, whichever losses are off: Dynamo applies ``mark_non_differentiable`` over the outputs
+    counted without ``None`` entries, so the functions return placeholders instead of ``None`` inside."""
+    torch.manual_seed(4)
+    x = torch.randn(6, 8)
+    router_weight = torch.randn(4, 8, requires_grad=True)
+    bank, b_flat = torch.randn(4, 8, 2, requires_grad=True), torch.randn(8, 8, requires_grad=True)
+    base = torch.randn(8, 8)
+
+    def topk(x, router_weight):
+        return topk_gates_and_losses(x @ router_weight.t(), 2, balance_type=balance_type, z_loss=z_loss)
+
+    def layer(x, router_weight):
+        return dense_topk_layer(
+            x, base, None, bank, b_flat, router_weight, 2.0, 2, balance_type=balance_type, z_loss=z_loss
+        )
+
+    for fn in (topk, layer):
+        eager, compiled = fn(x, router_weight), torch.compile(fn, backend="eager")(x, router_weight)
+        assert [t is None for t in compiled] == [t is None for t in eager]
+        assert [t is not None and t.requires_grad for t in compiled] == [
+            t is not None and t.requires_grad for t in eager
+        ]
+        # the per-assignment gates (last) carry the task gradient to the router in the top-k function
+        if fn is topk:
+            grad = torch.autograd.grad(compiled[-1].sum(), router_weight)[0]
+            torch.testing.assert_close(grad, torch.autograd.grad(eager[-1].sum(), router_weight)[0])

@@ -25,7 +25,15 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
-from .fused_router import FUSED_BALANCE_TYPES, MissingGrads, topk_backward, topk_forward, topk_save
+from .fused_router import (
+    FUSED_BALANCE_TYPES,
+    MissingGrads,
+    losses_or_placeholders,
+    placeholders_to_none,
+    topk_backward,
+    topk_forward,
+    topk_save,
+)
 from .torch_ops import flat_shrink_weight
 
 
@@ -236,8 +244,9 @@ class _DenseTopK(torch.autograd.Function):
         ctx.save_for_backward(
             x if needs[3] or needs[5] else None, weight, shrink, h, scaled, b_flat, hg, *topk_save(ctx, routed, state)
         )
+        routed, placeholders = losses_or_placeholders(routed, out)
         gates, balance, z_loss, probs, expert_index, top_probs = routed
-        ctx.mark_non_differentiable(gates, probs, expert_index, top_probs)
+        ctx.mark_non_differentiable(gates, probs, expert_index, top_probs, *placeholders)
         return out, gates, balance, z_loss, probs, expert_index, top_probs
 
     @staticmethod
@@ -313,7 +322,7 @@ def dense_topk_layer(
         )
     if not 1 <= k <= bank.shape[0]:
         raise ValueError(f"`k`={k} must be between 1 and the number of experts ({bank.shape[0]}).")
-    return _DenseTopK.apply(
+    outputs = _DenseTopK.apply(
         x,
         weight,
         bias,
@@ -329,3 +338,4 @@ def dense_topk_layer(
         z_loss,
         missing_grads,
     )
+    return placeholders_to_none(outputs, 2, balance_type, z_loss)

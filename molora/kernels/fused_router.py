@@ -96,6 +96,35 @@ def topk_forward(logits, k, renormalize, valid, balance_type, with_z):
     return (gates, balance, z_loss, probs, expert_index, top_probs), (mass, mask, inv_n, load, lse)
 
 
+def losses_or_placeholders(routed: tuple, like: torch.Tensor) -> tuple[tuple, list[torch.Tensor]]:
+    """:func:`topk_forward`'s outputs with a 0-d tensor in place of each loss that was not requested (``None``), and
+    those placeholders (to be marked non-differentiable; :func:`placeholders_to_none` puts the ``None`` back).
+
+    An autograd function must not return ``None`` before an output it marks non-differentiable: ``torch.compile``
+    (torch 2.13) applies the marks to the outputs counted without the ``None`` entries, one place off for each
+    ``None`` before them. With the z-loss off, the top-k function's per-assignment gates came out of a compiled
+    model non-differentiable: the grouped path's router got no gradient from the task loss.
+    """
+    placeholders = []
+    routed = list(routed)
+    for i in (1, 2):  # balance, z
+        if routed[i] is None:
+            routed[i] = like.new_zeros(())
+            placeholders.append(routed[i])
+    return tuple(routed), placeholders
+
+
+def placeholders_to_none(outputs: tuple, offset: int, balance_type: str | None, z_loss: bool) -> tuple:
+    """``outputs`` with the losses at ``offset`` (balance) and ``offset + 1`` (z) that were not requested set back to
+    ``None`` (see :func:`losses_or_placeholders`)."""
+    outputs = list(outputs)
+    if balance_type is None:
+        outputs[offset] = None
+    if not z_loss:
+        outputs[offset + 1] = None
+    return tuple(outputs)
+
+
 class _TopKGatesAndLosses(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, k, renormalize, valid, balance_type, with_z, missing_grads):  # noqa: D102
@@ -104,7 +133,8 @@ class _TopKGatesAndLosses(torch.autograd.Function):
         outputs, state = topk_forward(logits, k, renormalize, valid, balance_type, with_z)
         ctx.renormalize = renormalize
         ctx.save_for_backward(*topk_save(ctx, outputs, state))
-        ctx.mark_non_differentiable(outputs[3], outputs[4])  # probs, expert_index
+        outputs, placeholders = losses_or_placeholders(outputs, logits)
+        ctx.mark_non_differentiable(outputs[3], outputs[4], *placeholders)  # probs, expert_index
         return outputs
 
     @staticmethod
@@ -214,6 +244,7 @@ def topk_gates_and_losses(
     if not 1 <= k <= logits.shape[-1]:
         raise ValueError(f"`k`={k} must be between 1 and the number of experts ({logits.shape[-1]}).")
     if torch.is_grad_enabled() and logits.requires_grad:
-        return _TopKGatesAndLosses.apply(logits, k, renormalize, valid, balance_type, z_loss, missing_grads)
+        outputs = _TopKGatesAndLosses.apply(logits, k, renormalize, valid, balance_type, z_loss, missing_grads)
+        return placeholders_to_none(outputs, 1, balance_type, z_loss)
     # no gradient wanted (inference, generation): the same values without the autograd.Function call
     return topk_forward(logits, k, renormalize, valid, balance_type, z_loss)[0]
