@@ -295,14 +295,13 @@ def _autocast(device: str, dtype: torch.dtype, amp: bool):
 
 
 def _auto_kernel(model: nn.Module, tokens: int) -> str:
+    """The path ``kernel="auto"`` takes in the model's first adapted layer for a call of ``tokens`` tokens."""
     from .adapters.layer import MoLoraLayer
-    from .kernels import choose_kernel
 
     for module in model.modules():
         if isinstance(module, MoLoraLayer) and getattr(module, "molora_A", None):
             name = next(iter(module.molora_A))
-            e, _, r = module.molora_A[name].shape
-            return choose_kernel(tokens, tokens * module.top_k[name], e, r, module.molora_A[name].device)
+            return module._resolve_kernel(tokens, name, "auto", module.molora_A[name].device)
     return ""
 
 

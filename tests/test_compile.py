@@ -126,6 +126,73 @@ def test_compiled_model_is_one_graph_and_trains_like_eager(mode):
     _assert_same_training(model, loss, eager, eager_loss)
 
 
+def test_compiled_grouped_path_trains_like_eager():
+    """The default losses (balance on, z-loss off) on the grouped path: compiled, the top-k function's per-assignment
+    gates had lost their gradient (test_fused_router.py::test_compiled_outputs_keep_their_gradients), so its routers
+    learned from the balance loss alone. The adapted layers are compiled one by one: the grouped path runs outside the
+    graph (its segment sizes are read on the host), and breaking a whole model's graph in every layer takes long."""
+    cfg = molora.MoLoraConfig(
+        r=4, num_experts=4, top_k=2, init_lora_weights=False, kernel="grouped", target_modules=["v_proj", "down_proj"]
+    )
+    eager, compiled = _model(cfg), _model(cfg)
+    layers = [m for m in compiled.modules() if isinstance(m, molora.MoLoraLayer)]
+    assert len(layers) == 4
+    dynamo.reset()
+    try:
+        for layer in layers:
+            layer.forward = torch.compile(layer.forward, backend="eager")
+        losses = [_loss(model, "labels", _MASK) for model in (eager, compiled)]
+        for loss in losses:
+            loss.backward()
+    finally:
+        dynamo.reset()
+    torch.testing.assert_close(losses[1], losses[0])
+    eager_params = dict(eager.named_parameters())
+    trainable = [(name, p) for name, p in compiled.named_parameters() if p.requires_grad]
+    assert len(trainable) == 3 * 4  # A, B and router of each layer
+    for name, param in trainable:
+        assert param.grad is not None, name
+        torch.testing.assert_close(param.grad, eager_params[name].grad, msg=name)
+
+
+class _Projection(torch.nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(width, width)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def test_compiled_bank_that_eager_runs_grouped_stays_one_graph():
+    """A bank for which ``kernel="auto"`` takes the grouped path eagerly on a CPU (16 experts of rank 8 on a 1024-wide
+    projection) takes the dense path while compiling: one graph (the grouped path runs outside it), same results."""
+    config = molora.MoLoraConfig(r=8, num_experts=16, top_k=2, init_lora_weights=False, target_modules=["proj"])
+    torch.manual_seed(0)
+    model = get_peft_model(_Projection(1024), config).train()
+    layer = next(m for m in model.modules() if isinstance(m, molora.MoLoraLayer))
+    x = torch.randn(2, 256, 1024, generator=torch.Generator().manual_seed(0))
+    assert layer._resolve_kernel(512, "default", "auto", x.device) == "grouped"
+    eager_out = model(x)
+    eager_out.sum().backward()
+    eager_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    dynamo.reset()
+    dynamo.utils.counters.clear()
+    try:
+        out = torch.compile(model, backend="eager")(x)
+        out.sum().backward()
+        assert dynamo.utils.counters["stats"]["unique_graphs"] == 1
+        breaks = dynamo.utils.counters["graph_break"]  # only where the model-level call starts and ends
+        assert all("MoLoraRuntime.begin_forward" in r or "MoLoraRuntime.end_forward" in r for r in breaks), breaks
+    finally:
+        dynamo.reset()
+    # dense and grouped sum in different orders: equal up to float32 rounding, over whole tensors
+    params = dict(model.named_parameters())
+    for name, value, expected in [("out", out, eager_out)] + [(n, params[n].grad, g) for n, g in eager_grads.items()]:
+        assert (value - expected).norm() <= 1e-5 * expected.norm(), name
+
+
 @pytest.mark.parametrize("mode", ["labels", "logits"])
 def test_base_model_forward_compiles_with_fullgraph(mode):
     # the model-level begin/end calls are hooks on the base model, outside its forward: compiling that forward alone

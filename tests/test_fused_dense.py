@@ -487,3 +487,32 @@ def test_activation_checkpointing_keeps_no_recomputed_activations(batch, use_ree
     # the recomputed graph was 1 MB (reentrant: 0.6 MB)
     hidden = batch["input_ids"].numel() * 64 * 4
     assert checkpointed - plain <= 2 * hidden, (checkpointed, plain)
+
+
+class _Wide(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(width, width, bias=False)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+@pytest.mark.parametrize(
+    "router, num_experts, fused",
+    [
+        ("topk", 8, True),  # E*r = 64, two experts per token: dense wins on a CPU, fused with the base
+        ("topk", 16, False),  # E*r = 128 at k=2: the grouped path (docs/kernels.md)
+        ("soft", 16, True),  # the same bank, every expert per token: dense (SoftRouter.experts_per_token)
+    ],
+)
+def test_auto_path_before_routing_follows_the_router(router, num_experts, fused):
+    """Before routing, ``kernel="auto"`` estimates the assignments from the router's ``experts_per_token()``: a sparse
+    top-k bank wide enough runs the grouped path, the soft router on the same bank stays on the fused dense one."""
+    config = MoLoraConfig(r=8, num_experts=num_experts, top_k=2, router=router, target_modules=["proj"])
+    model = get_peft_model(_Wide(1024), config).train()
+    layer = _layer(model)
+    x = torch.randn(2, 256, 1024)
+    assert (layer._fusion_plan(x, "default") is not None) is fused
+    model(x).sum().backward()  # either path trains
+    assert layer.molora_A["default"].grad is not None

@@ -17,6 +17,7 @@ import itertools
 import pytest
 import torch
 
+import molora.kernels as kernels_module
 from molora import MoLoraConfig, Routing
 from molora.kernels import (
     KERNEL_CHOICES,
@@ -218,22 +219,41 @@ def test_routing_without_assignments(path):
 
 
 @pytest.mark.parametrize(
-    "num_tokens, num_assignments, num_experts, rank, expected",
+    "num_tokens, num_assignments, num_experts, rank, width, expected",
     [
-        (10, 20, 8, 8, "dense"),  # E*r = 64
-        (10, 10, 64, 16, "dense"),  # E*r = 1024, still dense on a CPU
-        (10, 20, 16, 65, "grouped"),  # E*r = 1040, density 0.125, 16 experts
-        (10, 80, 16, 65, "dense"),  # density 0.5
-        (10, 160, 16, 65, "dense"),  # soft routing
-        (10, 20, 64, 32, "dense"),  # sparse but 64 experts: too many segments for the grouped path
-        (0, 0, 16, 128, "grouped"),  # no tokens
-        (10, None, 16, 65, "grouped"),  # routing unknown and E*r large: not dense whatever the routing
-        (10, None, 16, 64, "dense"),
+        # the layer shapes measured on a CPU (docs/kernels.md, "Choosing the path"), 2048 wide, 512 tokens
+        (512, 1024, 8, 8, 2048, "dense"),  # E=8, k=2, r=8: dense 1.06x LoRA(r*k), grouped 1.09x
+        (512, 1024, 16, 8, 2048, "grouped"),  # E=16: dense 1.14x, grouped 1.05x
+        (512, 1024, 64, 8, 2048, "grouped"),  # E=64: dense 1.72x, grouped 1.16x
+        (512, 512, 8, 8, 2048, "grouped"),  # k=1: dense 1.06x, grouped 1.03x
+        (512, 2048, 16, 8, 2048, "dense"),  # k=4: dense 1.13x, grouped 1.24x
+        (512, 1024, 8, 32, 2048, "grouped"),  # r=32: dense 1.27x, grouped 1.08x
+        (512, 512 * 16, 16, 8, 2048, "dense"),  # soft routing: every expert
+        (64, 128, 8, 8, 2048, "dense"),  # 64 tokens: dense 1.12x, grouped 1.19x
+        (64, 128, 32, 8, 2048, "grouped"),  # dense 1.46x, grouped 1.26x
+        # 256 wide: the grouped path's cost per expert segment weighs more
+        (512, 1024, 8, 8, 256, "dense"),  # dense 1.62x, grouped 2.09x
+        (256, 512, 16, 8, 256, "dense"),  # a training step: dense 1.87x, grouped 1.93x
+        (256, 512, 64, 8, 256, "grouped"),  # dense 4.27x, grouped 3.09x
+        (4, 8, 64, 8, 256, "dense"),  # a decode step: 8 segments of one row each
+        (512, 1024, 16, 8, None, "grouped"),  # width unknown: a wide projection
+        (0, 0, 16, 128, 2048, "dense"),  # no tokens: nothing to compute either way
+        (10, None, 4, 8, None, "dense"),  # routing unknown: dense if it wins even at one expert per token
+        (10, None, 8, 8, None, "grouped"),
     ],
 )
-def test_choose_kernel(num_tokens, num_assignments, num_experts, rank, expected):
-    assert choose_kernel(num_tokens, num_assignments, num_experts, rank) == expected
-    assert choose_kernel(num_tokens, num_assignments, num_experts, rank, "cpu") == expected
+def test_choose_kernel(num_tokens, num_assignments, num_experts, rank, width, expected):
+    assert choose_kernel(num_tokens, num_assignments, num_experts, rank, "cpu", width) == expected
+    assert choose_kernel(num_tokens, num_assignments, num_experts, rank, width=width) == expected
+
+
+def test_choose_kernel_while_compiling_keeps_dense_banks(monkeypatch):
+    # the grouped path runs outside a compiled graph: while tracing, a CPU bank up to 1024 rank columns stays dense
+    assert choose_kernel(512, 1024, 16, 8, "cpu", 2048) == "grouped"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert choose_kernel(512, 1024, 16, 8, "cpu", 2048) == "dense"
+    assert choose_kernel(512, 1024, 64, 16, "cpu", 2048) == "dense"  # 1024 columns
+    assert choose_kernel(512, 1024, 128, 16, "cpu", 2048) == "grouped"
 
 
 def test_choose_kernel_on_cuda_devices():
@@ -249,18 +269,74 @@ def test_choose_kernel_on_cuda_devices():
 
 
 @pytest.mark.parametrize("kind, expected_path", [("topk1", "grouped"), ("soft", "dense")])
-def test_auto_on_large_banks(kind, expected_path):
-    n_tokens, n_experts, rank = 5, 16, 65
-    seed = 13
-    x, A, B, logits = make_inputs(n_tokens, n_experts, rank, torch.float64, torch.float64, seed)
-    routing = make_routing(kind, logits, seed)
-    assert choose_kernel(n_tokens, routing.token_index.numel(), n_experts, rank) == expected_path
-    upstream = torch.randn(n_tokens, D_OUT, dtype=torch.float64)
-    ref_out, ref_grads = forward_backward("naive", kind, x, A, B, logits, upstream, 0.5, seed)
-    out, grads = forward_backward("auto", kind, x, A, B, logits, upstream, 0.5, seed)
+def test_auto_takes_the_chosen_path(kind, expected_path, monkeypatch):
+    """``expert_delta(kernel="auto")`` runs the path ``choose_kernel`` names for the call's shapes, and agrees with the
+    reference: a 1024-wide bank of 16 experts, sparse (grouped) and soft (dense) routing."""
+    n_tokens, n_experts, rank, width = 64, 16, 8, 1024
+    torch.manual_seed(13)
+    x = torch.randn(n_tokens, width, dtype=torch.float64)
+    A = torch.randn(n_experts, width, rank, dtype=torch.float64) / width**0.5
+    B = torch.randn(n_experts, rank, width, dtype=torch.float64) / rank**0.5
+    logits = torch.randn(n_tokens, n_experts, dtype=torch.float64)
+    n_assignments = make_routing(kind, logits, 13).token_index.numel()
+    assert choose_kernel(n_tokens, n_assignments, n_experts, rank, "cpu", width) == expected_path
+    taken = []
+    for name, path in list(kernels_module._PATHS.items()):
+        monkeypatch.setitem(
+            kernels_module._PATHS, name, lambda *a, name=name, path=path: taken.append(name) or path(*a)
+        )
+    upstream = torch.randn(n_tokens, width, dtype=torch.float64)
+    ref_out, ref_grads = forward_backward("naive", kind, x, A, B, logits, upstream, 0.5, 13)
+    taken.clear()
+    out, grads = forward_backward("auto", kind, x, A, B, logits, upstream, 0.5, 13)
+    assert taken == [expected_path]
     torch.testing.assert_close(out, ref_out)
     for grad, ref in zip(grads, ref_grads):
         torch.testing.assert_close(grad, ref)
+
+
+def test_grouped_path_keeps_only_rank_activations_for_backward():
+    """The grouped path's autograd node keeps the ``[N, r]`` rank activations, not the gathered input rows
+    ``[N, d_in]`` nor the expanded rows ``[N, d_out]`` (what autograd over the plain ops kept: twice the memory of
+    LoRA's layer)."""
+    n_tokens, n_experts, rank, width = 32, 4, 2, 64
+    torch.manual_seed(3)
+    x = torch.randn(n_tokens, width, requires_grad=True)
+    A = torch.randn(n_experts, width, rank, requires_grad=True)
+    B = torch.randn(n_experts, rank, width, requires_grad=True)
+    logits = torch.randn(n_tokens, n_experts, requires_grad=True)
+    routing = make_routing("topk2", logits, 3)
+    inputs = {t.untyped_storage().data_ptr() for t in (x, A, B)}
+    saved = []
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in inputs:
+            saved.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = grouped_delta(x, A, B, routing, 2.0)
+    n_assignments = routing.token_index.numel()
+    assert max(saved) <= n_assignments * rank, saved  # nothing [N, d] sized
+    out.sum().backward()  # and the backward still runs from what was kept
+    assert x.grad is not None and A.grad is not None and B.grad is not None and logits.grad is not None
+
+
+@pytest.mark.parametrize("path", ["dense", "grouped"])
+def test_paths_under_autocast(path):
+    """In a bf16 autocast region (a trainer's ``bf16=True``) the products run in bf16, as plain ``@`` would, and the
+    fp32 leaves get fp32 gradients close to the fp32 computation's."""
+    torch.manual_seed(8)
+    x, A, B, logits = make_inputs(40, 4, 8, torch.float32, torch.float32, 8)
+    upstream = torch.randn(40, D_OUT)
+    ref_out, ref_grads = forward_backward("naive", "topk2", x, A, B, logits, upstream, 1.5, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, grads = forward_backward(path, "topk2", x, A, B, logits, upstream, 1.5, 8)
+    assert out.dtype == torch.bfloat16
+    for value, ref in zip((out, *grads), (ref_out, *ref_grads)):
+        assert value is out or value.dtype == torch.float32
+        # bf16 products: about 3 significant digits, compared over the whole tensor
+        assert (value.float() - ref).norm() <= 2e-2 * ref.norm()
 
 
 @pytest.mark.parametrize("kernel", ["fast", "sgmv", "Dense", "", None])

@@ -325,11 +325,10 @@ class MoLoraLayer(BaseTunerLayer):
         Needs the dense path, the same fp32 input for router and experts (no active dropout, no low-precision
         input, which the router would upcast) and a router whose logits are a plain linear map of ``x``.
         """
-        weight_A = self.molora_A[adapter_name]
-        resolved = self._resolve_kernel(x_flat.shape[0], weight_A, kernel, x_flat.device)
+        resolved = self._resolve_kernel(x_flat.shape[0], adapter_name, kernel, x_flat.device)
         if resolved != "dense" or self._dropout_active(adapter_name):
             return False
-        return self._router_fusable(x_flat, weight_A, self.molora_router[adapter_name])
+        return self._router_fusable(x_flat, self.molora_A[adapter_name], self.molora_router[adapter_name])
 
     @staticmethod
     def _router_fusable(x_flat: torch.Tensor, weight_A: torch.Tensor, router: Router) -> bool:
@@ -343,13 +342,16 @@ class MoLoraLayer(BaseTunerLayer):
             return False
         return router.linear_scoring()
 
-    @staticmethod
-    def _resolve_kernel(n_tokens: int, weight_A: torch.Tensor, kernel: str, device: torch.device) -> str:
-        """``kernel``, with ``"auto"`` resolved for ``n_tokens`` tokens on ``device`` through the bank
-        ``weight_A[E, d_in, r]``."""
+    def _resolve_kernel(self, n_tokens: int, adapter_name: str, kernel: str, device: torch.device) -> str:
+        """``kernel``, with ``"auto"`` resolved for ``n_tokens`` tokens on ``device``, before routing: from the bank's
+        shape and the router's expected experts per token."""
         if kernel != "auto":
             return kernel
-        return choose_kernel(n_tokens, None, weight_A.shape[0], weight_A.shape[-1], device)
+        weight_A = self.molora_A[adapter_name]
+        n_experts, d_in, rank = weight_A.shape
+        assignments = round(n_tokens * self.molora_router[adapter_name].experts_per_token())
+        width = (d_in + self.molora_B[adapter_name].shape[-1]) // 2
+        return choose_kernel(n_tokens, assignments, n_experts, rank, device, width)
 
     def _dropout_active(self, adapter_name: str) -> bool:
         dropout = self.molora_dropout[adapter_name]
@@ -376,7 +378,7 @@ class MoLoraLayer(BaseTunerLayer):
         if amp is None and not x.dtype == weight.dtype == weight_A.dtype:
             return None
         n_tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if self._resolve_kernel(n_tokens, weight_A, self.kernel[adapter_name], x.device) != "dense":
+        if self._resolve_kernel(n_tokens, adapter_name, self.kernel[adapter_name], x.device) != "dense":
             return None
         if self._dropout_active(adapter_name):
             return None

@@ -46,18 +46,33 @@ _PATHS: dict[str, Callable[..., torch.Tensor]] = {
     "triton": _triton_delta,
 }
 
-# The dense path multiplies every token by all E*r rank columns; the grouped path only by the k*r it needs but pays
-# for a gather, a scatter and a few small GEMMs per expert (forward and backward). Measured on a CPU at d=2048,
-# T=512 (docs/kernels.md): dense wins or ties at every shape up to E*r = 1024 (E=128, r=8: dense 2.6x LoRA(r*k),
-# grouped 6.4x; E=8 and E=16 with r=64: ties), so on a CPU the grouped path is only chosen beyond that,
-# for sparse routing over at most 32 experts (its cost per expert segment grows with E). On an H200 (bf16, d=4096,
-# 8192-16384 tokens; docs/kernels.md) the dense path's extra FLOPs are nearly free and it beat the Triton kernels at
-# every shape up to E*r = 1024 (E=128, r=8: dense 1.9x LoRA(r*k) at layer level, Triton 6.2x), so on CUDA the bank
-# stays dense up to 4096 rank columns (where its FLOPs start to count, see scripts/bench_triton.py).
-_DENSE_MAX_RANK_COLUMNS = {"cpu": 1024, "cuda": 4096}
+# On CUDA, measured on an H200 (bf16, d=4096, 8192-16384 tokens; docs/kernels.md): the dense path's extra FLOPs are
+# nearly free and it beat the Triton kernels at every shape up to E*r = 1024 (E=128, r=8: dense 1.9x LoRA(r*k) at
+# layer level, Triton 6.2x), so the bank stays dense up to 4096 rank columns (where its FLOPs start to count, see
+# scripts/bench_triton.py); other devices (unmeasured) keep 512.
+_DENSE_MAX_RANK_COLUMNS = {"cuda": 4096}
 _DENSE_MAX_RANK_COLUMNS_DEFAULT = 512
 _DENSE_MIN_DENSITY = 0.5
-_GROUPED_MAX_EXPERTS_CPU = 32
+
+# On a CPU, a cost model fitted to layer forward + backward measurements (docs/kernels.md, "Choosing the path"): per
+# unit of width the dense path multiplies T tokens by E*r rank columns; the grouped path multiplies the N assignments
+# by r columns, pays for gathering each assignment's row and scattering its output back about as much as for
+# _CPU_GATHER_COLUMNS more columns, and a fixed cost per non-empty expert segment (its six small GEMM calls forward and
+# backward) worth about _CPU_SEGMENT_MACS multiply-adds. Fitted on one and two threads at d = 256 ... 2048, T = 64 ...
+# 512, E = 4 ... 128, k = 1 ... 4, r = 8 ... 64; it also sends decode steps (a few tokens) to the dense path.
+_CPU_GATHER_COLUMNS = 48
+_CPU_SEGMENT_MACS = 1 << 17
+# Under torch.compile the grouped path runs outside the graph (its segment sizes are read on the host), so a model on
+# it breaks the graph in every layer: compiled, a CPU bank stays dense up to this many rank columns (one graph).
+_COMPILED_DENSE_MAX_RANK_COLUMNS = 1024
+
+
+def _cpu_path(num_tokens: int, num_assignments: int, num_experts: int, rank: int, width: int | None) -> str:
+    dense = num_tokens * num_experts * rank
+    grouped = num_assignments * (rank + _CPU_GATHER_COLUMNS)
+    if width:
+        grouped += min(num_experts, num_assignments) * _CPU_SEGMENT_MACS / width
+    return "dense" if dense <= grouped else "grouped"
 
 
 def choose_kernel(
@@ -66,13 +81,31 @@ def choose_kernel(
     num_experts: int,
     rank: int,
     device: torch.device | str | None = None,
+    width: int | None = None,
 ) -> str:
     """The path ``kernel="auto"`` uses for these shapes on ``device`` (``None`` = CPU).
 
-    ``num_assignments=None`` means the routing is not known yet: ``"dense"`` is returned only when it wins
-    whatever the routing.
+    Args:
+        num_tokens (int): rows of the layer input.
+        num_assignments (int or None): (token, expert) pairs of the routing; ``None`` means the routing is not known
+            yet: ``"dense"`` is returned only when it wins even for one expert per token.
+        num_experts (int), rank (int): the bank's ``E`` and ``r``.
+        device: where the layer runs.
+        width (int or None): the projection's width (mean of ``d_in`` and ``d_out``); on a CPU it weighs the grouped
+            path's fixed cost per expert against the GEMMs. ``None`` assumes a wide projection.
+
+    While ``torch.compile`` traces, a CPU bank of up to 1024 rank columns takes the dense path (one graph).
     """
     device_type = torch.device(device).type if device is not None else "cpu"
+    if (
+        device_type == "cpu"
+        and torch.compiler.is_compiling()
+        and num_experts * rank <= _COMPILED_DENSE_MAX_RANK_COLUMNS
+    ):
+        return "dense"  # the grouped path runs outside the graph: each layer would break it
+    if device_type == "cpu":
+        assignments = num_tokens if num_assignments is None else num_assignments
+        return _cpu_path(num_tokens, assignments, num_experts, rank, width)
     if num_experts * rank <= _DENSE_MAX_RANK_COLUMNS.get(device_type, _DENSE_MAX_RANK_COLUMNS_DEFAULT):
         return "dense"
     if num_assignments is None:
@@ -82,8 +115,6 @@ def choose_kernel(
         return "dense"
     if device_type == "cuda" and triton_available(device):
         return "triton"
-    if device_type == "cpu" and num_experts > _GROUPED_MAX_EXPERTS_CPU:
-        return "dense"
     return "grouped"
 
 
@@ -92,7 +123,8 @@ def expert_delta(
 ) -> torch.Tensor:
     """Compute ``delta[T, d_out]`` of the expert bank ``A[E, d_in, r]``, ``B[E, r, d_out]`` for ``x[T, d_in]``."""
     if kernel == "auto":
-        kernel = choose_kernel(x.shape[0], routing.token_index.numel(), A.shape[0], A.shape[-1], x.device)
+        width = (x.shape[-1] + B.shape[-1]) // 2
+        kernel = choose_kernel(x.shape[0], routing.token_index.numel(), A.shape[0], A.shape[-1], x.device, width)
     try:
         path = _PATHS[kernel]
     except KeyError:

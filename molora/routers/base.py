@@ -252,6 +252,12 @@ class Router(nn.Module):
         """
         return type(self).forward is Router.forward and type(self).scores is Router.scores
 
+    def experts_per_token(self) -> float:
+        """How many experts a token is expected to get, known before routing: ``kernel="auto"`` chooses the compute
+        path (and whether the router's scoring can share the experts' GEMM) from it. The adapter's ``top_k`` by
+        default; routers whose count differs override it (``soft``: all experts). Only speed depends on it."""
+        return float(self.top_k)
+
     def select(self, logits: torch.Tensor, valid: torch.Tensor | None) -> Routing:
         """Turn logits ``[T, E]`` into a :class:`Routing`. Implemented by each router."""
         raise NotImplementedError

@@ -38,6 +38,9 @@ class SoftRouter(Router):
 
     Params = SoftParams
 
+    def experts_per_token(self) -> float:
+        return float(self.num_experts)
+
     def select(self, logits: torch.Tensor, valid: torch.Tensor | None) -> Routing:
         probs = torch.softmax(logits / self.params.temperature, dim=-1)
         n_tokens, n_experts = probs.shape
