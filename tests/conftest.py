@@ -21,6 +21,18 @@ import molora  # noqa: F401  (registers the PEFT type)
 VOCAB = 96
 
 
+class OneProjection(torch.nn.Module):
+    """A model made of one ``width x width`` linear projection named ``proj`` (no bias); it takes its input
+    ``[B, S, width]`` positionally or as ``input_ids``."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(width, width, bias=False)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.proj(input_ids)
+
+
 def make_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
     """A 2-layer Llama with 64-wide hidden states; deterministic for a given seed."""
     torch.manual_seed(seed)

@@ -17,7 +17,7 @@ import logging
 import pytest
 import torch
 import torch._dynamo as dynamo
-from conftest import VOCAB, make_llama
+from conftest import VOCAB, OneProjection, make_llama
 from peft import get_peft_model
 
 import molora
@@ -155,21 +155,12 @@ def test_compiled_grouped_path_trains_like_eager():
         torch.testing.assert_close(param.grad, eager_params[name].grad, msg=name)
 
 
-class _Projection(torch.nn.Module):
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.proj = torch.nn.Linear(width, width)
-
-    def forward(self, x):
-        return self.proj(x)
-
-
 def test_compiled_bank_that_eager_runs_grouped_stays_one_graph():
     """A bank for which ``kernel="auto"`` takes the grouped path eagerly on a CPU (16 experts of rank 8 on a 1024-wide
     projection) takes the dense path while compiling: one graph (the grouped path runs outside it), same results."""
     config = molora.MoLoraConfig(r=8, num_experts=16, top_k=2, init_lora_weights=False, target_modules=["proj"])
     torch.manual_seed(0)
-    model = get_peft_model(_Projection(1024), config).train()
+    model = get_peft_model(OneProjection(1024), config).train()
     layer = next(m for m in model.modules() if isinstance(m, molora.MoLoraLayer))
     x = torch.randn(2, 256, 1024, generator=torch.Generator().manual_seed(0))
     assert layer._resolve_kernel(512, "default", "auto", x.device) == "grouped"

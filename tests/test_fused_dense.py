@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import VOCAB, make_gpt2, make_llama
+from conftest import VOCAB, OneProjection, make_gpt2, make_llama
 from peft import get_peft_model
 from torch import nn
 
@@ -489,15 +489,6 @@ def test_activation_checkpointing_keeps_no_recomputed_activations(batch, use_ree
     assert checkpointed - plain <= 2 * hidden, (checkpointed, plain)
 
 
-class _Wide(nn.Module):
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.proj = nn.Linear(width, width, bias=False)
-
-    def forward(self, x):
-        return self.proj(x)
-
-
 @pytest.mark.parametrize(
     "router, num_experts, fused",
     [
@@ -510,7 +501,7 @@ def test_auto_path_before_routing_follows_the_router(router, num_experts, fused)
     """Before routing, ``kernel="auto"`` estimates the assignments from the router's ``experts_per_token()``: a sparse
     top-k bank wide enough runs the grouped path, the soft router on the same bank stays on the fused dense one."""
     config = MoLoraConfig(r=8, num_experts=num_experts, top_k=2, router=router, target_modules=["proj"])
-    model = get_peft_model(_Wide(1024), config).train()
+    model = get_peft_model(OneProjection(1024), config).train()
     layer = _layer(model)
     x = torch.randn(2, 256, 1024)
     assert (layer._fusion_plan(x, "default") is not None) is fused

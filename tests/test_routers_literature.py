@@ -19,9 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import make_llama
+from conftest import OneProjection, make_llama
 from peft import PeftModel, get_peft_model
-from torch import nn
 from trl import SFTConfig
 
 from molora import MoLoraConfig, MoLoraLayer, get_router_class
@@ -242,17 +241,6 @@ def test_dynmole_losses_spec_batch():
     assert losses["balance"].item() == pytest.approx(1.022552, abs=SPEC_ATOL)
     losses["entropy"].backward()
     assert router.weight.grad.abs().sum() > 0
-
-
-class OneProjection(nn.Module):
-    """A model made of one linear projection; its input is given as ``input_ids`` of shape [B, S, E]."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.proj = nn.Linear(width, width, bias=False)
-
-    def forward(self, input_ids, attention_mask=None):
-        return self.proj(input_ids)
 
 
 @pytest.mark.parametrize("loss_reduction", ["mean", "concat"])

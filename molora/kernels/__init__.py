@@ -97,13 +97,9 @@ def choose_kernel(
     While ``torch.compile`` traces, a CPU bank of up to 1024 rank columns takes the dense path (one graph).
     """
     device_type = torch.device(device).type if device is not None else "cpu"
-    if (
-        device_type == "cpu"
-        and torch.compiler.is_compiling()
-        and num_experts * rank <= _COMPILED_DENSE_MAX_RANK_COLUMNS
-    ):
-        return "dense"  # the grouped path runs outside the graph: each layer would break it
     if device_type == "cpu":
+        if torch.compiler.is_compiling() and num_experts * rank <= _COMPILED_DENSE_MAX_RANK_COLUMNS:
+            return "dense"  # the grouped path runs outside the graph: each layer would break it
         assignments = num_tokens if num_assignments is None else num_assignments
         return _cpu_path(num_tokens, assignments, num_experts, rank, width)
     if num_experts * rank <= _DENSE_MAX_RANK_COLUMNS.get(device_type, _DENSE_MAX_RANK_COLUMNS_DEFAULT):
