@@ -496,6 +496,37 @@ def test_recipe_builds_a_prompt_router_config():
     assert recipe["training"]["packing"] is False and recipe["training"]["completion_only_loss"] is True
 
 
+@pytest.mark.parametrize("key", ["packing", "padding_free"])
+def test_recipe_refuses_packing_for_the_prompt_router(key):
+    """TRL's ``packing_strategy="wrapped"`` leaves no boundary in a packed row (position_ids run on), so the router
+    would silently pool across sequences: ``molora sft`` refuses the combination before loading a model."""
+    from molora.training.recipe import RecipeError, validate
+
+    recipe = {"adapter": {"router": "prompt", "num_experts": 4, "top_k": 1}, "training": {key: True}}
+    with pytest.raises(RecipeError, match=f"training.{key}=true cannot train adapter.router='prompt'"):
+        validate(recipe)
+    validate({**recipe, "training": {key: False}})
+    validate({**recipe, "adapter": {"router": "topk", "num_experts": 4, "top_k": 1}})
+
+
+@pytest.mark.parametrize("strategy", ["wrapped", "bfd"])
+def test_callback_refuses_trl_packing_for_the_prompt_router(tmp_path, strategy):
+    """Through ``SFTTrainer`` with ``MoLoraCallback``: ``packing=True`` fails at ``on_train_begin``, naming the
+    adapter and the option, whatever the strategy; a token-level adapter trains packed rows."""
+    pytest.importorskip("trl")
+    from conftest import sft_args
+    from transformers import TrainerControl, TrainerState
+
+    from molora.training import MoLoraCallback
+
+    args = sft_args(tmp_path, packing=True, packing_strategy=strategy)
+    model = get_peft_model(make_llama(), bank_or_module({}))
+    with pytest.raises(ValueError, match="SFTConfig\\(packing=True\\).*adapter 'default' uses router='prompt'"):
+        MoLoraCallback().on_train_begin(args, TrainerState(), TrainerControl(), model=model)
+    token_level = get_peft_model(make_llama(), MoLoraConfig(r=2, num_experts=4, top_k=2, task_type="CAUSAL_LM"))
+    MoLoraCallback().on_train_begin(args, TrainerState(), TrainerControl(), model=token_level)
+
+
 @pytest.mark.parametrize("router_kwargs", [{}, {"milora_mode": "module"}], ids=["bank", "module"])
 def test_prompt_router_on_tokens_flattened_in_order(router_kwargs):
     """OPT feeds its MLP the tokens as ``[batch * seq, d]``: the prompt router stopped there ("needs the layer input

@@ -41,6 +41,25 @@ def _set_trainer_state(model: nn.Module, steps: int, grad_scaler: Any) -> None:
         module.molora_runtime.grad_scaler = grad_scaler
 
 
+def _refuse_packed_prompt_routing(args: Any, model: nn.Module) -> None:
+    """Raise if TRL packs sequences (``packing`` / ``padding_free``) for an adapter of the prompt router.
+
+    Packing with TRL's default ``"bfd"`` strategy would fail at the first forward (``position_ids`` restart inside a
+    row), but ``"wrapped"`` packing leaves no boundary at all: the router would decide once per row from a prompt
+    pooled across several sequences, silently. Checked once here, before any step."""
+    flags = [key for key in ("packing", "padding_free") if getattr(args, key, False) is True]
+    if not flags:
+        return
+    for module in _molora_models(model):
+        for name, config in module.peft_config.items():
+            if getattr(config, "router", None) == "prompt":
+                raise ValueError(
+                    f"{type(args).__name__}({flags[0]}=True) puts several sequences in one row, but adapter {name!r} "
+                    "uses router='prompt', which decides once per row from its prompt: the decision would pool "
+                    f"across sequences. Set {flags[0]}=False (docs/prompt_router.md), or use a token-level router."
+                )
+
+
 def _enabled_grad_scaler(optimizer: Any) -> Any:
     """The ``torch.amp.GradScaler`` of an fp16 trainer (accelerate's ``AcceleratedOptimizer.scaler``) if enabled."""
     scaler = getattr(optimizer, "scaler", None)
@@ -78,6 +97,7 @@ class MoLoraCallback(TrainerCallback):
         except TypeError:  # an iterable dataset: every optimizer step gets its full accumulation
             self._steps_in_epoch = None
         if model is not None:
+            _refuse_packed_prompt_routing(args, model)
             _set_trainer_state(model, self._accumulation, _enabled_grad_scaler(kwargs.get("optimizer")))
         return control
 

@@ -232,6 +232,14 @@ def validate(recipe: dict) -> dict[str, dict[str, Any]]:
     if adapter:
         # validates values with MoLoraConfig's own messages (field name, value, allowed values)
         build_adapter_config(adapter)
+    if adapter.get("router") == "prompt" and (training.get("packing") or training.get("padding_free")):
+        key = "packing" if training.get("packing") else "padding_free"
+        raise RecipeError(
+            f"training.{key}=true cannot train adapter.router='prompt': it puts several sequences in one row, and "
+            "the router decides once per row from its prompt (TRL's 'wrapped' packing leaves no boundary to detect, "
+            f"so the decision would silently pool across sequences). Set training.{key}: false, or pick a "
+            "token-level router."
+        )
     return out
 
 
