@@ -550,6 +550,83 @@ def test_sft_trainer_grows_ranks_with_the_callback(tmp_path):
     assert any(float(b.state.importance.sum()) > 0 for b in _banks(trainer.model))
 
 
+def _sft_with_growth(output_dir, resume=None):
+    """6 steps of SFT with a growth event every step (1..5), checkpoints at steps 2 and 4; returns the adapter's
+    final tensors, the growth events and the warnings about the saliency EMAs."""
+    import warnings
+
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    from molora.training import DynamicRankCallback
+
+    words = ["red fox", "blue cat", "green owl", "gray wolf"]
+    data = Dataset.from_list([{"text": f"the {words[i % 4]} sat on mat {i % 4}."} for i in range(24)])
+    args = trl.SFTConfig(
+        output_dir=str(output_dir),
+        report_to="none",
+        max_steps=6,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        save_strategy="steps",
+        save_steps=2,
+        use_cpu=True,
+        max_length=32,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    growth = {"init_rank": 1, "target_rank": 3, "growth_step": 1, "start_step": 1, "end_step": 5}
+    config = _config(init_lora_weights=True, dynamic_rank={**growth, "growth_interval": 1, "experts_per_event": 3})
+    torch.manual_seed(0)
+    trainer = trl.SFTTrainer(
+        model=make_llama(vocab_size=CHAR_VOCAB),
+        args=args,
+        train_dataset=data,
+        processing_class=make_char_tokenizer(),
+        peft_config=config,
+    )
+    callback = DynamicRankCallback.install(trainer)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train(resume_from_checkpoint=resume)
+    tensors = {k: v.detach().clone() for k, v in trainer.model.state_dict().items() if "molora" in k}
+    return tensors, callback.events, [str(w.message) for w in caught if "sensitivity EMAs" in str(w.message)]
+
+
+def test_resumed_trainer_grows_exactly_as_the_uninterrupted_run(tmp_path):
+    """The sensitivity EMAs are not in the adapter; the callback writes them into each checkpoint and reads them back
+    on a resume, so growth inside the window continues bit for bit (without them the resumed run grew other experts
+    at the next event: weights 8.0 apart at the end). A checkpoint moved away from ``output_dir`` is found through
+    ``resume_from``; without it the callback warns that the EMAs restart."""
+    import shutil
+
+    full, events, _ = _sft_with_growth(tmp_path / "run")
+    assert (tmp_path / "run" / "checkpoint-2" / dr.SALIENCY_FILE).is_file()
+    shutil.copytree(tmp_path / "run" / "checkpoint-2", tmp_path / "moved")
+    resumed, resumed_events, warned = _sft_with_growth(tmp_path / "run", resume=str(tmp_path / "run" / "checkpoint-2"))
+    assert not warned and resumed_events == events[2:] and len(resumed_events) == 3
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    # resuming from a copy outside `output_dir`: the callback finds no file there, says so, the EMAs restart; told
+    # the folder (`resume_from`, what `molora sft` does), it loads them
+    from transformers import TrainerControl, TrainerState
+
+    from molora.training import DynamicRankCallback
+
+    model = get_peft_model(make_llama(vocab_size=CHAR_VOCAB), _config(dynamic_rank={"init_rank": 1}))
+    args = type("Args", (), {"output_dir": str(tmp_path / "other"), "resume_from_checkpoint": None})()
+    begin = (args, TrainerState(global_step=2, max_steps=6), TrainerControl(), model)
+    with pytest.warns(UserWarning, match="restart from zero.*resume_from"):
+        DynamicRankCallback().on_train_begin(*begin)
+    assert not dr.saliency_state(model)
+    callback = DynamicRankCallback()
+    callback.resume_from(tmp_path / "moved")
+    callback.on_train_begin(*begin)
+    saved = load_file(str(tmp_path / "moved" / dr.SALIENCY_FILE))
+    restored = dr.saliency_state(model)
+    assert restored.keys() == saved.keys() and len(saved) == 4 * len(_banks(model))
+    assert all(torch.equal(restored[k], saved[k]) for k in saved)
+
+
 def test_molora_inspect_shows_the_ranks_per_expert(tmp_path, capsys):
     from molora.cli import main as molora_main
 

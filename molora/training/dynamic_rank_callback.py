@@ -3,20 +3,30 @@
 Per optimizer step: ``on_pre_optimizer_step`` (gradients exist, accumulated over the micro-batches) folds the step
 into the saliency signals (:func:`molora.adapters.dynamic_rank.update_importance`); ``on_step_end`` runs a growth
 event when the schedule says so (:func:`~molora.adapters.dynamic_rank.maybe_grow`), zeroing the optimizer moments
-of the new components; ``on_log`` adds ``dr/*`` rank summaries to the training logs.
+of the new components; ``on_log`` adds ``dr/*`` rank summaries to the training logs. ``on_save`` writes the
+sensitivity EMAs (not part of the adapter) into the checkpoint and ``on_train_begin`` reads them back on a resume.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
+import warnings
+from pathlib import Path
 from typing import Any
 
+from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..adapters.dynamic_rank import (
+    SALIENCY_FILE,
     GrowthSchedule,
     dynamic_rank_banks,
+    load_saliency_state,
     maybe_grow,
     rank_summary,
+    saliency_state,
     schedule_for,
     update_importance,
 )
@@ -39,6 +49,7 @@ class DynamicRankCallback(TrainerCallback):
     def __init__(self) -> None:
         self.events: list[dict[str, Any]] = []
         self.schedules: dict[str, GrowthSchedule] = {}
+        self._resume_dir: Path | None = None
 
     @classmethod
     def install(cls, trainer: Any) -> DynamicRankCallback:
@@ -52,6 +63,52 @@ class DynamicRankCallback(TrainerCallback):
             return
         adapters = {bank.adapter for bank in dynamic_rank_banks(model)}
         self.schedules = {name: schedule_for(model, name, state.max_steps) for name in sorted(adapters)}
+        if adapters and state.global_step > 0:  # resumed: the Trainer has loaded the checkpoint's state
+            self._resume_saliency(args, state, model)
+
+    def resume_from(self, checkpoint: str | os.PathLike) -> None:
+        """Read the sensitivity EMAs from this checkpoint folder when training resumes (``molora sft`` calls it).
+
+        Without it the callback looks in ``args.resume_from_checkpoint`` (when a path) and in
+        ``<output_dir>/checkpoint-<step>``, the folder a ``Trainer`` writes at the resumed step."""
+        self._resume_dir = Path(checkpoint)
+
+    def _resume_saliency(self, args, state, model) -> None:
+        folders = [self._resume_dir, _checkpoint_dir(args, state)]
+        given = getattr(args, "resume_from_checkpoint", None)
+        if isinstance(given, (str, os.PathLike)):
+            folders.insert(1, Path(given))
+        banks = len(dynamic_rank_banks(model))
+        for folder in folders:
+            path = folder / SALIENCY_FILE if folder is not None else None
+            if path is not None and path.is_file() and load_saliency_state(model, load_file(str(path))) == banks:
+                return
+        warnings.warn(
+            f"Resuming DR-LoRA training at step {state.global_step} without the sensitivity EMAs of every bank: no "
+            f"{SALIENCY_FILE} matching the model in {[str(f) for f in folders if f is not None]}. The missing ones "
+            "restart from zero and re-converge within a few steps, so growth decisions may differ from the "
+            "uninterrupted run's. DynamicRankCallback writes that file into each checkpoint; point it at the folder "
+            "you resume from with `callback.resume_from(folder)` (or keep the run's `output_dir`).",
+            stacklevel=2,
+        )
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        """Write the banks' sensitivity EMAs into the checkpoint the Trainer has just saved (main process only)."""
+        if model is None or not state.is_world_process_zero:
+            return
+        folder = _checkpoint_dir(args, state)
+        tensors = saliency_state(model)
+        if not tensors or not folder.is_dir():  # nothing learnt yet, or a run folder of a hyper-parameter search
+            return
+        # written beside and renamed: an interrupted write never leaves a truncated file a resume would read
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp)
+            os.replace(tmp, folder / SALIENCY_FILE)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if model is not None:
@@ -74,3 +131,8 @@ class DynamicRankCallback(TrainerCallback):
         # the Trainer appended a copy of `logs` to the history before calling the callbacks
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(summary)
+
+
+def _checkpoint_dir(args, state) -> Path:
+    # the folder `Trainer._save_checkpoint` writes at this step (and `resume_from_checkpoint` usually names)
+    return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"

@@ -195,9 +195,15 @@ def build_trainer(recipe: dict[str, Any], default_output_dir: str = "runs/molora
     # per-step router state (loss-free balancing biases, ReMoE's L1 coefficient) and DR-LoRA rank growth: both are
     # no-ops for adapters without those features; the stats callback goes first so the loggers see its values
     trainer.add_callback(MoLoraCallback())
-    DynamicRankCallback.install(trainer)
+    dynamic_rank = DynamicRankCallback.install(trainer)
     callback = install_routing_stats_callback(trainer)
-    context = {"model_cfg": model_cfg, "eval_rows": eval_rows, "callback": callback, "tokenizer": tokenizer}
+    context = {
+        "model_cfg": model_cfg,
+        "eval_rows": eval_rows,
+        "callback": callback,
+        "dynamic_rank": dynamic_rank,
+        "tokenizer": tokenizer,
+    }
     return trainer, context
 
 
@@ -252,7 +258,9 @@ def run_sft(recipe: dict[str, Any], default_output_dir: str = "runs/molora-sft",
     if resume is not None:
         from transformers.trainer_utils import get_last_checkpoint
 
-        ctx["callback"].resume_from(get_last_checkpoint(out_dir) if resume is True else resume)
+        checkpoint = get_last_checkpoint(out_dir) if resume is True else resume
+        ctx["callback"].resume_from(checkpoint)
+        ctx["dynamic_rank"].resume_from(checkpoint)
     train_start = time.time()
     output = trainer.train(resume_from_checkpoint=resume)
     results["train_seconds"] = time.time() - train_start

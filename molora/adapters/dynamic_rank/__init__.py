@@ -40,8 +40,10 @@ State per bank and adapter lives in a :class:`DynamicRankState` submodule (``mol
   (0 for the initial ones, -1 while dormant). It is the rank mask (``>= 0``) and the rank history at once.
 * ``freq[E]`` and ``importance[E]`` (fp32, **persistent**): the saliency signals, so that a resumed run and
   ``molora inspect`` see them.
-* the element-wise importance EMAs (4 tensors the size of ``A`` and ``B``) are **not** saved: they would make the
-  adapter file five times larger, and they re-converge within a few steps (``1 / (1 - 0.85)``) after a resume.
+* the element-wise importance EMAs (4 tensors the size of ``A`` and ``B``) are **not** in the adapter: they would
+  make the adapter file five times larger. :class:`~molora.training.DynamicRankCallback` writes them into each
+  Trainer checkpoint (:data:`SALIENCY_FILE`) and reads them back when training resumes from one, so a resumed run
+  grows as the uninterrupted one; :func:`saliency_state` / :func:`load_saliency_state` do it for a custom loop.
 
 Layout: :mod:`.state` (hyper-parameters, per-bank state, the equations, the schedule) and :mod:`.growth` (whole-model
 operations: saliency updates, growth events, statistics, saved adapters, compaction).
@@ -51,16 +53,19 @@ from __future__ import annotations
 
 from .growth import (
     RANK_GROUPS,
+    SALIENCY_FILE,
     RankStats,
     compact_adapter,
     dynamic_rank_banks,
     format_rank_table,
     get_rank_stats,
     grow,
+    load_saliency_state,
     maybe_grow,
     rank_history,
     rank_stats_from_adapter,
     rank_summary,
+    saliency_state,
     schedule_for,
     update_importance,
 )
@@ -84,6 +89,7 @@ __all__ = [
     "GrowthSchedule",
     "RANK_GROUPS",
     "RankStats",
+    "SALIENCY_FILE",
     "allocate",
     "build_dynamic_rank_params",
     "compact_adapter",
@@ -92,12 +98,14 @@ __all__ = [
     "format_rank_table",
     "get_rank_stats",
     "grow",
+    "load_saliency_state",
     "maybe_grow",
     "rank_history",
     "rank_stats_from_adapter",
     "rank_summary",
     "resolve_schedule",
     "saliency_scores",
+    "saliency_state",
     "schedule_for",
     "sensitivity_ema",
     "update_importance",

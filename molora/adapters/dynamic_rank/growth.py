@@ -274,6 +274,41 @@ def rank_summary(model: nn.Module, adapter_name: str | None = None) -> dict[str,
     }
 
 
+# -- the saliency EMAs across a resume ----------------------------------------------------------------------------
+
+#: the file :class:`~molora.training.DynamicRankCallback` writes into each Trainer checkpoint
+SALIENCY_FILE = "molora_dr_saliency.safetensors"
+
+
+def saliency_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The element-wise sensitivity EMAs of every bank (not part of the adapter's weights), as CPU tensors keyed
+    ``"<adapter>/<module>/<A_ipt|A_unc|B_ipt|B_unc>"``: what a resumed run needs, beside the optimizer state, to take
+    the growth decisions the uninterrupted run takes. Empty before the first :func:`update_importance`."""
+    out = {}
+    for bank in dynamic_rank_banks(model):
+        for name, tensor in bank.state._ema.items():
+            out[f"{bank.adapter}/{bank.key}/{name}"] = tensor.detach().to("cpu", copy=True).contiguous()
+    return out
+
+
+def load_saliency_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> int:
+    """Put EMAs from :func:`saliency_state` back into ``model``'s banks; return how many banks got theirs.
+
+    A bank whose saved tensors are missing or of another shape (another ``r`` or ``num_experts``) keeps its own
+    (they restart from zero at the next :func:`update_importance`)."""
+    restored = 0
+    for bank in dynamic_rank_banks(model):
+        prefix = f"{bank.adapter}/{bank.key}/"
+        saved = {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
+        shapes = {"A": tuple(bank.A.shape), "B": tuple(bank.B.shape)}
+        if len(saved) != 4 or any(tuple(v.shape) != shapes[k[0]] for k, v in saved.items()):
+            continue
+        device = bank.state.activated_at.device
+        bank.state._ema = {key: value.to(device=device, dtype=torch.float32) for key, value in saved.items()}
+        restored += 1
+    return restored
+
+
 # -- adapter directories --------------------------------------------------------------------------------------------
 
 _WEIGHTS = "adapter_model.safetensors"
