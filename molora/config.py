@@ -280,8 +280,25 @@ class MoLoraConfig(PeftConfig):
                 f"`target_parameters`={self.target_parameters!r} is not supported by MoLoRA: experts are routed per "
                 "token from a module's input, so they need `target_modules`."
             )
+        pattern = self.layers_pattern
+        if pattern is not None and not (
+            (isinstance(pattern, str) and pattern)
+            or (isinstance(pattern, (list, tuple)) and pattern and all(isinstance(p, str) and p for p in pattern))
+        ):
+            raise ValueError(
+                f"`layers_pattern`={pattern!r} must be the name of the model's layer list (e.g. 'layers'), a "
+                "non-empty list of such names, or None."
+            )
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("`layers_pattern` only has an effect together with `layers_to_transform`; set both.")
+        if isinstance(self.target_modules, str):
+            # as peft.LoraConfig: PEFT matches a regex as given and would silently ignore the layer selection
+            for name in ("layers_to_transform", "layers_pattern"):
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"`{name}` cannot be used when `target_modules` is a str (a regex, matched as given): "
+                        "list the module names instead, or put the layer indices into the regex."
+                    )
         _require_choice("bias", self.bias, BIAS_CHOICES)
         for name in ("init_lora_weights", "use_rslora", "track_routing_stats", "fan_in_fan_out"):
             if not isinstance(getattr(self, name), bool):

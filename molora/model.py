@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from peft import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import get_quantization_kwargs
 from peft.utils.other import AuxiliaryTrainingWrapper
@@ -347,6 +348,14 @@ class MoLoraModel(BaseTuner):
                 "`modules_to_save`), or use a token-level router."
             )
 
+    def _check_new_adapter_config(self, config: PeftConfig) -> None:
+        """PEFT's checks, then every field again: a config edited after it was built (a sweep that sets ``r``, a
+        loaded config changed by hand) is not re-run through ``__post_init__``, and a bad value would otherwise fail
+        deep in the layers (``r=0``: a division by zero) or be used silently (``aux_loss_coef=-1``)."""
+        super()._check_new_adapter_config(config)
+        if isinstance(config, MoLoraConfig):
+            config._validate()
+
     def _create_and_replace(
         self,
         peft_config: MoLoraConfig,
@@ -375,7 +384,7 @@ class MoLoraModel(BaseTuner):
             experts_note = ""
             if hasattr(base, "gate_up_proj"):
                 experts_note = f" It looks like MoE experts, but {fused_experts_problem(base)}."
-            raise TypeError(
+            raise ValueError(
                 f"Target module {current_key!r} of type {type(base).__name__} is not supported by MoLoRA; supported "
                 "are torch.nn.Linear, transformers' Conv1D, quantized linear layers (bitsandbytes 4/8-bit, ...) and "
                 f"fused MoE experts (Mixtral, OLMoE, Qwen-MoE layout).{experts_note} Adjust `target_modules`."

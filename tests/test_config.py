@@ -53,6 +53,10 @@ BAD_CONFIGS = [
     ({"modules_to_save": "lm_head"}, r"`modules_to_save`='lm_head' must be a list of module names"),
     ({"layers_to_transform": "1"}, r"`layers_to_transform`='1' must be a layer index, a list of them, or None"),
     ({"router": "soft", "router_kwargs": {"temperature": float("inf")}}, r"temperature.*must be a finite number"),
+    ({"layers_to_transform": [0], "layers_pattern": 3}, r"`layers_pattern`=3 must be the name of the model's layer"),
+    ({"layers_to_transform": [0], "layers_pattern": [""]}, r"`layers_pattern`=\[''\] must be the name"),
+    # as peft.LoraConfig: PEFT would match the regex as given and ignore the layer selection
+    ({"target_modules": r".*q_proj", "layers_to_transform": [0]}, r"`layers_to_transform` cannot be used when `targ"),
 ]
 
 
@@ -60,6 +64,31 @@ BAD_CONFIGS = [
 def test_bad_values_fail_with_a_clear_message(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MoLoraConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("r", 0, r"`r`=0 must be an integer >= 1"),
+        ("aux_loss_coef", -1.0, r"`aux_loss_coef`=-1.0 must be >= 0"),
+        ("loss_reduction", "bogus", r"`loss_reduction`='bogus' is not supported; allowed values"),
+        ("init_lora_weights", "gaussian", r"`init_lora_weights`='gaussian' must be True or False"),
+    ],
+)
+def test_a_config_edited_after_it_was_built_is_checked_again_when_injected(field, value, message):
+    """A sweep that sets a field on a built config bypasses ``__post_init__``; get_peft_model and add_adapter check
+    every field again (``r=0`` was a ZeroDivisionError deep in the layers, a negative aux coefficient trained
+    against balance, an unknown reduction acted as 'sum'), as PEFT's LoRA layers re-check ``r``."""
+    from conftest import make_llama
+    from peft import get_peft_model
+
+    config = MoLoraConfig(r=2, num_experts=2, top_k=1, task_type="CAUSAL_LM")
+    setattr(config, field, value)
+    with pytest.raises(ValueError, match=message):
+        get_peft_model(make_llama(), config)
+    model = get_peft_model(make_llama(), MoLoraConfig(r=2, num_experts=2, top_k=1, task_type="CAUSAL_LM"))
+    with pytest.raises(ValueError, match=message):
+        model.add_adapter("second", config)
 
 
 def test_defaults_are_valid_and_documented():

@@ -279,7 +279,7 @@ def test_unsupported_expert_layouts_are_refused_with_the_reason():
             super().__init__()
             self.experts = Odd()
 
-    with pytest.raises(TypeError, match="looks like MoE experts, but gate_up_proj"):
+    with pytest.raises(ValueError, match="looks like MoE experts, but gate_up_proj"):
         get_peft_model(Host(), _config(task_type=None))
 
 
