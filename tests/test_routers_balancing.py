@@ -101,6 +101,26 @@ def test_topk_bias_softmax_scores():
     torch.testing.assert_close(routing.weight.sort().values, (p[[2, 0]] / (p[0] + p[2])).sort().values)
 
 
+@pytest.mark.parametrize("score_function", ["sigmoid", "softmax"])
+def test_topk_bias_gates_of_underflowed_experts_have_finite_gradients(score_function):
+    """A token whose affinities all underflow (logits around -1000, as at a down_proj's input) is routed by the bias
+    to experts of probability 0. The gates were ``p / clamp_min(sum p, tiny)``: 0 forward, ``1 / tiny`` backward, inf
+    and then NaN through the softmax into the router and the layer input. As the softmax of the kept log-scores they
+    are exact and finite, and equal ``p / sum p`` where that is well defined."""
+    router = identity_router(TopKBiasRouter, 4, 4, 2, score_function=score_function)
+    router.selection_bias.copy_(torch.tensor([0.0, 1.5, 0.0, 1.2]))  # the bias picks experts 1 and 3
+    logits = torch.tensor([[-1000.0, -1900.0, -1200.0, -1800.0], [2.0, 1.0, 0.5, -1.0]], requires_grad=True)
+    routing = router(logits)
+    assert routing.expert_index.tolist()[:2] == [1, 3]
+    gates = routing.dense_gates()
+    (gates * torch.tensor([10.0, 20.0, 30.0, 40.0])).sum().backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad[0].abs().sum() > 0
+    torch.testing.assert_close(gates.sum(-1), torch.ones(2))
+    torch.testing.assert_close(gates[0, [1, 3]], torch.softmax(torch.tensor([-1900.0, -1800.0]), -1))
+    kept = routing.probs[1].gather(0, routing.expert_index[2:])
+    torch.testing.assert_close(routing.weight[2:], kept / kept.sum())
+
+
 def test_topk_bias_update_direction_padding_and_eval_freeze():
     router = identity_router(TopKBiasRouter, 4, 4, 1, bias_update_rate=0.01)
     x = torch.tensor([[5.0, 0, 0, 0], [5.0, 0, 0, 0], [0, 5.0, 0, 0], [0, 0, 0, 9.0]])

@@ -97,18 +97,25 @@ class TopKBiasRouter(Router):
 
     def affinities(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(s, probs)``: the affinities ``s[T, E]`` and their normalisation ``probs = s / sum_e s``."""
+        scores, log_scores = self._scores(logits)
+        return scores, torch.softmax(log_scores, dim=-1)
+
+    def _scores(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # (s, log s): s / sum(s) from log s is exact, and finite even when every sigmoid underflows to 0
         if self.params.score_function == "softmax":
-            probs = torch.softmax(logits, dim=-1)
-            return probs, probs
-        # s / sum(s) computed in log space: exact, and finite even when every sigmoid underflows to 0
-        return torch.sigmoid(logits), torch.softmax(nn.functional.logsigmoid(logits), dim=-1)
+            return torch.softmax(logits, dim=-1), logits
+        return torch.sigmoid(logits), nn.functional.logsigmoid(logits)
 
     def select(self, logits: torch.Tensor, valid: torch.Tensor | None) -> Routing:
-        scores, probs = self.affinities(logits)
+        scores, log_scores = self._scores(logits)
+        probs = torch.softmax(log_scores, dim=-1)
         selection = scores + self.selection_bias.to(scores.dtype)
         if self.params.normalize_gates:
-            # s_e / sum_S s equals probs_e / sum_S probs, and probs never underflows all at once
-            return topk_routing(probs, self.top_k, renormalize=True, logits=logits, selection_scores=selection)
+            # s_e / sum_S s, as the softmax of the kept log-scores: the bias may keep experts whose probability
+            # underflowed to 0 (all of a token's sigmoids below ~-104), where probs_e / sum_S probs would be 0 / 0
+            return topk_routing(
+                probs, self.top_k, renormalize=True, logits=logits, selection_scores=selection, log_scores=log_scores
+            )
         routing = topk_routing(scores, self.top_k, renormalize=False, logits=logits, selection_scores=selection)
         routing.probs = probs
         return routing

@@ -121,17 +121,24 @@ def topk_routing(
     renormalize: bool = True,
     logits: torch.Tensor | None = None,
     selection_scores: torch.Tensor | None = None,
+    log_scores: torch.Tensor | None = None,
 ) -> Routing:
     """Build a top-k :class:`Routing` from ``probs[T, E]``.
 
     ``selection_scores`` (default: ``probs``) decides which experts are kept; the gates always come from ``probs``.
-    Routers that bias the selection (loss-free balancing) pass their biased scores here.
+    Routers that bias the selection (loss-free balancing) pass their biased scores here, and with them
+    ``log_scores[T, E]`` (``probs = softmax(log_scores)``), from which the renormalised gates are computed in log
+    space: a biased selection may keep experts whose probability underflowed to 0, and ``p / sum p`` there has a
+    gradient of ``1 / tiny`` (inf, then NaN through the softmax) where the softmax of the kept log-scores is exact
+    and finite.
     """
     n_tokens = probs.shape[0]
     scores = probs if selection_scores is None else selection_scores
     expert_index = scores.topk(k, dim=-1).indices  # [T, k]
     top_probs = probs.gather(-1, expert_index)  # [T, k]
-    if renormalize:
+    if renormalize and log_scores is not None:
+        top_probs = torch.softmax(log_scores.gather(-1, expert_index), dim=-1).to(probs.dtype)
+    elif renormalize:
         # selection by `probs` keeps a mass >= k/E, but a biased selection may pick experts whose probability
         # underflowed to 0: their gates stay 0 instead of becoming 0/0
         mass = top_probs.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(top_probs.dtype).tiny)
