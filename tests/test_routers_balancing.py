@@ -200,6 +200,44 @@ def test_generation_in_train_mode_leaves_the_step_state_alone(router, use_cache,
     assert all(torch.equal(a, b) for a, b in zip(state_after_step(True), expected, strict=True))
 
 
+@pytest.mark.parametrize("router", ["topk_bias", "relu"])
+def test_reference_and_no_grad_forwards_leave_the_step_state_alone(router, batch):
+    """TRL's DPO/GRPO step with a pre-wrapped adapter: a frozen copy ``ref`` runs under ``no_grad`` in train mode
+    (``set_adapter("ref")`` and back), then the trained adapter's forward and backward. The reference's state moved
+    every step (its logits 0.78 away after 5 steps), and a no_grad forward of the trained adapter counted as if it
+    were trained on. Only the trained forward counts now: the trained adapter's state equals a run without the
+    extra forwards, and the frozen copy's never changes."""
+
+    def states(model, name):
+        routers = [m.molora_router[name] for m in model.modules() if isinstance(m, MoLoraLayer)]
+        return [r.selection_bias.clone() if router == "topk_bias" else r.l1_coef.clone() for r in routers]
+
+    def run(extra_forwards):
+        torch.manual_seed(0)
+        config = MoLoraConfig(num_experts=4, top_k=2, router=router, target_modules=["q_proj", "v_proj"])
+        model = get_peft_model(make_llama(), config)
+        model.add_adapter("ref", config)
+        model.train()
+        ref_start, start = states(model, "ref"), states(model, "default")
+        for _ in range(3):
+            if extra_forwards:
+                model.set_adapter("ref")
+                with torch.no_grad():
+                    model(**batch)
+                model.set_adapter("default")
+                with torch.no_grad():
+                    model(**batch)  # e.g. GRPO's old-policy log-probs
+            model(**batch).loss.backward()
+            model.molora_on_optimizer_step()
+        assert all(torch.equal(a, b) for a, b in zip(states(model, "ref"), ref_start, strict=True))
+        end = states(model, "default")
+        assert any(not torch.equal(a, b) for a, b in zip(end, start, strict=True))  # the trained one moves
+        return end
+
+    expected = run(False)
+    assert all(torch.equal(a, b) for a, b in zip(run(True), expected, strict=True))
+
+
 def test_step_accumulator_counts_a_recomputed_forward_once():
     acc = StepAccumulator()
     acc.add(torch.tensor([1.0, 2.0]), forward_id=7)

@@ -258,6 +258,18 @@ class Router(nn.Module):
         default; routers whose count differs override it (``soft``: all experts). Only speed depends on it."""
         return float(self.top_k)
 
+    def observes(self, context: RoutingContext | None) -> bool:
+        """Whether this forward feeds per-step training state (the loss-free bias's loads, ReMoE's sparsity): a
+        training forward of a trained router, i.e. in train mode, with autograd on, outside a generation (RL
+        trainers sample in train mode), and while the router's parameters require gradients. TRL's DPO/GRPO run
+        their frozen reference copy of the adapter (``ref``) and the old policy in train mode under ``no_grad``
+        beside the trained forward: their routings used to move the state every step, where a frozen adapter never
+        changes in PEFT. Reentrant activation checkpointing runs a layer's first forward without autograd; its
+        recompute (with autograd, same forward id) counts it once."""
+        if not self.training or not torch.is_grad_enabled() or (context is not None and context.generation):
+            return False
+        return any(p.requires_grad for p in self.parameters())
+
     def select(self, logits: torch.Tensor, valid: torch.Tensor | None) -> Routing:
         """Turn logits ``[T, E]`` into a :class:`Routing`. Implemented by each router."""
         raise NotImplementedError

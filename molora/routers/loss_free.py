@@ -124,7 +124,7 @@ class TopKBiasRouter(Router):
         self, x: torch.Tensor, valid: torch.Tensor | None = None, context: RoutingContext | None = None
     ) -> Routing:
         routing = super().forward(x, valid, context)
-        if self.training and not (context is not None and context.generation):  # generation counts nothing
+        if self.observes(context):  # training forwards of a trained router only
             expert_index = routing.expert_index
             # assignments per expert, padding weighted 0: a scatter-add of static shape, where boolean indexing and
             # `bincount` read back to the host on CUDA (twice per layer) and break a torch.compile graph

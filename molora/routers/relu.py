@@ -130,7 +130,7 @@ class ReLURouter(Router):
         self, x: torch.Tensor, valid: torch.Tensor | None = None, context: RoutingContext | None = None
     ) -> Routing:
         routing = super().forward(x, valid, context)
-        if self.training and not (context is not None and context.generation):  # generation counts nothing
+        if self.observes(context):  # training forwards of a trained router only
             # from the dense selection (the assignment list holds every pair under torch.compile)
             selected = routing.selected()
             if valid is None:
