@@ -301,7 +301,7 @@ def _auto_kernel(model: nn.Module, tokens: int) -> str:
     for module in model.modules():
         if isinstance(module, MoLoraLayer) and getattr(module, "molora_A", None):
             name = next(iter(module.molora_A))
-            return module._resolve_kernel(tokens, name, "auto", module.molora_A[name].device)
+            return module._resolve_kernel(tokens, name, "auto", module.molora_A[name].weight.device)
     return ""
 
 

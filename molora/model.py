@@ -18,6 +18,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .adapters import milora
+from .adapters.bank import BANK_ATTRS
 from .adapters.dynamic_rank import RankStats, get_rank_stats
 from .adapters.layer import MERGE_ERROR, Linear, MoLoraLayer
 from .adapters.moe_experts import MoeExpertsLora, fused_experts_problem, is_fused_experts
@@ -264,6 +265,11 @@ class MoLoraModel(BaseTuner):
         marker = f"{milora.CONTAINER}.{adapter_name}."
         if key.startswith(marker) or f".{marker}" in key:
             return key.replace(marker, f"{milora.CONTAINER}.", 1)
+        # an expert bank is a module (`molora_A.<adapter>.weight`, see ExpertBank) saved as `...molora_A`, the key
+        # its bare parameter had; loading builds its mapping from this function, so both directions agree
+        head, _, attr = key.removesuffix(f".{adapter_name}.weight").rpartition(".")
+        if attr in BANK_ATTRS and key.endswith(f".{adapter_name}.weight"):
+            return f"{head}.{attr}" if head else attr
         return super()._remove_adapter_name_from_key(key, adapter_name)
 
     @classmethod
@@ -399,22 +405,6 @@ class MoLoraModel(BaseTuner):
             # an additional adapter is not trainable until it is activated
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
-
-    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        # PEFT upcasts bf16/fp16 adapter weights by re-assigning ParameterDict entries, and a ParameterDict wraps the
-        # new tensor in a fresh, trainable Parameter: keep the requires_grad flags the adapter had before the cast
-        flags = {}
-        for module in self.model.modules():
-            if isinstance(module, MoLoraLayer):
-                for attr in module.adapter_layer_names:
-                    params = getattr(module, attr)
-                    if not isinstance(params, nn.ParameterDict):
-                        continue
-                    if adapter_name in params:
-                        flags[(id(params), attr)] = (params, params[adapter_name].requires_grad)
-        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
-        for params, requires_grad in flags.values():
-            params[adapter_name].requires_grad_(requires_grad)
 
     def _check_merge_allowed(self):
         raise ValueError(MERGE_ERROR)

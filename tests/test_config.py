@@ -155,7 +155,7 @@ def test_rank_and_alpha_patterns_follow_lora_config(tmp_path):
     for name, layer in layers.items():
         assert layer.r["default"] == lora_layers[name].r["default"], name
         assert layer.scaling["default"] == lora_layers[name].scaling["default"], name
-        assert layer.molora_A["default"].shape[-1] == layer.r["default"]
+        assert layer.molora_A["default"].weight.shape[-1] == layer.r["default"]
     assert {layer.r["default"] for layer in layers.values()} == {2, 8, 16}
     assert layers["base_model.model.model.layers.0.self_attn.v_proj"].scaling["default"] == 0.5
     model.save_pretrained(tmp_path)

@@ -134,9 +134,9 @@ def test_fresh_expert_loras_keep_the_base_output_and_train_only_the_loras(kind):
     layer = next(iter(layers.values()))
     experts = layer.get_base_layer()
     n_experts, two_inter, hidden = experts.gate_up_proj.shape
-    assert layer.molora_gate_up_A["default"].shape == (n_experts, hidden, 8)
-    assert layer.molora_gate_up_B["default"].shape == (n_experts, 8, two_inter)
-    assert layer.molora_down_A["default"].shape == (n_experts, two_inter // 2, 8)
+    assert layer.molora_gate_up_A["default"].weight.shape == (n_experts, hidden, 8)
+    assert layer.molora_gate_up_B["default"].weight.shape == (n_experts, 8, two_inter)
+    assert layer.molora_down_A["default"].weight.shape == (n_experts, two_inter // 2, 8)
     assert layer.molora_rank_gate_up["default"].ranks().tolist() == [2] * n_experts
     assert layer._router_hook is not None  # the base router's probabilities feed the routing frequency
     model.train()
@@ -157,8 +157,8 @@ def test_expert_lora_matches_an_explicit_per_expert_computation():
     index = torch.tensor([[0, 1], [2, 3], [1, 3], [0, 2], [3, 0]])
     weights = torch.rand(5, 2, generator=gen)
     s = layer.scaling["default"]
-    a_gu, b_gu = layer.molora_gate_up_A["default"], layer.molora_gate_up_B["default"]
-    a_d, b_d = layer.molora_down_A["default"], layer.molora_down_B["default"]
+    a_gu, b_gu = layer.molora_gate_up_A["default"].weight, layer.molora_gate_up_B["default"].weight
+    a_d, b_d = layer.molora_down_A["default"].weight, layer.molora_down_B["default"].weight
     expected = torch.zeros(5, 32)
     for t in range(5):
         for slot in range(2):
@@ -240,7 +240,7 @@ def test_save_load_and_compaction_are_exact(tmp_path):
     assert layer_ranks == {k: max(v) for k, v in ranks.items()}
     compact = PeftModel.from_pretrained(MixtralForCausalLM.from_pretrained(base_dir), compact_dir).eval()
     layer = compact.base_model.model.model.layers[0].mlp.experts
-    assert layer.molora_down_A["default"].shape[-1] == layer_ranks["model.layers.0.mlp.experts.down_proj"]
+    assert layer.molora_down_A["default"].weight.shape[-1] == layer_ranks["model.layers.0.mlp.experts.down_proj"]
     with torch.no_grad():
         # dormant components only ever add exact zeros (bit-identical on some CPUs; GEMMs of another rank may round
         # differently on others)

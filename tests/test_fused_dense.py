@@ -298,7 +298,7 @@ def test_autocast_fused_layer_matches_the_general_path(base_dtype, make, monkeyp
     config = MoLoraConfig(r=4, num_experts=4, top_k=2, target_modules=targets, init_lora_weights=False)
     model = get_peft_model(make().to(base_dtype), config).train()
     layer = _layer(model)
-    assert layer.molora_A["default"].dtype == torch.float32
+    assert layer.molora_A["default"].weight.dtype == torch.float32
     x0 = torch.randn(3, 5, layer.in_features, generator=torch.Generator().manual_seed(1)).to(base_dtype)
     weights = torch.linspace(-1, 1, layer.out_features)
     calls = _count_calls(monkeypatch)
@@ -332,7 +332,7 @@ def test_fp32_adapters_on_a_bf16_base_share_the_router_gemm(monkeypatch):
     model = get_peft_model(make_llama().to(torch.bfloat16), config).train()
     layer = _layer(model)
     router = layer.molora_router["default"]
-    assert layer.molora_A["default"].dtype == torch.float32 and layer.base_layer.weight.dtype == torch.bfloat16
+    assert layer.molora_A["default"].weight.dtype == torch.float32 and layer.base_layer.weight.dtype == torch.bfloat16
     x0 = torch.randn(3, 5, layer.in_features, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     weights = torch.linspace(-1, 1, layer.out_features)
     scored, results = [], []
@@ -438,7 +438,7 @@ def test_generation_reuses_the_shrink_matrix_only_within_one_call(monkeypatch):
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, MoLoraLayer):
-                module.molora_A["default"].data.copy_(torch.randn_like(module.molora_A["default"]))
+                module.molora_A["default"].weight.data.copy_(torch.randn_like(module.molora_A["default"].weight))
         changed = model.generate(input_ids=input_ids, **kwargs)
         # the same weights without any cache: a full forward per step
         uncached = model.generate(input_ids=input_ids, use_cache=False, **kwargs)
@@ -506,4 +506,4 @@ def test_auto_path_before_routing_follows_the_router(router, num_experts, fused)
     x = torch.randn(2, 256, 1024)
     assert (layer._fusion_plan(x, "default") is not None) is fused
     model(x).sum().backward()  # either path trains
-    assert layer.molora_A["default"].grad is not None
+    assert layer.molora_A["default"].weight.grad is not None

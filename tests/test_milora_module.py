@@ -105,7 +105,7 @@ def test_each_projection_adds_its_gated_lora_exactly_as_the_spec_says(top_k):
             proj = model.base_model.model.get_submodule(f"model.layers.{layer_index}.{module_name}")
             x, y = seen[f"model.layers.{layer_index}.{module_name}"]
             base = proj.base_layer(x)
-            lora = x @ proj.molora_A["default"][0] @ proj.molora_B["default"][0] * scaling
+            lora = x @ proj.molora_A["default"].weight[0] @ proj.molora_B["default"].weight[0] * scaling
             expected = base + gates[:, m].view(-1, 1, 1) * lora
             torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
             checked_zero += int((gates[:, m] == 0).sum())
@@ -151,7 +151,7 @@ def test_unselected_modules_skip_their_lora_and_get_no_gradient():
     model(input_ids=ids, labels=ids).loss.backward()
     for m in range(7):
         proj = model.base_model.model.get_submodule(f"model.layers.0.{MODULES[m]}")
-        grad = proj.molora_B["default"].grad
+        grad = proj.molora_B["default"].weight.grad
         assert (grad.abs().sum() == 0) == (m in unselected)
     # the layer router learns from the language-modelling loss through the soft gates, and from the balance loss
     assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0

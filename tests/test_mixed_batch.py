@@ -83,7 +83,7 @@ def test_mixed_batch_with_adapters_of_different_dtypes(tmp_path):
     model.load_adapter(tmp_path / "b", adapter_name="b")
     model.eval()
     layer = next(m for m in model.modules() if isinstance(m, MoLoraLayer))
-    assert (layer.molora_A["a"].dtype, layer.molora_A["b"].dtype) == (torch.bfloat16, torch.float32)
+    assert (layer.molora_A["a"].weight.dtype, layer.molora_A["b"].weight.dtype) == (torch.bfloat16, torch.float32)
     input_ids = torch.randint(3, VOCAB, (1, 9), generator=torch.Generator().manual_seed(0)).repeat(2, 1)
     with torch.no_grad():
         ab = model(input_ids=input_ids, adapter_names=["a", "b"]).logits

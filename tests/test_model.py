@@ -52,10 +52,10 @@ def test_default_targets_llama_and_shapes():
     assert {name.rsplit(".", 1)[-1] for name in layers} == LLAMA_TARGETS
     assert len(layers) == 7 * 2
     q = layers["base_model.model.model.layers.0.self_attn.q_proj"]
-    assert q.molora_A["default"].shape == (3, 64, 4)
-    assert q.molora_B["default"].shape == (3, 4, 64)
+    assert q.molora_A["default"].weight.shape == (3, 64, 4)
+    assert q.molora_B["default"].weight.shape == (3, 4, 64)
     assert q.molora_router["default"].weight.shape == (3, 64)
-    assert torch.count_nonzero(q.molora_B["default"]) == 0
+    assert torch.count_nonzero(q.molora_B["default"].weight) == 0
 
 
 def test_default_targets_gpt2_conv1d():
@@ -64,8 +64,8 @@ def test_default_targets_gpt2_conv1d():
     assert len(layers) == 4 * 2
     c_attn = layers["base_model.model.transformer.h.0.attn.c_attn"]
     assert isinstance(c_attn.get_base_layer(), Conv1D)
-    assert c_attn.molora_A["default"].shape == (2, 48, 4)
-    assert c_attn.molora_B["default"].shape == (2, 4, 144)
+    assert c_attn.molora_A["default"].weight.shape == (2, 48, 4)
+    assert c_attn.molora_B["default"].weight.shape == (2, 4, 144)
 
 
 def test_unknown_architecture_without_targets_fails_clearly():
@@ -214,7 +214,7 @@ def test_gradients_reach_experts_and_routers(batch):
     model.train()
     model(**batch).loss.backward()
     layer = molora_layers(model)["base_model.model.model.layers.0.mlp.up_proj"]
-    assert layer.molora_B["default"].grad.abs().sum() > 0
+    assert layer.molora_B["default"].weight.grad.abs().sum() > 0
     assert layer.molora_router["default"].weight.grad.abs().sum() > 0  # from the balance loss at least
     assert layer.base_layer.weight.grad is None
 
@@ -567,7 +567,7 @@ def test_bf16_base_adapter_loaded_for_inference_is_frozen(tmp_path):
     loaded = PeftModel.from_pretrained(make_llama().to(torch.bfloat16), tmp_path)
     assert not [n for n, p in loaded.named_parameters() if p.requires_grad]
     layer = next(iter(molora_layers(loaded).values()))
-    assert layer.molora_A["default"].dtype == torch.float32
+    assert layer.molora_A["default"].weight.dtype == torch.float32
     model = get_peft_model(make_llama().to(torch.bfloat16), MoLoraConfig(num_experts=2, top_k=1))
     model.add_adapter("second", MoLoraConfig(num_experts=2, top_k=1))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}

@@ -93,11 +93,11 @@ def test_injection_and_fresh_adapter_is_identity(llama_dir, batch, kind):
             layer.get_base_layer().out_features,
         )
     q = layers["base_model.model.model.layers.0.self_attn.q_proj"]
-    assert q.molora_A["default"].shape == (4, 64, 8)
-    assert q.molora_B["default"].shape == (4, 8, 64)
+    assert q.molora_A["default"].weight.shape == (4, 64, 8)
+    assert q.molora_B["default"].weight.shape == (4, 8, 64)
     down = layers["base_model.model.model.layers.0.mlp.down_proj"]
-    assert down.molora_A["default"].shape == (4, INTERMEDIATE, 8)
-    assert down.molora_B["default"].shape == (4, 8, 64)
+    assert down.molora_A["default"].weight.shape == (4, INTERMEDIATE, 8)
+    assert down.molora_B["default"].weight.shape == (4, 8, 64)
     # only adapter parameters are trainable, and they are not quantized
     params = trainable(model)
     assert params and all("molora_" in n for n in params)

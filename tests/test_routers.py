@@ -549,9 +549,9 @@ def test_custom_router_usable_from_config(clean_registry):
     assert type(router) is FirstExpertRouter
     assert router.params == FirstParams(weight=0.5)
     with torch.no_grad():
-        layer.molora_B["default"].normal_()
+        layer.molora_B["default"].weight.normal_()
     x = torch.randn(2, 3, 5)
-    A, B = layer.molora_A["default"], layer.molora_B["default"]
+    A, B = layer.molora_A["default"].weight, layer.molora_B["default"].weight
     expected = layer.base_layer(x) + 0.5 * config.scaling * (x @ A[0]) @ B[0]
     torch.testing.assert_close(layer(x), expected)
     # its params are validated like the built-ins'

@@ -1,4 +1,5 @@
-"""TRL's SFTTrainer trains MoLoRA adapters: with ``peft_config=``, with a pre-wrapped model, with checkpointing."""
+"""TRL trains MoLoRA adapters: SFTTrainer with ``peft_config=``, a pre-wrapped model, checkpointing; DPOTrainer's
+reference adapter."""
 
 from __future__ import annotations
 
@@ -176,3 +177,40 @@ def test_routing_totals_are_float64():
     assert {total.dtype for total in runtime._totals.values()} == {torch.float64}
     stats = model.get_routing_stats()
     assert all(s.tokens == 16 and s.experts_per_token == 1.0 for s in stats.values())
+
+
+def test_dpo_reference_adapter_is_a_copy_of_the_trained_one(tmp_path):
+    """TRL's preference trainers (DPO, KTO, GRPO, RLOO) given a model with a trained adapter and no ``ref_model`` add
+    a ``ref`` adapter and copy every parameter named ``*.default.*`` into it. The expert banks were bare parameters
+    named ``molora_A.default`` (no trailing dot): only the routers were copied, so the reference was the base model
+    (fresh ``B = 0`` experts) and DPO's anchor silently wrong. With a learning rate of 0 the policy is the reference:
+    the loss is ln 2 and the reward margin 0, as with PEFT LoRA."""
+    import math
+
+    from peft import PeftModel
+
+    trained = MoLoraConfig(r=4, num_experts=4, top_k=2, init_lora_weights=False, task_type="CAUSAL_LM")  # B != 0
+    get_peft_model(make_llama(vocab_size=CHAR_VOCAB), trained).save_pretrained(tmp_path / "sft")
+    model = PeftModel.from_pretrained(make_llama(vocab_size=CHAR_VOCAB), tmp_path / "sft", is_trainable=True)
+    rows = [{"prompt": f"say {i}:", "chosen": f" yes {i}!", "rejected": f" no no {i}?"} for i in range(4)]
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path / "dpo"),
+        report_to="none",
+        max_steps=1,
+        per_device_train_batch_size=4,
+        learning_rate=0.0,
+        save_strategy="no",
+        use_cpu=True,
+        max_length=32,
+        logging_steps=1,
+    )
+    trainer = trl.DPOTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=make_char_tokenizer()
+    )
+    named = dict(trainer.model.named_parameters())
+    banks = [n for n in named if ".molora_A.default." in n or ".molora_B.default." in n]
+    assert len(banks) == 28  # 7 projections x 2 layers x (A, B)
+    assert all(torch.equal(named[n], named[n.replace(".default.", ".ref.")]) for n in banks)
+    trainer.train()
+    log = trainer.state.log_history[0]
+    assert log["loss"] == pytest.approx(math.log(2), abs=1e-5) and log["rewards/margins"] == pytest.approx(0, abs=1e-6)

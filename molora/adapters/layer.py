@@ -23,6 +23,7 @@ from ..kernels.fused_dense import base_and_shrink, dense_topk_layer, gated_expan
 from ..kernels.torch_ops import dense_masked_expand, flat_shrink_weight
 from ..routers.base import Router, Routing, build_router_params, get_router_class
 from ..runtime import self_delivered
+from .bank import ExpertBank
 from .dynamic_rank import DynamicRankState
 from .milora import MiloraSlot, layer_decision, module_delta, module_routing
 
@@ -36,7 +37,8 @@ MERGE_ERROR = (
 class MoLoraLayer(BaseTunerLayer):
     """Mixin holding the per-adapter expert banks and routers of one adapted projection.
 
-    Per adapter name: ``molora_A[name]`` (``Parameter[E, d_in, r]``), ``molora_B[name]`` (``Parameter[E, r, d_out]``),
+    Per adapter name: ``molora_A[name].weight`` (``Parameter[E, d_in, r]``) and ``molora_B[name].weight``
+    (``Parameter[E, r, d_out]``) (:class:`~molora.adapters.bank.ExpertBank` s, named as PEFT LoRA's weights),
     ``molora_router[name]`` (a :class:`~molora.routers.Router`), ``molora_dropout[name]``, the DR-LoRA rank state
     ``molora_rank[name]`` (a :class:`~molora.adapters.dynamic_rank.DynamicRankState`, only for adapters with
     ``dynamic_rank``), and the plain values in ``other_param_names``.
@@ -54,8 +56,8 @@ class MoLoraLayer(BaseTunerLayer):
         self.top_k: dict[str, int] = {}
         self.kernel: dict[str, str] = {}
         self.molora_dropout = nn.ModuleDict({})
-        self.molora_A = nn.ParameterDict({})
-        self.molora_B = nn.ParameterDict({})
+        self.molora_A = nn.ModuleDict({})  # adapter name -> ExpertBank
+        self.molora_B = nn.ModuleDict({})
         self.molora_router = nn.ModuleDict({})
         self.molora_rank = nn.ModuleDict({})
         # MiLoRA module mode: per adapter, this projection's place in its decoder layer's router (set by the tuner)
@@ -104,8 +106,8 @@ class MoLoraLayer(BaseTunerLayer):
             weight_A.uniform_(-bound, bound)
             if not config.init_lora_weights:
                 weight_B.uniform_(-1.0 / math.sqrt(rank), 1.0 / math.sqrt(rank))
-        self.molora_A[adapter_name] = nn.Parameter(weight_A)
-        self.molora_B[adapter_name] = nn.Parameter(weight_B)
+        self.molora_A[adapter_name] = ExpertBank(weight_A)
+        self.molora_B[adapter_name] = ExpertBank(weight_B)
 
         self._milora.pop(adapter_name, None)
         if config.milora_module_mode:
@@ -160,8 +162,8 @@ class MoLoraLayer(BaseTunerLayer):
         if valid is not None and valid.device != x.device:
             valid = valid.to(x.device)
         if weight_A is None:
-            weight_A = self.molora_A[adapter_name]
-        weight_B = self.molora_B[adapter_name]
+            weight_A = self.molora_A[adapter_name].weight
+        weight_B = self.molora_B[adapter_name].weight
         rank_state = self.molora_rank[adapter_name] if adapter_name in self.molora_rank else None
         if rank_state is not None:
             # DR-LoRA: dormant rank components are masked out of A and B (and so get zero gradient)
@@ -328,7 +330,7 @@ class MoLoraLayer(BaseTunerLayer):
         resolved = self._resolve_kernel(x_flat.shape[0], adapter_name, kernel, x_flat.device)
         if resolved != "dense" or self._dropout_active(adapter_name):
             return False
-        return self._router_fusable(x_flat, self.molora_A[adapter_name], self.molora_router[adapter_name])
+        return self._router_fusable(x_flat, self.molora_A[adapter_name].weight, self.molora_router[adapter_name])
 
     @staticmethod
     def _router_fusable(x_flat: torch.Tensor, weight_A: torch.Tensor, router: Router) -> bool:
@@ -347,10 +349,10 @@ class MoLoraLayer(BaseTunerLayer):
         shape and the router's expected experts per token."""
         if kernel != "auto":
             return kernel
-        weight_A = self.molora_A[adapter_name]
+        weight_A = self.molora_A[adapter_name].weight
         n_experts, d_in, rank = weight_A.shape
         assignments = round(n_tokens * self.molora_router[adapter_name].experts_per_token())
-        width = (d_in + self.molora_B[adapter_name].shape[-1]) // 2
+        width = (d_in + self.molora_B[adapter_name].weight.shape[-1]) // 2
         return choose_kernel(n_tokens, assignments, n_experts, rank, device, width)
 
     def _dropout_active(self, adapter_name: str) -> bool:
@@ -373,7 +375,7 @@ class MoLoraLayer(BaseTunerLayer):
         weight, bias = base.weight, base.bias
         if weight.requires_grad or (bias is not None and bias.requires_grad):
             return None
-        weight_A = self.molora_A[adapter_name]
+        weight_A = self.molora_A[adapter_name].weight
         amp = autocast_dtype(x.device.type)
         if amp is None and not x.dtype == weight.dtype == weight_A.dtype:
             return None
@@ -427,7 +429,7 @@ class MoLoraLayer(BaseTunerLayer):
         # adapters
         by_dtype: dict[torch.dtype, dict[str, list[int]]] = {}
         for name, rows in groups.items():
-            by_dtype.setdefault(self.molora_A[name].dtype, {})[name] = rows
+            by_dtype.setdefault(self.molora_A[name].weight.dtype, {})[name] = rows
         for dtype_groups in by_dtype.values():
             result = self._grouped_adapters_pass(x, result, dtype_groups, valid_all)
         return result
@@ -438,8 +440,8 @@ class MoLoraLayer(BaseTunerLayer):
         """``result`` plus the experts' deltas of ``groups`` (adapter -> its rows of the batch, one dtype)."""
         runtime = self._molora_runtime
         first = next(iter(groups))
-        dtype = self.molora_A[first].dtype
-        max_rank = max(self.molora_A[name].shape[-1] for name in groups)
+        dtype = self.molora_A[first].weight.dtype
+        max_rank = max(self.molora_A[name].weight.shape[-1] for name in groups)
         rows_order, xs, banks_A, banks_B, token_idx, expert_idx, weights, records = [], [], [], [], [], [], [], []
         token_offset = expert_offset = 0
         for name, rows in groups.items():
@@ -462,7 +464,7 @@ class MoLoraLayer(BaseTunerLayer):
                 context = runtime.context.for_input(x).select_rows(rows_t, x.shape[0]) if runtime is not None else None
                 routing = self._route(router, sub_flat, valid, context, sub.shape[:-1])
                 records.append((self._molora_key, name, router, routing, valid))
-            weight_A, weight_B = self.molora_A[name], self.molora_B[name]
+            weight_A, weight_B = self.molora_A[name].weight, self.molora_B[name].weight
             if name in self.molora_rank:
                 weight_A, weight_B = self.molora_rank[name].masked_weights(weight_A, weight_B)
             weight_A, weight_B = weight_A.to(dtype), weight_B.to(dtype)
@@ -560,7 +562,7 @@ class MoLoraLayer(BaseTunerLayer):
         cache = self._molora_shrink_cache
         runtime = self._molora_runtime
         if bank is None:
-            bank = self.molora_A[adapter_name]
+            bank = self.molora_A[adapter_name].weight
         if torch.is_grad_enabled() or runtime is None or weight_A is not bank or not runtime.context.kv_cache:
             # (only a call with a KV cache can be followed by the decode steps that reuse it: not an eval forward,
             # nor reentrant checkpointing's gradient-free first pass, where it held a copy of every layer's bank)

@@ -122,7 +122,7 @@ def build_layer_routers(
             init_std=config.router_init_std,
         )
         router.module_names = names
-        router.to(members[0][1].molora_A[adapter_name].device).float()
+        router.to(members[0][1].molora_A[adapter_name].weight.device).float()
         routers[container_key(key)] = router
         layers[key] = model.get_submodule(key)
         for index, (_, module) in enumerate(members):

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from .bank import ExpertBank
 from .dynamic_rank import DynamicRankState
 from .layer import MoLoraLayer, _in_backward
 
@@ -108,8 +109,8 @@ class MoeExpertsLora(nn.Module, MoLoraLayer):
         self.scaling: dict[str, float] = {}
         self.molora_dropout = nn.ModuleDict({})
         for proj in _PROJECTIONS:
-            setattr(self, f"molora_{proj}_A", nn.ParameterDict({}))
-            setattr(self, f"molora_{proj}_B", nn.ParameterDict({}))
+            setattr(self, f"molora_{proj}_A", nn.ModuleDict({}))  # adapter name -> ExpertBank
+            setattr(self, f"molora_{proj}_B", nn.ModuleDict({}))
             setattr(self, f"molora_rank_{proj}", nn.ModuleDict({}))
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
@@ -163,8 +164,8 @@ class MoeExpertsLora(nn.Module, MoLoraLayer):
                 weight_A.uniform_(-bound, bound)
                 if not config.init_lora_weights:
                     weight_B.uniform_(-1.0 / math.sqrt(rank), 1.0 / math.sqrt(rank))
-            getattr(self, f"molora_{proj}_A")[adapter_name] = nn.Parameter(weight_A.to(weight.device, dtype))
-            getattr(self, f"molora_{proj}_B")[adapter_name] = nn.Parameter(weight_B.to(weight.device, dtype))
+            getattr(self, f"molora_{proj}_A")[adapter_name] = ExpertBank(weight_A.to(weight.device, dtype))
+            getattr(self, f"molora_{proj}_B")[adapter_name] = ExpertBank(weight_B.to(weight.device, dtype))
             states = getattr(self, f"molora_rank_{proj}")
             if dynamic_rank is not None:
                 states[adapter_name] = DynamicRankState(n_experts, rank, dynamic_rank).to(weight.device)
@@ -204,8 +205,8 @@ class MoeExpertsLora(nn.Module, MoLoraLayer):
     def _adapter_weights(self, adapter_name: str) -> tuple:
         out = []
         for proj in _PROJECTIONS:
-            weight_A = getattr(self, f"molora_{proj}_A")[adapter_name]
-            weight_B = getattr(self, f"molora_{proj}_B")[adapter_name]
+            weight_A = getattr(self, f"molora_{proj}_A")[adapter_name].weight
+            weight_B = getattr(self, f"molora_{proj}_B")[adapter_name].weight
             states = getattr(self, f"molora_rank_{proj}")
             if adapter_name in states:
                 weight_A, weight_B = states[adapter_name].masked_weights(weight_A, weight_B)

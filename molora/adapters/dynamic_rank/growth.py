@@ -49,11 +49,11 @@ class _Bank:
 
     @property
     def A(self) -> torch.Tensor:
-        return getattr(self.layer, self.a_attr)[self.adapter]
+        return getattr(self.layer, self.a_attr)[self.adapter].weight
 
     @property
     def B(self) -> torch.Tensor:
-        return getattr(self.layer, self.b_attr)[self.adapter]
+        return getattr(self.layer, self.b_attr)[self.adapter].weight
 
 
 def dynamic_rank_banks(model: nn.Module, adapter_name: str | None = None) -> list[_Bank]:
