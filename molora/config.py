@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -232,6 +233,23 @@ class MoLoraConfig(PeftConfig):
         if self.dynamic_rank is None:
             return None
         return build_dynamic_rank_params(self.dynamic_rank, self.r)
+
+    def check_before_save(self) -> None:
+        """Raise a ``ValueError`` naming the field if the config is invalid or cannot be written as JSON.
+
+        ``PeftModel.save_pretrained`` writes the weights first and the config after: a field set after construction
+        to a value JSON cannot hold would leave the folder with new weights and a truncated ``adapter_config.json``.
+        The tuner calls this while collecting the adapter's weights, before anything is written."""
+        self._validate()
+        for spec in dataclasses.fields(self):
+            value = getattr(self, spec.name)
+            try:
+                json.dumps(list(value) if isinstance(value, set) else value)
+            except (TypeError, ValueError) as err:
+                raise ValueError(
+                    f"`{spec.name}`={value!r} cannot be saved in adapter_config.json ({err}); set it to plain JSON "
+                    "values (numbers, strings, lists, dicts). Nothing was written."
+                ) from None
 
     def _validate(self) -> None:
         _require_int("r", self.r, minimum=1)

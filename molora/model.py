@@ -246,6 +246,9 @@ class MoLoraModel(BaseTuner):
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        if isinstance(config, MoLoraConfig):
+            # save_pretrained collects the weights before it writes anything, and writes the config last
+            config.check_before_save()
         to_return = super()._get_adapter_state_dict(
             model=model,
             config=config,

@@ -108,3 +108,24 @@ def test_gpt2_roundtrip_in_fresh_process(tmp_path):
     _, _, expected, results = _roundtrip(tmp_path, make_gpt2(), config)
     assert torch.equal(results["peft_model"], expected)
     assert torch.equal(results["auto"], expected)
+
+
+def test_a_save_that_cannot_write_the_config_leaves_the_previous_adapter_intact(tmp_path):
+    """``save_pretrained`` writes the weights, then the config: a field set after construction to a value JSON cannot
+    hold left the folder with the new weights and a truncated adapter_config.json. The config is now checked while
+    the weights are collected, before anything is written; the error names the field."""
+    import pytest
+
+    config = MoLoraConfig(r=2, num_experts=2, top_k=1, init_lora_weights=False, task_type="CAUSAL_LM")
+    get_peft_model(make_llama(0), config).save_pretrained(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    other = get_peft_model(make_llama(1), MoLoraConfig(r=2, num_experts=2, top_k=1, task_type="CAUSAL_LM"))
+    other.peft_config["default"].revision = Path("main")
+    with pytest.raises(ValueError, match="`revision`=.*cannot be saved in adapter_config.json.*Nothing was written"):
+        other.save_pretrained(tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    other.peft_config["default"].revision = None
+    other.peft_config["default"].aux_loss_coef = -1.0
+    with pytest.raises(ValueError, match="`aux_loss_coef`=-1.0 must be >= 0"):
+        other.save_pretrained(tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
