@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CHAR_VOCAB, make_char_tokenizer, make_llama
+from conftest import CHAR_VOCAB, make_char_tokenizer, make_llama, sft_args
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -508,12 +508,10 @@ def test_adapter_without_dynamic_rank_has_no_rank_state():
 
 def test_sft_trainer_grows_ranks_with_the_callback(tmp_path):
     trl = pytest.importorskip("trl")
-    from datasets import Dataset
 
     from molora.training import DynamicRankCallback
 
-    words = ["red fox", "blue cat", "green owl", "gray wolf"]
-    data = Dataset.from_list([{"text": f"the {words[i % 4]} sat on mat {i % 4}."} for i in range(32)])
+    data = _growth_text(32)
     args = trl.SFTConfig(
         output_dir=str(tmp_path),
         report_to="none",
@@ -552,30 +550,30 @@ def test_sft_trainer_grows_ranks_with_the_callback(tmp_path):
     assert any(float(b.state.importance.sum()) > 0 for b in _banks(trainer.model))
 
 
+def _growth_text(n: int):
+    from datasets import Dataset
+
+    words = ["red fox", "blue cat", "green owl", "gray wolf"]
+    return Dataset.from_list([{"text": f"the {words[i % 4]} sat on mat {i % 4}."} for i in range(n)])
+
+
 def _sft_with_growth(output_dir, resume=None):
     """6 steps of SFT with a growth event every step (1..5), checkpoints at steps 2 and 4; returns the adapter's
     final tensors, the growth events and the warnings about the saliency EMAs."""
     import warnings
 
     trl = pytest.importorskip("trl")
-    from datasets import Dataset
-
     from molora.training import DynamicRankCallback
 
-    words = ["red fox", "blue cat", "green owl", "gray wolf"]
-    data = Dataset.from_list([{"text": f"the {words[i % 4]} sat on mat {i % 4}."} for i in range(24)])
-    args = trl.SFTConfig(
-        output_dir=str(output_dir),
-        report_to="none",
+    args = sft_args(
+        output_dir,
         max_steps=6,
         per_device_train_batch_size=2,
-        learning_rate=1e-2,
+        lr_scheduler_type="linear",
+        logging_steps=500,
         save_strategy="steps",
         save_steps=2,
-        use_cpu=True,
         max_length=32,
-        dataloader_num_workers=0,
-        seed=0,
     )
     growth = {"init_rank": 1, "target_rank": 3, "growth_step": 1, "start_step": 1, "end_step": 5}
     config = _config(init_lora_weights=True, dynamic_rank={**growth, "growth_interval": 1, "experts_per_event": 3})
@@ -583,7 +581,7 @@ def _sft_with_growth(output_dir, resume=None):
     trainer = trl.SFTTrainer(
         model=make_llama(vocab_size=CHAR_VOCAB),
         args=args,
-        train_dataset=data,
+        train_dataset=_growth_text(24),
         processing_class=make_char_tokenizer(),
         peft_config=config,
     )
