@@ -78,10 +78,13 @@ class DynamicRankCallback(TrainerCallback):
         given = getattr(args, "resume_from_checkpoint", None)
         if isinstance(given, (str, os.PathLike)):
             folders.insert(1, Path(given))
-        banks = len(dynamic_rank_banks(model))
         for folder in folders:
             path = folder / SALIENCY_FILE if folder is not None else None
-            if path is not None and path.is_file() and load_saliency_state(model, load_file(str(path))) == banks:
+            if path is None or not path.is_file():
+                continue
+            tensors = load_file(str(path))
+            saved = {key.rsplit("/", 1)[0] for key in tensors}  # one entry per bank (a frozen adapter has none)
+            if load_saliency_state(model, tensors) == len(saved):
                 return
         warnings.warn(
             f"Resuming DR-LoRA training at step {state.global_step} without the sensitivity EMAs of every bank: no "
