@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -613,6 +614,7 @@ def test_resumed_trainer_grows_exactly_as_the_uninterrupted_run(tmp_path):
     from molora.training import DynamicRankCallback
 
     model = get_peft_model(make_llama(vocab_size=CHAR_VOCAB), _config(dynamic_rank={"init_rank": 1}))
+    model.add_adapter("frozen", _config(dynamic_rank={"init_rank": 1}))  # its banks have no EMAs to restore
     args = type("Args", (), {"output_dir": str(tmp_path / "other"), "resume_from_checkpoint": None})()
     begin = (args, TrainerState(global_step=2, max_steps=6), TrainerControl(), model)
     with pytest.warns(UserWarning, match="restart from zero.*resume_from"):
@@ -620,10 +622,12 @@ def test_resumed_trainer_grows_exactly_as_the_uninterrupted_run(tmp_path):
     assert not dr.saliency_state(model)
     callback = DynamicRankCallback()
     callback.resume_from(tmp_path / "moved")
-    callback.on_train_begin(*begin)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a complete restore says nothing
+        callback.on_train_begin(*begin)
     saved = load_file(str(tmp_path / "moved" / dr.SALIENCY_FILE))
     restored = dr.saliency_state(model)
-    assert restored.keys() == saved.keys() and len(saved) == 4 * len(_banks(model))
+    assert restored.keys() == saved.keys() and len(saved) == 4 * len(_banks(model)) // 2
     assert all(torch.equal(restored[k], saved[k]) for k in saved)
 
 
