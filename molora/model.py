@@ -378,6 +378,12 @@ class MoLoraModel(BaseTuner):
     ) -> None:
         if current_key is None:
             raise ValueError("Current key shouldn't be `None`; this should not happen, please report it.")
+        if adapter_name == milora.CONTAINER:
+            # the saved MiLoRA routers are found by this name in the keys; as an adapter name it would not load back
+            raise ValueError(
+                f"Adapter name {adapter_name!r} is reserved by molora (it holds MiLoRA's decoder-layer routers); "
+                "choose another name."
+            )
         peft_config = peft_config.for_module(current_key)  # rank_pattern / alpha_pattern
         if isinstance(target, MoLoraLayer):
             target.update_layer(adapter_name, peft_config)

@@ -178,3 +178,18 @@ def test_lora_config_options_convert_or_explain():
         MoLoraConfig(layer_replication=[[0, 2]])
     with pytest.raises(TypeError, match=r"unexpected keyword argument 'no_such_option'"):
         MoLoraConfig(no_such_option=1)
+
+
+def test_the_router_container_name_is_refused_as_an_adapter_name():
+    """An adapter named like the MiLoRA router container saved fine but loaded none of its weights back (the keys
+    of that container are rewritten on load): the name is refused when the adapter is created."""
+    from conftest import make_llama
+    from peft import get_peft_model
+
+    config = MoLoraConfig(r=2, num_experts=2, top_k=1, task_type="CAUSAL_LM")
+    with pytest.raises(ValueError, match="Adapter name 'molora_milora' is reserved by molora"):
+        get_peft_model(make_llama(), config, adapter_name="molora_milora")
+    model = get_peft_model(make_llama(), config)
+    with pytest.raises(ValueError, match="is reserved"):
+        model.add_adapter("molora_milora", MoLoraConfig(r=2, num_experts=2, top_k=1, task_type="CAUSAL_LM"))
+    assert list(model.peft_config) == ["default"]
