@@ -268,15 +268,12 @@ class MoLoraModel(BaseTuner):
         marker = f"{milora.CONTAINER}.{adapter_name}."
         if key.startswith(marker) or f".{marker}" in key:
             return key.replace(marker, f"{milora.CONTAINER}.", 1)
-        # an expert bank is a module (`molora_A.<adapter>.weight`, see ExpertBank) saved as `...molora_A`, the key
-        # its bare parameter had; loading builds its mapping from this function, so both directions agree
-        head, _, attr = key.removesuffix(f".{adapter_name}.weight").rpartition(".")
-        if attr in BANK_ATTRS and key.endswith(f".{adapter_name}.weight"):
-            return f"{head}.{attr}" if head else attr
         return super()._remove_adapter_name_from_key(key, adapter_name)
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        # adapters saved while the banks were bare parameters name them `...molora_A`; now `...molora_A.weight`
+        state_dict = {(f"{k}.weight" if k.rpartition(".")[2] in BANK_ATTRS else k): v for k, v in state_dict.items()}
         remapped = super()._remap_adapter_state_dict_for_load(
             model=model, config=config, adapter_name=adapter_name, state_dict=state_dict
         )

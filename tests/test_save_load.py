@@ -86,7 +86,8 @@ def test_llama_roundtrip_in_fresh_process_is_bit_identical(tmp_path):
     saved = json.loads((adapter_dir / "adapter_config.json").read_text())
     assert saved["peft_type"] == "MOLORA" and saved["num_experts"] == 4 and saved["router"] == "topk"
     tensors = load_file(adapter_dir / "adapter_model.safetensors")
-    assert any(k.endswith("self_attn.q_proj.molora_A") for k in tensors)
+    # the experts' banks as LoRA's weights: "<module>.lora_A.weight" -> "<module>.molora_A.weight"
+    assert any(k.endswith("self_attn.q_proj.molora_A.weight") for k in tensors)
     assert any(k.endswith("mlp.down_proj.molora_router.weight") for k in tensors)
     assert not any(".default" in k for k in tensors)
 
@@ -129,3 +130,32 @@ def test_a_save_that_cannot_write_the_config_leaves_the_previous_adapter_intact(
     with pytest.raises(ValueError, match="`aux_loss_coef`=-1.0 must be >= 0"):
         other.save_pretrained(tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_adapters_saved_with_bare_bank_keys_still_load(tmp_path):
+    """Before the banks were modules their saved keys were "<module>.molora_A" (no ".weight"): such files load to the
+    same outputs, through PeftModel.from_pretrained and after DR-LoRA's compaction alike."""
+    from peft import PeftModel
+    from safetensors.torch import save_file
+
+    import molora
+
+    config = MoLoraConfig(
+        r=4, num_experts=4, top_k=2, init_lora_weights=False, task_type="CAUSAL_LM", dynamic_rank={"init_rank": 1}
+    )
+    model = get_peft_model(make_llama(), config).eval()
+    model.save_pretrained(tmp_path / "a")
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    banks = (".molora_A.", ".molora_B.")
+    legacy = {(k.removesuffix(".weight") if any(b in k for b in banks) else k): v for k, v in tensors.items()}
+    assert len(legacy) == len(tensors) and sum(k.endswith(".molora_A") for k in legacy) == 14
+    save_file(legacy, weights, metadata={"format": "pt"})
+    molora.compact_adapter(tmp_path / "a", tmp_path / "compact")
+    ids = torch.randint(3, 90, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        # compaction's smaller GEMMs may round differently (docs/dynamic_rank.md)
+        for folder, atol in (("a", 0.0), ("compact", 1e-5)):
+            loaded = PeftModel.from_pretrained(make_llama(), tmp_path / folder).eval()
+            torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=0, atol=atol)

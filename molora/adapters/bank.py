@@ -15,8 +15,8 @@ class ExpertBank(nn.Module):
     A module rather than a bare parameter so that the parameter is named ``molora_A.<adapter>.weight``, as PEFT's
     LoRA names ``lora_A.<adapter>.weight``: tools that map one adapter's parameters onto another's by the
     ``.<adapter>.`` path component (TRL's DPO, KTO, GRPO and RLOO trainers copy ``default`` into their ``ref``
-    adapter that way) find the experts. Saved adapter files keep the keys ``...molora_A`` (see
-    ``MoLoraModel._remove_adapter_name_from_key``).
+    adapter that way) find the experts, and the saved key is ``...molora_A.weight`` as LoRA's ``...lora_A.weight``.
+    Adapters saved before (``...molora_A``) still load (``MoLoraModel._remap_adapter_state_dict_for_load``).
     """
 
     def __init__(self, weight: torch.Tensor) -> None:

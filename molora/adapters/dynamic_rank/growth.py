@@ -357,6 +357,12 @@ def _saved_bank(key: str) -> tuple[str, str] | None:
     return None
 
 
+def _bank_key(tensors: dict[str, torch.Tensor], prefix: str) -> str:
+    # a bank is saved as "<module>.molora_A.weight" (as LoRA's "lora_A.weight"); adapters saved while the banks
+    # were bare parameters have "<module>.molora_A"
+    return f"{prefix}.weight" if f"{prefix}.weight" in tensors else prefix
+
+
 def _module_key(saved_prefix: str) -> str:
     # saved keys are "base_model.model.<module path>"; PEFT's injection sees "<module path>"
     return saved_prefix.removeprefix("base_model.model.")
@@ -387,7 +393,7 @@ def compact_adapter(adapter_dir: str | Path, output_dir: str | Path) -> dict[str
         suffix, a_attr, b_attr = RANK_GROUPS[attr]
         r_layer = max(1, int((act >= 0).sum(dim=-1).max()))
         out[key] = act[:, :r_layer].contiguous()
-        a_key, b_key = f"{module_prefix}.{a_attr}", f"{module_prefix}.{b_attr}"
+        a_key, b_key = (_bank_key(tensors, f"{module_prefix}.{attr}") for attr in (a_attr, b_attr))
         out[a_key] = tensors[a_key][:, :, :r_layer].contiguous()
         out[b_key] = tensors[b_key][:, :r_layer, :].contiguous()
         layer_ranks[_module_key(module_prefix) + suffix] = r_layer
