@@ -371,3 +371,30 @@ def test_flat_shrink_weight_layout():
     (flat * upstream).sum().backward()
     torch.testing.assert_close(A.grad, upstream[:, :6].reshape(5, 3, 2).permute(1, 0, 2))
     torch.testing.assert_close(router.grad, upstream[:, 6:].t())
+
+
+def test_an_adapter_saved_with_the_triton_path_runs_where_triton_cannot(tmp_path, monkeypatch):
+    """``kernel`` is saved with the adapter; one trained with Triton on a GPU raised at every forward on a CPU (and
+    ``molora generate`` offered no way out). Every path computes the same delta, so the layer warns once and takes
+    ``auto`` there: the same outputs as the adapter on the dense path."""
+    from conftest import make_llama
+    from peft import PeftModel, get_peft_model
+
+    import molora.adapters.layer as layer_module
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # tests/test_triton_kernels.py turns the interpreter on
+    monkeypatch.setattr(layer_module, "_TRITON_FALLBACK_WARNED", set())
+    config = MoLoraConfig(r=4, num_experts=4, top_k=2, init_lora_weights=False, task_type="CAUSAL_LM", kernel="triton")
+    get_peft_model(make_llama(), config).save_pretrained(tmp_path)
+    ids = torch.randint(3, 90, (2, 6), generator=torch.Generator().manual_seed(0))
+    loaded = PeftModel.from_pretrained(make_llama(), tmp_path).eval()
+    with pytest.warns(
+        UserWarning, match="kernel='triton' runs on cpu tensors, where Triton cannot run.*kernel='auto'"
+    ):
+        with torch.no_grad():
+            got = loaded(input_ids=ids).logits
+    for module in loaded.modules():
+        if hasattr(module, "kernel") and isinstance(module.kernel, dict):
+            module.kernel["default"] = "dense"
+    with torch.no_grad():
+        torch.testing.assert_close(got, loaded(input_ids=ids).logits, rtol=1e-6, atol=1e-6)

@@ -9,6 +9,7 @@ PEFT recognises): the experts only need the base layer's input and output widths
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .._amp import autocast_dtype
-from ..kernels import choose_kernel, expert_delta
+from ..kernels import choose_kernel, expert_delta, triton_available
 from ..kernels.fused_dense import base_and_shrink, dense_topk_layer, gated_expand_
 from ..kernels.torch_ops import dense_masked_expand, flat_shrink_weight
 from ..routers.base import Router, Routing, build_router_params, get_router_class
@@ -219,7 +220,7 @@ class MoLoraLayer(BaseTunerLayer):
     def _expert_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         x_flat, lead_shape, valid, context, weight_A, weight_B, rank_state = self._prepare(x, adapter_name)
         router = self.molora_router[adapter_name]
-        scaling, kernel = self.scaling[adapter_name], self.kernel[adapter_name]
+        scaling, kernel = self.scaling[adapter_name], self._kernel(adapter_name, x.device)
         losses = None
         x_in = x_flat
         if x_flat.dtype != weight_A.dtype == torch.float32:
@@ -344,6 +345,16 @@ class MoLoraLayer(BaseTunerLayer):
             return False
         return router.linear_scoring()
 
+    def _kernel(self, adapter_name: str, device: torch.device) -> str:
+        """The adapter's ``kernel``, or ``"auto"`` where it is ``"triton"`` and Triton cannot run on ``device``: the
+        path is a speed choice saved with the adapter, and an adapter trained with Triton on a GPU must still run on
+        a CPU (every path computes the same delta). Warns once."""
+        kernel = self.kernel[adapter_name]
+        if kernel == "triton" and not triton_available(device):
+            _warn_triton_fallback(device)
+            return "auto"
+        return kernel
+
     def _resolve_kernel(self, n_tokens: int, adapter_name: str, kernel: str, device: torch.device) -> str:
         """``kernel``, with ``"auto"`` resolved for ``n_tokens`` tokens on ``device``, before routing: from the bank's
         shape and the router's expected experts per token."""
@@ -380,7 +391,7 @@ class MoLoraLayer(BaseTunerLayer):
         if amp is None and not x.dtype == weight.dtype == weight_A.dtype:
             return None
         n_tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if self._resolve_kernel(n_tokens, adapter_name, self.kernel[adapter_name], x.device) != "dense":
+        if self._resolve_kernel(n_tokens, adapter_name, self._kernel(adapter_name, x.device), x.device) != "dense":
             return None
         if self._dropout_active(adapter_name):
             return None
@@ -488,7 +499,7 @@ class MoLoraLayer(BaseTunerLayer):
             expert_index=torch.cat(expert_idx),
             weight=torch.cat(weights),
         )
-        kernels = {self.kernel[name] for name in groups}
+        kernels = {self._kernel(name, x.device) for name in groups}
         kernel = kernels.pop() if len(kernels) == 1 else "auto"
         delta = expert_delta(torch.cat(xs), torch.cat(banks_A), torch.cat(banks_B), routing, 1.0, kernel)
         if runtime is not None:
@@ -594,6 +605,21 @@ class MoLoraLayer(BaseTunerLayer):
 
 
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
+
+
+_TRITON_FALLBACK_WARNED: set[str] = set()
+
+
+def _warn_triton_fallback(device: torch.device) -> None:
+    if device.type in _TRITON_FALLBACK_WARNED:
+        return
+    _TRITON_FALLBACK_WARNED.add(device.type)
+    warnings.warn(
+        f"An adapter with kernel='triton' runs on {device.type} tensors, where Triton cannot run (it needs the triton "
+        "package and CUDA tensors, or TRITON_INTERPRET=1): using kernel='auto' instead (the same results; only speed "
+        "depends on the path).",
+        stacklevel=3,
+    )
 
 
 def _in_backward() -> bool:
