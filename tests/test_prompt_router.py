@@ -475,7 +475,7 @@ def test_save_load_roundtrip_and_no_cached_decision_in_the_state_dict(tmp_path):
     model.save_pretrained(tmp_path)
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     suffixes = {key.split("molora_", 1)[1] for key in tensors}
-    assert suffixes == {"A", "B", "router.weight"}
+    assert suffixes == {"A.weight", "B.weight", "router.weight"}
     assert len(tensors) == 3 * 14
 
     loaded = PeftModel.from_pretrained(make_llama(0), tmp_path).eval()
