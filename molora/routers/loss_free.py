@@ -95,13 +95,9 @@ class TopKBiasRouter(Router):
             super()._apply(fn, recurse)
         return self
 
-    def affinities(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(s, probs)``: the affinities ``s[T, E]`` and their normalisation ``probs = s / sum_e s``."""
-        scores, log_scores = self._scores(logits)
-        return scores, torch.softmax(log_scores, dim=-1)
-
     def _scores(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # (s, log s): s / sum(s) from log s is exact, and finite even when every sigmoid underflows to 0
+        """``(s, log s)``: the affinities ``s[T, E]`` and their logs; ``s / sum(s)`` from ``log s`` (a softmax) is
+        exact, and finite even when every sigmoid underflows to 0."""
         if self.params.score_function == "softmax":
             return torch.softmax(logits, dim=-1), logits
         return torch.sigmoid(logits), nn.functional.logsigmoid(logits)
