@@ -8,10 +8,10 @@ the files molora's trainer did not write are simply left out of the card.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from ._io import write_atomic
 from .training.models import BASE_INFO_FILE, check_adapter_dir
 
 CARD_FILE = "README.md"
@@ -280,25 +280,7 @@ def write_model_card(adapter_dir: str | Path, repo_id: str | None = None) -> Pat
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same folder, moved into place when complete."""
-    import tempfile
-
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-        # mkstemp creates the file readable by its owner only: give it the mode of the file it replaces, or the
-        # umask's default as a plain open() would
-        if path.exists():
-            mode = path.stat().st_mode & 0o777
-        else:
-            umask = os.umask(0)
-            os.umask(umask)
-            mode = 0o666 & ~umask
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def is_generated_card(path: Path) -> bool:

@@ -10,7 +10,6 @@ sensitivity EMAs (not part of the adapter) into the checkpoint and ``on_train_be
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .._io import write_atomic
 from ..adapters.dynamic_rank import (
     SALIENCY_FILE,
     GrowthSchedule,
@@ -103,15 +103,8 @@ class DynamicRankCallback(TrainerCallback):
         tensors = saliency_state(model)
         if not tensors or not folder.is_dir():  # nothing learnt yet, or a run folder of a hyper-parameter search
             return
-        # written beside and renamed: an interrupted write never leaves a truncated file a resume would read
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp)
-            os.replace(tmp, folder / SALIENCY_FILE)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # an interrupted write never leaves a truncated file a resume would read
+        write_atomic(folder / SALIENCY_FILE, lambda tmp: save_file(tensors, tmp))
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if model is not None:
