@@ -82,9 +82,7 @@ class DynamicRankCallback(TrainerCallback):
             path = folder / SALIENCY_FILE if folder is not None else None
             if path is None or not path.is_file():
                 continue
-            tensors = load_file(str(path))
-            saved = {key.rsplit("/", 1)[0] for key in tensors}  # one entry per bank (a frozen adapter has none)
-            if load_saliency_state(model, tensors) == len(saved):
+            if load_saliency_state(model, load_file(str(path))):
                 return
         warnings.warn(
             f"Resuming DR-LoRA training at step {state.global_step} without the sensitivity EMAs of every bank: no "

@@ -291,8 +291,9 @@ def saliency_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_saliency_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> int:
-    """Put EMAs from :func:`saliency_state` back into ``model``'s banks; return how many banks got theirs.
+def load_saliency_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> bool:
+    """Put EMAs from :func:`saliency_state` back into ``model``'s banks; return whether every bank in ``tensors``
+    found its place (banks without saved EMAs, e.g. a frozen adapter's, are not expected there).
 
     A bank whose saved tensors are missing or of another shape (another ``r`` or ``num_experts``) keeps its own
     (they restart from zero at the next :func:`update_importance`)."""
@@ -306,7 +307,7 @@ def load_saliency_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> i
         device = bank.state.activated_at.device
         bank.state._ema = {key: value.to(device=device, dtype=torch.float32) for key, value in saved.items()}
         restored += 1
-    return restored
+    return restored == len({key.rsplit("/", 1)[0] for key in tensors})  # keys "<adapter>/<module>/<name>"
 
 
 # -- adapter directories --------------------------------------------------------------------------------------------
