@@ -12,6 +12,8 @@ an autocast region it casts its operands as autocast does and agrees with the ge
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import VOCAB, OneProjection, make_gpt2, make_llama
@@ -444,6 +446,85 @@ def test_generation_reuses_the_shrink_matrix_only_within_one_call(monkeypatch):
         uncached = model.generate(input_ids=input_ids, use_cache=False, **kwargs)
     assert not torch.equal(first, changed)
     torch.testing.assert_close(changed, uncached)
+
+
+@pytest.mark.parametrize("router", ["topk", "mor"])
+def test_decode_steps_reuse_their_plan_until_something_it_read_changes(monkeypatch, router):
+    """A cached decode step runs the fused path with what an earlier call on its KV cache found (``_DecodePlan``):
+    each change the plan depends on, made between two steps on the same cache, sends the next step through the full
+    checks, and every step equals the same step without a plan. (``mor`` scores with its own routers: no router
+    columns in the plan's matrix.)"""
+    config = MoLoraConfig(
+        r=4, num_experts=4, top_k=2, router=router, target_modules=["q_proj"], init_lora_weights=False
+    )
+    model = get_peft_model(make_llama(seed=5), config).eval()
+    layers = [m for m in model.modules() if isinstance(m, MoLoraLayer)]
+    planned = []
+    original = MoLoraLayer._decode_forward
+
+    def counting(self, *args, **kwargs):
+        planned.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(MoLoraLayer, "_decode_forward", counting)
+    ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(1))
+    hooked = []
+    base = layers[0].base_layer
+
+    def changes():
+        # a prefill without a cache object makes none (no decode step may follow): the first step makes them
+        yield "first step", lambda: None
+        yield "nothing", lambda: None
+        # in place: the matrix copied at the prefill would be stale (the version counter tells)
+        yield "A in place", lambda: layers[0].molora_A["default"].weight.mul_(1.5)
+        yield "router in place", lambda: layers[1].molora_router["default"].weight.add_(0.25)
+        # the fused path never calls the base layer: a hook put on it must see its call
+        yield "hook on the base", lambda: base.register_forward_hook(lambda *args: hooked.append(1))
+        # through .data no version counter tells; a step on another cache (another generation) makes its own plan
+        yield (
+            "A through .data, another cache",
+            lambda: (
+                layers[1].molora_A["default"].weight.data.mul_(1.5),
+                caches.append(copy.deepcopy(caches[-1])),
+            ),
+        )
+        yield "autocast", None
+
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+        caches, seq = [out.past_key_values], ids
+        for what, change in changes():
+            seq = torch.cat([seq, out.logits[:, -1:].argmax(-1)], dim=1)
+            del planned[:]
+            if change is not None:
+                change()
+                # the reference: the same step on copies, whose plans belong to another cache (not used)
+                ref_model, ref_cache = copy.deepcopy((model, caches[-1]))
+                out = model(input_ids=seq[:, -1:], cache=caches[-1], use_cache=True)
+            else:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    out = model(input_ids=seq[:, -1:], cache=caches[-1], use_cache=True)
+                assert not planned, what  # the plan was made outside autocast
+                continue
+            n_planned = len(planned)
+            ref = ref_model(input_ids=seq[:, -1:], cache=ref_cache, use_cache=True).logits
+            assert len(planned) == n_planned, what
+            torch.testing.assert_close(out.logits, ref, atol=0, rtol=0)
+            if what == "first step":
+                assert not planned and all(layer._molora_decode_plans for layer in layers), what
+            elif what == "nothing":
+                assert planned == layers, what  # both layers took their plan
+            elif what == "hook on the base":
+                assert hooked and layers[0] not in planned and layers[1] in planned, what
+            elif what.startswith("A through"):
+                assert not planned, what
+            else:
+                changed = layers[0] if what == "A in place" else layers[1]
+                if router == "mor" and what == "router in place":
+                    # mor's scoring is not in the plan's matrix: its change needs no new plan
+                    assert planned == layers, what
+                else:
+                    assert changed not in planned and len(planned) == 1, what
 
 
 @pytest.mark.parametrize("router", ["topk", "soft"])

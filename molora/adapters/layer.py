@@ -66,9 +66,9 @@ class MoLoraLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}
-        # per adapter, [A_flat | W_router^T] of the last call without autograd, for the decode steps after it
-        # (see _cached_shrink)
-        self._molora_shrink_cache: dict[str, tuple[tuple, torch.Tensor]] = {}
+        # per adapter, what the dense path of a call with a KV cache found, for the decode steps after it
+        # (see _decode_plan)
+        self._molora_decode_plans: dict[str, _DecodePlan] = {}
         self.quantization_backend = resolve_quantization_backend(self.get_base_layer(), **kwargs)
         in_features, out_features = _get_in_out_features(self.get_base_layer())
         if in_features is None or out_features is None:
@@ -111,6 +111,7 @@ class MoLoraLayer(BaseTunerLayer):
         self.molora_B[adapter_name] = ExpertBank(weight_B)
 
         self._milora.pop(adapter_name, None)
+        self._molora_decode_plans.pop(adapter_name, None)
         if config.milora_module_mode:
             # MiLoRA module mode: this projection is one LoRA module, gated by its decoder layer's router, which the
             # tuner creates once every projection is adapted (molora.adapters.milora)
@@ -218,7 +219,8 @@ class MoLoraLayer(BaseTunerLayer):
         return runtime.select(adapter_name, router, logits, valid)
 
     def _expert_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        x_flat, lead_shape, valid, context, weight_A, weight_B, rank_state = self._prepare(x, adapter_name)
+        bank = self.molora_A[adapter_name].weight
+        x_flat, lead_shape, valid, context, weight_A, weight_B, rank_state = self._prepare(x, adapter_name, bank)
         router = self.molora_router[adapter_name]
         scaling, kernel = self.scaling[adapter_name], self._kernel(adapter_name, x.device)
         losses = None
@@ -229,9 +231,11 @@ class MoLoraLayer(BaseTunerLayer):
             x_in = self._cast_input_dtype(x_flat, torch.float32)
         if self._can_fuse_router(x_in, adapter_name, kernel):
             # the dense path with the router's scoring in the same GEMM: x @ [A_flat | W_router^T]
-            shrink = self._cached_shrink(adapter_name, weight_A, router.weight)
-            if shrink is None:
-                shrink = flat_shrink_weight(weight_A, router.weight)
+            # (a decode step reuses the matrix its prefill built: the plan of a base layer the fused path cannot run)
+            plan = self._decode_plan(x_in, adapter_name, fused=False) or self._store_decode_plan(
+                x_in, adapter_name, None, weight_A, bank, weight_B, router, router.weight, None
+            )
+            shrink = plan.shrink if plan is not None else flat_shrink_weight(weight_A, router.weight)
             h, logits = _split_shrink(x_in @ shrink, weight_A)
             routing, losses = self._select(adapter_name, router, logits, valid)
             delta = dense_masked_expand(h, weight_B, routing, scaling)
@@ -273,19 +277,50 @@ class MoLoraLayer(BaseTunerLayer):
                 out, routing, losses = done
                 return self._finish(adapter_name, router, routing, valid, rank_state, out, lead_shape, losses)
         router_weight = router.weight if fuse_router else None
-        # None with autograd: the function then builds [A_flat | W_router^T] itself
-        shrink = self._cached_shrink(adapter_name, weight_A, router_weight, bank)
+        b_flat = weight_B.reshape(-1, weight_B.shape[-1])
+        # None with autograd (the function then builds [A_flat | W_router^T] itself) or autocast (whose decode steps
+        # check everything again)
+        plan = None
+        if amp is None:
+            plan = self._store_decode_plan(
+                x, adapter_name, base, weight_A, bank, weight_B, router, router_weight, b_flat
+            )
         out, h, logits = base_and_shrink(
-            x_in, weight, bias, weight_A, router_weight, isinstance(base, Conv1D), shrink=shrink
+            x_in, weight, bias, weight_A, router_weight, isinstance(base, Conv1D), shrink=plan and plan.shrink
         )
+        return self._route_and_expand(
+            adapter_name, router, out, h, logits, x_flat, valid, context, lead_shape, b_flat, rank_state
+        )
+
+    def _route_and_expand(
+        self, adapter_name: str, router, out, h, logits, x_flat, valid, context, lead_shape, b_flat, rank_state
+    ):
+        """The fused path after :func:`base_and_shrink`: route (from ``logits`` when the router's scoring shared the
+        GEMM, else with the router's own scoring of ``x_flat``), add the gated expansion into ``out``, finish."""
         losses = None
-        if fuse_router:
+        if logits is not None:
             routing, losses = self._select(adapter_name, router, logits, valid)
         else:
             routing, losses = self._route_with_losses(adapter_name, router, x_flat, valid, context, lead_shape)
-        b_flat = weight_B.reshape(-1, weight_B.shape[-1])
         out = gated_expand_(out, h, routing.dense_gates(), b_flat, self.scaling[adapter_name])
         return self._finish(adapter_name, router, routing, valid, rank_state, out, lead_shape, losses)
+
+    def _decode_forward(self, x: torch.Tensor, adapter_name: str, plan: _DecodePlan) -> torch.Tensor:
+        """:meth:`_fused_forward` of a decode step, with what an earlier call on its KV cache found
+        (:meth:`_decode_plan`): the same functions on the same tensors, without looking up and checking again the
+        modules and weights of every layer in every step (a good part of a small layer's decode-step time)."""
+        lead_shape = x.shape[:-1]
+        x_flat = x.reshape(-1, x.shape[-1])
+        context = self._molora_runtime.context.for_input(x)
+        valid = context.token_mask(lead_shape)
+        if valid is not None and valid.device != x.device:
+            valid = valid.to(x.device)
+        out, h, logits = base_and_shrink(
+            x_flat, plan.weight, plan.bias, plan.bank, plan.router_weight, plan.conv1d, shrink=plan.shrink
+        )
+        return self._route_and_expand(
+            adapter_name, plan.router, out, h, logits, x_flat, valid, context, lead_shape, plan.b_flat, None
+        )
 
     def _dense_topk_forward(self, adapter_name, weight, bias, base, router, x_flat, weight_A, weight_B, valid):
         """``(out, routing, losses)`` through ``fused_dense.dense_topk_layer`` (base projection, top-k routing with its
@@ -528,6 +563,10 @@ class MoLoraLayer(BaseTunerLayer):
             return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
         active = [name for name in self.active_adapters if name in self.molora_A]
         if len(active) == 1 and not args and not kwargs and active[0] not in self._milora:
+            if not torch.compiler.is_compiling() and self._molora_decode_plans:
+                decode = self._decode_plan(x, active[0])
+                if decode is not None:
+                    return self._decode_forward(x, active[0], decode)
             plan = self._fusion_plan(x, active[0])
             if plan is not None:
                 return self._fused_base_forward(x, active[0], plan)
@@ -548,48 +587,83 @@ class MoLoraLayer(BaseTunerLayer):
             result = result.add_(delta) if in_place else result + delta
         return result
 
-    def _cached_shrink(
-        self,
-        adapter_name: str,
-        weight_A: torch.Tensor,
-        router_weight: torch.Tensor | None,
-        bank: torch.Tensor | None = None,
-    ):
-        """``[A_flat | W_router^T]`` for a call without autograd, reused by cached decode steps; else ``None``.
+    def _store_decode_plan(
+        self, x, adapter_name: str, base, weight_A, bank, weight_B, router, router_weight, b_flat
+    ) -> _DecodePlan | None:
+        """The dense path's plan for the decode steps that may follow this call, kept in ``_molora_decode_plans``;
+        ``None`` (and the adapter's plan dropped) where there is none to keep.
 
-        The matrix (``flat_shrink_weight(weight_A, router_weight)``, ``[d_in, E*r + E_router]``) is built by every
-        call with a KV cache (``RoutingContext.kv_cache``: a generation prefill or decode step) and reused only by the
-        cached decode steps that follow it (``RoutingContext.is_decode``: a few tokens per layer each, where
-        rebuilding it was a good part of the layer's work), and only while ``A`` and the router's weight keep their
-        version and storage. With autograd (or without a KV cache, a DR-LoRA-masked bank, or no runtime) it returns
-        ``None`` and drops the cache: the caller builds the matrix so that gradients reach ``A`` and the router.
-        ``bank``: the adapter's ``A`` parameter when the caller already fetched it (``weight_A`` is another tensor
-        when DR-LoRA masked it).
+        A plan is made by every call without autograd that passes a KV cache (``RoutingContext.kv_cache``: a
+        generation's prefill or decode step), runs outside an autocast region (the caller's check) and computes with
+        the adapter's own weights in their own dtype (not DR-LoRA-masked). It holds what this call found (base layer,
+        banks, router, whether the router's scoring shares the GEMM) and builds ``[A_flat | W_router^T]`` once: the
+        caller uses it for this call, and :meth:`_decode_plan` hands the plan to the decode steps on the same KV cache
+        while nothing it read has changed. ``base``: the plain base layer of the fused path (:meth:`_fusion_plan`), or
+        ``None`` for the general path's dense kernel with the router's scoring in its shrink GEMM (a quantized base
+        layer), whose decode steps reuse the matrix only. With autograd (or without a KV cache or a runtime) the
+        matrix is built by the caller's function, so that gradients reach ``A`` and the router, and nothing is kept
+        (reentrant checkpointing's gradient-free first pass is such a call without a KV cache: it would have held a
+        copy of every layer's bank).
         """
         if torch.compiler.is_compiling():
-            # compiled code cannot compare data pointers (a graph break per layer and step) and builds the matrix
-            # inside its graph anyway
-            return None
-        cache = self._molora_shrink_cache
+            return None  # compiled code builds the matrix inside its graph (and must not guard on Python state)
+        plans = self._molora_decode_plans
         runtime = self._molora_runtime
-        if bank is None:
-            bank = self.molora_A[adapter_name].weight
-        if torch.is_grad_enabled() or runtime is None or weight_A is not bank or not runtime.context.kv_cache:
-            # (only a call with a KV cache can be followed by the decode steps that reuse it: not an eval forward,
-            # nor reentrant checkpointing's gradient-free first pass, where it held a copy of every layer's bank)
-            cache.pop(adapter_name, None)
+        if (
+            torch.is_grad_enabled()
+            or runtime is None
+            or not runtime.context.kv_cache
+            or runtime.context.cache_ref is None
+            or weight_A is not bank
+            or weight_B.dtype != bank.dtype
+            or x.dtype != bank.dtype
+        ):
+            plans.pop(adapter_name, None)
             return None
-        key = (weight_A.data_ptr(), weight_A._version, weight_A.dtype, weight_A.device)
-        if router_weight is not None:
-            key += (router_weight.data_ptr(), router_weight._version, router_weight.dtype)
-        hit = cache.get(adapter_name)
-        if runtime.context.is_decode and hit is not None and hit[0] == key:
-            return hit[1]
-        shrink = flat_shrink_weight(weight_A, router_weight)
-        for name in [name for name in cache if name not in self.molora_A]:  # deleted adapters
-            del cache[name]
-        cache[adapter_name] = (key, shrink)
-        return shrink
+        for name in [name for name in plans if name not in self.molora_A]:  # deleted adapters
+            del plans[name]
+        plan = _DecodePlan(
+            base=base,
+            bank=bank,
+            weight_B=weight_B,
+            b_flat=b_flat,
+            router=router,
+            router_weight=router_weight,
+            shrink=flat_shrink_weight(bank, router_weight),
+            dropout=self.molora_dropout[adapter_name],
+            cache_ref=runtime.context.cache_ref,
+        )
+        plan.key = plan.state(x)
+        plan.dense_token_counts.add(x.numel() // x.shape[-1])  # the caller runs the dense path
+        plans[adapter_name] = plan
+        return plan
+
+    def _decode_plan(self, x: torch.Tensor, adapter_name: str, fused: bool = True) -> _DecodePlan | None:
+        """The plan of this adapter (:meth:`_store_decode_plan`) when this call is a decode step without autograd on
+        the KV cache of the call that made it, and nothing the plan read has changed: the input's dtype and device,
+        the modules' modes and hooks, the weights' storage and version (an in-place update), the
+        autocast state, and (for the fused path) the kernel that ``auto`` resolves for the call's token count.
+        ``None`` otherwise: the call then checks everything again."""
+        if torch.compiler.is_compiling():
+            return None
+        plan = self._molora_decode_plans.get(adapter_name)
+        if plan is None or (plan.base is None) == fused or torch.is_grad_enabled():
+            return None
+        context = self._molora_runtime.context
+        if not context.is_decode or context.cache_ref is None or context.cache_ref() is not plan.cache_ref():
+            return None
+        if plan.state(x) != plan.key:
+            return None
+        if fused:
+            # the fused path needs the dense kernel, which `auto` resolves per token count (a prefill's plan serves
+            # decode steps of fewer tokens)
+            n_tokens = x.numel() // x.shape[-1]
+            if n_tokens not in plan.dense_token_counts:
+                kernel = self._kernel(adapter_name, x.device)
+                if self._resolve_kernel(n_tokens, adapter_name, kernel, x.device) != "dense":
+                    return None
+                plan.dense_token_counts.add(n_tokens)
+        return plan
 
     def _plain_base_layer(self) -> nn.Module:
         """``get_base_layer()`` without PEFT's generic unwrapping loop when the base layer is not itself a tuner layer
@@ -636,6 +710,67 @@ def _split_shrink(hl: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torc
     """
     n_experts, _, rank = A.shape
     return hl.split([n_experts * rank, hl.shape[1] - n_experts * rank], dim=1)
+
+
+class _DecodePlan:
+    """What the fused path of one adapter found in a call with a KV cache, for the decode steps that follow it
+    (:meth:`MoLoraLayer._store_decode_plan`): the frozen base layer, the banks, the router, and the shrink matrix
+    ``[A_flat | W_router^T]`` (``W_router`` only when the router's scoring shares the GEMM)."""
+
+    __slots__ = (
+        "base",
+        "weight",
+        "bias",
+        "conv1d",
+        "bank",
+        "weight_B",
+        "b_flat",
+        "router",
+        "router_weight",
+        "shrink",
+        "dropout",
+        "cache_ref",
+        "device_type",
+        "key",
+        "dense_token_counts",
+    )
+
+    def __init__(self, *, base, bank, weight_B, b_flat, router, router_weight, shrink, dropout, cache_ref):
+        self.base, self.conv1d = base, isinstance(base, Conv1D)
+        self.weight, self.bias = (base.weight, base.bias) if base is not None else (None, None)
+        self.bank, self.weight_B, self.b_flat = bank, weight_B, b_flat
+        self.router, self.router_weight, self.shrink = router, router_weight, shrink
+        self.dropout, self.cache_ref = dropout, cache_ref
+        self.device_type = bank.device.type
+        self.key: tuple = ()
+        # token counts of calls for which `auto` resolves to the dense kernel (the fused path's)
+        self.dense_token_counts: set[int] = set()
+
+    def state(self, x: torch.Tensor) -> tuple:
+        """What the fused path's checks read, besides the adapter and the call: equal for a call the plan fits. (The
+        plan holds the weights it read, so no other tensor can take their storage and look the same.)"""
+        base, router, bank, weight_B = self.base, self.router, self.bank, self.weight_B
+        key = (
+            x.dtype,
+            x.device,
+            torch.is_autocast_enabled(self.device_type),
+            self.dropout.training,
+            router.training,
+            bool(router._forward_hooks or router._forward_pre_hooks),
+            bank.data_ptr(),
+            bank._version,
+            weight_B.data_ptr(),
+            weight_B._version,
+        )
+        if self.router_weight is not None:
+            key += (self.router_weight.data_ptr(), self.router_weight._version)
+        if base is not None:
+            key += (
+                bool(base._forward_hooks or base._forward_pre_hooks),
+                base.weight is self.weight and base.bias is self.bias,
+                self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad),
+            )
+        return key
 
 
 class Linear(nn.Module, MoLoraLayer):
