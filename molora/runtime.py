@@ -476,7 +476,7 @@ def _warn_accumulation_once() -> None:
 
 
 class ForwardAux:
-    """The aux-loss records of one model-level forward and the state of their gradient's delivery.
+    """The state of one model-level forward's aux-gradient delivery.
 
     Every delivery node of a forward (:class:`_LossProbe`, :class:`_AttachAuxGrad`, :class:`_AttachModelAuxGrad`,
     :class:`_MissingAuxGrads`) holds that forward's object, so forwards whose backward runs later keep their own
@@ -484,9 +484,14 @@ class ForwardAux:
     ``DPOTrainer``; two forwards whose outputs enter one loss; a ``no_grad`` forward or ``generate`` in between)
     changes nothing for the first.
 
+    It holds no loss tensor: the router's own autograd node holds it (:class:`_MissingAuxGrads`), and a loss that
+    carries that node would close a reference cycle through the autograd graph, which Python's garbage collector
+    cannot see (every forward's graph, with its saved activations when no backward ran, stayed alive). The losses are
+    the runtime's records (``MoLoraRuntime._aux``); this object counts them, for the weights of the fallback delivery.
+
     Attributes:
-        records: ``(layer, adapter) -> _AuxRecord`` of the forward (activation checkpointing's recompute of a layer
-            keeps the record its forward made, see :meth:`MoLoraRuntime.record`).
+        counted: ``(layer, adapter) -> (loss coefficients, loss names)`` of the forward's records (activation
+            checkpointing's recompute of a layer keeps the record its forward made, see :meth:`MoLoraRuntime.record`).
         delivered: the aux gradient already reached the routers through ``outputs.loss`` or ``molora_aux_loss()``.
         loss_grad: the gradient that arrived at ``outputs.loss`` (the scale of the fallback delivery), once known.
         share: this forward's share of the loss normaliser when the trainer passed ``num_items_in_batch`` (its label
@@ -500,7 +505,7 @@ class ForwardAux:
 
     __slots__ = (
         "peft_config",
-        "records",
+        "counted",
         "delivered",
         "loss_grad",
         "share",
@@ -517,7 +522,7 @@ class ForwardAux:
         grad_scaler: Any = None,
     ) -> None:
         self.peft_config = peft_config
-        self.records: dict[tuple[str, str], _AuxRecord] = {}
+        self.counted: dict[tuple[str, str], tuple[dict[str, float], tuple[str, ...]]] = {}
         self.delivered = False
         self.loss_grad: torch.Tensor | None = None
         self.share = share
@@ -562,11 +567,11 @@ class ForwardAux:
         config = self.peft_config[adapter_name]
         counts: dict[str, int] = {}
         coefs: dict[str, float] = {}
-        for (_, adapter), record in self.records.items():
+        for (_, adapter), (record_coefs, names) in self.counted.items():
             if adapter != adapter_name:
                 continue
-            coefs.update(record.coefs)
-            for name in record.losses:
+            coefs.update(record_coefs)
+            for name in names:
                 counts[name] = counts.get(name, 0) + 1
         if config.loss_reduction == "mean":
             return {name: coefs[name] / n for name, n in counts.items()}
@@ -579,9 +584,9 @@ class MoLoraRuntime:
     def __init__(self, peft_config: dict) -> None:
         self.peft_config = peft_config
         self.context = RoutingContext()
-        # the aux records and gradient delivery of the current forward (see ForwardAux); `_aux` is its records
+        # the aux records of the current forward, (layer, adapter) -> _AuxRecord, and their gradient's delivery
         self.forward_aux = ForwardAux(peft_config)
-        self._aux = self.forward_aux.records
+        self._aux: dict[tuple[str, str], _AuxRecord] = {}
         # per (layer, adapter): the last forward's decision (a recompute under activation checkpointing overwrites
         # it instead of counting twice) and the running sums as one flat row (see _stats_rows)
         self._pending: dict[tuple[str, str], _RawRouting] = {}
@@ -591,9 +596,9 @@ class MoLoraRuntime:
         self._deferred: list[dict[tuple[str, str], _RawRouting]] = []
         # counts model-level forwards (RoutingContext.forward_id)
         self.generation = 0
-        # per adapted layer: (context, ForwardAux) of the last forward it ran in outside a backward pass, for
-        # activation checkpointing's recompute of it (see recompute); True while such a recompute runs
-        self._origins: dict[str, tuple[RoutingContext, ForwardAux]] = {}
+        # per adapted layer: (context, ForwardAux, aux records) of the last forward it ran in outside a backward pass,
+        # for activation checkpointing's recompute of it (see recompute); True while such a recompute runs
+        self._origins: dict[str, tuple[RoutingContext, ForwardAux, dict]] = {}
         self._recomputing = False
         self._warned_concat = False
         # [B, P] prompt positions set by `prompt_mask()`, published to the routers as `RoutingContext.prompt_mask`
@@ -652,7 +657,7 @@ class MoLoraRuntime:
             self.commit_stats()
         share = _loss_share(kwargs, self.loss_shifts_labels)
         self.forward_aux = ForwardAux(self.peft_config, share, self.accumulation_steps, self.grad_scaler)
-        self._aux = self.forward_aux.records
+        self._aux = {}
         self.generation += 1
         current = call_input(args, kwargs)
         mask = _call_token_mask(current, kwargs.get("attention_mask"), past_length)
@@ -754,7 +759,7 @@ class MoLoraRuntime:
 
     def remember_origin(self, layer_key: str) -> None:
         """An adapted layer runs in the current forward (outside a backward pass): what :meth:`recompute` restores."""
-        self._origins[layer_key] = (self.context, self.forward_aux)
+        self._origins[layer_key] = (self.context, self.forward_aux, self._aux)
 
     @contextlib.contextmanager
     def recompute(self, layer_key: str) -> Iterator[None]:
@@ -769,8 +774,7 @@ class MoLoraRuntime:
         origin = self._origins.get(layer_key)
         saved = (self.context, self.forward_aux, self._aux, self._recomputing)
         if origin is not None:
-            self.context, self.forward_aux = origin
-            self._aux = self.forward_aux.records
+            self.context, self.forward_aux, self._aux = origin
         self._recomputing = True
         try:
             yield
@@ -1016,6 +1020,7 @@ class MoLoraRuntime:
                 router_cls=type(router),
                 delivers=not compiling,
             )
+            self.forward_aux.counted[key] = (coefs, tuple(kept))
         if compiling or isinstance(losses, _SelfDelivered):
             # self-delivered: their own autograd node delivers the aux gradient when nothing else does
             return output
@@ -1151,6 +1156,7 @@ class MoLoraRuntime:
         self.milora_decisions = keep(self.milora_decisions)
         for key in [key for key in self._aux if key[1] == adapter_name]:
             del self._aux[key]
+            self.forward_aux.counted.pop(key, None)
         self.forward_aux._weights.pop(adapter_name, None)
 
     def stats_checkpoint(self) -> dict[tuple[str, str], torch.Tensor]:

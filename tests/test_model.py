@@ -219,6 +219,36 @@ def test_gradients_reach_experts_and_routers(batch):
     assert layer.base_layer.weight.grad is None
 
 
+@pytest.mark.parametrize("backward", [False, True])
+def test_forwards_do_not_keep_their_autograd_graphs_alive(batch, backward):
+    """Each training forward's aux losses carry the router's autograd node, which holds the forward's delivery state
+    (``ForwardAux``). That state held the losses: a reference cycle through the graph that Python's garbage collector
+    cannot see, so every forward's graph (with its saved activations when no backward ran, with the parameters it
+    reached after one) stayed alive: memory grew with every step, and a deleted adapter's weights were never freed."""
+    import gc
+    import weakref
+
+    from molora.runtime import ForwardAux
+
+    model = get_peft_model(make_llama(), MoLoraConfig(num_experts=4, top_k=2, init_lora_weights=False))
+    model.add_adapter("other", MoLoraConfig(num_experts=4, top_k=2, init_lora_weights=False))
+    model.set_adapter("other")
+    model.train()
+    for _ in range(4):
+        out = model(**batch)
+        if backward:
+            out.loss.backward()
+        del out
+    gc.collect()
+    config = model.base_model.peft_config
+    alive = [obj for obj in gc.get_objects() if isinstance(obj, ForwardAux) and obj.peft_config is config]
+    assert len(alive) == 1  # the runtime's current one
+    bank = weakref.ref(next(m for m in model.modules() if isinstance(m, MoLoraLayer)).molora_A["other"].weight)
+    model.delete_adapter("other")
+    gc.collect()
+    assert bank() is None
+
+
 def test_multiple_adapters_set_adapter_and_disable(batch):
     base = make_llama()
     with torch.no_grad():
