@@ -520,8 +520,15 @@ class MoLoraModel(BaseTuner):
         """The wrapped model's ``generate`` (what ``PeftModel.generate`` calls), telling the runtime the prompt's
         length: assisted and prompt-lookup decoding feed candidate tokens with the prompt in their first forward, and
         routers that route from the prompt must not pool those (``MoLoraRuntime.generating``)."""
-        with self.molora_runtime.generating(_prompt_length(args, kwargs)):
-            return self.model.generate(*args, **kwargs)
+        try:
+            with self.molora_runtime.generating(_prompt_length(args, kwargs)):
+                return self.model.generate(*args, **kwargs)
+        finally:
+            # the layers' decode plans serve the steps of this generation's KV cache only (a copy of each layer's
+            # bank and router weight); the next call with a cache builds them again
+            for module in self.model.modules():
+                if isinstance(module, MoLoraLayer):
+                    module._drop_decode_plans()
 
     def molora_aux_loss(self, adapter_name: str | None = None) -> torch.Tensor | None:
         """The weighted auxiliary loss ``sum(coef * loss)`` of the last forward.

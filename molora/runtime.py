@@ -629,9 +629,20 @@ class MoLoraRuntime:
         """The runtime of a copied model (``copy.deepcopy``: EMA or reference copies): the configuration, the trainer
         settings and the accumulated statistics; none of the last forward's state, whose aux records hold autograd
         graphs (which cannot be deep-copied) and whose contexts refer to that forward's inputs."""
-        self.commit_stats()
-        clone = MoLoraRuntime(copy.deepcopy(self.peft_config, memo))
+        clone = self._lasting_copy(copy.deepcopy(self.peft_config, memo))
         memo[id(self)] = clone
+        return clone
+
+    def __getstate__(self) -> dict:
+        """Pickling (``torch.save(model)``, a model sent to another process) keeps what a deep copy keeps: the last
+        forward's state holds autograd graphs and weak references (the KV cache, the encoder's output), which cannot
+        be pickled. The configuration stays the object the model holds (pickle keeps the two shared)."""
+        return self._lasting_copy(self.peft_config).__dict__
+
+    def _lasting_copy(self, peft_config: dict) -> MoLoraRuntime:
+        """A fresh runtime on ``peft_config`` with this one's trainer settings and (committed) statistics."""
+        self.commit_stats()
+        clone = MoLoraRuntime(peft_config)
         clone.loss_shifts_labels = self.loss_shifts_labels
         clone.accumulation_steps = self.accumulation_steps
         clone.grad_scaler = self.grad_scaler

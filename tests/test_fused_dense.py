@@ -478,6 +478,13 @@ def test_decode_steps_reuse_their_plan_until_something_it_read_changes(monkeypat
         # in place: the matrix copied at the prefill would be stale (the version counter tells)
         yield "A in place", lambda: layers[0].molora_A["default"].weight.mul_(1.5)
         yield "router in place", lambda: layers[1].molora_router["default"].weight.add_(0.25)
+        # replaced rather than updated in place (load_state_dict(assign=True), PEFT's low_cpu_mem_usage loading)
+        yield (
+            "B replaced",
+            lambda: setattr(
+                layers[0].molora_B["default"], "weight", nn.Parameter(layers[0].molora_B["default"].weight * 1.5)
+            ),
+        )
         # the fused path never calls the base layer: a hook put on it must see its call
         yield "hook on the base", lambda: base.register_forward_hook(lambda *args: hooked.append(1))
         # through .data no version counter tells; a step on another cache (another generation) makes its own plan
@@ -498,7 +505,7 @@ def test_decode_steps_reuse_their_plan_until_something_it_read_changes(monkeypat
             del planned[:]
             if change is not None:
                 change()
-                # the reference: the same step on copies, whose plans belong to another cache (not used)
+                # the reference: the same step on copies (a copied model has no plan)
                 ref_model, ref_cache = copy.deepcopy((model, caches[-1]))
                 out = model(input_ids=seq[:, -1:], cache=caches[-1], use_cache=True)
             else:
@@ -519,12 +526,51 @@ def test_decode_steps_reuse_their_plan_until_something_it_read_changes(monkeypat
             elif what.startswith("A through"):
                 assert not planned, what
             else:
-                changed = layers[0] if what == "A in place" else layers[1]
+                changed = layers[0] if what in ("A in place", "B replaced") else layers[1]
                 if router == "mor" and what == "router in place":
                     # mor's scoring is not in the plan's matrix: its change needs no new plan
                     assert planned == layers, what
                 else:
                     assert changed not in planned and len(planned) == 1, what
+
+
+def test_decode_plans_do_not_outlive_their_generation_or_adapter(batch):
+    """A plan holds a copy of the bank and the router's weight: ``generate`` drops them when it returns, a training
+    forward drops them, and ``delete_adapter`` drops the deleted adapter's (whose weights are then freed, as with
+    PEFT LoRA)."""
+    import gc
+    import weakref
+
+    config = MoLoraConfig(
+        r=4,
+        num_experts=4,
+        top_k=2,
+        target_modules=["q_proj", "v_proj"],
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(make_llama(seed=3), config).eval()
+    model.add_adapter("other", config)
+    layers = [m for m in model.modules() if isinstance(m, MoLoraLayer)]
+    ids = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert not any(layer._molora_decode_plans for layer in layers)
+        model.set_adapter("other")
+        out = model(input_ids=ids, use_cache=True)
+        model(input_ids=ids[:, :1], cache=out.past_key_values, use_cache=True)  # a manual decode step makes plans
+    assert all(set(layer._molora_decode_plans) == {"other"} for layer in layers)
+    model.train()
+    model(**batch).loss.backward()
+    assert not any(layer._molora_decode_plans for layer in layers)
+    with torch.no_grad():
+        model.eval()
+        out = model(input_ids=ids, use_cache=True)
+        model(input_ids=ids[:, :1], cache=out.past_key_values, use_cache=True)
+    bank = weakref.ref(layers[0].molora_A["other"].weight)
+    model.delete_adapter("other")
+    gc.collect()
+    assert not any(layer._molora_decode_plans for layer in layers) and bank() is None
 
 
 @pytest.mark.parametrize("router", ["topk", "soft"])

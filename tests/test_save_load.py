@@ -159,3 +159,30 @@ def test_adapters_saved_with_bare_bank_keys_still_load(tmp_path):
         for folder, atol in (("a", 0.0), ("compact", 1e-5)):
             loaded = PeftModel.from_pretrained(make_llama(), tmp_path / folder).eval()
             torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=0, atol=atol)
+
+
+def test_a_pickled_model_loads_and_generates_the_same(tmp_path, batch):
+    """``torch.save(model)`` of a whole PeftModel, as for PEFT LoRA, after a training step and a generation: the
+    runtime's last-forward state (aux records with autograd graphs, weak references to the KV cache) and the layers'
+    decode plans are not pickled (they could not be: it raised ``cannot pickle 'weakref.ReferenceType'``); the
+    configuration stays shared between model and runtime, and the routing statistics come along."""
+    config = MoLoraConfig(num_experts=4, top_k=2, init_lora_weights=False, aux_loss_coef=0.01)
+    model = get_peft_model(make_llama(seed=2), config)
+    model.train()
+    model(**batch).loss.backward()
+    model.eval()
+    kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=4)
+    with torch.no_grad():
+        model.generate(**kwargs, do_sample=False, pad_token_id=0)  # leaves decode plans and a KV-cache context
+    path = tmp_path / "model.pt"
+    torch.save(model, path)
+    loaded = torch.load(path, weights_only=False)
+    with torch.no_grad():
+        want = model.generate(**kwargs, do_sample=False, pad_token_id=0)
+        got = loaded.generate(**kwargs, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, want)
+    assert loaded.base_model.molora_runtime.peft_config is loaded.base_model.peft_config
+    stats, loaded_stats = model.get_routing_stats(), loaded.get_routing_stats()
+    assert stats.keys() == loaded_stats.keys() and all(stats[k].tokens == loaded_stats[k].tokens for k in stats)
+    loaded.train()
+    loaded(**batch).loss.backward()  # trains after loading

@@ -138,6 +138,16 @@ class MoLoraLayer(BaseTunerLayer):
             self.molora_router[adapter_name].float()
         self.set_adapter(self.active_adapters)
 
+    def delete_adapter(self, adapter_name: str) -> None:
+        # (a decode plan holds the adapter's weights)
+        self._molora_decode_plans.pop(adapter_name, None)
+        super().delete_adapter(adapter_name)
+
+    def _drop_decode_plans(self) -> None:
+        """Forget every adapter's decode plan (:meth:`_store_decode_plan`), e.g. when a generation ends: a plan holds a
+        copy of the adapter's ``A`` and the router's weight, which the next call with a KV cache builds again."""
+        self._molora_decode_plans.clear()
+
     # -- merging is undefined for routed experts --------------------------------------------------------------------
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -271,20 +281,20 @@ class MoLoraLayer(BaseTunerLayer):
             x_in, weight, weight_A, weight_B = x_flat.to(amp), weight.to(amp), weight_A.to(amp), weight_B.to(amp)
             bias = bias.to(amp) if bias is not None else None
         fuse_router = self._router_fusable(x_in, weight_A, router)
-        if fuse_router:
-            done = self._dense_topk_forward(adapter_name, weight, bias, base, router, x_in, weight_A, weight_B, valid)
-            if done is not None:
-                out, routing, losses = done
-                return self._finish(adapter_name, router, routing, valid, rank_state, out, lead_shape, losses)
         router_weight = router.weight if fuse_router else None
         b_flat = weight_B.reshape(-1, weight_B.shape[-1])
-        # None with autograd (the function then builds [A_flat | W_router^T] itself) or autocast (whose decode steps
-        # check everything again)
+        # None with autograd (the function then builds [A_flat | W_router^T] itself; a plan left by a generation is
+        # dropped) or autocast (whose decode steps check everything again)
         plan = None
         if amp is None:
             plan = self._store_decode_plan(
                 x, adapter_name, base, weight_A, bank, weight_B, router, router_weight, b_flat
             )
+        if fuse_router:
+            done = self._dense_topk_forward(adapter_name, weight, bias, base, router, x_in, weight_A, weight_B, valid)
+            if done is not None:
+                out, routing, losses = done
+                return self._finish(adapter_name, router, routing, valid, rank_state, out, lead_shape, losses)
         out, h, logits = base_and_shrink(
             x_in, weight, bias, weight_A, router_weight, isinstance(base, Conv1D), shrink=plan and plan.shrink
         )
@@ -633,7 +643,7 @@ class MoLoraLayer(BaseTunerLayer):
             dropout=self.molora_dropout[adapter_name],
             cache_ref=runtime.context.cache_ref,
         )
-        plan.key = plan.state(x)
+        plan.key = plan.state(x, self, adapter_name)
         plan.dense_token_counts.add(x.numel() // x.shape[-1])  # the caller runs the dense path
         plans[adapter_name] = plan
         return plan
@@ -652,7 +662,7 @@ class MoLoraLayer(BaseTunerLayer):
         context = self._molora_runtime.context
         if not context.is_decode or context.cache_ref is None or context.cache_ref() is not plan.cache_ref():
             return None
-        if plan.state(x) != plan.key:
+        if plan.state(x, self, adapter_name) != plan.key:
             return None
         if fused:
             # the fused path needs the dense kernel, which `auto` resolves per token count (a prefill's plan serves
@@ -746,13 +756,37 @@ class _DecodePlan:
         # token counts of calls for which `auto` resolves to the dense kernel (the fused path's)
         self.dense_token_counts: set[int] = set()
 
-    def state(self, x: torch.Tensor) -> tuple:
+    def held_by(self, layer: MoLoraLayer, adapter_name: str) -> bool:
+        """Whether ``layer`` still holds the modules and parameters of the plan (a parameter replaced rather than
+        updated in place, as ``load_state_dict(assign=True)`` or PEFT's ``low_cpu_mem_usage`` loading do, is another
+        tensor). Plain dictionary lookups: ``nn.Module.__getattr__`` costs microseconds per call here."""
+        modules = layer._modules
+        bank_A = modules["molora_A"]._modules.get(adapter_name)
+        bank_B = modules["molora_B"]._modules.get(adapter_name)
+        router = modules["molora_router"]._modules.get(adapter_name)
+        return (
+            bank_A is not None
+            and bank_A._parameters.get("weight") is self.bank
+            and bank_B is not None
+            and bank_B._parameters.get("weight") is self.weight_B
+            and router is self.router
+            and (self.router_weight is None or router._parameters.get("weight") is self.router_weight)
+            and modules["molora_dropout"]._modules.get(adapter_name) is self.dropout
+        )
+
+    def __reduce__(self):
+        # a copied or pickled model has no plan (it refers to a KV cache object by a weak reference, which cannot be
+        # pickled, and a copy's first call with a cache makes its own)
+        return _no_plan, ()
+
+    def state(self, x: torch.Tensor, layer: MoLoraLayer, adapter_name: str) -> tuple:
         """What the fused path's checks read, besides the adapter and the call: equal for a call the plan fits. (The
         plan holds the weights it read, so no other tensor can take their storage and look the same.)"""
         base, router, bank, weight_B = self.base, self.router, self.bank, self.weight_B
         key = (
             x.dtype,
             x.device,
+            self.held_by(layer, adapter_name),
             torch.is_autocast_enabled(self.device_type),
             self.dropout.training,
             router.training,
@@ -766,11 +800,17 @@ class _DecodePlan:
             key += (self.router_weight.data_ptr(), self.router_weight._version)
         if base is not None:
             key += (
+                layer._modules["base_layer"] is base,
                 bool(base._forward_hooks or base._forward_pre_hooks),
                 base.weight is self.weight and base.bias is self.bias,
                 self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad),
             )
         return key
+
+
+def _no_plan() -> None:
+    """What a :class:`_DecodePlan` becomes in a copied or pickled model."""
+    return None
 
 
 class Linear(nn.Module, MoLoraLayer):

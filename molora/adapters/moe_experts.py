@@ -121,6 +121,7 @@ class MoeExpertsLora(nn.Module, MoLoraLayer):
         self.intermediate_size = two_inter // 2
         self._molora_runtime = None
         self._molora_key = molora_key
+        self._molora_decode_plans: dict = {}  # MoLoraLayer's; no path of this layer makes one
         self._router_probs: torch.Tensor | None = None
         self._router_hook = router.register_forward_hook(self._capture_router_probs) if router is not None else None
         self._active_adapter = adapter_name
