@@ -630,8 +630,6 @@ class MoLoraLayer(BaseTunerLayer):
         ):
             plans.pop(adapter_name, None)
             return None
-        for name in [name for name in plans if name not in self.molora_A]:  # deleted adapters
-            del plans[name]
         plan = _DecodePlan(
             base=base,
             bank=bank,
