@@ -649,8 +649,9 @@ class MoLoraLayer(BaseTunerLayer):
     def _decode_plan(self, x: torch.Tensor, adapter_name: str, fused: bool = True) -> _DecodePlan | None:
         """The plan of this adapter (:meth:`_store_decode_plan`) when this call is a decode step without autograd on
         the KV cache of the call that made it, and nothing the plan read has changed: the input's dtype and device,
-        the modules' modes and hooks, the weights' storage and version (an in-place update), the
-        autocast state, and (for the fused path) the kernel that ``auto`` resolves for the call's token count.
+        the layer's modules and parameters (still the plan's), their modes and hooks, the weights' storage and version
+        (an in-place update), the autocast state, and (for the fused path) the kernel that ``auto`` resolves for the
+        call's token count.
         ``None`` otherwise: the call then checks everything again."""
         if torch.compiler.is_compiling():
             return None
@@ -721,9 +722,10 @@ def _split_shrink(hl: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 class _DecodePlan:
-    """What the fused path of one adapter found in a call with a KV cache, for the decode steps that follow it
-    (:meth:`MoLoraLayer._store_decode_plan`): the frozen base layer, the banks, the router, and the shrink matrix
-    ``[A_flat | W_router^T]`` (``W_router`` only when the router's scoring shares the GEMM)."""
+    """What the dense path of one adapter found in a call with a KV cache, for the decode steps that follow it
+    (:meth:`MoLoraLayer._store_decode_plan`): the frozen base layer (``None`` off the fused path), the banks, the
+    router, and the shrink matrix ``[A_flat | W_router^T]`` (``W_router`` only when the router's scoring shares the
+    GEMM)."""
 
     __slots__ = (
         "base",
