@@ -291,7 +291,7 @@ class MoLoraLayer(BaseTunerLayer):
                 x, adapter_name, base, weight_A, bank, weight_B, router, router_weight, b_flat
             )
         if fuse_router:
-            done = self._dense_topk_forward(adapter_name, weight, bias, base, router, x_in, weight_A, weight_B, valid)
+            done = self._dense_topk_forward(adapter_name, weight, bias, base, router, x_in, weight_A, b_flat, valid)
             if done is not None:
                 out, routing, losses = done
                 return self._finish(adapter_name, router, routing, valid, rank_state, out, lead_shape, losses)
@@ -332,16 +332,14 @@ class MoLoraLayer(BaseTunerLayer):
             adapter_name, plan.router, out, h, logits, x_flat, valid, context, lead_shape, plan.b_flat, None
         )
 
-    def _dense_topk_forward(self, adapter_name, weight, bias, base, router, x_flat, weight_A, weight_B, valid):
+    def _dense_topk_forward(self, adapter_name, weight, bias, base, router, x_flat, weight_A, b_flat, valid):
         """``(out, routing, losses)`` through ``fused_dense.dense_topk_layer`` (base projection, top-k routing with its
         losses, and the experts as one autograd node) when a training forward of a top-k router allows it, else
         ``None``. The caller checked the fused dense path and a linear router on the same fp32 input."""
         runtime = self._molora_runtime
         if runtime is None or not torch.is_grad_enabled():
             return None  # without autograd the separate functions run their forwards directly: nothing to merge
-        if not (
-            x_flat.requires_grad or weight_A.requires_grad or weight_B.requires_grad or router.weight.requires_grad
-        ):
+        if not (x_flat.requires_grad or weight_A.requires_grad or b_flat.requires_grad or router.weight.requires_grad):
             return None
         args = runtime.selection_args(adapter_name, router)
         if args is None or router.weight.shape[0] != weight_A.shape[0]:
@@ -355,7 +353,7 @@ class MoLoraLayer(BaseTunerLayer):
             weight,
             bias,
             weight_A,
-            weight_B.reshape(-1, weight_B.shape[-1]),
+            b_flat,
             router.weight,
             self.scaling[adapter_name],
             conv1d=isinstance(base, Conv1D),
