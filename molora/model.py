@@ -460,7 +460,7 @@ class MoLoraModel(BaseTuner):
         """
         with contextlib.ExitStack() as stack:
             if _called_from_generate():
-                stack.enter_context(self.molora_runtime.generating(_prompt_length(args, kwargs)))
+                stack.enter_context(self._generation(_prompt_length(args, kwargs)))
             stack.enter_context(self._mixed_adapter_names(*args, **kwargs))
             yield
 
@@ -520,9 +520,16 @@ class MoLoraModel(BaseTuner):
         """The wrapped model's ``generate`` (what ``PeftModel.generate`` calls), telling the runtime the prompt's
         length: assisted and prompt-lookup decoding feed candidate tokens with the prompt in their first forward, and
         routers that route from the prompt must not pool those (``MoLoraRuntime.generating``)."""
+        with self._generation(_prompt_length(args, kwargs)):
+            return self.model.generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _generation(self, prompt_length: int | None) -> Iterator[None]:
+        """One ``generate`` call: entered by :meth:`generate` and, for a ``PeftModel`` without ``task_type`` (whose
+        ``generate`` calls the transformers model's directly), by :meth:`_enable_peft_forward_hooks`."""
         try:
-            with self.molora_runtime.generating(_prompt_length(args, kwargs)):
-                return self.model.generate(*args, **kwargs)
+            with self.molora_runtime.generating(prompt_length):
+                yield
         finally:
             # the layers' decode plans serve the steps of this generation's KV cache only (a copy of each layer's
             # bank and router weight); the next call with a cache builds them again

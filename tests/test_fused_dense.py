@@ -17,7 +17,7 @@ import copy
 import pytest
 import torch
 from conftest import VOCAB, OneProjection, make_gpt2, make_llama
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from torch import nn
 
 import molora.adapters.layer as layer_module
@@ -541,7 +541,7 @@ def test_decode_plans_do_not_outlive_their_generation_or_adapter(batch):
     import gc
     import weakref
 
-    config = MoLoraConfig(
+    settings = dict(
         r=4,
         num_experts=4,
         top_k=2,
@@ -549,6 +549,7 @@ def test_decode_plans_do_not_outlive_their_generation_or_adapter(batch):
         init_lora_weights=False,
         task_type="CAUSAL_LM",
     )
+    config = MoLoraConfig(**settings)
     model = get_peft_model(make_llama(seed=3), config).eval()
     model.add_adapter("other", config)
     layers = [m for m in model.modules() if isinstance(m, MoLoraLayer)]
@@ -556,6 +557,11 @@ def test_decode_plans_do_not_outlive_their_generation_or_adapter(batch):
     with torch.no_grad():
         model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
         assert not any(layer._molora_decode_plans for layer in layers)
+        # a PeftModel without task_type: PEFT's generic generate calls the transformers model's directly
+        generic = get_peft_model(make_llama(seed=3), MoLoraConfig(**{**settings, "task_type": None})).eval()
+        assert type(generic) is PeftModel
+        generic.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert not any(m._molora_decode_plans for m in generic.modules() if isinstance(m, MoLoraLayer))
         model.set_adapter("other")
         out = model(input_ids=ids, use_cache=True)
         model(input_ids=ids[:, :1], cache=out.past_key_values, use_cache=True)  # a manual decode step makes plans
