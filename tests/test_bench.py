@@ -252,6 +252,7 @@ def test_train_step_optimizer_is_the_trainers_default_fused_adamw():
     assert not torch.equal(param, before)
 
 
+@pytest.mark.slow  # ~40 s: compiles two training steps and two generations
 def test_compile_option_times_compiled_lora_and_molora(monkeypatch, capsys):
     # `molora bench --compile`: compiled copies of LoRA and MoLoRA in the training step (the whole PeftModel) and in
     # the generation (the base model's forward, as transformers documents it), each compared with the compiled LoRA,

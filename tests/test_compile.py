@@ -246,16 +246,22 @@ def test_compiled_loss_free_balancing_is_one_graph_and_updates_like_eager():
 @pytest.mark.parametrize(
     "options",
     [
-        {"router": "soft"},
-        {"router": "mor"},
-        {"router": "topk_bias"},  # with its complementary balance loss
         {"router": "prompt"},  # losses over sequences (MiLoRA-style), prompt from the labels
         # a selection of data-dependent size: every (token, expert) pair listed, weight 0 off the selection
         {"router": "topp"},
-        {"router": "dynmole"},  # with its entropy loss
-        {"router": "adamoe"},  # null experts
         {"balance_loss_type": "switch", "z_loss_coef": 0.01},  # not the fused top-k function's types
-        pytest.param({"balance_loss_type": "soft"}, marks=pytest.mark.slow),
+        # ~12 s each: in the slow run (CI runs it)
+        *(
+            pytest.param(options, marks=pytest.mark.slow)
+            for options in (
+                {"router": "soft"},
+                {"router": "mor"},  # also test_compiled_mixture_of_routers_is_one_graph
+                {"router": "topk_bias"},  # with its complementary balance loss
+                {"router": "dynmole"},  # with its entropy loss
+                {"router": "adamoe"},  # null experts
+                {"balance_loss_type": "soft"},
+            )
+        ),
     ],
     ids=str,
 )
@@ -344,6 +350,7 @@ def test_sft_trainer_with_torch_compile_trains_like_eager(tmp_path, router):
         assert value.tokens == eager_stats[name].tokens > 0
 
 
+@pytest.mark.slow  # ~30 s
 def test_compiled_concat_reduction_and_tuple_outputs_behave_like_eager(recwarn):
     # loss_reduction="concat": through outputs.loss the same training as eager; from the logits alone, the same
     # warning as eager (the concatenated losses are not separable per router, nothing is delivered)
