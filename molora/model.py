@@ -81,13 +81,26 @@ def _forward_done_hook(module: nn.Module, args: tuple, output: Any) -> None:
 
 
 def _begin_stack_hook(module: nn.Module, args: tuple, kwargs: dict, stack: str) -> None:
+    if stack == "backbone" and torch.compiler.is_compiling():
+        # traced inside the compiled model's call, where a backbone changes nothing: no graph break there
+        return
     module._molora_began = module._molora_runtime.begin_stack(stack, args, kwargs)
 
 
 def _end_stack_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    if torch.compiler.is_compiling() and "_molora_began" not in module.__dict__:
+        return output
     if module.__dict__.pop("_molora_began", False):
         return module._molora_runtime.end_forward(output)
     return output
+
+
+def _stack_done_hook(module: nn.Module, args: tuple, output: Any) -> None:
+    # a stack that began a forward raised (else _end_stack_hook took the flag): a later call alone must begin again
+    if torch.compiler.is_compiling() and "_molora_began" not in module.__dict__:
+        return
+    if module.__dict__.pop("_molora_began", False):
+        module._molora_runtime.forward_done()
 
 
 def _supported_base(module: nn.Module) -> bool:
@@ -189,16 +202,23 @@ class MoLoraModel(BaseTuner):
             # also when the forward raised: an encoder that `generate` calls next must begin its own forward
             self.model.register_forward_hook(_forward_done_hook, always_call=True),
         ]
-        for stack, module in self._encoder_decoder_stacks():
-            # their tokens differ (and `generate` runs the encoder on its own): see MoLoraRuntime.begin_stack
+        for stack, module in self._stacks():
+            # an encoder-decoder model's stacks: their tokens differ (and `generate` runs the encoder on its own); a
+            # decoder-only model's backbone may be called without its head: see MoLoraRuntime.begin_stack
             module._molora_runtime = self.molora_runtime
             hook = functools.partial(_begin_stack_hook, stack=stack)
             self._molora_hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
             self._molora_hooks.append(module.register_forward_hook(_end_stack_hook, with_kwargs=True))
+            self._molora_hooks.append(module.register_forward_hook(_stack_done_hook, always_call=True))
 
-    def _encoder_decoder_stacks(self) -> list[tuple[str, nn.Module]]:
-        """``[("encoder", module), ("decoder", module)]`` of an encoder-decoder model (T5, BART, ...), else ``[]``."""
+    def _stacks(self) -> list[tuple[str, nn.Module]]:
+        """``[("encoder", module), ("decoder", module)]`` of an encoder-decoder model (T5, BART, ...); for another
+        transformers model with a head, ``[("backbone", module)]`` (its ``base_model``: ``LlamaForCausalLM.model``,
+        ``GPT2LMHeadModel.transformer``), which TRL's distillation trainers call without the head; else ``[]``."""
         if not getattr(getattr(self.model, "config", None), "is_encoder_decoder", False):
+            backbone = getattr(self.model, "base_model", None)
+            if isinstance(backbone, nn.Module) and backbone is not self.model:
+                return [("backbone", backbone)]
             return []
         stacks = []
         for stack in ("encoder", "decoder"):
@@ -213,7 +233,7 @@ class MoLoraModel(BaseTuner):
             handle.remove()
         self._molora_hooks = []
         self.model.__dict__.pop("_molora_runtime", None)
-        for _, module in self._encoder_decoder_stacks():
+        for _, module in self._stacks():
             module.__dict__.pop("_molora_runtime", None)
         milora.remove_layer_hooks(self._milora_layers, self._milora_hooks)
         self._milora_hooks, self._milora_layers = [], []

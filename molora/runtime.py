@@ -708,12 +708,19 @@ class MoLoraRuntime:
         """An encoder-decoder model's encoder or decoder (``stack``) starts: its own tokens' padding mask replaces the
         model call's (the encoder's ``attention_mask``), which would apply to decoder tokens whenever the two lengths
         happen to be equal. An encoder called on its own, as ``generate`` calls it before the decoding steps, begins
-        a model-level forward (its mask, its statistics); returns True then (the caller ends it)."""
+        a model-level forward (its mask, its statistics); returns True then (the caller ends it).
+
+        ``stack="backbone"``: a decoder-only model's stack without its head (``LlamaForCausalLM.model``). Called alone
+        (TRL's distillation trainers compute their loss from its hidden states) it begins a model-level forward, with
+        its own padding mask and aux-loss collection, instead of recording into the last call's (after ``generate``
+        a generation's, which computes no aux loss); inside the model's call it changes nothing (the same tokens)."""
         if not self._in_forward:
-            if stack != "encoder":
+            if stack == "decoder":
                 return False
             self.begin_forward(args, kwargs)
             return True
+        if stack == "backbone":
+            return False
         current = call_input(args, kwargs)
         if stack == "encoder":
             # the encoder's input is the prompt: its padding mask; labels (the decoder's targets) say nothing here

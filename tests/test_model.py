@@ -450,6 +450,43 @@ def test_aux_gradient_reaches_routers_exactly_once_whoever_computes_the_loss(bat
         torch.testing.assert_close(got[name], factor * reference[name], rtol=1e-4, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize("factory", [make_llama, make_gpt2], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("router", ["topk", "topp"])
+def test_backbone_called_without_its_head_is_a_forward_of_its_own(batch, factory, router):
+    """TRL's distillation trainers compute their loss from the hidden states of the backbone alone
+    (``LlamaForCausalLM.model``). That call begins its own forward: its padding mask, its aux losses and their
+    gradient for the routers, as a call of the whole model on the same tokens gives them; it used to record into the
+    last model-level call's forward (after ``generate``: a generation's, no aux loss, no gradient for the routers)."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    def run(through_backbone: bool):
+        cfg = MoLoraConfig(num_experts=4, top_k=2, aux_loss_coef=0.5, init_lora_weights=False, router=router)
+        model = get_peft_model(factory(), cfg)
+        model.eval()
+        model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=0)
+        model.train()
+        model.reset_routing_stats()
+        if through_backbone:
+            backbone = model.get_base_model().base_model
+            with pytest.raises(IndexError):  # a call that raises must not leave its forward open for the next one
+                backbone(input_ids=torch.full((1, 3), 10**6))
+            hidden = backbone(**inputs).last_hidden_state
+        else:
+            hidden = model(**inputs, output_hidden_states=True).hidden_states[-1]
+        hidden.pow(2).mean().backward()
+        tokens = {name: stats.tokens for name, stats in model.get_routing_stats().items()}
+        return model.molora_aux_loss(), _router_grads(model), tokens
+
+    aux, grads, tokens = run(through_backbone=True)
+    want_aux, want_grads, want_tokens = run(through_backbone=False)
+    assert aux is not None
+    torch.testing.assert_close(aux, want_aux)
+    assert tokens == want_tokens and set(tokens.values()) == {int(batch["attention_mask"].sum())}
+    for name, grad in want_grads.items():
+        assert grad.abs().sum() > 0
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
 @pytest.mark.parametrize("how", ["logits_only", "reentrant_checkpointing"])
 @pytest.mark.parametrize("router", ["topk", "topp"])
 def test_frozen_routers_losses_still_train_the_experts_before_them(batch, how, router):
