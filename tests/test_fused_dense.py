@@ -640,3 +640,20 @@ def test_auto_path_before_routing_follows_the_router(router, num_experts, fused)
     assert (layer._fusion_plan(x, "default") is not None) is fused
     model(x).sum().backward()  # either path trains
     assert layer.molora_A["default"].weight.grad is not None
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16_autocast"])
+def test_forward_without_gradient_is_bit_identical_to_the_training_forward(batch, amp):
+    """A preference trainer's reference (a frozen copy of the adapter, or the adapter itself under ``no_grad``) must
+    give the policy's outputs bit for bit at step 0 (DPO's loss ln 2 at a learning rate of 0). The fused functions have
+    a forward without autograd: it put the LoRA scaling into the GEMM's alpha where the training forward multiplied
+    the gates by it, which rounds differently unless the scaling is a power of two (here 16 / 6), by ~1e-7 in fp32
+    and by bf16's 0.4 % under a trainer's ``bf16=True`` autocast."""
+    config = MoLoraConfig(r=6, lora_alpha=16, num_experts=4, top_k=2, init_lora_weights=False)
+    model = get_peft_model(make_llama(seed=2), config).train()
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        trained = model(**inputs).logits
+        with torch.no_grad():
+            frozen = model(**inputs).logits
+    assert torch.equal(trained, frozen)

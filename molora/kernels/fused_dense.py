@@ -119,12 +119,14 @@ def _base_and_shrink_backward(
 
 
 def _gated_expand_forward(out, h, gates, b_flat, scaling):
-    n_experts = gates.shape[1]
-    scaled = (gates * scaling).to(h.dtype)
-    h3 = h.unflatten(1, (n_experts, h.shape[1] // n_experts))
-    hg = (h3 * scaled.unsqueeze(-1)).flatten(1)
-    out.addmm_(hg, b_flat)
-    return scaled, hg
+    """``out += scaling * (h ⊙ gates) @ b_flat`` in place; returns ``hg = h ⊙ gates`` (the scaling is the GEMM's
+    ``alpha``). The same operations with and without autograd, so that a frozen copy of an adapter run without
+    gradient (TRL's reference adapter) gives bit for bit the outputs of the trained one, also when the scaling is not
+    a power of two and the products run in bf16."""
+    g = gates if gates.dtype == h.dtype else gates.to(h.dtype)
+    hg = (h.unflatten(1, (g.shape[1], -1)) * g.unsqueeze(-1)).flatten(1)
+    out.addmm_(hg, b_flat, alpha=scaling)
+    return hg
 
 
 class _GatedExpand(torch.autograd.Function):
@@ -132,36 +134,37 @@ class _GatedExpand(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, out, h, gates, b_flat, scaling):  # noqa: D102
-        scaled, hg = _gated_expand_forward(out, h, gates, b_flat, scaling)
+        hg = _gated_expand_forward(out, h, gates, b_flat, scaling)
         ctx.mark_dirty(out)
         ctx.scaling = scaling
-        ctx.gates_dtype = gates.dtype
-        ctx.save_for_backward(h, scaled, b_flat, hg)
+        ctx.save_for_backward(h, gates, b_flat, hg)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):  # noqa: D102
-        h, scaled, b_flat, hg = ctx.saved_tensors
+        h, gates, b_flat, hg = ctx.saved_tensors
         grad_h, grad_gates, grad_b = _gated_expand_backward(
-            grad_out, h, scaled, b_flat, hg, ctx.scaling, *ctx.needs_input_grad[1:4]
+            grad_out, h, gates, b_flat, hg, ctx.scaling, *ctx.needs_input_grad[1:4]
         )
         if grad_gates is not None:
-            grad_gates = grad_gates.to(ctx.gates_dtype)
+            grad_gates = grad_gates.to(gates.dtype)
         return grad_out, grad_h, grad_gates, grad_b, None
 
 
-def _gated_expand_backward(grad_out, h, scaled, b_flat, hg, scaling, needs_h, needs_gates, needs_b):
+def _gated_expand_backward(grad_out, h, gates, b_flat, hg, scaling, needs_h, needs_gates, needs_b):
     """``(dH, dgates, dB_flat)`` of :func:`gated_expand_` (``dgates`` in ``h``'s dtype; ``None`` where not needed)."""
-    n_experts = scaled.shape[1]
+    n_experts = gates.shape[1]
     grad_h = grad_gates = grad_b = None
-    grad_hg = (grad_out @ b_flat.t()).unflatten(1, (n_experts, h.shape[1] // n_experts))
+    if needs_h or needs_gates:
+        grad_hg = (grad_out @ b_flat.t()).unflatten(1, (n_experts, h.shape[1] // n_experts))
     if needs_h:
-        grad_h = (grad_hg * scaled.unsqueeze(-1)).flatten(1)
+        grad_h = (grad_hg * (gates * scaling).to(h.dtype).unsqueeze(-1)).flatten(1)
     if needs_gates:
         grad_gates = (grad_hg * h.unflatten(1, grad_hg.shape[1:])).sum(dim=-1) * scaling
     if needs_b:
-        grad_b = hg.t() @ grad_out
+        # d(scaling * hg @ B)/dB; the scaling on the smaller side (hg, [T, E*r]) would be a [T, E*r] pass
+        grad_b = torch.addmm(hg.new_zeros(()), hg.t(), grad_out, beta=0, alpha=scaling)
     return grad_h, grad_gates, grad_b
 
 
@@ -203,11 +206,8 @@ def gated_expand_(
     ``B`` bank. ``out`` must be a tensor nothing else reads (the base output from :func:`base_and_shrink`).
     """
     if not _needs_autograd(out, h, gates, b_flat):
-        # nothing to save for a backward: the scaling goes into the GEMM's alpha (two fewer operator calls, which
-        # are a good part of a decode step's work)
-        gates = gates if gates.dtype == h.dtype else gates.to(h.dtype)
-        hg = h.unflatten(1, (gates.shape[1], -1)) * gates.unsqueeze(-1)
-        return out.addmm_(hg.flatten(1), b_flat, alpha=scaling)
+        _gated_expand_forward(out, h, gates, b_flat, scaling)  # nothing to save for a backward
+        return out
     return _GatedExpand.apply(out, h, gates, b_flat, scaling)
 
 
@@ -237,12 +237,19 @@ class _DenseTopK(torch.autograd.Function):
         out, hl, shrink = _base_and_shrink_forward(x, weight, bias, bank, router_weight, conv1d)
         h, logits = _split_rank_and_logits(hl, bank, router_weight)
         routed, state = topk_forward(logits, k, renormalize, valid, balance_type, with_z)
-        scaled, hg = _gated_expand_forward(out, h, routed[0], b_flat, scaling)
+        hg = _gated_expand_forward(out, h, routed[0], b_flat, scaling)
         ctx.conv1d, ctx.bank_shape, ctx.scaling = conv1d, bank.shape, scaling
         ctx.renormalize, ctx.missing_grads = renormalize, missing_grads
         needs = ctx.needs_input_grad
         ctx.save_for_backward(
-            x if needs[3] or needs[5] else None, weight, shrink, h, scaled, b_flat, hg, *topk_save(ctx, routed, state)
+            x if needs[3] or needs[5] else None,
+            weight,
+            shrink,
+            h,
+            routed[0],
+            b_flat,
+            hg,
+            *topk_save(ctx, routed, state),
         )
         routed, placeholders = losses_or_placeholders(routed, out)
         gates, balance, z_loss, probs, expert_index, top_probs = routed
@@ -252,17 +259,17 @@ class _DenseTopK(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, _gates, grad_balance, grad_z, _probs, _index, _weight):  # noqa: D102
-        x, weight, shrink, h, scaled, b_flat, hg, *routed = ctx.saved_tensors
+        x, weight, shrink, h, gates, b_flat, hg, *routed = ctx.saved_tensors
         needs_x, _, _, needs_bank, needs_b, needs_router = ctx.needs_input_grad[:6]
         grad_sel = grad_b = grad_x = grad_bank = grad_router = None
         if not (needs_x or needs_bank or needs_router):
             # only B trains: nothing upstream of the rank activations and the logits
             if grad_out is not None and needs_b:
-                grad_b = hg.t() @ grad_out
+                grad_b = _gated_expand_backward(grad_out, h, gates, b_flat, hg, ctx.scaling, False, False, True)[2]
             return None, None, None, None, grad_b, *([None] * 9)
         if grad_out is not None:
             grad_h, grad_gates, grad_b = _gated_expand_backward(
-                grad_out, h, scaled, b_flat, hg, ctx.scaling, True, True, needs_b
+                grad_out, h, gates, b_flat, hg, ctx.scaling, True, True, needs_b
             )
             grad_sel = grad_gates.gather(-1, routed[1])
         else:
