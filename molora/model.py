@@ -69,7 +69,62 @@ MOLORA_TARGET_MODULES: dict[str, list[str]] = {
 
 
 def _begin_forward_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    module._molora_runtime.begin_forward(args, kwargs)
+    runtime = module._molora_runtime
+    if runtime.unchecked_adapters:
+        _complete_adapter_copies(module, runtime)
+    runtime.begin_forward(args, kwargs)
+
+
+def _adapter_tensors(model: nn.Module, adapter_name: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The parameters and persistent buffers of one adapter in ``model`` (in the ``ModuleDict`` s keyed by adapter
+    name: banks, routers, rank states, MiLoRA's layer routers, ``modules_to_save`` copies), keyed by their name with
+    the adapter's name left out."""
+    params, buffers = {}, {}
+    for prefix, container in model.named_modules():
+        if not isinstance(container, nn.ModuleDict) or adapter_name not in container:
+            continue
+        for name, module in container[adapter_name].named_modules(prefix=prefix):
+            for tensor_name, param in module._parameters.items():
+                if param is not None:
+                    params[f"{name}.{tensor_name}"] = param
+            for tensor_name, buffer in module._buffers.items():
+                if buffer is not None and tensor_name not in module._non_persistent_buffers_set:
+                    buffers[f"{name}.{tensor_name}"] = buffer
+    return params, buffers
+
+
+@torch.no_grad()
+@torch.compiler.disable
+def _complete_adapter_copies(model: nn.Module, runtime: MoLoraRuntime) -> None:
+    """Make an adapter added as a copy of another one a full copy: also its persistent buffers.
+
+    TRL's preference trainers (``DPOTrainer``, ``KTOTrainer``, ``GRPOTrainer``, ``RLOOTrainer``) build their reference
+    adapter from a trained one with ``add_adapter("ref", config)`` and copy ``named_parameters()`` into it. MoLoRA
+    keeps state that changes the forward in buffers (``topk_bias``'s selection bias, DR-LoRA's rank masks), which
+    that copy leaves at their fresh values: the reference then routes and adds differently from the adapter it copies.
+    At the first forward after an adapter is added, if its parameters are bit-identical to another adapter's (never
+    the case for a fresh adapter, whose ``A`` and router are random), that adapter's persistent buffers are copied too.
+    """
+    added, runtime.unchecked_adapters = runtime.unchecked_adapters, set()
+    for name in sorted(added):
+        if name not in runtime.peft_config:
+            continue  # deleted since
+        params, buffers = _adapter_tensors(model, name)
+        if not params:
+            continue
+        for source in runtime.peft_config:
+            if source == name or source in added:
+                continue
+            source_params, source_buffers = _adapter_tensors(model, source)
+            if source_params.keys() != params.keys() or not all(
+                p.shape == params[k].shape and torch.equal(p, params[k]) for k, p in source_params.items()
+            ):
+                continue
+            for key, buffer in buffers.items():
+                value = source_buffers.get(key)
+                if value is not None and value.shape == buffer.shape:
+                    buffer.copy_(value)
+            break
 
 
 def _end_forward_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -242,6 +297,10 @@ class MoLoraModel(BaseTuner):
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
         super().inject_adapter(model, adapter_name, *args, **kwargs)
+        if len(self.peft_config) > 1:
+            # a copy of another adapter, as TRL's reference adapter, gets that adapter's buffers too (see
+            # _complete_adapter_copies): checked at the next forward, once the caller has copied the parameters
+            self.molora_runtime.unchecked_adapters.add(adapter_name)
         config = self.peft_config[adapter_name]
         if isinstance(config, MoLoraConfig) and config.milora_module_mode:
             self._add_layer_routers(adapter_name, config)

@@ -584,6 +584,8 @@ class MoLoraRuntime:
     def __init__(self, peft_config: dict) -> None:
         self.peft_config = peft_config
         self.context = RoutingContext()
+        # adapters added to a model that already had one, not yet compared with the others (molora.model)
+        self.unchecked_adapters: set[str] = set()
         # the aux records of the current forward, (layer, adapter) -> _AuxRecord, and their gradient's delivery
         self.forward_aux = ForwardAux(peft_config)
         self._aux: dict[tuple[str, str], _AuxRecord] = {}
@@ -646,6 +648,7 @@ class MoLoraRuntime:
         clone.loss_shifts_labels = self.loss_shifts_labels
         clone.accumulation_steps = self.accumulation_steps
         clone.grad_scaler = self.grad_scaler
+        clone.unchecked_adapters = set(self.unchecked_adapters)
         clone._totals = {key: total.detach().clone() for key, total in self._totals.items()}
         return clone
 

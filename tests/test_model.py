@@ -820,3 +820,34 @@ def test_prompt_router_refuses_the_output_projection():
     config = MoLoraConfig(r=2, num_experts=2, router="prompt", target_modules=["q_proj", "lm_head"])
     with pytest.raises(ValueError, match="router='prompt' cannot adapt the output projection 'lm_head'"):
         get_peft_model(make_llama(), config)
+
+
+def test_an_adapter_added_as_a_copy_gets_the_buffers_too(batch):
+    """TRL's reference adapter: ``add_adapter("ref", config)``, then every ``*.default.*`` parameter copied into it.
+    At the next forward molora copies the buffers as well (here ``topk_bias``'s selection bias); an added adapter that
+    is not a copy keeps its own."""
+    config = MoLoraConfig(num_experts=4, top_k=2, router="topk_bias", init_lora_weights=False)
+    model = get_peft_model(make_llama(), config)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("default.selection_bias"):
+                buffer.copy_(torch.randn(buffer.shape))
+    model.add_adapter("ref", config)
+    model.add_adapter("other", config)
+    for name, param in model.named_parameters():
+        if ".default." in name:
+            model.get_parameter(name.replace(".default.", ".ref.")).data.copy_(param.data)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"])
+        buffers = dict(model.named_buffers())
+        default = {n: b for n, b in buffers.items() if n.endswith("default.selection_bias")}
+        assert len(default) == 14
+        for name, bias in default.items():
+            assert torch.equal(buffers[name.replace(".default.", ".ref.")], bias)
+            assert not buffers[name.replace(".default.", ".other.")].any()
+        logits = {}
+        for adapter in ("default", "ref"):
+            model.set_adapter(adapter)
+            logits[adapter] = model(input_ids=batch["input_ids"]).logits
+    assert torch.equal(logits["default"], logits["ref"])

@@ -179,18 +179,34 @@ def test_routing_totals_are_float64():
     assert all(s.tokens == 16 and s.experts_per_token == 1.0 for s in stats.values())
 
 
-def test_dpo_reference_adapter_is_a_copy_of_the_trained_one(tmp_path):
+@pytest.mark.parametrize("state", [None, "topk_bias", "dynamic_rank"])
+def test_dpo_reference_adapter_is_a_copy_of_the_trained_one(tmp_path, state):
     """TRL's preference trainers (DPO, KTO, GRPO, RLOO) given a model with a trained adapter and no ``ref_model`` add
     a ``ref`` adapter and copy every parameter named ``*.default.*`` into it. The expert banks were bare parameters
     named ``molora_A.default`` (no trailing dot): only the routers were copied, so the reference was the base model
-    (fresh ``B = 0`` experts) and DPO's anchor silently wrong. With a learning rate of 0 the policy is the reference:
+    (fresh ``B = 0`` experts) and DPO's anchor silently wrong. State kept in buffers (``topk_bias``'s selection bias,
+    DR-LoRA's rank masks) is not a parameter: molora copies it at the first forward (the reference used to route with
+    a zero bias, or add the experts at their initial ranks). With a learning rate of 0 the policy is the reference:
     the loss is ln 2 and the reward margin 0, as with PEFT LoRA."""
     import math
 
     from peft import PeftModel
 
-    trained = MoLoraConfig(r=4, num_experts=4, top_k=2, init_lora_weights=False, task_type="CAUSAL_LM")  # B != 0
-    get_peft_model(make_llama(vocab_size=CHAR_VOCAB), trained).save_pretrained(tmp_path / "sft")
+    options = {"router": "topk_bias"} if state == "topk_bias" else {}
+    if state == "dynamic_rank":
+        options = {"r": 8, "dynamic_rank": {"init_rank": 2, "target_rank": 6}}
+    trained = MoLoraConfig(
+        **{"r": 4, "num_experts": 4, "top_k": 2, "init_lora_weights": False, "task_type": "CAUSAL_LM", **options}
+    )  # B != 0
+    sft = get_peft_model(make_llama(vocab_size=CHAR_VOCAB), trained)
+    with torch.no_grad():  # what training leaves in the buffers: a selection bias, grown ranks
+        gen = torch.Generator().manual_seed(0)
+        for name, buffer in sft.named_buffers():
+            if name.endswith("selection_bias"):
+                buffer.copy_(torch.randn(buffer.shape, generator=gen))
+            elif name.endswith("activated_at"):
+                buffer[:2, 2:5] = 3
+    sft.save_pretrained(tmp_path / "sft")
     model = PeftModel.from_pretrained(make_llama(vocab_size=CHAR_VOCAB), tmp_path / "sft", is_trainable=True)
     rows = [{"prompt": f"say {i}:", "chosen": f" yes {i}!", "rejected": f" no no {i}?"} for i in range(4)]
     args = trl.DPOConfig(
