@@ -657,3 +657,30 @@ def test_forward_without_gradient_is_bit_identical_to_the_training_forward(batch
         with torch.no_grad():
             frozen = model(**inputs).logits
     assert torch.equal(trained, frozen)
+
+
+@pytest.mark.parametrize("router", ["topk", "soft"])
+def test_training_forward_keeps_no_copy_of_the_bank_for_backward(router):
+    """What a layer's fused training forward saves for backward: the parameters themselves, not ``[A_flat | W^T]``
+    built from them (a copy of every layer's bank alive until its backward: most of MoLoRA's extra activation
+    memory at short micro-batches), and ``h`` and the gates, not also ``h ⊙ gates``. ``topk``: the one-node layer;
+    ``soft``: base-and-shrink and the gated expansion as two functions."""
+    d, n_experts, rank, tokens = 64, 4, 8, 24
+    model = get_peft_model(
+        OneProjection(d), MoLoraConfig(r=rank, num_experts=n_experts, top_k=2, router=router, target_modules=["proj"])
+    ).train()
+    parameters = {p.data_ptr() for p in model.parameters()}
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    x = torch.randn(tokens, d, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = model(x)
+    shapes = [tuple(t.shape) for t in saved if t.data_ptr() not in parameters]
+    assert (d, n_experts * rank + n_experts) not in shapes and (d, n_experts * rank) not in shapes, shapes
+    assert shapes.count((tokens, n_experts * rank)) == 1, shapes  # h only
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

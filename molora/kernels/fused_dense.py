@@ -66,26 +66,27 @@ class _BaseAndShrink(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, bank, router_weight, conv1d):  # noqa: D102
-        out, hl, shrink = _base_and_shrink_forward(x, weight, bias, bank, router_weight, conv1d)
+        out, hl, _ = _base_and_shrink_forward(x, weight, bias, bank, router_weight, conv1d)
         ctx.conv1d = conv1d
-        ctx.bank_shape = bank.shape
         needs_x = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
-        ctx.save_for_backward(x if needs_x else None, weight, shrink)
+        # the bank and the router's weight, not the [A_flat | W_router^T] built from them: a copy of every layer's
+        # bank would stay alive until its backward (rebuilt there, one layer at a time)
+        ctx.save_for_backward(x if needs_x else None, weight, bank, router_weight)
         return (out, *_split_rank_and_logits(hl, bank, router_weight))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, grad_h, grad_logits):  # noqa: D102
-        x, weight, shrink = ctx.saved_tensors
+        x, weight, bank, router_weight = ctx.saved_tensors
         grad_hl = grad_h if grad_logits is None else torch.cat([grad_h, grad_logits], dim=1)
         grad_x, grad_bank, grad_router = _base_and_shrink_backward(
             grad_out,
             grad_hl,
             x,
             weight,
-            shrink,
+            bank,
+            router_weight,
             ctx.conv1d,
-            ctx.bank_shape,
             ctx.needs_input_grad[0],
             ctx.needs_input_grad[3],
             ctx.needs_input_grad[4],
@@ -94,12 +95,13 @@ class _BaseAndShrink(torch.autograd.Function):
 
 
 def _base_and_shrink_backward(
-    grad_out, grad_hl, x, weight, shrink, conv1d, bank_shape, needs_x, needs_bank, needs_router
+    grad_out, grad_hl, x, weight, bank, router_weight, conv1d, needs_x, needs_bank, needs_router
 ):
     """``(dx, dA, dW_router)`` of :func:`base_and_shrink` from ``dY`` and ``[dH | dlogits]`` (``None`` where not
     needed)."""
     grad_x = grad_bank = grad_router = None
     if needs_x:
+        shrink = flat_shrink_weight(bank, router_weight)
         if grad_out is None:  # only the router's losses were differentiated (dense_topk_layer)
             grad_x = grad_hl @ shrink.t()
         else:
@@ -108,7 +110,7 @@ def _base_and_shrink_backward(
     if needs_bank or needs_router:
         # dH^T x rather than x^T dH: the same product, ~20% faster for these skinny shapes on a CPU
         grad_rows = grad_hl.t() @ x  # [E*r (+ E_router), d_in]
-        n_experts, d_in, rank = bank_shape
+        n_experts, d_in, rank = bank.shape
         if needs_bank:
             grad_bank = grad_rows[: n_experts * rank].view(n_experts, rank, d_in).transpose(1, 2)
         if needs_router:
@@ -123,10 +125,16 @@ def _gated_expand_forward(out, h, gates, b_flat, scaling):
     ``alpha``). The same operations with and without autograd, so that a frozen copy of an adapter run without
     gradient (TRL's reference adapter) gives bit for bit the outputs of the trained one, also when the scaling is not
     a power of two and the products run in bf16."""
-    g = gates if gates.dtype == h.dtype else gates.to(h.dtype)
-    hg = (h.unflatten(1, (g.shape[1], -1)) * g.unsqueeze(-1)).flatten(1)
+    hg = _gated(h, gates)
     out.addmm_(hg, b_flat, alpha=scaling)
     return hg
+
+
+def _gated(h: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """``h ⊙ gates`` for ``h[T, E*r]`` and ``gates[T, E]`` (cast to ``h``'s dtype), ``[T, E*r]``: computed again in
+    backward rather than saved beside ``h``."""
+    g = gates if gates.dtype == h.dtype else gates.to(h.dtype)
+    return (h.unflatten(1, (g.shape[1], -1)) * g.unsqueeze(-1)).flatten(1)
 
 
 class _GatedExpand(torch.autograd.Function):
@@ -134,25 +142,25 @@ class _GatedExpand(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, out, h, gates, b_flat, scaling):  # noqa: D102
-        hg = _gated_expand_forward(out, h, gates, b_flat, scaling)
+        _gated_expand_forward(out, h, gates, b_flat, scaling)
         ctx.mark_dirty(out)
         ctx.scaling = scaling
-        ctx.save_for_backward(h, gates, b_flat, hg)
+        ctx.save_for_backward(h, gates, b_flat)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):  # noqa: D102
-        h, gates, b_flat, hg = ctx.saved_tensors
+        h, gates, b_flat = ctx.saved_tensors
         grad_h, grad_gates, grad_b = _gated_expand_backward(
-            grad_out, h, gates, b_flat, hg, ctx.scaling, *ctx.needs_input_grad[1:4]
+            grad_out, h, gates, b_flat, ctx.scaling, *ctx.needs_input_grad[1:4]
         )
         if grad_gates is not None:
             grad_gates = grad_gates.to(gates.dtype)
         return grad_out, grad_h, grad_gates, grad_b, None
 
 
-def _gated_expand_backward(grad_out, h, gates, b_flat, hg, scaling, needs_h, needs_gates, needs_b):
+def _gated_expand_backward(grad_out, h, gates, b_flat, scaling, needs_h, needs_gates, needs_b):
     """``(dH, dgates, dB_flat)`` of :func:`gated_expand_` (``dgates`` in ``h``'s dtype; ``None`` where not needed)."""
     n_experts = gates.shape[1]
     grad_h = grad_gates = grad_b = None
@@ -163,7 +171,8 @@ def _gated_expand_backward(grad_out, h, gates, b_flat, hg, scaling, needs_h, nee
     if needs_gates:
         grad_gates = (grad_hg * h.unflatten(1, grad_hg.shape[1:])).sum(dim=-1) * scaling
     if needs_b:
-        # d(scaling * hg @ B)/dB; the scaling on the smaller side (hg, [T, E*r]) would be a [T, E*r] pass
+        # d(scaling * hg @ B)/dB, hg built again from h and the gates (not saved), the scaling as the GEMM's alpha
+        hg = _gated(h, gates)
         grad_b = torch.addmm(hg.new_zeros(()), hg.t(), grad_out, beta=0, alpha=scaling)
     return grad_h, grad_gates, grad_b
 
@@ -234,21 +243,23 @@ class _DenseTopK(torch.autograd.Function):
         missing_grads,
     ):
         ctx.set_materialize_grads(False)
-        out, hl, shrink = _base_and_shrink_forward(x, weight, bias, bank, router_weight, conv1d)
+        out, hl, _ = _base_and_shrink_forward(x, weight, bias, bank, router_weight, conv1d)
         h, logits = _split_rank_and_logits(hl, bank, router_weight)
         routed, state = topk_forward(logits, k, renormalize, valid, balance_type, with_z)
-        hg = _gated_expand_forward(out, h, routed[0], b_flat, scaling)
-        ctx.conv1d, ctx.bank_shape, ctx.scaling = conv1d, bank.shape, scaling
+        _gated_expand_forward(out, h, routed[0], b_flat, scaling)
+        ctx.conv1d, ctx.scaling = conv1d, scaling
         ctx.renormalize, ctx.missing_grads = renormalize, missing_grads
         needs = ctx.needs_input_grad
+        # the bank and router weight rather than [A_flat | W_router^T], h and the gates rather than h ⊙ gates: the
+        # backward builds those again (one layer at a time) instead of every layer keeping them until its backward
         ctx.save_for_backward(
             x if needs[3] or needs[5] else None,
             weight,
-            shrink,
+            bank,
+            router_weight,
             h,
             routed[0],
             b_flat,
-            hg,
             *topk_save(ctx, routed, state),
         )
         routed, placeholders = losses_or_placeholders(routed, out)
@@ -259,17 +270,17 @@ class _DenseTopK(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, _gates, grad_balance, grad_z, _probs, _index, _weight):  # noqa: D102
-        x, weight, shrink, h, gates, b_flat, hg, *routed = ctx.saved_tensors
+        x, weight, bank, router_weight, h, gates, b_flat, *routed = ctx.saved_tensors
         needs_x, _, _, needs_bank, needs_b, needs_router = ctx.needs_input_grad[:6]
         grad_sel = grad_b = grad_x = grad_bank = grad_router = None
         if not (needs_x or needs_bank or needs_router):
             # only B trains: nothing upstream of the rank activations and the logits
             if grad_out is not None and needs_b:
-                grad_b = _gated_expand_backward(grad_out, h, gates, b_flat, hg, ctx.scaling, False, False, True)[2]
+                grad_b = _gated_expand_backward(grad_out, h, gates, b_flat, ctx.scaling, False, False, True)[2]
             return None, None, None, None, grad_b, *([None] * 9)
         if grad_out is not None:
             grad_h, grad_gates, grad_b = _gated_expand_backward(
-                grad_out, h, gates, b_flat, hg, ctx.scaling, True, True, needs_b
+                grad_out, h, gates, b_flat, ctx.scaling, True, True, needs_b
             )
             grad_sel = grad_gates.gather(-1, routed[1])
         else:
@@ -281,7 +292,7 @@ class _DenseTopK(torch.autograd.Function):
         # concatenation measured faster than writing both halves into one buffer through strided `out=` views)
         grad_hl = torch.cat([grad_h, grad_logits], dim=1)
         grad_x, grad_bank, grad_router = _base_and_shrink_backward(
-            grad_out, grad_hl, x, weight, shrink, ctx.conv1d, ctx.bank_shape, needs_x, needs_bank, needs_router
+            grad_out, grad_hl, x, weight, bank, router_weight, ctx.conv1d, needs_x, needs_bank, needs_router
         )
         return grad_x, None, None, grad_bank, grad_b, grad_router, *([None] * 8)
 
