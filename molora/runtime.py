@@ -675,6 +675,11 @@ class MoLoraRuntime:
         self.generation += 1
         current = call_input(args, kwargs)
         mask = _call_token_mask(current, kwargs.get("attention_mask"), past_length)
+        if mask is not None and mask.device.type == "cpu" and bool(mask.all()):
+            # the all-ones mask collators pass for unpadded batches: every layer would take its losses' and statistics'
+            # masked forms for nothing (2-8 % of a small model's step). Not on an accelerator: reading it back would
+            # wait for the device once per forward
+            mask = None
         self._in_forward = True
         # a forward that computes aux losses (autograd on or labels given, not a cached decode step): where
         # user_aux_loss returns 0 rather than None when no router has a loss with a non-zero coefficient

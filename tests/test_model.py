@@ -851,3 +851,21 @@ def test_an_adapter_added_as_a_copy_gets_the_buffers_too(batch):
             model.set_adapter(adapter)
             logits[adapter] = model(input_ids=batch["input_ids"]).logits
     assert torch.equal(logits["default"], logits["ref"])
+
+
+def test_an_all_ones_attention_mask_is_no_mask(batch):
+    """Collators pass ``attention_mask`` of ones for unpadded batches: the layers then run their unmasked losses and
+    statistics (the same values, fewer operators), as without a mask; a mask with padding is kept."""
+    model = get_peft_model(make_llama(), MoLoraConfig(num_experts=4, top_k=2, init_lora_weights=False)).train()
+    runtime = model.base_model.molora_runtime
+    ids = batch["input_ids"][1:]
+    results = []
+    for mask in (None, torch.ones_like(ids)):
+        model.reset_routing_stats()
+        out = model(input_ids=ids, attention_mask=mask, labels=ids)
+        assert runtime.context.attention_mask is None
+        results.append((out.loss, model.molora_aux_loss(), model.get_routing_stats()))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert {k: v.load for k, v in results[0][2].items()} == {k: v.load for k, v in results[1][2].items()}
+    model(**batch)
+    assert torch.equal(runtime.context.attention_mask, batch["attention_mask"])
