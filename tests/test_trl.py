@@ -8,6 +8,7 @@ import torch
 from conftest import CHAR_VOCAB, make_char_tokenizer, make_llama, sft_args, text_dataset
 from datasets import Dataset
 from peft import get_peft_model
+from transformers import TrainerCallback
 
 from molora import MoLoraConfig, MoLoraLayer
 
@@ -105,6 +106,17 @@ def test_sft_with_packing_padding_free(tmp_path):
     assert all(torch.isfinite(torch.tensor(_losses(trainer))))
 
 
+class _PredictAt(TrainerCallback):
+    """Runs ``trainer.predict`` on held-out rows at the end of one training step."""
+
+    def __init__(self, trainer, step: int) -> None:
+        self.trainer, self.step = trainer, step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            self.trainer.predict(self.trainer.train_dataset.select(range(4)))
+
+
 @pytest.mark.parametrize(
     "extra",
     [
@@ -113,8 +125,10 @@ def test_sft_with_packing_padding_free(tmp_path):
         dict(eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=4, max_steps=5),
         # a checkpoint saved between two logging steps took the window's statistics so far: logged windows were short
         dict(save_strategy="steps", save_steps=2, logging_steps=3, max_steps=6),
+        # trainer.predict() during training fires on_predict, not on_evaluate: its forwards were counted
+        dict(predict_at=2),
     ],
-    ids=["evaluations", "final_evaluation", "saves_between_logs"],
+    ids=["evaluations", "final_evaluation", "saves_between_logs", "predict"],
 )
 def test_routing_statistics_leave_out_evaluations_and_keep_whole_windows(tmp_path, extra):
     """The run's routing statistics (its ``routing_stats.json``, the heat map) and the logged windows
@@ -128,7 +142,7 @@ def test_routing_statistics_leave_out_evaluations_and_keep_whole_windows(tmp_pat
     for variant in ("plain", "extra"):
         steps = dict(max_steps=extra.get("max_steps", 4), logging_steps=extra.get("logging_steps", 2))
         evaluate = variant == "extra" and "eval_strategy" in extra
-        args = {k: v for k, v in extra.items() if k not in steps} if variant == "extra" else {}
+        args = {k: v for k, v in extra.items() if k not in steps and k != "predict_at"} if variant == "extra" else {}
         trainer = trl.SFTTrainer(
             model=make_llama(vocab_size=CHAR_VOCAB),
             args=sft_args(tmp_path / variant, per_device_train_batch_size=2, **steps, **args),
@@ -138,6 +152,8 @@ def test_routing_statistics_leave_out_evaluations_and_keep_whole_windows(tmp_pat
             peft_config=MoLoraConfig(r=2, num_experts=4, top_k=2, task_type="CAUSAL_LM"),
         )
         callback = install_routing_stats_callback(trainer)
+        if variant == "extra" and "predict_at" in extra:
+            trainer.add_callback(_PredictAt(trainer, extra["predict_at"]))
         trainer.train()
         windows = (tmp_path / variant / HISTORY_FILE).read_text().splitlines()
         seen[variant] = (

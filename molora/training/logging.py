@@ -133,6 +133,10 @@ class RoutingStatsCallback(TrainerCallback):
         if model is not None and hasattr(model, "restore_routing_stats") and self._step_mark is not None:
             model.restore_routing_stats(self._step_mark)
 
+    def on_predict(self, args, state, control, metrics=None, model=None, **kwargs):
+        # `trainer.predict()` (fires on_predict, not on_evaluate) during training: its forwards are not training either
+        self.on_evaluate(args, state, control, model=model, **kwargs)
+
     def _mark(self, model) -> None:
         """Remember the model's statistics now (the end of a training step), for :meth:`on_evaluate`."""
         if model is not None and hasattr(model, "routing_stats_checkpoint"):
