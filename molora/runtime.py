@@ -589,6 +589,9 @@ class MoLoraRuntime:
         # the aux records of the current forward, (layer, adapter) -> _AuxRecord, and their gradient's delivery
         self.forward_aux = ForwardAux(peft_config)
         self._aux: dict[tuple[str, str], _AuxRecord] = {}
+        # whether the current forward runs with autograd, and the records of the last such forward that had any
+        self._aux_grad = False
+        self._last_training_aux: dict[tuple[str, str], _AuxRecord] = {}
         # per (layer, adapter): the last forward's decision (a recompute under activation checkpointing overwrites
         # it instead of counting twice) and the running sums as one flat row (see _stats_rows)
         self._pending: dict[tuple[str, str], _RawRouting] = {}
@@ -671,14 +674,19 @@ class MoLoraRuntime:
             self.commit_stats()
         share = _loss_share(kwargs, self.loss_shifts_labels)
         self.forward_aux = ForwardAux(self.peft_config, share, self.accumulation_steps, self.grad_scaler)
+        grad = torch.is_grad_enabled()
+        if grad:
+            self._last_training_aux = {}
+        elif self._aux and self._aux_grad:
+            # a forward without autograd after a training one (a reference model's, a generation): training_aux_losses
+            # still reports the training forward's (whose graph its backward keeps anyway)
+            self._last_training_aux = self._aux
         self._aux = {}
+        self._aux_grad = grad
         self.generation += 1
         current = call_input(args, kwargs)
         mask = _call_token_mask(current, kwargs.get("attention_mask"), past_length)
-        if mask is not None and mask.device.type == "cpu" and bool(mask.all()):
-            # the all-ones mask collators pass for unpadded batches: every layer would take its losses' and statistics'
-            # masked forms for nothing (2-8 % of a small model's step). Not on an accelerator: reading it back would
-            # wait for the device once per forward
+        if _cpu_mask_of_ones(mask):
             mask = None
         self._in_forward = True
         # a forward that computes aux losses (autograd on or labels given, not a cached decode step): where
@@ -1072,7 +1080,17 @@ class MoLoraRuntime:
 
     def aux_losses(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
         """The unweighted aux losses of the last forward, reduced over routers, keyed by loss name."""
-        per_adapter = self._reduced(adapter_name)
+        return self._summed(self._reduced(adapter_name))
+
+    def training_aux_losses(self) -> dict[str, torch.Tensor]:
+        """:meth:`aux_losses` of the last forward run with autograd that recorded any: what a logging callback reports
+        after an optimizer step. The step's last forward may be another one: TRL's preference trainers run the
+        reference (the adapter disabled, or a frozen copy without gradient) after the policy."""
+        records = self._aux if self._aux and self._aux_grad else self._last_training_aux
+        return self._summed(self._reduced(None, records))
+
+    @staticmethod
+    def _summed(per_adapter: dict[str, dict[str, tuple[torch.Tensor, float]]]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for losses in per_adapter.values():
             for name, (value, _) in losses.items():
@@ -1099,9 +1117,9 @@ class MoLoraRuntime:
                 total = term if total is None else total + term
         return total
 
-    def _reduced(self, adapter_name: str | None) -> dict[str, dict[str, tuple[torch.Tensor, float]]]:
+    def _reduced(self, adapter_name: str | None, records: dict | None = None) -> dict[str, dict[str, tuple]]:
         by_adapter: dict[str, list[_AuxRecord]] = {}
-        for (_, adapter), record in self._aux.items():
+        for (_, adapter), record in (self._aux if records is None else records).items():
             if adapter_name is None or adapter == adapter_name:
                 by_adapter.setdefault(adapter, []).append(record)
         out: dict[str, dict[str, tuple[torch.Tensor, float]]] = {}
@@ -1306,6 +1324,13 @@ def call_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
 
 def _token_layout(current: torch.Tensor | None) -> tuple[int, int] | None:
     return (int(current.shape[0]), int(current.shape[1])) if current is not None and current.dim() >= 2 else None
+
+
+def _cpu_mask_of_ones(mask: torch.Tensor | None) -> bool:
+    """Whether ``mask`` is the all-ones padding mask collators pass for unpadded batches, on a CPU: published as no
+    mask, the layers skip the masked forms of their losses and statistics (2-8 % of a small model's step). Never read
+    back on an accelerator, where it would wait for the device once per forward (tests/test_host_sync.py)."""
+    return mask is not None and mask.device.type == "cpu" and bool(mask.all())
 
 
 def _call_token_mask(current: torch.Tensor | None, mask: Any, past_length: int | None) -> torch.Tensor | None:

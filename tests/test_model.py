@@ -869,3 +869,23 @@ def test_an_all_ones_attention_mask_is_no_mask(batch):
     assert {k: v.load for k, v in results[0][2].items()} == {k: v.load for k, v in results[1][2].items()}
     model(**batch)
     assert torch.equal(runtime.context.attention_mask, batch["attention_mask"])
+
+
+def test_training_aux_losses_outlast_a_reference_forward(batch):
+    """What a logging callback reports after a step: the aux losses of the step's training forward, also when a
+    forward without autograd ran after it (TRL's DPO/KTO: the reference, with the adapter disabled, after the policy,
+    left nothing to log); the next training forward replaces them."""
+    model = get_peft_model(make_llama(), MoLoraConfig(num_experts=4, top_k=2, init_lora_weights=False)).train()
+    runtime = model.base_model.molora_runtime
+    model(**batch)
+    trained = {name: value.detach().clone() for name, value in model.molora_aux_losses().items()}
+    assert set(trained) == {"balance"}
+    with torch.no_grad(), model.disable_adapter():
+        model(**batch)
+    assert model.molora_aux_losses() == {}  # the last forward's, as documented
+    assert {n: v.detach() for n, v in runtime.training_aux_losses().items()} == trained
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"][:1])  # the adapter's own forward without autograd: not a training one
+    torch.testing.assert_close(runtime.training_aux_losses()["balance"], trained["balance"])
+    model(input_ids=batch["input_ids"][:1])
+    assert not torch.equal(runtime.training_aux_losses()["balance"], trained["balance"])

@@ -122,7 +122,9 @@ class RoutingStatsCallback(TrainerCallback):
         self._mark(model)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        losses = model.molora_aux_losses() if model is not None and hasattr(model, "molora_aux_losses") else {}
+        # the step's training forward's losses: its last forward may be a reference model's (TRL's DPO, KTO)
+        runtime = getattr(model, "molora_runtime", None) if model is not None else None
+        losses = runtime.training_aux_losses() if runtime is not None else {}
         for name, value in losses.items():
             self._aux_sums[name] = self._aux_sums.get(name, 0.0) + float(value.detach().float())
         self._aux_steps += 1
