@@ -572,6 +572,8 @@ def test_statistics_count_the_variable_assignments(router, kwargs):
     def hook(name):
         def record(module, args, routing):
             valid = args[1]
+            if valid is None:  # no padding among these positions (a decode step): every token counts
+                valid = torch.ones(routing.probs.shape[0], dtype=torch.bool)
             keep = valid[routing.token_index]
             entry = counted.setdefault(name, [0.0, 0.0])
             entry[0] += float(keep.sum())

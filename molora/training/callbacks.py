@@ -32,6 +32,8 @@ def _molora_models(model: nn.Module) -> Iterator[nn.Module]:
     """Every ``MoLoraModel`` inside ``model`` (a ``PeftModel``, DDP, a custom module, ...)."""
     from ..model import MoLoraModel
 
+    if isinstance(getattr(model, "base_model", None), MoLoraModel):
+        return iter((model.base_model,))  # a PeftModel: no walk over the model's modules (every optimizer step)
     return (module for module in model.modules() if isinstance(module, MoLoraModel))
 
 
