@@ -111,8 +111,8 @@ def _complete_adapter_copies(model: nn.Module, runtime: MoLoraRuntime) -> None:
         if name not in runtime.peft_config:
             continue  # deleted since
         params, buffers = _adapter_tensors(model, name)
-        if not params:
-            continue
+        if not any(p.numel() for p in params.values()):
+            continue  # none, or partitioned away (DeepSpeed ZeRO-3): nothing to compare
         for source in runtime.peft_config:
             if source == name or source in added:
                 continue
