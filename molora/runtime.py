@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.nn import functional as F
 
 from .routers.balancing import AuxInputs, entropy
 from .routers.state import commit_staged
@@ -220,7 +221,9 @@ class _RawRouting:
         """Records with equal keys can be stacked and reduced together."""
         valid_shape = None if self.valid is None else tuple(self.valid.shape)
         dense = self.assigned is not None
-        return (tuple(self.probs.shape), self.expert_index.numel(), self.probs.device, valid_shape, dense)
+        # not the number of assignments: routers that choose a variable number per token (top-p, DynMoLE, ReLU)
+        # would put every layer in its own group (_stats_rows pads the assignment lists instead)
+        return (tuple(self.probs.shape), self.probs.device, valid_shape, dense)
 
 
 @dataclass
@@ -1234,13 +1237,15 @@ def _stats_rows(raws: list[_RawRouting]) -> torch.Tensor:
     with torch.no_grad():
         probs = torch.stack([r.probs for r in raws]).float()  # [L, T, E]
         n_layers, n_tokens, n_experts = probs.shape
-        expert_index = torch.stack([r.expert_index for r in raws])  # [L, N]
-        weight = torch.stack([r.weight for r in raws]).float()
+        sizes = [r.expert_index.numel() for r in raws]
+        listed = _padded_rows(raws, sizes)  # [L, N] each: the assignment lists, padded to the longest
+        expert_index, token_index = listed["expert_index"], listed["token_index"]
+        weight = listed["weight"].float()
         ent = entropy(probs)  # [L, T]
         if raws[0].valid is not None:
             # where, not a product: padding rows are dropped even if their values are not finite
             keep = torch.stack([r.valid for r in raws]).to(probs.device, torch.bool)  # [L, T]
-            keep_assignment = keep.gather(1, torch.stack([r.token_index for r in raws]))
+            keep_assignment = keep.gather(1, token_index)
             ones = keep_assignment.float()
             weight = torch.where(keep_assignment, weight, 0.0)
             probs = torch.where(keep.unsqueeze(-1), probs, 0.0)
@@ -1251,13 +1256,32 @@ def _stats_rows(raws: list[_RawRouting]) -> torch.Tensor:
             tokens = probs.new_full((n_layers,), float(n_tokens))
         if raws[0].assigned is not None:
             # all (token, expert) pairs were listed (a compiled variable selection): count the assignments only
-            ones = ones * torch.stack([r.assigned for r in raws]).to(ones.device, ones.dtype)
+            ones = ones * listed["assigned"].to(ones.device, ones.dtype)
+        if len(set(sizes)) > 1:
+            # the padding of shorter lists counts nothing
+            real = torch.arange(max(sizes), device=weight.device) < torch.tensor(sizes, device=weight.device)[:, None]
+            ones, weight = ones * real, torch.where(real, weight, 0.0)
         # per layer (row), assignments and gate sums per expert
         counts = probs.new_zeros(n_layers, n_experts).scatter_add_(1, expert_index, ones)
         gate_sums = probs.new_zeros(n_layers, n_experts).scatter_add_(1, expert_index, weight)
         return torch.cat(
             [tokens.unsqueeze(1), ent.sum(dim=1, keepdim=True), counts, gate_sums, probs.sum(dim=1)], dim=1
         )
+
+
+def _padded_rows(raws: list[_RawRouting], sizes: list[int]) -> dict[str, torch.Tensor]:
+    """The records' assignment lists (``expert_index``, ``token_index``, ``weight``, ``assigned``) stacked into
+    ``[L, max N]`` tensors, the shorter ones padded at the end (with 0: a valid index, a zero weight)."""
+    longest = max(sizes)
+    out = {}
+    for name in ("expert_index", "token_index", "weight", "assigned"):
+        values = [getattr(r, name) for r in raws]
+        if values[0] is None:
+            continue
+        out[name] = torch.stack(
+            [v if n == longest else F.pad(v, (0, longest - n)) for v, n in zip(values, sizes, strict=True)]
+        )
+    return out
 
 
 def _weak_ref(obj: Any) -> weakref.ref | None:

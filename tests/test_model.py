@@ -387,6 +387,36 @@ def test_decode_step_statistics_are_reduced_in_batches_with_the_same_totals(batc
         assert abs(other.entropy - stats.entropy) < 1e-6
 
 
+@pytest.mark.parametrize("padded", [True, False])
+@pytest.mark.parametrize("router", ["topp", "dynmole", "topk"])
+def test_a_forwards_statistics_are_one_reduction_whatever_the_assignments(batch, router, padded, monkeypatch):
+    """Routers that choose a variable number of experts per token give each layer its own number of assignments:
+    their records went through one reduction per layer (~20 operators each). The lists are padded into one; the
+    statistics equal each layer's own reduction."""
+    import molora.runtime as runtime_module
+
+    model = get_peft_model(make_llama(), MoLoraConfig(num_experts=4, top_k=2, router=router, init_lora_weights=False))
+    runtime = model.base_model.molora_runtime
+    inputs = batch if padded else {"input_ids": batch["input_ids"][1:]}
+    with torch.no_grad():
+        model(**inputs)
+    pending = dict(runtime._pending)
+    if router != "topk":
+        assert len({r.expert_index.numel() for r in pending.values()}) > 1  # the case this is about
+    calls = []
+    real = runtime_module._stats_rows
+    monkeypatch.setattr(runtime_module, "_stats_rows", lambda raws: calls.append(len(raws)) or real(raws))
+    stats = model.get_routing_stats()
+    assert calls == [14]
+    alone = {key: runtime_module.summarize_row(real([raw]).double()[0]) for key, raw in pending.items()}
+    for (layer, _), want in alone.items():
+        got = stats[layer]
+        assert got.tokens == want.tokens == (int(batch["attention_mask"].sum()) if padded else 12)
+        for field in ("load", "gate_mass", "prob_mass"):
+            torch.testing.assert_close(torch.tensor(getattr(got, field)), torch.tensor(getattr(want, field)))
+        assert abs(got.entropy - want.entropy) < 1e-6 and abs(got.experts_per_token - want.experts_per_token) < 1e-9
+
+
 def test_peft_model_from_pretrained_in_process(tmp_path, batch):
     model = get_peft_model(make_llama(), MoLoraConfig(num_experts=4, top_k=2, init_lora_weights=False))
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
