@@ -592,9 +592,9 @@ class MoLoraRuntime:
         # the aux records of the current forward, (layer, adapter) -> _AuxRecord, and their gradient's delivery
         self.forward_aux = ForwardAux(peft_config)
         self._aux: dict[tuple[str, str], _AuxRecord] = {}
-        # whether the current forward runs with autograd, and the records of the last such forward that had any
+        # whether the current forward runs with autograd, and the aux losses of the last such forward that had any
         self._aux_grad = False
-        self._last_training_aux: dict[tuple[str, str], _AuxRecord] = {}
+        self._last_training_aux: dict[str, torch.Tensor] = {}
         # per (layer, adapter): the last forward's decision (a recompute under activation checkpointing overwrites
         # it instead of counting twice) and the running sums as one flat row (see _stats_rows)
         self._pending: dict[tuple[str, str], _RawRouting] = {}
@@ -682,8 +682,10 @@ class MoLoraRuntime:
             self._last_training_aux = {}
         elif self._aux and self._aux_grad:
             # a forward without autograd after a training one (a reference model's, a generation): training_aux_losses
-            # still reports the training forward's (whose graph its backward keeps anyway)
-            self._last_training_aux = self._aux
+            # still reports the training forward's. Detached values, not its records: their graph's AccumulateGrad
+            # nodes would keep the parameters alive (a deleted adapter's too)
+            with torch.no_grad():
+                self._last_training_aux = {n: v.detach() for n, v in self._summed(self._reduced(None)).items()}
         self._aux = {}
         self._aux_grad = grad
         self.generation += 1
@@ -1089,8 +1091,9 @@ class MoLoraRuntime:
         """:meth:`aux_losses` of the last forward run with autograd that recorded any: what a logging callback reports
         after an optimizer step. The step's last forward may be another one: TRL's preference trainers run the
         reference (the adapter disabled, or a frozen copy without gradient) after the policy."""
-        records = self._aux if self._aux and self._aux_grad else self._last_training_aux
-        return self._summed(self._reduced(None, records))
+        if self._aux and self._aux_grad:
+            return self._summed(self._reduced(None))
+        return dict(self._last_training_aux)
 
     @staticmethod
     def _summed(per_adapter: dict[str, dict[str, tuple[torch.Tensor, float]]]) -> dict[str, torch.Tensor]:
@@ -1120,9 +1123,9 @@ class MoLoraRuntime:
                 total = term if total is None else total + term
         return total
 
-    def _reduced(self, adapter_name: str | None, records: dict | None = None) -> dict[str, dict[str, tuple]]:
+    def _reduced(self, adapter_name: str | None) -> dict[str, dict[str, tuple[torch.Tensor, float]]]:
         by_adapter: dict[str, list[_AuxRecord]] = {}
-        for (_, adapter), record in (self._aux if records is None else records).items():
+        for (_, adapter), record in self._aux.items():
             if adapter_name is None or adapter == adapter_name:
                 by_adapter.setdefault(adapter, []).append(record)
         out: dict[str, dict[str, tuple[torch.Tensor, float]]] = {}

@@ -914,6 +914,8 @@ def test_training_aux_losses_outlast_a_reference_forward(batch):
         model(**batch)
     assert model.molora_aux_losses() == {}  # the last forward's, as documented
     assert {n: v.detach() for n, v in runtime.training_aux_losses().items()} == trained
+    # kept as values: a graph would hold its AccumulateGrad nodes and with them the parameters (a deleted adapter's)
+    assert all(v.grad_fn is None for v in runtime.training_aux_losses().values())
     with torch.no_grad():
         model(input_ids=batch["input_ids"][:1])  # the adapter's own forward without autograd: not a training one
     torch.testing.assert_close(runtime.training_aux_losses()["balance"], trained["balance"])
