@@ -107,7 +107,7 @@ def test_sft_with_packing_padding_free(tmp_path):
 
 
 class _PredictAt(TrainerCallback):
-    """Runs ``trainer.predict`` on held-out rows at the end of one training step."""
+    """Runs ``trainer.predict`` on four of the training rows at the end of one training step."""
 
     def __init__(self, trainer, step: int) -> None:
         self.trainer, self.step = trainer, step
@@ -202,7 +202,9 @@ def test_dpo_reference_adapter_is_a_copy_of_the_trained_one(tmp_path, state):
     named ``molora_A.default`` (no trailing dot): only the routers were copied, so the reference was the base model
     (fresh ``B = 0`` experts) and DPO's anchor silently wrong. State kept in buffers (``topk_bias``'s selection bias,
     DR-LoRA's rank masks) is not a parameter: molora copies it at the first forward (the reference used to route with
-    a zero bias, or add the experts at their initial ranks). With a learning rate of 0 the policy is the reference:
+    a zero bias, or add the experts at their initial ranks), and the reference's forward without gradient must round
+    as the policy's does (DR-LoRA's scaling 16 / 6 is not a power of two). With a learning rate of 0 the policy is the
+    reference:
     the loss is ln 2 and the reward margin 0, as with PEFT LoRA."""
     import math
 
