@@ -20,7 +20,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .._amp import autocast_dtype
 from ..kernels import choose_kernel, expert_delta, triton_available
-from ..kernels.fused_dense import base_and_shrink, dense_topk_layer, gated_expand_
+from ..kernels.fused_dense import base_and_shrink, dense_topk_layer, gated_expand_, shrink_matmul
 from ..kernels.torch_ops import dense_masked_expand, flat_shrink_weight
 from ..routers.base import Router, Routing, build_router_params, get_router_class
 from ..runtime import self_delivered
@@ -245,8 +245,8 @@ class MoLoraLayer(BaseTunerLayer):
             plan = self._decode_plan(x_in, adapter_name, fused=False) or self._store_decode_plan(
                 x_in, adapter_name, None, weight_A, bank, weight_B, router, router.weight, None
             )
-            shrink = plan.shrink if plan is not None else flat_shrink_weight(weight_A, router.weight)
-            h, logits = _split_shrink(x_in @ shrink, weight_A)
+            hl = x_in @ plan.shrink if plan is not None else shrink_matmul(x_in, weight_A, router.weight)
+            h, logits = _split_shrink(hl, weight_A)
             routing, losses = self._select(adapter_name, router, logits, valid)
             delta = dense_masked_expand(h, weight_B, routing, scaling)
         else:

@@ -94,6 +94,32 @@ class _BaseAndShrink(torch.autograd.Function):
         return grad_x, None, None, grad_bank, grad_router, None
 
 
+class _Shrink(torch.autograd.Function):
+    """``x @ [A_flat | W_router^T]`` saving ``A`` and ``W_router`` rather than the matrix built from them; see
+    :func:`shrink_matmul`."""
+
+    @staticmethod
+    def forward(ctx, x, bank, router_weight):  # noqa: D102
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] or ctx.needs_input_grad[2] else None, bank, router_weight)
+        return x @ flat_shrink_weight(bank, router_weight)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_hl):  # noqa: D102
+        x, bank, router_weight = ctx.saved_tensors
+        return _base_and_shrink_backward(None, grad_hl, x, None, bank, router_weight, False, *ctx.needs_input_grad)
+
+
+def shrink_matmul(x: torch.Tensor, bank: torch.Tensor, router_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``x[T, d_in] @ [A_flat | W_router^T]`` (:func:`~molora.kernels.torch_ops.flat_shrink_weight`): the experts'
+    rank activations and the router's logits of the dense path when the base projection runs on its own (a quantized
+    base). With autograd it keeps ``A`` and the router's weight for backward instead of the concatenated copy (one per
+    layer, alive until the layer's backward). Not under autocast (its products would be recast; the caller checks)."""
+    if not _needs_autograd(x, bank, router_weight):
+        return x @ flat_shrink_weight(bank, router_weight)
+    return _Shrink.apply(x, bank, router_weight)
+
+
 def _base_and_shrink_backward(
     grad_out, grad_hl, x, weight, bank, router_weight, conv1d, needs_x, needs_bank, needs_router
 ):
