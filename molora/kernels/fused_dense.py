@@ -51,7 +51,7 @@ def _base_and_shrink_forward(x, weight, bias, bank, router_weight, conv1d, shrin
     # [A_flat | W_router^T]: one GEMM over x for all experts' rank columns and the router's logits
     if shrink is None:
         shrink = flat_shrink_weight(bank, router_weight)
-    return out, x @ shrink, shrink
+    return out, x @ shrink
 
 
 def _split_rank_and_logits(hl, bank, router_weight):
@@ -66,7 +66,7 @@ class _BaseAndShrink(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, bank, router_weight, conv1d):  # noqa: D102
-        out, hl, _ = _base_and_shrink_forward(x, weight, bias, bank, router_weight, conv1d)
+        out, hl = _base_and_shrink_forward(x, weight, bias, bank, router_weight, conv1d)
         ctx.conv1d = conv1d
         needs_x = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
         # the bank and the router's weight, not the [A_flat | W_router^T] built from them: a copy of every layer's
@@ -147,13 +147,11 @@ def _base_and_shrink_backward(
 
 
 def _gated_expand_forward(out, h, gates, b_flat, scaling):
-    """``out += scaling * (h ⊙ gates) @ b_flat`` in place; returns ``hg = h ⊙ gates`` (the scaling is the GEMM's
-    ``alpha``). The same operations with and without autograd, so that a frozen copy of an adapter run without
-    gradient (TRL's reference adapter) gives bit for bit the outputs of the trained one, also when the scaling is not
-    a power of two and the products run in bf16."""
-    hg = _gated(h, gates)
-    out.addmm_(hg, b_flat, alpha=scaling)
-    return hg
+    """``out += scaling * (h ⊙ gates) @ b_flat`` in place (the scaling is the GEMM's ``alpha``). The same operations
+    with and without autograd, so that a frozen copy of an adapter run without gradient (TRL's reference adapter)
+    gives bit for bit the outputs of the trained one, also when the scaling is not a power of two and the products
+    run in bf16."""
+    out.addmm_(_gated(h, gates), b_flat, alpha=scaling)
 
 
 def _gated(h: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
@@ -226,7 +224,7 @@ def base_and_shrink(
     ``e*r .. e*r + r - 1`` of ``h``. ``h`` and ``logits`` are views of one buffer: do not modify them in place.
     """
     if not _needs_autograd(x, bank, router_weight):
-        out, hl, _ = _base_and_shrink_forward(x, weight, bias, bank, router_weight, conv1d, shrink)
+        out, hl = _base_and_shrink_forward(x, weight, bias, bank, router_weight, conv1d, shrink)
         return (out, *_split_rank_and_logits(hl, bank, router_weight))
     return _BaseAndShrink.apply(x, weight, bias, bank, router_weight, conv1d)
 
@@ -269,7 +267,7 @@ class _DenseTopK(torch.autograd.Function):
         missing_grads,
     ):
         ctx.set_materialize_grads(False)
-        out, hl, _ = _base_and_shrink_forward(x, weight, bias, bank, router_weight, conv1d)
+        out, hl = _base_and_shrink_forward(x, weight, bias, bank, router_weight, conv1d)
         h, logits = _split_rank_and_logits(hl, bank, router_weight)
         routed, state = topk_forward(logits, k, renormalize, valid, balance_type, with_z)
         _gated_expand_forward(out, h, routed[0], b_flat, scaling)
