@@ -94,6 +94,7 @@ TOPK_OPTIONS = [
     {"balance_type": "megatron", "z_loss": True},
     {"balance_type": "mixtral", "renormalize": False},
     {"balance_type": "switch"},
+    {"balance_type": "soft", "z_loss": True},  # a load with a gradient
     {"balance_type": None, "z_loss": True},
     {},
 ]
@@ -186,7 +187,7 @@ def test_dense_topk_layer_rejects_what_it_cannot_compute():
     x, weight = torch.randn(3, 4), torch.randn(5, 4)
     bank, b_flat = torch.randn(2, 4, 3), torch.randn(6, 5)
     with pytest.raises(ValueError, match="balance_type"):
-        dense_topk_layer(x, weight, None, bank, b_flat, torch.randn(2, 4), 1.0, 1, balance_type="soft")
+        dense_topk_layer(x, weight, None, bank, b_flat, torch.randn(2, 4), 1.0, 1, balance_type="sofft")
     with pytest.raises(ValueError, match="one logit per expert"):
         dense_topk_layer(x, weight, None, bank, b_flat, torch.randn(3, 4), 1.0, 1)
     with pytest.raises(ValueError, match="`k`=3"):

@@ -20,6 +20,7 @@ from molora.kernels.fused_dense import dense_topk_layer
 from molora.kernels.fused_router import topk_gates_and_losses
 from molora.routers import balancing
 from molora.routers.base import Router
+from molora.routers.soft import SoftRouter
 from molora.routers.topk import TopKRouter, topk_routing
 
 N_TOKENS, N_EXPERTS = 9, 5
@@ -45,7 +46,7 @@ def _valid(kind):
     return valid
 
 
-@pytest.mark.parametrize("balance_type", ["megatron", "mixtral", "switch", None])
+@pytest.mark.parametrize("balance_type", ["megatron", "mixtral", "switch", "soft", None])
 @pytest.mark.parametrize("z_loss", [True, False])
 @pytest.mark.parametrize("renormalize", [True, False])
 @pytest.mark.parametrize("valid_kind", ["none", "padded", "empty"])
@@ -88,7 +89,7 @@ def test_matches_plain_ops(balance_type, z_loss, renormalize, valid_kind, k):
         assert fused_out[1].item() == 0.0
 
 
-@pytest.mark.parametrize("balance_type", ["megatron", "mixtral", "switch"])
+@pytest.mark.parametrize("balance_type", ["megatron", "mixtral", "switch", "soft"])
 def test_gradcheck(balance_type):
     torch.manual_seed(0)
     logits = (torch.randn(6, 4, dtype=torch.float64) * 2).requires_grad_(True)
@@ -105,8 +106,8 @@ def test_gradcheck(balance_type):
 
 def test_bad_arguments_name_the_field():
     logits = torch.randn(3, 4)
-    with pytest.raises(ValueError, match="balance_type.*'soft'"):
-        topk_gates_and_losses(logits, 2, balance_type="soft")
+    with pytest.raises(ValueError, match="balance_type.*'sofft'"):
+        topk_gates_and_losses(logits, 2, balance_type="sofft")
     with pytest.raises(ValueError, match="`k`=5"):
         topk_gates_and_losses(logits, 5)
 
@@ -114,17 +115,26 @@ def test_bad_arguments_name_the_field():
 # -- model level -------------------------------------------------------------------------------------------------
 
 
-def _train_grads(monkeypatch, fused, *, labels_in_forward=True, padded=False, dtype=torch.float32, **config_kwargs):
+def _train_grads(
+    monkeypatch,
+    fused,
+    *,
+    labels_in_forward=True,
+    padded=False,
+    dtype=torch.float32,
+    router_cls=TopKRouter,
+    **config_kwargs,
+):
     if not fused:
-        monkeypatch.setattr(TopKRouter, "select_with_losses", Router.select_with_losses)
+        monkeypatch.setattr(router_cls, "select_with_losses", Router.select_with_losses)
     calls = []
-    original = TopKRouter.select
+    original = router_cls.select
 
     def spy(self, logits, valid):
         calls.append(1)
         return original(self, logits, valid)
 
-    monkeypatch.setattr(TopKRouter, "select", spy)
+    monkeypatch.setattr(router_cls, "select", spy)
     kwargs = dict(r=4, num_experts=4, top_k=2, init_lora_weights=False, target_modules=["q_proj", "up_proj"])
     kwargs.update(config_kwargs)
     model = get_peft_model(make_llama(seed=1).to(dtype), MoLoraConfig(**kwargs)).train()
@@ -154,6 +164,9 @@ def _train_grads(monkeypatch, fused, *, labels_in_forward=True, padded=False, dt
         {},
         {"padded": True, "z_loss_coef": 0.01, "balance_loss_type": "mixtral"},
         {"padded": True, "balance_loss_type": "switch", "loss_reduction": "sum"},
+        # the load (mean gate) carries gradient to the gates
+        {"padded": True, "balance_loss_type": "soft", "router_kwargs": {"renormalize": False}},
+        {"balance_loss_type": "soft", "labels_in_forward": False},
         {"labels_in_forward": False, "z_loss_coef": 0.01},
         {"router_kwargs": {"renormalize": False}, "aux_loss_coef": 0.5},
         # the router scored on its own (not in the dense GEMM): other kernels, dropout, jitter noise
@@ -179,6 +192,35 @@ def test_model_matches_plain_select(monkeypatch, settings):
         assert stats_f[name].load == pytest.approx(stats_p[name].load)
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"padded": True, "balance_loss_type": "soft", "z_loss_coef": 0.01},
+        {"balance_loss_type": "soft", "labels_in_forward": False},
+        {"padded": True, "balance_loss_type": "mixtral", "kernel": "grouped"},
+    ],
+)
+def test_soft_router_takes_the_top_k_function(monkeypatch, settings):
+    # soft routing is the top-k of all E experts without renormalisation: the same loss, gradients and statistics
+    loss_f, grads_f, plain_f, stats_f = _train_grads(
+        monkeypatch, True, router="soft", router_cls=SoftRouter, **settings
+    )
+    loss_p, grads_p, plain_p, stats_p = _train_grads(
+        monkeypatch, False, router="soft", router_cls=SoftRouter, **settings
+    )
+    assert not plain_f and plain_p, "the fused selection was not taken (or the plain one was not)"
+    torch.testing.assert_close(loss_f, loss_p)
+    for name in grads_f:
+        torch.testing.assert_close(grads_f[name], grads_p[name], atol=1e-7, rtol=1e-5, msg=name)
+    assert all(g.abs().sum() > 0 for n, g in grads_f.items() if "molora_router" in n)
+    for name in stats_f:
+        assert stats_f[name].tokens == stats_p[name].tokens
+        assert stats_f[name].load == pytest.approx(stats_p[name].load)
+    # with a temperature the probabilities are not softmax(logits): select() runs
+    assert _train_grads(monkeypatch, True, router="soft", router_cls=SoftRouter, router_kwargs={"temperature": 2.0})[2]
+
+
 def test_bf16_model_matches_plain_select(monkeypatch):
     # a bf16 model: the router still scores in fp32 (on its own, not in the experts' GEMM) and takes the function
     loss_f, grads_f, plain_f, _ = _train_grads(monkeypatch, True, dtype=torch.bfloat16, padded=True)
@@ -192,7 +234,6 @@ def test_bf16_model_matches_plain_select(monkeypatch):
 @pytest.mark.parametrize(
     "settings",
     [
-        {"balance_loss_type": "soft"},  # the load carries gradient
         {"loss_reduction": "concat"},  # the losses need every router's inputs
     ],
 )

@@ -10,15 +10,15 @@ whose backward is written out (spec/algorithms.md 1.1 and 1.4):
 * gates ``g = p_S / sum(p_S)`` of the ``k`` largest probabilities ``p = softmax(z)``:
   ``dL/dp_j = (dL/dg_j - sum_{i in S} g_i dL/dg_i) / sum(p_S)`` for ``j`` in ``S`` (``dL/dg_j`` without
   renormalisation), 0 elsewhere;
-* balance ``L_b = E * sum_e f_e P_e`` with ``P_e`` the mean probability over valid tokens and ``f_e`` a constant load:
-  ``dL_b/dp_te = E f_e / n_valid`` on valid tokens;
+* balance ``L_b = E * sum_e f_e P_e`` with ``P_e`` the mean probability over valid tokens and ``f_e`` the load:
+  ``dL_b/dp_te = E f_e / n_valid`` on valid tokens; a count-based load is constant, the ``"soft"`` load (the mean
+  gate) adds ``dL_b/dg_te = E P_e / n_valid`` for each selected gate of a valid token;
 * z-loss ``L_z = mean_t logsumexp(z_t)^2``: ``dL_z/dz_te = 2 lse_t p_te / n_valid`` on valid tokens;
 * the softmax: ``dL/dz = p * (dL/dp - sum_e p_e dL/dp_e)``.
 
 Same values and gradients as :func:`molora.routers.topk.topk_routing` followed by
 :func:`molora.routers.balancing.load_balancing_loss` / :func:`~molora.routers.balancing.router_z_loss` on the valid
-rows (tests/test_fused_router.py checks both against autograd in fp64). Balance types with a constant load only
-(``"megatron"``, ``"mixtral"``, ``"switch"``); ``"soft"`` differentiates the load and takes the general path.
+rows (tests/test_fused_router.py checks both against autograd in fp64), for every balance type.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from torch.autograd.function import once_differentiable
 #: ``missing_grads(device, dtype) -> (d_balance, d_z)``: see :func:`topk_gates_and_losses`
 MissingGrads = Callable[[torch.device, torch.dtype], tuple[torch.Tensor | None, torch.Tensor | None]]
 
-#: balance-loss normalisations this function computes (their load ``f`` carries no gradient)
-FUSED_BALANCE_TYPES = ("megatron", "mixtral", "switch")
+#: balance-loss normalisations this function computes (all of ``molora.routers.balancing.BALANCE_LOSS_TYPES``)
+FUSED_BALANCE_TYPES = ("megatron", "mixtral", "switch", "soft")
 
 
 def softmax_rows(logits: torch.Tensor) -> torch.Tensor:
@@ -50,7 +50,7 @@ def softmax_rows(logits: torch.Tensor) -> torch.Tensor:
 
 
 def topk_forward(logits, k, renormalize, valid, balance_type, with_z):
-    """The forward values, plus what the backward needs: ``(outputs, (mass, mask, inv_n, load, lse))``."""
+    """The forward values, plus what the backward needs: ``(outputs, (mass, mask, inv_n, load, lse, importance))``."""
     if torch.is_autocast_enabled(logits.device.type):
         # the loss sums are products (`mask @ probs`): autocast would run them, and round the counts, in bf16/fp16
         with torch.autocast(logits.device.type, enabled=False):
@@ -66,34 +66,38 @@ def topk_forward(logits, k, renormalize, valid, balance_type, with_z):
         top_probs = top_probs / mass
     gates = torch.zeros_like(probs).scatter_(-1, expert_index, top_probs)
 
-    balance = z_loss = load = lse = mask = None
+    balance = z_loss = load = lse = mask = importance = None
     inv_n = 1.0
     if balance_type is None and not with_z:
-        return (gates, balance, z_loss, probs, expert_index, top_probs), (mass, mask, inv_n, load, lse)
+        return (gates, balance, z_loss, probs, expert_index, top_probs), (mass, mask, inv_n, load, lse, importance)
     # losses over the valid rows: a 0/1 row weight (not indexing) keeps the shapes static and the device in sync
     mask = None if valid is None else valid.reshape(-1).to(probs.dtype)
     # 1 / valid tokens (a 0-d tensor with a mask: no host synchronisation); a batch without any gives losses of 0
     inv_n = 1.0 / max(n_tokens, 1) if mask is None else mask.sum().clamp_min(1.0).reciprocal()
     if balance_type is not None:
-        one_hot = torch.zeros_like(probs)
-        if balance_type == "switch":
-            one_hot.scatter_(-1, probs.argmax(dim=-1, keepdim=True), 1.0)
+        prob_sums = probs.sum(dim=0) if mask is None else mask @ probs
+        if balance_type == "soft":
+            # the load is the mean gate over the valid tokens, and carries gradient: the backward hands each selected
+            # gate d/dg_e = E * P_e / n_valid (P_e: the mean probability, kept for it)
+            load = (gates.sum(dim=0) if mask is None else mask @ gates) * inv_n
+            importance = prob_sums * inv_n
         else:
-            one_hot.scatter_(-1, expert_index, 1.0)
-        if mask is None:
-            counts, prob_sums = one_hot.sum(dim=0), probs.sum(dim=0)
-        else:
-            counts, prob_sums = mask @ one_hot, mask @ probs
-        # "megatron": counts over all assignments, k per valid token (counts / counts.sum(), 0 without valid tokens);
-        # "mixtral" (assignments per token) and "switch" (argmax per token): counts over valid tokens
-        load = counts * (inv_n / k if balance_type == "megatron" else inv_n)
+            one_hot = torch.zeros_like(probs)
+            if balance_type == "switch":
+                one_hot.scatter_(-1, probs.argmax(dim=-1, keepdim=True), 1.0)
+            else:
+                one_hot.scatter_(-1, expert_index, 1.0)
+            counts = one_hot.sum(dim=0) if mask is None else mask @ one_hot
+            # "megatron": counts over all assignments, k per valid token (counts / counts.sum(), 0 without valid
+            # tokens); "mixtral" (assignments per token) and "switch" (argmax per token): counts over valid tokens
+            load = counts * (inv_n / k if balance_type == "megatron" else inv_n)
         # E * sum_e load_e P_e with P = prob_sums / n_valid
         balance = torch.dot(load, prob_sums) * (n_experts * inv_n)
     if with_z:
         lse = torch.logsumexp(logits, dim=-1)  # [T]
         sq = lse.square()
         z_loss = (sq.sum() if mask is None else mask @ sq) * inv_n
-    return (gates, balance, z_loss, probs, expert_index, top_probs), (mass, mask, inv_n, load, lse)
+    return (gates, balance, z_loss, probs, expert_index, top_probs), (mass, mask, inv_n, load, lse, importance)
 
 
 def losses_or_placeholders(routed: tuple, like: torch.Tensor) -> tuple[tuple, list[torch.Tensor]]:
@@ -157,9 +161,9 @@ def topk_save(ctx, outputs, state) -> tuple[torch.Tensor | None, ...]:
     """What :func:`topk_backward` needs from :func:`topk_forward`'s ``(outputs, state)``: sets ``ctx.inv_n`` (the
     constant ``1 / n_valid`` without a mask) and returns the tensors to save, in the order ``saved`` expects."""
     probs, expert_index, top_probs = outputs[3:]
-    mass, mask, inv_n, load, lse = state
+    mass, mask, inv_n, load, lse, importance = state
     ctx.inv_n = inv_n if mask is None else None
-    return probs, expert_index, top_probs, mass, mask, inv_n if mask is not None else None, load, lse
+    return probs, expert_index, top_probs, mass, mask, inv_n if mask is not None else None, load, lse, importance
 
 
 def topk_backward(
@@ -177,7 +181,7 @@ def topk_backward(
     selected gates (``weight``), ``None`` when they got none; ``grad_balance`` / ``grad_z``: the losses' gradients
     (``None``: none, and then ``missing_grads`` may supply them).
     """
-    probs, expert_index, weight, mass, mask, inv_n, load, lse = saved
+    probs, expert_index, weight, mass, mask, inv_n, load, lse, importance = saved
     if inv_n is None:
         inv_n = inv_n_const
     missing_balance = load is not None and grad_balance is None
@@ -194,6 +198,12 @@ def topk_backward(
         grad_probs = row.expand_as(probs).contiguous() if mask is None else mask.unsqueeze(1) * row
     else:
         grad_probs = torch.zeros_like(probs)
+    if importance is not None and grad_balance is not None:
+        # "soft": the load is the mean gate, d/dg_e = E * P_e / n_valid for each selected gate of a valid token
+        per_gate = (importance * (grad_balance * (probs.shape[1] * inv_n)))[expert_index]  # [T, k]
+        if mask is not None:
+            per_gate = per_gate * mask.unsqueeze(1)
+        grad_sel = per_gate if grad_sel is None else grad_sel + per_gate
     if grad_sel is not None:
         if renormalize:
             grad_sel = (grad_sel - (grad_sel * weight).sum(dim=-1, keepdim=True)) / mass
@@ -224,8 +234,8 @@ def topk_gates_and_losses(
         k (int): experts per token.
         renormalize (bool): rescale the kept probabilities to sum to 1 (the ``topk`` router's default).
         valid (BoolTensor[T] or None): non-padding tokens; the losses average over these only (``None`` = all).
-        balance_type (str or None): ``"megatron"``, ``"mixtral"`` or ``"switch"`` computes the unweighted balancing
-            loss ``E * sum_e f_e P_e`` of that normalisation; ``None`` skips it.
+        balance_type (str or None): ``"megatron"``, ``"mixtral"``, ``"switch"`` or ``"soft"`` computes the unweighted
+            balancing loss ``E * sum_e f_e P_e`` of that normalisation; ``None`` skips it.
         z_loss (bool): also compute the router z-loss ``mean_t logsumexp(z_t)^2``.
         missing_grads (callable or None): called in backward, with the device and dtype of the probabilities, when a
             requested loss received no gradient (it is not in what is being differentiated, e.g. the gates are);

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import Router, RouterParams, Routing, register_router, repeated_arange
+from .topk import FusedTopKSelection
 
 
 @dataclass
@@ -29,7 +30,7 @@ class SoftParams(RouterParams):
 
 
 @register_router("soft")
-class SoftRouter(Router):
+class SoftRouter(FusedTopKSelection, Router):
     """All experts weighted by the router's softmax (LoRAMoE). ``top_k`` is ignored.
 
     The count-based balance losses are constant under dense routing (every expert gets every token); use
@@ -40,6 +41,13 @@ class SoftRouter(Router):
 
     def experts_per_token(self) -> float:
         return float(self.num_experts)
+
+    def _fused_topk_options(self) -> tuple[int, bool] | None:
+        # a top-k of all E experts without renormalisation keeps every gate at its probability: in training the soft
+        # routing and its losses take the top-k router's one-node function (the same values as select())
+        if type(self).select is not SoftRouter.select or self.params.temperature != 1.0:
+            return None
+        return self.num_experts, False
 
     def select(self, logits: torch.Tensor, valid: torch.Tensor | None) -> Routing:
         probs = torch.softmax(logits / self.params.temperature, dim=-1)

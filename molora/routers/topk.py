@@ -33,27 +33,21 @@ class TopKParams(RouterParams):
             raise ValueError(f"`router_kwargs['jitter_noise']`={self.jitter_noise} must be in [0, 1).")
 
 
-@register_router("topk")
-class TopKRouter(Router):
-    """Each token takes its ``top_k`` most probable experts (MixLoRA-style sparse routing)."""
+class FusedTopKSelection:
+    """Mixin for routers whose training selection is a top-k of ``softmax(logits)`` (``topk``; ``soft``, which keeps
+    all ``E``): :meth:`select_with_losses` computes the routing and its balance/z losses with
+    ``molora.kernels.fused_router.topk_gates_and_losses`` (one autograd node, the same values as :meth:`select` plus
+    the default losses), and the dense layer path runs the base projection, this routing and the experts as one node
+    (:meth:`fused_topk_args`, ``molora.kernels.fused_dense.dense_topk_layer``).
 
-    Params = TopKParams
+    A router states when that holds with :meth:`_fused_topk_options`; a subclass that overrides ``select``,
+    ``select_with_losses`` or ``loss_coefficients`` computes its own way (the methods check).
+    """
 
-    def scores(self, x: torch.Tensor) -> torch.Tensor:
-        eps = self.params.jitter_noise
-        if self.training and eps > 0:
-            x = x.float() * torch.empty_like(x, dtype=torch.float32).uniform_(1.0 - eps, 1.0 + eps)
-        return super().scores(x)
-
-    def linear_scoring(self) -> bool:
-        # the jitter noise makes the logits a non-linear function of x in training
-        if self.training and self.params.jitter_noise > 0:
-            return False
-        return type(self).forward is Router.forward and type(self).scores is TopKRouter.scores
-
-    def select(self, logits: torch.Tensor, valid: torch.Tensor | None) -> Routing:
-        probs = torch.softmax(logits, dim=-1)
-        return topk_routing(probs, self.top_k, renormalize=self.params.renormalize, logits=logits)
+    def _fused_topk_options(self) -> tuple[int, bool] | None:
+        """``(k, renormalize)`` when :meth:`select` is (right now) the top-k of ``softmax(logits)`` with these options,
+        else ``None``."""
+        raise NotImplementedError
 
     def select_with_losses(
         self,
@@ -84,8 +78,9 @@ class TopKRouter(Router):
         return self._fusable_topk_args(logits_dtype, need, balance_loss_type)
 
     def _fusable_topk_args(self, logits_dtype, need, balance_loss_type):
+        options = self._fused_topk_options()
         fusable = (
-            type(self).select is TopKRouter.select
+            options is not None
             and type(self).loss_coefficients is Router.loss_coefficients
             and need <= {"balance", "z"}
             and ("balance" not in need or balance_loss_type in FUSED_BALANCE_TYPES)
@@ -93,25 +88,55 @@ class TopKRouter(Router):
         )
         if not fusable:
             return None
+        k, renormalize = options
         return {
-            "k": self.top_k,
-            "renormalize": self.params.renormalize,
+            "k": k,
+            "renormalize": renormalize,
             "balance_type": balance_loss_type if "balance" in need else None,
             "z_loss": "z" in need,
         }
 
     def topk_result(self, gates, balance, z_loss, probs, expert_index, weight, logits, need):
+        k = expert_index.shape[1]
         routing = Routing(
             probs=probs,
-            token_index=repeated_arange(probs.shape[0], self.top_k, probs.device),
+            token_index=repeated_arange(probs.shape[0], k, probs.device),
             expert_index=expert_index.reshape(-1),
             weight=weight.reshape(-1),
             logits=logits,
             gates=gates,
-            per_token=self.top_k,
+            per_token=k,
         )
         losses = {"balance": balance, "z": z_loss}
         return routing, {name: losses[name] for name in sorted(need)}
+
+
+@register_router("topk")
+class TopKRouter(FusedTopKSelection, Router):
+    """Each token takes its ``top_k`` most probable experts (MixLoRA-style sparse routing)."""
+
+    Params = TopKParams
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        eps = self.params.jitter_noise
+        if self.training and eps > 0:
+            x = x.float() * torch.empty_like(x, dtype=torch.float32).uniform_(1.0 - eps, 1.0 + eps)
+        return super().scores(x)
+
+    def linear_scoring(self) -> bool:
+        # the jitter noise makes the logits a non-linear function of x in training
+        if self.training and self.params.jitter_noise > 0:
+            return False
+        return type(self).forward is Router.forward and type(self).scores is TopKRouter.scores
+
+    def select(self, logits: torch.Tensor, valid: torch.Tensor | None) -> Routing:
+        probs = torch.softmax(logits, dim=-1)
+        return topk_routing(probs, self.top_k, renormalize=self.params.renormalize, logits=logits)
+
+    def _fused_topk_options(self) -> tuple[int, bool] | None:
+        if type(self).select is not TopKRouter.select:
+            return None
+        return self.top_k, self.params.renormalize
 
 
 def topk_routing(
