@@ -240,7 +240,8 @@ def _count_calls(monkeypatch, names=FUSED_ENTRIES):
         (make_llama, ["q_proj", "v_proj", "down_proj"], "topk", {}),
         (make_llama, ["q_proj", "o_proj"], "adamoe", {}),  # null experts: more router columns than experts
         (make_llama, ["up_proj"], "topk", {"dynamic_rank": {"init_rank": 2}}),  # DR-LoRA masks
-        (make_gpt2, ["c_attn", "c_fc"], "soft", {}),  # transformers' Conv1D
+        (make_gpt2, ["c_attn", "c_fc"], "topp", {}),  # transformers' Conv1D
+        (make_gpt2, ["c_attn", "c_fc"], "soft", {}),  # all experts: a top-k node of k = E
         (make_gpt2, ["c_attn", "c_proj"], "topk", {}),  # Conv1D with a bias, as one top-k node
     ],
 )
@@ -248,8 +249,9 @@ def test_fused_model_matches_naive(make, targets, router, extra, monkeypatch):
     calls = _count_calls(monkeypatch)
     loss_f, logits_f, grads_f = model_grads(make, "dense", targets, router, **extra)
     assert calls, "the fused path was not taken"
-    # a training forward of the plain top-k router runs as one node per layer; the others as separate functions
-    assert set(calls) == {"dense_topk_layer" if router == "topk" else "base_and_shrink"}
+    # a training forward of the plain top-k and soft routers runs as one node per layer; the others as separate
+    # functions
+    assert set(calls) == {"dense_topk_layer" if router in ("topk", "soft") else "base_and_shrink"}
     n_calls = len(calls)
     loss_n, logits_n, grads_n = model_grads(make, "naive", targets, router, **extra)
     assert len(calls) == n_calls
