@@ -63,8 +63,11 @@ MOLORA_TARGET_MODULES: dict[str, list[str]] = {
     "roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
     "t5": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"],
     "mt5": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"],
-    "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-    "mbart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    # the attention outputs by their parent's name: BartForSequenceClassification's head has an `out_proj` too
+    **{
+        name: ["q_proj", "k_proj", "v_proj", "self_attn.out_proj", "encoder_attn.out_proj", "fc1", "fc2"]
+        for name in ("bart", "mbart")
+    },
     "gpt_neo": ["q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"],
 }
 

@@ -69,6 +69,10 @@ class RoutingContext:
             ``S`` columns of the full mask during cached decoding), 0 for padding.
         is_decode (bool): True for a cached decode step (``past_key_values`` already holds earlier tokens).
         labels (Tensor[B, S] or None): the labels passed to the forward, if any.
+        loss_targets (bool): the call passes the targets of a loss the model computes (``labels``, a question-answering
+            model's ``start_positions``/``end_positions``; see :func:`passes_loss_targets`): its aux losses are
+            computed also without autograd, so that an evaluation's ``outputs.loss`` includes them. Unlike
+            ``labels``, an encoder-decoder model's encoder and decoder keep it.
         adapter_names (list[str] or None): per-sample adapter names for mixed-adapter batches.
         prompt_mask (BoolTensor[B, S] or None): positions of the current input that an explicit
             :meth:`MoLoraRuntime.prompt_mask` context marks as the prompt (``None`` outside such a context).
@@ -93,6 +97,7 @@ class RoutingContext:
     attention_mask: torch.Tensor | None = None
     is_decode: bool = False
     labels: torch.Tensor | None = None
+    loss_targets: bool = False
     adapter_names: list[str] | None = None
     prompt_mask: torch.Tensor | None = None
     past_length: int | None = 0
@@ -290,6 +295,21 @@ def summarize_sums(
         normalized_entropy=ent / math.log(n_experts) if n_experts > 1 else 0.0,
         experts_per_token=total / denom,
         max_violation=max_violation,
+    )
+
+
+#: forward arguments that are a loss's targets besides ``labels`` and ``*_labels``/``*_label`` (transformers'
+#: question-answering heads; ``Trainer`` uses them as the label names of those models)
+_TARGET_ARGUMENTS = ("start_positions", "end_positions")
+
+
+def passes_loss_targets(kwargs: Mapping[str, Any]) -> bool:
+    """Whether a model call's keyword arguments include the targets of a loss: ``labels``, ``shift_labels``, other
+    ``*_labels``/``*_label`` heads (``next_sentence_label``, ``mc_labels``) or a question-answering model's
+    ``start_positions``/``end_positions`` (not ``None``)."""
+    return any(
+        value is not None and (name in _TARGET_ARGUMENTS or name == "labels" or name.endswith(("_labels", "_label")))
+        for name, value in kwargs.items()
     )
 
 
@@ -696,7 +716,8 @@ class MoLoraRuntime:
         self._in_forward = True
         # a forward that computes aux losses (autograd on or labels given, not a cached decode step): where
         # user_aux_loss returns 0 rather than None when no router has a loss with a non-zero coefficient
-        computes_aux = (torch.is_grad_enabled() or kwargs.get("labels") is not None) and not is_decode
+        targets = passes_loss_targets(kwargs)
+        computes_aux = (torch.is_grad_enabled() or targets) and not is_decode
         self._aux_zero_device = current.device if computes_aux and current is not None else None
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         positions = kwargs.get("position_ids")
@@ -706,6 +727,7 @@ class MoLoraRuntime:
             attention_mask=mask,
             is_decode=is_decode,
             labels=kwargs.get("labels"),
+            loss_targets=targets,
             adapter_names=kwargs.get("adapter_names"),
             prompt_mask=None if is_decode else self._current_prompt_mask(current),
             past_length=past_length,
@@ -957,14 +979,12 @@ class MoLoraRuntime:
 
     def _coefficients_needed(self, adapter_name: str, router: Router) -> tuple[dict[str, float], frozenset[str]]:
         """``router``'s loss coefficients and the names of the losses the current forward needs (``({}, {})`` in a
-        decode step, and without autograd, labels and training mode).
+        decode step, and without autograd, loss targets (``RoutingContext.loss_targets``) and training mode).
 
         A training-mode router records its losses without autograd too: reentrant activation checkpointing runs the
         model's forward without autograd first, and when its recompute delivers the aux gradient in backward (a loss
         computed from the logits), the records of every router tell how many share a ``"mean"`` loss."""
-        if self.context.is_decode or not (
-            torch.is_grad_enabled() or self.context.labels is not None or router.training
-        ):
+        if self.context.is_decode or not (torch.is_grad_enabled() or self.context.loss_targets or router.training):
             return {}, frozenset()
         coefs = router.loss_coefficients(self.peft_config[adapter_name])
         return coefs, frozenset(name for name, coef in coefs.items() if coef > 0)

@@ -130,6 +130,49 @@ def test_aux_loss_is_added_to_outputs_loss(batch, z_loss_coef):
     assert parts["balance"].item() > 0.9
 
 
+def test_question_answering_evaluation_loss_includes_the_aux_loss():
+    """A question-answering head's targets are ``start_positions``/``end_positions`` (``Trainer``'s label names for
+    it), not ``labels``: without autograd (``Trainer.evaluate``) the aux losses were not computed, and ``eval_loss``
+    left out the term the training loss has."""
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64
+    )
+    base = BertForQuestionAnswering(config)
+    cfg = MoLoraConfig(r=2, num_experts=4, top_k=2, aux_loss_coef=0.5, task_type="QUESTION_ANS")
+    model = get_peft_model(base, cfg).eval()
+    ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    starts, ends = torch.tensor([1, 2]), torch.tensor([3, 6])
+    with torch.no_grad():
+        out = model(input_ids=ids, start_positions=starts, end_positions=ends)
+        aux = model.molora_aux_loss()
+        qa = (F.cross_entropy(out.start_logits, starts) + F.cross_entropy(out.end_logits, ends)) / 2
+    assert aux is not None and aux > 0
+    torch.testing.assert_close(out.loss, qa + aux)
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert model.molora_aux_loss() is None
+
+
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [
+        ({"labels": torch.zeros(1)}, True),
+        ({"start_positions": torch.zeros(1), "end_positions": torch.zeros(1)}, True),
+        ({"next_sentence_label": torch.zeros(1)}, True),
+        ({"mc_labels": torch.zeros(1)}, True),
+        ({"labels": None, "input_ids": torch.zeros(1)}, False),
+        ({"attention_mask": torch.zeros(1), "position_ids": torch.zeros(1)}, False),
+    ],
+)
+def test_loss_targets_are_recognised(kwargs, expected):
+    from molora.runtime import passes_loss_targets
+
+    assert passes_loss_targets(kwargs) is expected
+
+
 def test_no_aux_loss_when_coefficients_are_zero(batch):
     """``outputs.loss`` is the LM loss alone; ``molora_aux_loss()`` is 0 (not None: the README's custom loop adds it
     to its loss whatever the coefficients), and None for a forward that computes no aux losses."""

@@ -131,3 +131,46 @@ def test_activation_checkpointing_gives_the_same_gradients(router):
         assert grads[checkpointing].keys() == grads[None].keys()
         for name, grad in grads[None].items():
             torch.testing.assert_close(grads[checkpointing][name], grad, msg=name)
+
+
+@pytest.mark.parametrize("make", [make_t5, make_bart], ids=["t5", "bart"])
+def test_evaluation_loss_with_labels_includes_the_aux_loss(make):
+    """The encoder's and decoder's routing contexts drop the labels (the decoder's targets do not mark the encoder's
+    prompt); without autograd that also dropped the aux losses: an evaluation's ``outputs.loss`` (Seq2SeqTrainer's
+    ``eval_loss``) was the cross-entropy alone and ``molora_aux_loss()`` was 0."""
+    config = MoLoraConfig(r=2, num_experts=4, top_k=2, aux_loss_coef=0.5, z_loss_coef=0.1, task_type="SEQ_2_SEQ_LM")
+    model = get_peft_model(make(), config).eval()
+    ids, mask = _padded_inputs()
+    labels = torch.randint(3, 64, (2, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        aux = model.molora_aux_loss()
+        parts = model.molora_aux_losses()
+        ce = torch.nn.functional.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), labels.reshape(-1))
+    assert set(parts) == {"balance", "z"} and aux > 0
+    torch.testing.assert_close(out.loss, ce + aux)
+    torch.testing.assert_close(aux, 0.5 * parts["balance"] + 0.1 * parts["z"])
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, decoder_input_ids=labels)
+    assert model.molora_aux_loss() is None  # no targets, no autograd: nothing computed
+
+
+def test_default_targets_of_bart_leave_the_classification_head_alone():
+    """The default targets named BART's attention output `out_proj` alone, which BartForSequenceClassification's head
+    (`classification_head.out_proj`) matched too: the classifier got experts and a router."""
+    from transformers import BartForSequenceClassification
+
+    from molora import MoLoraLayer
+
+    generation = get_peft_model(make_bart(), MoLoraConfig(r=2, num_experts=2, top_k=1, task_type="SEQ_2_SEQ_LM"))
+    adapted = {n for n, m in generation.named_modules() if isinstance(m, MoLoraLayer)}
+    for stack, attentions in (("encoder", ["self_attn"]), ("decoder", ["self_attn", "encoder_attn"])):
+        layer = f"base_model.model.model.{stack}.layers.0"
+        expected = {f"{layer}.{a}.{p}" for a in attentions for p in ("q_proj", "k_proj", "v_proj", "out_proj")}
+        assert {n for n in adapted if n.startswith(layer)} == expected | {f"{layer}.fc1", f"{layer}.fc2"}
+    torch.manual_seed(0)
+    classifier = BartForSequenceClassification(make_bart().config)
+    model = get_peft_model(classifier, MoLoraConfig(r=2, num_experts=2, top_k=1, task_type="SEQ_CLS"))
+    adapted = [n for n, m in model.named_modules() if isinstance(m, MoLoraLayer)]
+    assert adapted and not any("classification_head" in n for n in adapted)
+    assert len(adapted) == 16  # 6 encoder + 10 decoder projections
