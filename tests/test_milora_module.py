@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import greedy, make_llama, padded
+from conftest import greedy, make_bart, make_llama, make_t5, padded
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -399,3 +399,61 @@ def test_compiled_generation_gives_eager_tokens_without_graph_breaks():
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_encoder_decoder_models_route_per_layer_and_cross_attention_takes_the_sequence_decision(arch):
+    """Encoder-decoder models in module mode: a T5 block holds its sub-layers in a list of its own, and each sub-layer
+    got its own router (attention and feed-forward routed apart; the block's hooks never ran); the decoder's
+    cross-attention keys and values read the encoder's tokens, where the layer's per-token gates (laid out for the
+    decoder's tokens) failed with a shape error. Now one router per block, and those projections take their sequence's
+    gate."""
+    make = make_t5 if arch == "t5" else make_bart
+    model = get_peft_model(make(), module_config(top_k=5, task_type="SEQ_2_SEQ_LM")).train()
+    routers = model.get_base_model().molora_milora["default"]
+    if arch == "t5":
+        assert sorted(routers) == ["decoder_block_0", "encoder_block_0"]
+        layer, router = "decoder.block.0", routers["decoder_block_0"]
+        assert "layer.0.SelfAttention.q" in router.module_names and "layer.2.DenseReluDense.wi" in router.module_names
+        key = "layer.1.EncDecAttention.k"
+    else:
+        assert sorted(routers) == ["model_decoder_layers_0", "model_encoder_layers_0"]
+        layer, router = "model.decoder.layers.0", routers["model_decoder_layers_0"]
+        key = "encoder_attn.k_proj"
+    assert len(router.module_names) == 10 and key in router.module_names
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for r in routers.values():
+            r.weight.normal_(0.0, 1.0)
+    seen = {}
+    base = model.get_base_model()
+    base.get_submodule(layer).register_forward_pre_hook(lambda mod, args: seen.__setitem__("layer", args[0]))
+    base.get_submodule(f"{layer}.{key}").register_forward_hook(
+        lambda mod, args, out: seen.__setitem__("key", (args[0], out))
+    )
+    ids = torch.randint(3, 64, (3, 7), generator=torch.Generator().manual_seed(1))
+    # decoder inputs of their own: the decoder's routers decide from the first one, here not the same start token
+    decoder_ids = torch.randint(3, 64, (3, 4), generator=torch.Generator().manual_seed(2))
+    out = model(input_ids=ids, decoder_input_ids=decoder_ids)
+    torch.nn.functional.cross_entropy(out.logits.reshape(-1, 64), decoder_ids.roll(-1, 1).reshape(-1)).backward()
+    assert all(r.weight.grad is not None and r.weight.grad.abs().sum() > 0 for r in routers.values())
+    # the decoder layer's decision (spec section 3 from its input, pooled over its first token), per sequence
+    prompt = torch.zeros(3, 4, dtype=torch.bool)
+    prompt[:, 0] = True
+    expected = reference_gates(router, seen["layer"].detach(), prompt, 5)[:, router.module_names.index(key)]
+    # the key projection's gate of each sequence: its delta over its full LoRA delta (gamma * scaling * B A x)
+    module = base.get_submodule(f"{layer}.{key}")
+    x, y = seen["key"]
+    assert x.shape[1] == 7  # the encoder's tokens
+    delta = (y - module.base_layer(x)).detach()
+    full = (x @ module.molora_A["default"].weight[0] @ module.molora_B["default"].weight[0]).detach()
+    full = full * module.scaling["default"]
+    gates = (delta * full).sum(dim=(1, 2)) / (full * full).sum(dim=(1, 2))
+    assert (expected > 0).any() and (expected == 0).any()  # sequences that selected it and one that did not
+    torch.testing.assert_close(gates, expected, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        model.eval()
+        single = [model.generate(input_ids=ids[i : i + 1], max_new_tokens=4, do_sample=False) for i in range(3)]
+        batched = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+    for i in range(3):
+        assert torch.equal(batched[i, : single[i].shape[1]], single[i][0])

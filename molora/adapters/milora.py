@@ -60,10 +60,12 @@ CONTAINER = "molora_milora"
 
 
 def decoder_layer_key(model: nn.Module, module_name: str) -> str | None:
-    """The name of the decoder layer holding ``module_name``: its innermost ancestor that is an element of an
-    ``nn.ModuleList`` (``"model.layers.3"`` for ``"model.layers.3.self_attn.q_proj"``); ``None`` if there is none."""
+    """The name of the decoder layer holding ``module_name``: its outermost ancestor that is an element of an
+    ``nn.ModuleList`` (``"model.layers.3"`` for ``"model.layers.3.self_attn.q_proj"``; ``"decoder.block.0"`` for
+    T5's ``"decoder.block.0.layer.1.EncDecAttention.q"``, whose block holds its sub-layers in a list too, as MoE
+    layers hold their experts); ``None`` if there is none."""
     parts = module_name.split(".")
-    for i in range(len(parts) - 1, 0, -1):
+    for i in range(1, len(parts)):
         if parts[i].isdigit() and isinstance(model.get_submodule(".".join(parts[:i])), nn.ModuleList):
             return ".".join(parts[: i + 1])
     return None
@@ -143,6 +145,18 @@ def _child_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
     module._molora_runtime.milora_first_input(module._molora_milora_key, hidden)
 
 
+def _called_children(layer: nn.Module) -> list[nn.Module]:
+    """The direct submodules ``layer`` calls: its children, with a container's (``nn.ModuleList``/``ModuleDict``,
+    which are never called themselves: T5's block holds its sub-layers in one) replaced by its elements."""
+    called = []
+    for child in layer.children():
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+            called += _called_children(child)
+        else:
+            called.append(child)
+    return called
+
+
 def install_layer_hooks(layers: dict[str, nn.Module], runtime: Any) -> list:
     """Hooks that publish each decoder layer's input to ``runtime`` while the layer runs.
 
@@ -160,7 +174,7 @@ def install_layer_hooks(layers: dict[str, nn.Module], runtime: Any) -> list:
         layer._molora_runtime = runtime
         handles.append(layer.register_forward_pre_hook(_layer_pre_hook, with_kwargs=True))
         handles.append(layer.register_forward_hook(_layer_post_hook, with_kwargs=True))
-        for child in layer.children():
+        for child in _called_children(layer):
             child._molora_milora_key = key
             if getattr(child, "_molora_runtime", None) is None:
                 child._molora_runtime = runtime
@@ -176,7 +190,7 @@ def remove_layer_hooks(layers: list[nn.Module], handles: list) -> None:
     for layer in layers:
         layer.__dict__.pop("_molora_layer_key", None)
         layer.__dict__.pop("_molora_runtime", None)
-        for child in layer.children():
+        for child in _called_children(layer):
             if child.__dict__.pop("_molora_milora_key", None) is not None and not hasattr(child, "_molora_key"):
                 child.__dict__.pop("_molora_runtime", None)
 
@@ -261,6 +275,26 @@ def module_selected(router: PromptRouter, decision: PromptRouting, index: int) -
     return active[index]
 
 
+def _token_gates(
+    layer: MoLoraLayer, decision: PromptRouting, slot: MiloraSlot, lead_shape: tuple[int, ...], n_tokens: int
+) -> torch.Tensor:
+    """``gamma[b, index]`` for each of the projection's ``n_tokens`` tokens. The decision is laid out for the decoder
+    layer's tokens; a projection of the layer that reads other tokens of the same sequences (a decoder's
+    cross-attention keys and values, over the encoder's output) gets its sequences' gates."""
+    gates = decision.dense_gates()[:, slot.index]
+    if gates.shape[0] == n_tokens:
+        return gates
+    sequence = decision.sequence
+    batch = sequence.num_tokens if sequence is not None else None
+    if sequence is None or len(lead_shape) != 2 or lead_shape[0] != batch:
+        raise ValueError(
+            f"MiLoRA module mode: {layer._molora_key!r} reads {n_tokens} tokens laid out as {tuple(lead_shape)}, but "
+            f"decoder layer {slot.layer_key!r} decided for {gates.shape[0]} tokens of other sequences; its "
+            "projections must read [batch, seq, d] inputs of the layer's batch."
+        )
+    return sequence.dense_gates()[:, slot.index].repeat_interleave(lead_shape[1])
+
+
 def module_delta(layer: MoLoraLayer, x: torch.Tensor, adapter_name: str, slot: MiloraSlot) -> torch.Tensor | None:
     """``gamma * scaling * B A dropout(x)`` of one projection in module mode, laid out like the base output;
     ``None`` when, without autograd, no sequence of the batch selected this module (its LoRA is skipped)."""
@@ -279,7 +313,7 @@ def module_delta(layer: MoLoraLayer, x: torch.Tensor, adapter_name: str, slot: M
                 layer._molora_runtime.record(slot.layer_key, adapter_name, slot.router, decision, valid, x_flat)
             return None
     h = layer._cast_input_dtype(layer.molora_dropout[adapter_name](x_flat), weight_A.dtype) @ weight_A[0]
-    gate = decision.dense_gates()[:, slot.index] * layer.scaling[adapter_name]
+    gate = _token_gates(layer, decision, slot, lead_shape, x_flat.shape[0]) * layer.scaling[adapter_name]
     out = (h * gate.to(h.dtype).unsqueeze(1)) @ weight_B[0]
     if computed:
         out = layer._molora_runtime.record(slot.layer_key, adapter_name, slot.router, decision, valid, out)
