@@ -165,6 +165,22 @@ def test_topp_min_and_max_experts(params, expected_experts):
     assert set(gate_rows(routing)[0]) == expected_experts
 
 
+@pytest.mark.parametrize("inclusive", [False, True])
+def test_top_p_of_one_keeps_every_expert_whatever_the_rounding(inclusive):
+    """``top_p=1`` (allowed: the range is (0, 1]) is the whole mass: every expert. The fp32 cumulative sum of a row
+    of probabilities lands a rounding step above 1.0 in a few percent of rows, where the exclusive rule (DynMoLE)
+    dropped the row's last expert: which tokens got all experts was rounding noise (batch- and kernel-dependent)."""
+    from molora.routers.topp import top_p_mask
+
+    probs = torch.softmax(torch.randn(4096, 5, generator=torch.Generator().manual_seed(0)) * 3, dim=-1)
+    sorted_probs = probs.sort(dim=-1, descending=True).values
+    assert (sorted_probs.cumsum(dim=-1)[:, -1] > 1.0).any()  # rows where the rounding bites
+    assert top_p_mask(probs, 1.0, inclusive=inclusive).all()
+    capped = top_p_mask(probs, 1.0, inclusive=inclusive, max_experts=3)
+    assert (capped.sum(dim=-1) == 3).all()
+    assert torch.equal(capped, probs >= sorted_probs[:, 2:3])  # the three most probable
+
+
 def test_topp_renormalize():
     routing = identity_router(TopPRouter, 4, top_p=0.8, renormalize=True)(torch.tensor([BASE_Z]))
     assert_gates(routing, [[0.731059, 0.268941, 0.0, 0.0]])

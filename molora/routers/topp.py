@@ -55,13 +55,17 @@ def top_p_mask(
         max_experts (int or None): at most this many experts are kept (``None``: no cap). Default: None.
 
     Returns:
-        BoolTensor[T, E]: True where the expert is kept, in the original expert order.
+        BoolTensor[T, E]: True where the expert is kept, in the original expert order. ``top_p >= 1`` keeps every
+        expert (up to ``max_experts``): the whole mass is 1, where a float cumulative sum lands a rounding step on
+        either side of it, which would drop the last expert of some rows by chance.
     """
+    if top_p >= 1.0 and max_experts is None:
+        return torch.ones_like(probs, dtype=torch.bool)
     # a stable sort breaks ties by expert index, so equal probabilities give the same choice in every batch layout
     sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
     cumsum = sorted_probs.cumsum(dim=-1)
     reference = cumsum - sorted_probs if inclusive else cumsum
-    keep_sorted = reference <= top_p
+    keep_sorted = reference <= top_p if top_p < 1.0 else torch.ones_like(reference, dtype=torch.bool)
     rank = torch.arange(probs.shape[-1], device=probs.device)
     keep_sorted |= rank < min_experts
     if max_experts is not None:
