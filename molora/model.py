@@ -24,6 +24,7 @@ from .adapters.layer import MERGE_ERROR, Linear, MoLoraLayer
 from .adapters.moe_experts import MoeExpertsLora, fused_experts_problem, is_fused_experts
 from .config import MoLoraConfig
 from .routers.base import Router, get_router_class
+from .routers.prompt import is_prompt_router
 from .runtime import LayerRoutingStats, MoLoraRuntime, call_input
 
 _LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -432,7 +433,7 @@ class MoLoraModel(BaseTuner):
         """The prompt router pools the prompt's positions; the output projection sees only the positions whose logits
         are kept (``generate``'s prefill keeps the last one), so it would decide from one token there and from the
         whole prompt in training."""
-        if config.router != "prompt" or (config.router_kwargs or {}).get("milora_mode") == "module":
+        if not is_prompt_router(config.router) or (config.router_kwargs or {}).get("milora_mode") == "module":
             return  # (module mode names its own requirement: a projection inside a decoder layer)
         getter = getattr(self.model, "get_output_embeddings", None)
         try:

@@ -457,3 +457,28 @@ def test_encoder_decoder_models_route_per_layer_and_cross_attention_takes_the_se
         batched = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
     for i in range(3):
         assert torch.equal(batched[i, : single[i].shape[1]], single[i][0])
+
+
+def test_a_registered_prompt_router_subclass_routes_the_layers():
+    """``router=`` names the class that routes: module mode built a plain ``PromptRouter`` whatever was registered (a
+    subclass's ``select`` never ran), and the checks that refuse the output projection and packing compared the name
+    with "prompt"."""
+    from molora import register_router
+
+    calls = []
+
+    class FirstModules(PromptRouter):
+        def select(self, logits, valid):
+            calls.append(1)
+            return super().select(logits, valid)
+
+    register_router("_test_prompt_subclass", FirstModules, overwrite=True)
+    model = get_peft_model(make_llama(0), module_config(router="_test_prompt_subclass"))
+    assert all(type(r) is FirstModules for r in layer_routers(model))
+    ids, mask = padded(PROMPTS)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    assert len(calls) == 2  # one decision per decoder layer
+    bank = MoLoraConfig(router="_test_prompt_subclass", num_experts=2, top_k=1, target_modules=["lm_head"])
+    with pytest.raises(ValueError, match="cannot adapt the output projection"):
+        get_peft_model(make_llama(0), bank)

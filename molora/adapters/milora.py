@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..routers.base import Routing, build_router_params
+from ..routers.base import Routing, build_router_params, get_router_class
 from ..routers.prompt import PromptRouter, PromptRouting
 
 if TYPE_CHECKING:
@@ -103,6 +103,13 @@ def build_layer_routers(
                 )
             groups.setdefault(key, []).append((name, module))
     params = build_router_params(config.router, config.router_kwargs, config.num_experts, config.top_k)
+    # the registered class: a PromptRouter subclass of the user's routes the layers as it routes in bank mode
+    router_cls = get_router_class(config.router)
+    if not issubclass(router_cls, PromptRouter):
+        raise ValueError(
+            f"router_kwargs['milora_mode']='module' needs the prompt router or a subclass of it; `router`="
+            f"{config.router!r} is {router_cls.__qualname__}."
+        )
     width = getattr(getattr(model, "config", None), "hidden_size", None)
     routers: dict[str, PromptRouter] = {}
     layers = {}
@@ -115,7 +122,7 @@ def build_layer_routers(
                 "adapt more projections (MiLoRA: 3 of the 7 attention and MLP projections)."
             )
         in_features = width if isinstance(width, int) else members[0][1].in_features
-        router = PromptRouter(
+        router = router_cls(
             in_features,
             len(members),
             config.top_k,

@@ -55,7 +55,7 @@ from torch import nn
 
 from .._amp import without_autocast
 from . import balancing
-from .base import Router, RouterParams, Routing, register_router
+from .base import ROUTER_REGISTRY, Router, RouterParams, Routing, register_router
 from .topk import topk_routing
 
 if TYPE_CHECKING:
@@ -271,6 +271,12 @@ class PromptRouter(Router):
         )
 
 
+def is_prompt_router(name: str) -> bool:
+    """Whether ``name`` is registered as the prompt router or a subclass of it (routes whole sequences)."""
+    router_cls = ROUTER_REGISTRY.get(name)
+    return isinstance(router_cls, type) and issubclass(router_cls, PromptRouter)
+
+
 def prompt_positions(
     context: RoutingContext | None,
     batch: int,
@@ -397,4 +403,12 @@ def _kept_with_cache(context: RoutingContext | None, router: PromptRouter) -> _C
     return kept.get(id(router)) if kept else None
 
 
-__all__ = ["PromptParams", "PromptRouter", "PromptRouting", "broadcast_to_tokens", "pool", "prompt_positions"]
+__all__ = [
+    "PromptParams",
+    "PromptRouter",
+    "PromptRouting",
+    "broadcast_to_tokens",
+    "is_prompt_router",
+    "pool",
+    "prompt_positions",
+]

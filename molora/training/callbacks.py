@@ -15,6 +15,8 @@ from typing import Any
 from torch import nn
 from transformers import TrainerCallback
 
+from ..routers.prompt import is_prompt_router
+
 
 def molora_on_optimizer_step(model: nn.Module) -> int:
     """Run ``molora_on_optimizer_step()`` on every ``MoLoraModel`` inside ``model``; return how many were found.
@@ -54,7 +56,7 @@ def _refuse_packed_prompt_routing(args: Any, model: nn.Module) -> None:
         return
     for module in _molora_models(model):
         for name, config in module.peft_config.items():
-            if getattr(config, "router", None) == "prompt":
+            if is_prompt_router(getattr(config, "router", None)):
                 raise ValueError(
                     f"{type(args).__name__}({flags[0]}=True) puts several sequences in one row, but adapter {name!r} "
                     "uses router='prompt', which decides once per row from its prompt: the decision would pool "
