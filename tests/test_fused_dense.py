@@ -216,6 +216,44 @@ def model_grads(make, kernel, targets, router="topk", seed=0, **config_kwargs):
     return out.loss.detach(), out.logits.detach(), grads
 
 
+@pytest.mark.parametrize(
+    "router, options", [("relu", {}), ("topk_bias", {}), ("topk_bias", {"score_function": "softmax"})]
+)
+def test_stateful_routers_observe_each_training_forward_once_on_every_path(router, options, monkeypatch):
+    """ReMoE's sparsity and the loss-free bias's loads are observed in ``observe_routing``, called by the router's
+    ``forward`` or, where the layer routes from logits it computed (the shared GEMM, the one-node top-k layer), by
+    the layer: the same per-step state from every path, counted once per forward."""
+    states = []
+    for kernel in ("dense", "naive"):
+        calls = _count_calls(monkeypatch)
+        config = MoLoraConfig(
+            r=4,
+            num_experts=4,
+            top_k=2,
+            router=router,
+            router_kwargs=options,
+            kernel=kernel,
+            target_modules=["q_proj", "up_proj"],
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(make_llama(seed=2), config).train()
+        ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(1))
+        mask = torch.ones_like(ids)
+        mask[0, :2] = 0
+        model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+        assert bool(calls) == (kernel == "dense")
+        monkeypatch.undo()
+        routers = [m for m in model.modules() if type(m).__name__ in ("ReLURouter", "TopKBiasRouter")]
+        assert len(routers) == 4  # 2 layers x q_proj, up_proj
+        accumulators = [r._activity if router == "relu" else r._loads for r in routers]
+        assert all(a._forwards == 1 for a in accumulators)
+        states.append([a._pending.clone() for a in accumulators])
+    for dense, naive in zip(*states):
+        torch.testing.assert_close(dense, naive)
+    if router == "topk_bias":  # 10 valid tokens x 2 experts
+        assert all(counts.sum() == 20 for counts in states[0])
+
+
 FUSED_ENTRIES = ("base_and_shrink", "dense_topk_layer")
 
 
@@ -242,6 +280,10 @@ def _count_calls(monkeypatch, names=FUSED_ENTRIES):
         (make_llama, ["up_proj"], "topk", {"dynamic_rank": {"init_rank": 2}}),  # DR-LoRA masks
         (make_gpt2, ["c_attn", "c_fc"], "topp", {}),  # transformers' Conv1D
         (make_gpt2, ["c_attn", "c_fc"], "soft", {}),  # all experts: a top-k node of k = E
+        # routers with per-step state observe their routing in observe_routing: their scoring shares the GEMM too
+        (make_llama, ["q_proj", "up_proj"], "relu", {}),
+        (make_llama, ["q_proj", "up_proj"], "topk_bias", {}),  # sigmoid affinities, the bias moving the choice
+        (make_llama, ["q_proj", "up_proj"], "topk_bias", {"router_kwargs": {"score_function": "softmax"}}),
         (make_gpt2, ["c_attn", "c_proj"], "topk", {}),  # Conv1D with a bias, as one top-k node
     ],
 )
@@ -251,7 +293,7 @@ def test_fused_model_matches_naive(make, targets, router, extra, monkeypatch):
     assert calls, "the fused path was not taken"
     # a training forward of the plain top-k and soft routers runs as one node per layer; the others as separate
     # functions
-    assert set(calls) == {"dense_topk_layer" if router in ("topk", "soft") else "base_and_shrink"}
+    assert set(calls) == {"dense_topk_layer" if router in ("topk", "soft", "topk_bias") else "base_and_shrink"}
     n_calls = len(calls)
     loss_n, logits_n, grads_n = model_grads(make, "naive", targets, router, **extra)
     assert len(calls) == n_calls

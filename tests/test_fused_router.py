@@ -19,15 +19,31 @@ from molora import MoLoraConfig
 from molora.kernels.fused_dense import dense_topk_layer
 from molora.kernels.fused_router import topk_gates_and_losses
 from molora.routers import balancing
-from molora.routers.base import Router
+from molora.routers.base import Router, register_router
+from molora.routers.loss_free import TopKBiasRouter
 from molora.routers.soft import SoftRouter
 from molora.routers.topk import TopKRouter, topk_routing
 
 N_TOKENS, N_EXPERTS = 9, 5
 
 
-def _reference(logits, k, renormalize, valid, balance_type, z_loss):
-    routing = topk_routing(torch.softmax(logits, dim=-1), k, renormalize=renormalize, logits=logits)
+def _reference(logits, k, renormalize, valid, balance_type, z_loss, selection_bias=None, sigmoid=False):
+    probs = torch.softmax(logits, dim=-1)
+    if sigmoid:  # the topk_bias router's select with sigmoid affinities (DeepSeek-V3)
+        scores, log_scores = torch.sigmoid(logits), torch.nn.functional.logsigmoid(logits)
+        probs = torch.softmax(log_scores, dim=-1)
+        if renormalize:
+            kept = dict(selection_scores=scores + selection_bias, log_scores=log_scores)
+            routing = topk_routing(probs, k, renormalize=True, logits=logits, **kept)
+        else:
+            biased = scores + selection_bias
+            routing = topk_routing(scores, k, renormalize=False, logits=logits, selection_scores=biased)
+            routing.probs = probs
+    elif selection_bias is None:
+        routing = topk_routing(probs, k, renormalize=renormalize, logits=logits)
+    else:  # the topk_bias router's select (softmax affinities)
+        biased = dict(selection_scores=probs + selection_bias, log_scores=logits if renormalize else None)
+        routing = topk_routing(probs, k, renormalize=renormalize, logits=logits, **biased)
     inputs = balancing.AuxInputs.from_routing(routing, valid, top_k=k)
     balance = balancing.load_balancing_loss(inputs, balance_type) if balance_type else None
     z = balancing.router_z_loss(inputs.logits) if z_loss else None
@@ -51,10 +67,14 @@ def _valid(kind):
 @pytest.mark.parametrize("renormalize", [True, False])
 @pytest.mark.parametrize("valid_kind", ["none", "padded", "empty"])
 @pytest.mark.parametrize("k", [1, 2])
-def test_matches_plain_ops(balance_type, z_loss, renormalize, valid_kind, k):
+@pytest.mark.parametrize("choice", ["probabilities", "biased", "sigmoid"])
+def test_matches_plain_ops(balance_type, z_loss, renormalize, valid_kind, k, choice):
     torch.manual_seed(k + 7)
     base = torch.randn(N_TOKENS, N_EXPERTS, dtype=torch.float64) * 2
     valid = _valid(valid_kind)
+    # a loss-free balancing bias large enough to change the choice of some tokens
+    bias = torch.tensor([0.3, -0.2, 0.0, 0.25, -0.1], dtype=torch.float64) if choice != "probabilities" else None
+    sigmoid = choice == "sigmoid"
     upstream = {
         "gates": torch.randn(N_TOKENS, N_EXPERTS, dtype=torch.float64),
         "weight": torch.randn(N_TOKENS, k, dtype=torch.float64),
@@ -66,10 +86,17 @@ def test_matches_plain_ops(balance_type, z_loss, renormalize, valid_kind, k):
         logits = base.clone().requires_grad_(True)
         if fused:
             out = topk_gates_and_losses(
-                logits, k, renormalize=renormalize, valid=valid, balance_type=balance_type, z_loss=z_loss
+                logits,
+                k,
+                renormalize=renormalize,
+                valid=valid,
+                balance_type=balance_type,
+                z_loss=z_loss,
+                selection_bias=bias,
+                sigmoid_scores=sigmoid,
             )
         else:
-            out = _reference(logits, k, renormalize, valid, balance_type, z_loss)
+            out = _reference(logits, k, renormalize, valid, balance_type, z_loss, bias, sigmoid)
         gates, balance, z, probs, expert_index, weight = out
         total = (gates * upstream["gates"]).sum() + (weight * upstream["weight"]).sum()
         for value, name in ((balance, "balance"), (z, "z")):
@@ -90,18 +117,81 @@ def test_matches_plain_ops(balance_type, z_loss, renormalize, valid_kind, k):
 
 
 @pytest.mark.parametrize("balance_type", ["megatron", "mixtral", "switch", "soft"])
-def test_gradcheck(balance_type):
+@pytest.mark.parametrize("choice", ["probabilities", "biased", "sigmoid", "sigmoid unnormalised"])
+def test_gradcheck(balance_type, choice):
     torch.manual_seed(0)
     logits = (torch.randn(6, 4, dtype=torch.float64) * 2).requires_grad_(True)
     valid = torch.tensor([True, False, True, True, True, False])
+    bias = torch.tensor([0.2, -0.3, 0.1, 0.0], dtype=torch.float64) if choice != "probabilities" else None
+    options = dict(sigmoid_scores=choice.startswith("sigmoid"), renormalize=choice != "sigmoid unnormalised")
 
     def fn(z):
         gates, balance, z_loss, _, _, weight = topk_gates_and_losses(
-            z, 2, valid=valid, balance_type=balance_type, z_loss=True
+            z, 2, valid=valid, balance_type=balance_type, z_loss=True, selection_bias=bias, **options
         )
         return gates, balance, z_loss, weight
 
     assert torch.autograd.gradcheck(fn, (logits,))
+
+
+def test_biased_choice_of_underflowed_experts_keeps_finite_gates_and_gradients():
+    # spec 1.5: the bias may keep experts whose probability underflowed to 0; their renormalised gates come from the
+    # kept logits (p_S / sum p_S would be 0 / 0, and its gradient 1 / 0)
+    logits = torch.tensor([[0.0, -150.0, -160.0, -170.0], [5.0, 0.0, -1.0, -2.0]], requires_grad=True)
+    bias = torch.tensor([-10.0, 2.0, 2.0, 0.0])
+    gates, balance, _, probs, index, weight = topk_gates_and_losses(
+        logits, 2, balance_type="megatron", selection_bias=bias
+    )
+    assert index[0].tolist() == [1, 2] and probs[0, 1] == 0.0
+    torch.testing.assert_close(weight[0], torch.softmax(torch.tensor([-150.0, -160.0]), -1))
+    (grad,) = torch.autograd.grad((gates * torch.arange(4.0)).sum() + balance, logits)
+    ref_logits = logits.detach().clone().requires_grad_(True)
+    ref_gates, ref_balance, *_ = _reference(ref_logits, 2, True, None, "megatron", False, bias)
+    (ref,) = torch.autograd.grad((ref_gates * torch.arange(4.0)).sum() + ref_balance, ref_logits)
+    assert torch.isfinite(grad).all()
+    torch.testing.assert_close(grad, ref)
+
+
+def test_router_subclass_with_losses_of_its_own_keeps_them(monkeypatch):
+    """A top-k (or soft) router subclass that overrides ``aux_losses`` or ``aux_inputs`` computes its losses its own
+    way: the fused function, which computes the built-in ones, must not replace them (it did, silently, unless
+    ``loss_reduction="concat"``)."""
+
+    class Doubled(TopKRouter):
+        @staticmethod
+        def aux_losses(inputs, balance_loss_type, need):
+            return {name: 2.0 * value for name, value in Router.aux_losses(inputs, balance_loss_type, need).items()}
+
+    class Shifted(SoftRouter):
+        def aux_inputs(self, routing, valid):
+            inputs = super().aux_inputs(routing, valid)
+            inputs.probs = inputs.probs.roll(1, dims=-1)
+            return inputs
+
+    logits = torch.randn(6, 4, dtype=torch.float64)
+    for cls, base in ((Doubled, TopKRouter), (Shifted, SoftRouter)):
+        router, plain = cls(8, 4, 2), base(8, 4, 2)
+        assert router.fused_topk_args(torch.float32, frozenset({"balance"}), "soft") is None
+        assert plain.fused_topk_args(torch.float32, frozenset({"balance"}), "soft") is not None
+        assert router.select_with_losses(logits, None, frozenset({"balance"}), "soft")[1] is None
+
+    losses = {}
+    for name, cls in (("doubled", Doubled), ("topk", TopKRouter)):
+        register_router(f"_test_{name}", cls, overwrite=True)
+        config = MoLoraConfig(r=4, num_experts=4, top_k=2, router=f"_test_{name}", target_modules=["q_proj"])
+        model = get_peft_model(make_llama(seed=1), config).train()
+        ids = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(3))
+        model(input_ids=ids, labels=ids)
+        losses[name] = model.molora_aux_losses()["balance"]
+    torch.testing.assert_close(losses["doubled"], 2.0 * losses["topk"])
+
+
+def test_aux_losses_must_be_a_static_method():
+    with pytest.raises(TypeError, match=r"Mine.aux_losses must be a @staticmethod"):
+
+        class Mine(TopKRouter):
+            def aux_losses(self, inputs, balance_loss_type, need):
+                return Router.aux_losses(inputs, balance_loss_type, need)
 
 
 def test_bad_arguments_name_the_field():
@@ -123,6 +213,8 @@ def _train_grads(
     padded=False,
     dtype=torch.float32,
     router_cls=TopKRouter,
+    before=None,
+    after=None,
     **config_kwargs,
 ):
     if not fused:
@@ -138,6 +230,9 @@ def _train_grads(
     kwargs = dict(r=4, num_experts=4, top_k=2, init_lora_weights=False, target_modules=["q_proj", "up_proj"])
     kwargs.update(config_kwargs)
     model = get_peft_model(make_llama(seed=1).to(dtype), MoLoraConfig(**kwargs)).train()
+    if before is not None:
+        with torch.no_grad():
+            before(model)
     torch.manual_seed(11)  # dropout and jitter noise draw the same numbers in both runs
     gen = torch.Generator().manual_seed(3)
     input_ids = torch.randint(3, VOCAB, (2, 7), generator=gen)
@@ -154,6 +249,8 @@ def _train_grads(
         loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1))
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    if after is not None:
+        after(model)
     monkeypatch.undo()
     return loss.detach(), grads, bool(calls), model.get_routing_stats()
 
@@ -219,6 +316,56 @@ def test_soft_router_takes_the_top_k_function(monkeypatch, settings):
         assert stats_f[name].load == pytest.approx(stats_p[name].load)
     # with a temperature the probabilities are not softmax(logits): select() runs
     assert _train_grads(monkeypatch, True, router="soft", router_cls=SoftRouter, router_kwargs={"temperature": 2.0})[2]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},  # sigmoid affinities, normalised gates (DeepSeek-V3)
+        {"padded": True, "z_loss_coef": 0.01},
+        {"labels_in_forward": False, "router_kwargs": {"normalize_gates": False}},
+        {"router_kwargs": {"score_function": "softmax"}, "balance_loss_type": "soft", "z_loss_coef": 0.01},
+        {"router_kwargs": {"score_function": "softmax", "normalize_gates": False}},
+    ],
+)
+def test_loss_free_bias_router_takes_the_top_k_function(monkeypatch, settings):
+    """``topk_bias`` observes its loads in ``observe_routing`` (not a ``forward`` of its own), so its scoring shares
+    the experts' GEMM and a training forward runs as one top-k node with the bias moving the choice: the same loss,
+    gradients, statistics and bias update as its plain ``select``."""
+    results = []
+    for fused in (True, False):
+        biases = {}
+
+        def set_bias(model):
+            gen = torch.Generator().manual_seed(4)
+            for name, buffer in model.named_buffers():
+                if name.endswith("selection_bias"):
+                    buffer.copy_(torch.randn(buffer.shape, generator=gen) * 0.2)  # changes some tokens' choice
+
+        def update(model, biases=biases):
+            model.molora_on_optimizer_step()
+            biases.update({n: b.clone() for n, b in model.named_buffers() if n.endswith("selection_bias")})
+
+        out = _train_grads(
+            monkeypatch,
+            fused,
+            router="topk_bias",
+            router_cls=TopKBiasRouter,
+            before=set_bias,
+            after=update,
+            **settings,
+        )
+        results.append((*out, biases))
+    (loss_f, grads_f, plain_f, stats_f, bias_f), (loss_p, grads_p, plain_p, stats_p, bias_p) = results
+    assert not plain_f and plain_p, "the fused selection was not taken (or the plain one was not)"
+    torch.testing.assert_close(loss_f, loss_p)
+    for name in grads_f:
+        torch.testing.assert_close(grads_f[name], grads_p[name], atol=1e-7, rtol=1e-5, msg=name)
+    for name in stats_f:
+        assert stats_f[name].load == pytest.approx(stats_p[name].load)
+    assert bias_f.keys() == bias_p.keys() and bias_f
+    for name in bias_f:
+        assert torch.equal(bias_f[name], bias_p[name]), name
 
 
 def test_bf16_model_matches_plain_select(monkeypatch):

@@ -225,8 +225,12 @@ class MoLoraLayer(BaseTunerLayer):
         (``MoLoraRuntime.select``; without a runtime no loss is recorded)."""
         runtime = self._molora_runtime
         if runtime is None:
-            return router.select(logits, valid), None
-        return runtime.select(adapter_name, router, logits, valid)
+            routing, losses = router.select(logits, valid), None
+        else:
+            routing, losses = runtime.select(adapter_name, router, logits, valid)
+        # (the router's forward, which this replaces, observes its routing: the loss-free bias's loads)
+        router.observe_routing(routing, valid, runtime.context if runtime is not None else None)
+        return routing, losses
 
     def _expert_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         bank = self.molora_A[adapter_name].weight
@@ -363,6 +367,7 @@ class MoLoraLayer(BaseTunerLayer):
         )
         # the logits stay inside the node (the losses that read them came out of it)
         routing, losses = router.topk_result(*routed, None, need)
+        router.observe_routing(routing, valid, runtime.context)
         return out, routing, (self_delivered(losses) if missing is not None else losses)
 
     def _can_fuse_router(self, x_flat: torch.Tensor, adapter_name: str, kernel: str) -> bool:

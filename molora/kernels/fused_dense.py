@@ -265,11 +265,15 @@ class _DenseTopK(torch.autograd.Function):
         balance_type,
         with_z,
         missing_grads,
+        selection_bias,
+        sigmoid_scores,
     ):
         ctx.set_materialize_grads(False)
         out, hl = _base_and_shrink_forward(x, weight, bias, bank, router_weight, conv1d)
         h, logits = _split_rank_and_logits(hl, bank, router_weight)
-        routed, state = topk_forward(logits, k, renormalize, valid, balance_type, with_z)
+        routed, state = topk_forward(
+            logits, k, renormalize, valid, balance_type, with_z, selection_bias, sigmoid_scores
+        )
         _gated_expand_forward(out, h, routed[0], b_flat, scaling)
         ctx.conv1d, ctx.scaling = conv1d, scaling
         ctx.renormalize, ctx.missing_grads = renormalize, missing_grads
@@ -301,7 +305,7 @@ class _DenseTopK(torch.autograd.Function):
             # only B trains: nothing upstream of the rank activations and the logits
             if grad_out is not None and needs_b:
                 grad_b = _gated_expand_backward(grad_out, h, gates, b_flat, ctx.scaling, False, False, True)[2]
-            return None, None, None, None, grad_b, *([None] * 9)
+            return None, None, None, None, grad_b, *([None] * 11)
         if grad_out is not None:
             grad_h, grad_gates, grad_b = _gated_expand_backward(
                 grad_out, h, gates, b_flat, ctx.scaling, True, True, needs_b
@@ -318,7 +322,7 @@ class _DenseTopK(torch.autograd.Function):
         grad_x, grad_bank, grad_router = _base_and_shrink_backward(
             grad_out, grad_hl, x, weight, bank, router_weight, ctx.conv1d, needs_x, needs_bank, needs_router
         )
-        return grad_x, None, None, grad_bank, grad_b, grad_router, *([None] * 8)
+        return grad_x, None, None, grad_bank, grad_b, grad_router, *([None] * 10)
 
 
 def dense_topk_layer(
@@ -337,6 +341,8 @@ def dense_topk_layer(
     balance_type: str | None = None,
     z_loss: bool = False,
     missing_grads: MissingGrads | None = None,
+    selection_bias: torch.Tensor | None = None,
+    sigmoid_scores: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """A frozen projection with top-k-routed experts on the dense path, forward and backward in one autograd node.
 
@@ -364,6 +370,8 @@ def dense_topk_layer(
         )
     if not 1 <= k <= bank.shape[0]:
         raise ValueError(f"`k`={k} must be between 1 and the number of experts ({bank.shape[0]}).")
+    if sigmoid_scores and selection_bias is None:
+        raise ValueError("`sigmoid_scores=True` is the loss-free balancing router's: it needs `selection_bias`.")
     outputs = _DenseTopK.apply(
         x,
         weight,
@@ -379,5 +387,7 @@ def dense_topk_layer(
         balance_type,
         z_loss,
         missing_grads,
+        selection_bias,
+        sigmoid_scores,
     )
     return placeholders_to_none(outputs, 2, balance_type, z_loss)

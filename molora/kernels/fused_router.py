@@ -23,11 +23,11 @@ rows (tests/test_fused_router.py checks both against autograd in fp64), for ever
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import torch
 from torch.autograd.function import once_differentiable
+from torch.nn import functional as F
 
 #: ``missing_grads(device, dtype) -> (d_balance, d_z)``: see :func:`topk_gates_and_losses`
 MissingGrads = Callable[[torch.device, torch.dtype], tuple[torch.Tensor | None, torch.Tensor | None]]
@@ -36,10 +36,9 @@ MissingGrads = Callable[[torch.device, torch.dtype], tuple[torch.Tensor | None, 
 FUSED_BALANCE_TYPES = ("megatron", "mixtral", "switch", "soft")
 
 
-@functools.cache
-def _cpu_vector_bytes() -> int:
-    """Bytes in one of ATen's CPU vectors (``at::vec::Vectorized``): 64 with AVX-512, else 32 (AVX2 and the rest)."""
-    return 64 if "AVX512" in torch.backends.cpu.get_cpu_capability().upper() else 32
+#: bytes in one of ATen's CPU vectors (``at::vec::Vectorized``): 64 with AVX-512, else 32 (AVX2 and the rest); read
+#: once (a call inside a compiled forward would break its graph)
+_CPU_VECTOR_BYTES = 64 if "AVX512" in torch.backends.cpu.get_cpu_capability().upper() else 32
 
 
 def softmax_rows(logits: torch.Tensor) -> torch.Tensor:
@@ -54,24 +53,39 @@ def softmax_rows(logits: torch.Tensor) -> torch.Tensor:
     if (
         logits.device.type != "cpu"
         or logits.shape[0] < 256
-        or logits.shape[-1] * logits.element_size() >= _cpu_vector_bytes()
+        or logits.shape[-1] * logits.element_size() >= _CPU_VECTOR_BYTES
     ):
         return torch.softmax(logits, dim=-1)
     e = (logits - logits.amax(dim=-1, keepdim=True)).exp_()
     return e.div_(e.sum(dim=-1, keepdim=True))
 
 
-def topk_forward(logits, k, renormalize, valid, balance_type, with_z):
-    """The forward values, plus what the backward needs: ``(outputs, (mass, mask, inv_n, load, lse, importance))``."""
+def topk_forward(logits, k, renormalize, valid, balance_type, with_z, selection_bias=None, sigmoid_scores=False):
+    """The forward values, plus what the backward needs: ``(outputs, (mass, mask, inv_n, load, lse, importance,
+    sigmoid_logits))`` (the logits with sigmoid affinities, else ``None``)."""
     if torch.is_autocast_enabled(logits.device.type):
         # the loss sums are products (`mask @ probs`): autocast would run them, and round the counts, in bf16/fp16
         with torch.autocast(logits.device.type, enabled=False):
-            return topk_forward(logits, k, renormalize, valid, balance_type, with_z)
+            return topk_forward(logits, k, renormalize, valid, balance_type, with_z, selection_bias, sigmoid_scores)
     n_tokens, n_experts = logits.shape
-    probs = softmax_rows(logits)
-    top_probs, expert_index = probs.topk(k, dim=-1)  # [T, k]
+    # the log-affinities: the logits, or with sigmoid affinities s = sigmoid(z) (DeepSeek-V3) log s, whose softmax
+    # s / sum(s) are then the probabilities
+    scores = F.logsigmoid(logits) if sigmoid_scores else logits
+    probs = softmax_rows(scores)
+    if selection_bias is None:
+        top_probs, expert_index = probs.topk(k, dim=-1)  # [T, k]
+    else:
+        # loss-free balancing (topk_bias): the bias moves the choice among the affinities, which stay the gates
+        affinity = torch.sigmoid(logits) if sigmoid_scores else probs
+        expert_index = (affinity + selection_bias.to(probs.dtype)).topk(k, dim=-1).indices
+        top_probs = affinity.gather(-1, expert_index)
     mass = None
-    if renormalize:
+    if renormalize and selection_bias is not None:
+        # s_S / sum(s_S) as the softmax of the kept log-affinities, as topk_routing computes it: a biased choice may
+        # keep experts whose probability underflowed to 0, where the ratio is 0 / 0 (the backward goes straight to
+        # the kept scores then: no mass is saved)
+        top_probs = softmax_rows(scores.gather(-1, expert_index))
+    elif renormalize:
         # as in topk_routing; selected by probability, the k largest of E sum to at least k/E, so its clamp (to the
         # smallest normal number) never binds here: left out, and the backward treats the mass as unclamped
         mass = top_probs.sum(dim=-1, keepdim=True)
@@ -81,7 +95,8 @@ def topk_forward(logits, k, renormalize, valid, balance_type, with_z):
     balance = z_loss = load = lse = mask = importance = None
     inv_n = 1.0
     if balance_type is None and not with_z:
-        return (gates, balance, z_loss, probs, expert_index, top_probs), (mass, mask, inv_n, load, lse, importance)
+        state = (mass, mask, inv_n, load, lse, importance, logits if sigmoid_scores else None)
+        return (gates, balance, z_loss, probs, expert_index, top_probs), state
     # losses over the valid rows: a 0/1 row weight (not indexing) keeps the shapes static and the device in sync
     mask = None if valid is None else valid.reshape(-1).to(probs.dtype)
     # 1 / valid tokens (a 0-d tensor with a mask: no host synchronisation); a batch without any gives losses of 0
@@ -109,7 +124,8 @@ def topk_forward(logits, k, renormalize, valid, balance_type, with_z):
         lse = torch.logsumexp(logits, dim=-1)  # [T]
         sq = lse.square()
         z_loss = (sq.sum() if mask is None else mask @ sq) * inv_n
-    return (gates, balance, z_loss, probs, expert_index, top_probs), (mass, mask, inv_n, load, lse, importance)
+    state = (mass, mask, inv_n, load, lse, importance, logits if sigmoid_scores else None)
+    return (gates, balance, z_loss, probs, expert_index, top_probs), state
 
 
 def losses_or_placeholders(routed: tuple, like: torch.Tensor) -> tuple[tuple, list[torch.Tensor]]:
@@ -143,10 +159,14 @@ def placeholders_to_none(outputs: tuple, offset: int, balance_type: str | None, 
 
 class _TopKGatesAndLosses(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, k, renormalize, valid, balance_type, with_z, missing_grads):  # noqa: D102
+    def forward(  # noqa: D102
+        ctx, logits, k, renormalize, valid, balance_type, with_z, missing_grads, selection_bias, sigmoid_scores
+    ):
         ctx.set_materialize_grads(False)
         ctx.missing_grads = missing_grads
-        outputs, state = topk_forward(logits, k, renormalize, valid, balance_type, with_z)
+        outputs, state = topk_forward(
+            logits, k, renormalize, valid, balance_type, with_z, selection_bias, sigmoid_scores
+        )
         ctx.renormalize = renormalize
         ctx.save_for_backward(*topk_save(ctx, outputs, state))
         outputs, placeholders = losses_or_placeholders(outputs, logits)
@@ -166,16 +186,17 @@ class _TopKGatesAndLosses(torch.autograd.Function):
         grad_logits = topk_backward(
             saved, ctx.inv_n, ctx.renormalize, grad_sel, grad_balance, grad_z, ctx.missing_grads
         )
-        return grad_logits, None, None, None, None, None, None
+        return grad_logits, None, None, None, None, None, None, None, None
 
 
 def topk_save(ctx, outputs, state) -> tuple[torch.Tensor | None, ...]:
     """What :func:`topk_backward` needs from :func:`topk_forward`'s ``(outputs, state)``: sets ``ctx.inv_n`` (the
     constant ``1 / n_valid`` without a mask) and returns the tensors to save, in the order ``saved`` expects."""
     probs, expert_index, top_probs = outputs[3:]
-    mass, mask, inv_n, load, lse, importance = state
+    mass, mask, inv_n, load, lse, importance, sigmoid_logits = state
     ctx.inv_n = inv_n if mask is None else None
-    return probs, expert_index, top_probs, mass, mask, inv_n if mask is not None else None, load, lse, importance
+    inv_n = inv_n if mask is not None else None
+    return probs, expert_index, top_probs, mass, mask, inv_n, load, lse, importance, sigmoid_logits
 
 
 def topk_backward(
@@ -193,7 +214,7 @@ def topk_backward(
     selected gates (``weight``), ``None`` when they got none; ``grad_balance`` / ``grad_z``: the losses' gradients
     (``None``: none, and then ``missing_grads`` may supply them).
     """
-    probs, expert_index, weight, mass, mask, inv_n, load, lse, importance = saved
+    probs, expert_index, weight, mass, mask, inv_n, load, lse, importance, sigmoid_logits = saved
     if inv_n is None:
         inv_n = inv_n_const
     missing_balance = load is not None and grad_balance is None
@@ -216,16 +237,31 @@ def topk_backward(
         if mask is not None:
             per_gate = per_gate * mask.unsqueeze(1)
         grad_sel = per_gate if grad_sel is None else grad_sel + per_gate
+    kept_scores = None
     if grad_sel is not None:
         if renormalize:
-            grad_sel = (grad_sel - (grad_sel * weight).sum(dim=-1, keepdim=True)) / mass
-        grad_probs.scatter_add_(-1, expert_index, grad_sel)
+            grad_sel = grad_sel - (grad_sel * weight).sum(dim=-1, keepdim=True)
+        if mass is not None:  # p_S / sum(p_S)
+            grad_probs.scatter_add_(-1, expert_index, grad_sel / mass)
+        elif renormalize or sigmoid_logits is not None:
+            # gates = softmax of the kept scores (a biased choice), or exp of them (sigmoid affinities unnormalised):
+            # straight to those scores, dL/ds_j = g_j * (dL/dg_j - sum_i g_i dL/dg_i) (without the sum unnormalised)
+            kept_scores = weight * grad_sel
+        else:
+            grad_probs.scatter_add_(-1, expert_index, grad_sel)
     grad_logits = probs * (grad_probs - (grad_probs * probs).sum(dim=-1, keepdim=True))
+    if kept_scores is not None:
+        grad_logits.scatter_add_(-1, expert_index, kept_scores)
+    if sigmoid_logits is not None:
+        # the scores were log sigmoid(z): d/dz = sigmoid(-z)
+        grad_logits = grad_logits * torch.sigmoid(-sigmoid_logits)
     if lse is not None and grad_z is not None:
         coef = (2.0 * grad_z * inv_n) * lse  # [T]
         if mask is not None:
             coef = coef * mask
-        grad_logits += coef.unsqueeze(1) * probs
+        # the z-loss reads the raw logits: softmax(z), which the probabilities are unless the affinities are sigmoids
+        softmax_z = probs if sigmoid_logits is None else (sigmoid_logits - lse.unsqueeze(1)).exp()
+        grad_logits += coef.unsqueeze(1) * softmax_z
     return grad_logits
 
 
@@ -238,6 +274,8 @@ def topk_gates_and_losses(
     balance_type: str | None = None,
     z_loss: bool = False,
     missing_grads: MissingGrads | None = None,
+    selection_bias: torch.Tensor | None = None,
+    sigmoid_scores: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k gates of ``softmax(logits)`` and the requested aux losses, in one autograd node.
 
@@ -254,6 +292,12 @@ def topk_gates_and_losses(
             returns ``(d_balance, d_z)``, 0-d tensors (or None: no gradient) used as those losses' gradients. The
             model's runtime passes one that delivers ``coef * loss`` to the router when a trainer computes its own
             loss from the logits (see ``molora.runtime``).
+        selection_bias (Tensor[E] or None): added to the probabilities to choose the ``k`` experts, not to the gates
+            (loss-free balancing, the ``topk_bias`` router); no gradient. The renormalised gates are then computed
+            from the kept logits (exact when the chosen experts' probabilities underflow).
+        sigmoid_scores (bool): the affinities are ``s = sigmoid(logits)`` (DeepSeek-V3; needs ``selection_bias``): the
+            experts are chosen by ``s + selection_bias``, the gates are the chosen ``s`` (renormalised to sum to 1 or
+            not), the probabilities (balance loss, statistics) ``s / sum(s)``; the z-loss still reads the logits.
 
     Returns:
         ``(gates[T, E], balance, z, probs[T, E], expert_index[T, k], weight[T, k])``: the dense gates (differentiable),
@@ -265,8 +309,12 @@ def topk_gates_and_losses(
         raise ValueError(f"`balance_type`={balance_type!r} is not one of {FUSED_BALANCE_TYPES} (or None).")
     if not 1 <= k <= logits.shape[-1]:
         raise ValueError(f"`k`={k} must be between 1 and the number of experts ({logits.shape[-1]}).")
+    if sigmoid_scores and selection_bias is None:
+        raise ValueError("`sigmoid_scores=True` is the loss-free balancing router's: it needs `selection_bias`.")
     if torch.is_grad_enabled() and logits.requires_grad:
-        outputs = _TopKGatesAndLosses.apply(logits, k, renormalize, valid, balance_type, z_loss, missing_grads)
+        outputs = _TopKGatesAndLosses.apply(
+            logits, k, renormalize, valid, balance_type, z_loss, missing_grads, selection_bias, sigmoid_scores
+        )
         return placeholders_to_none(outputs, 1, balance_type, z_loss)
     # no gradient wanted (inference, generation): the same values without the autograd.Function call
-    return topk_forward(logits, k, renormalize, valid, balance_type, z_loss)[0]
+    return topk_forward(logits, k, renormalize, valid, balance_type, z_loss, selection_bias, sigmoid_scores)[0]

@@ -241,7 +241,16 @@ class Router(nn.Module):
                 ``None`` when the router is called on its own. Routers that depend on it override ``forward``.
         """
         logits = self.scores(x)
-        return self.select(logits, valid)
+        routing = self.select(logits, valid)
+        self.observe_routing(routing, valid, context)
+        return routing
+
+    def observe_routing(self, routing: Routing, valid: torch.Tensor | None, context: RoutingContext | None) -> None:
+        """Feed per-step training state from this forward's ``routing`` (the loss-free bias's loads, ReMoE's sparsity;
+        a no-op by default). Called by :meth:`forward`, and by the layer when it routes from logits it computed
+        itself (the router's scoring in the experts' GEMM, :meth:`linear_scoring`), once per routing either way.
+        Implementations check :meth:`observes` first. A router that keeps state this way needs no ``forward`` of its
+        own, and its scoring can then share the experts' GEMM."""
 
     def linear_scoring(self) -> bool:
         """Whether ``forward(x, valid)`` is exactly ``select(linear(x.float(), weight), valid)`` right now.
@@ -354,6 +363,15 @@ class Router(nn.Module):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if "aux_losses" in vars(cls) and not isinstance(vars(cls)["aux_losses"], staticmethod):
+            # the runtime evaluates it on the class, also on several routers' concatenated inputs
+            # (loss_reduction="concat"): an ordinary method failed at the first forward with labels
+            raise TypeError(
+                f"{cls.__qualname__}.aux_losses must be a @staticmethod (inputs, balance_loss_type, need) -> dict: "
+                "the model calls it on the router class, also with several routers' inputs concatenated "
+                "(loss_reduction='concat'). Call the base losses as "
+                "Router.aux_losses(inputs, balance_loss_type, need)."
+            )
         # the nearest class in the MRO that defines aux_inputs, aux_losses or handles_row_weight decides
         cls._aux_rows_weighted = False
         for klass in cls.__mro__:

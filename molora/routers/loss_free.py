@@ -24,7 +24,7 @@ complementary balance loss is wanted; the pure loss-free method sets ``aux_loss_
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -32,7 +32,7 @@ from torch import nn
 from .balancing import max_violation
 from .base import Router, RouterParams, Routing, register_router
 from .state import StepAccumulator, buffers_kept_fp32, pop_stacked
-from .topk import topk_routing
+from .topk import FusedTopKSelection, topk_routing
 
 if TYPE_CHECKING:
     from ..runtime import RoutingContext
@@ -71,7 +71,7 @@ class TopKBiasParams(RouterParams):
 
 
 @register_router("topk_bias")
-class TopKBiasRouter(Router):
+class TopKBiasRouter(FusedTopKSelection, Router):
     """Top-k routing balanced by a per-expert selection bias instead of an auxiliary loss (DeepSeek-V3).
 
     State: ``selection_bias[E]`` (persistent fp32 buffer, saved with the adapter). It moves only in
@@ -102,6 +102,17 @@ class TopKBiasRouter(Router):
             return torch.softmax(logits, dim=-1), logits
         return torch.sigmoid(logits), nn.functional.logsigmoid(logits)
 
+    def _fused_topk_options(self) -> dict[str, Any] | None:
+        # the top-k function with the bias moving the choice among the (softmax or sigmoid) affinities
+        if type(self).select is not TopKBiasRouter.select:
+            return None
+        return {
+            "k": self.top_k,
+            "renormalize": self.params.normalize_gates,
+            "selection_bias": self.selection_bias,
+            "sigmoid_scores": self.params.score_function == "sigmoid",
+        }
+
     def select(self, logits: torch.Tensor, valid: torch.Tensor | None) -> Routing:
         scores, log_scores = self._scores(logits)
         probs = torch.softmax(log_scores, dim=-1)
@@ -116,10 +127,7 @@ class TopKBiasRouter(Router):
         routing.probs = probs
         return routing
 
-    def forward(
-        self, x: torch.Tensor, valid: torch.Tensor | None = None, context: RoutingContext | None = None
-    ) -> Routing:
-        routing = super().forward(x, valid, context)
+    def observe_routing(self, routing: Routing, valid: torch.Tensor | None, context: RoutingContext | None) -> None:
         if self.observes(context):  # training forwards of a trained router only
             expert_index = routing.expert_index
             # assignments per expert, padding weighted 0: a scatter-add of static shape, where boolean indexing and
@@ -131,7 +139,6 @@ class TopKBiasRouter(Router):
             counts = torch.zeros(self.num_experts, dtype=torch.float32, device=expert_index.device)
             counts.scatter_add_(0, expert_index, weight)
             self._loads.add(counts, context.forward_id if context is not None else None)
-        return routing
 
     def on_optimizer_step(self) -> None:
         """Apply the bias update of :meth:`on_optimizer_step_group` to this router alone."""

@@ -126,10 +126,7 @@ class ReLURouter(Router):
         probs = gates / gates.sum(dim=-1, keepdim=True).clamp_min(_PROBS_EPS)
         return Routing.from_dense(probs, gates, gates > 0, logits=logits)
 
-    def forward(
-        self, x: torch.Tensor, valid: torch.Tensor | None = None, context: RoutingContext | None = None
-    ) -> Routing:
-        routing = super().forward(x, valid, context)
+    def observe_routing(self, routing: Routing, valid: torch.Tensor | None, context: RoutingContext | None) -> None:
         if self.observes(context):  # training forwards of a trained router only
             # from the dense selection (the assignment list holds every pair under torch.compile)
             selected = routing.selected()
@@ -142,7 +139,6 @@ class ReLURouter(Router):
                 n_tokens = valid.sum().float()
             observed = torch.stack([active, n_tokens * self.num_experts])
             self._activity.add(observed, context.forward_id if context is not None else None)
-        return routing
 
     # -- losses -----------------------------------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -42,12 +43,12 @@ class SoftRouter(FusedTopKSelection, Router):
     def experts_per_token(self) -> float:
         return float(self.num_experts)
 
-    def _fused_topk_options(self) -> tuple[int, bool] | None:
+    def _fused_topk_options(self) -> dict[str, Any] | None:
         # a top-k of all E experts without renormalisation keeps every gate at its probability: in training the soft
         # routing and its losses take the top-k router's one-node function (the same values as select())
         if type(self).select is not SoftRouter.select or self.params.temperature != 1.0:
             return None
-        return self.num_experts, False
+        return {"k": self.num_experts, "renormalize": False}
 
     def select(self, logits: torch.Tensor, valid: torch.Tensor | None) -> Routing:
         probs = torch.softmax(logits / self.params.temperature, dim=-1)

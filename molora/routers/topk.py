@@ -7,6 +7,7 @@ probabilities to sum to one: ``g_e = p_e / sum_{j in S} p_j`` for ``e in S``, el
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -44,9 +45,9 @@ class FusedTopKSelection:
     ``select_with_losses`` or ``loss_coefficients`` computes its own way (the methods check).
     """
 
-    def _fused_topk_options(self) -> tuple[int, bool] | None:
-        """``(k, renormalize)`` when :meth:`select` is (right now) the top-k of ``softmax(logits)`` with these options,
-        else ``None``."""
+    def _fused_topk_options(self) -> dict[str, Any] | None:
+        """The selection options of ``topk_gates_and_losses`` (``k``, ``renormalize``, optionally ``selection_bias``)
+        when :meth:`select` is (right now) the top-k of ``softmax(logits)`` with them, else ``None``."""
         raise NotImplementedError
 
     def select_with_losses(
@@ -82,19 +83,16 @@ class FusedTopKSelection:
         fusable = (
             options is not None
             and type(self).loss_coefficients is Router.loss_coefficients
+            # losses of its own (a subclass's aux_inputs / aux_losses) are computed from the routing its own way
+            and type(self).aux_inputs is Router.aux_inputs
+            and type(self).aux_losses is Router.aux_losses
             and need <= {"balance", "z"}
             and ("balance" not in need or balance_loss_type in FUSED_BALANCE_TYPES)
             and logits_dtype in (torch.float32, torch.float64)
         )
         if not fusable:
             return None
-        k, renormalize = options
-        return {
-            "k": k,
-            "renormalize": renormalize,
-            "balance_type": balance_loss_type if "balance" in need else None,
-            "z_loss": "z" in need,
-        }
+        return {**options, "balance_type": balance_loss_type if "balance" in need else None, "z_loss": "z" in need}
 
     def topk_result(self, gates, balance, z_loss, probs, expert_index, weight, logits, need):
         k = expert_index.shape[1]
@@ -133,10 +131,10 @@ class TopKRouter(FusedTopKSelection, Router):
         probs = torch.softmax(logits, dim=-1)
         return topk_routing(probs, self.top_k, renormalize=self.params.renormalize, logits=logits)
 
-    def _fused_topk_options(self) -> tuple[int, bool] | None:
+    def _fused_topk_options(self) -> dict[str, Any] | None:
         if type(self).select is not TopKRouter.select:
             return None
-        return self.top_k, self.params.renormalize
+        return {"k": self.top_k, "renormalize": self.params.renormalize}
 
 
 def topk_routing(
