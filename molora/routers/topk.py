@@ -36,18 +36,20 @@ class TopKParams(RouterParams):
 
 class FusedTopKSelection:
     """Mixin for routers whose training selection is a top-k of ``softmax(logits)`` (``topk``; ``soft``, which keeps
-    all ``E``): :meth:`select_with_losses` computes the routing and its balance/z losses with
+    all ``E``; ``topk_bias``, whose bias moves the choice among softmax or sigmoid affinities):
+    :meth:`select_with_losses` computes the routing and its balance/z losses with
     ``molora.kernels.fused_router.topk_gates_and_losses`` (one autograd node, the same values as :meth:`select` plus
     the default losses), and the dense layer path runs the base projection, this routing and the experts as one node
     (:meth:`fused_topk_args`, ``molora.kernels.fused_dense.dense_topk_layer``).
 
     A router states when that holds with :meth:`_fused_topk_options`; a subclass that overrides ``select``,
-    ``select_with_losses`` or ``loss_coefficients`` computes its own way (the methods check).
+    ``select_with_losses``, ``loss_coefficients``, ``aux_inputs`` or ``aux_losses`` computes its own way (the
+    methods check).
     """
 
     def _fused_topk_options(self) -> dict[str, Any] | None:
-        """The selection options of ``topk_gates_and_losses`` (``k``, ``renormalize``, optionally ``selection_bias``)
-        when :meth:`select` is (right now) the top-k of ``softmax(logits)`` with them, else ``None``."""
+        """The selection options of ``topk_gates_and_losses`` (``k``, ``renormalize``; optionally ``selection_bias``,
+        ``sigmoid_scores``) when :meth:`select` is (right now) the top-k they describe, else ``None``."""
         raise NotImplementedError
 
     def select_with_losses(
