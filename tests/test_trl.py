@@ -3,6 +3,8 @@ reference adapter."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import CHAR_VOCAB, make_char_tokenizer, make_llama, sft_args, text_dataset
@@ -248,3 +250,76 @@ def test_dpo_reference_adapter_is_a_copy_of_the_trained_one(tmp_path, state):
     trainer.train()
     log = trainer.state.log_history[0]
     assert log["loss"] == pytest.approx(math.log(2), abs=1e-5) and log["rewards/margins"] == pytest.approx(0, abs=1e-6)
+
+
+def _sft_with_stats(output_dir, resume=None, resume_from=None):
+    """4 SFT steps with the routing-statistics callback, checkpoints at steps 2 and 4; returns the run-level
+    statistics file and the warnings about them."""
+    import json
+    import warnings
+
+    from molora.training import RoutingStatsCallback, install_routing_stats_callback
+
+    args = sft_args(output_dir, max_steps=4, per_device_train_batch_size=2, save_strategy="steps", save_steps=2)
+    torch.manual_seed(0)
+    trainer = trl.SFTTrainer(
+        model=make_llama(vocab_size=CHAR_VOCAB),
+        args=args,
+        train_dataset=text_dataset(16),
+        processing_class=make_char_tokenizer(),
+        peft_config=MoLoraConfig(r=4, num_experts=4, top_k=2, task_type="CAUSAL_LM"),
+    )
+    callback = install_routing_stats_callback(trainer, RoutingStatsCallback())
+    if resume_from is not None:
+        callback.resume_from(resume_from)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train(resume_from_checkpoint=resume)
+    stats = json.loads((output_dir / "routing_stats.json").read_text())
+    return stats, [str(w.message) for w in caught if "routing statistics" in str(w.message)]
+
+
+def _flat(stats: dict) -> dict:
+    """``{(layer, field, i): value}`` of a ``routing_stats.json`` (for ``pytest.approx``)."""
+    out = {}
+    for name, layer in stats.items():
+        for key, value in layer.items():
+            for i, v in enumerate(value if isinstance(value, list) else [value]):
+                out[name, key, i] = v
+    return out
+
+
+def test_resumed_trainer_keeps_the_run_level_routing_statistics(tmp_path):
+    """``trainer.train(resume_from_checkpoint=...)`` with ``RoutingStatsCallback`` and nothing else (as
+    ``scripts/sft.py`` and a user's own script do it) wrote a ``routing_stats.json`` of the resumed steps only: only
+    ``molora sft`` told the callback the checkpoint. The callback now finds the checkpoint's statistics as the
+    DR-LoRA callback finds its EMAs (``args.resume_from_checkpoint``, ``<output_dir>/checkpoint-<step>``), warns
+    when there are none, and is told a moved one with ``resume_from``."""
+    import shutil
+
+    full, warned = _sft_with_stats(tmp_path / "run")
+    assert not warned
+    at_2 = (tmp_path / "run" / "checkpoint-2" / "routing_stats.json").read_text()
+    shutil.copytree(tmp_path / "run" / "checkpoint-2", tmp_path / "moved")
+    resumed, warned = _sft_with_stats(tmp_path / "run", resume=str(tmp_path / "run" / "checkpoint-2"))
+    assert not warned
+    tokens = {name: layer["tokens"] for name, layer in full.items()}
+    assert {name: layer["tokens"] for name, layer in resumed.items()} == tokens
+    assert _flat(resumed) == pytest.approx(_flat(full))
+    # `resume_from_checkpoint=True`: the newest checkpoint of output_dir (step 4: nothing left to train)
+    (tmp_path / "run" / "checkpoint-4").rename(tmp_path / "step4")
+    resumed, warned = _sft_with_stats(tmp_path / "run", resume=True)
+    assert not warned and {name: layer["tokens"] for name, layer in resumed.items()} == tokens
+    # a copy of the checkpoint outside output_dir (a fresh folder): only the two resumed steps, and a warning ...
+    (tmp_path / "moved" / "routing_stats.json").rename(tmp_path / "stats_at_2.json")
+    partial, warned = _sft_with_stats(tmp_path / "other", resume=str(tmp_path / "moved"))
+    assert len(warned) == 1 and "resume_from" in warned[0]
+    assert all(layer["tokens"] < tokens[name] for name, layer in partial.items())
+    # ... which `resume_from` (what `molora sft` does) answers
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "stats_at_2.json").rename(tmp_path / "elsewhere" / "routing_stats.json")
+    assert json.loads((tmp_path / "elsewhere" / "routing_stats.json").read_text()) == json.loads(at_2)
+    resumed, warned = _sft_with_stats(
+        tmp_path / "other2", resume=str(tmp_path / "moved"), resume_from=tmp_path / "elsewhere"
+    )
+    assert not warned and _flat(resumed) == pytest.approx(_flat(full))

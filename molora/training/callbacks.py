@@ -9,13 +9,35 @@ update it once per optimizer step from what they saw in all micro-batches of tha
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..routers.prompt import is_prompt_router
+
+
+def checkpoint_dir(args, state) -> Path:
+    """The folder ``Trainer._save_checkpoint`` writes at ``state.global_step`` (and a resume usually names)."""
+    return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+
+
+def resume_folders(explicit: str | os.PathLike | None, args, state) -> list[Path]:
+    """Where a callback looks for the state it wrote into a checkpoint, when training resumes at
+    ``state.global_step``: the folder given to its ``resume_from`` (``molora sft`` passes the one it resumes from),
+    ``args.resume_from_checkpoint`` when it is a path, then ``<output_dir>/checkpoint-<step>``, the folder the
+    ``Trainer`` wrote at that step (``trainer.train(resume_from_checkpoint=...)`` does not tell callbacks which
+    folder it loaded)."""
+    folders = [Path(explicit)] if explicit is not None else []
+    given = getattr(args, "resume_from_checkpoint", None)
+    if isinstance(given, (str, os.PathLike)):
+        folders.append(Path(given))
+    folders.append(checkpoint_dir(args, state))
+    return folders
 
 
 def molora_on_optimizer_step(model: nn.Module) -> int:

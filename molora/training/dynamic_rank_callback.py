@@ -16,7 +16,6 @@ from typing import Any
 
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .._io import write_atomic
 from ..adapters.dynamic_rank import (
@@ -30,6 +29,7 @@ from ..adapters.dynamic_rank import (
     schedule_for,
     update_importance,
 )
+from .callbacks import checkpoint_dir, resume_folders
 
 
 class DynamicRankCallback(TrainerCallback):
@@ -74,19 +74,14 @@ class DynamicRankCallback(TrainerCallback):
         self._resume_dir = Path(checkpoint)
 
     def _resume_saliency(self, args, state, model) -> None:
-        folders = [self._resume_dir, _checkpoint_dir(args, state)]
-        given = getattr(args, "resume_from_checkpoint", None)
-        if isinstance(given, (str, os.PathLike)):
-            folders.insert(1, Path(given))
+        folders = resume_folders(self._resume_dir, args, state)
         for folder in folders:
-            path = folder / SALIENCY_FILE if folder is not None else None
-            if path is None or not path.is_file():
-                continue
-            if load_saliency_state(model, load_file(str(path))):
+            path = folder / SALIENCY_FILE
+            if path.is_file() and load_saliency_state(model, load_file(str(path))):
                 return
         warnings.warn(
             f"Resuming DR-LoRA training at step {state.global_step} without the sensitivity EMAs of every bank: no "
-            f"{SALIENCY_FILE} matching the model in {[str(f) for f in folders if f is not None]}. The missing ones "
+            f"{SALIENCY_FILE} matching the model in {[str(f) for f in folders]}. The missing ones "
             "restart from zero and re-converge within a few steps, so growth decisions may differ from the "
             "uninterrupted run's. DynamicRankCallback writes that file into each checkpoint; point it at the folder "
             "you resume from with `callback.resume_from(folder)` (or keep the run's `output_dir`).",
@@ -97,7 +92,7 @@ class DynamicRankCallback(TrainerCallback):
         """Write the banks' sensitivity EMAs into the checkpoint the Trainer has just saved (main process only)."""
         if model is None or not state.is_world_process_zero:
             return
-        folder = _checkpoint_dir(args, state)
+        folder = checkpoint_dir(args, state)
         tensors = saliency_state(model)
         if not tensors or not folder.is_dir():  # nothing learnt yet, or a run folder of a hyper-parameter search
             return
@@ -125,8 +120,3 @@ class DynamicRankCallback(TrainerCallback):
         # the Trainer appended a copy of `logs` to the history before calling the callbacks
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(summary)
-
-
-def _checkpoint_dir(args, state) -> Path:
-    # the folder `Trainer._save_checkpoint` writes at this step (and `resume_from_checkpoint` usually names)
-    return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"

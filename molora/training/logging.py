@@ -23,6 +23,8 @@ count, the means times ``tokens`` are the masses), which keeps the callback on m
 from __future__ import annotations
 
 import json
+import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..runtime import summarize_row
+from .callbacks import resume_folders
 
 STATS_FILE = "routing_stats.json"
 HISTORY_FILE = "routing_stats_history.jsonl"
@@ -106,17 +109,38 @@ class RoutingStatsCallback(TrainerCallback):
         # the history file's lines up to this step belong to the run (a resumed one); later ones and those of an
         # earlier run in the same folder are dropped at the first write
         self._history_kept_step: int | None = None
+        self._resume_dir: Path | None = None
 
-    def resume_from(self, checkpoint: str | Path) -> None:
-        """Continue the run-level statistics of a checkpoint (its ``routing_stats.json``) when training resumes."""
-        path = Path(checkpoint) / STATS_FILE
-        if path.is_file():
-            self._totals = {name: stats_to_raw(s) for name, s in json.loads(path.read_text()).items()}
+    def resume_from(self, checkpoint: str | os.PathLike) -> None:
+        """Continue the run-level statistics of this checkpoint folder (its ``routing_stats.json``) when training
+        resumes (``molora sft`` calls it). Without it the callback looks in ``args.resume_from_checkpoint`` (when a
+        path) and in ``<output_dir>/checkpoint-<step>``, the folder a ``Trainer`` writes at the resumed step."""
+        self._resume_dir = Path(checkpoint)
+
+    def _resume_totals(self, args, state, model) -> None:
+        folders = resume_folders(self._resume_dir, args, state)
+        for folder in folders:
+            path = folder / STATS_FILE
+            if path.is_file():
+                self._totals = {name: stats_to_raw(s) for name, s in json.loads(path.read_text()).items()}
+                return
+        if _tracks_routing_stats(model):
+            warnings.warn(
+                f"Resuming training at step {state.global_step} without the routing statistics of the steps before "
+                f"it: no {STATS_FILE} in {[str(f) for f in folders]}, so {STATS_FILE} will describe the resumed "
+                "steps only. RoutingStatsCallback writes that file into each checkpoint; point it at the folder you "
+                "resume from with `callback.resume_from(folder)` (or keep the run's `output_dir`).",
+                stacklevel=2,
+            )
 
     # -- collection -------------------------------------------------------------------------------------------------
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._history_kept_step = state.global_step  # 0, or the checkpoint's step when resuming
+        # the run-level totals: those of the checkpoint the Trainer resumes from, or none for a new run
+        self._totals = {}
+        if state.global_step > 0:
+            self._resume_totals(args, state, model)
         if model is not None and hasattr(model, "reset_routing_stats"):
             model.reset_routing_stats()  # drop statistics of evaluations run before training
         self._mark(model)
@@ -229,6 +253,13 @@ class RoutingStatsCallback(TrainerCallback):
             _truncate_history(out / HISTORY_FILE, self._history_kept_step)
             if (out / HISTORY_FILE).is_file() and not (out / HISTORY_FILE).read_text():
                 (out / HISTORY_FILE).unlink()
+
+
+def _tracks_routing_stats(model) -> bool:
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict):
+        return model is not None and hasattr(model, "routing_stats")
+    return any(getattr(config, "track_routing_stats", False) for config in configs.values())
 
 
 def install_routing_stats_callback(trainer, callback: RoutingStatsCallback | None = None) -> RoutingStatsCallback:
