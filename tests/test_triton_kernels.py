@@ -138,3 +138,42 @@ def test_token_major_routings_take_the_atomic_free_expand(device, monkeypatch):
         torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
         for grad, ref in zip(grads, ref_grads):
             torch.testing.assert_close(grad, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_float64_never_takes_the_triton_kernels(monkeypatch):
+    """The kernels compute in fp32: ``expert_delta(kernel="triton")`` on float64 tensors returned a float64 result
+    about 1e-6 off (the torch paths: 1e-15), and ``auto`` picked Triton on CUDA for large sparse banks. Now a direct
+    call says so, ``auto`` keeps float64 on the torch paths, and an adapter saved with ``kernel="triton"`` computes a
+    float64 bank on ``auto`` (warning once), exactly as the dense path does."""
+    from conftest import make_llama
+    from peft import get_peft_model
+
+    import molora.adapters.layer as layer_module
+    from molora import MoLoraConfig
+    from molora.kernels import choose_kernel
+
+    x, A, B, logits = make_inputs(6, 4, 3, torch.float64, torch.float64, 0)
+    routing = Routing(
+        probs=torch.softmax(logits, -1).float(),
+        token_index=torch.arange(6),
+        expert_index=torch.tensor([0, 1, 2, 3, 0, 1]),
+        weight=torch.rand(6, dtype=torch.float64),
+    )
+    with pytest.raises(ValueError, match=r"'triton' computes in float32 at most.*float64.*'dense' or 'grouped'"):
+        expert_delta(x, A, B, routing, 1.0, kernel="triton")
+    # a sparse bank of 8192 rank columns: Triton on CUDA, unless float64
+    assert choose_kernel(512, 1024, 64, 128, "cuda", 2048, torch.float32) == "triton"
+    assert choose_kernel(512, 1024, 64, 128, "cuda", 2048, torch.float64) == "grouped"
+    assert choose_kernel(512, 1024, 64, 128, "cuda", 2048) == "triton"
+
+    monkeypatch.setattr(layer_module, "_TRITON_FALLBACK_WARNED", set())
+    config = MoLoraConfig(r=4, num_experts=4, top_k=2, init_lora_weights=False, kernel="triton")
+    model = get_peft_model(make_llama().double(), config)
+    assert model.base_model.model.model.layers[0].mlp.down_proj.molora_A["default"].weight.dtype == torch.float64
+    ids = torch.randint(3, 90, (2, 5), generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match="kernel='triton' has a torch.float64 bank.*kernel='auto'"):
+        got = model(input_ids=ids).logits
+    for module in model.modules():
+        if isinstance(getattr(module, "kernel", None), dict):
+            module.kernel["default"] = "dense"
+    torch.testing.assert_close(got, model(input_ids=ids).logits, rtol=1e-12, atol=1e-12)

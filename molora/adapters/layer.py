@@ -19,7 +19,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .._amp import autocast_dtype
-from ..kernels import choose_kernel, expert_delta, triton_available
+from ..kernels import TRITON_DTYPES, choose_kernel, expert_delta, triton_available
 from ..kernels.fused_dense import base_and_shrink, dense_topk_layer, gated_expand_, shrink_matmul
 from ..kernels.torch_ops import dense_masked_expand, flat_shrink_weight
 from ..routers.base import Router, Routing, build_router_params, get_router_class
@@ -394,13 +394,16 @@ class MoLoraLayer(BaseTunerLayer):
         return router.linear_scoring()
 
     def _kernel(self, adapter_name: str, device: torch.device) -> str:
-        """The adapter's ``kernel``, or ``"auto"`` where it is ``"triton"`` and Triton cannot run on ``device``: the
-        path is a speed choice saved with the adapter, and an adapter trained with Triton on a GPU must still run on
-        a CPU (every path computes the same delta). Warns once."""
+        """The adapter's ``kernel``, or ``"auto"`` where it is ``"triton"`` and Triton cannot run on ``device`` or
+        compute the bank's dtype (float64: its kernels compute in fp32): the path is a speed choice saved with the
+        adapter, and an adapter trained with Triton on a GPU must still run on a CPU (every path computes the same
+        delta). Warns once."""
         kernel = self.kernel[adapter_name]
-        if kernel == "triton" and not triton_available(device):
-            _warn_triton_fallback(device)
-            return "auto"
+        if kernel == "triton":
+            dtype = self.molora_A[adapter_name].weight.dtype
+            if not triton_available(device) or dtype not in TRITON_DTYPES:
+                _warn_triton_fallback(device, dtype)
+                return "auto"
         return kernel
 
     def _resolve_kernel(self, n_tokens: int, adapter_name: str, kernel: str, device: torch.device) -> str:
@@ -412,7 +415,7 @@ class MoLoraLayer(BaseTunerLayer):
         n_experts, d_in, rank = weight_A.shape
         assignments = round(n_tokens * self.molora_router[adapter_name].experts_per_token())
         width = (d_in + self.molora_B[adapter_name].weight.shape[-1]) // 2
-        return choose_kernel(n_tokens, assignments, n_experts, rank, device, width)
+        return choose_kernel(n_tokens, assignments, n_experts, rank, device, width, weight_A.dtype)
 
     def _dropout_active(self, adapter_name: str) -> bool:
         dropout = self.molora_dropout[adapter_name]
@@ -696,14 +699,21 @@ _graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
 _TRITON_FALLBACK_WARNED: set[str] = set()
 
 
-def _warn_triton_fallback(device: torch.device) -> None:
-    if device.type in _TRITON_FALLBACK_WARNED:
+def _warn_triton_fallback(device: torch.device, dtype: torch.dtype) -> None:
+    if dtype not in TRITON_DTYPES:
+        key, why = str(dtype), f"has a {dtype} bank, which Triton's kernels would compute in float32"
+    else:
+        key = device.type
+        why = (
+            f"runs on {device.type} tensors, where Triton cannot run (it needs the triton package and CUDA tensors, "
+            "or TRITON_INTERPRET=1)"
+        )
+    if key in _TRITON_FALLBACK_WARNED:
         return
-    _TRITON_FALLBACK_WARNED.add(device.type)
+    _TRITON_FALLBACK_WARNED.add(key)
     warnings.warn(
-        f"An adapter with kernel='triton' runs on {device.type} tensors, where Triton cannot run (it needs the triton "
-        "package and CUDA tensors, or TRITON_INTERPRET=1): using kernel='auto' instead (the same results; only speed "
-        "depends on the path).",
+        f"An adapter with kernel='triton' {why}: using kernel='auto' instead (the same results; only speed depends on "
+        "the path).",
         stacklevel=3,
     )
 

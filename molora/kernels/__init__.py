@@ -17,6 +17,8 @@ from ..routers.base import Routing
 from .torch_ops import dense_masked_delta, grouped_delta, naive_delta
 
 KERNEL_CHOICES = ("auto", "dense", "grouped", "naive", "triton")
+#: what the Triton kernels compute in (fp32 accumulation): a float64 bank would silently lose precision there
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def triton_available(device: torch.device | str | None = None) -> bool:
@@ -33,6 +35,12 @@ def _triton_delta(x, A, B, routing, scaling):
         raise RuntimeError(
             "kernel='triton' needs the `triton` package and CUDA tensors (or TRITON_INTERPRET=1 set before molora "
             f"first uses the kernel, for CPU tests); got tensors on {x.device}. Use kernel='auto' or 'dense'."
+        )
+    dtypes = {t.dtype for t in (x, A, B)}
+    if not dtypes <= set(TRITON_DTYPES):
+        raise ValueError(
+            "kernel='triton' computes in float32 at most (16-bit or float32 tensors); got "
+            f"{sorted(map(str, dtypes))}. Use kernel='dense' or 'grouped' (exact in float64), or 'auto'."
         )
     from .triton_ops import triton_delta
 
@@ -82,6 +90,7 @@ def choose_kernel(
     rank: int,
     device: torch.device | str | None = None,
     width: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> str:
     """The path ``kernel="auto"`` uses for these shapes on ``device`` (``None`` = CPU).
 
@@ -93,6 +102,8 @@ def choose_kernel(
         device: where the layer runs.
         width (int or None): the projection's width (mean of ``d_in`` and ``d_out``); on a CPU it weighs the grouped
             path's fixed cost per expert against the GEMMs. ``None`` assumes a wide projection.
+        dtype (torch.dtype or None): the experts' compute dtype; the Triton kernels are not chosen for a float64
+            one (they compute in fp32). ``None``: not known.
 
     While ``torch.compile`` traces, a CPU bank of up to 1024 rank columns takes the dense path (one graph).
     """
@@ -109,7 +120,7 @@ def choose_kernel(
     density = num_assignments / max(1, num_tokens * num_experts)
     if density >= _DENSE_MIN_DENSITY:
         return "dense"
-    if device_type == "cuda" and triton_available(device):
+    if device_type == "cuda" and triton_available(device) and (dtype is None or dtype in TRITON_DTYPES):
         return "triton"
     return "grouped"
 
@@ -120,7 +131,8 @@ def expert_delta(
     """Compute ``delta[T, d_out]`` of the expert bank ``A[E, d_in, r]``, ``B[E, r, d_out]`` for ``x[T, d_in]``."""
     if kernel == "auto":
         width = (x.shape[-1] + B.shape[-1]) // 2
-        kernel = choose_kernel(x.shape[0], routing.token_index.numel(), A.shape[0], A.shape[-1], x.device, width)
+        n_assignments = routing.token_index.numel()
+        kernel = choose_kernel(x.shape[0], n_assignments, A.shape[0], A.shape[-1], x.device, width, x.dtype)
     try:
         path = _PATHS[kernel]
     except KeyError:
@@ -130,6 +142,7 @@ def expert_delta(
 
 __all__ = [
     "KERNEL_CHOICES",
+    "TRITON_DTYPES",
     "choose_kernel",
     "triton_available",
     "dense_masked_delta",
