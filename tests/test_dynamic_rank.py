@@ -495,6 +495,18 @@ def test_growth_leaves_a_frozen_adapter_alone():
     for name, param in model.named_parameters():
         if name in b_banks:
             assert torch.equal(param, b_banks[name]), name
+    # the callback's `dr/*` logs describe the adapter being trained: they summed the frozen one's banks too (a
+    # preference trainer's reference copy: a budget that looked a quarter unspent when the trained one had spent it)
+    from transformers import TrainerControl, TrainerState
+
+    from molora.training import DynamicRankCallback
+
+    logs, state = {}, TrainerState(global_step=6)
+    DynamicRankCallback().on_log(None, state, TrainerControl(), logs=logs, model=model)
+    assert logs == dr.rank_summary(model, "a") and logs != dr.rank_summary(model)
+    assert logs["dr/budget"] == sum(
+        b.state.num_experts * b.state.params.target_rank for b in dr.dynamic_rank_banks(model, "a")
+    )
 
 
 def test_adapter_without_dynamic_rank_has_no_rank_state():

@@ -113,7 +113,7 @@ class DynamicRankCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if model is None or logs is None:
             return
-        summary = rank_summary(model)
+        summary = rank_summary(model, trained_only=True)  # not a frozen reference copy's ranks
         if not summary:
             return
         logs.update(summary)

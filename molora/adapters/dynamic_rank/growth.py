@@ -258,9 +258,16 @@ def format_rank_table(stats: dict[str, RankStats]) -> str:
     return "\n".join(lines)
 
 
-def rank_summary(model: nn.Module, adapter_name: str | None = None) -> dict[str, float]:
-    """Scalars for training logs: total, min, mean and max active rank, and the budget (``dr/...`` keys)."""
-    banks = dynamic_rank_banks(model, adapter_name)
+def rank_summary(model: nn.Module, adapter_name: str | None = None, *, trained_only: bool = False) -> dict[str, float]:
+    """Scalars for training logs: total, min, mean and max active rank, and the budget (``dr/...`` keys).
+
+    Over ``adapter_name``'s banks, or every adapter's; ``trained_only=True`` (what the Trainer callback logs) keeps
+    the adapters being trained (whose weights require gradients), as :func:`maybe_grow` grows them: a frozen copy
+    beside them (a preference trainer's reference adapter) would add a budget nobody spends."""
+    if trained_only:
+        banks = [bank for group in _trained_banks(model, adapter_name).values() for bank in group]
+    else:
+        banks = dynamic_rank_banks(model, adapter_name)
     if not banks:
         return {}
     ranks = torch.cat([b.state.ranks().cpu() for b in banks]).float()
