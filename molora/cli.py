@@ -132,8 +132,8 @@ def _inspect(args: argparse.Namespace) -> int:
         print("no routing_stats.json in this folder: no heat map (molora sft writes it during training)")
         return 0
     out = Path(args.output) if args.output else Path(args.adapter_dir) / HEATMAP_FILE
-    save_heatmap(info["stats"], out, title=base_model_name(info))
-    print(f"expert-load heat map written to {out}")
+    written = save_heatmap(info["stats"], out, title=base_model_name(info))
+    print(f"expert-load heat map written to {written}")
     return 0
 
 
@@ -227,7 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="adapter summary and per-layer expert-load heat map (PNG)")
     p.add_argument("adapter_dir", metavar="DIR")
-    p.add_argument("--output", "-o", help="PNG path (default: DIR/expert_load.png)")
+    p.add_argument(
+        "--output",
+        "-o",
+        help="image path (.png, .pdf, .svg, ...; .png is added to a name without a suffix) or an existing folder "
+        "(default: DIR/expert_load.png)",
+    )
     p.set_defaults(func=_inspect)
 
     p = sub.add_parser("push", help="upload an adapter with a generated model card to the Hugging Face Hub")

@@ -424,6 +424,23 @@ def test_generate_model_default_means_the_default_model(trained, monkeypatch):
     assert asked == [None]  # None: the default model (SmolLM2-135M-Instruct)
 
 
+def test_inspect_output_names_the_file_it_writes(trained, tmp_path, capsys):
+    """``--output heat`` printed "written to heat" while matplotlib wrote ``heat.png``; ``--output`` naming a folder
+    wrote ``<folder>.png`` beside it. A name without a suffix gets ``.png`` (and is reported so); a folder receives
+    ``expert_load.png``; another suffix picks the format."""
+    for given, written in (
+        (tmp_path / "heat", tmp_path / "heat.png"),
+        (tmp_path, tmp_path / "expert_load.png"),
+        (tmp_path / "heat.pdf", tmp_path / "heat.pdf"),
+    ):
+        assert main(["inspect", str(trained), "--output", str(given)]) == 0
+        assert f"expert-load heat map written to {written}\n" in capsys.readouterr().out
+        assert written.is_file() and written.stat().st_size > 1000
+    assert (tmp_path / "heat.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "heat.pdf").read_bytes()[:5] == b"%PDF-"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["expert_load.png", "heat.pdf", "heat.png"]
+
+
 def test_inspect_refuses_an_adapter_of_another_type(workdir, capsys):
     """A plain LoRA folder was described as a MoLoRA adapter ("None per projection, router None")."""
     from peft import LoraConfig, get_peft_model

@@ -47,8 +47,17 @@ def load_grid(stats: dict[str, Any]) -> tuple[list[str], list[str], list[list[li
 def save_heatmap(stats: dict[str, Any], path: str | Path, title: str | None = None) -> Path:
     """Draw one heat map per projection type (rows: layers, columns: experts, colour: share of assignments).
 
-    The colour scale is centred on ``1/E``, the load of a perfectly balanced router.
+    The colour scale is centred on ``1/E``, the load of a perfectly balanced router. ``path``: the image file (its
+    suffix names the format: ``.png``, ``.pdf``, ``.svg``, ...; without one, ``.png`` is added), or an existing
+    folder to write ``expert_load.png`` into. Returns the path written.
     """
+    from ..hub import HEATMAP_FILE
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / HEATMAP_FILE
+    elif not path.suffix:
+        path = path.with_name(path.name + ".png")  # what matplotlib would write: say so
     import matplotlib
 
     matplotlib.use("Agg")
@@ -88,7 +97,6 @@ def save_heatmap(stats: dict[str, Any], path: str | Path, title: str | None = No
         bar.set_label(f"share of assignments (balanced = {1 / n_experts:.3f})", fontsize=7)
         bar.ax.tick_params(labelsize=6)
     fig.suptitle(f"MoLoRA expert load{' - ' + title if title else ''}", fontsize=9)
-    path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
