@@ -323,3 +323,54 @@ def test_resumed_trainer_keeps_the_run_level_routing_statistics(tmp_path):
         tmp_path / "other2", resume=str(tmp_path / "moved"), resume_from=tmp_path / "elsewhere"
     )
     assert not warned and _flat(resumed) == pytest.approx(_flat(full))
+
+
+def test_dpo_routing_statistics_describe_the_trained_adapter(tmp_path):
+    """The reference forward of a preference trainer runs TRL's frozen ``ref`` copy of the adapter: the logged routing
+    metrics averaged its layers with the trained adapter's, and ``routing_stats.json`` held both (``molora inspect``
+    drew the copy as more panels). The callback now keeps the adapters being trained, under plain module names."""
+    from molora.training import RoutingStatsCallback, install_routing_stats_callback
+
+    model = get_peft_model(
+        make_llama(vocab_size=CHAR_VOCAB), MoLoraConfig(r=4, num_experts=4, top_k=2, task_type="CAUSAL_LM")
+    )
+    rows = [{"prompt": f"say {i}:", "chosen": f" yes {i}!", "rejected": f" no no {i}?"} for i in range(4)]
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path),
+        report_to="none",
+        max_steps=1,
+        per_device_train_batch_size=4,
+        learning_rate=0.0,
+        save_strategy="no",
+        use_cpu=True,
+        max_length=32,
+        logging_steps=1,
+    )
+    trainer = trl.DPOTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=make_char_tokenizer()
+    )
+    with torch.no_grad():  # a policy that moved away from its reference: sharper routers
+        for name, param in trainer.model.named_parameters():
+            if "molora_router.default." in name:
+                param.mul_(8.0)
+    seen = {}
+
+    class Peek(TrainerCallback):  # runs before the statistics callback folds (and resets) the model's statistics
+        def on_log(self, args, state, control, model=None, **kwargs):
+            seen.update(model.get_routing_stats())
+
+    install_routing_stats_callback(trainer, RoutingStatsCallback())
+    trainer.callback_handler.callbacks.insert(0, Peek())
+    trainer.train()
+    policy = {k.rpartition(":")[0]: v for k, v in seen.items() if k.endswith(":default")}
+    reference = [v for k, v in seen.items() if k.endswith(":ref")]
+    assert len(policy) == len(reference) == 14  # both adapters ran
+    written = json.loads((tmp_path / "routing_stats.json").read_text())
+    assert sorted(written) == sorted(policy)
+    for name, stats in policy.items():
+        assert written[name]["tokens"] == stats.tokens
+        assert written[name]["normalized_entropy"] == pytest.approx(stats.normalized_entropy)
+    logged = trainer.state.log_history[0]["molora/router_entropy"]
+    entropy = sum(s.normalized_entropy for s in policy.values()) / 14
+    assert logged == pytest.approx(entropy)
+    assert abs(entropy - sum(s.normalized_entropy for s in reference) / 14) > 0.05

@@ -173,7 +173,7 @@ class RoutingStatsCallback(TrainerCallback):
         checkpoint save)."""
         if model is None or not hasattr(model, "get_routing_stats"):
             return
-        for name, stats in model.get_routing_stats().items():
+        for name, stats in _trained_adapters_stats(model).items():
             raw = stats_to_raw(stats)
             self._held[name] = self._held[name] + raw if name in self._held else raw
         model.reset_routing_stats()
@@ -253,6 +253,27 @@ class RoutingStatsCallback(TrainerCallback):
             _truncate_history(out / HISTORY_FILE, self._history_kept_step)
             if (out / HISTORY_FILE).is_file() and not (out / HISTORY_FILE).read_text():
                 (out / HISTORY_FILE).unlink()
+
+
+def _trained_adapters_stats(model) -> dict[str, Any]:
+    """``model.get_routing_stats()`` of the adapters being trained (whose parameters require gradients): a frozen
+    adapter run beside them (the reference copy TRL's preference trainers add to a ``PeftModel``) is not the run's
+    routing. All adapters when none is trained, and the usual keys: module names while one adapter is trained."""
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict) or len(configs) < 2:
+        return model.get_routing_stats()
+    trained = set()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            parts = name.split(".")
+            # "...<molora_*>.<adapter>.<...>": the adapter's banks, routers, rank states
+            trained.update(b for a, b in zip(parts, parts[1:]) if a.startswith("molora_") and b in configs)
+    if len(trained) == 1:
+        return model.get_routing_stats(adapter_name=trained.pop())
+    stats = model.get_routing_stats()
+    if not trained:
+        return stats
+    return {key: value for key, value in stats.items() if key.rpartition(":")[2] in trained}
 
 
 def _tracks_routing_stats(model) -> bool:
