@@ -111,6 +111,9 @@ class RoutingContext:
     extra: dict[str, Any] = field(default_factory=dict)
     # (attention_mask, its flat bool view) for token_mask: one mask object shared by every layer of a forward
     _flat_mask: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+    # what sequence-level routers derive from the context once per forward (molora.routers.prompt.sequence_masks);
+    # not an __init__ field, so that a context made from this one by dataclasses.replace starts without it
+    _sequence_masks: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def cache(self) -> Any:

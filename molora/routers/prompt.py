@@ -55,7 +55,7 @@ from torch import nn
 
 from .._amp import without_autocast
 from . import balancing
-from .base import ROUTER_REGISTRY, Router, RouterParams, Routing, register_router
+from .base import ROUTER_REGISTRY, Router, RouterParams, Routing, register_router, repeated_arange
 from .topk import topk_routing
 
 if TYPE_CHECKING:
@@ -198,10 +198,8 @@ class PromptRouter(Router):
                     cached.one_token = broadcast_to_tokens(sequence, routed, 1)
                 return cached.one_token
         else:
-            valid_bs = valid.reshape(batch, seq) if valid is not None else None
-            prompt = prompt_positions(context, batch, seq, x.device, valid_bs)
+            prompt, routed = sequence_masks(context, batch, seq, x.device, valid)
             sequence = self.decide(x.reshape(batch, seq, -1), prompt)
-            routed = (valid_bs if valid_bs is not None else prompt).any(dim=1)
             length = None if context is None or context.past_length is None else context.past_length + seq
             self._cached = _CachedDecision(sequence=_detached(sequence), routed=routed, length=length)
             if not torch.compiler.is_compiling():
@@ -275,6 +273,29 @@ def is_prompt_router(name: str) -> bool:
     """Whether ``name`` is registered as the prompt router or a subclass of it (routes whole sequences)."""
     router_cls = ROUTER_REGISTRY.get(name)
     return isinstance(router_cls, type) and issubclass(router_cls, PromptRouter)
+
+
+def sequence_masks(
+    context: RoutingContext | None, batch: int, seq: int, device: torch.device, valid: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(prompt[B, S], routed[B])``: :func:`prompt_positions` and which sequences hold a real token, for a layer
+    input of ``B`` sequences of ``S`` tokens whose non-padding tokens are ``valid[B * S]`` (or None).
+
+    Computed once per forward and context (every adapted layer asks with the same mask object): the same tensors for
+    each layer spare a dozen small operators per layer, and the aux losses' valid-row index of ``routed`` (a read
+    back to the host on CUDA, :func:`molora.routers.balancing.valid_rows`) is then taken once per forward.
+    """
+    key = (batch, seq, torch.device(device))
+    if context is not None and not torch.compiler.is_compiling():
+        cached = context._sequence_masks
+        if cached is not None and cached[0] == key and cached[1] is valid:
+            return cached[2]
+    valid_bs = valid.reshape(batch, seq) if valid is not None else None
+    prompt = prompt_positions(context, batch, seq, device, valid_bs)
+    masks = prompt, (valid_bs if valid_bs is not None else prompt).any(dim=1)
+    if context is not None and not torch.compiler.is_compiling():
+        context._sequence_masks = (key, valid, masks)
+    return masks
 
 
 def prompt_positions(
@@ -354,7 +375,7 @@ def broadcast_to_tokens(sequence: Routing, routed: torch.Tensor, seq: int) -> Pr
     logits = sequence.logits.repeat_interleave(seq, dim=0) if sequence.logits is not None else None
     return PromptRouting(
         probs=sequence.probs.repeat_interleave(seq, dim=0),
-        token_index=torch.arange(n_tokens, device=sequence.probs.device).repeat_interleave(k),
+        token_index=repeated_arange(n_tokens, k, sequence.probs.device),
         expert_index=sequence.expert_index.reshape(batch, k).repeat_interleave(seq, dim=0).reshape(-1),
         weight=sequence.weight.reshape(batch, k).repeat_interleave(seq, dim=0).reshape(-1),
         logits=logits,
@@ -411,4 +432,5 @@ __all__ = [
     "is_prompt_router",
     "pool",
     "prompt_positions",
+    "sequence_masks",
 ]
