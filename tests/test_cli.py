@@ -424,6 +424,27 @@ def test_generate_model_default_means_the_default_model(trained, monkeypatch):
     assert asked == [None]  # None: the default model (SmolLM2-135M-Instruct)
 
 
+def test_a_run_without_a_training_step_leaves_the_folder_alone(trained, workdir, tmp_path):
+    """A run that trained no step (exit status 1) still saved a fresh adapter over the folder's trained one and
+    deleted its routing statistics. ``training.num_train_epochs=0`` now fails validation; a run that still ends
+    without a step (here the validated recipe edited afterwards) raises before saving anything."""
+    import shutil
+
+    from molora.training.recipe import RecipeError, load_recipe
+    from molora.training.sft import run_sft
+
+    folder = tmp_path / "out"
+    shutil.copytree(trained, folder, ignore=shutil.ignore_patterns("checkpoint-*", "runs"))
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    recipe = load_recipe(
+        str(workdir / "recipe.yaml"), [f"training.output_dir={folder}", "eval.before=false", "eval.after=false"]
+    )
+    recipe["training"].update(max_steps=-1, num_train_epochs=0)
+    with pytest.raises(RecipeError, match=f"No training step ran .*nothing was saved and {folder} is unchanged"):
+        run_sft(recipe)
+    assert before == {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
 def test_inspect_output_names_the_file_it_writes(trained, tmp_path, capsys):
     """``--output heat`` printed "written to heat" while matplotlib wrote ``heat.png``; ``--output`` naming a folder
     wrote ``<folder>.png`` beside it. A name without a suffix gets ``.png`` (and is reported so); a folder receives

@@ -478,10 +478,64 @@ def test_wrong_value_types_fail_at_validation_naming_the_field(override, message
         recipe.load_recipe(None, [override])
 
 
-def test_numbers_that_yaml_reads_as_strings_are_accepted_for_number_fields():
+def test_numbers_that_yaml_reads_as_strings_are_accepted_for_number_fields(tmp_path):
     # YAML 1.1 reads 1e-4 (no dot) as a string
     loaded = recipe.load_recipe(None, ["training.learning_rate=1e-4", "training.max_steps=3"])
     assert loaded["training"] == {"learning_rate": 1e-4, "max_steps": 3}
+    # the adapter section too, nested mappings included: it refused them ("`z_loss_coef`='1e-3' must be a finite
+    # number"), while the README suggests z_loss_coef 1e-3 and the training section took them
+    overrides = [
+        "adapter.z_loss_coef=1e-3",
+        "adapter.router_kwargs.jitter_noise=1E-2",
+        "adapter.dynamic_rank.beta_freq=9e-1",
+        "adapter.target_modules=[q_proj, 1e3]",  # (a list of names stays as written)
+    ]
+    loaded = recipe.load_recipe(None, overrides)
+    config = recipe.build_adapter_config(loaded["adapter"])
+    assert config.z_loss_coef == 1e-3 and config.router_kwargs == {"jitter_noise": 0.01}
+    assert config.dynamic_rank["beta_freq"] == 0.9 and sorted(config.target_modules) == ["1e3", "q_proj"]
+    path = tmp_path / "r.yaml"
+    path.write_text("adapter:\n  aux_loss_coef: 5e-3\n  lora_dropout: .5e-1\n")
+    config = recipe.build_adapter_config(recipe.load_recipe(str(path), [])["adapter"])
+    assert (config.aux_loss_coef, config.lora_dropout) == (5e-3, 0.05)
+    with pytest.raises(recipe.RecipeError, match="z_loss_coef"):
+        recipe.load_recipe(None, ["adapter.z_loss_coef=1e-3x"])
+
+
+def test_a_recipe_that_trains_no_step_fails_before_the_model_loads():
+    """``training.num_train_epochs=0`` (without max_steps) passed validation; the run trained nothing and saved a
+    fresh adapter over the folder's trained one."""
+    with pytest.raises(recipe.RecipeError, match=r"training.num_train_epochs=0 trains no step.*max_steps"):
+        recipe.load_recipe(None, ["training.num_train_epochs=0"])
+    with pytest.raises(recipe.RecipeError, match="trains no step"):
+        recipe.load_recipe(None, ["training.num_train_epochs=0", "training.max_steps=-1"])
+    assert recipe.load_recipe(None, ["training.num_train_epochs=0", "training.max_steps=2"])["training"]["max_steps"]
+
+
+def test_a_split_a_single_file_does_not_have_is_refused(tmp_path):
+    """``data.eval_split`` / ``train_split`` on a JSONL/CSV/parquet file or a saved ``Dataset`` returned every row
+    whatever the name: ``eval=train.jsonl, eval_split=test`` trained and evaluated "held-out" on the same rows. A
+    folder of split files and a saved ``DatasetDict`` select by name, as before."""
+    from datasets import Dataset, DatasetDict
+
+    rows = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(4)]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    DatasetDict({"train": Dataset.from_list(rows[:3]), "test": Dataset.from_list(rows[3:])}).save_to_disk(
+        str(tmp_path / "dict")
+    )
+    defaults = recipe.load_recipe(None, [])["data"]
+    for source in (tmp_path / "rows.jsonl", tmp_path / "saved"):
+        cfg = {**defaults, "train": str(source), "eval": str(source), "eval_split": "test"}
+        with pytest.raises(recipe.RecipeError, match=r"data.eval_split='test', but .* holds a single split"):
+            data.load_split(cfg, "eval")
+        assert len(data.load_split(cfg, "train")) == 4
+        with pytest.raises(recipe.RecipeError, match=r"data.train_split='validation'"):
+            data.load_split({**cfg, "train_split": "validation"}, "train")
+        # without eval_split the eval file is read whole (its only split), whatever train_split names
+        assert len(data.load_split({**cfg, "eval_split": None, "train_split": "validation"}, "eval")) == 4
+    cfg = {**defaults, "train": str(tmp_path / "dict"), "eval": str(tmp_path / "dict"), "eval_split": "test"}
+    assert (len(data.load_split(cfg, "train")), len(data.load_split(cfg, "eval"))) == (3, 1)
 
 
 def test_routing_stats_history_starts_over_in_a_used_folder_and_continues_a_resumed_run(tmp_path, batch):
@@ -497,7 +551,7 @@ def test_routing_stats_history_starts_over_in_a_used_folder_and_continues_a_resu
     args = SimpleNamespace(output_dir=str(tmp_path))
     history = tmp_path / HISTORY_FILE
 
-    def run(first_step: int, last_step: int) -> list[int]:
+    def run(first_step: int, last_step: int, fail_at: int | None = None) -> list[int]:
         callback, state = RoutingStatsCallback(), TrainerState()
         state.global_step = first_step
         callback.on_train_begin(args, state, TrainerControl(), model=model)
@@ -505,12 +559,24 @@ def test_routing_stats_history_starts_over_in_a_used_folder_and_continues_a_resu
             model(**batch)
             state.global_step = step
             callback.on_log(args, state, TrainerControl(), model=model, logs={"loss": 1.0})
+            if step == fail_at:
+                break  # the run dies: no on_train_end
+        else:
+            callback.on_train_end(args, state, TrainerControl(), model=model)
         return [json.loads(line)["step"] for line in history.read_text().splitlines()]
 
     assert run(0, 4) == [2, 4]
     assert run(0, 4) == [2, 4]  # a second run in the same folder
     assert run(0, 6) == [2, 4, 6]
     assert run(4, 8) == [2, 4, 6, 8]  # resumed from step 4: step 6 of the run that went on is dropped
+    # a new run that fails leaves the earlier run's history (it replaced it at its first log); a complete one
+    # replaces it at its end
+    assert run(0, 8, fail_at=4) == [2, 4, 6, 8] and (tmp_path / "routing_stats_history.jsonl.partial").is_file()
+    assert run(0, 2) == [2] and not (tmp_path / "routing_stats_history.jsonl.partial").exists()
+    # a run that trains no step leaves the files of the folder's adapter alone
+    before = {name: (tmp_path / name).read_bytes() for name in ("routing_stats.json", HISTORY_FILE)}
+    assert run(0, 0) == [2]
+    assert before == {name: (tmp_path / name).read_bytes() for name in before}
 
 
 def test_missing_default_model_says_how_to_install(monkeypatch):

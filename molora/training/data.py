@@ -29,12 +29,18 @@ def bundled_path(split: str) -> str:
     return str(path)
 
 
-def load_rows(spec: str, split: str = "train"):
+def load_rows(spec: str, split: str = "train", *, split_setting: str | None = None):
     """Load a ``datasets.Dataset`` from a local file, the bundled data (``"bundled"``) or a hub dataset id.
+
+    ``split`` names the split of a hub dataset, of a folder of split files or of a ``DatasetDict`` saved with
+    ``save_to_disk``; a single file or a saved ``Dataset`` holds one split, ``"train"``. ``split_setting``: the recipe
+    key that asked for ``split`` (the error names it); ``None`` when the split is only a default, which a
+    single-split source then ignores.
 
     Raises:
         FileNotFoundError: ``spec`` looks like a local file (it has a known extension or a path separator) but does
             not exist.
+        RecipeError: ``split_setting`` asks a single-split source for another split than ``"train"``.
     """
     import datasets
 
@@ -43,6 +49,14 @@ def load_rows(spec: str, split: str = "train"):
         split = "train"
     path = Path(spec).expanduser()
     suffix = path.suffix.lower()
+    single = path.is_file() or (path.is_dir() and (path / "dataset_info.json").exists())
+    if single and split_setting is not None and split != "train":
+        kind = "file" if path.is_file() else "saved Dataset (save_to_disk)"
+        raise RecipeError(
+            f"{split_setting}={split!r}, but {spec!r} is one {kind}: it holds a single split, 'train'. Give the "
+            "held-out rows their own file (data.eval), or select splits by name from a hub dataset, a folder of "
+            "split files or a DatasetDict saved with save_to_disk."
+        )
     if path.is_file():
         if suffix not in LOCAL_BUILDERS:
             raise RecipeError(f"Cannot read {spec!r}: supported files are {', '.join(sorted(LOCAL_BUILDERS))}.")
@@ -169,7 +183,7 @@ def load_split(data_cfg: dict[str, Any], which: str, keep_task: bool = False):
     """
     if which == "train":
         spec = data_cfg["train"] if data_cfg["train"] is not None else BUNDLED
-        split = data_cfg["train_split"]
+        split, setting = data_cfg["train_split"], "data.train_split"
         limit = data_cfg["max_examples"]
     else:
         spec = data_cfg["eval"]
@@ -177,9 +191,11 @@ def load_split(data_cfg: dict[str, Any], which: str, keep_task: bool = False):
             spec = BUNDLED
         if spec is None:
             return None
-        split = data_cfg["eval_split"] or ("eval" if spec == BUNDLED else data_cfg["train_split"])
+        split, setting = data_cfg["eval_split"], "data.eval_split"
+        if split is None:  # a default: the bundled data's eval split, else the training data's split name
+            split, setting = ("eval" if spec == BUNDLED else data_cfg["train_split"]), None
         limit = data_cfg["max_eval_examples"]
-    dataset = load_rows(str(spec), split)
+    dataset = load_rows(str(spec), split, split_setting=None if spec == BUNDLED else setting)
     if data_cfg.get("shuffle_seed") is not None and which == "train":
         dataset = dataset.shuffle(seed=data_cfg["shuffle_seed"])
     return prepare(dataset, data_cfg, limit, keep_task=keep_task)[0]

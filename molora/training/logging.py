@@ -109,6 +109,9 @@ class RoutingStatsCallback(TrainerCallback):
         # the history file's lines up to this step belong to the run (a resumed one); later ones and those of an
         # earlier run in the same folder are dropped at the first write
         self._history_kept_step: int | None = None
+        # where this run appends its windows (a new run in a folder holding an earlier run's history: beside it,
+        # until the run ends)
+        self._history_path: Path | None = None
         self._resume_dir: Path | None = None
 
     def resume_from(self, checkpoint: str | os.PathLike) -> None:
@@ -137,6 +140,7 @@ class RoutingStatsCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._history_kept_step = state.global_step  # 0, or the checkpoint's step when resuming
+        self._history_path = None
         # the run-level totals: those of the checkpoint the Trainer resumes from, or none for a new run
         self._totals = {}
         if state.global_step > 0:
@@ -214,11 +218,10 @@ class RoutingStatsCallback(TrainerCallback):
             state.log_history[-1].update(metrics)
         if window and self.per_layer_file and _is_main(state) and args.output_dir:
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-            path = Path(args.output_dir) / HISTORY_FILE
             if self._history_kept_step is not None:
-                _truncate_history(path, self._history_kept_step)
+                self._history_path = _start_history(Path(args.output_dir), self._history_kept_step)
                 self._history_kept_step = None
-            with open(path, "a") as f:
+            with open(self._history_path, "a") as f:
                 f.write(json.dumps({"step": state.global_step, "layers": window}) + "\n")
 
     # -- files ------------------------------------------------------------------------------------------------------
@@ -240,9 +243,12 @@ class RoutingStatsCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         stats = self.run_stats(model)
-        if not (_is_main(state) and args.output_dir):
-            return
+        if not (_is_main(state) and args.output_dir) or state.global_step == 0:
+            return  # (no step trained: the folder's files still describe its earlier adapter)
         out = Path(args.output_dir)
+        if self._history_path is not None and self._history_path.name != HISTORY_FILE:
+            self._history_path.replace(out / HISTORY_FILE)  # the run is complete: its history replaces the earlier
+            self._history_path = None
         if stats:
             out.mkdir(parents=True, exist_ok=True)
             Path(out, STATS_FILE).write_text(json.dumps(stats, indent=1))
@@ -288,6 +294,26 @@ def install_routing_stats_callback(trainer, callback: RoutingStatsCallback | Non
     callback = callback or RoutingStatsCallback()
     trainer.callback_handler.callbacks.insert(0, callback)
     return callback
+
+
+#: a new run's history while an earlier run's stays in place (renamed over it when the run ends)
+PENDING_HISTORY_FILE = HISTORY_FILE + ".partial"
+
+
+def _start_history(folder: Path, kept_step: int) -> Path:
+    """The file a run that began at ``kept_step`` appends its windows to, prepared for the first one.
+
+    A resumed run (``kept_step > 0``) continues its checkpoint's lines in ``routing_stats_history.jsonl``; a new run
+    into a folder that holds an earlier run's history writes beside it (:data:`PENDING_HISTORY_FILE`), so that a run
+    that fails leaves the earlier adapter's statistics whole, and :meth:`RoutingStatsCallback.on_train_end` renames
+    it over the earlier history."""
+    path = folder / HISTORY_FILE
+    if kept_step == 0 and path.is_file():
+        pending = folder / PENDING_HISTORY_FILE
+        pending.write_text("")  # (a failed run's leftover)
+        return pending
+    _truncate_history(path, kept_step)
+    return path
 
 
 def _truncate_history(path: Path, last_step: int) -> None:

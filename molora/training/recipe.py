@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -282,6 +283,13 @@ def check_training_values(training: dict[str, Any]) -> dict[str, Any]:
             raise RecipeError(f"training.{key}={value!r} must be {words} (the type of trl.SFTConfig.{key}).")
         if key in _POSITIVE_TRAINING_KEYS and isinstance(value, int) and value < 1:
             raise RecipeError(f"training.{key}={value!r} must be a positive integer.")
+    # max_steps <= 0 leaves the length to num_train_epochs (transformers' rule): 0 epochs would train no step
+    max_steps, epochs = out.get("max_steps", -1), out.get("num_train_epochs", 1.0)
+    if isinstance(max_steps, int) and max_steps <= 0 and isinstance(epochs, (int, float)) and epochs <= 0:
+        raise RecipeError(
+            f"training.num_train_epochs={epochs!r} trains no step: set it > 0, or training.max_steps to a positive "
+            "number of optimizer steps."
+        )
     return out
 
 
@@ -294,11 +302,26 @@ _POSITIVE_TRAINING_KEYS = (
 )
 
 
+#: a float in exponent notation that YAML 1.1 (PyYAML) reads as a string: ``1e-3``, ``5E4`` (``1.0e-3`` is a float)
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _yaml12_numbers(value: Any) -> Any:
+    """``value`` with every string that YAML 1.2 reads as a float in exponent notation (``1e-3``) made that float,
+    in nested mappings too (``router_kwargs``, ``dynamic_rank``): the recipe format documents such numbers, and
+    PyYAML's YAML 1.1 reads them as strings, which the adapter's number fields refuse."""
+    if isinstance(value, dict):
+        return {key: _yaml12_numbers(item) for key, item in value.items()}
+    if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+        return float(value)
+    return value
+
+
 def build_adapter_config(adapter: dict[str, Any]):
     """The :class:`molora.MoLoraConfig` of an ``adapter`` section (``task_type`` defaults to ``CAUSAL_LM``)."""
     from ..config import MoLoraConfig
 
-    kwargs = {"task_type": "CAUSAL_LM", **adapter}
+    kwargs = {"task_type": "CAUSAL_LM", **_yaml12_numbers(adapter)}
     try:
         return MoLoraConfig(**kwargs)
     except (TypeError, ValueError) as err:

@@ -264,6 +264,13 @@ def run_sft(recipe: dict[str, Any], default_output_dir: str = "runs/molora-sft",
     train_start = time.time()
     output = trainer.train(resume_from_checkpoint=resume)
     results["train_seconds"] = time.time() - train_start
+    if trainer.state.global_step == 0:
+        # nothing trained: saving would put a fresh adapter over the folder's earlier one
+        raise RecipeError(
+            f"No training step ran ({len(trainer.train_dataset)} training rows, training.max_steps="
+            f"{trainer.args.max_steps}, training.num_train_epochs={trainer.args.num_train_epochs}); nothing was saved "
+            f"and {out_dir} is unchanged."
+        )
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     results["losses"] = losses
     results["train_loss"] = output.training_loss
