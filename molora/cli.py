@@ -90,7 +90,9 @@ def _eval(args: argparse.Namespace) -> int:
     _check_output_parent(args.json, "--json")
     data_cfg = {**DATA_KEYS, "format": args.format}
     hint = "molora eval reads the columns messages (chat), prompt + completion, or text: rename the file's columns"
-    dataset, _ = prepare(load_rows(args.data, "eval"), data_cfg, args.max_examples, keep_task=True, field_hint=hint)
+    # the bundled data's held-out split, or the named one; a single file (or saved Dataset) is read whole
+    rows = load_rows(args.data, args.split or "eval", split_setting="--split", strict=args.split is not None)
+    dataset, _ = prepare(rows, data_cfg, args.max_examples, keep_task=True, field_hint=hint)
     if args.adapter:
         model, tokenizer, _ = load_adapter_model(args.adapter, model=args.model)
         title = f"{args.adapter} on {args.data}"
@@ -216,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="adapter folder; without it the base model (--model) is evaluated")
     p.add_argument("--model", help="base model folder or hub id ('default' = SmolLM2-135M-Instruct)")
     p.add_argument("--data", required=True, help="JSONL/JSON/CSV/parquet file, hub dataset id, or 'bundled'")
+    p.add_argument(
+        "--split",
+        help="split of a hub dataset, a folder of split files or a saved DatasetDict (default: eval; a single file "
+        "is read whole)",
+    )
     p.add_argument("--format", default="auto", choices=["auto", "chat", "prompt_completion", "text"])
     p.add_argument("--max-examples", type=_positive_int, help="evaluate at most this many rows")
     p.add_argument("--max-per-task", type=_positive_int, help="evaluate at most this many rows per task")

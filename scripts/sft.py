@@ -52,10 +52,15 @@ def main() -> None:
     stem = Path(args.config).stem if args.config else "molora-sft"
     training_args = sft_config(recipe["training"], default_output_dir=f"runs/{stem}")
     set_seed(training_args.seed)  # TRL creates the adapter before Trainer seeds: fix the expert/router init
+    # evaluation during training (training.eval_strategy) on the held-out rows, without the task column
+    eval_dataset = None
+    if training_args.eval_strategy != "no" and eval_rows is not None:
+        eval_dataset = eval_rows.remove_columns([c for c in ("task",) if c in eval_rows.column_names])
     trainer = SFTTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=[MoLoraCallback()],  # per-step router state: loss-free balancing biases, ReMoE's L1 coefficient

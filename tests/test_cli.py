@@ -217,6 +217,13 @@ def test_push_dry_run_and_card(trained, capsys):
             "'fresh' holds no checkpoint-* folder",  # before the model loads (it would fail to: no default model)
         ),
         (["inspect", "corrupt"], "routing_stats.json' is not valid JSON"),
+        # values that failed with a traceback after the model had loaded
+        (["sft", "--set", "model.bnb_4bit_compute_dtype=fp32", "--print-recipe"], "bnb_4bit_compute_dtype='fp32'"),
+        (["sft", "--set", "model.bnb_4bit_quant_type=nf8", "--print-recipe"], "allowed values: ['nf4', 'fp4']"),
+        (["sft", "--set", "data.shuffle_seed=abc", "--print-recipe"], "data.shuffle_seed='abc' must be an integer"),
+        (["sft", "--set", "data.shuffle_seed=-1", "--print-recipe"], "data.shuffle_seed=-1 must be an integer"),
+        (["eval", "--data", "dict", "--no-exact-match"], "(choose the split with --split)"),
+        (["eval", "--data", "bad_split.jsonl", "--split", "test"], "--split='test', but 'bad_split.jsonl' is one"),
     ],
 )
 def test_clear_errors(argv, message, capsys, tmp_path, monkeypatch):
@@ -226,6 +233,12 @@ def test_clear_errors(argv, message, capsys, tmp_path, monkeypatch):
     (tmp_path / "corrupt").mkdir()
     (tmp_path / "corrupt" / "adapter_config.json").write_text("{}")
     (tmp_path / "corrupt" / "routing_stats.json").write_text("{bad")
+    (tmp_path / "bad_split.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    if "dict" in argv:
+        from datasets import Dataset, DatasetDict
+
+        rows = Dataset.from_list([{"prompt": "a", "completion": "b"}])
+        DatasetDict({"train": rows, "test": rows}).save_to_disk(str(tmp_path / "dict"))
     if argv[:2] == ["sft", "--set"] and "data.train" in argv[2]:
         # validation passes; the dataset path fails when loaded, before any model is loaded
         from molora.training.data import load_split
@@ -364,13 +377,16 @@ def test_example_script_drives_stateful_routers(workdir, tmp_path):
         [sys.executable, str(ROOT / "scripts" / "sft.py"), "--config", str(workdir / "recipe.yaml")]
         + ["--set", f"training.output_dir={out}", "--set", "training.max_steps=3", "--set", "eval.after=false"]
         + ["--set", "training.save_strategy=no", "--set", "adapter.router=topk_bias"]
-        + ["--set", "adapter.aux_loss_coef=0"],
+        + ["--set", "adapter.aux_loss_coef=0"]
+        # evaluation during training, as `molora sft` runs it (the script gave the trainer no eval dataset)
+        + ["--set", "training.eval_strategy=steps", "--set", "training.eval_steps=3"],
         capture_output=True,
         text=True,
         timeout=240,
         env=ENV,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "'eval_loss'" in proc.stdout
     biases = {k: v for k, v in load_file(out / "adapter_model.safetensors").items() if "selection_bias" in k}
     assert len(biases) == 14
     # 3 steps of +-u (u = 1e-3) per expert: every bias moved, none beyond 3u
@@ -540,3 +556,30 @@ def test_sft_push_to_hub_uploads_the_finished_folder(workdir, tmp_path, monkeypa
         files
     )
     assert "A **MoLoRA**" in card and "hf_secret" not in (tmp_path / "out" / "molora_recipe.yaml").read_text()
+
+
+def test_a_logger_that_is_not_installed_fails_before_the_model_loads(capsys):
+    """``training.report_to`` naming an integration whose package is missing passed ``--print-recipe`` and failed
+    with a traceback once the model and data had loaded (the trainer builds its callbacks last)."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    missing = [n for n in ("wandb", "mlflow", "comet_ml") if n not in get_available_reporting_integrations()]
+    if not missing:
+        pytest.skip("every candidate logger is installed here")
+    assert main(["sft", "--set", f"training.report_to={missing[0]}", "--print-recipe"]) == 2
+    err = capsys.readouterr().err
+    assert f"training.report_to: ['{missing[0]}'] is not installed (pip install {missing[0]})" in err
+
+
+def test_eval_reads_a_named_split(trained, tmp_path, capsys):
+    """``molora eval --data`` asked every source for a split named "eval": a saved DatasetDict or a hub dataset
+    with train/test splits could not be evaluated. ``--split`` names one."""
+    from datasets import Dataset, DatasetDict
+
+    rows = [json.loads(line) for line in (trained.parent / "eval.jsonl").read_text().splitlines()]
+    DatasetDict({"train": Dataset.from_list(rows[:2]), "test": Dataset.from_list(rows[2:])}).save_to_disk(
+        str(tmp_path / "dict")
+    )
+    args = ["eval", "--adapter", str(trained), "--data", str(tmp_path / "dict"), "--no-exact-match"]
+    assert main([*args, "--split", "test", "--json", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["tasks"]["all"]["n"] == len(rows) - 2

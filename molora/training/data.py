@@ -29,18 +29,18 @@ def bundled_path(split: str) -> str:
     return str(path)
 
 
-def load_rows(spec: str, split: str = "train", *, split_setting: str | None = None):
+def load_rows(spec: str, split: str = "train", *, split_setting: str | None = None, strict: bool | None = None):
     """Load a ``datasets.Dataset`` from a local file, the bundled data (``"bundled"``) or a hub dataset id.
 
     ``split`` names the split of a hub dataset, of a folder of split files or of a ``DatasetDict`` saved with
-    ``save_to_disk``; a single file or a saved ``Dataset`` holds one split, ``"train"``. ``split_setting``: the recipe
-    key that asked for ``split`` (the error names it); ``None`` when the split is only a default, which a
-    single-split source then ignores.
+    ``save_to_disk``; a single file or a saved ``Dataset`` holds one split, ``"train"``. ``split_setting``: the
+    option that chooses ``split`` (errors name it). ``strict``: the split was asked for, not a default, so a
+    single-split source refuses another name (default: whether ``split_setting`` is given).
 
     Raises:
         FileNotFoundError: ``spec`` looks like a local file (it has a known extension or a path separator) but does
             not exist.
-        RecipeError: ``split_setting`` asks a single-split source for another split than ``"train"``.
+        RecipeError: a strict ``split`` a single-split source does not have, or a split the source lacks.
     """
     import datasets
 
@@ -50,7 +50,9 @@ def load_rows(spec: str, split: str = "train", *, split_setting: str | None = No
     path = Path(spec).expanduser()
     suffix = path.suffix.lower()
     single = path.is_file() or (path.is_dir() and (path / "dataset_info.json").exists())
-    if single and split_setting is not None and split != "train":
+    if strict is None:
+        strict = split_setting is not None
+    if single and strict and split != "train":
         kind = "file" if path.is_file() else "saved Dataset (save_to_disk)"
         raise RecipeError(
             f"{split_setting}={split!r}, but {spec!r} is one {kind}: it holds a single split, 'train'. Give the "
@@ -71,7 +73,12 @@ def load_rows(spec: str, split: str = "train", *, split_setting: str | None = No
             raise RecipeError(f"{spec!r} holds no rows.")
         return rows
     if path.is_dir():
-        return datasets.load_from_disk(str(path)) if (path / "dataset_info.json").exists() else _load_dir(path, split)
+        if single:
+            return datasets.load_from_disk(str(path))
+        try:
+            return _load_dir(path, split)
+        except ValueError as err:  # an unknown split: datasets lists the folder's own
+            raise RecipeError(f"Cannot read split {split!r} of {spec!r}: {err}{_split_hint(split_setting)}") from err
     if suffix in LOCAL_BUILDERS or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise FileNotFoundError(f"Dataset file not found: {spec!r}.")
     try:
@@ -79,8 +86,12 @@ def load_rows(spec: str, split: str = "train", *, split_setting: str | None = No
     except Exception as err:  # noqa: BLE001 - datasets raises many types; say what was tried
         raise RecipeError(
             f"Could not load dataset {spec!r} (not a local file, so it was tried as a hub dataset id, split "
-            f"{split!r}): {type(err).__name__}: {err}"
+            f"{split!r}): {type(err).__name__}: {err}{_split_hint(split_setting)}"
         ) from err
+
+
+def _split_hint(split_setting: str | None) -> str:
+    return f" (choose the split with {split_setting})" if split_setting else ""
 
 
 def _load_dir(path: Path, split: str):
@@ -192,10 +203,13 @@ def load_split(data_cfg: dict[str, Any], which: str, keep_task: bool = False):
         if spec is None:
             return None
         split, setting = data_cfg["eval_split"], "data.eval_split"
-        if split is None:  # a default: the bundled data's eval split, else the training data's split name
-            split, setting = ("eval" if spec == BUNDLED else data_cfg["train_split"]), None
         limit = data_cfg["max_eval_examples"]
-    dataset = load_rows(str(spec), split, split_setting=None if spec == BUNDLED else setting)
+    # unset, the eval split is a default (the bundled data's eval split, else the training data's split name), which
+    # a single file does not have to hold
+    strict = split is not None
+    if split is None:
+        split = "eval" if spec == BUNDLED else data_cfg["train_split"]
+    dataset = load_rows(str(spec), split, split_setting=setting, strict=strict)
     if data_cfg.get("shuffle_seed") is not None and which == "train":
         dataset = dataset.shuffle(seed=data_cfg["shuffle_seed"])
     return prepare(dataset, data_cfg, limit, keep_task=keep_task)[0]

@@ -69,6 +69,9 @@ SECTIONS = ("model", "data", "adapter", "training", "eval")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = (None, "4bit", "8bit")
 FORMATS = ("auto", "chat", "prompt_completion", "text")
+BNB_QUANT_TYPES = ("nf4", "fp4")
+#: ``None``: the model's dtype
+BNB_COMPUTE_DTYPES = (None, "float32", "bfloat16", "float16")
 
 #: The bundled dataset (``data.train: null``) and the default model (``model.name_or_path: null``).
 BUNDLED = "bundled"
@@ -207,6 +210,15 @@ def validate(recipe: dict) -> dict[str, dict[str, Any]]:
         )
     if data["format"] not in FORMATS:
         raise RecipeError(f"data.format={data['format']!r} is not supported; allowed values: {list(FORMATS)}.")
+    for key, allowed in (("bnb_4bit_quant_type", BNB_QUANT_TYPES), ("bnb_4bit_compute_dtype", BNB_COMPUTE_DTYPES)):
+        if model[key] not in allowed:
+            raise RecipeError(f"model.{key}={model[key]!r} is not supported; allowed values: {list(allowed)}.")
+    for key in ("bnb_4bit_use_double_quant", "trust_remote_code"):
+        if not isinstance(model[key], bool):
+            raise RecipeError(f"model.{key}={model[key]!r} must be true or false.")
+    seed = data["shuffle_seed"]
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32):
+        raise RecipeError(f"data.shuffle_seed={seed!r} must be an integer in [0, 2**32) or null (no shuffling).")
     for section_name, key, optional in (
         ("data", "max_examples", True),
         ("data", "max_eval_examples", True),

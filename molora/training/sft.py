@@ -44,12 +44,19 @@ def sft_config(training: dict[str, Any], default_output_dir: str = "runs/molora-
         config = SFTConfig(**kwargs)
     except (TypeError, ValueError) as err:
         raise RecipeError(f"training: {err}") from None
-    from transformers.integrations import get_reporting_integration_callbacks
+    from transformers.integrations import get_available_reporting_integrations, get_reporting_integration_callbacks
 
     try:  # the trainer checks it only once the model and data have loaded
         get_reporting_integration_callbacks(config.report_to)
     except ValueError as err:
         raise RecipeError(f"training.report_to: {err}") from None
+    available = get_available_reporting_integrations()
+    missing = [name for name in config.report_to if name not in available]
+    if missing:  # the trainer's callback would fail at its construction, after the model has loaded
+        raise RecipeError(
+            f"training.report_to: {missing} is not installed (pip install {' '.join(missing)}); the loggers installed "
+            f"here: {available or 'none'}."
+        )
     return config
 
 
