@@ -197,6 +197,25 @@ def test_routing_totals_are_float64():
     assert all(s.tokens == 16 and s.experts_per_token == 1.0 for s in stats.values())
 
 
+def _dpo_trainer(model, output_dir):
+    """One DPO step at learning rate 0 (the policy stays the reference) on four preference rows."""
+    rows = [{"prompt": f"say {i}:", "chosen": f" yes {i}!", "rejected": f" no no {i}?"} for i in range(4)]
+    args = trl.DPOConfig(
+        output_dir=str(output_dir),
+        report_to="none",
+        max_steps=1,
+        per_device_train_batch_size=4,
+        learning_rate=0.0,
+        save_strategy="no",
+        use_cpu=True,
+        max_length=32,
+        logging_steps=1,
+    )
+    return trl.DPOTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=make_char_tokenizer()
+    )
+
+
 @pytest.mark.parametrize("state", [None, "topk_bias", "dynamic_rank"])
 def test_dpo_reference_adapter_is_a_copy_of_the_trained_one(tmp_path, state):
     """TRL's preference trainers (DPO, KTO, GRPO, RLOO) given a model with a trained adapter and no ``ref_model`` add
@@ -228,21 +247,7 @@ def test_dpo_reference_adapter_is_a_copy_of_the_trained_one(tmp_path, state):
                 buffer[:2, 2:5] = 3
     sft.save_pretrained(tmp_path / "sft")
     model = PeftModel.from_pretrained(make_llama(vocab_size=CHAR_VOCAB), tmp_path / "sft", is_trainable=True)
-    rows = [{"prompt": f"say {i}:", "chosen": f" yes {i}!", "rejected": f" no no {i}?"} for i in range(4)]
-    args = trl.DPOConfig(
-        output_dir=str(tmp_path / "dpo"),
-        report_to="none",
-        max_steps=1,
-        per_device_train_batch_size=4,
-        learning_rate=0.0,
-        save_strategy="no",
-        use_cpu=True,
-        max_length=32,
-        logging_steps=1,
-    )
-    trainer = trl.DPOTrainer(
-        model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=make_char_tokenizer()
-    )
+    trainer = _dpo_trainer(model, tmp_path / "dpo")
     named = dict(trainer.model.named_parameters())
     banks = [n for n in named if ".molora_A.default." in n or ".molora_B.default." in n]
     assert len(banks) == 28  # 7 projections x 2 layers x (A, B)
@@ -334,21 +339,7 @@ def test_dpo_routing_statistics_describe_the_trained_adapter(tmp_path):
     model = get_peft_model(
         make_llama(vocab_size=CHAR_VOCAB), MoLoraConfig(r=4, num_experts=4, top_k=2, task_type="CAUSAL_LM")
     )
-    rows = [{"prompt": f"say {i}:", "chosen": f" yes {i}!", "rejected": f" no no {i}?"} for i in range(4)]
-    args = trl.DPOConfig(
-        output_dir=str(tmp_path),
-        report_to="none",
-        max_steps=1,
-        per_device_train_batch_size=4,
-        learning_rate=0.0,
-        save_strategy="no",
-        use_cpu=True,
-        max_length=32,
-        logging_steps=1,
-    )
-    trainer = trl.DPOTrainer(
-        model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=make_char_tokenizer()
-    )
+    trainer = _dpo_trainer(model, tmp_path)
     with torch.no_grad():  # a policy that moved away from its reference: sharper routers
         for name, param in trainer.model.named_parameters():
             if "molora_router.default." in name:
