@@ -536,6 +536,15 @@ def test_a_split_a_single_file_does_not_have_is_refused(tmp_path):
         assert len(data.load_split({**cfg, "eval_split": None, "train_split": "validation"}, "eval")) == 4
     cfg = {**defaults, "train": str(tmp_path / "dict"), "eval": str(tmp_path / "dict"), "eval_split": "test"}
     assert (len(data.load_split(cfg, "train")), len(data.load_split(cfg, "eval"))) == (3, 1)
+    # the training data as eval data without a held-out split name: the eval split defaulted to the training split,
+    # and "held-out" results were measured on the training rows
+    for extra, said in (([], "defaults to data.train_split"), (["data.eval_split=train"], "names it")):
+        same = [f"data.train={tmp_path / 'dict'}", f"data.eval={tmp_path / 'dict'}", *extra]
+        with pytest.raises(
+            recipe.RecipeError, match=f"is the training data, read with the training split 'train' .*{said}"
+        ):
+            recipe.load_recipe(None, same)
+    assert recipe.load_recipe(None, [*same[:2], "data.eval_split=test"])["data"]["eval_split"] == "test"
 
 
 def test_routing_stats_history_starts_over_in_a_used_folder_and_continues_a_resumed_run(tmp_path, batch):

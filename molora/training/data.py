@@ -56,8 +56,8 @@ def load_rows(spec: str, split: str = "train", *, split_setting: str | None = No
         kind = "file" if path.is_file() else "saved Dataset (save_to_disk)"
         raise RecipeError(
             f"{split_setting}={split!r}, but {spec!r} is one {kind}: it holds a single split, 'train'. Give the "
-            "held-out rows their own file (data.eval), or select splits by name from a hub dataset, a folder of "
-            "split files or a DatasetDict saved with save_to_disk."
+            "held-out rows their own file, or select splits by name from a hub dataset, a folder of split files or "
+            "a DatasetDict saved with save_to_disk."
         )
     if path.is_file():
         if suffix not in LOCAL_BUILDERS:

@@ -237,6 +237,14 @@ def validate(recipe: dict) -> dict[str, dict[str, Any]]:
         raise RecipeError(
             "eval.before/eval.after need held-out data: set data.eval (the bundled dataset has its own eval split)."
         )
+    eval_split = data["eval_split"] if data["eval_split"] is not None else data["train_split"]
+    if data["eval"] is not None and data["eval"] == data["train"] and eval_split == data["train_split"]:
+        raise RecipeError(
+            f"data.eval={data['eval']!r} is the training data, read with the training split {eval_split!r} "
+            f"(data.eval_split {'defaults to data.train_split' if data['eval_split'] is None else 'names it'}): the "
+            "held-out rows would be the training rows. Set data.eval_split to the held-out split (test, validation, "
+            "...), or data.eval to other data."
+        )
     if data["format"] == "text" and (ev["before"] or ev["after"]):
         raise RecipeError("eval.before/eval.after measure exact match of answers, which plain-text data lacks.")
     resume = training.get("resume_from_checkpoint")
