@@ -512,7 +512,7 @@ def test_a_recipe_that_trains_no_step_fails_before_the_model_loads():
     assert recipe.load_recipe(None, ["training.num_train_epochs=0", "training.max_steps=2"])["training"]["max_steps"]
 
 
-def test_a_split_a_single_file_does_not_have_is_refused(tmp_path):
+def test_a_split_a_single_file_does_not_have_is_refused(tmp_path, monkeypatch):
     """``data.eval_split`` / ``train_split`` on a JSONL/CSV/parquet file or a saved ``Dataset`` returned every row
     whatever the name: ``eval=train.jsonl, eval_split=test`` trained and evaluated "held-out" on the same rows. A
     folder of split files and a saved ``DatasetDict`` select by name, as before."""
@@ -545,6 +545,10 @@ def test_a_split_a_single_file_does_not_have_is_refused(tmp_path):
         ):
             recipe.load_recipe(None, same)
     assert recipe.load_recipe(None, [*same[:2], "data.eval_split=test"])["data"]["eval_split"] == "test"
+    # the same folder spelt another way
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(recipe.RecipeError, match="is the training data"):
+        recipe.load_recipe(None, [f"data.train={tmp_path / 'dict'}", "data.eval=./dict/"])
 
 
 def test_routing_stats_history_starts_over_in_a_used_folder_and_continues_a_resumed_run(tmp_path, batch):

@@ -238,7 +238,7 @@ def validate(recipe: dict) -> dict[str, dict[str, Any]]:
             "eval.before/eval.after need held-out data: set data.eval (the bundled dataset has its own eval split)."
         )
     eval_split = data["eval_split"] if data["eval_split"] is not None else data["train_split"]
-    if data["eval"] is not None and data["eval"] == data["train"] and eval_split == data["train_split"]:
+    if data["eval"] is not None and _same_source(data["eval"], data["train"]) and eval_split == data["train_split"]:
         raise RecipeError(
             f"data.eval={data['eval']!r} is the training data, read with the training split {eval_split!r} "
             f"(data.eval_split {'defaults to data.train_split' if data['eval_split'] is None else 'names it'}): the "
@@ -262,6 +262,17 @@ def validate(recipe: dict) -> dict[str, dict[str, Any]]:
             "token-level router."
         )
     return out
+
+
+def _same_source(a: Any, b: Any) -> bool:
+    """Whether two ``data`` sources name the same data: the same local file or folder however spelt (``./x/``, an
+    absolute path), or the same hub id."""
+    if a is None or b is None:
+        return a is b
+    if a == b:
+        return True
+    pa, pb = Path(str(a)).expanduser(), Path(str(b)).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
 _TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
