@@ -54,8 +54,8 @@ def sft_config(training: dict[str, Any], default_output_dir: str = "runs/molora-
     missing = [name for name in config.report_to if name not in available]
     if missing:  # the trainer's callback would fail at its construction, after the model has loaded
         raise RecipeError(
-            f"training.report_to: {missing} is not installed (pip install {' '.join(missing)}); the loggers installed "
-            f"here: {available or 'none'}."
+            f"training.report_to: {missing} needs its package, which is not installed (e.g. pip install "
+            f"{' '.join(missing)}); the loggers installed here: {available or 'none'}."
         )
     return config
 
