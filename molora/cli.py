@@ -120,8 +120,10 @@ def _inspect(args: argparse.Namespace) -> int:
     from .hub import HEATMAP_FILE, base_model_name, config_summary, read_adapter_folder
     from .training.report import save_heatmap
 
-    info = read_adapter_folder(args.adapter_dir)
     _check_output_parent(args.output, "--output")
+    if args.output and args.output.endswith(("/", os.sep)) and not Path(args.output).is_dir():
+        raise FileNotFoundError(f"--output {args.output!r}: the folder does not exist.")
+    info = read_adapter_folder(args.adapter_dir)
     width = max(len(k) for k, _ in config_summary(info))
     for key, value in config_summary(info):
         print(f"{key:<{width}}  {value}")

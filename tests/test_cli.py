@@ -223,6 +223,8 @@ def test_push_dry_run_and_card(trained, capsys):
         (["sft", "--set", "data.shuffle_seed=abc", "--print-recipe"], "data.shuffle_seed='abc' must be an integer"),
         (["sft", "--set", "data.shuffle_seed=-1", "--print-recipe"], "data.shuffle_seed=-1 must be an integer"),
         (["eval", "--data", "dict", "--no-exact-match"], "(choose the split with --split)"),
+        (["eval", "--data", "bundled", "--split", "valid"], "--split='valid': the bundled dataset has the splits"),
+        (["inspect", "corrupt", "--output", "new/"], "--output 'new/': the folder does not exist"),
         (["eval", "--data", "bad_split.jsonl", "--split", "test"], "--split='test', but 'bad_split.jsonl' is one"),
     ],
 )

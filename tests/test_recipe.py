@@ -549,6 +549,18 @@ def test_a_split_a_single_file_does_not_have_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(recipe.RecipeError, match="is the training data"):
         recipe.load_recipe(None, [f"data.train={tmp_path / 'dict'}", "data.eval=./dict/"])
+    # the bundled dataset: its eval split by default (not an overlap), its training rows when asked for them
+    assert recipe.load_recipe(None, ["data.train=bundled", "data.eval=bundled"])["data"]["eval"] == "bundled"
+    # (train_split=test trains on the bundled held-out rows, which are then the eval rows too)
+    for overrides in (
+        ["data.eval=bundled", "data.eval_split=train"],
+        ["data.eval_split=train"],
+        ["data.train_split=test"],
+    ):
+        with pytest.raises(recipe.RecipeError, match="'bundled' is the training data"):
+            recipe.load_recipe(None, overrides)
+    with pytest.raises(recipe.RecipeError, match=r"data.eval_split='evl': the bundled dataset has the splits"):
+        data.load_split({**defaults, "eval_split": "evl"}, "eval")
 
 
 def test_routing_stats_history_starts_over_in_a_used_folder_and_continues_a_resumed_run(tmp_path, batch):
@@ -590,6 +602,46 @@ def test_routing_stats_history_starts_over_in_a_used_folder_and_continues_a_resu
     before = {name: (tmp_path / name).read_bytes() for name in ("routing_stats.json", HISTORY_FILE)}
     assert run(0, 0) == [2]
     assert before == {name: (tmp_path / name).read_bytes() for name in before}
+    # a new run that stopped (its history still pending) and is resumed continues its own history, not the earlier
+    # run's: [2, 4, 6] of the resumed run, not [2] of the earlier one followed by its 6
+    assert run(0, 6, fail_at=4) == [2]
+    assert run(4, 6) == [2, 4, 6] and not (tmp_path / "routing_stats_history.jsonl.partial").exists()
+
+
+def test_a_reused_callback_and_two_trainable_adapters_log_the_run_routing(tmp_path, batch):
+    """One ``RoutingStatsCallback`` object for two runs counted the first run's unlogged last forwards (folded at its
+    end) in the second run's first window. And with two trainable adapters of which one ran, the filter to the
+    trained adapters kept keys ``<module>:<adapter>`` that a single recording adapter's statistics do not have: no
+    routing metrics, no ``routing_stats.json``."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    from molora.training.logging import STATS_FILE, RoutingStatsCallback
+
+    model = get_peft_model(make_llama(), MoLoraConfig(num_experts=4, top_k=2))
+    args = SimpleNamespace(output_dir=str(tmp_path))
+    tokens = int(batch["attention_mask"].sum())
+    callback = RoutingStatsCallback()
+
+    def run(tail: int) -> tuple[dict, dict]:
+        state, logs = TrainerState(), {"loss": 1.0}
+        callback.on_train_begin(args, state, TrainerControl(), model=model)
+        model(**batch)
+        state.global_step = 1
+        callback.on_log(args, state, TrainerControl(), model=model, logs=logs)
+        for _ in range(tail):  # forwards after the last log: the run's statistics fold them at its end
+            model(**batch)
+        callback.on_train_end(args, state, TrainerControl(), model=model)
+        return logs, json.loads((tmp_path / STATS_FILE).read_text())
+
+    assert {layer["tokens"] for layer in run(tail=1)[1].values()} == {2 * tokens}
+    assert {layer["tokens"] for layer in run(tail=0)[1].values()} == {tokens}
+    model.add_adapter("b", MoLoraConfig(num_experts=4, top_k=2))
+    model.set_requires_grad(["default", "b"], True)  # both trainable, "default" active
+    logs, stats = run(tail=0)
+    assert "molora/router_entropy" in logs and len(stats) == 14 and ":" not in next(iter(stats))
+    assert {layer["tokens"] for layer in stats.values()} == {tokens}
 
 
 def test_missing_default_model_says_how_to_install(monkeypatch):

@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .recipe import BUNDLED, RecipeError
+from .recipe import BUNDLED, BUNDLED_EVAL_SPLITS, RecipeError
 
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 
@@ -45,7 +45,12 @@ def load_rows(spec: str, split: str = "train", *, split_setting: str | None = No
     import datasets
 
     if spec == BUNDLED:
-        spec = bundled_path("eval" if split in ("eval", "test", "validation") else "train")
+        if split not in ("train", *BUNDLED_EVAL_SPLITS):
+            raise RecipeError(
+                f"{split_setting or 'split'}={split!r}: the bundled dataset has the splits 'train' and 'eval' (also "
+                f"read as {list(BUNDLED_EVAL_SPLITS[1:])})."
+            )
+        spec = bundled_path("eval" if split in BUNDLED_EVAL_SPLITS else "train")
         split = "train"
     path = Path(spec).expanduser()
     suffix = path.suffix.lower()

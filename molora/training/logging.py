@@ -141,8 +141,9 @@ class RoutingStatsCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._history_kept_step = state.global_step  # 0, or the checkpoint's step when resuming
         self._history_path = None
-        # the run-level totals: those of the checkpoint the Trainer resumes from, or none for a new run
-        self._totals = {}
+        # the run-level totals: those of the checkpoint the Trainer resumes from, or none for a new run; nothing of
+        # an earlier run of this callback object (its unlogged tail, its aux-loss sums) carries over
+        self._totals, self._held, self._aux_sums, self._aux_steps = {}, {}, {}, 0
         if state.global_step > 0:
             self._resume_totals(args, state, model)
         if model is not None and hasattr(model, "reset_routing_stats"):
@@ -274,12 +275,13 @@ def _trained_adapters_stats(model) -> dict[str, Any]:
             parts = name.split(".")
             # "...<molora_*>.<adapter>.<...>": the adapter's banks, routers, rank states
             trained.update(b for a, b in zip(parts, parts[1:]) if a.startswith("molora_") and b in configs)
-    if len(trained) == 1:
-        return model.get_routing_stats(adapter_name=trained.pop())
-    stats = model.get_routing_stats()
     if not trained:
-        return stats
-    return {key: value for key, value in stats.items() if key.rpartition(":")[2] in trained}
+        return model.get_routing_stats()
+    recorded = {name: model.get_routing_stats(adapter_name=name) for name in sorted(trained)}
+    recorded = {name: stats for name, stats in recorded.items() if stats}
+    if len(recorded) <= 1:  # (one trained adapter ran: module names, as with one adapter)
+        return next(iter(recorded.values()), {})
+    return {f"{key}:{name}": value for name, stats in recorded.items() for key, value in stats.items()}
 
 
 def _tracks_routing_stats(model) -> bool:
@@ -307,11 +309,13 @@ def _start_history(folder: Path, kept_step: int) -> Path:
     into a folder that holds an earlier run's history writes beside it (:data:`PENDING_HISTORY_FILE`), so that a run
     that fails leaves the earlier adapter's statistics whole, and :meth:`RoutingStatsCallback.on_train_end` renames
     it over the earlier history."""
-    path = folder / HISTORY_FILE
+    path, pending = folder / HISTORY_FILE, folder / PENDING_HISTORY_FILE
     if kept_step == 0 and path.is_file():
-        pending = folder / PENDING_HISTORY_FILE
         pending.write_text("")  # (a failed run's leftover)
         return pending
+    # resumed: the history of the run being resumed, which is still pending if it was a new run into a used folder
+    # that stopped before its end
+    path = pending if kept_step > 0 and pending.is_file() else path
     _truncate_history(path, kept_step)
     return path
 

@@ -237,10 +237,12 @@ def validate(recipe: dict) -> dict[str, dict[str, Any]]:
         raise RecipeError(
             "eval.before/eval.after need held-out data: set data.eval (the bundled dataset has its own eval split)."
         )
-    eval_split = data["eval_split"] if data["eval_split"] is not None else data["train_split"]
-    if data["eval"] is not None and _same_source(data["eval"], data["train"]) and eval_split == data["train_split"]:
+    eval_source = data["eval"] if data["eval"] is not None or data["train"] is not None else BUNDLED
+    if eval_source is not None and _rows_of(eval_source, _eval_split(data)) == _rows_of(
+        data["train"] if data["train"] is not None else BUNDLED, data["train_split"]
+    ):
         raise RecipeError(
-            f"data.eval={data['eval']!r} is the training data, read with the training split {eval_split!r} "
+            f"data.eval={eval_source!r} is the training data, read with the training split {_eval_split(data)!r} "
             f"(data.eval_split {'defaults to data.train_split' if data['eval_split'] is None else 'names it'}): the "
             "held-out rows would be the training rows. Set data.eval_split to the held-out split (test, validation, "
             "...), or data.eval to other data."
@@ -264,15 +266,25 @@ def validate(recipe: dict) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _same_source(a: Any, b: Any) -> bool:
-    """Whether two ``data`` sources name the same data: the same local file or folder however spelt (``./x/``, an
-    absolute path), or the same hub id."""
-    if a is None or b is None:
-        return a is b
-    if a == b:
-        return True
-    pa, pb = Path(str(a)).expanduser(), Path(str(b)).expanduser()
-    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+#: the split names that read the bundled dataset's held-out rows (any other name reads its training rows)
+BUNDLED_EVAL_SPLITS = ("eval", "test", "validation")
+
+
+def _eval_split(data: dict[str, Any]) -> str:
+    """The split the eval data is read with (``molora.training.data.load_split``'s default when unset)."""
+    if data["eval_split"] is not None:
+        return data["eval_split"]
+    return "eval" if data["eval"] in (None, BUNDLED) else data["train_split"]
+
+
+def _rows_of(source: Any, split: str) -> tuple[str, str]:
+    """Which rows a ``data`` source read with ``split`` gives, comparable across spellings: a local file or folder
+    by its resolved path (``./x/`` and an absolute path are one), the bundled dataset by the file the split picks, a
+    hub id as written."""
+    if source == BUNDLED:
+        return BUNDLED, "eval" if split in BUNDLED_EVAL_SPLITS else "train"
+    path = Path(str(source)).expanduser()
+    return (str(path.resolve()) if path.exists() else str(source)), split
 
 
 _TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
