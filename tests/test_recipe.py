@@ -538,10 +538,10 @@ def test_a_split_a_single_file_does_not_have_is_refused(tmp_path, monkeypatch):
     assert (len(data.load_split(cfg, "train")), len(data.load_split(cfg, "eval"))) == (3, 1)
     # the training data as eval data without a held-out split name: the eval split defaulted to the training split,
     # and "held-out" results were measured on the training rows
-    for extra, said in (([], "defaults to data.train_split"), (["data.eval_split=train"], "names it")):
+    for extra, said in (([], "'train' \\(data.eval_split unset\\) it"), (["data.eval_split=train"], "'train' it")):
         same = [f"data.train={tmp_path / 'dict'}", f"data.eval={tmp_path / 'dict'}", *extra]
         with pytest.raises(
-            recipe.RecipeError, match=f"is the training data, read with the training split 'train' .*{said}"
+            recipe.RecipeError, match=f"is the training data: read with the split {said} gives the rows training reads"
         ):
             recipe.load_recipe(None, same)
     assert recipe.load_recipe(None, [*same[:2], "data.eval_split=test"])["data"]["eval_split"] == "test"

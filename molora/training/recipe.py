@@ -241,11 +241,12 @@ def validate(recipe: dict) -> dict[str, dict[str, Any]]:
     if eval_source is not None and _rows_of(eval_source, _eval_split(data)) == _rows_of(
         data["train"] if data["train"] is not None else BUNDLED, data["train_split"]
     ):
+        unset = " (data.eval_split unset)" if data["eval_split"] is None else ""
         raise RecipeError(
-            f"data.eval={eval_source!r} is the training data, read with the training split {_eval_split(data)!r} "
-            f"(data.eval_split {'defaults to data.train_split' if data['eval_split'] is None else 'names it'}): the "
-            "held-out rows would be the training rows. Set data.eval_split to the held-out split (test, validation, "
-            "...), or data.eval to other data."
+            f"data.eval={eval_source!r} is the training data: read with the split {_eval_split(data)!r}{unset} it "
+            f"gives the rows training reads with data.train_split={data['train_split']!r}, so the held-out rows would "
+            "be the training rows. Set data.eval_split to the held-out split (test, validation, ...), or data.eval "
+            "to other data."
         )
     if data["format"] == "text" and (ev["before"] or ev["after"]):
         raise RecipeError("eval.before/eval.after measure exact match of answers, which plain-text data lacks.")
