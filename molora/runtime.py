@@ -441,15 +441,15 @@ class _MissingAuxGrads:
         self.adapter_name = adapter_name
         self.router_weight = router_weight
 
-    def __call__(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def __call__(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor | None, ...]:
+        """``(d_balance, d_z, d_entropy)`` (the entropy loss of the top-p routers' selection rules)."""
         state = self.forward_aux
         if state.delivered:
-            return None, None
+            return None, None, None
         scalar = (torch.Size(), dtype, device)
         accumulated = self.router_weight.grad is not None
-        specs = [("balance", scalar), ("z", scalar)]
-        grad_balance, grad_z = state.fallback_grads(self.adapter_name, specs, accumulated)
-        return grad_balance, grad_z
+        specs = [("balance", scalar), ("z", scalar), ("entropy", scalar)]
+        return tuple(state.fallback_grads(self.adapter_name, specs, accumulated))
 
 
 class _SelfDelivered(dict):

@@ -141,7 +141,7 @@ def test_dense_topk_layer_matches_the_three_functions(options, padded, source, t
     for fused in (True, False):
         t = {name: v.clone().requires_grad_(name not in frozen) for name, v in leaves.items()}
         if fused:
-            out, gates, balance, z_loss, probs, index, top = dense_topk_layer(
+            out, gates, balance, z_loss, probs, index, top, entropy, active = dense_topk_layer(
                 t["x"],
                 weight,
                 bias,
@@ -157,6 +157,7 @@ def test_dense_topk_layer_matches_the_three_functions(options, padded, source, t
             )
             assert not any(v.requires_grad for v in (gates, probs, top)) and index.dtype == torch.long
             assert torch.equal(gates.gather(-1, index), top)
+            assert entropy is None and active is None  # no selection rule
         else:
             out, balance, z_loss = _topk_layer_pieces(t, weight, bias, conv1d, scaling, k, valid, missing, options)
         assert (balance is None) == (options.get("balance_type") is None)
@@ -278,7 +279,9 @@ def _count_calls(monkeypatch, names=FUSED_ENTRIES):
         (make_llama, ["q_proj", "v_proj", "down_proj"], "topk", {}),
         (make_llama, ["q_proj", "o_proj"], "adamoe", {}),  # null experts: more router columns than experts
         (make_llama, ["up_proj"], "topk", {"dynamic_rank": {"init_rank": 2}}),  # DR-LoRA masks
-        (make_gpt2, ["c_attn", "c_fc"], "topp", {}),  # transformers' Conv1D
+        (make_gpt2, ["c_attn", "c_fc"], "topp", {}),  # transformers' Conv1D, a top-p rule in the top-k node
+        (make_gpt2, ["c_attn", "c_fc"], "relu", {}),  # Conv1D, separate functions
+        (make_llama, ["q_proj", "down_proj"], "dynmole", {"balance_loss_type": "soft"}),
         (make_gpt2, ["c_attn", "c_fc"], "soft", {}),  # all experts: a top-k node of k = E
         # routers with per-step state observe their routing in observe_routing: their scoring shares the GEMM too
         (make_llama, ["q_proj", "up_proj"], "relu", {}),
@@ -291,9 +294,10 @@ def test_fused_model_matches_naive(make, targets, router, extra, monkeypatch):
     calls = _count_calls(monkeypatch)
     loss_f, logits_f, grads_f = model_grads(make, "dense", targets, router, **extra)
     assert calls, "the fused path was not taken"
-    # a training forward of the plain top-k and soft routers runs as one node per layer; the others as separate
+    # a training forward of the top-k, soft and top-p routers runs as one node per layer; the others as separate
     # functions
-    assert set(calls) == {"dense_topk_layer" if router in ("topk", "soft", "topk_bias") else "base_and_shrink"}
+    one_node = ("topk", "soft", "topk_bias", "topp", "dynmole")
+    assert set(calls) == {"dense_topk_layer" if router in one_node else "base_and_shrink"}
     n_calls = len(calls)
     loss_n, logits_n, grads_n = model_grads(make, "naive", targets, router, **extra)
     assert len(calls) == n_calls

@@ -10,6 +10,8 @@ settings the function does not cover keep the general route.
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from conftest import VOCAB, make_llama
@@ -20,9 +22,17 @@ from molora.kernels.fused_dense import dense_topk_layer
 from molora.kernels.fused_router import topk_gates_and_losses
 from molora.routers import balancing
 from molora.routers.base import Router, register_router
+from molora.routers.dynmole import (
+    DynMoLERouter,
+    renyi_entropy,
+    renyi_entropy_grad,
+    tsallis_entropy,
+    tsallis_entropy_grad,
+)
 from molora.routers.loss_free import TopKBiasRouter
 from molora.routers.soft import SoftRouter
 from molora.routers.topk import TopKRouter, topk_routing
+from molora.routers.topp import TopPRouter, TopPRule, shannon_entropy, shannon_entropy_grad
 
 N_TOKENS, N_EXPERTS = 9, 5
 
@@ -97,7 +107,9 @@ def test_matches_plain_ops(balance_type, z_loss, renormalize, valid_kind, k, cho
             )
         else:
             out = _reference(logits, k, renormalize, valid, balance_type, z_loss, bias, sigmoid)
-        gates, balance, z, probs, expert_index, weight = out
+        gates, balance, z, probs, expert_index, weight = out[:6]
+        if fused:  # no entropy loss, no selection rule
+            assert out[6:] == (None, None)
         total = (gates * upstream["gates"]).sum() + (weight * upstream["weight"]).sum()
         for value, name in ((balance, "balance"), (z, "z")):
             if value is not None:
@@ -126,7 +138,7 @@ def test_gradcheck(balance_type, choice):
     options = dict(sigmoid_scores=choice.startswith("sigmoid"), renormalize=choice != "sigmoid unnormalised")
 
     def fn(z):
-        gates, balance, z_loss, _, _, weight = topk_gates_and_losses(
+        gates, balance, z_loss, _, _, weight, *_ = topk_gates_and_losses(
             z, 2, valid=valid, balance_type=balance_type, z_loss=True, selection_bias=bias, **options
         )
         return gates, balance, z_loss, weight
@@ -139,7 +151,7 @@ def test_biased_choice_of_underflowed_experts_keeps_finite_gates_and_gradients()
     # kept logits (p_S / sum p_S would be 0 / 0, and its gradient 1 / 0)
     logits = torch.tensor([[0.0, -150.0, -160.0, -170.0], [5.0, 0.0, -1.0, -2.0]], requires_grad=True)
     bias = torch.tensor([-10.0, 2.0, 2.0, 0.0])
-    gates, balance, _, probs, index, weight = topk_gates_and_losses(
+    gates, balance, _, probs, index, weight, *_ = topk_gates_and_losses(
         logits, 2, balance_type="megatron", selection_bias=bias
     )
     assert index[0].tolist() == [1, 2] and probs[0, 1] == 0.0
@@ -200,6 +212,141 @@ def test_bad_arguments_name_the_field():
         topk_gates_and_losses(logits, 2, balance_type="sofft")
     with pytest.raises(ValueError, match="`k`=5"):
         topk_gates_and_losses(logits, 5)
+
+
+# -- selection rules (the top-p routers) ------------------------------------------------------------------------------
+
+#: (router class, its params): every option of the two rules that changes the selection, the gates or the entropy
+RULE_ROUTERS = {
+    "topp": (TopPRouter, {}),
+    "topp renormalised, capped": (TopPRouter, {"top_p": 0.6, "renormalize": True, "max_experts": 2}),
+    "topp floor of 2": (TopPRouter, {"top_p": 0.2, "min_experts": 2}),
+    "topp p=1": (TopPRouter, {"top_p": 1.0}),
+    "dynmole": (DynMoLERouter, {"entropy_threshold": 0.8}),
+    "dynmole renyi": (DynMoLERouter, {"entropy_type": "renyi", "q": 0.5, "entropy_threshold": 0.85}),
+    "dynmole shannon, renormalised": (DynMoLERouter, {"q": 1.0, "renormalize": True, "entropy_threshold": 0.9}),
+    "dynmole no broadcast": (DynMoLERouter, {"entropy_threshold": 1.0, "keep_top_k": 1, "top_p": 0.5}),
+}
+
+
+def _rule_router(name):
+    cls, params = RULE_ROUTERS[name]
+    return cls(N_EXPERTS, N_EXPERTS, 2, params=cls.Params(**params))
+
+
+def _rule_plain(router, logits, valid, balance_type, z_loss, entropy_loss):
+    """The router's own route: ``select``, ``aux_inputs``, ``aux_losses``."""
+    routing = router.select(logits, valid)
+    need = frozenset(name for name, on in (("balance", balance_type), ("z", z_loss), ("entropy", entropy_loss)) if on)
+    losses = type(router).aux_losses(router.aux_inputs(routing, valid), balance_type or "megatron", need)
+    return routing.dense_gates(), losses.get("balance"), losses.get("z"), losses.get("entropy"), routing.selected()
+
+
+@pytest.mark.parametrize("balance_type", ["megatron", "mixtral", "switch", "soft", None])
+@pytest.mark.parametrize("valid_kind", ["none", "padded", "empty"])
+@pytest.mark.parametrize("losses", ["z and entropy", "neither"])
+@pytest.mark.parametrize("name", sorted(RULE_ROUTERS))
+def test_selection_rule_matches_the_routers_plain_ops(name, losses, valid_kind, balance_type):
+    """The top-p and DynMoLE routers' rules in the top-k function: the same gates, kept experts, balance, z and
+    entropy losses, and gradients, as their ``select`` and ``aux_inputs``/``aux_losses`` (fp64)."""
+    router = _rule_router(name)
+    torch.manual_seed(len(name))
+    # some tokens confident, some flat (DynMoLE broadcasts those), one with an underflowed probability
+    base = torch.randn(N_TOKENS, N_EXPERTS, dtype=torch.float64) * torch.linspace(0.2, 3.0, N_TOKENS).unsqueeze(1)
+    base[2, 0] = -800.0
+    valid = _valid(valid_kind)
+    z_loss = entropy_loss = losses == "z and entropy"
+    upstream = torch.randn(N_TOKENS, N_EXPERTS, dtype=torch.float64)
+    results = []
+    for fused in (True, False):
+        logits = base.clone().requires_grad_(True)
+        if fused:
+            options = router._fused_topk_options()
+            out = topk_gates_and_losses(
+                logits, valid=valid, balance_type=balance_type, z_loss=z_loss, entropy_loss=entropy_loss, **options
+            )
+            gates, balance, z, entropy, active = out[0], out[1], out[2], out[6], out[7]
+            assert torch.equal(gates.gather(-1, out[4]), out[5])  # the per-assignment gates, sorted
+        else:
+            gates, balance, z, entropy, active = _rule_plain(router, logits, valid, balance_type, z_loss, entropy_loss)
+        total = (gates * upstream).sum()
+        for value, coef in ((balance, 0.7), (z, -1.3), (entropy, 2.1)):
+            if value is not None:
+                total = total + coef * value
+        (grad,) = torch.autograd.grad(total, logits)
+        results.append((gates, balance, z, entropy, active, grad))
+    for got, want in zip(*results):
+        if want is None:
+            assert got is None
+        else:
+            # the plain z-loss computes in fp32 whatever the input (the fused one keeps fp64 here, fp32 in models)
+            torch.testing.assert_close(got.detach(), want.detach().to(got.dtype), rtol=1e-5, atol=1e-7)
+    assert results[0][4].dtype == torch.bool
+    assert torch.isfinite(results[0][5]).all()
+
+
+@pytest.mark.parametrize("name", ["topp", "dynmole", "dynmole renyi", "dynmole shannon, renormalised"])
+@pytest.mark.parametrize("balance_type", ["megatron", "soft"])
+def test_selection_rule_gradcheck(name, balance_type):
+    router = _rule_router(name)
+    torch.manual_seed(3)
+    logits = (torch.randn(6, N_EXPERTS, dtype=torch.float64) * 2).requires_grad_(True)
+    valid = torch.tensor([True, False, True, True, True, False])
+
+    def fn(z):
+        out = topk_gates_and_losses(
+            z, valid=valid, balance_type=balance_type, z_loss=True, entropy_loss=True, **router._fused_topk_options()
+        )
+        return out[0], out[1], out[2], out[5], out[6]
+
+    assert torch.autograd.gradcheck(fn, (logits,))
+
+
+def test_entropy_gradients_match_autograd():
+    """The written-out entropy derivatives against autograd of the routers' entropies, a zero probability included
+    (the clamp to the smallest normal float, which autograd differentiates as a step)."""
+    probs = torch.softmax(torch.randn(5, 6, dtype=torch.float64) * 3, dim=-1)
+    probs[0, 1] = 0.0
+    cases = [
+        (shannon_entropy, shannon_entropy_grad),
+        *(
+            (partial(fn, q=q, eps=eps, normalize=norm), partial(grad, q=q, eps=eps, normalize=norm))
+            for fn, grad in ((tsallis_entropy, tsallis_entropy_grad),)
+            for q in (0.5, 1.0, 1.1, 2.0)
+            for eps in (0.0, 1e-5)
+            for norm in (True, False)
+        ),
+        *(
+            (
+                partial(renyi_entropy, a=a, eps=eps, normalize=norm),
+                partial(renyi_entropy_grad, a=a, eps=eps, normalize=norm),
+            )
+            for a in (0.5, 1.0, 2.0)
+            for eps in (0.0, 1e-5)
+            for norm in (True, False)
+        ),
+    ]
+    for value_fn, grad_fn in cases:
+        p = probs.clone().requires_grad_(True)
+        upstream = torch.arange(1.0, 6.0, dtype=torch.float64)
+        (want,) = torch.autograd.grad((value_fn(p) * upstream).sum(), p)
+        torch.testing.assert_close(grad_fn(probs) * upstream.unsqueeze(1), want)
+
+
+def test_selection_rule_bad_arguments():
+    logits = torch.randn(3, N_EXPERTS)
+    rule = _rule_router("topp")._fused_topk_options()["rule"]
+    with pytest.raises(ValueError, match="every expert is listed: `k`=2 must be 5"):
+        topk_gates_and_losses(logits, 2, rule=rule)
+    with pytest.raises(ValueError, match="`entropy_loss=True` needs a selection `rule`"):
+        topk_gates_and_losses(logits, 2, entropy_loss=True)
+    with pytest.raises(ValueError, match="cannot be combined with `selection_bias`"):
+        topk_gates_and_losses(logits, N_EXPERTS, rule=rule, selection_bias=torch.zeros(N_EXPERTS))
+    no_entropy = TopPRule(0.5, inclusive=True)
+    with pytest.raises(ValueError, match="TopPRule computes no entropy"):
+        topk_gates_and_losses(logits, N_EXPERTS, rule=no_entropy, entropy_loss=True)
+    with pytest.raises(ValueError, match="`broadcast_above` needs them"):
+        TopPRule(0.5, inclusive=False, broadcast_above=0.9)
 
 
 # -- model level -------------------------------------------------------------------------------------------------
@@ -287,6 +434,54 @@ def test_model_matches_plain_select(monkeypatch, settings):
     for name in stats_f:
         assert stats_f[name].tokens == stats_p[name].tokens
         assert stats_f[name].load == pytest.approx(stats_p[name].load)
+
+
+@pytest.mark.parametrize(
+    "router, settings",
+    [
+        ("topp", {}),
+        ("topp", {"padded": True, "z_loss_coef": 0.01, "balance_loss_type": "mixtral"}),
+        ("topp", {"labels_in_forward": False, "router_kwargs": {"renormalize": True, "top_p": 0.6}}),
+        ("topp", {"padded": True, "kernel": "grouped", "router_kwargs": {"entropy_loss_coef": 0.1}}),
+        ("topp", {"lora_dropout": 0.1, "balance_loss_type": "switch"}),  # the router scored on its own
+        # configs/dynmole.yaml's losses
+        ("dynmole", {"balance_loss_type": "soft", "aux_loss_coef": 0.001}),
+        ("dynmole", {"padded": True, "labels_in_forward": False, "router_kwargs": {"entropy_threshold": 0.5}}),
+        ("dynmole", {"padded": True, "kernel": "naive", "router_kwargs": {"entropy_type": "renyi", "q": 0.7}}),
+        ("dynmole", {"z_loss_coef": 0.01, "loss_reduction": "sum", "router_kwargs": {"renormalize": True}}),
+    ],
+)
+def test_top_p_routers_take_the_top_k_function(monkeypatch, router, settings):
+    """``topp`` and ``dynmole`` train through the top-k function with their selection rule (on the dense path, in
+    the one-node layer): the loss, every gradient, the aux losses and the routing statistics are those of their own
+    ``select`` and ``aux_inputs``/``aux_losses``."""
+    cls = {"topp": TopPRouter, "dynmole": DynMoLERouter}[router]
+    aux = {}
+
+    def keep_aux(name):
+        return lambda model: aux.setdefault(name, model.molora_aux_losses())
+
+    loss_f, grads_f, plain_f, stats_f = _train_grads(
+        monkeypatch, True, router=router, router_cls=cls, after=keep_aux("fused"), **settings
+    )
+    loss_p, grads_p, plain_p, stats_p = _train_grads(
+        monkeypatch, False, router=router, router_cls=cls, after=keep_aux("plain"), **settings
+    )
+    assert not plain_f and plain_p, "the fused selection was not taken (or the plain one was not)"
+    torch.testing.assert_close(loss_f, loss_p)
+    assert grads_f.keys() == grads_p.keys()
+    for name in grads_f:
+        torch.testing.assert_close(grads_f[name], grads_p[name], atol=1e-7, rtol=1e-5, msg=name)
+    assert all(g.abs().sum() > 0 for n, g in grads_f.items() if "molora_router" in n)
+    assert aux["fused"].keys() == aux["plain"].keys() >= {"balance", "entropy"}
+    for name in aux["fused"]:
+        torch.testing.assert_close(aux["fused"][name], aux["plain"][name], msg=name)
+    assert stats_f.keys() == stats_p.keys()
+    for name in stats_f:
+        assert stats_f[name].tokens == stats_p[name].tokens
+        assert stats_f[name].load == pytest.approx(stats_p[name].load)
+        assert stats_f[name].gate_mass == pytest.approx(stats_p[name].gate_mass)
+        assert stats_f[name].experts_per_token == pytest.approx(stats_p[name].experts_per_token)
 
 
 @pytest.mark.parametrize(
@@ -526,7 +721,11 @@ def test_without_grad_same_values(n_tokens):
     with_grad = topk_gates_and_losses(logits.clone().requires_grad_(True), 2, **kwargs)
     with torch.no_grad():
         without = topk_gates_and_losses(logits, 2, **kwargs)
+    assert len(without) == len(with_grad) == 8
     for got, want in zip(without, with_grad):
+        if want is None:  # the entropy loss and the kept mask of a selection rule
+            assert got is None
+            continue
         assert not got.requires_grad
         torch.testing.assert_close(got, want.detach())
 
@@ -557,7 +756,7 @@ def test_compiled_outputs_keep_their_gradients(balance_type, z_loss):
         assert [t is not None and t.requires_grad for t in compiled] == [
             t is not None and t.requires_grad for t in eager
         ]
-        # the per-assignment gates (last) carry the task gradient to the router in the top-k function
+        # the per-assignment gates (the sixth output) carry the task gradient to the router in the top-k function
         if fn is topk:
-            grad = torch.autograd.grad(compiled[-1].sum(), router_weight)[0]
-            torch.testing.assert_close(grad, torch.autograd.grad(eager[-1].sum(), router_weight)[0])
+            grad = torch.autograd.grad(compiled[5].sum(), router_weight)[0]
+            torch.testing.assert_close(grad, torch.autograd.grad(eager[5].sum(), router_weight)[0])

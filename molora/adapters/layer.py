@@ -365,8 +365,8 @@ class MoLoraLayer(BaseTunerLayer):
             missing_grads=missing,
             **topk_args,
         )
-        # the logits stay inside the node (the losses that read them came out of it)
-        routing, losses = router.topk_result(*routed, None, need)
+        # the logits stay inside the node (the losses that read them came out of it); the dense path reads the gates
+        routing, losses = router.topk_result(*routed, None, need, dense=True)
         router.observe_routing(routing, valid, runtime.context)
         return out, routing, (self_delivered(losses) if missing is not None else losses)
 

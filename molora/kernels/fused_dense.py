@@ -28,6 +28,8 @@ from torch.nn import functional as F
 from .fused_router import (
     FUSED_BALANCE_TYPES,
     MissingGrads,
+    SelectionRule,
+    check_rule,
     losses_or_placeholders,
     placeholders_to_none,
     topk_backward,
@@ -267,12 +269,14 @@ class _DenseTopK(torch.autograd.Function):
         missing_grads,
         selection_bias,
         sigmoid_scores,
+        rule,
+        entropy_loss,
     ):
         ctx.set_materialize_grads(False)
         out, hl = _base_and_shrink_forward(x, weight, bias, bank, router_weight, conv1d)
         h, logits = _split_rank_and_logits(hl, bank, router_weight)
         routed, state = topk_forward(
-            logits, k, renormalize, valid, balance_type, with_z, selection_bias, sigmoid_scores
+            logits, k, renormalize, valid, balance_type, with_z, selection_bias, sigmoid_scores, rule, entropy_loss
         )
         _gated_expand_forward(out, h, routed[0], b_flat, scaling)
         ctx.conv1d, ctx.scaling = conv1d, scaling
@@ -288,16 +292,18 @@ class _DenseTopK(torch.autograd.Function):
             h,
             routed[0],
             b_flat,
-            *topk_save(ctx, routed, state),
+            *topk_save(ctx, routed, state, rule),
         )
         routed, placeholders = losses_or_placeholders(routed, out)
-        gates, balance, z_loss, probs, expert_index, top_probs = routed
+        gates, balance, z_loss, probs, expert_index, top_probs, entropy, active = routed
         ctx.mark_non_differentiable(gates, probs, expert_index, top_probs, *placeholders)
-        return out, gates, balance, z_loss, probs, expert_index, top_probs
+        if rule is not None:
+            ctx.mark_non_differentiable(active)
+        return out, gates, balance, z_loss, probs, expert_index, top_probs, entropy, active
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out, _gates, grad_balance, grad_z, _probs, _index, _weight):  # noqa: D102
+    def backward(ctx, grad_out, _gates, grad_balance, grad_z, _probs, _index, _weight, grad_entropy, _active):  # noqa: D102
         x, weight, bank, router_weight, h, gates, b_flat, *routed = ctx.saved_tensors
         needs_x, _, _, needs_bank, needs_b, needs_router = ctx.needs_input_grad[:6]
         grad_sel = grad_b = grad_x = grad_bank = grad_router = None
@@ -305,7 +311,7 @@ class _DenseTopK(torch.autograd.Function):
             # only B trains: nothing upstream of the rank activations and the logits
             if grad_out is not None and needs_b:
                 grad_b = _gated_expand_backward(grad_out, h, gates, b_flat, ctx.scaling, False, False, True)[2]
-            return None, None, None, None, grad_b, *([None] * 11)
+            return None, None, None, None, grad_b, *([None] * 13)
         if grad_out is not None:
             grad_h, grad_gates, grad_b = _gated_expand_backward(
                 grad_out, h, gates, b_flat, ctx.scaling, True, True, needs_b
@@ -314,7 +320,15 @@ class _DenseTopK(torch.autograd.Function):
         else:
             grad_h = torch.zeros_like(h)
         grad_logits = topk_backward(
-            routed, ctx.inv_n, ctx.renormalize, grad_sel, grad_balance, grad_z, ctx.missing_grads
+            routed,
+            ctx.inv_n,
+            ctx.renormalize,
+            grad_sel,
+            grad_balance,
+            grad_z,
+            ctx.missing_grads,
+            grad_entropy,
+            ctx.rule,
         )
         # [dH | dlogits]: the input gradient and the bank's and router's gradients are then one GEMM each over it (a
         # concatenation measured faster than writing both halves into one buffer through strided `out=` views)
@@ -322,7 +336,7 @@ class _DenseTopK(torch.autograd.Function):
         grad_x, grad_bank, grad_router = _base_and_shrink_backward(
             grad_out, grad_hl, x, weight, bank, router_weight, ctx.conv1d, needs_x, needs_bank, needs_router
         )
-        return grad_x, None, None, grad_bank, grad_b, grad_router, *([None] * 10)
+        return grad_x, None, None, grad_bank, grad_b, grad_router, *([None] * 12)
 
 
 def dense_topk_layer(
@@ -343,6 +357,8 @@ def dense_topk_layer(
     missing_grads: MissingGrads | None = None,
     selection_bias: torch.Tensor | None = None,
     sigmoid_scores: bool = False,
+    rule: SelectionRule | None = None,
+    entropy_loss: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """A frozen projection with top-k-routed experts on the dense path, forward and backward in one autograd node.
 
@@ -354,12 +370,14 @@ def dense_topk_layer(
 
     Args mirror those functions: ``x[T, d_in]``, the base ``weight``/``bias`` (no gradient; ``conv1d``: a
     transformers ``Conv1D``'s layout), ``bank`` = ``A[E, d_in, r]``, ``b_flat[E*r, d_out]``, ``router_weight[E,
-    d_in]`` (a linear router: exactly one logit per expert), the LoRA ``scaling``, then the top-k options.
+    d_in]`` (a linear router: exactly one logit per expert), the LoRA ``scaling``, then the top-k options (a
+    selection ``rule`` and its ``entropy_loss`` included: the top-p routers).
 
     Returns:
-        ``(out[T, d_out], gates[T, E], balance, z, probs[T, E], expert_index[T, k], weight[T, k])``: the layer
-        output (base + experts) and the two requested losses (``None`` when not requested) are differentiable; the
-        routing tensors are not (every gradient of the routing reaches the router through ``out`` and the losses).
+        ``(out[T, d_out], gates[T, E], balance, z, probs[T, E], expert_index[T, k], weight[T, k], entropy,
+        active[T, E])``: the layer output (base + experts) and the three requested losses (``None`` when not
+        requested) are differentiable; the routing tensors are not (every gradient of the routing reaches the router
+        through ``out`` and the losses); ``active`` is ``None`` without a ``rule``.
     """
     if balance_type is not None and balance_type not in FUSED_BALANCE_TYPES:
         raise ValueError(f"`balance_type`={balance_type!r} is not one of {FUSED_BALANCE_TYPES} (or None).")
@@ -372,6 +390,7 @@ def dense_topk_layer(
         raise ValueError(f"`k`={k} must be between 1 and the number of experts ({bank.shape[0]}).")
     if sigmoid_scores and selection_bias is None:
         raise ValueError("`sigmoid_scores=True` is the loss-free balancing router's: it needs `selection_bias`.")
+    check_rule(rule, k, bank.shape[0], selection_bias, entropy_loss)
     outputs = _DenseTopK.apply(
         x,
         weight,
@@ -389,5 +408,7 @@ def dense_topk_layer(
         missing_grads,
         selection_bias,
         sigmoid_scores,
+        rule,
+        entropy_loss,
     )
-    return placeholders_to_none(outputs, 2, balance_type, z_loss)
+    return placeholders_to_none(outputs, 2, balance_type, z_loss, entropy_loss, rule)

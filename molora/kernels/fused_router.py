@@ -16,6 +16,13 @@ whose backward is written out (spec/algorithms.md 1.1 and 1.4):
 * z-loss ``L_z = mean_t logsumexp(z_t)^2``: ``dL_z/dz_te = 2 lse_t p_te / n_valid`` on valid tokens;
 * the softmax: ``dL/dz = p * (dL/dp - sum_e p_e dL/dp_e)``.
 
+The same function computes the top-p family of selections (``topp``, ``dynmole``) when given a *selection rule*
+(:class:`SelectionRule`): every expert is listed in descending order of probability, those the rule drops with a gate
+of 0, so that the top-k formulas hold with the rule's 0/1 ``keep`` factor on each gate (``g_j = keep_j p_j``, or
+``keep_j p_j / sum_i keep_i p_i`` renormalised); the count loads count the kept experts; and a per-token entropy loss
+``L_H = mean_t H(p_t)`` (the rule supplies ``H`` and ``dH/dp``) adds ``dL_H/dp_te = dH_t/dp_te / n_valid`` on valid
+tokens.
+
 Same values and gradients as :func:`molora.routers.topk.topk_routing` followed by
 :func:`molora.routers.balancing.load_balancing_loss` / :func:`~molora.routers.balancing.router_z_loss` on the valid
 rows (tests/test_fused_router.py checks both against autograd in fp64), for every balance type.
@@ -31,6 +38,28 @@ from torch.nn import functional as F
 
 #: ``missing_grads(device, dtype) -> (d_balance, d_z)``: see :func:`topk_gates_and_losses`
 MissingGrads = Callable[[torch.device, torch.dtype], tuple[torch.Tensor | None, torch.Tensor | None]]
+
+
+class SelectionRule:
+    """A variable selection for :func:`topk_gates_and_losses` (the top-p family): which of a token's experts it keeps,
+    and optionally a per-token entropy (a loss, or the input of the rule). Implemented by the routers
+    (``molora.routers.topp``, ``molora.routers.dynmole``); computed without autograd, inside the function."""
+
+    #: whether :meth:`select` can compute a per-token entropy (the ``"entropy"`` loss)
+    has_entropy: bool = False
+
+    def select(
+        self, probs: torch.Tensor, with_entropy: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(sorted_probs[T, E], order[T, E], keep_sorted[T, E] bool, entropy[T] or None)``: the probabilities in
+        descending order (a stable sort), their experts, which of them are kept (at least the first), and the
+        per-token entropy when ``with_entropy`` (or when the rule needs it)."""
+        raise NotImplementedError
+
+    def entropy_grad(self, probs: torch.Tensor) -> torch.Tensor:
+        """``dH_t/dp_te[T, E]`` of the entropy :meth:`select` returns."""
+        raise NotImplementedError
+
 
 #: balance-loss normalisations this function computes (all of ``molora.routers.balancing.BALANCE_LOSS_TYPES``)
 FUSED_BALANCE_TYPES = ("megatron", "mixtral", "switch", "soft")
@@ -60,19 +89,40 @@ def softmax_rows(logits: torch.Tensor) -> torch.Tensor:
     return e.div_(e.sum(dim=-1, keepdim=True))
 
 
-def topk_forward(logits, k, renormalize, valid, balance_type, with_z, selection_bias=None, sigmoid_scores=False):
+def topk_forward(
+    logits,
+    k,
+    renormalize,
+    valid,
+    balance_type,
+    with_z,
+    selection_bias=None,
+    sigmoid_scores=False,
+    rule: SelectionRule | None = None,
+    entropy_loss: bool = False,
+):
     """The forward values, plus what the backward needs: ``(outputs, (mass, mask, inv_n, load, lse, importance,
-    sigmoid_logits))`` (the logits with sigmoid affinities, else ``None``)."""
+    sigmoid_logits, keep))`` (the logits with sigmoid affinities, else ``None``; ``keep[T, E]``: a ``rule``'s 0/1
+    factors in the order of ``expert_index``, else ``None``)."""
     if torch.is_autocast_enabled(logits.device.type):
         # the loss sums are products (`mask @ probs`): autocast would run them, and round the counts, in bf16/fp16
         with torch.autocast(logits.device.type, enabled=False):
-            return topk_forward(logits, k, renormalize, valid, balance_type, with_z, selection_bias, sigmoid_scores)
+            return topk_forward(
+                logits, k, renormalize, valid, balance_type, with_z, selection_bias, sigmoid_scores, rule, entropy_loss
+            )
     n_tokens, n_experts = logits.shape
     # the log-affinities: the logits, or with sigmoid affinities s = sigmoid(z) (DeepSeek-V3) log s, whose softmax
     # s / sum(s) are then the probabilities
     scores = F.logsigmoid(logits) if sigmoid_scores else logits
     probs = softmax_rows(scores)
-    if selection_bias is None:
+    keep = active = token_entropy = None
+    if rule is not None:
+        # every expert, in descending order of probability; the gate of an expert the rule drops is 0
+        top_probs, expert_index, keep_sorted, token_entropy = rule.select(probs, entropy_loss)
+        keep = keep_sorted.to(probs.dtype)
+        top_probs = top_probs * keep
+        active = torch.zeros_like(keep_sorted).scatter_(-1, expert_index, keep_sorted)
+    elif selection_bias is None:
         top_probs, expert_index = probs.topk(k, dim=-1)  # [T, k]
     else:
         # loss-free balancing (topk_bias): the bias moves the choice among the affinities, which stay the gates
@@ -86,17 +136,19 @@ def topk_forward(logits, k, renormalize, valid, balance_type, with_z, selection_
         # the kept scores then: no mass is saved)
         top_probs = softmax_rows(scores.gather(-1, expert_index))
     elif renormalize:
-        # as in topk_routing; selected by probability, the k largest of E sum to at least k/E, so its clamp (to the
-        # smallest normal number) never binds here: left out, and the backward treats the mass as unclamped
+        # as in topk_routing; selected by probability, the k largest of E sum to at least k/E (a rule keeps at least
+        # the most probable expert, >= 1/E), so its clamp (to the smallest normal number) never binds here: left
+        # out, and the backward treats the mass as unclamped
         mass = top_probs.sum(dim=-1, keepdim=True)
         top_probs = top_probs / mass
     gates = torch.zeros_like(probs).scatter_(-1, expert_index, top_probs)
 
-    balance = z_loss = load = lse = mask = importance = None
+    balance = z_loss = ent_loss = load = lse = mask = importance = None
     inv_n = 1.0
-    if balance_type is None and not with_z:
-        state = (mass, mask, inv_n, load, lse, importance, logits if sigmoid_scores else None)
-        return (gates, balance, z_loss, probs, expert_index, top_probs), state
+    entropy_loss = entropy_loss and token_entropy is not None
+    if balance_type is None and not with_z and not entropy_loss:
+        state = (mass, mask, inv_n, load, lse, importance, logits if sigmoid_scores else None, keep)
+        return (gates, balance, z_loss, probs, expert_index, top_probs, ent_loss, active), state
     # losses over the valid rows: a 0/1 row weight (not indexing) keeps the shapes static and the device in sync
     mask = None if valid is None else valid.reshape(-1).to(probs.dtype)
     # 1 / valid tokens (a 0-d tensor with a mask: no host synchronisation); a batch without any gives losses of 0
@@ -109,23 +161,31 @@ def topk_forward(logits, k, renormalize, valid, balance_type, with_z, selection_
             load = (gates.sum(dim=0) if mask is None else mask @ gates) * inv_n
             importance = prob_sums * inv_n
         else:
-            one_hot = torch.zeros_like(probs)
             if balance_type == "switch":
-                one_hot.scatter_(-1, probs.argmax(dim=-1, keepdim=True), 1.0)
+                one_hot = torch.zeros_like(probs).scatter_(-1, probs.argmax(dim=-1, keepdim=True), 1.0)
+            elif active is not None:
+                one_hot = active.to(probs.dtype)
             else:
-                one_hot.scatter_(-1, expert_index, 1.0)
+                one_hot = torch.zeros_like(probs).scatter_(-1, expert_index, 1.0)
             counts = one_hot.sum(dim=0) if mask is None else mask @ one_hot
-            # "megatron": counts over all assignments, k per valid token (counts / counts.sum(), 0 without valid
-            # tokens); "mixtral" (assignments per token) and "switch" (argmax per token): counts over valid tokens
-            load = counts * (inv_n / k if balance_type == "megatron" else inv_n)
+            if balance_type == "megatron" and rule is not None:
+                # a variable number of assignments per token: over all of them (0 without any)
+                load = counts / counts.sum().clamp_min(1.0)
+            else:
+                # "megatron": counts over all assignments, k per valid token (counts / counts.sum(), 0 without valid
+                # tokens); "mixtral" (assignments per token) and "switch" (argmax per token): counts over valid tokens
+                load = counts * (inv_n / k if balance_type == "megatron" else inv_n)
         # E * sum_e load_e P_e with P = prob_sums / n_valid
         balance = torch.dot(load, prob_sums) * (n_experts * inv_n)
     if with_z:
         lse = torch.logsumexp(logits, dim=-1)  # [T]
         sq = lse.square()
         z_loss = (sq.sum() if mask is None else mask @ sq) * inv_n
-    state = (mass, mask, inv_n, load, lse, importance, logits if sigmoid_scores else None)
-    return (gates, balance, z_loss, probs, expert_index, top_probs), state
+    if entropy_loss:
+        # the rule's per-token entropy, averaged over the valid tokens
+        ent_loss = (token_entropy.sum() if mask is None else mask @ token_entropy) * inv_n
+    state = (mass, mask, inv_n, load, lse, importance, logits if sigmoid_scores else None, keep)
+    return (gates, balance, z_loss, probs, expert_index, top_probs, ent_loss, active), state
 
 
 def losses_or_placeholders(routed: tuple, like: torch.Tensor) -> tuple[tuple, list[torch.Tensor]]:
@@ -139,43 +199,65 @@ def losses_or_placeholders(routed: tuple, like: torch.Tensor) -> tuple[tuple, li
     """
     placeholders = []
     routed = list(routed)
-    for i in (1, 2):  # balance, z
+    for i in (1, 2, 6, 7):  # balance, z, entropy, active
         if routed[i] is None:
             routed[i] = like.new_zeros(())
             placeholders.append(routed[i])
     return tuple(routed), placeholders
 
 
-def placeholders_to_none(outputs: tuple, offset: int, balance_type: str | None, z_loss: bool) -> tuple:
-    """``outputs`` with the losses at ``offset`` (balance) and ``offset + 1`` (z) that were not requested set back to
-    ``None`` (see :func:`losses_or_placeholders`)."""
+def placeholders_to_none(
+    outputs: tuple, offset: int, balance_type: str | None, z_loss: bool, entropy_loss: bool = False, rule=None
+) -> tuple:
+    """``outputs`` with the losses at ``offset`` (balance), ``offset + 1`` (z) and ``offset + 5`` (entropy) that
+    were not requested, and ``active`` (``offset + 6``) without a ``rule``, set back to ``None`` (see
+    :func:`losses_or_placeholders`)."""
     outputs = list(outputs)
     if balance_type is None:
         outputs[offset] = None
     if not z_loss:
         outputs[offset + 1] = None
+    if not entropy_loss:
+        outputs[offset + 5] = None
+    if rule is None:
+        outputs[offset + 6] = None
     return tuple(outputs)
 
 
 class _TopKGatesAndLosses(torch.autograd.Function):
     @staticmethod
     def forward(  # noqa: D102
-        ctx, logits, k, renormalize, valid, balance_type, with_z, missing_grads, selection_bias, sigmoid_scores
+        ctx,
+        logits,
+        k,
+        renormalize,
+        valid,
+        balance_type,
+        with_z,
+        missing_grads,
+        selection_bias,
+        sigmoid_scores,
+        rule,
+        entropy_loss,
     ):
         ctx.set_materialize_grads(False)
         ctx.missing_grads = missing_grads
         outputs, state = topk_forward(
-            logits, k, renormalize, valid, balance_type, with_z, selection_bias, sigmoid_scores
+            logits, k, renormalize, valid, balance_type, with_z, selection_bias, sigmoid_scores, rule, entropy_loss
         )
         ctx.renormalize = renormalize
-        ctx.save_for_backward(*topk_save(ctx, outputs, state))
+        ctx.save_for_backward(*topk_save(ctx, outputs, state, rule))
         outputs, placeholders = losses_or_placeholders(outputs, logits)
         ctx.mark_non_differentiable(outputs[3], outputs[4], *placeholders)  # probs, expert_index
+        if rule is not None:
+            ctx.mark_non_differentiable(outputs[7])  # active
         return outputs
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_gates, grad_balance, grad_z, _grad_probs, _grad_index, grad_weight):  # noqa: D102
+    def backward(  # noqa: D102
+        ctx, grad_gates, grad_balance, grad_z, _grad_probs, _grad_index, grad_weight, grad_entropy, _grad_active
+    ):
         saved = ctx.saved_tensors
         grad_sel = None
         if grad_gates is not None or grad_weight is not None:
@@ -184,19 +266,30 @@ class _TopKGatesAndLosses(torch.autograd.Function):
             if grad_gates is not None and grad_weight is not None:
                 grad_sel = grad_sel + grad_weight
         grad_logits = topk_backward(
-            saved, ctx.inv_n, ctx.renormalize, grad_sel, grad_balance, grad_z, ctx.missing_grads
+            saved,
+            ctx.inv_n,
+            ctx.renormalize,
+            grad_sel,
+            grad_balance,
+            grad_z,
+            ctx.missing_grads,
+            grad_entropy,
+            ctx.rule,
         )
-        return grad_logits, None, None, None, None, None, None, None, None
+        return grad_logits, *([None] * 10)
 
 
-def topk_save(ctx, outputs, state) -> tuple[torch.Tensor | None, ...]:
+def topk_save(ctx, outputs, state, rule: SelectionRule | None = None) -> tuple[torch.Tensor | None, ...]:
     """What :func:`topk_backward` needs from :func:`topk_forward`'s ``(outputs, state)``: sets ``ctx.inv_n`` (the
-    constant ``1 / n_valid`` without a mask) and returns the tensors to save, in the order ``saved`` expects."""
-    probs, expert_index, top_probs = outputs[3:]
-    mass, mask, inv_n, load, lse, importance, sigmoid_logits = state
+    constant ``1 / n_valid`` without a mask) and ``ctx.rule``, and returns the tensors to save, in the order ``saved``
+    expects."""
+    probs, expert_index, top_probs = outputs[3:6]
+    mass, mask, inv_n, load, lse, importance, sigmoid_logits, keep = state
     ctx.inv_n = inv_n if mask is None else None
+    # the entropy's derivative is computed again in backward from the probabilities, when its loss was computed
+    ctx.rule = rule if outputs[6] is not None else None
     inv_n = inv_n if mask is not None else None
-    return probs, expert_index, top_probs, mass, mask, inv_n, load, lse, importance, sigmoid_logits
+    return probs, expert_index, top_probs, mass, mask, inv_n, load, lse, importance, sigmoid_logits, keep
 
 
 def topk_backward(
@@ -207,30 +300,40 @@ def topk_backward(
     grad_balance: torch.Tensor | None,
     grad_z: torch.Tensor | None,
     missing_grads: MissingGrads | None,
+    grad_entropy: torch.Tensor | None = None,
+    entropy_rule: SelectionRule | None = None,
 ) -> torch.Tensor:
     """``dL/dlogits[T, E]`` of the top-k selection and its losses (the module docstring's formulas).
 
     ``saved``: :func:`topk_save`'s tensors; ``inv_n_const``: ``ctx.inv_n``; ``grad_sel[T, k]``: the gradient of the
-    selected gates (``weight``), ``None`` when they got none; ``grad_balance`` / ``grad_z``: the losses' gradients
-    (``None``: none, and then ``missing_grads`` may supply them).
+    selected gates (``weight``), ``None`` when they got none; ``grad_balance`` / ``grad_z`` / ``grad_entropy``: the
+    losses' gradients (``None``: none, and then ``missing_grads`` may supply them); ``entropy_rule``: the rule whose
+    entropy loss was computed (``ctx.rule``), else ``None``.
     """
-    probs, expert_index, weight, mass, mask, inv_n, load, lse, importance, sigmoid_logits = saved
+    probs, expert_index, weight, mass, mask, inv_n, load, lse, importance, sigmoid_logits, keep = saved
     if inv_n is None:
         inv_n = inv_n_const
     missing_balance = load is not None and grad_balance is None
     missing_z = lse is not None and grad_z is None
-    if missing_grads is not None and (missing_balance or missing_z):
+    missing_entropy = entropy_rule is not None and grad_entropy is None
+    if missing_grads is not None and (missing_balance or missing_z or missing_entropy):
         # the losses are not part of what is being differentiated (a loss computed from the logits alone): the
-        # caller says which gradients they should get anyway (None: none)
-        fill_balance, fill_z = missing_grads(probs.device, probs.dtype)
+        # caller says which gradients they should get anyway (None: none); (d_balance, d_z[, d_entropy])
+        fill_balance, fill_z, *fill_entropy = missing_grads(probs.device, probs.dtype)
         grad_balance = fill_balance if missing_balance else grad_balance
         grad_z = fill_z if missing_z else grad_z
+        if missing_entropy and fill_entropy:
+            grad_entropy = fill_entropy[0]
     if load is not None and grad_balance is not None:
         # the balance loss: the same row d/dP_e = E * load_e / n_valid for every valid token
         row = load * (grad_balance * (probs.shape[1] * inv_n))  # [E]
         grad_probs = row.expand_as(probs).contiguous() if mask is None else mask.unsqueeze(1) * row
     else:
         grad_probs = torch.zeros_like(probs)
+    if entropy_rule is not None and grad_entropy is not None:
+        # the entropy loss: d/dp_te = dH_t/dp_te / n_valid on valid tokens
+        per_token = entropy_rule.entropy_grad(probs) * (grad_entropy * inv_n)
+        grad_probs += per_token if mask is None else mask.unsqueeze(1) * per_token
     if importance is not None and grad_balance is not None:
         # "soft": the load is the mean gate, d/dg_e = E * P_e / n_valid for each selected gate of a valid token
         per_gate = (importance * (grad_balance * (probs.shape[1] * inv_n)))[expert_index]  # [T, k]
@@ -241,6 +344,9 @@ def topk_backward(
     if grad_sel is not None:
         if renormalize:
             grad_sel = grad_sel - (grad_sel * weight).sum(dim=-1, keepdim=True)
+        if keep is not None:
+            # a rule's gates are keep * p (renormalised: over the kept mass): a dropped expert's gate is a constant 0
+            grad_sel = grad_sel * keep
         if mass is not None:  # p_S / sum(p_S)
             grad_probs.scatter_add_(-1, expert_index, grad_sel / mass)
         elif renormalize or sigmoid_logits is not None:
@@ -276,12 +382,14 @@ def topk_gates_and_losses(
     missing_grads: MissingGrads | None = None,
     selection_bias: torch.Tensor | None = None,
     sigmoid_scores: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+    rule: SelectionRule | None = None,
+    entropy_loss: bool = False,
+) -> tuple[torch.Tensor | None, ...]:
     """Top-k gates of ``softmax(logits)`` and the requested aux losses, in one autograd node.
 
     Args:
         logits (Tensor[T, E]): router scores (fp32 or fp64).
-        k (int): experts per token.
+        k (int): experts per token (with a ``rule``: the number of experts, every one is listed).
         renormalize (bool): rescale the kept probabilities to sum to 1 (the ``topk`` router's default).
         valid (BoolTensor[T] or None): non-padding tokens; the losses average over these only (``None`` = all).
         balance_type (str or None): ``"megatron"``, ``"mixtral"``, ``"switch"`` or ``"soft"`` computes the unweighted
@@ -289,21 +397,27 @@ def topk_gates_and_losses(
         z_loss (bool): also compute the router z-loss ``mean_t logsumexp(z_t)^2``.
         missing_grads (callable or None): called in backward, with the device and dtype of the probabilities, when a
             requested loss received no gradient (it is not in what is being differentiated, e.g. the gates are);
-            returns ``(d_balance, d_z)``, 0-d tensors (or None: no gradient) used as those losses' gradients. The
-            model's runtime passes one that delivers ``coef * loss`` to the router when a trainer computes its own
-            loss from the logits (see ``molora.runtime``).
+            returns ``(d_balance, d_z)`` or ``(d_balance, d_z, d_entropy)``, 0-d tensors (or None: no gradient) used
+            as those losses' gradients. The model's runtime passes one that delivers ``coef * loss`` to the router
+            when a trainer computes its own loss from the logits (see ``molora.runtime``).
         selection_bias (Tensor[E] or None): added to the probabilities to choose the ``k`` experts, not to the gates
             (loss-free balancing, the ``topk_bias`` router); no gradient. The renormalised gates are then computed
             from the kept logits (exact when the chosen experts' probabilities underflow).
         sigmoid_scores (bool): the affinities are ``s = sigmoid(logits)`` (DeepSeek-V3; needs ``selection_bias``): the
             experts are chosen by ``s + selection_bias``, the gates are the chosen ``s`` (renormalised to sum to 1 or
             not), the probabilities (balance loss, statistics) ``s / sum(s)``; the z-loss still reads the logits.
+        rule (SelectionRule or None): a variable selection instead of the top ``k`` (the module docstring): every
+            expert is listed (``k`` must be the number of experts), the ones it drops with gate 0. Not with
+            ``selection_bias``.
+        entropy_loss (bool): also compute the rule's entropy loss ``mean_t H_t`` (needs a rule with an entropy).
 
     Returns:
-        ``(gates[T, E], balance, z, probs[T, E], expert_index[T, k], weight[T, k])``: the dense gates (differentiable),
-        the two losses (0-d, differentiable; ``None`` when not requested), and the probabilities, chosen experts
-        (in descending order of probability), which carry no gradient, and their final gates ``weight[T, k]`` (the
-        nonzero entries of ``gates``, differentiable).
+        ``(gates[T, E], balance, z, probs[T, E], expert_index[T, k], weight[T, k], entropy, active[T, E])``: the
+        dense gates (differentiable), the two losses (0-d, differentiable; ``None`` when not requested), the
+        probabilities, chosen experts (in descending order of probability), which carry no gradient, their final
+        gates ``weight[T, k]`` (the nonzero entries of ``gates``, differentiable), the entropy loss (0-d,
+        differentiable; ``None`` when not requested) and, with a ``rule``, the kept experts as a boolean matrix in
+        expert order (``None`` without one).
     """
     if balance_type is not None and balance_type not in FUSED_BALANCE_TYPES:
         raise ValueError(f"`balance_type`={balance_type!r} is not one of {FUSED_BALANCE_TYPES} (or None).")
@@ -311,10 +425,39 @@ def topk_gates_and_losses(
         raise ValueError(f"`k`={k} must be between 1 and the number of experts ({logits.shape[-1]}).")
     if sigmoid_scores and selection_bias is None:
         raise ValueError("`sigmoid_scores=True` is the loss-free balancing router's: it needs `selection_bias`.")
+    check_rule(rule, k, logits.shape[-1], selection_bias, entropy_loss)
     if torch.is_grad_enabled() and logits.requires_grad:
         outputs = _TopKGatesAndLosses.apply(
-            logits, k, renormalize, valid, balance_type, z_loss, missing_grads, selection_bias, sigmoid_scores
+            logits,
+            k,
+            renormalize,
+            valid,
+            balance_type,
+            z_loss,
+            missing_grads,
+            selection_bias,
+            sigmoid_scores,
+            rule,
+            entropy_loss,
         )
-        return placeholders_to_none(outputs, 1, balance_type, z_loss)
+        return placeholders_to_none(outputs, 1, balance_type, z_loss, entropy_loss, rule)
     # no gradient wanted (inference, generation): the same values without the autograd.Function call
-    return topk_forward(logits, k, renormalize, valid, balance_type, z_loss, selection_bias, sigmoid_scores)[0]
+    return topk_forward(
+        logits, k, renormalize, valid, balance_type, z_loss, selection_bias, sigmoid_scores, rule, entropy_loss
+    )[0]
+
+
+def check_rule(
+    rule: SelectionRule | None, k: int, n_experts: int, selection_bias: torch.Tensor | None, entropy_loss: bool
+) -> None:
+    """Raise ``ValueError`` for a selection ``rule`` the top-k functions cannot combine with their other options."""
+    if rule is None:
+        if entropy_loss:
+            raise ValueError("`entropy_loss=True` needs a selection `rule` that computes an entropy.")
+        return
+    if k != n_experts:
+        raise ValueError(f"With a selection `rule` every expert is listed: `k`={k} must be {n_experts}.")
+    if selection_bias is not None:
+        raise ValueError("A selection `rule` cannot be combined with `selection_bias`.")
+    if entropy_loss and not rule.has_entropy:
+        raise ValueError(f"`entropy_loss=True`: the selection rule {type(rule).__name__} computes no entropy.")

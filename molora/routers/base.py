@@ -82,20 +82,23 @@ class Routing:
         gates: torch.Tensor,
         active: torch.Tensor,
         logits: torch.Tensor | None = None,
+        dense: bool = False,
         **fields: Any,
     ) -> Routing:
         """Build a routing from dense ``gates[T, E]``: one assignment per True entry of ``active[T, E]``.
 
         For routers whose number of experts per token varies (top-p, ReLU, null experts); ``fields`` fill the
-        extra attributes of a subclass. Under ``torch.compile`` the assignments are all ``T * E`` pairs instead (see
-        ``dense_assignments``): the same outputs, gradients, losses and statistics without a graph break.
+        extra attributes of a subclass. With ``dense=True``, and always under ``torch.compile``, the assignments are
+        all ``T * E`` pairs instead (see ``dense_assignments``): the same outputs, gradients, losses and statistics
+        without the ``nonzero`` (a graph break when compiled, a host synchronisation on CUDA), for a caller that
+        only reads the dense gates (the dense path).
         """
-        if torch.compiler.is_compiling():
+        if dense or torch.compiler.is_compiling():
             n_tokens, n_experts = gates.shape
             return cls(
                 probs=probs,
                 token_index=repeated_arange(n_tokens, n_experts, gates.device),
-                expert_index=torch.arange(n_experts, device=gates.device).repeat(n_tokens),
+                expert_index=tiled_arange(n_tokens, n_experts, gates.device),
                 weight=gates.masked_fill(~active, 0.0).reshape(-1),
                 logits=logits,
                 gates=gates,
@@ -132,7 +135,7 @@ class Routing:
         return sel.index_put_((self.token_index, self.expert_index), sel.new_ones(()))
 
 
-_REPEATED_ARANGE: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+_ARANGE_CACHE: dict[tuple[str, int, int, torch.device], torch.Tensor] = {}
 
 
 def repeated_arange(n: int, k: int, device: torch.device) -> torch.Tensor:
@@ -143,15 +146,30 @@ def repeated_arange(n: int, k: int, device: torch.device) -> torch.Tensor:
     make Dynamo guard on the cache's contents and recompile whenever they change)."""
     if torch.compiler.is_compiling():
         return torch.arange(n, device=device).repeat_interleave(k)
-    key = (n, k, torch.device(device))
-    index = _REPEATED_ARANGE.get(key)
+    return _cached_index("repeat_interleave", n, k, device)
+
+
+def tiled_arange(n: int, k: int, device: torch.device) -> torch.Tensor:
+    """``arange(k).repeat(n)`` (the expert of each of ``n * k`` token-major pairs), cached like
+    :func:`repeated_arange`."""
+    if torch.compiler.is_compiling():
+        return torch.arange(k, device=device).repeat(n)
+    return _cached_index("repeat", n, k, device)
+
+
+def _cached_index(kind: str, n: int, k: int, device: torch.device) -> torch.Tensor:
+    key = (kind, n, k, torch.device(device))
+    index = _ARANGE_CACHE.get(key)
     if index is None:
-        if len(_REPEATED_ARANGE) > 64:  # shapes vary with dynamic padding: keep the cache small
-            _REPEATED_ARANGE.clear()
+        if len(_ARANGE_CACHE) > 64:  # shapes vary with dynamic padding: keep the cache small
+            _ARANGE_CACHE.clear()
         # a normal tensor even under inference_mode: autograd saves index tensors for backward later
         with torch.inference_mode(False):
-            index = torch.arange(n, device=device).repeat_interleave(k)
-        _REPEATED_ARANGE[key] = index
+            if kind == "repeat":
+                index = torch.arange(k, device=device).repeat(n)
+            else:
+                index = torch.arange(n, device=device).repeat_interleave(k)
+        _ARANGE_CACHE[key] = index
     return index
 
 
@@ -303,18 +321,31 @@ class Router(nn.Module):
     def fused_topk_args(
         self, logits_dtype: torch.dtype, need: frozenset[str], balance_loss_type: str
     ) -> dict[str, Any] | None:
-        """The top-k options (``k``, ``renormalize``, ``balance_type``, ``z_loss``) when :meth:`select_with_losses`
-        would compute this routing and the losses in ``need`` with ``molora.kernels.fused_router`` (the built-in
-        top-k router); ``None`` otherwise (the default). The dense layer path then computes the base projection, the
-        routing and the experts in one autograd node (``molora.kernels.fused_dense.dense_topk_layer``) and builds
-        the result with :meth:`topk_result`."""
+        """The top-k options (``k``, ``renormalize``, ``balance_type``, ``z_loss``, a selection ``rule``...) when
+        :meth:`select_with_losses` would compute this routing and the losses in ``need`` with
+        ``molora.kernels.fused_router`` (the built-in top-k, soft and top-p routers); ``None`` otherwise (the
+        default). The dense layer path then computes the base projection, the routing and the experts in one autograd
+        node (``molora.kernels.fused_dense.dense_topk_layer``) and builds the result with :meth:`topk_result`."""
         return None
 
     def topk_result(
-        self, gates: torch.Tensor, balance, z_loss, probs, expert_index, weight, logits, need: frozenset[str]
+        self,
+        gates: torch.Tensor,
+        balance,
+        z_loss,
+        probs,
+        expert_index,
+        weight,
+        entropy,
+        active,
+        logits,
+        need: frozenset[str],
+        dense: bool = False,
     ) -> tuple[Routing, dict[str, torch.Tensor] | None]:
         """``(routing, losses)`` as :meth:`select_with_losses` returns them, from the fused top-k outputs (see
-        :meth:`fused_topk_args`; only called for routers whose ``fused_topk_args`` returned options)."""
+        :meth:`fused_topk_args`; only called for routers whose ``fused_topk_args`` returned options). ``dense``: the
+        caller reads only the dense gates (a selection rule's routing may then list all ``T * E`` pairs, see
+        :meth:`Routing.from_dense`)."""
         raise NotImplementedError
 
     # -- state updated once per optimizer step ---------------------------------------------------------------------

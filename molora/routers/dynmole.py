@@ -33,12 +33,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from . import balancing
 from .base import Router, RouterParams, Routing, register_router
-from .topp import check_loss_coef, routing_from_mask, top_p_mask
+from .topk import FusedTopKSelection
+from .topp import TopPRule, check_loss_coef, routing_from_mask, top_p_mask
 
 ENTROPY_TYPES = ("tsallis", "renyi")
 
@@ -84,13 +86,53 @@ def renyi_entropy(probs: torch.Tensor, a: float, *, eps: float = 0.0, normalize:
     return h / math.log(n) if n > 1 else torch.zeros_like(h)
 
 
+def _shifted(probs: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x = max(p + eps, tiny)`` as the entropies compute it, and ``dx/dp`` (1 where the clamp does not hold, as
+    autograd differentiates it)."""
+    shifted = probs + eps
+    tiny = torch.finfo(probs.dtype).tiny
+    return shifted.clamp_min(tiny), (shifted >= tiny).to(probs.dtype)
+
+
+def tsallis_entropy_grad(probs: torch.Tensor, q: float, *, eps: float = 0.0, normalize: bool = True) -> torch.Tensor:
+    """``d/dp`` of :func:`tsallis_entropy` (same arguments) for each entry of ``probs[..., N]``:
+    ``-q x^(q-1) / (q - 1)`` (``q = 1``: ``-(ln x + 1)``) with ``x = p + eps``, over ``S_q^max(N)`` when normalised."""
+    n = probs.shape[-1]
+    x, dx = _shifted(probs, eps)
+    if q == 1.0:
+        grad, h_max = -(x.log() + 1.0), math.log(n)
+    else:
+        grad, h_max = x.pow(q - 1.0) * (-q / (q - 1.0)), (1.0 - n ** (1.0 - q)) / (q - 1.0)
+    grad = grad * dx
+    if not normalize:
+        return grad
+    return grad / h_max if n > 1 else torch.zeros_like(grad)
+
+
+def renyi_entropy_grad(probs: torch.Tensor, a: float, *, eps: float = 0.0, normalize: bool = True) -> torch.Tensor:
+    """``d/dp`` of :func:`renyi_entropy` (same arguments): ``a x^(a-1) / (sum_i x_i^a) / (1 - a)`` (``a = 1``:
+    ``-(ln x + 1)``) with ``x = p + eps``, over ``ln N`` when normalised."""
+    n = probs.shape[-1]
+    x, dx = _shifted(probs, eps)
+    if a == 1.0:
+        grad = -(x.log() + 1.0)
+    else:
+        powered = x.pow(a - 1.0)
+        grad = powered * (a / (1.0 - a)) / (powered * x).sum(dim=-1, keepdim=True)
+    grad = grad * dx
+    if not normalize:
+        return grad
+    return grad / math.log(n) if n > 1 else torch.zeros_like(grad)
+
+
 @dataclass
 class DynMoLERouting(Routing):
     """A :class:`Routing` that also carries each token's normalised entropy ``H`` (the switch and the loss input).
 
     Attributes:
-        entropy (Tensor[T] or None): normalised router entropy per token, differentiable.
-        broadcast (BoolTensor[T] or None): True for the tokens routed to every expert.
+        entropy (Tensor[T] or None): normalised router entropy per token, differentiable; ``None`` where the fused
+            training function computed the routing and the entropy loss (``DynMoLERouter._fused_topk_options``).
+        broadcast (BoolTensor[T] or None): True for the tokens routed to every expert; ``None`` there too.
     """
 
     entropy: torch.Tensor | None = None
@@ -157,10 +199,37 @@ class DynMoLEParams(RouterParams):
 
 
 @register_router("dynmole")
-class DynMoLERouter(Router):
-    """DynMoLE hybrid routing: exclusive top-p with a ``keep_top_k`` floor, every expert for uncertain tokens."""
+class DynMoLERouter(FusedTopKSelection, Router):
+    """DynMoLE hybrid routing: exclusive top-p with a ``keep_top_k`` floor, every expert for uncertain tokens.
+
+    In training, the routing and its losses (the entropy loss included) take the top-k router's one-node function
+    with a :class:`~molora.routers.topp.TopPRule` (the same values as :meth:`select` and :meth:`aux_inputs`).
+    """
 
     Params = DynMoLEParams
+    _rule_routing_cls = DynMoLERouting
+
+    def _fused_topk_options(self) -> dict[str, Any] | None:
+        cls = type(self)
+        if (
+            cls.select is not DynMoLERouter.select
+            or cls.normalized_entropy is not DynMoLERouter.normalized_entropy
+            or cls.keep_top_k is not DynMoLERouter.keep_top_k
+            or torch.compiler.is_compiling()  # (compiled, the general route lists the routing without a graph break)
+        ):
+            return None
+        params = self.params
+        grad_fn = tsallis_entropy_grad if params.entropy_type == "tsallis" else renyi_entropy_grad
+        q, eps = params.q, params.entropy_eps
+        rule = TopPRule(
+            params.top_p,
+            inclusive=False,
+            min_experts=self.keep_top_k,
+            entropy=self.normalized_entropy,
+            entropy_grad=lambda probs: grad_fn(probs, q, eps=eps, normalize=True),
+            broadcast_above=params.entropy_threshold if params.entropy_threshold < 1.0 else None,
+        )
+        return {"k": self.num_experts, "renormalize": params.renormalize, "rule": rule}
 
     @property
     def keep_top_k(self) -> int:
@@ -205,5 +274,16 @@ class DynMoLERouter(Router):
             inputs.extra["entropy"] = inputs.same_rows(entropy, valid)
         return inputs
 
+    # the fused function's rule computes this entropy loss (TopPRule)
+    _fused_loss_methods = (loss_coefficients, aux_inputs)
 
-__all__ = ["DynMoLEParams", "DynMoLERouter", "DynMoLERouting", "renyi_entropy", "tsallis_entropy"]
+
+__all__ = [
+    "DynMoLEParams",
+    "DynMoLERouter",
+    "DynMoLERouting",
+    "renyi_entropy",
+    "renyi_entropy_grad",
+    "tsallis_entropy",
+    "tsallis_entropy_grad",
+]

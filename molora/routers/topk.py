@@ -6,8 +6,9 @@ probabilities to sum to one: ``g_e = p_e / sum_{j in S} p_j`` for ``e in S``, el
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -80,34 +81,55 @@ class FusedTopKSelection:
             return None
         return self._fusable_topk_args(logits_dtype, need, balance_loss_type)
 
+    #: the loss methods of this class that the fused function reproduces besides the base class's (a router whose
+    #: selection rule computes its own loss, e.g. top-p's entropy, lists its ``loss_coefficients`` and
+    #: ``aux_inputs``); a subclass that overrides one of them computes its losses its own way
+    _fused_loss_methods: ClassVar[tuple[Callable, ...]] = ()
+
+    #: the routing class a selection rule's result is built as
+    _rule_routing_cls: ClassVar[type[Routing]] = Routing
+
     def _fusable_topk_args(self, logits_dtype, need, balance_loss_type):
         options = self._fused_topk_options()
+        if options is None:
+            return None
+        rule = options.get("rule")
+        cls, own = type(self), type(self)._fused_loss_methods
+        computed = {"balance", "z", "entropy"} if rule is not None and rule.has_entropy else {"balance", "z"}
         fusable = (
-            options is not None
-            and type(self).loss_coefficients is Router.loss_coefficients
+            cls.loss_coefficients in (Router.loss_coefficients, *own)
             # losses of its own (a subclass's aux_inputs / aux_losses) are computed from the routing its own way
-            and type(self).aux_inputs is Router.aux_inputs
-            and type(self).aux_losses is Router.aux_losses
-            and need <= {"balance", "z"}
+            and cls.aux_inputs in (Router.aux_inputs, *own)
+            and cls.aux_losses in (Router.aux_losses, *own)
+            and need <= computed
             and ("balance" not in need or balance_loss_type in FUSED_BALANCE_TYPES)
             and logits_dtype in (torch.float32, torch.float64)
         )
         if not fusable:
             return None
-        return {**options, "balance_type": balance_loss_type if "balance" in need else None, "z_loss": "z" in need}
+        args = {**options, "balance_type": balance_loss_type if "balance" in need else None, "z_loss": "z" in need}
+        if rule is not None:
+            args["entropy_loss"] = "entropy" in need
+        return args
 
-    def topk_result(self, gates, balance, z_loss, probs, expert_index, weight, logits, need):
-        k = expert_index.shape[1]
-        routing = Routing(
-            probs=probs,
-            token_index=repeated_arange(probs.shape[0], k, probs.device),
-            expert_index=expert_index.reshape(-1),
-            weight=weight.reshape(-1),
-            logits=logits,
-            gates=gates,
-            per_token=k,
-        )
-        losses = {"balance": balance, "z": z_loss}
+    def topk_result(
+        self, gates, balance, z_loss, probs, expert_index, weight, entropy, active, logits, need, dense=False
+    ):
+        if active is not None:
+            # a selection rule: the kept experts (all T * E pairs for a dense-path caller: no nonzero)
+            routing = self._rule_routing_cls.from_dense(probs, gates, active, logits, dense=dense)
+        else:
+            k = expert_index.shape[1]
+            routing = Routing(
+                probs=probs,
+                token_index=repeated_arange(probs.shape[0], k, probs.device),
+                expert_index=expert_index.reshape(-1),
+                weight=weight.reshape(-1),
+                logits=logits,
+                gates=gates,
+                per_token=k,
+            )
+        losses = {"balance": balance, "z": z_loss, "entropy": entropy}
         return routing, {name: losses[name] for name in sorted(need)}
 
 

@@ -18,12 +18,16 @@ it the router can activate more experts simply by flattening its distribution.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from ..kernels.fused_router import SelectionRule
 from . import balancing
 from .base import Router, RouterParams, Routing, register_router
+from .topk import FusedTopKSelection
 
 
 def safe_log(probs: torch.Tensor) -> torch.Tensor:
@@ -38,6 +42,13 @@ def safe_log(probs: torch.Tensor) -> torch.Tensor:
 def shannon_entropy(probs: torch.Tensor) -> torch.Tensor:
     """Shannon entropy in nats of each row of ``probs[..., E]``; differentiable and finite at zero probabilities."""
     return -(probs * safe_log(probs)).sum(dim=-1)
+
+
+def shannon_entropy_grad(probs: torch.Tensor) -> torch.Tensor:
+    """``d/dp`` of :func:`shannon_entropy` for each entry of ``probs[..., E]``: ``-(ln p + 1)``, and ``-ln(tiny)``
+    where the clamp holds (``p`` below the smallest normal float, as autograd differentiates the clamp)."""
+    tiny = torch.finfo(probs.dtype).tiny
+    return -(safe_log(probs) + (probs >= tiny).to(probs.dtype))
 
 
 def top_p_mask(
@@ -63,14 +74,87 @@ def top_p_mask(
         return torch.ones_like(probs, dtype=torch.bool)
     # a stable sort breaks ties by expert index, so equal probabilities give the same choice in every batch layout
     sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
-    cumsum = sorted_probs.cumsum(dim=-1)
-    reference = cumsum - sorted_probs if inclusive else cumsum
-    keep_sorted = reference <= top_p if top_p < 1.0 else torch.ones_like(reference, dtype=torch.bool)
-    rank = torch.arange(probs.shape[-1], device=probs.device)
-    keep_sorted |= rank < min_experts
-    if max_experts is not None:
-        keep_sorted &= rank < max_experts
+    keep_sorted = top_p_keep_sorted(
+        sorted_probs, top_p, inclusive=inclusive, min_experts=min_experts, max_experts=max_experts
+    )
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+def top_p_keep_sorted(
+    sorted_probs: torch.Tensor,
+    top_p: float,
+    *,
+    inclusive: bool,
+    min_experts: int = 1,
+    max_experts: int | None = None,
+) -> torch.Tensor:
+    """:func:`top_p_mask` in the order of ``sorted_probs[T, E]`` (each row's probabilities in descending order):
+    ``keep[T, E]``, True for the experts kept."""
+    if top_p >= 1.0 and max_experts is None:
+        return torch.ones_like(sorted_probs, dtype=torch.bool)
+    if top_p < 1.0:
+        cumsum = sorted_probs.cumsum(dim=-1)
+        keep_sorted = (cumsum - sorted_probs if inclusive else cumsum) <= top_p
+    else:
+        keep_sorted = torch.ones_like(sorted_probs, dtype=torch.bool)
+    # the floor and the cap by rank (the inclusive rule keeps the first expert anyway: its preceding mass is 0)
+    if min_experts > 1 or not inclusive:
+        keep_sorted[..., :min_experts] = True
+    if max_experts is not None:
+        keep_sorted[..., max_experts:] = False
+    return keep_sorted
+
+
+class TopPRule(SelectionRule):
+    """The top-p selection of :func:`top_p_mask` for the fused top-k function (``molora.kernels.fused_router``), with
+    an optional per-token entropy: the ``"entropy"`` loss, and with ``broadcast_above`` the switch that gives a token
+    whose entropy exceeds it every expert (DynMoLE).
+
+    Args:
+        top_p, inclusive, min_experts, max_experts: as in :func:`top_p_mask`.
+        entropy (callable or None): ``probs[T, E] -> H[T]``, differentiable in the router's own path (the fused
+            function calls it without autograd).
+        entropy_grad (callable or None): ``probs[T, E] -> dH/dp[T, E]``.
+        broadcast_above (float or None): tokens with ``H > broadcast_above`` keep every expert (needs ``entropy``).
+    """
+
+    def __init__(
+        self,
+        top_p: float,
+        *,
+        inclusive: bool,
+        min_experts: int = 1,
+        max_experts: int | None = None,
+        entropy: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        entropy_grad: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        broadcast_above: float | None = None,
+    ) -> None:
+        if (entropy is None) != (entropy_grad is None) or (broadcast_above is not None and entropy is None):
+            raise ValueError("TopPRule: `entropy` and `entropy_grad` go together, and `broadcast_above` needs them.")
+        self.top_p, self.inclusive = top_p, inclusive
+        self.min_experts, self.max_experts = min_experts, max_experts
+        self.entropy, self._entropy_grad, self.broadcast_above = entropy, entropy_grad, broadcast_above
+        self.has_entropy = entropy is not None
+
+    def select(self, probs: torch.Tensor, with_entropy: bool):  # noqa: D102
+        token_entropy = None
+        if self.entropy is not None and (with_entropy or self.broadcast_above is not None):
+            token_entropy = self.entropy(probs)
+        # a stable sort, as top_p_mask's
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+        keep_sorted = top_p_keep_sorted(
+            sorted_probs,
+            self.top_p,
+            inclusive=self.inclusive,
+            min_experts=self.min_experts,
+            max_experts=self.max_experts,
+        )
+        if self.broadcast_above is not None:
+            keep_sorted = keep_sorted | (token_entropy > self.broadcast_above).unsqueeze(-1)
+        return sorted_probs, order, keep_sorted, token_entropy
+
+    def entropy_grad(self, probs: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self._entropy_grad(probs)
 
 
 def routing_from_mask(
@@ -143,14 +227,31 @@ def check_loss_coef(name: str, value: float) -> None:
 
 
 @register_router("topp")
-class TopPRouter(Router):
+class TopPRouter(FusedTopKSelection, Router):
     """Dynamic top-p routing ("Harder Tasks Need More Experts"): more experts for uncertain tokens.
 
     ``MoLoraConfig.top_k`` is ignored: the number of experts per token follows from ``top_p`` (bounded by
-    ``min_experts`` and ``max_experts``).
+    ``min_experts`` and ``max_experts``). In training, the routing and its losses (the entropy loss included) take
+    the top-k router's one-node function with a :class:`TopPRule` (the same values as :meth:`select` and
+    :meth:`aux_inputs`).
     """
 
     Params = TopPParams
+
+    def _fused_topk_options(self) -> dict[str, Any] | None:
+        if type(self).select is not TopPRouter.select or torch.compiler.is_compiling():
+            # (compiled, the general route lists the routing without a graph break already)
+            return None
+        params = self.params
+        rule = TopPRule(
+            params.top_p,
+            inclusive=True,
+            min_experts=params.min_experts,
+            max_experts=params.max_experts,
+            entropy=shannon_entropy,
+            entropy_grad=shannon_entropy_grad,
+        )
+        return {"k": self.num_experts, "renormalize": params.renormalize, "rule": rule}
 
     def select(self, logits: torch.Tensor, valid: torch.Tensor | None) -> Routing:
         params = self.params
@@ -172,13 +273,19 @@ class TopPRouter(Router):
             inputs.extra["entropy"] = shannon_entropy(inputs.probs)
         return inputs
 
+    # the fused function's rule computes this entropy loss (TopPRule)
+    _fused_loss_methods = (loss_coefficients, aux_inputs)
+
 
 __all__ = [
     "TopPParams",
     "TopPRouter",
+    "TopPRule",
     "check_loss_coef",
     "routing_from_mask",
     "safe_log",
     "shannon_entropy",
+    "shannon_entropy_grad",
+    "top_p_keep_sorted",
     "top_p_mask",
 ]
