@@ -9,10 +9,14 @@ measures, in one run and with the same thread count:
   each compute path (``auto``, ``dense``, ``grouped``) and the naive per-expert loop (``kernel="naive"``);
 * **train step**: forward with labels, backward and an AdamW step (fused, ``transformers.Trainer``'s default) on a
   small random Llama whose projections are all adapted, for the same candidates (MoLoRA with its defaults: top-k
-  router, balance loss, routing statistics);
+  router, balance loss, routing statistics; then ``molora_on_optimizer_step()``, as ``MoLoraCallback`` calls it);
 * **generate**: greedy ``generate`` with the KV cache (a prefill, then one decode step per new token, always the same
   number of tokens) on a small random Llama whose projections are all adapted, by default 256 wide: a decode step
   has a few tokens per layer, so MoLoRA's per-layer work (router, gating, statistics) shows there more than anywhere.
+
+``--router NAME`` gives the MoLoRA candidates another router (its default ``router_kwargs``); the LoRA reference
+keeps the rank ``r*k`` of the adapter's nominal ``top_k``, which a router with a variable number of experts per token
+(``topp``, ``dynmole``, ...) does not hold to.
 
 With ``--compile`` the training step and the generation also run ``torch.compile``-d copies of PEFT LoRA and MoLoRA
 (candidates ``... +compile``, compiled during their warm-up; their ratio is against the compiled LoRA, and their
@@ -98,6 +102,7 @@ class BenchTable:
     device: str = "cpu"
     dtype: str = "float32"
     amp: bool = False
+    router: str = "topk"
     torch_version: str = torch.__version__
 
     def to_dict(self) -> dict:
@@ -253,7 +258,7 @@ class _OneProjection(nn.Module):
         return self.proj(x)
 
 
-def _peft_config(candidate: str, rank: int, num_experts: int, top_k: int, targets):
+def _peft_config(candidate: str, rank: int, num_experts: int, top_k: int, targets, router: str = "topk"):
     from peft import LoraConfig
 
     from .config import MoLoraConfig
@@ -265,8 +270,19 @@ def _peft_config(candidate: str, rank: int, num_experts: int, top_k: int, target
         return LoraConfig(r=width, lora_alpha=2 * width, target_modules=targets)
     kernel = "naive" if candidate == "naive" else candidate.split()[-1]
     return MoLoraConfig(
-        r=rank, lora_alpha=2 * rank, num_experts=num_experts, top_k=top_k, target_modules=targets, kernel=kernel
+        r=rank,
+        lora_alpha=2 * rank,
+        num_experts=num_experts,
+        top_k=top_k,
+        target_modules=targets,
+        kernel=kernel,
+        router=router,
     )
+
+
+def _router_suffix(router: str) -> str:
+    # the shape column names a router other than the default
+    return "" if router == "topk" else f" router={router}"
 
 
 def _adapt(model: nn.Module, config) -> nn.Module:
@@ -317,16 +333,21 @@ def bench_layer(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     amp: bool = False,
+    router: str = "topk",
 ) -> list[BenchRow]:
     """Forward + backward of one adapted ``width x width`` projection on ``tokens`` tokens, per candidate (``amp``: see
     :func:`run_benchmarks`)."""
+    from .routers.base import get_router_class
+
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(tokens, width, generator=gen).to(device, dtype)
-    upstream = torch.randn(tokens, width, generator=gen).to(device, dtype)
+    # one sequence of `tokens` tokens for a router that routes whole sequences (the prompt router), else flat tokens
+    lead = (1, tokens) if get_router_class(router).uses_context else (tokens,)
+    x = torch.randn(*lead, width, generator=gen).to(device, dtype)
+    upstream = torch.randn(*lead, width, generator=gen).to(device, dtype)
     steps, models = {}, {}
     for candidate in candidates:
         torch.manual_seed(0)
-        config = _peft_config(candidate, rank, num_experts, top_k, ["proj"])
+        config = _peft_config(candidate, rank, num_experts, top_k, ["proj"], router)
         model = _build(_OneProjection(width), config, device, dtype, amp).train()
         models[candidate] = model
         params = [p for p in model.parameters() if p.requires_grad]
@@ -341,7 +362,7 @@ def bench_layer(
 
         steps[candidate] = step
     times = _time_interleaved(steps, warmup, repeats)
-    shape = f"d={width} T={tokens} E={num_experts} k={top_k} r={rank}"
+    shape = f"d={width} T={tokens} E={num_experts} k={top_k} r={rank}{_router_suffix(router)}"
     return _measured_rows("layer", shape, steps, times, models, tokens)
 
 
@@ -399,6 +420,7 @@ def bench_train_step(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     amp: bool = False,
+    router: str = "topk",
 ) -> list[BenchRow]:
     """One training step (forward with labels, backward, AdamW) of a small random Llama, per candidate (``amp``: see
     :func:`run_benchmarks`).
@@ -412,24 +434,29 @@ def bench_train_step(
     steps, models, optimizers = {}, {}, {}
     for candidate in candidates:
         base_candidate = candidate.removesuffix(COMPILED)
-        config = _peft_config(base_candidate, rank, num_experts, top_k, targets)
+        config = _peft_config(base_candidate, rank, num_experts, top_k, targets, router)
         model = _build(_small_llama(width, layers, vocab), config, device, dtype, amp).train()
         models[candidate] = model
         optimizer = optimizers[candidate] = _adamw([p for p in model.parameters() if p.requires_grad])
         forward = torch.compile(model) if candidate.endswith(COMPILED) else model
 
-        def step(forward=forward, optimizer=optimizer) -> None:
+        # MoLoRA's per-step router update (the loss-free bias, ReMoE's sparsity), as MoLoraCallback runs it
+        on_step = getattr(model, "molora_on_optimizer_step", None)
+
+        def step(forward=forward, optimizer=optimizer, on_step=on_step) -> None:
             with _autocast(device, dtype, amp):
                 out = forward(input_ids=input_ids, labels=input_ids)
             out.loss.backward()
             optimizer.step()
+            if on_step is not None:
+                on_step()
             optimizer.zero_grad(set_to_none=True)
 
         if candidate.endswith(COMPILED):
             _compile_by_calling(step, f"the {base_candidate!r} training step")
         steps[candidate] = step
     times = _time_interleaved(steps, warmup, repeats)
-    shape = f"llama d={width} L={layers} T={batch}x{seq} E={num_experts} k={top_k} r={rank}"
+    shape = f"llama d={width} L={layers} T={batch}x{seq} E={num_experts} k={top_k} r={rank}{_router_suffix(router)}"
     # after the warm-up and timed steps: AdamW's state exists
     return _measured_rows("train step", shape, steps, times, models, batch * seq, optimizers)
 
@@ -462,6 +489,7 @@ def bench_generate(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     amp: bool = False,
+    router: str = "topk",
 ) -> list[BenchRow]:
     """Greedy generation of exactly ``new_tokens`` tokens for ``batch`` prompts of ``prompt`` tokens (KV cache on) with
     a small random Llama, per candidate (models in eval mode, no gradient, as ``generate`` runs).
@@ -477,7 +505,7 @@ def bench_generate(
     steps, models = {}, {}
     for candidate in candidates:
         base_candidate = candidate.removesuffix(COMPILED)
-        config = _peft_config(base_candidate, rank, num_experts, top_k, targets)
+        config = _peft_config(base_candidate, rank, num_experts, top_k, targets, router)
         # with `amp`, fp32 adapters on the low-precision base and no autocast: what PeftModel.from_pretrained gives
         model = _build(_small_llama(width, layers, vocab), config, device, dtype, amp).eval()
         models[candidate] = model
@@ -502,7 +530,10 @@ def bench_generate(
             _compile_by_calling(step, f"the {base_candidate!r} generation")
         steps[candidate] = step
     times = _time_interleaved(steps, warmup, repeats)
-    shape = f"llama d={width} L={layers} {batch}x{prompt}+{new_tokens} E={num_experts} k={top_k} r={rank}"
+    shape = (
+        f"llama d={width} L={layers} {batch}x{prompt}+{new_tokens} E={num_experts} k={top_k} r={rank}"
+        f"{_router_suffix(router)}"
+    )
     # the decode steps' token count, which is what the layers see most of the time
     return _measured_rows("generate", shape, steps, times, models, batch)
 
@@ -584,6 +615,7 @@ def run_benchmarks(
     gen_width: int | None = None,
     torch_compile: bool = False,
     amp: bool = False,
+    router: str = "topk",
 ) -> BenchTable:
     """Measure the layer, (unless ``model=False``) the training-step and (unless ``generation=False``) the generation
     benchmarks; return the table.
@@ -611,11 +643,15 @@ def run_benchmarks(
         amp (bool): mixed precision as trainers run it, for a 16-bit ``dtype``: the base model in ``dtype``, LoRA
             and MoLoRA adapters in fp32 (PEFT's ``autocast_adapter_dtype``), the layer and training steps under
             ``torch.autocast(dtype)`` (a trainer's ``bf16=True``); generation without autocast.
+        router (str): the MoLoRA candidates' router, a registered name (``MoLoraConfig.router``). Default "topk".
     """
     if dtype not in DTYPES:
         raise ValueError(f"`dtype`={dtype!r} is not supported; allowed values: {list(DTYPES)}.")
     if amp and dtype == "float32":
         raise ValueError("`amp` needs a 16-bit `dtype` (bfloat16 or float16): the base model's, autocast's.")
+    problem = router_problem(router)
+    if problem:
+        raise ValueError(problem)
     problem = device_problem(device) or settings_problem(
         threads=threads,
         warmup=warmup,
@@ -641,7 +677,13 @@ def run_benchmarks(
     tokens = tokens if tokens is not None else (32 if quick else 512)
     say = progress or (lambda line: None)
     table = BenchTable(
-        threads=torch.get_num_threads(), repeats=repeats, warmup=warmup, device=device, dtype=dtype, amp=amp
+        threads=torch.get_num_threads(),
+        repeats=repeats,
+        warmup=warmup,
+        device=device,
+        dtype=dtype,
+        amp=amp,
+        router=router,
     )
     layer_candidates = ["lora r·k", "lora r·E", "molora auto", "molora dense", "molora grouped", "naive"]
     if torch.device(device).type == "cuda":
@@ -661,10 +703,11 @@ def run_benchmarks(
             device=device,
             dtype=torch_dtype,
             amp=amp,
+            router=router,
         )
     # the small-Llama benchmarks: E=8, k=2, r=8 against LoRA r=16 and the naive loop, fewer rounds than the layer
     model_args = (8, 8, 2, ["lora r·k", "molora auto", "naive"], max(1, warmup - 1), max(3, repeats // 3))
-    where = {"device": device, "dtype": torch_dtype, "amp": amp}
+    where = {"device": device, "dtype": torch_dtype, "amp": amp, "router": router}
     if model:
         m_width, m_layers, m_batch, m_seq = (64, 2, 2, 16) if quick else (width, 2, 2, 128)
         m_width = width if width_given else m_width
@@ -693,6 +736,17 @@ def run_benchmarks(
         elif base == "lora r·E":
             row.candidate = f"lora r={_rk(row.shape, 'E')} (bank width)"
     return table
+
+
+def router_problem(router: str) -> str | None:
+    """Why ``router`` cannot be benchmarked (not a registered router name), else None."""
+    from .routers.base import get_router_class
+
+    try:
+        get_router_class(router)
+    except ValueError as error:
+        return f"--router: {error}"
+    return None
 
 
 def _rk(shape: str, factor: str = "k") -> int:
@@ -758,6 +812,9 @@ def main(argv: list[str] | None = None) -> int:
         help="with a 16-bit --dtype: base in that dtype, adapters fp32 (PEFT's default), layer and training steps "
         "under torch.autocast (a trainer's bf16=True)",
     )
+    parser.add_argument(
+        "--router", default="topk", help="the MoLoRA candidates' router, a registered name (default topk)"
+    )
     parser.add_argument("--json", default=None, help="also write the table to this JSON file")
     from .cli import output_parent_problem
 
@@ -768,7 +825,7 @@ def main(argv: list[str] | None = None) -> int:
     problem = problem or llama_width_problem(
         None if args.no_model else args.width, None if args.no_generate else args.gen_width
     )
-    problem = problem or output_parent_problem(args.json, "--json")
+    problem = problem or output_parent_problem(args.json, "--json") or router_problem(args.router)
     if not problem and args.amp and args.dtype == "float32":
         problem = "--amp needs --dtype bfloat16 or float16 (the base model's and autocast's dtype)"
     if problem:
@@ -791,6 +848,7 @@ def main(argv: list[str] | None = None) -> int:
         gen_width=args.gen_width,
         torch_compile=args.compile,
         amp=args.amp,
+        router=args.router,
     )
     print(format_table(table))
     if args.json:

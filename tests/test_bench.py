@@ -325,3 +325,39 @@ def test_odd_llama_widths_are_clear_errors_and_quick_honours_width(monkeypatch, 
     monkeypatch.setattr(bench, "bench_train_step", lambda width, *args, **kwargs: widths.append(width) or [])
     bench.run_benchmarks(quick=True, width=96, extra_shapes=False, generation=False)
     assert widths == [96]
+
+
+@pytest.mark.parametrize("router", ["dynmole", "prompt", "topk_bias"])
+def test_router_option_benchmarks_that_router(monkeypatch, capsys, router):
+    """``--router``: every MoLoRA candidate is built with that router (the LoRA reference is not), the table names
+    it, and the training step runs the per-step router update as ``MoLoraCallback`` does (the loss-free bias
+    moves)."""
+    from molora.routers.base import get_router_class
+
+    built, updates = [], []
+    original = bench._peft_config
+
+    def spy(candidate, *args, **kwargs):
+        config = original(candidate, *args, **kwargs)
+        built.append((candidate, getattr(config, "router", None)))
+        return config
+
+    monkeypatch.setattr(bench, "_peft_config", spy)
+    cls = get_router_class(router)
+    original_step = cls.on_optimizer_step_group.__func__
+    monkeypatch.setattr(
+        cls, "on_optimizer_step_group", classmethod(lambda c, rs: (updates.append(len(rs)), original_step(c, rs)))
+    )
+    assert bench.main(["--quick", "--router", router, "--no-extra-shapes", "--no-generate", "--repeats", "1"]) == 0
+    table = capsys.readouterr().out
+    assert {r for c, r in built if not c.startswith("lora")} == {router}
+    assert {r for c, r in built if c.startswith("lora")} == {None}
+    rows = [line for line in table.splitlines() if line.startswith("| layer") or line.startswith("| train step")]
+    assert rows and all(f"router={router}" in line for line in rows)
+    if router == "topk_bias":
+        assert updates  # the bias update ran in the MoLoRA training steps
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--router", "topK"])
+    assert "Did you mean 'topk'?" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="not a registered router"):
+        bench.run_benchmarks(quick=True, router="nope")
