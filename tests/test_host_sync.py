@@ -46,7 +46,17 @@ class _ReadBacks(TorchDispatchMode):
 
 @pytest.mark.parametrize(
     ("router", "allowed"),
-    [("topk", 0), ("topk_bias", 1), ("expert_choice", 1), ("soft", 1), ("mor", 1), ("prompt", 1)],
+    [
+        ("topk", 0),
+        ("topk_bias", 1),
+        ("expert_choice", 1),
+        ("soft", 1),
+        ("mor", 1),
+        ("prompt", 1),
+        # the top-p routers select in the top-k node: all (token, expert) pairs listed, no nonzero per layer
+        ("topp", 0),
+        ("dynmole", 0),
+    ],
 )
 def test_training_step_reads_back_at_most_once_per_forward(router, allowed):
     cfg = molora.MoLoraConfig(r=4, num_experts=4, top_k=2, router=router, init_lora_weights=False)
