@@ -114,7 +114,10 @@ def _train(model, steps: int, check_continuity: bool = True):
         molora.maybe_grow(model, step, optimizer=optimizer)
         if check_continuity:
             with torch.no_grad():
-                assert torch.equal(model(**inputs).logits, before), f"output jumped at step {step}"
+                # (a growth event widens masked_weights' cut: the products then sum over more, zero, columns, which
+                # may round differently; a new component that changed the function would move the logits by far more)
+                after = model(**inputs).logits
+                torch.testing.assert_close(after, before, rtol=1e-6, atol=1e-6, msg=f"output jumped at step {step}")
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "phimoe", "glm4_moe", "deepseek_v3"])

@@ -171,6 +171,8 @@ class DynamicRankState(nn.Module):
         self.register_buffer("_freq_tokens", torch.zeros(()), persistent=False)
         # element-wise sensitivity EMAs, allocated on the first importance update (not saved, see module docstring)
         self._ema: dict[str, torch.Tensor] = {}
+        # ((buffer id, version), columns) of masked_weights' cut
+        self._columns_cache: tuple[tuple[int, int], int] | None = None
 
     def _apply(self, fn, recurse: bool = True):
         # a half-precision base (PEFT places the state like the base layer's weight, `model.to(torch.float16)`) would
@@ -191,9 +193,37 @@ class DynamicRankState(nn.Module):
         return self.mask().sum(dim=-1)
 
     def masked_weights(self, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``A * mu`` and ``mu * B`` for ``A[E, d_in, r_max]``, ``B[E, r_max, d_out]``; gradients are masked too."""
+        """``A * mu`` and ``mu * B`` for ``A[E, d_in, r_max]``, ``B[E, r_max, d_out]``; gradients are masked too.
+
+        Cut to the components up to the last one any expert has active (``[E, d_in, r]`` and ``[E, r, d_out]``, ``r``
+        <= ``r_max``): the columns past it are zero in every expert, and the compute paths need not multiply them
+        (components switch on in index order, so early in training ``r`` is about the initial rank, not the
+        capacity). The cut columns get a zero gradient, as masked ones do.
+        """
         mask = self.mask()
+        cut = self._active_columns(mask)
+        if cut < self.r_max:
+            A, B, mask = A[:, :, :cut], B[:, :cut, :], mask[:, :cut]
         return A * mask[:, None, :].to(A.dtype), B * mask[:, :, None].to(B.dtype)
+
+    def _active_columns(self, mask: torch.Tensor) -> int:
+        """One past the last component index active in any expert (at least 1), read back to the host only when
+        ``activated_at`` changed (growth, loading, a move to another device); the full ``r_max`` under
+        ``torch.compile`` (no host read inside a graph)."""
+        if torch.compiler.is_compiling():
+            return self.r_max
+        buffer = self.activated_at
+        try:
+            key = (id(buffer), buffer._version)
+        except RuntimeError:  # an inference tensor (made under inference_mode) has no version counter
+            key = None
+        cached = self._columns_cache
+        if key is not None and cached is not None and cached[0] == key:
+            return cached[1]
+        used = mask.any(dim=0).nonzero()
+        cut = int(used.max()) + 1 if used.numel() else 1
+        self._columns_cache = (key, cut) if key is not None else None
+        return cut
 
     def observe(self, routing: Routing, valid: torch.Tensor | None) -> None:
         """Add one forward's routing weights (probabilities or gates, per ``freq_source``) to the step's sums."""
