@@ -24,6 +24,8 @@ import molora.adapters.layer as layer_module
 from molora import MoLoraConfig, MoLoraLayer
 from molora.kernels.fused_dense import base_and_shrink, dense_topk_layer, gated_expand_
 from molora.kernels.fused_router import topk_gates_and_losses
+from molora.routers.dynmole import DynMoLERouter
+from molora.routers.topp import TopPRouter
 
 
 def reference(x, weight, bias, bank, router, gates, b_flat, scaling, conv1d):
@@ -182,6 +184,73 @@ def test_dense_topk_layer_matches_the_three_functions(options, padded, source, t
     # the callback ran in both (and only) where the losses got no gradient of their own
     wants_fill = source == "output only" and has_losses and bool({"x", "bank", "router"} - frozen)
     assert len(calls) == (2 if wants_fill else 0)
+
+
+@pytest.mark.parametrize("source", ["everything", "output only", "losses only"])
+@pytest.mark.parametrize(
+    "router_cls, params, balance_type",
+    [
+        (TopPRouter, {"top_p": 0.5}, "megatron"),
+        (TopPRouter, {"top_p": 0.7, "renormalize": True, "max_experts": 3}, "soft"),
+        (DynMoLERouter, {"entropy_threshold": 0.8, "keep_top_k": 1}, "soft"),
+        (DynMoLERouter, {"entropy_type": "renyi", "q": 0.5, "top_p": 0.6}, "mixtral"),
+    ],
+)
+def test_dense_topk_layer_with_a_selection_rule_matches_the_three_functions(router_cls, params, balance_type, source):
+    """The top-p routers' rules (with the entropy loss) in the one-node layer: the same output, losses and gradients
+    as the three functions in sequence, the routing tensors without gradient, and the missing-gradient callback's
+    third value (the entropy loss's) used when only the output is differentiated."""
+    torch.manual_seed(6)
+    n_tokens, d_in, d_out, n_experts, rank, scaling = 9, 6, 5, 4, 3, 0.75
+    router = router_cls(d_in, n_experts, 2, params=router_cls.Params(**params))
+    options = router._fused_topk_options()
+    weight = torch.randn(d_out, d_in, dtype=torch.float64)
+    leaves = {
+        "x": torch.randn(n_tokens, d_in, dtype=torch.float64),
+        "bank": torch.randn(n_experts, d_in, rank, dtype=torch.float64),
+        "b": torch.randn(n_experts * rank, d_out, dtype=torch.float64),
+        "router": torch.randn(n_experts, d_in, dtype=torch.float64) * 2,
+    }
+    valid = torch.rand(n_tokens, generator=torch.Generator().manual_seed(2)) > 0.3
+    upstream = torch.randn(n_tokens, d_out, dtype=torch.float64)
+    fill = tuple(torch.tensor(v, dtype=torch.float64) for v in (0.3, 0.05, 0.2))
+    losses_args = dict(valid=valid, balance_type=balance_type, z_loss=True, entropy_loss=True, **options)
+    results = []
+    for fused in (True, False):
+        t = {name: v.clone().requires_grad_(True) for name, v in leaves.items()}
+        if fused:
+            out, gates, balance, z, probs, index, top, entropy, active = dense_topk_layer(
+                t["x"],
+                weight,
+                None,
+                t["bank"],
+                t["b"],
+                t["router"],
+                scaling,
+                missing_grads=lambda *a: fill,
+                **losses_args,
+            )
+            assert not any(v.requires_grad for v in (gates, probs, index, top, active))
+            assert active.dtype == torch.bool and torch.equal(gates != 0, active & (probs != 0))
+        else:
+            out, h, logits = base_and_shrink(t["x"], weight, None, t["bank"], t["router"])
+            routed = topk_gates_and_losses(logits, missing_grads=lambda *a: fill, **losses_args)
+            gates, balance, z, entropy = routed[0], routed[1], routed[2], routed[6]
+            out = gated_expand_(out, h, gates, t["b"], scaling)
+        losses = (balance, z, entropy)
+        terms = [] if source == "losses only" else [(out * upstream).sum()]
+        if source != "output only":
+            terms += [c * loss for c, loss in zip((0.7, -0.4, 1.3), losses)]
+        grads = torch.autograd.grad(sum(terms), list(t.values()), allow_unused=True)
+        results.append((out.detach(), [loss.detach() for loss in losses], grads))
+    (out_f, losses_f, grads_f), (out_r, losses_r, grads_r) = results
+    torch.testing.assert_close(out_f, out_r)
+    torch.testing.assert_close(losses_f, losses_r)
+    for name, g_f, g_r in zip(leaves, grads_f, grads_r):
+        if g_r is None:  # B through the losses alone
+            assert g_f is None or not g_f.any(), name
+            continue
+        torch.testing.assert_close(g_f, g_r, msg=name)
 
 
 def test_dense_topk_layer_rejects_what_it_cannot_compute():

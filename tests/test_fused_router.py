@@ -267,6 +267,8 @@ def test_selection_rule_matches_the_routers_plain_ops(name, losses, valid_kind, 
             )
             gates, balance, z, entropy, active = out[0], out[1], out[2], out[6], out[7]
             assert torch.equal(gates.gather(-1, out[4]), out[5])  # the per-assignment gates, sorted
+            # the routing tensors carry no gradient (a gradient through them would be dropped silently)
+            assert not any(t.requires_grad for t in (out[3], out[4], active))
         else:
             gates, balance, z, entropy, active = _rule_plain(router, logits, valid, balance_type, z_loss, entropy_loss)
         total = (gates * upstream).sum()

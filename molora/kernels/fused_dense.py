@@ -296,9 +296,9 @@ class _DenseTopK(torch.autograd.Function):
         )
         routed, placeholders = losses_or_placeholders(routed, out)
         gates, balance, z_loss, probs, expert_index, top_probs, entropy, active = routed
-        ctx.mark_non_differentiable(gates, probs, expert_index, top_probs, *placeholders)
-        if rule is not None:
-            ctx.mark_non_differentiable(active)
+        # one call (a second one would replace the marks of the first)
+        marked = [gates, probs, expert_index, top_probs, *placeholders] + ([active] if rule is not None else [])
+        ctx.mark_non_differentiable(*marked)
         return out, gates, balance, z_loss, probs, expert_index, top_probs, entropy, active
 
     @staticmethod

@@ -248,9 +248,9 @@ class _TopKGatesAndLosses(torch.autograd.Function):
         ctx.renormalize = renormalize
         ctx.save_for_backward(*topk_save(ctx, outputs, state, rule))
         outputs, placeholders = losses_or_placeholders(outputs, logits)
-        ctx.mark_non_differentiable(outputs[3], outputs[4], *placeholders)  # probs, expert_index
-        if rule is not None:
-            ctx.mark_non_differentiable(outputs[7])  # active
+        # probs, expert_index (and a rule's active mask); one call: a second one replaces the first one's marks
+        marked = [outputs[3], outputs[4], *placeholders] + ([outputs[7]] if rule is not None else [])
+        ctx.mark_non_differentiable(*marked)
         return outputs
 
     @staticmethod
