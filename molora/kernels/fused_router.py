@@ -199,7 +199,9 @@ def losses_or_placeholders(routed: tuple, like: torch.Tensor) -> tuple[tuple, li
     """
     placeholders = []
     routed = list(routed)
-    for i in (1, 2, 6, 7):  # balance, z, entropy, active
+    # balance, z; the entropy loss only when a rule's active mask (marked) follows it: a trailing None shifts no mark
+    # (a placeholder is an operator call, per layer and forward)
+    for i in (1, 2, 6) if routed[7] is not None else (1, 2):
         if routed[i] is None:
             routed[i] = like.new_zeros(())
             placeholders.append(routed[i])
@@ -210,8 +212,8 @@ def placeholders_to_none(
     outputs: tuple, offset: int, balance_type: str | None, z_loss: bool, entropy_loss: bool = False, rule=None
 ) -> tuple:
     """``outputs`` with the losses at ``offset`` (balance), ``offset + 1`` (z) and ``offset + 5`` (entropy) that
-    were not requested, and ``active`` (``offset + 6``) without a ``rule``, set back to ``None`` (see
-    :func:`losses_or_placeholders`)."""
+    were not requested set back to ``None`` (see :func:`losses_or_placeholders`), and ``active`` (``offset + 6``)
+    ``None`` without a ``rule``."""
     outputs = list(outputs)
     if balance_type is None:
         outputs[offset] = None
