@@ -241,6 +241,15 @@ def test_masked_bank_is_cut_to_the_active_columns_which_follow_growth_and_loadin
     assert fresh_state.masked_weights(A, B)[0].shape[-1] == 2  # cached at 2 columns
     fresh_state.load_state_dict(saved)
     assert fresh_state.masked_weights(A, B)[0].shape[-1] == 5
+    # an in-place copy of another state's buffer (what molora does for TRL's reference adapter), and a new buffer
+    with torch.no_grad():
+        fresh_state.activated_at.copy_(dr.DynamicRankState(4, 8, state.params).activated_at)
+    assert fresh_state.masked_weights(A, B)[0].shape[-1] == 2
+    replacement = saved["activated_at"].clone()
+    while replacement._version < fresh_state.activated_at._version:  # the same version: told apart by identity
+        replacement.add_(0)
+    fresh_state.activated_at = replacement
+    assert fresh_state.masked_weights(A, B)[0].shape[-1] == 5
 
 
 def test_cut_bank_computes_what_the_full_masked_bank_computes(monkeypatch):
@@ -249,7 +258,7 @@ def test_cut_bank_computes_what_the_full_masked_bank_computes(monkeypatch):
     results = {}
     for cut in (True, False):
         if not cut:
-            monkeypatch.setattr(dr.DynamicRankState, "_active_columns", lambda self, mask: self.r_max)
+            monkeypatch.setattr(dr.DynamicRankState, "_active_columns", lambda self, mask, key: self.r_max)
         for kernel in ("auto", "grouped", "naive"):
             model = get_peft_model(make_llama(seed=3), _config(kernel=kernel, init_lora_weights=False)).train()
             for bank in _banks(model):

@@ -171,8 +171,8 @@ class DynamicRankState(nn.Module):
         self.register_buffer("_freq_tokens", torch.zeros(()), persistent=False)
         # element-wise sensitivity EMAs, allocated on the first importance update (not saved, see module docstring)
         self._ema: dict[str, torch.Tensor] = {}
-        # ((buffer id, version), columns) of masked_weights' cut
-        self._columns_cache: tuple[tuple[int, int], int] | None = None
+        # ((activated_at, its version), columns) of masked_weights' cut
+        self._columns_cache: tuple[tuple, int] | None = None
 
     def _apply(self, fn, recurse: bool = True):
         # a half-precision base (PEFT places the state like the base layer's weight, `model.to(torch.float16)`) would
@@ -199,26 +199,38 @@ class DynamicRankState(nn.Module):
         <= ``r_max``): the columns past it are zero in every expert, and the compute paths need not multiply them
         (components switch on in index order, so early in training ``r`` is about the initial rank, not the
         capacity). The cut columns get a zero gradient, as masked ones do.
+
+        The cut is read back to the host when ``activated_at`` changed, which its version counter tells: growth,
+        loading, an in-place copy (PyTorch's in-place operations, ``load_state_dict``, DDP's buffer broadcast). A write
+        through ``activated_at.data`` bypasses the counter (as it bypasses autograd's checks): change the buffer
+        itself.
         """
+        key = self._mask_key()  # before reading the mask: a change after this is seen at the next call
         mask = self.mask()
-        cut = self._active_columns(mask)
+        cut = self._active_columns(mask, key)
         if cut < self.r_max:
             A, B, mask = A[:, :, :cut], B[:, :cut, :], mask[:, :cut]
         return A * mask[:, None, :].to(A.dtype), B * mask[:, :, None].to(B.dtype)
 
-    def _active_columns(self, mask: torch.Tensor) -> int:
-        """One past the last component index active in any expert (at least 1), read back to the host only when
-        ``activated_at`` changed (growth, loading, a move to another device); the full ``r_max`` under
-        ``torch.compile`` (no host read inside a graph)."""
+    def _mask_key(self) -> tuple | None:
+        """``(activated_at, its version)``, or ``None`` where there is no version counter (an inference tensor) or
+        under ``torch.compile``. The cache holds the buffer itself (a few integers), not its ``id``: a replaced buffer
+        freed and a new one allocated at the same address would look the same."""
         if torch.compiler.is_compiling():
-            return self.r_max
+            return None
         buffer = self.activated_at
         try:
-            key = (id(buffer), buffer._version)
+            return (buffer, buffer._version)
         except RuntimeError:  # an inference tensor (made under inference_mode) has no version counter
-            key = None
+            return None
+
+    def _active_columns(self, mask: torch.Tensor, key: tuple | None) -> int:
+        """One past the last component index active in any expert (at least 1) for ``mask``, cached under ``key``
+        (:meth:`_mask_key`); the full ``r_max`` under ``torch.compile`` (no host read inside a graph)."""
+        if torch.compiler.is_compiling():
+            return self.r_max
         cached = self._columns_cache
-        if key is not None and cached is not None and cached[0] == key:
+        if key is not None and cached is not None and cached[0][0] is key[0] and cached[0][1] == key[1]:
             return cached[1]
         used = mask.any(dim=0).nonzero()
         cut = int(used.max()) + 1 if used.numel() else 1
