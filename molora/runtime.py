@@ -993,17 +993,19 @@ class MoLoraRuntime:
         return coefs, frozenset(name for name, coef in coefs.items() if coef > 0)
 
     def select(
-        self, adapter_name: str, router: Router, logits: torch.Tensor, valid: torch.Tensor | None
+        self, adapter_name: str, router: Router, logits: torch.Tensor, valid: torch.Tensor | None, dense: bool = False
     ) -> tuple[Routing, dict[str, torch.Tensor] | None]:
         """``router.select_with_losses`` for the losses this forward needs: the routing and, when the router computes
-        them itself, the losses to hand to :meth:`record` (``None``: record computes them from the routing)."""
+        them itself, the losses to hand to :meth:`record` (``None``: record computes them from the routing).
+        ``dense``: the caller reads only the dense gates; passed on to implementations marked ``takes_dense``."""
         args = self.selection_args(adapter_name, router)
         if args is None:
             return router.select(logits, valid), None
         need, balance_type, missing = args
+        extra = {"dense": True} if dense and getattr(type(router).select_with_losses, "takes_dense", False) else {}
         if missing is None:
-            return router.select_with_losses(logits, valid, need, balance_type)
-        routing, losses = router.select_with_losses(logits, valid, need, balance_type, missing_grads=missing)
+            return router.select_with_losses(logits, valid, need, balance_type, **extra)
+        routing, losses = router.select_with_losses(logits, valid, need, balance_type, missing_grads=missing, **extra)
         return routing, self_delivered(losses)
 
     def selection_args(

@@ -68,3 +68,36 @@ def test_training_step_reads_back_at_most_once_per_forward(router, allowed):
     with _ReadBacks() as seen:
         model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
     assert sum(seen.calls.values()) <= allowed, dict(seen.calls)
+
+
+@pytest.mark.parametrize("router", ["topk", "topp", "dynmole"])
+@pytest.mark.parametrize("where", ["generate", "general path"])
+def test_top_p_routing_on_the_dense_path_lists_no_assignments(router, where):
+    """The dense path reads only the dense gates: the top-p routers' routing lists all (token, expert) pairs there
+    instead of a ``nonzero`` per layer, in ``generate``'s steps and on the general path (a base layer the fused
+    functions do not run, here one with a forward hook)."""
+    cfg = molora.MoLoraConfig(r=4, num_experts=4, top_k=2, router=router, init_lora_weights=False)
+    model = get_peft_model(make_llama(seed=1), cfg)
+    ids = torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    if where == "generate":
+        model.eval()
+
+        def run():
+            with torch.no_grad():
+                model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+
+    else:
+        for layer in model.modules():
+            if isinstance(layer, molora.MoLoraLayer):
+                layer.base_layer.register_forward_hook(lambda *args: None)  # the fused functions skip hooked bases
+        model.train()
+
+        def run():
+            model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+
+    run()  # warm caches
+    with _ReadBacks() as seen:
+        run()
+    assert not [call for call in seen.calls if call.startswith("nonzero at base.py")], dict(seen.calls)

@@ -192,12 +192,14 @@ class MoLoraLayer(BaseTunerLayer):
             return router(x_flat, valid, context=context, lead_shape=lead_shape)
         return router(x_flat, valid, context=context)
 
-    def _route_with_losses(self, adapter_name: str, router, x_flat: torch.Tensor, valid, context, lead_shape):
+    def _route_with_losses(
+        self, adapter_name: str, router, x_flat: torch.Tensor, valid, context, lead_shape, dense: bool = False
+    ):
         """Route ``x_flat`` with the router's own scoring; for routers whose ``forward`` is the base class's
         (``select(scores(x))``), through :meth:`_select` so that the router may compute its aux losses with the
-        routing (the fused top-k function). Returns ``(routing, losses or None)``."""
+        routing (the fused top-k function). Returns ``(routing, losses or None)``. ``dense``: see :meth:`_select`."""
         if type(router).forward is Router.forward and not (router._forward_hooks or router._forward_pre_hooks):
-            return self._select(adapter_name, router, router.scores(x_flat), valid)
+            return self._select(adapter_name, router, router.scores(x_flat), valid, dense)
         return self._route(router, x_flat, valid, context, lead_shape), None
 
     def _finish(
@@ -220,14 +222,16 @@ class MoLoraLayer(BaseTunerLayer):
             out = runtime.record(self._molora_key, adapter_name, router, routing, valid, out, losses)
         return out.reshape(*lead_shape, out.shape[-1])
 
-    def _select(self, adapter_name: str, router, logits: torch.Tensor, valid):
+    def _select(self, adapter_name: str, router, logits: torch.Tensor, valid, dense: bool = False):
         """The routing from logits computed by the layer, and the aux losses when the router computes them with it
-        (``MoLoraRuntime.select``; without a runtime no loss is recorded)."""
+        (``MoLoraRuntime.select``; without a runtime no loss is recorded). ``dense``: the caller reads only the dense
+        gates (the dense path), so a routing with a variable number of experts per token may list all (token,
+        expert) pairs instead of finding its assignments (``Routing.from_dense``)."""
         runtime = self._molora_runtime
         if runtime is None:
             routing, losses = router.select(logits, valid), None
         else:
-            routing, losses = runtime.select(adapter_name, router, logits, valid)
+            routing, losses = runtime.select(adapter_name, router, logits, valid, dense)
         # (the router's forward, which this replaces, observes its routing: the loss-free bias's loads)
         router.observe_routing(routing, valid, runtime.context if runtime is not None else None)
         return routing, losses
@@ -251,7 +255,7 @@ class MoLoraLayer(BaseTunerLayer):
             )
             hl = x_in @ plan.shrink if plan is not None else shrink_matmul(x_in, weight_A, router.weight)
             h, logits = _split_shrink(hl, weight_A)
-            routing, losses = self._select(adapter_name, router, logits, valid)
+            routing, losses = self._select(adapter_name, router, logits, valid, dense=True)
             delta = dense_masked_expand(h, weight_B, routing, scaling)
         else:
             routing, losses = self._route_with_losses(adapter_name, router, x_flat, valid, context, lead_shape)
@@ -313,9 +317,9 @@ class MoLoraLayer(BaseTunerLayer):
         GEMM, else with the router's own scoring of ``x_flat``), add the gated expansion into ``out``, finish."""
         losses = None
         if logits is not None:
-            routing, losses = self._select(adapter_name, router, logits, valid)
+            routing, losses = self._select(adapter_name, router, logits, valid, dense=True)
         else:
-            routing, losses = self._route_with_losses(adapter_name, router, x_flat, valid, context, lead_shape)
+            routing, losses = self._route_with_losses(adapter_name, router, x_flat, valid, context, lead_shape, True)
         out = gated_expand_(out, h, routing.dense_gates(), b_flat, self.scaling[adapter_name])
         return self._finish(adapter_name, router, routing, valid, rank_state, out, lead_shape, losses)
 

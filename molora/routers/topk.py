@@ -60,18 +60,21 @@ class FusedTopKSelection:
         need: frozenset[str],
         balance_loss_type: str,
         missing_grads=None,
+        dense: bool = False,
     ) -> tuple[Routing, dict[str, torch.Tensor] | None]:
         # one autograd node for softmax, top-k, renormalisation, dense gates and the losses (same values); subclasses
         # that change the selection, losses other than balance/z, or a load that carries gradient take select().
-        # missing_grads: see topk_gates_and_losses (the runtime's aux-gradient delivery, molora.runtime)
+        # missing_grads: see topk_gates_and_losses (the runtime's aux-gradient delivery, molora.runtime); dense: the
+        # caller reads only the dense gates (a selection rule's routing then lists all pairs, see topk_result)
         args = self._fusable_topk_args(logits.dtype, need, balance_loss_type)
         if args is None:
             return super().select_with_losses(logits, valid, need, balance_loss_type)
         outputs = topk_gates_and_losses(logits, valid=valid, missing_grads=missing_grads, **args)
-        return self.topk_result(*outputs, logits, need)
+        return self.topk_result(*outputs, logits, need, dense=dense)
 
-    # read by MoLoraRuntime.select: this implementation takes `missing_grads`
+    # read by MoLoraRuntime.select: this implementation takes `missing_grads` and `dense`
     select_with_losses.takes_missing_grads = True
+    select_with_losses.takes_dense = True
     # read by fused_topk_args: this implementation computes with topk_gates_and_losses (a subclass overriding it
     # computes its routing and losses its own way, and the layer must call it)
     select_with_losses.fused_topk = True
