@@ -36,8 +36,9 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
-#: ``missing_grads(device, dtype) -> (d_balance, d_z)``: see :func:`topk_gates_and_losses`
-MissingGrads = Callable[[torch.device, torch.dtype], tuple[torch.Tensor | None, torch.Tensor | None]]
+#: ``missing_grads(device, dtype) -> (d_balance, d_z)`` or ``(d_balance, d_z, d_entropy)``: see
+#: :func:`topk_gates_and_losses`
+MissingGrads = Callable[[torch.device, torch.dtype], tuple[torch.Tensor | None, ...]]
 
 
 class SelectionRule:
