@@ -252,6 +252,32 @@ def test_masked_bank_is_cut_to_the_active_columns_which_follow_growth_and_loadin
     assert fresh_state.masked_weights(A, B)[0].shape[-1] == 5
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_a_copied_model_takes_the_cut_of_its_own_rank_masks(tmp_path, how):
+    """The cut is cached on the rank-mask buffer and its version; a copy of the model (whose buffer is a new tensor
+    with a version counter of its own) must not reuse the original's cache: a grown mask copied before the next
+    forward computed the old number of columns (probe_regress3)."""
+    import copy
+
+    model = get_peft_model(make_llama(), _config())
+    inputs = _inputs()
+    model.eval()
+    with torch.no_grad():
+        model(**inputs)  # the cut is cached at the initial rank
+        bank = _banks(model)[0]
+        bank.state.activate(0, 3, step=1, A=bank.A, B=bank.B)  # grown, no forward before the copy
+        bank.B.normal_(0, 0.1)
+    if how == "deepcopy":
+        copied = copy.deepcopy(model)
+    else:
+        torch.save(model, tmp_path / "model.pt")
+        copied = torch.load(tmp_path / "model.pt", weights_only=False)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        torch.testing.assert_close(copied(**inputs).logits, expected, rtol=0, atol=0)
+    assert _banks(copied)[0].state.masked_weights(bank.A, bank.B)[0].shape[-1] == 5
+
+
 def test_cut_bank_computes_what_the_full_masked_bank_computes(monkeypatch):
     """The loss and every gradient with the cut to the active columns equal those of the whole masked capacity, on
     each compute path (the dense one fused with the base projection, the grouped one, the naive loop)."""

@@ -314,7 +314,10 @@ class Router(nn.Module):
         An implementation marked ``select_with_losses.takes_missing_grads = True`` is also given
         ``missing_grads=``, a callable its autograd node calls in backward when its losses received no gradient
         (see ``topk_gates_and_losses``); it then delivers the aux gradient itself and the runtime adds no identity
-        node on the layer's output. Unmarked implementations are called with the four arguments above.
+        node on the layer's output. One marked ``select_with_losses.takes_dense = True`` is given ``dense=True`` when
+        the layer reads only the dense gates (the dense path): it may then list all (token, expert) pairs
+        (:meth:`Routing.from_dense` with ``dense=True``) instead of finding its assignments. Unmarked implementations
+        are called with the four arguments above.
         """
         return self.select(logits, valid), None
 

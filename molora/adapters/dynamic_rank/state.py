@@ -174,6 +174,13 @@ class DynamicRankState(nn.Module):
         # ((activated_at, its version), columns) of masked_weights' cut
         self._columns_cache: tuple[tuple, int] | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # a copy (deepcopy, pickle, torch.save of the module) starts without the cut: the cached key holds the buffer,
+        # which the copy replaces by its own copy with a version counter of its own
+        state = dict(super().__getstate__())
+        state["_columns_cache"] = None
+        return state
+
     def _apply(self, fn, recurse: bool = True):
         # a half-precision base (PEFT places the state like the base layer's weight, `model.to(torch.float16)`) would
         # round the sensitivities (~1e-12) to 0, stall the frequency EMA in bf16 and overflow the fp16 token count
