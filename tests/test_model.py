@@ -435,10 +435,12 @@ def test_decode_step_statistics_are_reduced_in_batches_with_the_same_totals(batc
 def test_a_forwards_statistics_are_one_reduction_whatever_the_assignments(batch, router, padded, monkeypatch):
     """Routers that choose a variable number of experts per token give each layer its own number of assignments:
     their records went through one reduction per layer (~20 operators each). The lists are padded into one; the
-    statistics equal each layer's own reduction."""
+    statistics equal each layer's own reduction. (The grouped path: on the dense path the top-p routers list all
+    (token, expert) pairs, the same number in every layer.)"""
     import molora.runtime as runtime_module
 
-    model = get_peft_model(make_llama(), MoLoraConfig(num_experts=4, top_k=2, router=router, init_lora_weights=False))
+    config = MoLoraConfig(num_experts=4, top_k=2, router=router, init_lora_weights=False, kernel="grouped")
+    model = get_peft_model(make_llama(), config)
     runtime = model.base_model.molora_runtime
     inputs = batch if padded else {"input_ids": batch["input_ids"][1:]}
     with torch.no_grad():
