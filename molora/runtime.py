@@ -465,6 +465,12 @@ def self_delivered(losses: dict[str, torch.Tensor] | None) -> dict[str, torch.Te
     return losses
 
 
+def _exporting() -> bool:
+    """Whether ``torch.export`` is tracing the current call (torch >= 2.5 tells; earlier versions: False)."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return is_exporting is not None and is_exporting()
+
+
 def _delivers_missing_grads(router: Router) -> bool:
     # only implementations marked so take the `missing_grads` argument (the built-in top-k router's; a subclass
     # that overrides the method without the mark keeps the identity node on its layer's output)
@@ -696,21 +702,24 @@ class MoLoraRuntime:
             if self._pending:
                 self._deferred.append(self._pending)
                 self._pending = {}
-        else:
+        elif not _exporting():
+            # (a torch.export trace leaves the records of earlier forwards for the next eager call: reduced inside
+            # the trace, real tensors would meet its fake ones)
             self.commit_stats()
         share = _loss_share(kwargs, self.loss_shifts_labels)
         self.forward_aux = ForwardAux(self.peft_config, share, self.accumulation_steps, self.grad_scaler)
-        grad = torch.is_grad_enabled()
-        if grad:
-            self._last_training_aux = {}
-        elif self._aux and self._aux_grad:
-            # a forward without autograd after a training one (a reference model's, a generation): training_aux_losses
-            # still reports the training forward's. Detached values, not its records: their graph's AccumulateGrad
-            # nodes would keep the parameters alive (a deleted adapter's too)
-            with torch.no_grad():
-                self._last_training_aux = {n: v.detach() for n, v in self._summed(self._reduced(None)).items()}
-        self._aux = {}
-        self._aux_grad = grad
+        if not _exporting():  # (a trace computes no aux loss, see _coefficients_needed: the last forward's stay)
+            grad = torch.is_grad_enabled()
+            if grad:
+                self._last_training_aux = {}
+            elif self._aux and self._aux_grad:
+                # a forward without autograd after a training one (a reference model's, a generation):
+                # training_aux_losses still reports the training forward's. Detached values, not its records: their
+                # graph's AccumulateGrad nodes would keep the parameters alive (a deleted adapter's too)
+                with torch.no_grad():
+                    self._last_training_aux = {n: v.detach() for n, v in self._summed(self._reduced(None)).items()}
+            self._aux = {}
+            self._aux_grad = grad
         self.generation += 1
         current = call_input(args, kwargs)
         mask = _call_token_mask(current, kwargs.get("attention_mask"), past_length)
@@ -982,12 +991,17 @@ class MoLoraRuntime:
 
     def _coefficients_needed(self, adapter_name: str, router: Router) -> tuple[dict[str, float], frozenset[str]]:
         """``router``'s loss coefficients and the names of the losses the current forward needs (``({}, {})`` in a
-        decode step, and without autograd, loss targets (``RoutingContext.loss_targets``) and training mode).
+        decode step, in a ``torch.export`` trace, and without autograd, loss targets (``RoutingContext.loss_targets``)
+        and training mode).
 
         A training-mode router records its losses without autograd too: reentrant activation checkpointing runs the
         model's forward without autograd first, and when its recompute delivers the aux gradient in backward (a loss
         computed from the logits), the records of every router tell how many share a ``"mean"`` loss."""
-        if self.context.is_decode or not (torch.is_grad_enabled() or self.context.loss_targets or router.training):
+        if (
+            self.context.is_decode
+            or not (torch.is_grad_enabled() or self.context.loss_targets or router.training)
+            or _exporting()  # (fake tensors, and nothing in an exported program would read them)
+        ):
             return {}, frozenset()
         coefs = router.loss_coefficients(self.peft_config[adapter_name])
         return coefs, frozenset(name for name, coef in coefs.items() if coef > 0)
@@ -1052,7 +1066,9 @@ class MoLoraRuntime:
         """
         config = self.peft_config[adapter_name]
         key = (layer_key, adapter_name)
-        if config.track_routing_stats and not self._recomputing:
+        if config.track_routing_stats and not self._recomputing and not _exporting():
+            # (a torch.export trace's tensors are fake and nothing replays this store with real ones, as Dynamo does
+            # for torch.compile: kept, they broke the statistics and the next export)
             probs, weight = routing.probs, routing.weight
             self._pending[key] = _RawRouting(
                 # detach only what carries history (without autograd, as in generation, two operator calls less)
@@ -1381,8 +1397,9 @@ def _token_layout(current: torch.Tensor | None) -> tuple[int, int] | None:
 def _cpu_mask_of_ones(mask: torch.Tensor | None) -> bool:
     """Whether ``mask`` is the all-ones padding mask collators pass for unpadded batches, on a CPU: published as no
     mask, the layers skip the masked forms of their losses and statistics (2-8 % of a small model's step). Never read
-    back on an accelerator, where it would wait for the device once per forward (tests/test_host_sync.py)."""
-    return mask is not None and mask.device.type == "cpu" and bool(mask.all())
+    back on an accelerator, where it would wait for the device once per forward (tests/test_host_sync.py), nor in a
+    ``torch.export`` trace (whose program must serve any mask)."""
+    return mask is not None and mask.device.type == "cpu" and not _exporting() and bool(mask.all())
 
 
 def _call_token_mask(current: torch.Tensor | None, mask: Any, past_length: int | None) -> torch.Tensor | None:

@@ -409,3 +409,39 @@ def test_compiled_generation_matches_eager_without_graph_breaks(router, cache):
     assert graphs <= 3, graphs  # the prefill, the decode step and its dynamic-shape recompile
     # 14 real prompt tokens, then 5 routed decode steps of 2 sequences
     assert model.get_routing_stats()["model.layers.0.self_attn.q_proj"].tokens == eager_tokens == 14 + 2 * 5
+
+
+class _Logits(torch.nn.Module):
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def test_torch_export_leaves_the_runtime_state_alone_and_can_run_again():
+    """``torch.export`` (non-strict) traces the model with fake tensors and replays none of its Python side effects:
+    the routing records of that trace were kept as the model's pending statistics, so that reading the statistics
+    afterwards, or a second export, failed on the fake tensors, and the last training forward's aux losses were
+    replaced by fake ones. A trace now records nothing and commits nothing (the eager forwards before and after it
+    count as usual), and an all-ones or padded mask is traced as a mask (no data-dependent check on it)."""
+    cfg = molora.MoLoraConfig(r=4, num_experts=4, top_k=2, target_modules=["q_proj", "down_proj"])
+    model = get_peft_model(make_llama(seed=1), cfg).train()
+    model(input_ids=_IDS, attention_mask=_MASK, labels=_IDS)
+    trained = {name: value.detach().clone() for name, value in model.molora_aux_losses().items()}
+    assert "balance" in trained
+    with torch.no_grad():
+        torch.export.export(_Logits(model), (_IDS, torch.ones_like(_IDS)), strict=False)  # in train mode
+        torch.testing.assert_close(model.molora_aux_losses(), trained)
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=_IDS, attention_mask=_MASK).logits  # recorded, not yet committed
+        for _ in range(2):
+            program = torch.export.export(_Logits(model), (_IDS, _MASK), strict=False)
+            torch.testing.assert_close(program.module()(_IDS, _MASK), expected)
+        torch.testing.assert_close(model(input_ids=_IDS, attention_mask=_MASK).logits, expected)
+    stats = model.get_routing_stats()
+    assert set(stats) == {f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "mlp.down_proj")}
+    # the three eager forwards, 14 real tokens each
+    assert {s.tokens for s in stats.values()} == {42}
