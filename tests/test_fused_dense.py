@@ -652,6 +652,66 @@ def test_decode_steps_reuse_their_plan_until_something_it_read_changes(monkeypat
                     assert changed not in planned and len(planned) == 1, what
 
 
+@pytest.mark.parametrize(
+    "router, kwargs",
+    [("topk", {}), ("soft", {}), ("topk_bias", {"score_function": "sigmoid"}), ("topp", {}), ("dynmole", {})],
+)
+def test_decode_steps_of_top_k_routers_call_the_top_k_function_directly(monkeypatch, router, kwargs):
+    """A decode step needs no aux loss, so a router whose selection is the top-k function gets it called directly
+    (not through ``MoLoraRuntime.select`` and ``select_with_losses``): the same scores, tokens and statistics, bit for
+    bit, as the general selection on the same plan."""
+    from molora.routers.topk import FusedTopKSelection
+    from molora.runtime import MoLoraRuntime
+
+    config = MoLoraConfig(
+        r=4, num_experts=4, top_k=2, router=router, router_kwargs=kwargs, target_modules=["q_proj", "down_proj"]
+    )
+    model = get_peft_model(make_llama(seed=5), config).eval()
+    for module in model.modules():
+        if isinstance(module, MoLoraLayer):
+            nn.init.normal_(module.molora_B["default"].weight, std=0.5)
+    ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    selections = []
+    select = MoLoraRuntime.select
+
+    def counting(self, *args, **kwargs):
+        selections.append(self.context.is_decode)
+        return select(self, *args, **kwargs)
+
+    monkeypatch.setattr(MoLoraRuntime, "select", counting)
+
+    def generate():
+        model.reset_routing_stats()
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=5,
+                do_sample=False,
+                pad_token_id=0,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
+        return out, model.get_routing_stats()
+
+    direct, direct_stats = generate()
+    assert selections and not any(selections)  # the prefill only
+    del selections[:]
+    monkeypatch.setattr(FusedTopKSelection, "fused_topk_args", lambda self, *args: None)
+    general, general_stats = generate()
+    n_layers = sum(isinstance(m, MoLoraLayer) for m in model.modules())
+    assert sum(selections) == n_layers * 4  # every layer in each of the 4 decode steps
+    assert torch.equal(direct.sequences, general.sequences)
+    for got, want in zip(direct.scores, general.scores):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert direct_stats.keys() == general_stats.keys()
+    for name, stats in direct_stats.items():
+        assert stats.tokens == general_stats[name].tokens == 2 * 6 - 2 + 2 * 4
+        torch.testing.assert_close(stats.load, general_stats[name].load, atol=0, rtol=0)
+
+
 def test_decode_plans_do_not_outlive_their_generation_or_adapter(batch):
     """A plan holds a copy of the bank and the router's weight: ``generate`` drops them when it returns, a training
     forward drops them, and ``delete_adapter`` drops the deleted adapter's (whose weights are then freed, as with

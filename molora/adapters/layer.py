@@ -21,6 +21,7 @@ from transformers.pytorch_utils import Conv1D
 from .._amp import autocast_dtype
 from ..kernels import TRITON_DTYPES, choose_kernel, expert_delta, triton_available
 from ..kernels.fused_dense import base_and_shrink, dense_topk_layer, gated_expand_, shrink_matmul
+from ..kernels.fused_router import topk_gates_and_losses
 from ..kernels.torch_ops import dense_masked_expand, flat_shrink_weight
 from ..routers.base import Router, Routing, build_router_params, get_router_class
 from ..runtime import self_delivered
@@ -336,9 +337,20 @@ class MoLoraLayer(BaseTunerLayer):
         out, h, logits = base_and_shrink(
             x_flat, plan.weight, plan.bias, plan.bank, plan.router_weight, plan.conv1d, shrink=plan.shrink
         )
-        return self._route_and_expand(
-            adapter_name, plan.router, out, h, logits, x_flat, valid, context, lead_shape, plan.b_flat, None
-        )
+        router = plan.router
+        # a decode step needs no aux loss (MoLoraRuntime.losses_needed): for a router whose selection is the top-k
+        # function, the function directly, as MoLoraRuntime.select -> select_with_losses would call it (the same
+        # values; a few of those calls' checks less, in a step that is mostly such overhead)
+        topk_args = router.fused_topk_args(logits.dtype, frozenset(), None) if logits is not None else None
+        if topk_args is None:
+            return self._route_and_expand(
+                adapter_name, router, out, h, logits, x_flat, valid, context, lead_shape, plan.b_flat, None
+            )
+        routed = topk_gates_and_losses(logits, valid=valid, **topk_args)
+        routing, _ = router.topk_result(*routed, logits, frozenset(), dense=True)
+        router.observe_routing(routing, valid, context)
+        out = gated_expand_(out, h, routed[0], plan.b_flat, self.scaling[adapter_name])
+        return self._finish(adapter_name, router, routing, valid, None, out, lead_shape)
 
     def _dense_topk_forward(self, adapter_name, weight, bias, base, router, x_flat, weight_A, b_flat, valid):
         """``(out, routing, losses)`` through ``fused_dense.dense_topk_layer`` (base projection, top-k routing with its
