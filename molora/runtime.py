@@ -54,7 +54,7 @@ import torch
 from torch.nn import functional as F
 
 from .routers.balancing import AuxInputs, entropy
-from .routers.state import commit_staged
+from .routers.state import commit_staged, exporting
 
 if TYPE_CHECKING:
     from .routers.base import Router, Routing
@@ -465,12 +465,6 @@ def self_delivered(losses: dict[str, torch.Tensor] | None) -> dict[str, torch.Te
     return losses
 
 
-def _exporting() -> bool:
-    """Whether ``torch.export`` is tracing the current call (torch >= 2.5 tells; earlier versions: False)."""
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
-    return is_exporting is not None and is_exporting()
-
-
 def _delivers_missing_grads(router: Router) -> bool:
     # only implementations marked so take the `missing_grads` argument (the built-in top-k router's; a subclass
     # that overrides the method without the mark keeps the identity node on its layer's output)
@@ -702,13 +696,13 @@ class MoLoraRuntime:
             if self._pending:
                 self._deferred.append(self._pending)
                 self._pending = {}
-        elif not _exporting():
+        elif not exporting():
             # (a torch.export trace leaves the records of earlier forwards for the next eager call: reduced inside
             # the trace, real tensors would meet its fake ones)
             self.commit_stats()
         share = _loss_share(kwargs, self.loss_shifts_labels)
         self.forward_aux = ForwardAux(self.peft_config, share, self.accumulation_steps, self.grad_scaler)
-        if not _exporting():  # (a trace computes no aux loss, see _coefficients_needed: the last forward's stay)
+        if not exporting():  # (a trace computes no aux loss, see _coefficients_needed: the last forward's stay)
             grad = torch.is_grad_enabled()
             if grad:
                 self._last_training_aux = {}
@@ -1000,7 +994,7 @@ class MoLoraRuntime:
         if (
             self.context.is_decode
             or not (torch.is_grad_enabled() or self.context.loss_targets or router.training)
-            or _exporting()  # (fake tensors, and nothing in an exported program would read them)
+            or exporting()  # (fake tensors, and nothing in an exported program would read them)
         ):
             return {}, frozenset()
         coefs = router.loss_coefficients(self.peft_config[adapter_name])
@@ -1066,7 +1060,7 @@ class MoLoraRuntime:
         """
         config = self.peft_config[adapter_name]
         key = (layer_key, adapter_name)
-        if config.track_routing_stats and not self._recomputing and not _exporting():
+        if config.track_routing_stats and not self._recomputing and not exporting():
             # (a torch.export trace's tensors are fake and nothing replays this store with real ones, as Dynamo does
             # for torch.compile: kept, they broke the statistics and the next export)
             probs, weight = routing.probs, routing.weight
@@ -1399,7 +1393,7 @@ def _cpu_mask_of_ones(mask: torch.Tensor | None) -> bool:
     mask, the layers skip the masked forms of their losses and statistics (2-8 % of a small model's step). Never read
     back on an accelerator, where it would wait for the device once per forward (tests/test_host_sync.py), nor in a
     ``torch.export`` trace (whose program must serve any mask)."""
-    return mask is not None and mask.device.type == "cpu" and not _exporting() and bool(mask.all())
+    return mask is not None and mask.device.type == "cpu" and not exporting() and bool(mask.all())
 
 
 def _call_token_mask(current: torch.Tensor | None, mask: Any, past_length: int | None) -> torch.Tensor | None:

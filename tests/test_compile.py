@@ -445,3 +445,45 @@ def test_torch_export_leaves_the_runtime_state_alone_and_can_run_again():
     assert set(stats) == {f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "mlp.down_proj")}
     # the three eager forwards, 14 real tokens each
     assert {s.tokens for s in stats.values()} == {42}
+
+
+@pytest.mark.parametrize(
+    "router, extra",
+    [
+        ("topk_bias", {}),
+        ("relu", {}),
+        ("prompt", {}),
+        ("topk", {"r": 8, "dynamic_rank": {"target_rank": 6, "init_rank": 4}}),
+    ],
+)
+def test_torch_export_of_a_training_model_feeds_no_per_step_state(router, extra):
+    """Exported in train mode with autograd on (``torch.export`` does not switch it off), the trace is no training
+    forward: the stateful routers observe nothing in it (the loss-free bias's accumulation staged its fake loads as
+    in a compiled forward, and the end of the forward then looped forever committing them), and no state update is
+    traced into the program. Two twin models, one exported between its training steps, end with the same state and
+    statistics (ReMoE's sparsity, DR-LoRA's frequencies and the prompt router's decision included)."""
+    cfg = molora.MoLoraConfig(
+        **{"r": 4, **extra}, num_experts=4, top_k=2, router=router, target_modules=["q_proj", "down_proj"]
+    )
+    twins = [get_peft_model(make_llama(seed=1), cfg).train() for _ in range(2)]
+    for i, model in enumerate(twins):
+        for step in range(2):
+            model(input_ids=_IDS, attention_mask=_MASK, labels=_IDS).loss.backward()
+            if i == 0 and step == 0:
+                program = torch.export.export(_Logits(model), (_IDS, _MASK), strict=False)
+                # no state update traced into the program (running it would move the state), none kept in Python
+                assert not program.graph_signature.buffers_to_mutate
+                for name, module in model.named_modules():
+                    state = getattr(module, "_cached", None)  # the prompt router's last decision
+                    assert state is None or type(state.sequence.probs) is torch.Tensor, name
+            model.molora_on_optimizer_step()
+    exported, plain = twins
+    buffers = dict(plain.named_buffers())
+    for name, value in exported.named_buffers():
+        assert type(value) is torch.Tensor, name
+        torch.testing.assert_close(value, buffers[name], atol=0, rtol=0, msg=name)
+    stats, plain_stats = exported.get_routing_stats(), plain.get_routing_stats()
+    assert stats.keys() == plain_stats.keys()
+    for name, value in stats.items():
+        assert value.tokens == plain_stats[name].tokens == 2 * 14, name
+        torch.testing.assert_close(value.load, plain_stats[name].load, atol=0, rtol=0)

@@ -867,3 +867,42 @@ def test_training_forward_keeps_no_copy_of_the_bank_for_backward(router):
         assert shapes.count((tokens, n_experts * rank)) == 1, shapes  # h only
     out.sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_decode_steps_expand_with_the_gates_of_the_routers_own_result():
+    """The decode step's direct top-k call builds the routing with ``router.topk_result`` and expands with that
+    routing's gates: a subclass that changes them there (here: squared, renormalised weights) gets them in every
+    decode step, as in the prefill and in a forward without a cache."""
+    from molora.routers.base import ROUTER_REGISTRY, register_router
+    from molora.routers.topk import TopKRouter
+
+    class SharpTopK(TopKRouter):
+        def topk_result(self, gates, *rest, dense=False):
+            routing, losses = super().topk_result(gates, *rest, dense=dense)
+            weight = routing.weight.reshape(-1, routing.per_token) ** 2
+            routing.weight = (weight / weight.sum(-1, keepdim=True)).reshape(-1)
+            routing.gates = None  # rebuilt from the weights by dense_gates()
+            return routing, losses
+
+    register_router("sharp_topk_test", SharpTopK, overwrite=True)
+    try:
+        config = MoLoraConfig(r=4, num_experts=4, top_k=2, router="sharp_topk_test", target_modules=["q_proj"])
+        model = get_peft_model(make_llama(seed=5), config).eval()
+        for module in model.modules():
+            if isinstance(module, MoLoraLayer):
+                nn.init.normal_(module.molora_B["default"].weight, std=0.5)
+        ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids,
+                max_new_tokens=4,
+                do_sample=False,
+                pad_token_id=0,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
+            full = model(input_ids=out.sequences, use_cache=False).logits
+        for step, score in enumerate(out.scores):
+            torch.testing.assert_close(score, full[:, ids.shape[1] - 1 + step], atol=1e-5, rtol=1e-5)
+    finally:
+        ROUTER_REGISTRY.pop("sharp_topk_test", None)

@@ -349,7 +349,7 @@ class MoLoraLayer(BaseTunerLayer):
         routed = topk_gates_and_losses(logits, valid=valid, **topk_args)
         routing, _ = router.topk_result(*routed, logits, frozenset(), dense=True)
         router.observe_routing(routing, valid, context)
-        out = gated_expand_(out, h, routed[0], plan.b_flat, self.scaling[adapter_name])
+        out = gated_expand_(out, h, routing.dense_gates(), plan.b_flat, self.scaling[adapter_name])
         return self._finish(adapter_name, router, routing, valid, None, out, lead_shape)
 
     def _dense_topk_forward(self, adapter_name, weight, bias, base, router, x_flat, weight_A, b_flat, valid):

@@ -25,6 +25,7 @@ from torch import nn
 
 from .._amp import fp32_linear
 from . import balancing
+from .state import exporting
 
 if TYPE_CHECKING:
     from ..runtime import RoutingContext
@@ -292,8 +293,11 @@ class Router(nn.Module):
         their frozen reference copy of the adapter (``ref``) and the old policy in train mode under ``no_grad``
         beside the trained forward: their routings used to move the state every step, where a frozen adapter never
         changes in PEFT. Reentrant activation checkpointing runs a layer's first forward without autograd; its
-        recompute (with autograd, same forward id) counts it once."""
+        recompute (with autograd, same forward id) counts it once. A ``torch.export`` trace is not a training forward
+        (its tensors are fake)."""
         if not self.training or not torch.is_grad_enabled() or (context is not None and context.generation):
+            return False
+        if exporting():
             return False
         return any(p.requires_grad for p in self.parameters())
 

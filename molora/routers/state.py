@@ -23,6 +23,14 @@ _warned_unupdated = False
 _STAGED: list[StepAccumulator] = []
 
 
+def exporting() -> bool:
+    """Whether ``torch.export`` is tracing the current call (torch >= 2.5 tells; earlier versions: False). Its tensors
+    are fake and nothing replays Python side effects after it (as Dynamo does for ``torch.compile``): per-step state,
+    routing statistics and aux losses must not take anything from it."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return is_exporting is not None and is_exporting()
+
+
 @contextlib.contextmanager
 def buffers_kept_fp32(module: torch.nn.Module, *names: str) -> Iterator[None]:
     """Around ``super()._apply(fn)`` in a module's ``_apply``: the named fp32 buffers follow a device move but keep
