@@ -348,7 +348,7 @@ class MoLoraLayer(BaseTunerLayer):
             )
         routed = topk_gates_and_losses(logits, valid=valid, **topk_args)
         routing, _ = router.topk_result(*routed, logits, frozenset(), dense=True)
-        router.observe_routing(routing, valid, context)
+        router.observe_routing(routing, valid, self._molora_runtime.context)  # as _select passes it
         out = gated_expand_(out, h, routing.dense_gates(), plan.b_flat, self.scaling[adapter_name])
         return self._finish(adapter_name, router, routing, valid, None, out, lead_shape)
 
