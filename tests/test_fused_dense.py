@@ -657,8 +657,8 @@ def test_decode_steps_reuse_their_plan_until_something_it_read_changes(monkeypat
     [("topk", {}), ("soft", {}), ("topk_bias", {"score_function": "sigmoid"}), ("topp", {}), ("dynmole", {})],
 )
 def test_decode_steps_of_top_k_routers_call_the_top_k_function_directly(monkeypatch, router, kwargs):
-    """A decode step needs no aux loss, so a router whose selection is the top-k function gets it called directly
-    (not through ``MoLoraRuntime.select`` and ``select_with_losses``): the same scores, tokens and statistics, bit for
+    """A decode step needs no aux loss, so a router whose selection is the top-k function is asked directly
+    (``select_with_losses``, not through ``MoLoraRuntime.select``): the same scores, tokens and statistics, bit for
     bit, as the general selection on the same plan."""
     from molora.routers.topk import FusedTopKSelection
     from molora.runtime import MoLoraRuntime
@@ -699,7 +699,8 @@ def test_decode_steps_of_top_k_routers_call_the_top_k_function_directly(monkeypa
     direct, direct_stats = generate()
     assert selections and not any(selections)  # the prefill only
     del selections[:]
-    monkeypatch.setattr(FusedTopKSelection, "fused_topk_args", lambda self, *args: None)
+    # the general selection: through MoLoraRuntime.select, as for any other router
+    monkeypatch.setattr(FusedTopKSelection.select_with_losses, "fused_topk", False)
     general, general_stats = generate()
     n_layers = sum(isinstance(m, MoLoraLayer) for m in model.modules())
     assert sum(selections) == n_layers * 4  # every layer in each of the 4 decode steps

@@ -21,7 +21,6 @@ from transformers.pytorch_utils import Conv1D
 from .._amp import autocast_dtype
 from ..kernels import TRITON_DTYPES, choose_kernel, expert_delta, triton_available
 from ..kernels.fused_dense import base_and_shrink, dense_topk_layer, gated_expand_, shrink_matmul
-from ..kernels.fused_router import topk_gates_and_losses
 from ..kernels.torch_ops import dense_masked_expand, flat_shrink_weight
 from ..routers.base import Router, Routing, build_router_params, get_router_class
 from ..runtime import self_delivered
@@ -338,16 +337,14 @@ class MoLoraLayer(BaseTunerLayer):
             x_flat, plan.weight, plan.bias, plan.bank, plan.router_weight, plan.conv1d, shrink=plan.shrink
         )
         router = plan.router
-        # a decode step needs no aux loss (MoLoraRuntime.losses_needed): for a router whose selection is the top-k
-        # function, the function directly, as MoLoraRuntime.select -> select_with_losses would call it (the same
-        # values; a few of those calls' checks less, in a step that is mostly such overhead)
-        topk_args = router.fused_topk_args(logits.dtype, frozenset(), None) if logits is not None else None
-        if topk_args is None:
+        # a decode step needs no aux loss (MoLoraRuntime.losses_needed): a router whose selection is the top-k
+        # function (FusedTopKSelection) is asked directly, as MoLoraRuntime.select would ask it (the same values;
+        # the runtime's checks less, in a step that is mostly such overhead)
+        if logits is None or not getattr(type(router).select_with_losses, "fused_topk", False):
             return self._route_and_expand(
                 adapter_name, router, out, h, logits, x_flat, valid, context, lead_shape, plan.b_flat, None
             )
-        routed = topk_gates_and_losses(logits, valid=valid, **topk_args)
-        routing, _ = router.topk_result(*routed, logits, frozenset(), dense=True)
+        routing, _ = router.select_with_losses(logits, valid, frozenset(), None, dense=True)
         router.observe_routing(routing, valid, self._molora_runtime.context)  # as _select passes it
         out = gated_expand_(out, h, routing.dense_gates(), plan.b_flat, self.scaling[adapter_name])
         return self._finish(adapter_name, router, routing, valid, None, out, lead_shape)
