@@ -368,6 +368,27 @@ def test_default_recipe_on_smollm2_end_to_end(tmp_path):
     assert results["eval_after"]["tasks"]["all"]["loss"] < results["eval_before"]["tasks"]["all"]["loss"]
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in (out / "README.md").read_text()
 
+    # docs/cli.md, "The trained adapter in Python": PEFT's AutoPeftModel loads the folder offline when given the GGUF
+    # file's name, with the outputs `molora generate` gets from the same folder
+    import torch
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+
+    from molora.adapters.layer import MoLoraLayer
+    from molora.training.models import load_adapter_model
+    from molora.training.recipe import DEFAULT_GGUF_FILE
+
+    model = AutoPeftModelForCausalLM.from_pretrained(str(out), gguf_file=DEFAULT_GGUF_FILE).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    reference, _, _ = load_adapter_model(out)
+    ids = tokenizer("What is the capital of Chile?", return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**ids).logits, reference(**ids).logits, rtol=0, atol=0)
+    assert sum(isinstance(module, MoLoraLayer) for module in model.modules()) == 210
+    # ... and PeftModel.from_pretrained on a base loaded from what molora_base_model.json records
+    info = json.loads((out / "molora_base_model.json").read_text())
+    assert info["gguf_file"] == DEFAULT_GGUF_FILE and (Path(info["name_or_path"]) / info["gguf_file"]).is_file()
+
 
 def test_example_script_drives_stateful_routers(workdir, tmp_path):
     """scripts/sft.py (public API only) with the loss-free ``topk_bias`` router: MoLoraCallback must update the
