@@ -89,6 +89,11 @@ class RoutingContext:
             tokens flattened in order (``[batch * seq, d]``, OPT's MLP) has lost.
         position_ids (Tensor[B, S] or None): the call's ``position_ids`` when it passes them without an attention
             mask, the way packed / padding-free batches mark several sequences in one row (see :meth:`packed`).
+        packed_rows (bool or None): :meth:`packed`, when it was read eagerly at the start of the call (the model's
+            runtime does this for adapters that route whole sequences, so that compiled code knows it too).
+        segments (molora.routers.prompt.Segments or None): the sequences of packed rows, found with ``packed_rows``
+            (their count and lengths are host values, which compiled code could not read without breaking its
+            graph).
         logits_to_keep (int, Tensor or None): the call's ``logits_to_keep``: the positions the output projection
             sees (the last ``n``, or these indices), which :meth:`token_mask` cuts the padding mask to.
         extra (dict): anything else a router may need (the raw forward kwargs are not kept).
@@ -108,6 +113,8 @@ class RoutingContext:
     token_layout: tuple[int, int] | None = None
     position_ids: torch.Tensor | None = None
     logits_to_keep: int | torch.Tensor | None = None
+    packed_rows: bool | None = None
+    segments: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
     # (attention_mask, its flat bool view) for token_mask: one mask object shared by every layer of a forward
     _flat_mask: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
@@ -135,7 +142,10 @@ class RoutingContext:
     def packed(self) -> bool:
         """Whether a row of the call holds several sequences: ``position_ids`` restart inside a row and no attention
         mask separates them (what TRL's ``packing=True`` / ``padding_free=True`` feed, and transformers reads the
-        same way). Reads the positions back from the device; ``False`` in compiled code, which cannot."""
+        same way). Reads the positions back from the device; in compiled code, which cannot, ``packed_rows`` when it
+        was read before the graph (else ``False``)."""
+        if self.packed_rows is not None:
+            return self.packed_rows
         positions = self.position_ids
         if positions is None or positions.dim() != 2 or positions.shape[1] < 2 or torch.compiler.is_compiling():
             return False
@@ -186,6 +196,8 @@ class RoutingContext:
             labels=cut(self.labels),
             prompt_mask=cut(self.prompt_mask),
             position_ids=cut(self.position_ids),
+            packed_rows=None,
+            segments=None,
             _flat_mask=None,
         )
 
@@ -747,6 +759,20 @@ class MoLoraRuntime:
         )
         if self.context.adapter_names is None and self.batch_adapter_names is not None:
             self.context.adapter_names = self.batch_adapter_names[0]
+        if positions is not None and self._routes_sequences():
+            # found here, outside any compiled graph: a compiled prompt router reads them as they are
+            from .routers.prompt import Segments
+
+            self.context.packed_rows = self.context.packed()
+            if self.context.packed_rows:
+                self.context.segments = Segments.from_positions(positions)
+
+    def _routes_sequences(self) -> bool:
+        """Whether an adapter of the model routes whole sequences (the prompt router), whose decisions need the
+        sequences of packed rows."""
+        from .routers.prompt import is_prompt_router
+
+        return any(is_prompt_router(getattr(config, "router", None)) for config in self.peft_config.values())
 
     def forward_done(self) -> None:
         """The model-level forward returned or raised (see :meth:`begin_stack`)."""

@@ -496,33 +496,56 @@ def test_recipe_builds_a_prompt_router_config():
     assert recipe["training"]["packing"] is False and recipe["training"]["completion_only_loss"] is True
 
 
-@pytest.mark.parametrize("key", ["packing", "padding_free"])
-def test_recipe_refuses_packing_for_the_prompt_router(key):
-    """TRL's ``packing_strategy="wrapped"`` leaves no boundary in a packed row (position_ids run on), so the router
-    would silently pool across sequences: ``molora sft`` refuses the combination before loading a model."""
+def test_recipe_packing_for_the_prompt_router():
+    """``molora sft`` trains the prompt router on TRL's ``"bfd"`` packing and ``padding_free`` rows (each sequence
+    whole, with its own position_ids; compiled too) and refuses, before loading a model, the strategies that cut
+    sequences (``"wrapped"``: no boundary left to find; ``"bfd_split"``: a sequence's end without its prompt)."""
     from molora.training.recipe import RecipeError, validate
 
-    recipe = {"adapter": {"router": "prompt", "num_experts": 4, "top_k": 1}, "training": {key: True}}
-    with pytest.raises(RecipeError, match=f"training.{key}=true cannot train adapter.router='prompt'"):
-        validate(recipe)
-    validate({**recipe, "training": {key: False}})
-    validate({**recipe, "adapter": {"router": "topk", "num_experts": 4, "top_k": 1}})
+    adapter = {"router": "prompt", "num_experts": 4, "top_k": 1}
+    for training in (
+        {"packing": True},
+        {"packing": True, "packing_strategy": "bfd", "torch_compile": True},
+        {"padding_free": True},
+    ):
+        validate({"adapter": adapter, "training": training})
+    refused = {
+        "wrapped": "training.packing_strategy='wrapped' cannot train router='prompt'.*runs each row on across them",
+        "bfd_split": "training.packing_strategy='bfd_split' cannot train router='prompt'.*without its prompt",
+    }
+    for strategy, message in refused.items():
+        training = {"packing": True, "packing_strategy": strategy}
+        with pytest.raises(RecipeError, match=message):
+            validate({"adapter": adapter, "training": training})
+        validate({"adapter": {**adapter, "router": "topk", "top_k": 2}, "training": training})
 
 
-@pytest.mark.parametrize("strategy", ["wrapped", "bfd"])
-def test_callback_refuses_trl_packing_for_the_prompt_router(tmp_path, strategy):
-    """Through ``SFTTrainer`` with ``MoLoraCallback``: ``packing=True`` fails at ``on_train_begin``, naming the
-    adapter and the option, whatever the strategy; a token-level adapter trains packed rows."""
+@pytest.mark.parametrize(
+    ("options", "refused"),
+    [
+        ({"packing_strategy": "wrapped"}, "packing_strategy='wrapped' cannot train router='prompt'"),
+        ({"packing_strategy": "bfd_split"}, "packing_strategy='bfd_split' cannot train router='prompt'"),
+        ({"packing_strategy": "bfd"}, None),
+    ],
+    ids=["wrapped", "bfd_split", "bfd"],
+)
+def test_callback_checks_trl_packing_for_the_prompt_router(tmp_path, options, refused):
+    """Through ``SFTTrainer`` with ``MoLoraCallback``: a packing the prompt router cannot train with fails at
+    ``on_train_begin``, naming the adapter and the option; ``"bfd"`` packing passes, and token-level adapters pass
+    every packing."""
     pytest.importorskip("trl")
     from conftest import sft_args
     from transformers import TrainerControl, TrainerState
 
     from molora.training import MoLoraCallback
 
-    args = sft_args(tmp_path, packing=True, packing_strategy=strategy)
+    args = sft_args(tmp_path, packing=True, **options)
     model = get_peft_model(make_llama(), bank_or_module({}))
-    with pytest.raises(ValueError, match="SFTConfig\\(packing=True\\).*adapter 'default' uses router='prompt'"):
+    if refused is None:
         MoLoraCallback().on_train_begin(args, TrainerState(), TrainerControl(), model=model)
+    else:
+        with pytest.raises(ValueError, match=f"SFTConfig: adapter 'default': {refused}"):
+            MoLoraCallback().on_train_begin(args, TrainerState(), TrainerControl(), model=model)
     token_level = get_peft_model(make_llama(), MoLoraConfig(r=2, num_experts=4, top_k=2, task_type="CAUSAL_LM"))
     MoLoraCallback().on_train_begin(args, TrainerState(), TrainerControl(), model=token_level)
 
@@ -544,22 +567,154 @@ def test_prompt_router_on_tokens_flattened_in_order(router_kwargs):
     torch.testing.assert_close(batched[:1, 3:], alone, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("router_kwargs", [{}, {"milora_mode": "module"}], ids=["bank", "module"])
-def test_packed_rows_fail_clearly(router_kwargs):
+PACKED_ROUTERS = [
+    ({}, {}),
+    ({"milora_mode": "module"}, {}),
+    ({"pooler": "last"}, {"num_experts": 4}),
+    ({"pooler": "max"}, {"num_experts": 4}),
+    ({"pooler": "attn"}, {"num_experts": 4}),
+]
+
+
+def _packed(sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One packed row of ``sequences`` and its position_ids (restarting at every sequence), as TRL's padding-free
+    collator builds them."""
+    return torch.cat(sequences)[None], torch.cat([torch.arange(len(s)) for s in sequences])[None]
+
+
+@pytest.mark.parametrize(("router_kwargs", "overrides"), PACKED_ROUTERS, ids=["bank", "module", "last", "max", "attn"])
+def test_packed_rows_route_each_sequence(router_kwargs, overrides):
     """A packed / padding-free row (TRL's ``packing=True``: position_ids restarting, no attention_mask) holds several
-    sequences, which one decision per row would pool across (silently: logits 0.96 away from the unpacked ones); it
-    fails naming the options. Explicit position_ids of one sequence per row, or a mask beside them, still work."""
-    model = get_peft_model(make_llama(), bank_or_module(router_kwargs, init_lora_weights=True)).eval()
-    a, b = torch.tensor([PROMPTS[0]]), torch.tensor([PROMPTS[2]])
-    packed = torch.cat([a, b], 1)
-    restart = torch.cat([torch.arange(a.shape[1]), torch.arange(b.shape[1])])[None]
+    sequences: each gets its own decision, from its own prompt, so every token's logits are those of its sequence
+    alone (one decision per row pooled across them: 0.96 away). With labels the prompt of each sequence ends at its
+    own first supervised token (a sequence supervised throughout is routed from all its tokens, as alone)."""
+    model = get_peft_model(make_llama(), bank_or_module(router_kwargs, **overrides)).eval()
+    sequences = [torch.tensor(p) for p in PROMPTS]
+    ids, positions = _packed(sequences)
     with torch.no_grad():
-        with pytest.raises(ValueError, match="packs several sequences into one row.*packing=False"):
-            model(input_ids=packed, position_ids=restart)
-        one = model(input_ids=packed, position_ids=torch.arange(packed.shape[1])[None]).logits
-        torch.testing.assert_close(one, model(input_ids=packed).logits)
-        model(input_ids=packed, position_ids=restart, attention_mask=torch.ones_like(packed))
-        assert model(input_ids=a).logits.isfinite().all()  # the next call is not affected
+        packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits
+        alone = torch.cat([model(input_ids=s[None]).logits for s in sequences], 1)
+        torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+        # the prompt from the labels: the first two tokens of each sequence (the rest would move the decisions), all
+        # the tokens of the second one, whose every token is supervised
+        labels = [s.clone() for s in sequences]
+        for label in labels[::2]:
+            label[:2] = -100
+        packed = model(input_ids=ids, position_ids=positions, labels=torch.cat(labels)[None], use_cache=False)
+        alone = [model(input_ids=s[None], labels=label[None]).logits for s, label in zip(sequences, labels)]
+        torch.testing.assert_close(packed.logits, torch.cat(alone, 1), atol=1e-5, rtol=1e-5)
+        # explicit position_ids of one sequence per row are one sequence per row; so is a row with a mask (which is
+        # how one marks padding, not sequences)
+        one = model(input_ids=ids, position_ids=torch.arange(ids.shape[1])[None]).logits
+        torch.testing.assert_close(one, model(input_ids=ids).logits)
+        masked = model(input_ids=ids, position_ids=positions, attention_mask=torch.ones_like(ids)).logits
+        assert masked.isfinite().all()
+
+
+@pytest.mark.parametrize("router_kwargs", [{}, {"milora_mode": "module"}], ids=["bank", "module"])
+def test_packed_training_matches_the_padded_batch(router_kwargs):
+    """A training forward of a packed row gives the loss, the balance and z losses (over sequences) and the gradients
+    of the same sequences as a right-padded batch with their attention mask."""
+    config = bank_or_module(router_kwargs, aux_loss_coef=0.1, z_loss_coef=0.01)
+    model = get_peft_model(make_llama(), config).train()
+    sequences = [torch.tensor(p) for p in PROMPTS]
+    labels = [s.clone() for s in sequences]
+    for label in labels:
+        label[:2] = -100
+    ids, positions = _packed(sequences)
+    width = max(len(s) for s in sequences)
+    batch = torch.zeros(len(sequences), width, dtype=torch.long)
+    batch_labels = torch.full_like(batch, -100)
+    mask = torch.zeros_like(batch)
+    for row, (sequence, label) in enumerate(zip(sequences, labels)):
+        batch[row, : len(sequence)], batch_labels[row, : len(label)], mask[row, : len(sequence)] = sequence, label, 1
+    results = []
+    for kwargs in (
+        dict(input_ids=ids, position_ids=positions, labels=torch.cat(labels)[None]),
+        dict(input_ids=batch, attention_mask=mask, labels=batch_labels),
+    ):
+        model.zero_grad(set_to_none=True)
+        out = model(**kwargs, use_cache=False)
+        out.loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results.append((out.loss.detach(), model.molora_aux_loss().detach(), grads))
+    (loss, aux, grads), (padded_loss, padded_aux, padded_grads) = results
+    torch.testing.assert_close(loss, padded_loss)
+    torch.testing.assert_close(aux, padded_aux)
+    # (module mode's layer routers are `molora_milora.<adapter>.<layer>`)
+    assert aux > 0 and grads.keys() == padded_grads.keys() and any("_router" in n or "milora" in n for n in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, padded_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("router_kwargs", [{}, {"milora_mode": "module"}], ids=["bank", "module"])
+def test_packed_training_compiles_like_eager(router_kwargs):
+    """``torch.compile`` of the model trains packed rows as eager does (loss, aux losses, every gradient). The
+    sequences' count and lengths are host values: the runtime finds them before the forward, outside the graph (read
+    back inside it, they broke the graph in every layer, and the aux losses' gradients went wrong; before packing was
+    supported the compiled router pooled across the sequences without a word)."""
+    config = bank_or_module(router_kwargs, aux_loss_coef=0.1, z_loss_coef=0.01)
+    model = get_peft_model(make_llama(), config).train()
+    ids, positions = _packed([torch.tensor(p) for p in PROMPTS])
+    labels = ids.masked_fill(positions == 0, -100)
+    results = []
+    for run in (model, torch.compile(model, backend="aot_eager")):
+        model.zero_grad(set_to_none=True)
+        out = run(input_ids=ids, position_ids=positions, labels=labels, use_cache=False)
+        out.loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results.append((out.loss.detach(), model.molora_aux_loss().detach(), grads))
+    (loss, aux, grads), (compiled_loss, compiled_aux, compiled_grads) = results
+    torch.testing.assert_close(compiled_loss, loss)
+    torch.testing.assert_close(compiled_aux, aux)
+    assert compiled_grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_sft_packing_trains_the_prompt_router(tmp_path):
+    """``SFTTrainer(packing=True)`` (TRL's default ``"bfd"`` strategy: padding-free rows) on prompt-completion data:
+    the rows its collator builds give the loss and aux losses of the same sequences in a padded batch, and training
+    runs with ``MoLoraCallback``."""
+    trl = pytest.importorskip("trl")
+    from conftest import CHAR_VOCAB, make_char_tokenizer, sft_args
+    from datasets import Dataset
+
+    from molora.training import MoLoraCallback
+
+    words = ["red fox", "blue cat", "green owl", "gray wolf"]
+    rows = [{"prompt": f"say {words[i % 4]}:", "completion": f" {words[i % 4][::-1]}."} for i in range(16)]
+    trainer = trl.SFTTrainer(
+        model=make_llama(vocab_size=CHAR_VOCAB),
+        args=sft_args(tmp_path, packing=True, max_length=64, max_steps=3, per_device_train_batch_size=4),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=make_char_tokenizer(),
+        peft_config=bank_or_module({}, aux_loss_coef=0.1),
+        callbacks=[MoLoraCallback()],
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
+    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [batch["input_ids"].shape[1]]
+    pieces = list(zip(starts[:-1], starts[1:]))
+    assert len(pieces) >= 4  # several sequences in one row
+    width = max(b - a for a, b in pieces)
+    padded_ids = torch.zeros(len(pieces), width, dtype=torch.long)
+    padded_labels = torch.full_like(padded_ids, -100)
+    mask = torch.zeros_like(padded_ids)
+    for row, (a, b) in enumerate(pieces):
+        padded_ids[row, : b - a] = batch["input_ids"][0, a:b]
+        padded_labels[row, : b - a] = batch["labels"][0, a:b]
+        mask[row, : b - a] = 1
+    model = trainer.model.eval()
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"])
+        packed_aux = model.molora_aux_loss()
+        alone = model(input_ids=padded_ids, attention_mask=mask, labels=padded_labels)
+        torch.testing.assert_close(packed.loss, alone.loss, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(packed_aux, model.molora_aux_loss(), atol=1e-6, rtol=1e-5)
+    model.train()
+    trainer.train()
+    assert trainer.state.global_step == 3
 
 
 def test_token_level_routers_accept_packed_rows():

@@ -27,6 +27,11 @@ Which positions are the prompt (``m``), in order of precedence:
 A sequence whose prompt mask is empty (labels supervise every token) falls back to all of its non-padding tokens.
 Padding never enters a decision, so a sample routes the same alone and in a padded batch.
 
+Packed rows (TRL's ``packing=True`` / ``padding_free=True``: several whole sequences in a row, ``position_ids``
+restarting at each, no ``attention_mask``): the sequences are found from the restarts (:class:`Segments`) and each
+gets its own decision by the rules above, laid out from its first token; the model's runtime finds them before the
+forward so that compiled code reads them as constants.
+
 Generation: the decision of each sequence is cached at the prefill (``RoutingContext.is_decode`` False) and read at
 every cached decode step (no pooling, no router compute). The cache is a plain attribute, not a buffer: it is never
 saved with the adapter, it is overwritten by the next prefill (so it cannot leak from one ``generate`` call into
@@ -198,12 +203,18 @@ class PromptRouter(Router):
                     cached.one_token = broadcast_to_tokens(sequence, routed, 1)
                 return cached.one_token
         else:
-            prompt, routed = sequence_masks(context, batch, seq, x.device, valid)
-            sequence = self.decide(x.reshape(batch, seq, -1), prompt)
+            prompt, routed, segments = sequence_masks(context, batch, seq, x.device, valid)
+            if segments is None:
+                sequence = self.decide(x.reshape(batch, seq, -1), prompt)
+            else:
+                # a packed call: one decision per sequence of the rows, each laid out from its first token
+                sequence = self.decide(segments.pad(x), segments.pad(prompt.reshape(-1)))
             length = None if context is None or context.past_length is None else context.past_length + seq
             self._cached = _CachedDecision(sequence=_detached(sequence), routed=routed, length=length)
             if not torch.compiler.is_compiling():
                 _keep_with_cache(context, self, self._cached)
+            if segments is not None:
+                return broadcast_to_tokens(sequence, routed, seq, segments)
         return broadcast_to_tokens(sequence, routed, seq)
 
     def decide(self, x: torch.Tensor, prompt: torch.Tensor) -> Routing:
@@ -277,9 +288,10 @@ def is_prompt_router(name: str) -> bool:
 
 def sequence_masks(
     context: RoutingContext | None, batch: int, seq: int, device: torch.device, valid: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(prompt[B, S], routed[B])``: :func:`prompt_positions` and which sequences hold a real token, for a layer
-    input of ``B`` sequences of ``S`` tokens whose non-padding tokens are ``valid[B * S]`` (or None).
+) -> tuple[torch.Tensor, torch.Tensor, Segments | None]:
+    """``(prompt[B, S], routed[N], segments)``: :func:`prompt_positions`, which sequences hold a real token, and the
+    sequences of a packed call (:func:`packed_segments`; ``None`` otherwise), for a layer input of ``B`` rows of ``S``
+    tokens whose non-padding tokens are ``valid[B * S]`` (or None). ``N`` is ``B``, or a packed call's sequences.
 
     Computed once per forward and context (every adapted layer asks with the same mask object): the same tensors for
     each layer spare a dozen small operators per layer, and the aux losses' valid-row index of ``routed`` (a read
@@ -291,8 +303,11 @@ def sequence_masks(
         if cached is not None and cached[0] == key and cached[1] is valid:
             return cached[2]
     valid_bs = valid.reshape(batch, seq) if valid is not None else None
-    prompt = prompt_positions(context, batch, seq, device, valid_bs)
-    masks = prompt, (valid_bs if valid_bs is not None else prompt).any(dim=1)
+    segments = packed_segments(context, batch, seq, device)
+    prompt = prompt_positions(context, batch, seq, device, valid_bs, segments=segments)
+    real = valid_bs if valid_bs is not None else prompt
+    routed = real.any(dim=1) if segments is None else segments.any(real.reshape(-1))
+    masks = prompt, routed, segments
     if context is not None and not torch.compiler.is_compiling():
         context._sequence_masks = (key, valid, masks)
     return masks
@@ -304,19 +319,17 @@ def prompt_positions(
     seq: int,
     device: torch.device,
     valid: torch.Tensor | None = None,
+    segments: Segments | None = None,
 ) -> torch.Tensor:
     """The prompt positions ``[B, S]`` (bool) of the current input; see the module docstring for the rules.
 
-    ``valid[B, S]`` (non-padding tokens) is used when the context has no attention mask of that shape.
+    ``valid[B, S]`` (non-padding tokens) is used when the context has no attention mask of that shape. In a packed
+    call (several sequences per row, :func:`packed_segments`; found here when ``segments`` is not given) the rules
+    apply to each sequence of a row: its prompt ends at its own first supervised token.
     """
     shape = (batch, seq)
-    if context is not None and context.packed():
-        raise ValueError(
-            "router='prompt' decides once per sequence from its prompt, but this batch packs several sequences into "
-            "one row (position_ids restart inside a row and no attention_mask separates them: TRL's packing=True or "
-            "padding_free=True); the decision would pool across them. Train with SFTConfig(packing=False, "
-            "padding_free=False), or pass one sequence per row with its attention_mask."
-        )
+    if segments is None:
+        segments = packed_segments(context, batch, seq, device)
     real = valid
     if context is not None and context.attention_mask is not None and tuple(context.attention_mask.shape) == shape:
         real = context.attention_mask.to(device).bool()
@@ -334,10 +347,90 @@ def prompt_positions(
             # the unsupervised tokens before a sequence's first supervised one: in multi-turn chat data the later
             # user turns are -100 too, but they follow the first answer, which a causal decision must not see
             supervised = context.labels.to(device) != -100
-            prompt = real & (supervised.cumsum(dim=1) == 0)
+            if segments is None:
+                prompt = real & (supervised.cumsum(dim=1) == 0)
+            else:
+                prompt = real & (segments.cumsum(supervised.reshape(-1)) == 0).reshape(shape)
     # a sequence without prompt tokens (every token supervised) is routed from all its real tokens
-    empty = ~prompt.any(dim=1, keepdim=True)
+    if segments is None:
+        empty = ~prompt.any(dim=1, keepdim=True)
+    else:
+        empty = ~segments.any(prompt.reshape(-1)).index_select(0, segments.index).reshape(shape)
     return torch.where(empty, real, prompt)
+
+
+@dataclass
+class Segments:
+    """The sequences of a packed call: a row holds several, each a run of tokens whose ``position_ids`` count up
+    from where the run starts (TRL's ``packing=True`` / ``padding_free=True``; see :func:`packed_segments`).
+
+    Sequences never span rows; they are numbered in order over the flattened ``[B * S]`` tokens.
+
+    Attributes:
+        index (LongTensor[B*S]): the sequence of each token.
+        start (LongTensor[N]): the flat position of each sequence's first token.
+        count (int): ``N``, the number of sequences.
+        max_length (int): the longest sequence's length.
+    """
+
+    index: torch.Tensor
+    start: torch.Tensor
+    count: int
+    max_length: int
+
+    @classmethod
+    def from_positions(cls, positions: torch.Tensor) -> Segments:
+        """The sequences of rows whose ``positions[B, S]`` restart (do not continue from the previous token) where a
+        sequence starts; every row starts one. Reads the count and lengths back from the device."""
+        starts = torch.ones_like(positions, dtype=torch.bool)
+        starts[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
+        flat = starts.reshape(-1)
+        start = flat.nonzero().squeeze(1)
+        lengths = torch.diff(start, append=start.new_full((1,), flat.numel()))
+        return cls(index=flat.cumsum(0) - 1, start=start, count=start.numel(), max_length=int(lengths.max()))
+
+    def pad(self, values: torch.Tensor) -> torch.Tensor:
+        """The per-token ``values[B*S, ...]`` laid out per sequence, ``[N, max_length, ...]``, each from its first
+        token and zero (False) after its end; differentiable. The pooling of :func:`pool` reads them with the prompt
+        mask laid out the same way, whose padding is False."""
+        tokens = self.index.numel()
+        offset = torch.arange(tokens, device=self.index.device) - self.start.index_select(0, self.index)
+        rows = self.index * self.max_length + offset
+        out = values.new_zeros((self.count * self.max_length, *values.shape[1:]))
+        return out.index_copy(0, rows, values).reshape(self.count, self.max_length, *values.shape[1:])
+
+    def to(self, device: torch.device) -> Segments:
+        """These sequences with their index tensors on ``device``."""
+        if self.index.device == device:
+            return self
+        return Segments(self.index.to(device), self.start.to(device), self.count, self.max_length)
+
+    def any(self, flags: torch.Tensor) -> torch.Tensor:
+        """``[N]`` bool: whether any token of each sequence has ``flags[B*S]`` set."""
+        counts = torch.zeros(self.count, dtype=torch.long, device=flags.device)
+        return counts.index_add_(0, self.index, flags.long()) > 0
+
+    def cumsum(self, flags: torch.Tensor) -> torch.Tensor:
+        """``[B*S]``: the running count of ``flags[B*S]`` within each sequence (``cumsum`` restarted per sequence)."""
+        running = flags.long().cumsum(0)
+        before = (running - flags.long()).index_select(0, self.start)  # the count up to each sequence's start
+        return running - before.index_select(0, self.index)
+
+
+def packed_segments(context: RoutingContext | None, batch: int, seq: int, device: torch.device) -> Segments | None:
+    """The sequences of the call when its rows pack several (``RoutingContext.packed``: ``position_ids`` restart
+    inside a row and no ``attention_mask`` separates them), for a layer input of ``B`` rows of ``S`` tokens; ``None``
+    otherwise. The model's runtime finds them before the forward (``RoutingContext.segments``), outside any compiled
+    graph: their count and lengths are host values, which compiled code reads as constants (a graph for each)."""
+    if context is None or not context.packed():
+        return None
+    positions = context.position_ids
+    if tuple(positions.shape) != (batch, seq):
+        return None  # the positions of another input (an encoder's, for a decoder's cross-attention)
+    segments = context.segments
+    if segments is None:  # (a context made without the model's runtime)
+        return Segments.from_positions(positions.to(device))
+    return segments.to(device)
 
 
 def pool(x: torch.Tensor, mask: torch.Tensor, pooler: str, query: torch.Tensor | None = None) -> torch.Tensor:
@@ -368,9 +461,28 @@ def pool(x: torch.Tensor, mask: torch.Tensor, pooler: str, query: torch.Tensor |
     raise ValueError(f"`router_kwargs['pooler']`={pooler!r} is not supported; allowed values: {list(POOLERS)}.")
 
 
-def broadcast_to_tokens(sequence: Routing, routed: torch.Tensor, seq: int) -> PromptRouting:
-    """Give every one of the ``seq`` tokens of each sequence its sequence's decision (``T = B * seq`` rows)."""
+def broadcast_to_tokens(
+    sequence: Routing, routed: torch.Tensor, seq: int, segments: Segments | None = None
+) -> PromptRouting:
+    """Give every one of the ``seq`` tokens of each sequence its sequence's decision (``T = B * seq`` rows); with
+    ``segments`` (a packed call), every token its own sequence's among the rows' ``N``."""
     batch, k = sequence.num_tokens, sequence.expert_index.numel() // max(sequence.num_tokens, 1)
+    if segments is not None:
+        index = segments.index.to(sequence.probs.device)
+
+        def per_token(values: torch.Tensor) -> torch.Tensor:
+            return values.index_select(0, index)
+
+        return PromptRouting(
+            probs=per_token(sequence.probs),
+            token_index=repeated_arange(index.numel(), k, sequence.probs.device),
+            expert_index=per_token(sequence.expert_index.reshape(batch, k)).reshape(-1),
+            weight=per_token(sequence.weight.reshape(batch, k)).reshape(-1),
+            logits=per_token(sequence.logits) if sequence.logits is not None else None,
+            gates=per_token(sequence.dense_gates()),
+            sequence=sequence,
+            routed=routed,
+        )
     n_tokens = batch * seq
     logits = sequence.logits.repeat_interleave(seq, dim=0) if sequence.logits is not None else None
     return PromptRouting(
@@ -428,8 +540,10 @@ __all__ = [
     "PromptParams",
     "PromptRouter",
     "PromptRouting",
+    "Segments",
     "broadcast_to_tokens",
     "is_prompt_router",
+    "packed_segments",
     "pool",
     "prompt_positions",
     "sequence_masks",

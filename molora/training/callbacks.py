@@ -18,8 +18,6 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..routers.prompt import is_prompt_router
-
 
 def checkpoint_dir(args, state) -> Path:
     """The folder ``Trainer._save_checkpoint`` writes at ``state.global_step`` (and a resume usually names)."""
@@ -68,22 +66,22 @@ def _set_trainer_state(model: nn.Module, steps: int, grad_scaler: Any) -> None:
 
 
 def _refuse_packed_prompt_routing(args: Any, model: nn.Module) -> None:
-    """Raise if TRL packs sequences (``packing`` / ``padding_free``) for an adapter of the prompt router.
+    """Raise if TRL packs sequences in a way an adapter of the prompt router cannot be trained with (see
+    :func:`molora.training.recipe.packed_prompt_routing_problem`): ``"bfd"`` packing and ``padding_free`` keep each
+    sequence whole with its own ``position_ids``, from which the router finds them; ``"wrapped"`` packing leaves no
+    boundary at all, so the router would decide once per row from prompts pooled across sequences, silently.
+    Checked once here, before any step."""
+    from .recipe import packed_prompt_routing_problem
 
-    Packing with TRL's default ``"bfd"`` strategy would fail at the first forward (``position_ids`` restart inside a
-    row), but ``"wrapped"`` packing leaves no boundary at all: the router would decide once per row from a prompt
-    pooled across several sequences, silently. Checked once here, before any step."""
-    flags = [key for key in ("packing", "padding_free") if getattr(args, key, False) is True]
-    if not flags:
-        return
     for module in _molora_models(model):
         for name, config in module.peft_config.items():
-            if is_prompt_router(getattr(config, "router", None)):
-                raise ValueError(
-                    f"{type(args).__name__}({flags[0]}=True) puts several sequences in one row, but adapter {name!r} "
-                    "uses router='prompt', which decides once per row from its prompt: the decision would pool "
-                    f"across sequences. Set {flags[0]}=False (docs/prompt_router.md), or use a token-level router."
-                )
+            problem = packed_prompt_routing_problem(
+                getattr(config, "router", None),
+                packing=getattr(args, "packing", False) is True,
+                strategy=getattr(args, "packing_strategy", "bfd"),
+            )
+            if problem:
+                raise ValueError(f"{type(args).__name__}: adapter {name!r}: {problem}")
 
 
 def _enabled_grad_scaler(optimizer: Any) -> Any:

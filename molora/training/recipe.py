@@ -256,15 +256,45 @@ def validate(recipe: dict) -> dict[str, dict[str, Any]]:
     if adapter:
         # validates values with MoLoraConfig's own messages (field name, value, allowed values)
         build_adapter_config(adapter)
-    if adapter.get("router") == "prompt" and (training.get("packing") or training.get("padding_free")):
-        key = "packing" if training.get("packing") else "padding_free"
-        raise RecipeError(
-            f"training.{key}=true cannot train adapter.router='prompt': it puts several sequences in one row, and "
-            "the router decides once per row from its prompt (TRL's 'wrapped' packing leaves no boundary to detect, "
-            f"so the decision would silently pool across sequences). Set training.{key}: false, or pick a "
-            "token-level router."
-        )
+    problem = packed_prompt_routing_problem(
+        adapter.get("router"),
+        packing=bool(training.get("packing")),
+        strategy=training.get("packing_strategy", "bfd"),
+        prefix="training.",
+    )
+    if problem:
+        raise RecipeError(problem)
     return out
+
+
+#: TRL's packing strategies whose rows keep every sequence whole, with its own position_ids from 0
+PROMPT_ROUTER_PACKING = ("bfd",)
+
+
+def packed_prompt_routing_problem(router: Any, *, packing: bool, strategy: Any, prefix: str = "") -> str | None:
+    """Why TRL's ``packing`` with ``strategy`` cannot train an adapter of ``router``, or ``None`` when it can (always
+    for token-level routers, and with ``padding_free`` rows, which hold whole sequences).
+
+    The prompt router decides once per sequence from its prompt and finds the sequences of a packed row from their
+    ``position_ids`` (``"bfd"`` packing, ``padding_free``). ``"wrapped"`` packing cuts sequences and runs rows on
+    across them (no boundary to find), and ``"bfd_split"`` moves a long sequence's end into another row without its
+    prompt."""
+    from ..routers.prompt import is_prompt_router
+
+    if not packing or not isinstance(router, str) or not is_prompt_router(router):
+        return None
+    if strategy not in PROMPT_ROUTER_PACKING:
+        how = (
+            "cuts sequences and runs each row on across them (no boundary to find)"
+            if strategy == "wrapped"
+            else "moves the end of a long sequence into another row, without its prompt"
+        )
+        return (
+            f"{prefix}packing_strategy={strategy!r} cannot train router='prompt', which decides once per sequence "
+            f"from its prompt: this strategy {how}. Use {prefix}packing_strategy='bfd' (every sequence whole in its "
+            "row), or no packing."
+        )
+    return None
 
 
 #: the split names that read the bundled dataset's held-out rows (any other name reads its training rows)
