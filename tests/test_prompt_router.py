@@ -600,7 +600,10 @@ def test_packed_rows_route_each_sequence(router_kwargs, overrides):
         labels = [s.clone() for s in sequences]
         for label in labels[::2]:
             label[:2] = -100
-        packed = model(input_ids=ids, position_ids=positions, labels=torch.cat(labels)[None], use_cache=False)
+        # TRL's padding-free collator also masks each sequence's first label (no sequence predicts the next one's
+        # first token): the second sequence is still supervised throughout, as alone
+        packed_labels = torch.cat([torch.cat([label.new_full((1,), -100), label[1:]]) for label in labels])[None]
+        packed = model(input_ids=ids, position_ids=positions, labels=packed_labels, use_cache=False)
         alone = [model(input_ids=s[None], labels=label[None]).logits for s, label in zip(sequences, labels)]
         torch.testing.assert_close(packed.logits, torch.cat(alone, 1), atol=1e-5, rtol=1e-5)
         # explicit position_ids of one sequence per row are one sequence per row; so is a row with a mask (which is
@@ -672,12 +675,15 @@ def test_packed_training_compiles_like_eager(router_kwargs):
         torch.testing.assert_close(compiled_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_sft_packing_trains_the_prompt_router(tmp_path):
-    """``SFTTrainer(packing=True)`` (TRL's default ``"bfd"`` strategy: padding-free rows) on prompt-completion data:
-    the rows its collator builds give the loss and aux losses of the same sequences in a padded batch, and training
-    runs with ``MoLoraCallback``."""
+@pytest.mark.parametrize("data", ["prompt_completion", "text"])
+def test_sft_packing_trains_the_prompt_router(tmp_path, data):
+    """``SFTTrainer(packing=True)`` (TRL's default ``"bfd"`` strategy: padding-free rows): the rows its collator builds
+    give the loss and aux losses of the same sequences in the padded batch its unpacked collator builds, and training
+    runs with ``MoLoraCallback``. Prompt-completion data masks the prompts; plain text masks nothing unpacked, and
+    packed only each sequence's first token (TRL's padding-free collator does): read as a one-token prompt, every
+    sequence starting with the same token got the same decision (0.82 away from the unpacked logits)."""
     trl = pytest.importorskip("trl")
-    from conftest import CHAR_VOCAB, make_char_tokenizer, sft_args
+    from conftest import CHAR_VOCAB, make_char_tokenizer, sft_args, text_dataset
     from datasets import Dataset
 
     from molora.training import MoLoraCallback
@@ -687,7 +693,7 @@ def test_sft_packing_trains_the_prompt_router(tmp_path):
     trainer = trl.SFTTrainer(
         model=make_llama(vocab_size=CHAR_VOCAB),
         args=sft_args(tmp_path, packing=True, max_length=64, max_steps=3, per_device_train_batch_size=4),
-        train_dataset=Dataset.from_list(rows),
+        train_dataset=Dataset.from_list(rows) if data == "prompt_completion" else text_dataset(16),
         processing_class=make_char_tokenizer(),
         peft_config=bank_or_module({}, aux_loss_coef=0.1),
         callbacks=[MoLoraCallback()],
@@ -703,11 +709,15 @@ def test_sft_packing_trains_the_prompt_router(tmp_path):
     mask = torch.zeros_like(padded_ids)
     for row, (a, b) in enumerate(pieces):
         padded_ids[row, : b - a] = batch["input_ids"][0, a:b]
-        padded_labels[row, : b - a] = batch["labels"][0, a:b]
+        # the unpacked collator's labels: the prompt masked, the first token of plain text not
+        padded_labels[row, : b - a] = batch["labels" if data == "prompt_completion" else "input_ids"][0, a:b]
         mask[row, : b - a] = 1
     model = trainer.model.eval()
     with torch.no_grad():
-        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"])
+        # (use_cache=False as TRL calls the model: transformers keeps packed sequences apart only without a cache)
+        packed = model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"], use_cache=False
+        )
         packed_aux = model.molora_aux_loss()
         alone = model(input_ids=padded_ids, attention_mask=mask, labels=padded_labels)
         torch.testing.assert_close(packed.loss, alone.loss, atol=1e-5, rtol=1e-5)

@@ -350,7 +350,8 @@ def prompt_positions(
             if segments is None:
                 prompt = real & (supervised.cumsum(dim=1) == 0)
             else:
-                prompt = real & (segments.cumsum(supervised.reshape(-1)) == 0).reshape(shape)
+                supervised = segments.unmask_first_labels(supervised.reshape(-1))
+                prompt = real & (segments.cumsum(supervised) == 0).reshape(shape)
     # a sequence without prompt tokens (every token supervised) is routed from all its real tokens
     if segments is None:
         empty = ~prompt.any(dim=1, keepdim=True)
@@ -404,6 +405,21 @@ class Segments:
         if self.index.device == device:
             return self
         return Segments(self.index.to(device), self.start.to(device), self.count, self.max_length)
+
+    def unmask_first_labels(self, supervised: torch.Tensor) -> torch.Tensor:
+        """``supervised[B*S]`` (bool: label not -100) with each sequence's first token read as its second token is.
+
+        TRL's padding-free collator (``packing=True``, ``padding_free=True``) sets the label of every sequence's first
+        token to -100, so that no sequence learns to predict the next one's first token; a token is never its own
+        sequence's target anyway. Read as written, a sequence supervised throughout (plain language-modelling data,
+        whose unpacked batches carry ``labels = input_ids``) would get a one-token prompt, its first token, and every
+        sequence starting with the same token (BOS) the same decision. Its first token now counts as supervised
+        when the second is: such a sequence is routed from all its tokens, as unpacked. A prompt of one token (its
+        completion starts at the second token) is read the same way, as a sequence without prompt."""
+        # (a sequence of one token reads the next one's first label or, last, its own: its prompt is its one token
+        # either way, as supervised throughout it falls back to all its tokens)
+        second = (self.start + 1).clamp_max(supervised.numel() - 1)
+        return supervised.index_copy(0, self.start, supervised.index_select(0, second))
 
     def any(self, flags: torch.Tensor) -> torch.Tensor:
         """``[N]`` bool: whether any token of each sequence has ``flags[B*S]`` set."""
