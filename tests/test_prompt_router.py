@@ -631,23 +631,27 @@ def test_packed_training_matches_the_padded_batch(router_kwargs):
     mask = torch.zeros_like(batch)
     for row, (sequence, label) in enumerate(zip(sequences, labels)):
         batch[row, : len(sequence)], batch_labels[row, : len(label)], mask[row, : len(sequence)] = sequence, label, 1
-    results = []
-    for kwargs in (
-        dict(input_ids=ids, position_ids=positions, labels=torch.cat(labels)[None]),
-        dict(input_ids=batch, attention_mask=mask, labels=batch_labels),
-    ):
-        model.zero_grad(set_to_none=True)
-        out = model(**kwargs, use_cache=False)
-        out.loss.backward()
-        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-        results.append((out.loss.detach(), model.molora_aux_loss().detach(), grads))
-    (loss, aux, grads), (padded_loss, padded_aux, padded_grads) = results
-    torch.testing.assert_close(loss, padded_loss)
-    torch.testing.assert_close(aux, padded_aux)
+    packed = _training_step(model, model, input_ids=ids, position_ids=positions, labels=torch.cat(labels)[None])
+    _assert_same_step(packed, _training_step(model, model, input_ids=batch, attention_mask=mask, labels=batch_labels))
+
+
+def _training_step(model, run, **kwargs) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """``(loss, aux loss, gradients)`` of one forward and backward of ``run`` (``model`` or a compiled copy)."""
+    model.zero_grad(set_to_none=True)
+    out = run(**kwargs, use_cache=False)
+    out.loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return out.loss.detach(), model.molora_aux_loss().detach(), grads
+
+
+def _assert_same_step(step, expected) -> None:
+    (loss, aux, grads), (expected_loss, expected_aux, expected_grads) = step, expected
+    torch.testing.assert_close(loss, expected_loss)
+    torch.testing.assert_close(aux, expected_aux)
     # (module mode's layer routers are `molora_milora.<adapter>.<layer>`)
-    assert aux > 0 and grads.keys() == padded_grads.keys() and any("_router" in n or "milora" in n for n in grads)
+    assert aux > 0 and grads.keys() == expected_grads.keys() and any("_router" in n or "milora" in n for n in grads)
     for name, grad in grads.items():
-        torch.testing.assert_close(grad, padded_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(grad, expected_grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize("router_kwargs", [{}, {"milora_mode": "module"}], ids=["bank", "module"])
@@ -660,19 +664,9 @@ def test_packed_training_compiles_like_eager(router_kwargs):
     model = get_peft_model(make_llama(), config).train()
     ids, positions = _packed([torch.tensor(p) for p in PROMPTS])
     labels = ids.masked_fill(positions == 0, -100)
-    results = []
-    for run in (model, torch.compile(model, backend="aot_eager")):
-        model.zero_grad(set_to_none=True)
-        out = run(input_ids=ids, position_ids=positions, labels=labels, use_cache=False)
-        out.loss.backward()
-        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-        results.append((out.loss.detach(), model.molora_aux_loss().detach(), grads))
-    (loss, aux, grads), (compiled_loss, compiled_aux, compiled_grads) = results
-    torch.testing.assert_close(compiled_loss, loss)
-    torch.testing.assert_close(compiled_aux, aux)
-    assert compiled_grads.keys() == grads.keys()
-    for name, grad in grads.items():
-        torch.testing.assert_close(compiled_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    eager = _training_step(model, model, input_ids=ids, position_ids=positions, labels=labels)
+    compiled = torch.compile(model, backend="aot_eager")
+    _assert_same_step(_training_step(model, compiled, input_ids=ids, position_ids=positions, labels=labels), eager)
 
 
 @pytest.mark.parametrize("data", ["prompt_completion", "text"])
