@@ -759,7 +759,7 @@ class MoLoraRuntime:
         )
         if self.context.adapter_names is None and self.batch_adapter_names is not None:
             self.context.adapter_names = self.batch_adapter_names[0]
-        if positions is not None and self._routes_sequences():
+        if positions is not None and self.routes_sequences():
             # found here, outside any compiled graph: a compiled prompt router reads them as they are
             from .routers.prompt import Segments
 
@@ -767,7 +767,7 @@ class MoLoraRuntime:
             if self.context.packed_rows:
                 self.context.segments = Segments.from_positions(positions)
 
-    def _routes_sequences(self) -> bool:
+    def routes_sequences(self) -> bool:
         """Whether an adapter of the model routes whole sequences (the prompt router), whose decisions need the
         sequences of packed rows."""
         from .routers.prompt import is_prompt_router

@@ -52,6 +52,7 @@ the sequences with at least one real token, so ``balance_loss_type`` keeps its m
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -234,7 +235,8 @@ class PromptRouter(Router):
         self._cached = None
 
     def _read_cache(self, batch: int, context: RoutingContext) -> _CachedDecision:
-        # (compiled code keeps the router's last decision: reading the cache object would break the graph)
+        # (compiled code reads the router's current decision, which the model's start-of-forward hook restored from
+        # the step's KV cache: reading the cache object here would break the graph)
         kept = None if torch.compiler.is_compiling() else _kept_with_cache(context, self)
         if kept is not None:
             # the decision of the prefill that filled this very cache (another generation may have run since, with
@@ -542,14 +544,39 @@ def _keep_with_cache(context: RoutingContext | None, router: PromptRouter, decis
         kept = cache.__dict__.setdefault(_CACHE_ATTRIBUTE, {})
     except AttributeError:  # an object without attributes: the router's last decision is used
         return
-    kept[id(router)] = decision
+    kept[id(router)] = (weakref.ref(router), decision)
 
 
 def _kept_with_cache(context: RoutingContext | None, router: PromptRouter) -> _CachedDecision | None:
     """The decision :func:`_keep_with_cache` attached to this step's KV cache for ``router``, if any."""
     cache = context.cache if context is not None else None
     kept = getattr(cache, "__dict__", {}).get(_CACHE_ATTRIBUTE) if cache is not None else None
-    return kept.get(id(router)) if kept else None
+    entry = kept.get(id(router)) if kept else None
+    return entry[1] if entry is not None else None
+
+
+def keep_prefill_decisions(context: RoutingContext, routers: list[PromptRouter]) -> None:
+    """After a prefill that filled a KV cache, attach the decision each of ``routers`` made in it to that cache.
+
+    Called by the model's end-of-forward hook, outside any compiled graph: a compiled prefill cannot attach them
+    itself (the cache object is no graph value); an eager one already did (:meth:`PromptRouter.forward`)."""
+    for router in routers:
+        if router._cached is not None:
+            _keep_with_cache(context, router, router._cached)
+
+
+def restore_decisions(context: RoutingContext) -> None:
+    """Before a decode step, make the decisions kept with its KV cache the current ones of their routers.
+
+    Called by the model's start-of-forward hook, outside any compiled graph, whose decode steps read the router's
+    current decision (reading the cache object would break the graph): another generation with its own cache may
+    have run since this cache's prefill (interleaved conversations, a server's requests)."""
+    cache = context.cache
+    kept = getattr(cache, "__dict__", {}).get(_CACHE_ATTRIBUTE) if cache is not None else None
+    for ref, decision in (kept or {}).values():
+        router = ref()
+        if router is not None:
+            router._cached = decision
 
 
 __all__ = [
