@@ -555,6 +555,7 @@ def _kept_with_cache(context: RoutingContext | None, router: PromptRouter) -> _C
     return entry[1] if entry is not None else None
 
 
+@torch.compiler.disable
 def keep_prefill_decisions(context: RoutingContext, routers: list[PromptRouter]) -> None:
     """After a prefill that filled a KV cache, attach the decision each of ``routers`` made in it to that cache.
 
@@ -565,6 +566,7 @@ def keep_prefill_decisions(context: RoutingContext, routers: list[PromptRouter])
             _keep_with_cache(context, router, router._cached)
 
 
+@torch.compiler.disable
 def restore_decisions(context: RoutingContext) -> None:
     """Before a decode step, make the decisions kept with its KV cache the current ones of their routers.
 
