@@ -24,7 +24,7 @@ from .adapters.layer import MERGE_ERROR, Linear, MoLoraLayer
 from .adapters.moe_experts import MoeExpertsLora, fused_experts_problem, is_fused_experts
 from .config import MoLoraConfig
 from .routers.base import Router, get_router_class
-from .routers.prompt import PromptRouter, is_prompt_router, keep_prefill_decisions, restore_decisions
+from .routers.prompt import is_prompt_router, keep_prefill_decisions, restore_decisions
 from .runtime import LayerRoutingStats, MoLoraRuntime, call_input
 
 _LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -79,19 +79,9 @@ def _begin_forward_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         _complete_adapter_copies(module, runtime)
     runtime.begin_forward(args, kwargs)
     context = runtime.context
-    if context.is_decode and context.cache_ref is not None and runtime.routes_sequences():
-        restore_decisions(context)  # (here, outside any compiled graph, which reads the routers' current ones)
-
-
-def _prompt_routers(model: nn.Module, runtime: MoLoraRuntime) -> list[PromptRouter]:
-    """The prompt routers of ``model``, found once per set of adapters (kept in the module's ``__dict__``: a deep
-    copy of the model gets its own routers in its list)."""
-    key = tuple(runtime.peft_config)
-    found = model.__dict__.get("_molora_prompt_routers")
-    if found is None or found[0] != key:
-        found = key, [m for m in model.modules() if isinstance(m, PromptRouter)]
-        model.__dict__["_molora_prompt_routers"] = found
-    return found[1]
+    if context.is_decode and context.cache_ref is not None and runtime.prompt_routers:
+        # (here, outside any compiled graph, which reads the routers' current decisions)
+        restore_decisions(context, runtime.prompt_routers)
 
 
 def _adapter_tensors(model: nn.Module, adapter_name: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -149,9 +139,9 @@ def _complete_adapter_copies(model: nn.Module, runtime: MoLoraRuntime) -> None:
 def _end_forward_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
     runtime = module._molora_runtime
     context = runtime.context
-    if context.kv_cache and not context.is_decode and runtime.routes_sequences():
-        # a prefill: its decisions go with the KV cache it filled (a compiled one could not attach them)
-        keep_prefill_decisions(context, _prompt_routers(module, runtime))
+    if context.kv_cache and not context.is_decode and runtime.prompt_deciders:
+        # a prefill's decisions go with the KV cache it filled (compiled code could not attach them)
+        keep_prefill_decisions(context, runtime.prompt_deciders, runtime.prompt_routers)
     return runtime.end_forward(output)
 
 

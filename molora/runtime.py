@@ -94,6 +94,8 @@ class RoutingContext:
         segments (molora.routers.prompt.Segments or None): the sequences of packed rows, found with ``packed_rows``
             (their count and lengths are host values, which compiled code could not read without breaking its
             graph).
+        deciders (list or None): the model runtime's list of the prompt routers that decided in this call (they
+            append themselves; the model's end-of-forward hook keeps their decisions with the call's KV cache).
         logits_to_keep (int, Tensor or None): the call's ``logits_to_keep``: the positions the output projection
             sees (the last ``n``, or these indices), which :meth:`token_mask` cuts the padding mask to.
         extra (dict): anything else a router may need (the raw forward kwargs are not kept).
@@ -115,6 +117,7 @@ class RoutingContext:
     logits_to_keep: int | torch.Tensor | None = None
     packed_rows: bool | None = None
     segments: Any = None
+    deciders: list | None = field(default=None, repr=False, compare=False)
     extra: dict[str, Any] = field(default_factory=dict)
     # (attention_mask, its flat bool view) for token_mask: one mask object shared by every layer of a forward
     _flat_mask: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
@@ -667,6 +670,10 @@ class MoLoraRuntime:
         self.milora_inputs: dict[str, weakref.ref] = {}
         self.milora_decisions: dict[tuple[str, str], Any] = {}
         self._milora_open: dict[str, bool] = {}
+        # the prompt routers that decided in the current call (RoutingContext.deciders), and by id those whose
+        # decisions were kept with a KV cache (weak references), for the model's hooks (molora.routers.prompt)
+        self.prompt_deciders: list = []
+        self.prompt_routers: dict[int, weakref.ref] = {}
 
     def __deepcopy__(self, memo: dict) -> MoLoraRuntime:
         """The runtime of a copied model (``copy.deepcopy``: EMA or reference copies): the configuration, the trainer
@@ -727,6 +734,7 @@ class MoLoraRuntime:
             self._aux = {}
             self._aux_grad = grad
         self.generation += 1
+        self.prompt_deciders.clear()  # (a call that raised may have left its deciders)
         current = call_input(args, kwargs)
         mask = _call_token_mask(current, kwargs.get("attention_mask"), past_length)
         if _cpu_mask_of_ones(mask):
@@ -756,6 +764,7 @@ class MoLoraRuntime:
             token_layout=_token_layout(current),
             position_ids=positions,
             logits_to_keep=kwargs.get("logits_to_keep", kwargs.get("num_logits_to_keep")),
+            deciders=self.prompt_deciders,
         )
         if self.context.adapter_names is None and self.batch_adapter_names is not None:
             self.context.adapter_names = self.batch_adapter_names[0]

@@ -355,6 +355,35 @@ def test_continuing_a_conversation_after_another_keeps_its_own_decision(module_m
     assert not torch.equal(other[:, -4:], right_away[:, -4:])
 
 
+def test_a_kv_cache_keeps_only_its_prefill_decisions_and_pickles():
+    """The decisions kept with a KV cache are those made in the prefill that filled it (another adapter's routers,
+    which did not run there, attached their older decisions too, and continuing the cache with that adapter then
+    used them instead of failing), and the cache can still be pickled (a weak reference kept with it could not)."""
+    import pickle
+
+    model = prompt_model()
+    model.add_adapter("second", model.peft_config["default"])
+    q = torch.randint(3, 90, (3, 20), generator=torch.Generator().manual_seed(0))
+    a_ids, a_mask = padded(PROMPTS, "left")
+    kwargs = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        model.set_adapter("second")
+        model.generate(input_ids=q, attention_mask=torch.ones_like(q), **kwargs)
+        model.set_adapter("default")
+        first = model.generate(input_ids=a_ids, attention_mask=a_mask, return_dict_in_generate=True, **kwargs)
+        kept = first.past_key_values.__dict__["_molora_prompt_decisions"]
+        routers = {n: m for n, m in model.named_modules() if isinstance(m, PromptRouter)}
+        assert {id(m) for n, m in routers.items() if n.endswith(".default")} == set(kept)
+        restored = pickle.loads(pickle.dumps(first.past_key_values))
+        assert restored.__dict__["_molora_prompt_decisions"].keys() == kept.keys()
+        model.set_adapter("second")
+        turn2 = torch.cat([first.sequences, torch.full((3, 1), 30)], 1)
+        turn2_mask = torch.cat([a_mask, torch.ones(3, turn2.shape[1] - a_mask.shape[1], dtype=torch.long)], 1)
+        stale = r"holds \d+ tokens but the cached decision was made after a prefill of 20"
+        with pytest.raises(ValueError, match=stale):
+            model.generate(input_ids=turn2, attention_mask=turn2_mask, cache=first.past_key_values, **kwargs)
+
+
 @pytest.mark.parametrize("how", ["prompt_lookup", "assistant"])
 def test_assisted_decoding_routes_from_the_prompt_and_equals_greedy(how):
     """Assisted and prompt-lookup decoding verify candidate tokens in the same first forward as the prompt, then crop
@@ -606,6 +635,13 @@ def test_packed_rows_route_each_sequence(router_kwargs, overrides):
         packed = model(input_ids=ids, position_ids=positions, labels=packed_labels, use_cache=False)
         alone = [model(input_ids=s[None], labels=label[None]).logits for s, label in zip(sequences, labels)]
         torch.testing.assert_close(packed.logits, torch.cat(alone, 1), atol=1e-5, rtol=1e-5)
+        # a padding-free row holding one sequence (position_ids, no mask): its first label is masked too, and it is
+        # still routed from all its tokens when the rest are supervised
+        second = slice(len(sequences[0]), len(sequences[0]) + len(sequences[1]))  # supervised throughout
+        alone = model(input_ids=ids[:, second], labels=ids[:, second]).logits
+        single = model(input_ids=ids[:, second], position_ids=positions[:, second], labels=packed_labels[:, second])
+        single = single.logits
+        torch.testing.assert_close(single, alone, atol=1e-5, rtol=1e-5)
         # explicit position_ids of one sequence per row are one sequence per row; so is a row with a mask (which is
         # how one marks padding, not sequences)
         one = model(input_ids=ids, position_ids=torch.arange(ids.shape[1])[None]).logits

@@ -212,8 +212,9 @@ class PromptRouter(Router):
                 sequence = self.decide(segments.pad(x), segments.pad(prompt.reshape(-1)))
             length = None if context is None or context.past_length is None else context.past_length + seq
             self._cached = _CachedDecision(sequence=_detached(sequence), routed=routed, length=length)
-            if not torch.compiler.is_compiling():
-                _keep_with_cache(context, self, self._cached)
+            if context is not None and context.deciders is not None:
+                # the model's end-of-forward hook keeps this decision with the call's KV cache (also when compiled)
+                context.deciders.append(self)
             if segments is not None:
                 return broadcast_to_tokens(sequence, routed, seq, segments)
         return broadcast_to_tokens(sequence, routed, seq)
@@ -350,6 +351,10 @@ def prompt_positions(
             # user turns are -100 too, but they follow the first answer, which a causal decision must not see
             supervised = context.labels.to(device) != -100
             if segments is None:
+                if context.position_ids is not None and seq > 1:
+                    # position_ids without a mask: a padding-free row holding one sequence, whose first label TRL's
+                    # collator masks too (see Segments.unmask_first_labels)
+                    supervised = torch.cat([supervised[:, 1:2], supervised[:, 1:]], dim=1)
                 prompt = real & (supervised.cumsum(dim=1) == 0)
             else:
                 supervised = segments.unmask_first_labels(supervised.reshape(-1))
@@ -544,39 +549,47 @@ def _keep_with_cache(context: RoutingContext | None, router: PromptRouter, decis
         kept = cache.__dict__.setdefault(_CACHE_ATTRIBUTE, {})
     except AttributeError:  # an object without attributes: the router's last decision is used
         return
-    kept[id(router)] = (weakref.ref(router), decision)
+    kept[id(router)] = decision
 
 
 def _kept_with_cache(context: RoutingContext | None, router: PromptRouter) -> _CachedDecision | None:
     """The decision :func:`_keep_with_cache` attached to this step's KV cache for ``router``, if any."""
     cache = context.cache if context is not None else None
     kept = getattr(cache, "__dict__", {}).get(_CACHE_ATTRIBUTE) if cache is not None else None
-    entry = kept.get(id(router)) if kept else None
-    return entry[1] if entry is not None else None
+    return kept.get(id(router)) if kept else None
 
 
 @torch.compiler.disable
-def keep_prefill_decisions(context: RoutingContext, routers: list[PromptRouter]) -> None:
-    """After a prefill that filled a KV cache, attach the decision each of ``routers`` made in it to that cache.
+def keep_prefill_decisions(context: RoutingContext, deciders: list[PromptRouter], known: dict) -> None:
+    """After a prefill (a call with a KV cache), attach the decision each router in ``deciders`` (those that decided
+    in this call, :attr:`RoutingContext.deciders`) made to that cache, and empty ``deciders``; ``known`` (router id
+    -> weak reference) learns them, for :func:`restore_decisions`.
 
-    Called by the model's end-of-forward hook, outside any compiled graph: a compiled prefill cannot attach them
-    itself (the cache object is no graph value); an eager one already did (:meth:`PromptRouter.forward`)."""
-    for router in routers:
+    Called by the model's end-of-forward hook, outside any compiled graph: a compiled call cannot attach them itself
+    (the cache object is no graph value)."""
+    for router in deciders:
         if router._cached is not None:
             _keep_with_cache(context, router, router._cached)
+            known[id(router)] = weakref.ref(router)
+    if len(known) > 4 * max(len(deciders), 64):  # routers of deleted adapters
+        for key in [key for key, ref in known.items() if ref() is None]:
+            del known[key]
+    deciders.clear()
 
 
 @torch.compiler.disable
-def restore_decisions(context: RoutingContext) -> None:
-    """Before a decode step, make the decisions kept with its KV cache the current ones of their routers.
+def restore_decisions(context: RoutingContext, known: dict) -> None:
+    """Before a decode step, make the decisions kept with its KV cache the current ones of their routers (``known``:
+    router id -> weak reference, see :func:`keep_prefill_decisions`).
 
     Called by the model's start-of-forward hook, outside any compiled graph, whose decode steps read the router's
     current decision (reading the cache object would break the graph): another generation with its own cache may
     have run since this cache's prefill (interleaved conversations, a server's requests)."""
     cache = context.cache
     kept = getattr(cache, "__dict__", {}).get(_CACHE_ATTRIBUTE) if cache is not None else None
-    for ref, decision in (kept or {}).values():
-        router = ref()
+    for key, decision in (kept or {}).items():
+        ref = known.get(key)
+        router = ref() if ref is not None else None
         if router is not None:
             router._cached = decision
 
