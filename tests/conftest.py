@@ -209,3 +209,22 @@ def sft_args(tmp_path, **overrides):
     )
     kwargs.update(overrides)
     return trl.SFTConfig(**kwargs)
+
+
+def interleaved_conversations(model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Interleaved requests to a prompt-router model: conversation A's second turn continued from A's KV cache right
+    away, conversation B, then A's second turn again from a deep copy of A's cache. Returns ``(right_away, other,
+    after_b)`` (greedy tokens); ``after_b`` must equal ``right_away``."""
+    import copy
+
+    a_ids, a_mask = padded([[5, 17, 33, 8, 41, 12, 60], [70, 22, 9], [44, 3, 81, 27, 19]], "left")
+    b_ids, b_mask = padded([[40, 41, 42, 43, 44], [45, 46, 47, 48], [50, 51, 52, 53, 54, 55]], "left")
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
+    first = model.generate(input_ids=a_ids, attention_mask=a_mask, return_dict_in_generate=True, **kwargs)
+    turn2 = torch.cat([first.sequences, torch.full((3, 2), 30)], dim=1)
+    turn2_mask = torch.cat([a_mask, torch.ones(3, turn2.shape[1] - a_mask.shape[1], dtype=torch.long)], dim=1)
+    copied = copy.deepcopy(first.past_key_values)
+    right_away = model.generate(input_ids=turn2, attention_mask=turn2_mask, cache=first.past_key_values, **kwargs)
+    other = model.generate(input_ids=b_ids, attention_mask=b_mask, **kwargs)  # conversation B
+    after_b = model.generate(input_ids=turn2, attention_mask=turn2_mask, cache=copied, **kwargs)
+    return right_away, other, after_b

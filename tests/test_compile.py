@@ -17,7 +17,7 @@ import logging
 import pytest
 import torch
 import torch._dynamo as dynamo
-from conftest import VOCAB, OneProjection, make_llama, padded
+from conftest import VOCAB, OneProjection, interleaved_conversations, make_llama
 from peft import get_peft_model
 
 import molora
@@ -416,33 +416,17 @@ def test_compiled_decode_steps_read_the_decision_kept_with_their_cache():
     compiled code: compiled decode steps read the router's current decision (the last prefill's, B's), and a compiled
     prefill attached none to its cache. The model's hooks, outside the graph, attach them after the prefill and restore
     them before each decode step; eager and compiled continuations are the same tokens."""
-    import copy
-
     cfg = molora.MoLoraConfig(
         r=4, num_experts=4, top_k=2, router="prompt", init_lora_weights=False, task_type="CAUSAL_LM"
     )
     model = get_peft_model(make_llama(seed=1), cfg).eval()
-    a_ids, a_mask = padded([[5, 17, 33, 8, 41, 12, 60], [70, 22, 9], [44, 3, 81, 27, 19]], "left")
-    b_ids, b_mask = padded([[40, 41, 42, 43, 44], [45, 46, 47, 48], [50, 51, 52, 53, 54, 55]], "left")
-    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
-
-    def conversations():
-        first = model.generate(input_ids=a_ids, attention_mask=a_mask, return_dict_in_generate=True, **kwargs)
-        turn2 = torch.cat([first.sequences, torch.full((3, 2), 30)], dim=1)
-        mask2 = torch.cat([a_mask, torch.ones(3, turn2.shape[1] - a_mask.shape[1], dtype=torch.long)], dim=1)
-        copied = copy.deepcopy(first.past_key_values)
-        right_away = model.generate(input_ids=turn2, attention_mask=mask2, cache=first.past_key_values, **kwargs)
-        other = model.generate(input_ids=b_ids, attention_mask=b_mask, **kwargs)  # conversation B
-        after_b = model.generate(input_ids=turn2, attention_mask=mask2, cache=copied, **kwargs)
-        return right_away, other, after_b
-
     with torch.no_grad():
-        eager = conversations()
+        eager = interleaved_conversations(model)
         dynamo.reset()
         inner = model.base_model.model
         inner.forward = torch.compile(inner.forward, backend="eager")
         try:
-            compiled = conversations()
+            compiled = interleaved_conversations(model)
         finally:
             del inner.forward
             dynamo.reset()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import greedy, make_llama, padded
+from conftest import greedy, interleaved_conversations, make_llama, padded
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
@@ -322,7 +322,6 @@ def test_beam_search_and_changing_batch_sizes_between_calls():
 def test_continuing_a_conversation_after_another_keeps_its_own_decision(module_mode):
     """Interleaved requests: conversation A's second turn continues A's KV cache after conversation B was generated.
     A keeps the decision of its own prefill (kept with its cache; it took B's, silently), also from a deep copy."""
-    import copy
 
     if module_mode:
         config = MoLoraConfig(
@@ -340,17 +339,8 @@ def test_continuing_a_conversation_after_another_keeps_its_own_decision(module_m
                     param.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
     else:
         model = prompt_model()
-    a_ids, a_mask = padded(PROMPTS, "left")
-    b_ids, b_mask = padded([[40, 41, 42, 43, 44], [45, 46, 47, 48], [50, 51, 52, 53, 54, 55]], "left")
-    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
     with torch.no_grad():
-        first = model.generate(input_ids=a_ids, attention_mask=a_mask, return_dict_in_generate=True, **kwargs)
-        turn2 = torch.cat([first.sequences, torch.full((3, 2), 30)], dim=1)
-        turn2_mask = torch.cat([a_mask, torch.ones(3, turn2.shape[1] - a_mask.shape[1], dtype=torch.long)], dim=1)
-        copied = copy.deepcopy(first.past_key_values)
-        right_away = model.generate(input_ids=turn2, attention_mask=turn2_mask, cache=first.past_key_values, **kwargs)
-        other = model.generate(input_ids=b_ids, attention_mask=b_mask, **kwargs)  # conversation B
-        after_b = model.generate(input_ids=turn2, attention_mask=turn2_mask, cache=copied, **kwargs)
+        right_away, other, after_b = interleaved_conversations(model)
     assert torch.equal(after_b, right_away)
     assert not torch.equal(other[:, -4:], right_away[:, -4:])
 
