@@ -284,11 +284,10 @@ def packed_prompt_routing_problem(router: Any, *, packing: bool, strategy: Any, 
     if not packing or not isinstance(router, str) or not is_prompt_router(router):
         return None
     if strategy not in PROMPT_ROUTER_PACKING:
-        how = (
-            "cuts sequences and runs each row on across them (no boundary to find)"
-            if strategy == "wrapped"
-            else "moves the end of a long sequence into another row, without its prompt"
-        )
+        how = {
+            "wrapped": "cuts sequences and runs each row on across them (no boundary to find)",
+            "bfd_split": "moves the end of a long sequence into another row, without its prompt",
+        }.get(strategy, "is not one that keeps every sequence whole in its row")
         return (
             f"{prefix}packing_strategy={strategy!r} cannot train router='prompt', which decides once per sequence "
             f"from its prompt: this strategy {how}. Use {prefix}packing_strategy='bfd' (every sequence whole in its "
