@@ -137,11 +137,20 @@ def padded(prompts: list[list[int]], side: str = "left") -> tuple[torch.Tensor, 
 
 def greedy(model, ids, mask, n=6, **kwargs):
     """The ``n`` tokens greedy ``generate`` appends to ``ids``."""
+    return greedy_output(model, ids, mask, n, **kwargs)[:, ids.shape[1] :]
+
+
+def greedy_output(model, ids, mask, n=6, **kwargs):
+    """What greedy ``generate`` of ``n`` new tokens returns for ``ids`` (without autograd)."""
     with torch.no_grad():
-        out = model.generate(
+        return model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0, **kwargs
         )
-    return out[:, ids.shape[1] :]
+
+
+def greedy_scores(model, ids, mask=None, n=6):
+    """Greedy ``generate`` of ``n`` new tokens with every step's scores (``.sequences``, ``.scores``)."""
+    return greedy_output(model, ids, mask, n, output_scores=True, return_dict_in_generate=True)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import copy
 
 import pytest
 import torch
-from conftest import VOCAB, OneProjection, make_gpt2, make_llama
+from conftest import VOCAB, OneProjection, greedy_scores, make_gpt2, make_llama
 from peft import PeftModel, get_peft_model
 from torch import nn
 
@@ -684,16 +684,7 @@ def test_decode_steps_of_top_k_routers_call_the_top_k_function_directly(monkeypa
 
     def generate():
         model.reset_routing_stats()
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=5,
-                do_sample=False,
-                pad_token_id=0,
-                output_scores=True,
-                return_dict_in_generate=True,
-            )
+        out = greedy_scores(model, ids, mask, n=5)
         return out, model.get_routing_stats()
 
     direct, direct_stats = generate()
@@ -893,15 +884,8 @@ def test_decode_steps_expand_with_the_gates_of_the_routers_own_result():
             if isinstance(module, MoLoraLayer):
                 nn.init.normal_(module.molora_B["default"].weight, std=0.5)
         ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(1))
+        out = greedy_scores(model, ids, n=4)
         with torch.no_grad():
-            out = model.generate(
-                input_ids=ids,
-                max_new_tokens=4,
-                do_sample=False,
-                pad_token_id=0,
-                output_scores=True,
-                return_dict_in_generate=True,
-            )
             full = model(input_ids=out.sequences, use_cache=False).logits
         for step, score in enumerate(out.scores):
             torch.testing.assert_close(score, full[:, ids.shape[1] - 1 + step], atol=1e-5, rtol=1e-5)
