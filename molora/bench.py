@@ -4,9 +4,11 @@
 measures, in one run and with the same thread count:
 
 * **layer**: forward + backward of one adapted ``d x d`` projection (frozen ``nn.Linear`` base, input that requires
-  grad, as inside a network) on ``T`` tokens, for PEFT LoRA with rank ``r*k`` (the same active rank; the reference
-  of every ratio), PEFT LoRA with rank ``E*r`` (as wide as the expert bank: what the dense path multiplies), MoLoRA on
-  each compute path (``auto``, ``dense``, ``grouped``) and the naive per-expert loop (``kernel="naive"``);
+  grad, as inside a network; the headline shape also with a ``frozen x``, an input without grad, as the first
+  adapted layers of a frozen model see it) on ``T`` tokens, for PEFT LoRA with rank ``r*k`` (the same active rank;
+  the reference of every ratio), PEFT LoRA with rank ``E*r`` (as wide as the expert bank: what the dense path
+  multiplies), MoLoRA on each compute path (``auto``, ``dense``, ``grouped``) and the naive per-expert loop
+  (``kernel="naive"``);
 * **train step**: forward with labels, backward and an AdamW step (fused, ``transformers.Trainer``'s default) on a
   small random Llama whose projections are all adapted, for the same candidates (MoLoRA with its defaults: top-k
   router, balance loss, routing statistics; then ``molora_on_optimizer_step()``, as ``MoLoraCallback`` calls it);
@@ -334,9 +336,13 @@ def bench_layer(
     dtype: torch.dtype = torch.float32,
     amp: bool = False,
     router: str = "topk",
+    input_grad: bool = True,
 ) -> list[BenchRow]:
     """Forward + backward of one adapted ``width x width`` projection on ``tokens`` tokens, per candidate (``amp``: see
-    :func:`run_benchmarks`)."""
+    :func:`run_benchmarks`). ``input_grad``: the input requires grad, as for every adapted layer after the first in a
+    network, so the backward computes the input's gradient too; ``False``: it does not, as for the first adapted layers
+    of a frozen model (layer 0's ``q_proj``, ``k_proj``, ``v_proj``), and the base projection costs only its forward.
+    """
     from .routers.base import get_router_class
 
     gen = torch.Generator().manual_seed(0)
@@ -355,14 +361,15 @@ def bench_layer(
         def step(model=model, params=params) -> None:
             for p in params:
                 p.grad = None
-            inp = x.detach().requires_grad_(True)
+            inp = x.detach().requires_grad_(input_grad)
             with _autocast(device, dtype, amp):
                 out = model(inp)
             (out * upstream).sum().backward()
 
         steps[candidate] = step
     times = _time_interleaved(steps, warmup, repeats)
-    shape = f"d={width} T={tokens} E={num_experts} k={top_k} r={rank}{_router_suffix(router)}"
+    frozen = "" if input_grad else " frozen x"
+    shape = f"d={width} T={tokens} E={num_experts} k={top_k} r={rank}{frozen}{_router_suffix(router)}"
     return _measured_rows("layer", shape, steps, times, models, tokens)
 
 
@@ -688,9 +695,12 @@ def run_benchmarks(
     layer_candidates = ["lora r·k", "lora r·E", "molora auto", "molora dense", "molora grouped", "naive"]
     if torch.device(device).type == "cuda":
         layer_candidates.insert(-1, "molora triton")
-    shapes = [(8, 2, 8)] + (EXTRA_LAYER_SHAPES if extra_shapes and not quick else [])
-    for num_experts, top_k, rank in shapes:
-        say(f"layer d={width} T={tokens} E={num_experts} k={top_k} r={rank}")
+    # the headline shape twice: with an input that requires grad (most layers of a network) and without (the first
+    # adapted layers of a frozen model, where the adapters' share of the work is larger: no input gradient to compute)
+    shapes = [(8, 2, 8, True), (8, 2, 8, False)]
+    shapes += [(*shape, True) for shape in EXTRA_LAYER_SHAPES] if extra_shapes and not quick else []
+    for num_experts, top_k, rank, input_grad in shapes:
+        say(f"layer d={width} T={tokens} E={num_experts} k={top_k} r={rank}{'' if input_grad else ' frozen x'}")
         table.rows += bench_layer(
             width,
             tokens,
@@ -704,6 +714,7 @@ def run_benchmarks(
             dtype=torch_dtype,
             amp=amp,
             router=router,
+            input_grad=input_grad,
         )
     # the small-Llama benchmarks: E=8, k=2, r=8 against LoRA r=16 and the naive loop, fewer rounds than the layer
     model_args = (8, 8, 2, ["lora r·k", "molora auto", "naive"], max(1, warmup - 1), max(3, repeats // 3))

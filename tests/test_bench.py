@@ -81,7 +81,10 @@ def test_quick_run_prints_a_complete_table(capsys, tmp_path):
     table = json.loads(out_json.read_text())
     rows = table["rows"]
     layer = [r for r in rows if r["section"] == "layer"]
-    assert [r["candidate"] for r in layer] == [
+    # the headline shape with an input that requires grad, then with a frozen one
+    shapes = ["d=128 T=32 E=8 k=2 r=8", "d=128 T=32 E=8 k=2 r=8 frozen x"]
+    assert [r["shape"] for r in layer] == [shape for shape in shapes for _ in range(6)]
+    assert [r["candidate"] for r in layer] == 2 * [
         "lora r=16",
         "lora r=64 (bank width)",
         "molora auto",
@@ -361,3 +364,20 @@ def test_router_option_benchmarks_that_router(monkeypatch, capsys, router):
     assert "Did you mean 'topk'?" in capsys.readouterr().err
     with pytest.raises(ValueError, match="not a registered router"):
         bench.run_benchmarks(quick=True, router="nope")
+
+
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_layer_benchmark_input_requires_grad_or_not(monkeypatch, input_grad):
+    """The layer benchmark's input requires grad (an adapted layer inside a network: the backward computes the input's
+    gradient) or, for the ``frozen x`` row, does not (the first adapted layers of a frozen model)."""
+    seen = []
+    original = bench._OneProjection.forward
+
+    def spy(self, x):
+        seen.append(x.requires_grad)
+        return original(self, x)
+
+    monkeypatch.setattr(bench._OneProjection, "forward", spy)
+    rows = bench.bench_layer(32, 8, 2, 4, 2, ["lora r·k", "molora auto"], 1, 1, input_grad=input_grad)
+    assert seen and set(seen) == {input_grad}
+    assert [r.shape.endswith(" frozen x") for r in rows] == [not input_grad] * 2
