@@ -251,6 +251,17 @@ class MoLoraConfig(PeftConfig):
                     "values (numbers, strings, lists, dicts). Nothing was written."
                 ) from None
 
+    def _validate_loss_fields(self) -> None:
+        """Check the aux-loss fields. The model reads them at every forward (they may change during training, e.g.
+        a coefficient schedule) and checks them again whenever they changed (``MoLoraRuntime.begin_forward``)."""
+        for name in ("aux_loss_coef", "z_loss_coef"):
+            value = getattr(self, name)
+            _require_number(name, value)
+            if value < 0:
+                raise ValueError(f"`{name}`={value} must be >= 0 (0 disables the loss).")
+        _require_choice("balance_loss_type", self.balance_loss_type, BALANCE_LOSS_TYPES)
+        _require_choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
+
     def _validate(self) -> None:
         _require_int("r", self.r, minimum=1)
         _require_number("lora_alpha", self.lora_alpha, positive=True)
@@ -337,13 +348,13 @@ class MoLoraConfig(PeftConfig):
             )
         ):
             raise ValueError(f"`layers_to_transform`={layers!r} must be a layer index, a list of them, or None.")
-        for name in ("aux_loss_coef", "z_loss_coef"):
-            value = getattr(self, name)
-            _require_number(name, value)
-            if value < 0:
-                raise ValueError(f"`{name}`={value} must be >= 0 (0 disables the loss).")
-        _require_choice("balance_loss_type", self.balance_loss_type, BALANCE_LOSS_TYPES)
-        _require_choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
+        if isinstance(layers, (list, tuple)) and not layers:
+            # PEFT reads an empty list as "no selection" and adapts every layer: say so rather than do it
+            raise ValueError(
+                f"`layers_to_transform`={layers!r} selects no layer; give the indices of the layers to adapt, or None "
+                "for every layer."
+            )
+        self._validate_loss_fields()
         _require_choice("kernel", self.kernel, KERNEL_CHOICES)
         if self.dynamic_rank is not None:
             build_dynamic_rank_params(self.dynamic_rank, self.r)

@@ -674,6 +674,8 @@ class MoLoraRuntime:
         # decisions were kept with a KV cache (weak references), for the model's hooks (molora.routers.prompt)
         self.prompt_deciders: list = []
         self.prompt_routers: dict[int, weakref.ref] = {}
+        # per adapter, the aux-loss fields of its config as last validated (see _check_loss_fields)
+        self._checked_loss_fields: dict[str, tuple] = {}
 
     def __deepcopy__(self, memo: dict) -> MoLoraRuntime:
         """The runtime of a copied model (``copy.deepcopy``: EMA or reference copies): the configuration, the trainer
@@ -702,6 +704,21 @@ class MoLoraRuntime:
 
     # -- forward lifecycle ------------------------------------------------------------------------------------------
 
+    def _check_loss_fields(self) -> None:
+        """Validate each adapter's aux-loss fields when they changed since they were last checked.
+
+        Every forward reads them from the live config, so they may change during training (a coefficient schedule),
+        but a bad value must fail, naming the field, rather than act as another (a negative or NaN coefficient as 0,
+        an unknown ``loss_reduction`` as ``"sum"``) until ``save_pretrained`` refuses it."""
+        for name, config in self.peft_config.items():
+            fields = (config.aux_loss_coef, config.z_loss_coef, config.balance_loss_type, config.loss_reduction)
+            if self._checked_loss_fields.get(name) != fields:
+                try:
+                    config._validate_loss_fields()
+                except ValueError as error:
+                    raise ValueError(f"Adapter {name!r}: {error}") from None
+                self._checked_loss_fields[name] = fields
+
     @torch.compiler.disable
     def begin_forward(self, args: tuple, kwargs: dict) -> None:
         """Publish the routing context of a model-level call and start a new collection.
@@ -719,6 +736,7 @@ class MoLoraRuntime:
             # (a torch.export trace leaves the records of earlier forwards for the next eager call: reduced inside
             # the trace, real tensors would meet its fake ones)
             self.commit_stats()
+        self._check_loss_fields()
         share = _loss_share(kwargs, self.loss_shifts_labels)
         self.forward_aux = ForwardAux(self.peft_config, share, self.accumulation_steps, self.grad_scaler)
         if not exporting():  # (a trace computes no aux loss, see _coefficients_needed: the last forward's stay)

@@ -52,6 +52,8 @@ BAD_CONFIGS = [
     ({"track_routing_stats": 0}, r"`track_routing_stats`=0 must be True or False"),
     ({"modules_to_save": "lm_head"}, r"`modules_to_save`='lm_head' must be a list of module names"),
     ({"layers_to_transform": "1"}, r"`layers_to_transform`='1' must be a layer index, a list of them, or None"),
+    # PEFT reads an empty list as no selection and adapts every layer
+    ({"layers_to_transform": []}, r"`layers_to_transform`=\[\] selects no layer; give the indices .* or None"),
     ({"router": "soft", "router_kwargs": {"temperature": float("inf")}}, r"temperature.*must be a finite number"),
     ({"layers_to_transform": [0], "layers_pattern": 3}, r"`layers_pattern`=3 must be the name of the model's layer"),
     ({"layers_to_transform": [0], "layers_pattern": [""]}, r"`layers_pattern`=\[''\] must be the name"),

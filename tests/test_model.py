@@ -202,6 +202,33 @@ def test_loss_reduction(batch, reduction):
         torch.testing.assert_close(aux, molora.routers.balancing.load_balancing_loss(inputs, "megatron"))
 
 
+def test_loss_fields_changed_on_a_live_model_are_checked_at_the_next_forward(batch):
+    """The aux-loss fields are read from the live config at every forward, so a schedule may change them during
+    training; a bad value fails at the next forward, naming the field, instead of acting as another (a negative or NaN
+    coefficient as 0, an unknown reduction as "sum") until ``save_pretrained`` refuses it."""
+    model = get_peft_model(make_llama(), MoLoraConfig(num_experts=4, top_k=2, aux_loss_coef=0.5))
+    config = model.peft_config["default"]
+    model(**batch)
+    half = model.molora_aux_loss().detach()
+    bad = [
+        ("aux_loss_coef", -1.0, r"Adapter 'default': `aux_loss_coef`=-1.0 must be >= 0"),
+        ("aux_loss_coef", float("nan"), r"`aux_loss_coef`=nan must be a finite number"),
+        ("z_loss_coef", -5.0, r"`z_loss_coef`=-5.0 must be >= 0"),
+        ("loss_reduction", "max", r"`loss_reduction`='max' is not supported; allowed values: \['mean', 'sum'"),
+        ("balance_loss_type", "bogus", r"`balance_loss_type`='bogus' is not supported; allowed values"),
+    ]
+    for field, value, message in bad:
+        good = getattr(config, field)
+        setattr(config, field, value)
+        with pytest.raises(ValueError, match=message):
+            model(**batch)
+        setattr(config, field, good)
+    # a valid change takes effect (a schedule doubling the coefficient doubles the weighted loss)
+    config.aux_loss_coef = 1.0
+    model(**batch)
+    torch.testing.assert_close(model.molora_aux_loss().detach(), 2 * half)
+
+
 def test_padding_never_counts_in_losses_or_statistics(batch):
     model = get_peft_model(make_llama(), MoLoraConfig(num_experts=4, top_k=2, task_type="CAUSAL_LM"))
     model(**batch)
