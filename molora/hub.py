@@ -109,16 +109,14 @@ def config_summary(info: dict[str, Any]) -> list[tuple[str, str]]:
     targets = cfg.get("target_modules")
     targets = ", ".join(sorted(targets)) if isinstance(targets, list) else str(targets)
     if _module_mode(cfg):
-        experts = (
-            f"the adapted projections of each decoder layer, one LoRA each (MiLoRA module mode), rank {cfg.get('r')}"
-        )
+        experts = f"the adapted projections of each decoder layer, one LoRA each (MiLoRA module mode), {_ranks(cfg)}"
     else:
-        experts = f"{cfg.get('num_experts')} per projection, rank {cfg.get('r')}"
+        experts = f"{cfg.get('num_experts')} per projection, {_ranks(cfg)}"
     base = base_model_name(info)
     rows = [
         ("base model", base if base != "unknown" else "not recorded (no base_model_name_or_path in the config)"),
         ("method", f"MoLoRA ({cfg.get('peft_type')}): mixture of LoRA experts"),
-        ("experts", f"{experts}, alpha {cfg.get('lora_alpha')}"),
+        ("experts", f"{experts}, {_alphas(cfg)}"),
         ("router", f"{cfg.get('router')} (top_k={cfg.get('top_k')}) {cfg.get('router_kwargs') or ''}".rstrip()),
         (
             "aux losses",
@@ -141,6 +139,45 @@ def config_summary(info: dict[str, Any]) -> list[tuple[str, str]]:
             )
         )
     return rows
+
+
+def _ranks(cfg: dict[str, Any]) -> str:
+    """The experts' rank as configured: ``r``, DR-LoRA's growing ranks within that capacity, ``rank_pattern``."""
+    r = cfg.get("r")
+    dynamic = cfg.get("dynamic_rank")
+    if isinstance(dynamic, dict):
+        from .adapters.dynamic_rank import build_dynamic_rank_params
+
+        try:
+            params = build_dynamic_rank_params(dynamic, r)
+        except (TypeError, ValueError):  # a config this version cannot read: say what it holds
+            text = f"rank capacity {r}, DR-LoRA dynamic ranks {dynamic}"
+        else:
+            text = (
+                f"rank capacity {r}, DR-LoRA dynamic ranks (each expert from rank {params.init_rank}, grown to an "
+                f"average of {params.target_rank})"
+            )
+        if dynamic.get("layer_ranks"):
+            text += ", capacity compacted per projection"
+    else:
+        text = f"rank {r}"
+    if cfg.get("rank_pattern"):
+        text += f", per-module ranks {cfg['rank_pattern']}"
+    return text
+
+
+def _alphas(cfg: dict[str, Any]) -> str:
+    """``lora_alpha`` with ``alpha_pattern`` and the scaling rule (rsLoRA's ``alpha / sqrt(r)``, DR-LoRA's target)."""
+    text = f"alpha {cfg.get('lora_alpha')}"
+    if cfg.get("alpha_pattern"):
+        text += f", per-module alphas {cfg['alpha_pattern']}"
+    # MoLoraConfig.scaling: the rank is DR-LoRA's target (average) rank where it grows the ranks
+    rank = "average rank" if isinstance(cfg.get("dynamic_rank"), dict) else "r"
+    if cfg.get("use_rslora"):
+        text += f" (rsLoRA scaling alpha/sqrt({rank}))"
+    elif rank != "r":
+        text += f" (scaling alpha/{rank})"
+    return text
 
 
 def _eval_table(result: dict[str, Any] | None, after: dict[str, Any] | None) -> list[str]:

@@ -716,3 +716,27 @@ def test_bad_rows_fail_with_the_column_and_the_row(rows, message):
 
     with pytest.raises(recipe.RecipeError, match=re.escape(message)):
         data.prepare(Dataset.from_list(rows), dict(recipe.DATA_KEYS), max_examples=None)
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (
+            {"dynamic_rank": {"target_rank": 4, "init_rank": 2}},
+            "| experts | 2 per projection, rank capacity 8, DR-LoRA dynamic ranks (each expert from rank 2, grown to "
+            "an average of 4), alpha 16 (scaling alpha/average rank) |",
+        ),
+        (
+            {"rank_pattern": {"down_proj": 2}, "alpha_pattern": {"down_proj": 4}, "use_rslora": True},
+            "| experts | 2 per projection, rank 8, per-module ranks {'down_proj': 2}, alpha 16, per-module alphas "
+            "{'down_proj': 4} (rsLoRA scaling alpha/sqrt(r)) |",
+        ),
+    ],
+)
+def test_model_card_states_dynamic_and_per_module_ranks(tmp_path, extra, expected):
+    """A DR-LoRA adapter's ``r`` is a capacity (its experts train at growing ranks, scaled by the target rank), and
+    ``rank_pattern`` / ``alpha_pattern`` / rsLoRA change ranks and scaling: the card says so ("rank 8" misled)."""
+    config = MoLoraConfig(r=8, num_experts=2, top_k=1, target_modules=["q_proj", "down_proj"], **extra)
+    model = get_peft_model(make_llama(), config)
+    model.save_pretrained(tmp_path / "adapter")
+    assert expected in hub.model_card(tmp_path / "adapter", "me/x")
