@@ -197,6 +197,15 @@ def test_schedule_resolution():
     p = dr.build_dynamic_rank_params({"growth_interval": 50, "experts_per_event": 1}, r=8)
     with pytest.warns(UserWarning, match="before spending its rank budget"):
         dr.resolve_schedule(p, 8, 100)
+    # explicit steps past the run's end: the schedule would spend the budget, the run stops first
+    p = dr.build_dynamic_rank_params({"start_step": 10, "end_step": 100, "growth_interval": 10}, r=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dr.resolve_schedule(p, 8, 100).num_events == 10  # the run reaches the end step
+        dr.resolve_schedule(p, 8, None)  # the run's length is unknown (a custom loop)
+        dr.resolve_schedule(p, 8, 95)  # the last event (step 100) is not needed: 9 events x 2 experts >= 16
+    with pytest.warns(UserWarning, match=r"ends at step 100, after the run's last optimizer step 50: 5 of its 10"):
+        dr.resolve_schedule(p, 8, 50)
 
 
 # -- masks and growth on a model ------------------------------------------------------------------------------------

@@ -484,4 +484,15 @@ def resolve_schedule(params: DynamicRankParams, num_experts_total: int, total_st
             "`experts_per_event`, lower `growth_interval` or widen the start/end window.",
             stacklevel=2,
         )
+    elif units and total_steps and end > total_steps:
+        # an explicit end_step beyond the run: the events after its last step never come
+        held = 0 if start > total_steps else (total_steps - start) // interval + 1
+        if held * m < units:
+            warnings.warn(
+                f"DR-LoRA's growth window ends at step {end}, after the run's last optimizer step {total_steps}: "
+                f"{held} of its {schedule.num_events} growth events happen, so the experts stop short of the rank "
+                f"budget (an average rank below target_rank={params.target_rank}). Set `dynamic_rank['end_step']` "
+                "(and `start_step`) within the run, or use `end_fraction`.",
+                stacklevel=2,
+            )
     return schedule
