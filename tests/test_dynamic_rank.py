@@ -1,4 +1,4 @@
-"""DR-LoRA (spec/algorithms.md §5): spec vectors, masks, growth, schedule, save/load, compaction, Trainer."""
+"""DR-LoRA (docs/algorithms.md §5): spec vectors, masks, growth, schedule, save/load, compaction, Trainer."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Parity tests for the expert compute paths of ``molora.kernels``.
 
 Covers:
-    * the combination vector of spec/algorithms.md 1.6 through every path (``naive``, ``dense``, ``grouped`` and
+    * the combination vector of docs/algorithms.md 1.6 through every path (``naive``, ``dense``, ``grouped`` and
       ``expert_delta`` with each ``kernel`` including ``"auto"``);
     * a sweep over dtypes (float32, float64; bf16 forward only), token counts, expert counts, ranks, odd widths and
       routings (top-1, top-2, soft, and a sparse routing with empty experts and tokens without any expert): the

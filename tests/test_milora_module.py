@@ -1,5 +1,5 @@
 """MiLoRA as published (``router_kwargs={"milora_mode": "module"}``): one router per decoder layer picks ``top_k`` of
-the layer's adapted projections per sequence (spec/algorithms.md section 3, molora/adapters/milora.py)."""
+the layer's adapted projections per sequence (docs/algorithms.md section 3, molora/adapters/milora.py)."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from molora import MoLoraConfig, MoLoraLayer
 from molora.routers.prompt import PromptParams, PromptRouter, PromptRouting, pool, prompt_positions
 from molora.runtime import RoutingContext
 
-# spec/algorithms.md section 3: d = 2, a 3-token prompt, 7 experts (the paper's Q, K, V, O, G, U, D modules)
+# docs/algorithms.md section 3: d = 2, a 3-token prompt, 7 experts (the paper's Q, K, V, O, G, U, D modules)
 H = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
 W_G = torch.tensor([[1, 0], [0, 0.5], [0.4, 0.5], [-1, 0], [0, -1], [1, 1], [-0.5, 0.25]])
 Q, V, U = (list("QKVOGUD").index(m) for m in "QVU")

@@ -1,7 +1,7 @@
 """Unit tests for the molora routers, the auxiliary losses and the router registry.
 
 Covers:
-    * the ``topk`` and ``soft`` routers against the spec vectors (spec/algorithms.md 0.4, 1.1), the assignment-triple
+    * the ``topk`` and ``soft`` routers against the spec vectors (docs/algorithms.md 0.4, 1.1), the assignment-triple
       contract of section 23 (``N = T * k`` / ``T * E``, triples consistent with ``Routing.dense_gates()``) and the
       soft temperature;
     * the balance-loss normalisations ``mixtral`` / ``megatron`` / ``switch`` / ``soft`` and the router z-loss on the
@@ -24,7 +24,7 @@ from molora import MoLoraConfig, Router, RouterParams, Routing, get_router_class
 from molora.kernels.fused_router import topk_gates_and_losses
 from molora.routers import SoftParams, SoftRouter, TopKParams, TopKRouter, balancing, topk_routing
 
-# spec/algorithms.md section 0.4
+# docs/algorithms.md section 0.4
 BASE_Z = [2.0, 1.0, 0.5, -1.0]
 BASE_P = [0.609460, 0.224208, 0.135989, 0.030343]
 Z = [[2.0, 1.0, 0.5, -1.0], [0.1, 0.0, -0.1, 0.05], [-1.0, 0.5, 2.0, 0.0]]

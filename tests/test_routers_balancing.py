@@ -1,6 +1,6 @@
 """Routers from the literature: loss-free bias balancing, AdaMoE null experts, ReMoE ReLU routing, expert choice.
 
-Covers, per router: the spec vectors (spec/algorithms.md sections 9, 11, 12, 13), the per-optimizer-step state
+Covers, per router: the spec vectors (docs/algorithms.md sections 9, 11, 12, 13), the per-optimizer-step state
 (``Router.on_optimizer_step_group``, ``MoLoraModel.molora_on_optimizer_step``, ``MoLoraCallback``, micro-batch
 accumulation, checkpoint recomputation counted once, DDP all-reduce, frozen in eval), params validation, kernel-path
 agreement, extreme and low-precision inputs, training and generation, batch invariance under left padding, and

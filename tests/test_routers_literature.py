@@ -1,7 +1,7 @@
 """Tests for the routers from the literature: ``topp`` (Harder Tasks), ``dynmole`` (DynMoLE) and ``mor`` (MoR).
 
 Covers:
-    * the spec vectors (spec/algorithms.md): Tsallis entropy 1.3, inclusive top-p 1.2 / 10, DynMoLE T1-T4 and its
+    * the spec vectors (docs/algorithms.md): Tsallis entropy 1.3, inclusive top-p 1.2 / 10, DynMoLE T1-T4 and its
       losses on {T1, T2, T4} (2), MoR in both combine modes (4);
     * the variable number of assignments and its report in ``experts_per_token``;
     * extreme and low-precision router inputs (finite, non-negative gates and losses, finite gradients);

@@ -1,7 +1,7 @@
 """MiLoRA as published ("module" mode): the experts of a decoder layer are its adapted projections.
 
 Zhang et al., "MiLoRA: Efficient Mixture of Low-Rank Adaptation for Large Language Models Fine-tuning", Findings of
-EMNLP 2024 (spec/algorithms.md section 3). With ``MoLoraConfig(router="prompt", num_experts=1, top_k=K,
+EMNLP 2024 (docs/algorithms.md section 3). With ``MoLoraConfig(router="prompt", num_experts=1, top_k=K,
 router_kwargs={"milora_mode": "module"})``:
 
 * every adapted projection ``m`` of a decoder layer carries one LoRA module ``B_m A_m`` (a bank of one expert);

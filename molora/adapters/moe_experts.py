@@ -1,6 +1,6 @@
 """LoRA on the experts of a Mixture-of-Experts base model, routed by the base model's own router.
 
-This is DR-LoRA's own setting (spec/algorithms.md §5): a pretrained MoE LLM (Mixtral, OLMoE, Qwen-MoE, ...) keeps
+This is DR-LoRA's own setting (docs/algorithms.md §5): a pretrained MoE LLM (Mixtral, OLMoE, Qwen-MoE, ...) keeps
 its router and experts frozen, and every base expert ``e`` gets a LoRA on each of its two fused projections::
 
     gate_up_e(x) = W_gu[e] x + s * B_gu[e]^T A_gu[e]^T x         W_gu[e]: [2I, H]  (gate and up, concatenated)

@@ -5,7 +5,7 @@ into dense gates) plus the balancing loss (a one-hot of the selection, two colum
 twenty operators per layer in the autograd graph, and about as many run again in backward. For a ``2048``-wide
 projection that is a few percent of the layer; on a GPU, where each of them is a kernel launch, and for small models
 it is most of what MoLoRA adds to LoRA. :func:`topk_gates_and_losses` computes the same values in one function
-whose backward is written out (spec/algorithms.md 1.1 and 1.4):
+whose backward is written out (docs/algorithms.md 1.1 and 1.4):
 
 * gates ``g = p_S / sum(p_S)`` of the ``k`` largest probabilities ``p = softmax(z)``:
   ``dL/dp_j = (dL/dg_j - sum_{i in S} g_i dL/dg_i) / sum(p_S)`` for ``j`` in ``S`` (``dL/dg_j`` without

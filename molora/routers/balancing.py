@@ -5,7 +5,7 @@ collector, which also reduces over routers (``loss_reduction``). All means are o
 
 Load balancing, ``L = E * sum_e f_e * P_e`` with ``P_e`` the mean router probability of expert ``e`` (the
 differentiable factor) and ``f_e`` a load whose normalisation differs between papers, so that the same coefficient
-means different strengths (spec/algorithms.md section 1.4):
+means different strengths (docs/algorithms.md section 1.4):
 
 ===========  =============================================  ======================  ===========================
 type         f_e                                            value at perfect load   used by

@@ -1,7 +1,7 @@
 """DynMoLE: hybrid routing switched by the router's Tsallis entropy.
 
 Li et al., "DynMoLE: Boosting Mixture of LoRA Experts Fine-Tuning with a Hybrid Routing Mechanism",
-arXiv 2504.00661 (2025); behaviour pinned down by the authors' code (spec/algorithms.md sections 1.3 and 2).
+arXiv 2504.00661 (2025); behaviour pinned down by the authors' code (docs/algorithms.md sections 1.3 and 2).
 
 Tsallis entropy of a distribution ``p`` over ``N`` experts, index ``q > 0``::
 

@@ -2,7 +2,7 @@
 
 Over a group of ``n`` tokens (here: the non-padding tokens of one micro-batch entering one projection) with
 ``S = softmax(X W_r) [n, E]`` over the experts, each expert ``j`` takes the ``k_c`` tokens with the highest
-``S[:, j]`` (spec/algorithms.md section 13)::
+``S[:, j]`` (docs/algorithms.md section 13)::
 
     k_c = max(1, floor(n * c / E))      (c = capacity_factor; the max keeps tiny groups routed)
     delta_t = sum_{j : t in I_j} S[t, j] * Delta_j(x_t)

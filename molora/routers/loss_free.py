@@ -1,7 +1,7 @@
 """Auxiliary-loss-free load balancing (Wang et al. 2024, arXiv 2408.15664; DeepSeek-V3, arXiv 2412.19437).
 
 Each expert ``e`` carries a bias ``b_e`` that is added to the token's affinities **for the choice of experts
-only**; the gates come from the unbiased affinities (spec/algorithms.md section 9)::
+only**; the gates come from the unbiased affinities (docs/algorithms.md section 9)::
 
     s_t   = sigmoid(z_t)          (score_function="sigmoid", DeepSeek-V3)   or   softmax(z_t)   ("softmax")
     S_t   = TopK(s_t + b, k)

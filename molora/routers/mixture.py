@@ -1,7 +1,7 @@
 """MoR: a mixture of routers, weighted per token by a learnable main router.
 
 Zhang et al., "Mixture of Routers", arXiv 2503.23362 (2025); the equations are reconstructed from the abstract and
-reviews (spec/algorithms.md section 4; the combination rule and the loss targets are our choices, marked [OURS]
+reviews (docs/algorithms.md section 4; the combination rule and the loss targets are our choices, marked [OURS]
 there). Per adapted projection, for a token ``x``::
 
     s_j = W_j x,  p^(j) = softmax(s_j)          R sub-routers, W_j [E, d_in]        (j = 1..R)

@@ -1,7 +1,7 @@
 """AdaMoE: token-adaptive routing with null experts (Zeng et al., Findings of EMNLP 2024).
 
 Beside the ``n`` true LoRA experts the router scores ``m`` *null experts* that have no parameters and output zero
-(spec/algorithms.md section 11)::
+(docs/algorithms.md section 11)::
 
     p     = softmax(z),  z = W_r x in R^(n+m)
     S     = TopK(p, k)                           (k = MoLoraConfig.top_k, over all n + m experts)

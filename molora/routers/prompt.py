@@ -1,7 +1,7 @@
 """Prompt-aware routing (MiLoRA, Zhang et al., Findings of EMNLP 2024, arXiv 2410.18035).
 
 One routing decision per *sequence*, computed from its prompt and used for every token of that sequence, prompt
-and generated alike (spec/algorithms.md section 3). For the tokens ``x[B, S, d_in]`` entering one adapted projection
+and generated alike (docs/algorithms.md section 3). For the tokens ``x[B, S, d_in]`` entering one adapted projection
 and the prompt positions ``m[B, S]``:
 
 1. pool the prompt: ``h_b = Pool({x_{b,t} : m_{b,t}})`` with ``Pool`` = masked ``mean`` (default), ``last`` (the

@@ -1,7 +1,7 @@
 """ReMoE: ReLU routing with an adaptive L1 regulariser (Wang, Chen, Zhu, ICLR 2025, arXiv 2412.14711).
 
 No softmax and no top-k: the gates are the rectified logits and a token uses every expert with a positive gate
-(spec/algorithms.md section 12)::
+(docs/algorithms.md section 12)::
 
     g_t,e = ReLU(z_t,e),   active set {e : g_t,e > 0}   (may be empty: that token's LoRA delta is 0)
 

@@ -1,7 +1,7 @@
 """Top-k token routing (Mixtral / MixLoRA / MoLA convention).
 
 ``p = softmax(z)`` over all ``E`` experts, keep the ``k`` largest, and (by default) renormalise the kept
-probabilities to sum to one: ``g_e = p_e / sum_{j in S} p_j`` for ``e in S``, else 0 (spec/algorithms.md 1.1).
+probabilities to sum to one: ``g_e = p_e / sum_{j in S} p_j`` for ``e in S``, else 0 (docs/algorithms.md 1.1).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Dynamic top-p routing: a token takes the fewest experts whose probability mass reaches ``p``.
 
 Huang et al., "Harder Tasks Need More Experts: Dynamic Routing in MoE Models", ACL 2024, arXiv 2403.07652
-(spec/algorithms.md sections 1.2 and 10). With ``p = softmax(z)`` sorted in descending order and ``c_j`` its
+(docs/algorithms.md sections 1.2 and 10). With ``p = softmax(z)`` sorted in descending order and ``c_j`` its
 cumulative sums, the token keeps the sorted experts ``j`` whose *preceding* mass is at most the threshold::
 
     keep_j = (c_j - p_(j)) <= top_p          # every c_j <= top_p, plus the first expert whose c_j > top_p

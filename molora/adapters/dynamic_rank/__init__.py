@@ -1,4 +1,4 @@
-"""DR-LoRA: expert ranks that grow during fine-tuning, under a total rank budget (spec/algorithms.md §5).
+"""DR-LoRA: expert ranks that grow during fine-tuning, under a total rank budget (docs/algorithms.md §5).
 
 Deng et al., "DR-LoRA: Dynamic Rank LoRA for Mixture-of-Experts Adaptation", arXiv 2601.04823. No reference code
 exists; the equations below are the spec's reconstruction (its [OURS] choices are marked there).
