@@ -562,13 +562,26 @@ class MoLoraModel(BaseTuner):
         the base model's ``generate`` directly, past :meth:`generate`: the caller's name tells it apart here.
         """
         with contextlib.ExitStack() as stack:
-            if _called_from_generate():
+            generating = _called_from_generate()
+            if generating:
                 stack.enter_context(self._generation(_prompt_length(args, kwargs)))
-            stack.enter_context(self._mixed_adapter_names(*args, **kwargs))
+            stack.enter_context(self._mixed_adapter_names(*args, generating=generating, **kwargs))
             yield
 
+    def _generate_expansion(self, kwargs: dict) -> int:
+        """How many rows ``generate`` makes of each sample: ``max(num_beams, num_return_sequences)``, each taken from
+        the call's keyword arguments, else from its ``generation_config``, else from the model's (a saved T5's
+        ``generation_config.json`` may set ``num_beams``), as transformers resolves them."""
+        config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
+
+        def setting(name: str) -> int:
+            value = kwargs[name] if kwargs.get(name) is not None else getattr(config, name, None)
+            return value if isinstance(value, int) and value > 1 else 1
+
+        return max(setting("num_beams"), setting("num_return_sequences"))
+
     @contextlib.contextmanager
-    def _mixed_adapter_names(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+    def _mixed_adapter_names(self, *args: Any, generating: bool = False, **kwargs: Any) -> Iterator[None]:
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is None:
             yield
@@ -597,10 +610,10 @@ class MoLoraModel(BaseTuner):
                 "and '__base__' (no adapter)."
             )
         names = [list(adapter_names)]
-        num_beams = kwargs.get("num_beams")
-        if isinstance(num_beams, int) and num_beams > 1:
-            # generate repeats every sample num_beams times; an encoder still sees the original batch
-            names.insert(0, [n for n in adapter_names for _ in range(num_beams)])
+        expansion = self._generate_expansion(kwargs) if generating else 1
+        if expansion > 1:
+            # generate repeats every sample (beams, returned sequences); an encoder still sees the original batch
+            names.insert(0, [n for n in adapter_names for _ in range(expansion)])
         runtime = self.molora_runtime
         runtime.batch_adapter_names = names
         # the adapters' own copies of `modules_to_save` (lm_head, a classifier's `score`) take per-sample names too,

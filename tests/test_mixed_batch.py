@@ -111,6 +111,54 @@ def test_mixed_generate_equals_separate_generation(num_beams):
     assert model.base_model.molora_runtime.batch_adapter_names is None
 
 
+@pytest.mark.parametrize("where", ["generation_config", "model", "num_return_sequences"])
+def test_mixed_generate_expands_names_as_generate_expands_the_batch(where):
+    """``generate`` repeats every sample ``max(num_beams, num_return_sequences)`` times, whether those come from the
+    call's keywords, its ``generation_config`` or the model's (a saved T5's ``generation_config.json`` may set
+    ``num_beams``): the per-sample names follow (only the keyword ``num_beams`` was read, and the others raised)."""
+    from transformers import GenerationConfig
+
+    model = two_adapter_model()
+    input_ids = torch.randint(3, VOCAB, (3, 5), generator=torch.Generator().manual_seed(1))
+    names = ["alpha", "__base__", "beta"]
+    settings = dict(max_new_tokens=4, pad_token_id=0, eos_token_id=None)
+    if where == "num_return_sequences":
+        # sampling from the single most likely token: greedy's tokens, twice per sample
+        settings.update(do_sample=True, top_k=1, num_return_sequences=2)
+    else:
+        settings.update(do_sample=False, num_beams=2)
+    with torch.no_grad():
+        if where == "generation_config":
+            mixed = model.generate(
+                input_ids=input_ids, adapter_names=names, generation_config=GenerationConfig(**settings)
+            )
+        elif where == "model":
+            saved = model.generation_config
+            model.generation_config = GenerationConfig(**settings)
+            try:
+                mixed = model.generate(input_ids=input_ids, adapter_names=names)
+            finally:
+                model.generation_config = saved
+        else:
+            mixed = model.generate(input_ids=input_ids, adapter_names=names, **settings)
+        per_sample = 2 if where == "num_return_sequences" else 1
+        assert mixed.shape[0] == 3 * per_sample
+        beams = {} if where == "num_return_sequences" else {"num_beams": 2}
+        for row, name in enumerate(names):
+            alone = generate_alone(
+                model,
+                input_ids[row : row + 1],
+                name,
+                max_new_tokens=4,
+                do_sample=False,
+                pad_token_id=0,
+                eos_token_id=None,
+                **beams,
+            )
+            for copy in range(per_sample):
+                assert torch.equal(mixed[row * per_sample + copy : row * per_sample + copy + 1], alone), (name, copy)
+
+
 def _own_modules_to_save(model):
     # each adapter's copy of the saved modules gets its own weights (as after training)
     with torch.no_grad():
