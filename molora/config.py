@@ -7,6 +7,8 @@ import dataclasses
 import functools
 import json
 import math
+import numbers
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -256,6 +258,11 @@ class MoLoraConfig(PeftConfig):
         a coefficient schedule) and checks them again whenever they changed (``MoLoraRuntime.begin_forward``)."""
         for name in ("aux_loss_coef", "z_loss_coef"):
             value = getattr(self, name)
+            if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
+                # a numpy scalar (a schedule's float32 arithmetic): the same number as a Python float, which
+                # adapter_config.json can hold
+                value = float(value)
+                setattr(self, name, value)
             _require_number(name, value)
             if value < 0:
                 raise ValueError(f"`{name}`={value} must be >= 0 (0 disables the loss).")
@@ -349,10 +356,12 @@ class MoLoraConfig(PeftConfig):
         ):
             raise ValueError(f"`layers_to_transform`={layers!r} must be a layer index, a list of them, or None.")
         if isinstance(layers, (list, tuple)) and not layers:
-            # PEFT reads an empty list as "no selection" and adapts every layer: say so rather than do it
-            raise ValueError(
-                f"`layers_to_transform`={layers!r} selects no layer; give the indices of the layers to adapt, or None "
-                "for every layer."
+            # PEFT reads an empty list as "no selection" and adapts every layer; adapters saved with it load as they
+            # were trained, so it is not refused, but said
+            warnings.warn(
+                f"`layers_to_transform`={layers!r} selects no layer: PEFT reads it as no selection, so every layer is "
+                "adapted. Give the indices of the layers to adapt, or None for every layer.",
+                stacklevel=2,
             )
         self._validate_loss_fields()
         _require_choice("kernel", self.kernel, KERNEL_CHOICES)

@@ -691,6 +691,10 @@ class MoLoraRuntime:
         be pickled. The configuration stays the object the model holds (pickle keeps the two shared)."""
         return self._lasting_copy(self.peft_config).__dict__
 
+    def __setstate__(self, state: dict) -> None:
+        # a runtime pickled by an earlier molora lacks the attributes added since: a fresh runtime's defaults
+        self.__dict__.update({**MoLoraRuntime(state["peft_config"]).__dict__, **state})
+
     def _lasting_copy(self, peft_config: dict) -> MoLoraRuntime:
         """A fresh runtime on ``peft_config`` with this one's trainer settings and (committed) statistics."""
         self.commit_stats()
@@ -712,12 +716,20 @@ class MoLoraRuntime:
         an unknown ``loss_reduction`` as ``"sum"``) until ``save_pretrained`` refuses it."""
         for name, config in self.peft_config.items():
             fields = (config.aux_loss_coef, config.z_loss_coef, config.balance_loss_type, config.loss_reduction)
-            if self._checked_loss_fields.get(name) != fields:
+            checked = self._checked_loss_fields.get(name)
+            # the same objects, not equal values: np.float32(0.5) == 0.5, but adapter_config.json cannot hold it
+            if checked is None or any(new is not old for new, old in zip(fields, checked)):
                 try:
                     config._validate_loss_fields()
                 except ValueError as error:
                     raise ValueError(f"Adapter {name!r}: {error}") from None
-                self._checked_loss_fields[name] = fields
+                # (as validated: a numpy coefficient became a float)
+                self._checked_loss_fields[name] = (
+                    config.aux_loss_coef,
+                    config.z_loss_coef,
+                    config.balance_loss_type,
+                    config.loss_reduction,
+                )
 
     @torch.compiler.disable
     def begin_forward(self, args: tuple, kwargs: dict) -> None:

@@ -52,8 +52,6 @@ BAD_CONFIGS = [
     ({"track_routing_stats": 0}, r"`track_routing_stats`=0 must be True or False"),
     ({"modules_to_save": "lm_head"}, r"`modules_to_save`='lm_head' must be a list of module names"),
     ({"layers_to_transform": "1"}, r"`layers_to_transform`='1' must be a layer index, a list of them, or None"),
-    # PEFT reads an empty list as no selection and adapts every layer
-    ({"layers_to_transform": []}, r"`layers_to_transform`=\[\] selects no layer; give the indices .* or None"),
     ({"router": "soft", "router_kwargs": {"temperature": float("inf")}}, r"temperature.*must be a finite number"),
     ({"layers_to_transform": [0], "layers_pattern": 3}, r"`layers_pattern`=3 must be the name of the model's layer"),
     ({"layers_to_transform": [0], "layers_pattern": [""]}, r"`layers_pattern`=\[''\] must be the name"),
@@ -195,3 +193,22 @@ def test_the_router_container_name_is_refused_as_an_adapter_name():
     with pytest.raises(ValueError, match="is reserved"):
         model.add_adapter("molora_milora", MoLoraConfig(r=2, num_experts=2, top_k=1, task_type="CAUSAL_LM"))
     assert list(model.peft_config) == ["default"]
+
+
+def test_empty_layers_to_transform_warns_and_adapts_every_layer_as_peft_does(tmp_path):
+    """PEFT reads ``layers_to_transform=[]`` as no selection: every layer is adapted. molora does the same (adapters
+    saved with it load as they were trained) and warns that the list selects nothing."""
+    from conftest import make_llama
+    from peft import PeftModel, get_peft_model
+
+    from molora.adapters.layer import MoLoraLayer
+
+    with pytest.warns(UserWarning, match=r"`layers_to_transform`=\[\] selects no layer: .* every layer is adapted"):
+        config = MoLoraConfig(layers_to_transform=[], target_modules=["q_proj"], num_experts=2, top_k=1)
+    with pytest.warns(UserWarning, match="selects no layer"):
+        model = get_peft_model(make_llama(), config)
+        layers = len(model.base_model.model.model.layers)
+        assert sum(isinstance(m, MoLoraLayer) for m in model.modules()) == layers
+        model.save_pretrained(tmp_path)
+        loaded = PeftModel.from_pretrained(make_llama(), tmp_path)
+    assert sum(isinstance(m, MoLoraLayer) for m in loaded.modules()) == layers

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -202,7 +203,7 @@ def test_loss_reduction(batch, reduction):
         torch.testing.assert_close(aux, molora.routers.balancing.load_balancing_loss(inputs, "megatron"))
 
 
-def test_loss_fields_changed_on_a_live_model_are_checked_at_the_next_forward(batch):
+def test_loss_fields_changed_on_a_live_model_are_checked_at_the_next_forward(batch, tmp_path):
     """The aux-loss fields are read from the live config at every forward, so a schedule may change them during
     training; a bad value fails at the next forward, naming the field, instead of acting as another (a negative or NaN
     coefficient as 0, an unknown reduction as "sum") until ``save_pretrained`` refuses it."""
@@ -227,6 +228,37 @@ def test_loss_fields_changed_on_a_live_model_are_checked_at_the_next_forward(bat
     config.aux_loss_coef = 1.0
     model(**batch)
     torch.testing.assert_close(model.molora_aux_loss().detach(), 2 * half)
+    # numpy scalars (a schedule's float32 arithmetic) are numbers: kept as the same Python floats, which the adapter's
+    # JSON can hold; also one equal to the value checked before (0.5 == np.float32(0.5))
+    for value in (np.float32(0.25), np.float32(0.5), np.float32(0.5)):
+        config.aux_loss_coef = value
+        model(**batch)
+        assert type(config.aux_loss_coef) is float and config.aux_loss_coef == float(value)
+    torch.testing.assert_close(model.molora_aux_loss().detach(), half)
+    model.save_pretrained(tmp_path)
+
+
+def test_a_model_pickled_by_an_earlier_molora_gets_the_runtimes_new_attributes(monkeypatch):
+    """``torch.save(model)`` pickles the runtime; one pickled before an attribute was added lacks it, and the first
+    forward after loading failed (``_checked_loss_fields``): unpickling fills in a fresh runtime's defaults."""
+    import pickle
+
+    from molora.runtime import MoLoraRuntime
+
+    model = get_peft_model(make_llama(), MoLoraConfig(num_experts=2, top_k=1))
+    current = MoLoraRuntime.__getstate__
+
+    def older_state(self):
+        state = current(self)
+        del state["_checked_loss_fields"]
+        return state
+
+    monkeypatch.setattr(MoLoraRuntime, "__getstate__", older_state)
+    restored = pickle.loads(pickle.dumps(model))
+    monkeypatch.undo()
+    ids = torch.randint(3, 90, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(restored(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
 def test_padding_never_counts_in_losses_or_statistics(batch):
