@@ -150,12 +150,13 @@ def _ranks(cfg: dict[str, Any]) -> str:
 
         try:
             params = build_dynamic_rank_params(dynamic, r)
-        except (TypeError, ValueError):  # a config this version cannot read: say what it holds
-            text = f"rank capacity {r}, DR-LoRA dynamic ranks {dynamic}"
+        except (TypeError, ValueError):  # settings of another molora version
+            text = f"rank capacity {r}, DR-LoRA dynamic ranks (settings this molora version cannot read)"
         else:
+            # the configuration, not the ranks reached (`molora inspect` shows those): a run may stop short
             text = (
-                f"rank capacity {r}, DR-LoRA dynamic ranks (each expert from rank {params.init_rank}, grown to an "
-                f"average of {params.target_rank})"
+                f"rank capacity {r}, DR-LoRA dynamic ranks (each expert starts at rank {params.init_rank} and grows "
+                f"toward an average of target_rank={params.target_rank})"
             )
         if dynamic.get("layer_ranks"):
             text += ", capacity compacted per projection"
@@ -171,8 +172,8 @@ def _alphas(cfg: dict[str, Any]) -> str:
     text = f"alpha {cfg.get('lora_alpha')}"
     if cfg.get("alpha_pattern"):
         text += f", per-module alphas {cfg['alpha_pattern']}"
-    # MoLoraConfig.scaling: the rank is DR-LoRA's target (average) rank where it grows the ranks
-    rank = "average rank" if isinstance(cfg.get("dynamic_rank"), dict) else "r"
+    # MoLoraConfig.scaling: the rank is DR-LoRA's target rank where it grows the ranks
+    rank = "target_rank" if isinstance(cfg.get("dynamic_rank"), dict) else "r"
     if cfg.get("use_rslora"):
         text += f" (rsLoRA scaling alpha/sqrt({rank}))"
     elif rank != "r":
@@ -236,7 +237,8 @@ def model_card(adapter_dir: str | Path, repo_id: str | None = None) -> str:
         "| | |",
         "|---|---|",
     ]
-    lines += [f"| {k} | {v} |" for k, v in config_summary(info)]
+    # a `|` in a value (a regex target or pattern key such as `(q|v)_proj`) would end its table cell
+    lines += [f"| {k} | {v.replace('|', chr(92) + '|')} |" for k, v in config_summary(info)]
     recipe = info["recipe"] or {}
     training = recipe.get("training") or {}
     if training:
