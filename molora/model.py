@@ -570,12 +570,13 @@ class MoLoraModel(BaseTuner):
 
     def _generate_expansion(self, kwargs: dict) -> int:
         """How many rows ``generate`` makes of each sample: ``max(num_beams, num_return_sequences)``, each taken from
-        the call's keyword arguments, else from its ``generation_config``, else from the model's (a saved T5's
-        ``generation_config.json`` may set ``num_beams``), as transformers resolves them."""
-        config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
+        the call's keyword arguments, else from its ``generation_config`` (where set), else from the model's (a saved
+        T5's ``generation_config.json`` may set ``num_beams``), as transformers resolves them."""
+        sources = [kwargs, kwargs.get("generation_config"), getattr(self.model, "generation_config", None)]
 
         def setting(name: str) -> int:
-            value = kwargs[name] if kwargs.get(name) is not None else getattr(config, name, None)
+            values = (src.get(name) if isinstance(src, dict) else getattr(src, name, None) for src in sources)
+            value = next((v for v in values if v is not None), None)
             return value if isinstance(value, int) and value > 1 else 1
 
         return max(setting("num_beams"), setting("num_return_sequences"))

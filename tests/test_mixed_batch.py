@@ -111,7 +111,7 @@ def test_mixed_generate_equals_separate_generation(num_beams):
     assert model.base_model.molora_runtime.batch_adapter_names is None
 
 
-@pytest.mark.parametrize("where", ["generation_config", "model", "num_return_sequences"])
+@pytest.mark.parametrize("where", ["generation_config", "model", "both", "num_return_sequences"])
 def test_mixed_generate_expands_names_as_generate_expands_the_batch(where):
     """``generate`` repeats every sample ``max(num_beams, num_return_sequences)`` times, whether those come from the
     call's keywords, its ``generation_config`` or the model's (a saved T5's ``generation_config.json`` may set
@@ -132,11 +132,13 @@ def test_mixed_generate_expands_names_as_generate_expands_the_batch(where):
             mixed = model.generate(
                 input_ids=input_ids, adapter_names=names, generation_config=GenerationConfig(**settings)
             )
-        elif where == "model":
+        elif where in ("model", "both"):
             saved = model.generation_config
             model.generation_config = GenerationConfig(**settings)
+            # "both": a passed config that leaves num_beams unset takes the model's (transformers' resolution)
+            passed = {"generation_config": GenerationConfig(max_new_tokens=4)} if where == "both" else {}
             try:
-                mixed = model.generate(input_ids=input_ids, adapter_names=names)
+                mixed = model.generate(input_ids=input_ids, adapter_names=names, **passed)
             finally:
                 model.generation_config = saved
         else:
