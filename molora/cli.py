@@ -41,7 +41,19 @@ def _sft(args: argparse.Namespace) -> int:
         print(_full_recipe(recipe), end="")
         return 0
     results = run_sft(recipe)
+    _leave_process_group()
     return 0 if results.get("global_step", 0) > 0 else 1
+
+
+def _leave_process_group() -> None:
+    """End a distributed run (``accelerate launch`` / ``torchrun``) by leaving its process group once every process is
+    done, as accelerate's ``end_training`` does: a group left to be torn down at interpreter exit may hang or abort
+    the process (PyTorch warns about it), after the adapter is saved but with a failing exit code."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _full_recipe(recipe: dict) -> str:

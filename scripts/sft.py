@@ -79,6 +79,9 @@ def main() -> None:
             trainer.model, tokenizer, eval_rows, ev["max_new_tokens"], ev["batch_size"], ev["max_per_task"]
         )
         print(format_table(result, "held-out tasks after training:"))
+    # under `accelerate launch`: leave the process group once every process is done, rather than at interpreter exit
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -606,3 +606,20 @@ def test_eval_reads_a_named_split(trained, tmp_path, capsys):
     args = ["eval", "--adapter", str(trained), "--data", str(tmp_path / "dict"), "--no-exact-match"]
     assert main([*args, "--split", "test", "--json", str(tmp_path / "r.json")]) == 0
     assert json.loads((tmp_path / "r.json").read_text())["tasks"]["all"]["n"] == len(rows) - 2
+
+
+def test_sft_leaves_the_process_group_of_a_distributed_run(tmp_path):
+    """``molora sft`` under ``accelerate launch`` / ``torchrun`` ends by leaving its process group (as accelerate's
+    ``end_training`` does) rather than leaving it to be torn down at interpreter exit."""
+    import torch.distributed as dist
+
+    from molora.cli import _leave_process_group
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        _leave_process_group()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    _leave_process_group()  # a run that was not distributed: nothing to do

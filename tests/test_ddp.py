@@ -97,6 +97,7 @@ for step in range(3):
     accelerator.unwrap_model(model).molora_on_optimizer_step()
 biases = {{n: b.clone() for n, b in accelerator.unwrap_model(model).named_buffers() if n.endswith("selection_bias")}}
 torch.save(biases, {out!r}.format(rank))
+accelerator.end_training()  # leaves the process group before exit (gloo torn down at exit can abort)
 """
 
 
@@ -150,6 +151,7 @@ for source in ("logits", "loss"):
         backward(DistributedDataParallel(net, find_unused_parameters=unused), source)
         results[source, unused] = (router_grads(net), expected / world)
 torch.save(results, {out!r}.format(rank))
+dist.destroy_process_group()
 """
 
 
@@ -191,6 +193,7 @@ for step in range(3):
     optimizer.zero_grad()
 routers = {{n: p.detach() for n, p in accelerator.unwrap_model(model).named_parameters() if "molora_milora" in n}}
 torch.save((start, routers), {out!r}.format(accelerator.process_index))
+accelerator.end_training()
 """
 
 
