@@ -48,7 +48,7 @@ def _sft(args: argparse.Namespace) -> int:
 def _leave_process_group() -> None:
     """End a distributed run (``accelerate launch`` / ``torchrun``) by leaving its process group once every process is
     done, as accelerate's ``end_training`` does: a group left to be torn down at interpreter exit may hang or abort
-    the process (PyTorch warns about it), after the adapter is saved but with a failing exit code."""
+    the process (PyTorch warns about it for NCCL), after the adapter is saved but with a failing exit code."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
