@@ -368,7 +368,7 @@ def bench_layer(
 
         steps[candidate] = step
     times = _time_interleaved(steps, warmup, repeats)
-    frozen = "" if input_grad else " frozen x"
+    frozen = "" if input_grad else FROZEN_INPUT
     shape = f"d={width} T={tokens} E={num_experts} k={top_k} r={rank}{frozen}{_router_suffix(router)}"
     return _measured_rows("layer", shape, steps, times, models, tokens)
 
@@ -600,6 +600,9 @@ def llama_width_problem(width: int | None, gen_width: int | None) -> str | None:
     return None
 
 
+#: what the shape column of the layer benchmark adds for an input without grad (``bench_layer(input_grad=False)``)
+FROZEN_INPUT = " frozen x"
+
 #: (E, k, r) of the layer shapes measured besides the headline E=8, k=2, r=8
 EXTRA_LAYER_SHAPES = [(4, 1, 16), (16, 2, 8), (64, 2, 8), (128, 2, 8), (8, 2, 64), (16, 2, 64)]
 
@@ -700,7 +703,7 @@ def run_benchmarks(
     shapes = [(8, 2, 8, True), (8, 2, 8, False)]
     shapes += [(*shape, True) for shape in EXTRA_LAYER_SHAPES] if extra_shapes and not quick else []
     for num_experts, top_k, rank, input_grad in shapes:
-        say(f"layer d={width} T={tokens} E={num_experts} k={top_k} r={rank}{'' if input_grad else ' frozen x'}")
+        say(f"layer d={width} T={tokens} E={num_experts} k={top_k} r={rank}{'' if input_grad else FROZEN_INPUT}")
         table.rows += bench_layer(
             width,
             tokens,

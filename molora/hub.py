@@ -173,10 +173,11 @@ def _alphas(cfg: dict[str, Any]) -> str:
     if cfg.get("alpha_pattern"):
         text += f", per-module alphas {cfg['alpha_pattern']}"
     # MoLoraConfig.scaling: the rank is DR-LoRA's target rank where it grows the ranks
-    rank = "target_rank" if isinstance(cfg.get("dynamic_rank"), dict) else "r"
+    dynamic = isinstance(cfg.get("dynamic_rank"), dict)
+    rank = "target_rank" if dynamic else "r"
     if cfg.get("use_rslora"):
         text += f" (rsLoRA scaling alpha/sqrt({rank}))"
-    elif rank != "r":
+    elif dynamic:
         text += f" (scaling alpha/{rank})"
     return text
 

@@ -715,21 +715,14 @@ class MoLoraRuntime:
         but a bad value must fail, naming the field, rather than act as another (a negative or NaN coefficient as 0,
         an unknown ``loss_reduction`` as ``"sum"``) until ``save_pretrained`` refuses it."""
         for name, config in self.peft_config.items():
-            fields = (config.aux_loss_coef, config.z_loss_coef, config.balance_loss_type, config.loss_reduction)
             checked = self._checked_loss_fields.get(name)
             # the same objects, not equal values: np.float32(0.5) == 0.5, but adapter_config.json cannot hold it
-            if checked is None or any(new is not old for new, old in zip(fields, checked)):
+            if checked is None or any(new is not old for new, old in zip(_loss_fields(config), checked)):
                 try:
                     config._validate_loss_fields()
                 except ValueError as error:
                     raise ValueError(f"Adapter {name!r}: {error}") from None
-                # (as validated: a numpy coefficient became a float)
-                self._checked_loss_fields[name] = (
-                    config.aux_loss_coef,
-                    config.z_loss_coef,
-                    config.balance_loss_type,
-                    config.loss_reduction,
-                )
+                self._checked_loss_fields[name] = _loss_fields(config)  # as validated: a numpy value became a float
 
     @torch.compiler.disable
     def begin_forward(self, args: tuple, kwargs: dict) -> None:
@@ -1459,6 +1452,11 @@ def _cpu_mask_of_ones(mask: torch.Tensor | None) -> bool:
     back on an accelerator, where it would wait for the device once per forward (tests/test_host_sync.py), nor in a
     ``torch.export`` trace (whose program must serve any mask)."""
     return mask is not None and mask.device.type == "cpu" and not exporting() and bool(mask.all())
+
+
+def _loss_fields(config: Any) -> tuple:
+    """The aux-loss fields of an adapter config that every forward reads (see ``MoLoraRuntime._check_loss_fields``)."""
+    return (config.aux_loss_coef, config.z_loss_coef, config.balance_loss_type, config.loss_reduction)
 
 
 def _call_token_mask(current: torch.Tensor | None, mask: Any, past_length: int | None) -> torch.Tensor | None:
