@@ -265,12 +265,25 @@ class MoLoraModel(BaseTuner):
     def molora_runtime(self) -> MoLoraRuntime:
         """The routing context / aux-loss collector / statistics object shared by this model's layers."""
         if self._molora_runtime_obj is None:
-            self._molora_runtime_obj = MoLoraRuntime(self.peft_config)
-            self._molora_runtime_obj.loss_shifts_labels = _loss_shifts_labels(self.model)
+            existing = self.model.__dict__.get("_molora_runtime")
+            if isinstance(existing, MoLoraRuntime) and existing.peft_config is self.peft_config:
+                # a second tuner on a model that has MoLoRA adapters (`get_peft_model` run again on the same base,
+                # `inject_adapter_in_model` for another adapter: PEFT then shares the model's `peft_config`): its
+                # layers already record into this runtime, and the model's hooks drive it
+                self._molora_runtime_obj = existing
+            else:
+                self._molora_runtime_obj = MoLoraRuntime(self.peft_config)
+                self._molora_runtime_obj.loss_shifts_labels = _loss_shifts_labels(self.model)
         return self._molora_runtime_obj
 
     def _install_hooks(self) -> None:
         if self._molora_hooks:
+            return
+        installed = self.model.__dict__.get("_molora_hook_handles")
+        if installed and self.model.__dict__.get("_molora_runtime") is self.molora_runtime:
+            # installed by an earlier tuner of this model (see molora_runtime): a second set would begin and end
+            # every forward twice, and the aux losses and statistics would miss the runtime the layers record into
+            self._molora_hooks = installed
             return
         # the hooks find the runtime through the module (not a closure), so that copy.deepcopy of the model gives
         # a copy whose hooks drive the copy's runtime, the one its layers record into
@@ -289,6 +302,7 @@ class MoLoraModel(BaseTuner):
             self._molora_hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
             self._molora_hooks.append(module.register_forward_hook(_end_stack_hook, with_kwargs=True))
             self._molora_hooks.append(module.register_forward_hook(_stack_done_hook, always_call=True))
+        self.model._molora_hook_handles = self._molora_hooks
 
     def _stacks(self) -> list[tuple[str, nn.Module]]:
         """``[("encoder", module), ("decoder", module)]`` of an encoder-decoder model (T5, BART, ...); for another
@@ -310,7 +324,9 @@ class MoLoraModel(BaseTuner):
     def _remove_hooks(self) -> None:
         for handle in self._molora_hooks:
             handle.remove()
+        self._molora_hooks.clear()  # (the list an earlier tuner of this model shares, see _install_hooks)
         self._molora_hooks = []
+        self.model.__dict__.pop("_molora_hook_handles", None)
         self.model.__dict__.pop("_molora_runtime", None)
         for _, module in self._stacks():
             module.__dict__.pop("_molora_runtime", None)

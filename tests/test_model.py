@@ -387,6 +387,42 @@ def test_unload_restores_base_modules(batch):
     assert not restored._forward_pre_hooks and not restored._forward_hooks
 
 
+@pytest.mark.parametrize("how", ["get_peft_model_again", "inject_adapter_in_model_twice"])
+def test_a_second_tuner_on_the_same_model_keeps_one_runtime(batch, how):
+    """`get_peft_model` run again on the same base model (a notebook cell run twice), or PEFT's low-level
+    `inject_adapter_in_model` for a second adapter, builds a second tuner on a model whose layers already record into
+    the first tuner's runtime: the second must drive that runtime with one set of model hooks, or `outputs.loss`
+    silently loses the aux term and the routing statistics stop."""
+    from peft import inject_adapter_in_model
+
+    def config(targets):
+        return MoLoraConfig(
+            num_experts=4, top_k=2, aux_loss_coef=1.0, init_lora_weights=False, target_modules=targets
+        )
+
+    base = make_llama()
+    with pytest.warns(UserWarning):  # PEFT's "already found a `peft_config`" / "modify a model ... second time"
+        if how == "get_peft_model_again":
+            get_peft_model(base, config(["q_proj", "v_proj"]))
+            model = get_peft_model(base, config(["q_proj", "v_proj"]))
+            runtime, net = model.base_model.molora_runtime, model.base_model.model
+        else:
+            net = inject_adapter_in_model(config(["q_proj", "v_proj"]), base, adapter_name="a")
+            net = inject_adapter_in_model(config(["q_proj"]), net, adapter_name="b")
+            model, runtime = net, net._molora_runtime
+    assert len(net._forward_pre_hooks) == 1 and len(net.model._forward_pre_hooks) == 1
+    assert all(layer._molora_runtime is runtime for layer in molora_layers(net).values())
+    model.train()
+    for step in (1, 2):
+        out = model(**batch)
+        aux = runtime.user_aux_loss()
+        assert aux is not None and aux.item() > 0.5  # the balance loss with coefficient 1 (about 1 when balanced)
+        torch.testing.assert_close(out.loss, _lm_loss(out.logits, batch["labels"]) + aux)
+        out.loss.backward()
+        stats = runtime.routing_stats(None)
+        assert stats and all(s.tokens == 20 * step for s in stats.values())  # 20 non-padding tokens per forward
+
+
 def test_merge_fails_clearly_and_changes_nothing(batch):
     model = get_peft_model(make_llama(), MoLoraConfig(init_lora_weights=False))
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
