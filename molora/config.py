@@ -36,7 +36,7 @@ class MoLoraConfig(PeftConfig):
     Args:
         r (int): rank of each expert. Default: 8.
         lora_alpha (float): LoRA scaling numerator; the scaling is ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA).
-            Default: 16.
+            Default: 8, as ``peft.LoraConfig`` (the recipes in ``configs/`` use 16, twice the rank).
         lora_dropout (float): dropout on the adapter input, in [0, 1); one mask per token shared by all experts.
             Default: 0.0.
         use_rslora (bool): use rank-stabilised scaling ``lora_alpha / sqrt(r)``. Default: False.
@@ -60,9 +60,12 @@ class MoLoraConfig(PeftConfig):
             Default: None.
         modules_to_save (list[str] | None): extra modules trained and saved in full (e.g. a classifier head).
             Default: None.
-        bias (str): ``"none"``, ``"all"`` or ``"molora_only"``: which biases are trained. Default: "none".
-        init_lora_weights (bool): ``True`` starts every ``B_e`` at zero so that a fresh adapter leaves the model's
-            outputs unchanged; ``False`` initialises ``B_e`` randomly too (for tests and debugging). Default: True.
+        bias (str): ``"none"``, ``"all"`` or ``"molora_only"``: which biases are trained (``"lora_only"``,
+            ``LoraConfig``'s spelling, is read as ``"molora_only"``). Default: "none".
+        init_lora_weights (bool | str): ``True`` starts every ``B_e`` at zero so that a fresh adapter leaves the
+            model's outputs unchanged, with ``A_e`` kaiming-uniform as ``nn.Linear``; ``"gaussian"`` the same with
+            ``A_e ~ N(0, 1/r)`` (as ``peft.LoraConfig``); ``False`` initialises ``B_e`` randomly too (for tests and
+            debugging). Default: True.
         aux_loss_coef (float): coefficient of the load-balancing loss added to ``outputs.loss``; 0 disables it.
             Default: 0.01.
         z_loss_coef (float): coefficient of the router z-loss (ST-MoE recommends 1e-3); 0 disables it.
@@ -99,7 +102,7 @@ class MoLoraConfig(PeftConfig):
 
     r: int = field(default=8, metadata={"help": "Rank of each LoRA expert (>= 1)."})
     lora_alpha: float = field(
-        default=16, metadata={"help": "LoRA scaling numerator: scaling = lora_alpha / r (or / sqrt(r) with rsLoRA)."}
+        default=8, metadata={"help": "LoRA scaling numerator: scaling = lora_alpha / r (or / sqrt(r) with rsLoRA)."}
     )
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input, in [0, 1)."})
     use_rslora: bool = field(default=False, metadata={"help": "Use rank-stabilised scaling lora_alpha / sqrt(r)."})
@@ -142,9 +145,12 @@ class MoLoraConfig(PeftConfig):
         default=None, metadata={"help": "Extra modules trained and saved in full, e.g. a classification head."}
     )
     bias: str = field(default="none", metadata={"help": "Which biases to train: 'none', 'all' or 'molora_only'."})
-    init_lora_weights: bool = field(
+    init_lora_weights: bool | str = field(
         default=True,
-        metadata={"help": "True: B = 0 so a fresh adapter is a no-op. False: random B (for tests and debugging)."},
+        metadata={
+            "help": "True: B = 0 so a fresh adapter is a no-op; 'gaussian': the same with A ~ N(0, 1/r); False: "
+            "random B (for tests and debugging)."
+        },
     )
     aux_loss_coef: float = field(
         default=0.01, metadata={"help": "Coefficient of the load-balancing loss added to outputs.loss (0 = off)."}
@@ -335,8 +341,17 @@ class MoLoraConfig(PeftConfig):
                         f"`{name}` cannot be used when `target_modules` is a str (a regex, matched as given): "
                         "list the module names instead, or put the layer indices into the regex."
                     )
+        if self.bias == "lora_only":  # peft.LoraConfig's name for the same choice (PEFT reads any "*_only")
+            self.bias = "molora_only"
         _require_choice("bias", self.bias, BIAS_CHOICES)
-        for name in ("init_lora_weights", "use_rslora", "track_routing_stats", "fan_in_fan_out"):
+        init = self.init_lora_weights
+        if not (isinstance(init, bool) or (isinstance(init, str) and init == "gaussian")):
+            raise ValueError(
+                f"`init_lora_weights`={self.init_lora_weights!r} is not supported; allowed values: True, False, "
+                "'gaussian' (LoRA's data-driven initialisations, such as 'pissa' or 'loftq', set one low-rank "
+                "update, not a bank of experts)."
+            )
+        for name in ("use_rslora", "track_routing_stats", "fan_in_fan_out"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}`={getattr(self, name)!r} must be True or False.")
         if self.modules_to_save is not None and (
@@ -415,7 +430,7 @@ def _explain_lora_options(init):
                     f"peft.LoraConfig option(s) {unsupported} are not supported by MoLoRA (only at LoraConfig's "
                     "default); remove them. The LoraConfig options MoLoraConfig takes: r, lora_alpha, lora_dropout, "
                     "use_rslora, target_modules, exclude_modules, layers_to_transform, layers_pattern, "
-                    "modules_to_save, bias, init_lora_weights (True/False), rank_pattern, alpha_pattern, "
+                    "modules_to_save, bias, init_lora_weights (True/False/'gaussian'), rank_pattern, alpha_pattern, "
                     "fan_in_fan_out, use_dora (False)."
                 )
         init(self, *args, **kwargs)

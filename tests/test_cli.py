@@ -280,7 +280,7 @@ def test_print_recipe_shows_the_default_output_folder(tmp_path, monkeypatch, cap
     assert printed["training"]["output_dir"] == str(Path("runs") / "mine")  # what docs/cli.md says
     # every default filled in: the adapter's MoLoraConfig values, molora's training defaults
     assert printed["adapter"]["num_experts"] == 4 and printed["adapter"]["router"] == "topk"
-    assert printed["adapter"]["lora_alpha"] == 16 and printed["training"]["report_to"] == "none"
+    assert printed["adapter"]["lora_alpha"] == 8 and printed["training"]["report_to"] == "none"
     # what SFTConfig itself rejects fails here too, not only when training starts
     assert main(["sft", "--config", "mine.yaml", "--set", "training.lr_scheduler_type=cosinee", "--print-recipe"]) == 2
     assert "training:" in capsys.readouterr().err

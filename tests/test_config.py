@@ -35,13 +35,14 @@ BAD_CONFIGS = [
     ({"target_modules": 3}, r"`target_modules` must be a list"),
     ({"target_parameters": ["w"]}, r"`target_parameters`.*not supported"),
     ({"layers_pattern": "layers"}, r"`layers_pattern` only has an effect together with `layers_to_transform`"),
-    ({"bias": "lora_only"}, r"`bias`='lora_only' is not supported; allowed values: \['none', 'all', 'molora_only'\]"),
+    ({"bias": "boft_only"}, r"`bias`='boft_only' is not supported; allowed values: \['none', 'all', 'molora_only'\]"),
     ({"aux_loss_coef": -1.0}, r"`aux_loss_coef`=-1.0 must be >= 0"),
     ({"z_loss_coef": float("nan")}, r"`z_loss_coef`=nan must be a finite number"),
     ({"balance_loss_type": "hf"}, r"`balance_loss_type`='hf' is not supported; allowed values: \['megatron'"),
     ({"loss_reduction": "avg"}, r"`loss_reduction`='avg' is not supported; allowed values: \['mean', 'sum'"),
     ({"kernel": "triton9"}, r"`kernel`='triton9' is not supported; allowed values"),
-    ({"init_lora_weights": "gaussian"}, r"`init_lora_weights`='gaussian' must be True or False"),
+    ({"init_lora_weights": "pissa"}, r"`init_lora_weights`='pissa' is not supported; allowed values: True, False, 'gaus"),
+    ({"init_lora_weights": 1}, r"`init_lora_weights`=1 is not supported; allowed values: True, False, 'gaussian'"),
     ({"rank_pattern": {"down_proj": 0}}, r"`rank_pattern\['down_proj'\]`=0 must be an integer >= 1"),
     ({"alpha_pattern": {"q_proj": "big"}}, r"`alpha_pattern\['q_proj'\]`='big' must be a finite number"),
     ({"rank_pattern": [("q_proj", 4)]}, r"`rank_pattern` must be a dict"),
@@ -72,7 +73,7 @@ def test_bad_values_fail_with_a_clear_message(kwargs, message):
         ("r", 0, r"`r`=0 must be an integer >= 1"),
         ("aux_loss_coef", -1.0, r"`aux_loss_coef`=-1.0 must be >= 0"),
         ("loss_reduction", "bogus", r"`loss_reduction`='bogus' is not supported; allowed values"),
-        ("init_lora_weights", "gaussian", r"`init_lora_weights`='gaussian' must be True or False"),
+        ("init_lora_weights", "olora", r"`init_lora_weights`='olora' is not supported; allowed values"),
     ],
 )
 def test_a_config_edited_after_it_was_built_is_checked_again_when_injected(field, value, message):
@@ -89,6 +90,27 @@ def test_a_config_edited_after_it_was_built_is_checked_again_when_injected(field
     model = get_peft_model(make_llama(), MoLoraConfig(r=2, num_experts=2, top_k=1, task_type="CAUSAL_LM"))
     with pytest.raises(ValueError, match=message):
         model.add_adapter("second", config)
+
+
+def test_lora_spellings_of_bias_and_init_are_accepted():
+    """A `LoraConfig(bias="lora_only", init_lora_weights="gaussian")` swapped for `MoLoraConfig` keeps working: PEFT's
+    `lora_only` is MoLoRA's `molora_only`, and "gaussian" draws every expert's A from N(0, 1/r) as LoRA's A."""
+    from conftest import make_gpt2
+    from peft import LoraConfig, get_peft_model
+
+    config = MoLoraConfig(r=4, num_experts=3, top_k=1, bias="lora_only", init_lora_weights="gaussian")
+    assert config.bias == "molora_only" and config.init_lora_weights == "gaussian"
+    assert LoraConfig(r=4, lora_alpha=8).lora_alpha == MoLoraConfig(r=4).lora_alpha == 8  # the same default scaling
+    model = get_peft_model(make_gpt2(), config)
+    layer = model.base_model.model.transformer.h[0].attn.c_attn
+    A, B = layer.molora_A["default"].weight, layer.molora_B["default"].weight
+    assert not B.any() and A.shape == (3, 48, 4)
+    assert abs(model.base_model.model.transformer.h[1].mlp.c_fc.molora_A["default"].weight.std().item() - 0.25) < 0.03
+    assert layer.base_layer.bias.requires_grad  # the adapted layers' biases train, as LoRA's "lora_only"
+    assert not model.base_model.model.transformer.ln_f.bias.requires_grad
+    default = get_peft_model(make_gpt2(), MoLoraConfig(r=4, num_experts=3, top_k=1))
+    bound = 1 / 48**0.5  # kaiming-uniform: U(+-1/sqrt(d_in))
+    assert default.base_model.model.transformer.h[0].attn.c_attn.molora_A["default"].weight.abs().max() <= bound
 
 
 def test_defaults_are_valid_and_documented():
@@ -148,7 +170,7 @@ def test_rank_and_alpha_patterns_follow_lora_config(tmp_path):
     patterns = dict(rank_pattern={"down_proj": 16, "layers.1.self_attn.q_proj": 2}, alpha_pattern={"v_proj": 4})
     targets = ["q_proj", "v_proj", "down_proj"]
     model = get_peft_model(make_llama(), MoLoraConfig(num_experts=4, target_modules=targets, **patterns))
-    lora = get_peft_model(make_llama(), LoraConfig(target_modules=targets, lora_alpha=16, **patterns))
+    lora = get_peft_model(make_llama(), LoraConfig(target_modules=targets, **patterns))
     layers = {n: m for n, m in model.named_modules() if isinstance(m, molora.MoLoraLayer)}
     lora_layers = {n: m for n, m in lora.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
     assert layers.keys() == lora_layers.keys()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -25,3 +27,26 @@ class ExpertBank(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_experts={self.weight.shape[0]}, shape={tuple(self.weight.shape)}"
+
+
+def initial_banks(
+    num_experts: int, d_in: int, d_out: int, rank: int, init: bool | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A new adapter's ``A [E, d_in, r]`` and ``B [E, r, d_out]`` weights, initialised per expert as PEFT's LoRA
+    initialises ``lora_A`` / ``lora_B`` for ``init_lora_weights`` (``MoLoraConfig.init_lora_weights``).
+
+    ``A``: kaiming-uniform with ``a = sqrt(5)`` as ``nn.Linear`` (``U(+-1/sqrt(d_in))``), or ``N(0, 1/r)`` for
+    ``"gaussian"``. ``B``: zeros (a fresh adapter leaves the model's outputs unchanged), or for ``False``
+    ``U(+-1/sqrt(r))`` (random, for tests and debugging).
+    """
+    weight_A = torch.empty(num_experts, d_in, rank)
+    weight_B = torch.zeros(num_experts, rank, d_out)
+    with torch.no_grad():
+        if init == "gaussian":
+            weight_A.normal_(0.0, 1.0 / rank)
+        else:
+            bound = 1.0 / math.sqrt(d_in)
+            weight_A.uniform_(-bound, bound)
+        if init is False:
+            weight_B.uniform_(-1.0 / math.sqrt(rank), 1.0 / math.sqrt(rank))
+    return weight_A, weight_B

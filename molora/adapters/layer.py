@@ -8,7 +8,6 @@ PEFT recognises): the experts only need the base layer's input and output widths
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any
 
@@ -24,7 +23,7 @@ from ..kernels.fused_dense import base_and_shrink, dense_topk_layer, gated_expan
 from ..kernels.torch_ops import dense_masked_expand, flat_shrink_weight
 from ..routers.base import Router, Routing, build_router_params, get_router_class
 from ..runtime import self_delivered
-from .bank import ExpertBank
+from .bank import ExpertBank, initial_banks
 from .dynamic_rank import DynamicRankState
 from .milora import MiloraSlot, layer_decision, module_delta, module_routing
 
@@ -99,14 +98,9 @@ class MoLoraLayer(BaseTunerLayer):
             nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         )
 
-        weight_A = torch.empty(n_experts, self.in_features, rank)
-        weight_B = torch.zeros(n_experts, rank, self.out_features)
-        with torch.no_grad():
-            # kaiming-uniform with a = sqrt(5) per expert, i.e. U(+-1/sqrt(d_in)), as nn.Linear and PEFT's LoRA A
-            bound = 1.0 / math.sqrt(self.in_features)
-            weight_A.uniform_(-bound, bound)
-            if not config.init_lora_weights:
-                weight_B.uniform_(-1.0 / math.sqrt(rank), 1.0 / math.sqrt(rank))
+        weight_A, weight_B = initial_banks(
+            n_experts, self.in_features, self.out_features, rank, config.init_lora_weights
+        )
         self.molora_A[adapter_name] = ExpertBank(weight_A)
         self.molora_B[adapter_name] = ExpertBank(weight_B)
 

@@ -20,7 +20,6 @@ Qwen3-MoE are tested; other models with that layout are accepted, others are ref
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .bank import ExpertBank
+from .bank import ExpertBank, initial_banks
 from .dynamic_rank import DynamicRankState
 from .layer import MoLoraLayer, _in_backward
 
@@ -158,13 +157,7 @@ class MoeExpertsLora(nn.Module, MoLoraLayer):
             rank = config.r
             if dynamic_rank is not None and dynamic_rank.layer_ranks:
                 rank = dynamic_rank.layer_ranks.get(f"{self._molora_key}.{proj}_proj", rank)
-            weight_A = torch.empty(n_experts, d_in, rank)
-            weight_B = torch.zeros(n_experts, rank, d_out)
-            with torch.no_grad():
-                bound = 1.0 / math.sqrt(d_in)
-                weight_A.uniform_(-bound, bound)
-                if not config.init_lora_weights:
-                    weight_B.uniform_(-1.0 / math.sqrt(rank), 1.0 / math.sqrt(rank))
+            weight_A, weight_B = initial_banks(n_experts, d_in, d_out, rank, config.init_lora_weights)
             getattr(self, f"molora_{proj}_A")[adapter_name] = ExpertBank(weight_A.to(weight.device, dtype))
             getattr(self, f"molora_{proj}_B")[adapter_name] = ExpertBank(weight_B.to(weight.device, dtype))
             states = getattr(self, f"molora_rank_{proj}")
