@@ -637,6 +637,9 @@ class MoLoraRuntime:
         # it instead of counting twice) and the running sums as one flat row (see _stats_rows)
         self._pending: dict[tuple[str, str], _RawRouting] = {}
         self._totals: dict[tuple[str, str], torch.Tensor] = {}
+        # how many times reset_stats ran: RoutingStatsCallback reads what the model counted since its last look as
+        # a difference, unless the statistics were reset in between
+        self.stats_resets = 0
         # earlier forwards' records waiting to be reduced together: cached decode steps (a few tokens each) are
         # committed in batches of up to _MAX_DEFERRED_FORWARDS instead of one reduction per step
         self._deferred: list[dict[tuple[str, str], _RawRouting]] = []
@@ -1315,8 +1318,9 @@ class MoLoraRuntime:
         self._totals = dict(checkpoint)
 
     def reset_stats(self) -> None:
-        """Forget all accumulated routing statistics."""
+        """Forget all accumulated routing statistics (``stats_resets`` counts the resets)."""
         self.restore_stats({})
+        self.stats_resets += 1
 
 
 #: the most decode steps whose routing records wait for one batched reduction (see MoLoraRuntime.begin_forward)

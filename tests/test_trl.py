@@ -158,11 +158,51 @@ def test_routing_statistics_leave_out_evaluations_and_keep_whole_windows(tmp_pat
             trainer.add_callback(_PredictAt(trainer, extra["predict_at"]))
         trainer.train()
         windows = (tmp_path / variant / HISTORY_FILE).read_text().splitlines()
+        run = {name: s["tokens"] for name, s in callback.run_stats().items()}
+        # the model keeps the run's statistics (the callback used to reset them at every log: `{}` after training)
+        assert {name: s.tokens for name, s in trainer.model.get_routing_stats().items()} == run
         seen[variant] = (
-            {name: s["tokens"] for name, s in callback.run_stats().items()},
+            run,
             [{name: s["tokens"] for name, s in json.loads(line)["layers"].items()} for line in windows],
         )
     assert seen["plain"][0] and seen["extra"] == seen["plain"]
+
+
+def test_a_reset_during_training_drops_only_what_it_reset(tmp_path):
+    """The callback reads what the model counted since its last look as a difference of the model's (kept)
+    statistics; a user's ``model.reset_routing_stats()`` between two looks makes everything the model then holds new
+    (a plain difference would go negative): the run loses the reset forwards only."""
+    from molora.training.logging import install_routing_stats_callback
+
+    class ResetAt(TrainerCallback):
+        def __init__(self) -> None:
+            self.seen = {}
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            self.seen[state.global_step] = {name: s.tokens for name, s in model.get_routing_stats().items()}
+            if state.global_step == 3:  # after the log at step 2, before the one at step 4
+                model.reset_routing_stats()
+
+    runs = {}
+    for variant in ("plain", "reset"):
+        trainer = trl.SFTTrainer(
+            model=make_llama(vocab_size=CHAR_VOCAB),
+            args=sft_args(tmp_path / variant, per_device_train_batch_size=2, max_steps=4, logging_steps=2),
+            train_dataset=text_dataset(8),
+            processing_class=make_char_tokenizer(),
+            peft_config=MoLoraConfig(r=2, num_experts=4, top_k=2, task_type="CAUSAL_LM"),
+        )
+        callback = install_routing_stats_callback(trainer)
+        resetter = ResetAt()
+        if variant == "reset":
+            trainer.add_callback(resetter)
+        trainer.train()
+        runs[variant] = callback.run_stats()
+    step3 = {name: resetter.seen[3][name] - resetter.seen[2][name] for name in resetter.seen[3]}
+    assert all(step3.values())
+    for name, stats in runs["reset"].items():
+        assert stats["tokens"] == runs["plain"][name]["tokens"] - step3[name]
+        assert min(stats["load"]) >= 0 and abs(sum(stats["load"]) - 1) < 1e-9
 
 
 def test_a_run_without_statistics_leaves_no_earlier_runs_statistics(tmp_path):
@@ -346,7 +386,7 @@ def test_dpo_routing_statistics_describe_the_trained_adapter(tmp_path):
                 param.mul_(8.0)
     seen = {}
 
-    class Peek(TrainerCallback):  # runs before the statistics callback folds (and resets) the model's statistics
+    class Peek(TrainerCallback):  # runs before the statistics callback folds the model's statistics
         def on_log(self, args, state, control, model=None, **kwargs):
             seen.update(model.get_routing_stats())
 

@@ -1,7 +1,9 @@
 """``RoutingStatsCallback``: routing statistics and auxiliary losses in the trainer's logs (TensorBoard, W&B, ...).
 
-At every logging step the callback reads the routing statistics accumulated since the previous log (then resets
-them), reduces them across processes when ``torch.distributed`` is initialised, and adds to the trainer's logs:
+At every logging step the callback reads the routing statistics accumulated since the previous log (the difference
+from what it read then: the model's statistics are left to accumulate, so that after ``trainer.train()``
+``model.get_routing_stats()`` describes the training run), reduces them across processes when ``torch.distributed``
+is initialised, and adds to the trainer's logs:
 
 * ``molora/aux_<name>``: each unweighted auxiliary loss (``balance``, ``z``, ...) averaged over the optimizer steps
   of the window (the value of each step's last micro-batch, reduced over routers as configured);
@@ -103,6 +105,10 @@ class RoutingStatsCallback(TrainerCallback):
         # training statistics folded out of the model (at a checkpoint save, ...) but not yet logged: the next
         # window starts with them
         self._held: dict[str, torch.Tensor] = {}
+        # the model's statistics (raw sums per layer) when they were last folded into `_held`, and its reset count
+        # then (MoLoraRuntime.stats_resets)
+        self._folded: dict[str, torch.Tensor] = {}
+        self._folded_resets: int | None = None
         # the model's statistics at the end of the last optimizer step: an evaluation after it (predicted or not:
         # transformers also evaluates at the last step, user code may call evaluate()) is rolled back to it
         self._step_mark: Any = None
@@ -143,7 +149,8 @@ class RoutingStatsCallback(TrainerCallback):
         self._history_path = None
         # the run-level totals: those of the checkpoint the Trainer resumes from, or none for a new run; nothing of
         # an earlier run of this callback object (its unlogged tail, its aux-loss sums) carries over
-        self._totals, self._held, self._aux_sums, self._aux_steps = {}, {}, {}, 0
+        self._totals, self._held, self._folded, self._aux_sums, self._aux_steps = {}, {}, {}, {}, 0
+        self._folded_resets = None
         if state.global_step > 0:
             self._resume_totals(args, state, model)
         if model is not None and hasattr(model, "reset_routing_stats"):
@@ -174,14 +181,18 @@ class RoutingStatsCallback(TrainerCallback):
             self._step_mark = model.routing_stats_checkpoint()
 
     def _hold(self, model) -> None:
-        """Fold the model's statistics since the last fold into ``_held`` and reset them (at every logged window and
-        checkpoint save)."""
+        """Fold the model's statistics since the last fold into ``_held`` (at every logged window and checkpoint
+        save). The model keeps its statistics: what it counted since the last fold is the difference."""
         if model is None or not hasattr(model, "get_routing_stats"):
             return
-        for name, stats in _trained_adapters_stats(model).items():
-            raw = stats_to_raw(stats)
-            self._held[name] = self._held[name] + raw if name in self._held else raw
-        model.reset_routing_stats()
+        current = {name: stats_to_raw(stats) for name, stats in _trained_adapters_stats(model).items()}
+        resets = _stats_resets(model)
+        # reset in between (by the user, or at the start of training): everything the model holds is new
+        folded = self._folded if resets == self._folded_resets else {}
+        for name, raw in current.items():
+            new = raw - folded[name] if name in folded else raw
+            self._held[name] = self._held[name] + new if name in self._held else new
+        self._folded, self._folded_resets = current, resets
         self._mark(model)
 
     def _window(self, model) -> dict[str, torch.Tensor]:
@@ -282,6 +293,11 @@ def _trained_adapters_stats(model) -> dict[str, Any]:
     if len(recorded) <= 1:  # (one trained adapter ran: module names, as with one adapter)
         return next(iter(recorded.values()), {})
     return {f"{key}:{name}": value for name, stats in recorded.items() for key, value in stats.items()}
+
+
+def _stats_resets(model) -> int | None:
+    """How many times the model's routing statistics were reset (``None`` for a model without a MoLoRA runtime)."""
+    return getattr(getattr(model, "molora_runtime", None), "stats_resets", None)
 
 
 def _tracks_routing_stats(model) -> bool:
