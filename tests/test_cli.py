@@ -183,6 +183,29 @@ def test_resume_from_checkpoint(trained, workdir):
         assert layer["tokens"] == at_8[name]["tokens"] + int(resumed_tokens), name
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("adapter.router=soft", "router='topk' (the recipe: 'soft')"),
+        ("adapter.num_experts=2", "num_experts=4 (the recipe: 2)"),  # was a size-mismatch traceback
+        ("adapter.dynamic_rank.target_rank=2", "dynamic_rank=None (the recipe: {'target_rank': 2})"),
+    ],
+)
+def test_resume_refuses_a_checkpoint_of_another_adapter(trained, workdir, capsys, override, message):
+    """A checkpoint resumed into another recipe's adapter loaded whatever matched by name and shape (a top-k
+    checkpoint trained on as a soft router, saved as one) or died in a size-mismatch dump; the folder stays as it
+    was. The recipe's unset `target_modules` (the architecture's default, filled in at injection) and an explicit
+    default router hyper-parameter (the fixture's `jitter_noise=0.0`) are not differences: see
+    test_resume_from_checkpoint."""
+    before = {p.name: p.read_bytes() for p in trained.iterdir() if p.is_file()}
+    argv = ["sft", "--config", str(workdir / "recipe.yaml"), "--set", override]
+    argv += ["--set", f"training.resume_from_checkpoint={trained / 'checkpoint-8'}"]
+    assert main(argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("molora sft: error: training.resume_from_checkpoint:") and message in last
+    assert {p.name: p.read_bytes() for p in trained.iterdir() if p.is_file()} == before
+
+
 def test_push_dry_run_and_card(trained, capsys):
     assert main(["push", str(trained), "--repo-id", "me/tiny-molora", "--dry-run"]) == 0
     out = capsys.readouterr().out

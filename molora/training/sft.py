@@ -232,6 +232,78 @@ def _resume_arg(value: Any, output_dir: str) -> Any:
     return str(value)
 
 
+#: the adapter fields that decide what a checkpoint's weights mean (shapes, routing, scaling): a resumed run must
+#: keep them. Coefficients, dropout, the compute path and the statistics may change between the runs.
+RESUME_FIXED_FIELDS = (
+    "r",
+    "lora_alpha",
+    "use_rslora",
+    "num_experts",
+    "top_k",
+    "router",
+    "router_kwargs",
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "rank_pattern",
+    "alpha_pattern",
+    "modules_to_save",
+    "bias",
+    "fan_in_fan_out",
+    "dynamic_rank",
+)
+
+
+def _comparable(value: Any) -> Any:
+    if isinstance(value, (list, tuple, set)) and all(isinstance(item, str) for item in value):
+        return sorted(value)  # (target_modules is a set once injected)
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _same_field(name: str, saved: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    if name == "router_kwargs" and saved.get("router") == wanted["router"]:
+        # the router's hyper-parameters with their defaults filled in: `{}` and `{"jitter_noise": 0.0}` are equal
+        from ..routers.base import build_router_params
+
+        def params(config: dict[str, Any]) -> Any:
+            kwargs = config["router_kwargs"]
+            return build_router_params(config["router"], kwargs, config["num_experts"], config["top_k"])
+
+        with contextlib.suppress(TypeError, ValueError, KeyError):
+            return params(saved) == params(wanted)
+    return _comparable(saved[name]) == _comparable(wanted[name])
+
+
+def check_resume_adapter(checkpoint: str | Path, adapter: dict[str, Any]) -> None:
+    """Refuse to resume from a checkpoint whose adapter another recipe wrote (``adapter``: the recipe's section).
+
+    The ``Trainer`` loads whatever weights match by name and shape: a checkpoint of another router or rank pattern
+    resumed silently (the saved adapter then claimed a configuration its first steps did not train), and other
+    shapes died in a size-mismatch dump. ``target_modules`` and ``modules_to_save`` are not compared when the recipe
+    leaves them unset (the architecture's and the task's defaults are filled in when the adapter is injected)."""
+    path = Path(checkpoint) / "adapter_config.json"
+    if not path.is_file():
+        return  # not a PEFT checkpoint of this kind: the Trainer says what it cannot load
+    saved = json.loads(path.read_text())
+    wanted = build_adapter_config(adapter).to_dict()
+    differ = [
+        f"{name}={saved[name]!r} (the recipe: {wanted[name]!r})"
+        for name in RESUME_FIXED_FIELDS
+        if name in saved
+        and not (wanted.get(name) is None and name in ("target_modules", "modules_to_save"))
+        and not _same_field(name, saved, wanted)
+    ]
+    if saved.get("peft_type") not in (None, "MOLORA"):
+        differ.insert(0, f"peft_type={saved['peft_type']!r} (the recipe: 'MOLORA')")
+    if differ:
+        raise RecipeError(
+            f"training.resume_from_checkpoint: {checkpoint} holds an adapter trained with another recipe: "
+            f"{', '.join(differ)}. Resume with the recipe that wrote it, or train into a new training.output_dir "
+            "(without resume_from_checkpoint). Nothing was changed."
+        )
+
+
 def run_sft(recipe: dict[str, Any], default_output_dir: str = "runs/molora-sft", log=print) -> dict[str, Any]:
     """Train and save an adapter for a validated recipe; return a summary (losses, timings, evaluations).
 
@@ -248,6 +320,11 @@ def run_sft(recipe: dict[str, Any], default_output_dir: str = "runs/molora-sft",
     resume = _resume_arg(
         recipe["training"].get("resume_from_checkpoint"), recipe["training"].get("output_dir") or default_output_dir
     )
+    if resume is not None:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        output_dir = recipe["training"].get("output_dir") or default_output_dir
+        check_resume_adapter(get_last_checkpoint(output_dir) if resume is True else resume, recipe["adapter"])
     trainer, ctx = build_trainer(recipe, default_output_dir)
     out_dir = trainer.args.output_dir
     main_process = trainer.is_world_process_zero()
