@@ -41,7 +41,7 @@ BAD_CONFIGS = [
     ({"balance_loss_type": "hf"}, r"`balance_loss_type`='hf' is not supported; allowed values: \['megatron'"),
     ({"loss_reduction": "avg"}, r"`loss_reduction`='avg' is not supported; allowed values: \['mean', 'sum'"),
     ({"kernel": "triton9"}, r"`kernel`='triton9' is not supported; allowed values"),
-    ({"init_lora_weights": "pissa"}, r"`init_lora_weights`='pissa' is not supported; allowed values: True, False, 'gaus"),
+    ({"init_lora_weights": "pissa"}, r"`init_lora_weights`='pissa' is not supported; allowed values: True, False"),
     ({"init_lora_weights": 1}, r"`init_lora_weights`=1 is not supported; allowed values: True, False, 'gaussian'"),
     ({"rank_pattern": {"down_proj": 0}}, r"`rank_pattern\['down_proj'\]`=0 must be an integer >= 1"),
     ({"alpha_pattern": {"q_proj": "big"}}, r"`alpha_pattern\['q_proj'\]`='big' must be a finite number"),

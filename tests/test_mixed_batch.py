@@ -75,7 +75,9 @@ def test_mixed_batch_with_adapters_of_different_dtypes(tmp_path):
 
     for seed, name in ((1, "a"), (2, "b")):
         torch.manual_seed(seed)
-        config = MoLoraConfig(r=4, num_experts=4, top_k=2, init_lora_weights=False, task_type="CAUSAL_LM")
+        config = MoLoraConfig(
+            r=4, lora_alpha=16, num_experts=4, top_k=2, init_lora_weights=False, task_type="CAUSAL_LM"
+        )
         get_peft_model(make_llama(), config).save_pretrained(tmp_path / name)
     model = PeftModel.from_pretrained(
         make_llama().to(torch.bfloat16), tmp_path / "a", adapter_name="a", autocast_adapter_dtype=False

@@ -396,9 +396,7 @@ def test_a_second_tuner_on_the_same_model_keeps_one_runtime(batch, how):
     from peft import inject_adapter_in_model
 
     def config(targets):
-        return MoLoraConfig(
-            num_experts=4, top_k=2, aux_loss_coef=1.0, init_lora_weights=False, target_modules=targets
-        )
+        return MoLoraConfig(num_experts=4, top_k=2, aux_loss_coef=1.0, init_lora_weights=False, target_modules=targets)
 
     base = make_llama()
     with pytest.warns(UserWarning):  # PEFT's "already found a `peft_config`" / "modify a model ... second time"

@@ -724,18 +724,18 @@ def test_bad_rows_fail_with_the_column_and_the_row(rows, message):
         (
             {"dynamic_rank": {"target_rank": 4, "init_rank": 2}},
             "| experts | 2 per projection, rank capacity 8, DR-LoRA dynamic ranks (each expert starts at rank 2 and "
-            "grows toward an average of target_rank=4), alpha 16 (scaling alpha/target_rank) |",
+            "grows toward an average of target_rank=4), alpha 8 (scaling alpha/target_rank) |",
         ),
         (
             {"rank_pattern": {"down_proj": 2}, "alpha_pattern": {"down_proj": 4}, "use_rslora": True},
-            "| experts | 2 per projection, rank 8, per-module ranks {'down_proj': 2}, alpha 16, per-module alphas "
+            "| experts | 2 per projection, rank 8, per-module ranks {'down_proj': 2}, alpha 8, per-module alphas "
             "{'down_proj': 4} (rsLoRA scaling alpha/sqrt(r)) |",
         ),
         (
             # a regex key with `|` stays inside its table cell
             {"rank_pattern": {"model.layers.0.self_attn.(q|v)_proj": 4}},
             "| experts | 2 per projection, rank 8, per-module ranks {'model.layers.0.self_attn.(q\\|v)_proj': 4}, "
-            "alpha 16 |",
+            "alpha 8 |",
         ),
     ],
 )
