@@ -33,7 +33,8 @@ def fp32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
     A 16-bit ``x`` that autograd needs is kept for backward as it is, not as its fp32 copy (:class:`_Fp32Linear`):
     saving the upcast input cost every adapted layer of a bf16 model a ``[T, d]`` fp32 tensor (twice the input the
-    adapters already keep), 1.4x LoRA's activation memory in a bf16 training step. Same results either way."""
+    adapters already keep), 1.4x LoRA's activation memory in a bf16 training step. The same logits and router
+    gradients; the input's gradient is computed in its own precision."""
     with without_autocast(x.device.type):
         if x.dtype != torch.float32 and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
             return _Fp32Linear.apply(x, weight)
@@ -41,8 +42,9 @@ def fp32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class _Fp32Linear(torch.autograd.Function):
-    """``linear(x.float(), weight.float())`` whose backward upcasts ``x`` again instead of keeping the fp32 copy;
-    the gradients are those autograd gives the plain expression (computed in fp32, cast to each input's dtype)."""
+    """``linear(x.float(), weight.float())`` whose backward upcasts ``x`` again instead of keeping the fp32 copy.
+    The weight's gradient is the plain expression's (fp32, cast to the weight's dtype); the input's is computed in
+    the input's 16-bit dtype."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -55,7 +57,9 @@ class _Fp32Linear(torch.autograd.Function):
         grad_x = grad_w = None
         with without_autocast(grad.device.type):
             if ctx.needs_input_grad[0]:
-                grad_x = grad.matmul(weight.float()).to(x.dtype)
+                # in the input's precision, as autocast would compute it: the [T, d] result joins the input's 16-bit
+                # gradient anyway, and an fp32 product would write twice the bytes and need a casting pass
+                grad_x = grad.to(x.dtype).matmul(weight.to(x.dtype))
             if ctx.needs_input_grad[1]:
                 flat_grad = grad.reshape(-1, grad.shape[-1])
                 grad_w = flat_grad.t().mm(x.reshape(-1, x.shape[-1]).float()).to(weight.dtype)

@@ -454,7 +454,8 @@ def test_bf16_adapter_weights_with_fp32_inputs(batch):
 @pytest.mark.parametrize("shape", [(7, 32), (2, 5, 32)])
 def test_fp32_router_scores_keep_the_16_bit_input_for_backward(x_dtype, w_dtype, shape):
     """The routers score in fp32 (`molora._amp.fp32_linear`): autograd kept the upcast copy of a bf16/fp16 input,
-    a `[T, d]` fp32 tensor per adapted layer. Now it keeps the input itself, with the same values and gradients."""
+    a `[T, d]` fp32 tensor per adapted layer. Now it keeps the input itself, with the same logits and router
+    gradients."""
     from molora._amp import fp32_linear
 
     torch.manual_seed(0)
@@ -471,7 +472,11 @@ def test_fp32_router_scores_keep_the_16_bit_input_for_backward(x_dtype, w_dtype,
     expected = F.linear(x_ref.float(), w_ref.float())
     expected.backward(grad)
     assert torch.equal(out, expected)
-    assert x.grad.dtype == x_dtype and torch.equal(x.grad, x_ref.grad)
+    # the input's gradient in the input's precision (as autocast computes a 16-bit linear's), the weight's in fp32
+    assert x.grad.dtype == x_dtype
+    torch.testing.assert_close(
+        x.grad.float(), x_ref.grad.float(), rtol=2e-2, atol=2e-2 * x_ref.grad.abs().max().item()
+    )
     assert w.grad.dtype == w_dtype and torch.equal(w.grad, w_ref.grad)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the region's matrix products would run in bf16
         assert torch.equal(fp32_linear(x, w), expected)
