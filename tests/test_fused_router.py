@@ -129,6 +129,29 @@ def test_matches_plain_ops(balance_type, z_loss, renormalize, valid_kind, k, cho
 
 
 @pytest.mark.parametrize("balance_type", ["megatron", "mixtral", "switch", "soft"])
+@pytest.mark.parametrize("rule", [None, "topp"])
+def test_nan_in_padding_rows_stays_out_of_the_losses(balance_type, rule):
+    """A padding row may hold NaN (transformers' eager attention gives a fully masked fp64 query NaN hidden states):
+    the losses read the valid rows only, and weighting the rows by a 0/1 mask spread it (0 * NaN)."""
+    torch.manual_seed(3)
+    logits = torch.randn(N_TOKENS, N_EXPERTS, dtype=torch.float64)
+    valid = _valid("padded")
+    poisoned = logits.clone()
+    poisoned[~valid] = float("nan")
+    kwargs = dict(valid=valid, balance_type=balance_type, z_loss=True)
+    if rule is not None:
+        rule_ = TopPRule(0.7, inclusive=True, entropy=shannon_entropy, entropy_grad=shannon_entropy_grad)
+        kwargs.update(rule=rule_, entropy_loss=True)
+    k = 2 if rule is None else N_EXPERTS  # (a rule lists every expert)
+    clean = topk_gates_and_losses(logits, k, **kwargs)
+    got = topk_gates_and_losses(poisoned, k, **kwargs)
+    losses = [1, 2] + ([6] if rule is not None else [])
+    for index in losses:
+        assert torch.isfinite(got[index]), index
+        torch.testing.assert_close(got[index], clean[index])
+
+
+@pytest.mark.parametrize("balance_type", ["megatron", "mixtral", "switch", "soft"])
 @pytest.mark.parametrize("choice", ["probabilities", "biased", "sigmoid", "sigmoid unnormalised"])
 def test_gradcheck(balance_type, choice):
     torch.manual_seed(0)

@@ -154,12 +154,21 @@ def topk_forward(
     mask = None if valid is None else valid.reshape(-1).to(probs.dtype)
     # 1 / valid tokens (a 0-d tensor with a mask: no host synchronisation); a batch without any gives losses of 0
     inv_n = 1.0 / max(n_tokens, 1) if mask is None else mask.sum().clamp_min(1.0).reciprocal()
+    keep_rows = None if valid is None else valid.reshape(-1).bool()
+
+    def valid_sum(values: torch.Tensor) -> torch.Tensor:
+        """Sum over the valid rows. Selected with `where`, not weighted by the 0/1 mask: a padding row may hold
+        NaN (the hidden states of a fully masked query in eager attention), and 0 * NaN would spread it."""
+        if keep_rows is None:
+            return values.sum(dim=0)
+        return torch.where(keep_rows.view(-1, *([1] * (values.dim() - 1))), values, 0.0).sum(dim=0)
+
     if balance_type is not None:
-        prob_sums = probs.sum(dim=0) if mask is None else mask @ probs
+        prob_sums = valid_sum(probs)
         if balance_type == "soft":
             # the load is the mean gate over the valid tokens, and carries gradient: the backward hands each selected
             # gate d/dg_e = E * P_e / n_valid (P_e: the mean probability, kept for it)
-            load = (gates.sum(dim=0) if mask is None else mask @ gates) * inv_n
+            load = valid_sum(gates) * inv_n
             importance = prob_sums * inv_n
         else:
             if balance_type == "switch":
@@ -168,7 +177,7 @@ def topk_forward(
                 one_hot = active.to(probs.dtype)
             else:
                 one_hot = torch.zeros_like(probs).scatter_(-1, expert_index, 1.0)
-            counts = one_hot.sum(dim=0) if mask is None else mask @ one_hot
+            counts = valid_sum(one_hot)
             if balance_type == "megatron" and rule is not None:
                 # a variable number of assignments per token: over all of them (0 without any)
                 load = counts / counts.sum().clamp_min(1.0)
@@ -181,10 +190,10 @@ def topk_forward(
     if with_z:
         lse = torch.logsumexp(logits, dim=-1)  # [T]
         sq = lse.square()
-        z_loss = (sq.sum() if mask is None else mask @ sq) * inv_n
+        z_loss = valid_sum(sq) * inv_n
     if entropy_loss:
         # the rule's per-token entropy, averaged over the valid tokens
-        ent_loss = (token_entropy.sum() if mask is None else mask @ token_entropy) * inv_n
+        ent_loss = valid_sum(token_entropy) * inv_n
     state = (mass, mask, inv_n, load, lse, importance, logits if sigmoid_scores else None, keep)
     return (gates, balance, z_loss, probs, expert_index, top_probs, ent_loss, active), state
 
