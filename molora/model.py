@@ -330,8 +330,16 @@ class MoLoraModel(BaseTuner):
         self.model.__dict__.pop("_molora_runtime", None)
         for _, module in self._stacks():
             module.__dict__.pop("_molora_runtime", None)
+        self._remove_layer_hooks()
+
+    def _remove_layer_hooks(self) -> None:
+        """Undo the module-mode hooks on the decoder layers (those of every tuner of this model: the lists are
+        shared, see _add_layer_routers)."""
         milora.remove_layer_hooks(self._milora_layers, self._milora_hooks)
+        self._milora_hooks.clear()
+        self._milora_layers.clear()
         self._milora_hooks, self._milora_layers = [], []
+        self.model.__dict__.pop("_molora_milora_hooks", None)
 
     # -- MiLoRA module mode: one router per decoder layer -----------------------------------------------------------
 
@@ -360,6 +368,11 @@ class MoLoraModel(BaseTuner):
             self.model.add_module(milora.CONTAINER, container)
         container[adapter_name] = nn.ModuleDict(routers)
         container[adapter_name].requires_grad_(adapter_name in self.active_adapters and not config.inference_mode)
+        # the lists live with the model: a second tuner of it (see molora_runtime) finds the layers hooked, and its
+        # unload() must remove those hooks
+        self._milora_hooks, self._milora_layers = self.model.__dict__.setdefault(
+            "_molora_milora_hooks", (self._milora_hooks, self._milora_layers)
+        )
         self._milora_hooks += milora.install_layer_hooks(layers, self.molora_runtime)
         self._milora_layers += [layer for layer in layers.values() if all(layer is not m for m in self._milora_layers)]
 
@@ -431,8 +444,7 @@ class MoLoraModel(BaseTuner):
             if not len(routers):
                 # the last module-mode adapter is gone: nothing reads the decoder layers' inputs any more
                 del self.model._modules[milora.CONTAINER]
-                milora.remove_layer_hooks(self._milora_layers, self._milora_hooks)
-                self._milora_hooks, self._milora_layers = [], []
+                self._remove_layer_hooks()
 
     # -- BaseTuner contract -----------------------------------------------------------------------------------------
 

@@ -368,6 +368,22 @@ def test_attention_pooling_query_of_the_layer_routers_round_trips(tmp_path):
         torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits, expected)
 
 
+def test_unload_after_a_second_get_peft_model_removes_every_layer_hook():
+    """`get_peft_model` run twice on one base (the second tuner drives the first one's runtime): unloading from the
+    second left the decoder-layer hooks the first had installed, and the unloaded model's next forward raised."""
+    ids, mask = padded([[5, 6, 7, 8], [9, 10]])
+    base = make_llama(0)
+    with torch.no_grad():
+        expected = base(input_ids=ids, attention_mask=mask).logits
+    with pytest.warns(UserWarning):
+        get_peft_model(base, module_config())
+        second = get_peft_model(base, module_config())
+    restored = second.unload()
+    assert not [name for name, m in restored.named_modules() if m._forward_pre_hooks or m._forward_hooks]
+    with torch.no_grad():
+        torch.testing.assert_close(restored(input_ids=ids, attention_mask=mask).logits, expected)
+
+
 def test_inject_adapter_in_model_keeps_the_layer_routers_in_the_model():
     from peft import get_peft_model_state_dict, inject_adapter_in_model
 
