@@ -746,3 +746,27 @@ def test_model_card_states_dynamic_and_per_module_ranks(tmp_path, extra, expecte
     model = get_peft_model(make_llama(), config)
     model.save_pretrained(tmp_path / "adapter")
     assert expected in hub.model_card(tmp_path / "adapter", "me/x")
+
+
+@pytest.mark.parametrize(
+    ("saved", "recipe_adapter", "refused"),
+    [
+        # PEFT writes the module names `all-linear` stands for: the same adapter
+        ({"target_modules": "all-linear"}, {"target_modules": "all-linear"}, None),
+        ({}, {}, None),  # the architecture's default targets, filled in at injection
+        ({"router_kwargs": {"jitter_noise": 0.0}}, {}, None),  # an explicit default of the router
+        ({"target_modules": "all-linear"}, {"target_modules": ["q_proj"]}, "target_modules="),
+        ({}, {"r": 4}, "r=8 (the recipe: 4)"),
+        ({}, {"router": "soft"}, "router='topk' (the recipe: 'soft')"),
+    ],
+)
+def test_resume_check_compares_what_the_checkpoint_was_trained_with(tmp_path, saved, recipe_adapter, refused):
+    from molora.training.sft import check_resume_adapter
+
+    get_peft_model(make_llama(), MoLoraConfig(num_experts=2, top_k=1, **saved)).save_pretrained(tmp_path)
+    adapter = {"num_experts": 2, "top_k": 1, **recipe_adapter}
+    if refused is None:
+        check_resume_adapter(tmp_path, adapter)
+    else:
+        with pytest.raises(recipe.RecipeError, match=re.escape(refused)):
+            check_resume_adapter(tmp_path, adapter)

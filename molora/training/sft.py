@@ -261,6 +261,14 @@ def _comparable(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
+def _filled_at_injection(name: str, value: Any) -> bool:
+    """A recipe value PEFT replaces when it injects the adapter: unset ``target_modules`` / ``modules_to_save`` (the
+    architecture's and the task's defaults) and ``target_modules="all-linear"`` (the model's linear layers)."""
+    if name not in ("target_modules", "modules_to_save"):
+        return False
+    return value is None or (name == "target_modules" and isinstance(value, str) and value.lower() == "all-linear")
+
+
 def _same_field(name: str, saved: dict[str, Any], wanted: dict[str, Any]) -> bool:
     if name == "router_kwargs" and saved.get("router") == wanted["router"]:
         # the router's hyper-parameters with their defaults filled in: `{}` and `{"jitter_noise": 0.0}` are equal
@@ -280,8 +288,8 @@ def check_resume_adapter(checkpoint: str | Path, adapter: dict[str, Any]) -> Non
 
     The ``Trainer`` loads whatever weights match by name and shape: a checkpoint of another router or rank pattern
     resumed silently (the saved adapter then claimed a configuration its first steps did not train), and other
-    shapes died in a size-mismatch dump. ``target_modules`` and ``modules_to_save`` are not compared when the recipe
-    leaves them unset (the architecture's and the task's defaults are filled in when the adapter is injected)."""
+    shapes died in a size-mismatch dump. ``target_modules`` and ``modules_to_save`` are not compared when PEFT fills
+    them in at injection (:func:`_filled_at_injection`)."""
     path = Path(checkpoint) / "adapter_config.json"
     if not path.is_file():
         return  # not a PEFT checkpoint of this kind: the Trainer says what it cannot load
@@ -290,9 +298,7 @@ def check_resume_adapter(checkpoint: str | Path, adapter: dict[str, Any]) -> Non
     differ = [
         f"{name}={saved[name]!r} (the recipe: {wanted[name]!r})"
         for name in RESUME_FIXED_FIELDS
-        if name in saved
-        and not (wanted.get(name) is None and name in ("target_modules", "modules_to_save"))
-        and not _same_field(name, saved, wanted)
+        if name in saved and not _filled_at_injection(name, wanted.get(name)) and not _same_field(name, saved, wanted)
     ]
     if saved.get("peft_type") not in (None, "MOLORA"):
         differ.insert(0, f"peft_type={saved['peft_type']!r} (the recipe: 'MOLORA')")
