@@ -637,8 +637,8 @@ class MoLoraRuntime:
         # it instead of counting twice) and the running sums as one flat row (see _stats_rows)
         self._pending: dict[tuple[str, str], _RawRouting] = {}
         self._totals: dict[tuple[str, str], torch.Tensor] = {}
-        # how many times reset_stats ran: RoutingStatsCallback reads what the model counted since its last look as
-        # a difference, unless the statistics were reset in between
+        # how many times the statistics were reset or restored to a checkpoint: RoutingStatsCallback reads what the
+        # model counted since its last look as a difference, unless they were replaced in between
         self.stats_resets = 0
         # earlier forwards' records waiting to be reduced together: cached decode steps (a few tokens each) are
         # committed in batches of up to _MAX_DEFERRED_FORWARDS instead of one reduction per step
@@ -1312,15 +1312,16 @@ class MoLoraRuntime:
         return dict(self._totals)
 
     def restore_stats(self, checkpoint: dict[tuple[str, str], torch.Tensor]) -> None:
-        """Back to the statistics of :meth:`stats_checkpoint`: what the forwards since then recorded is forgotten."""
+        """Back to the statistics of :meth:`stats_checkpoint`: what the forwards since then recorded is forgotten
+        (``stats_resets`` counts the resets and restores)."""
         self._pending = {}
         self._deferred = []
         self._totals = dict(checkpoint)
+        self.stats_resets += 1
 
     def reset_stats(self) -> None:
-        """Forget all accumulated routing statistics (``stats_resets`` counts the resets)."""
+        """Forget all accumulated routing statistics."""
         self.restore_stats({})
-        self.stats_resets += 1
 
 
 #: the most decode steps whose routing records wait for one batched reduction (see MoLoraRuntime.begin_forward)

@@ -205,6 +205,46 @@ def test_a_reset_during_training_drops_only_what_it_reset(tmp_path):
         assert min(stats["load"]) >= 0 and abs(sum(stats["load"]) - 1) < 1e-9
 
 
+def test_windows_hold_the_layers_that_ran_and_survive_a_restore_of_an_older_mark():
+    """The callback's windows are differences of the model's kept statistics: a layer that did not run since the
+    last log was in the window with 0 tokens (pulling the logged means down), and a user's restore of a mark taken
+    before that log gave a negative window. A restore now counts what the model then holds as new."""
+    from types import SimpleNamespace
+
+    from molora.training.logging import RoutingStatsCallback, raw_to_summary
+
+    class TwoLayers(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+
+        def forward(self, input_ids, attention_mask=None, use_b=True):
+            h = self.a(input_ids)
+            return self.b(h) if use_b else h
+
+    torch.manual_seed(0)
+    config = MoLoraConfig(num_experts=4, top_k=2, target_modules=["a", "b"], init_lora_weights=False)
+    model = get_peft_model(TwoLayers(), config).train()
+    callback = RoutingStatsCallback(per_layer_file=False)
+    state = SimpleNamespace(global_step=0, log_history=[], is_world_process_zero=True)
+    callback.on_train_begin(SimpleNamespace(output_dir=None), state, None, model=model)
+
+    def window():
+        return {name: raw_to_summary(raw) for name, raw in callback._window(model).items()}
+
+    model(torch.randn(2, 5, 16))
+    mark = model.routing_stats_checkpoint()
+    assert {name: s["tokens"] for name, s in window().items()} == {"a": 10, "b": 10}
+    model(torch.randn(2, 5, 16), use_b=False)
+    assert {name: s["tokens"] for name, s in window().items()} == {"a": 10}  # b did not run
+    model(torch.randn(2, 5, 16))
+    model.restore_routing_stats(mark)  # back before the last two logs: 10 tokens each
+    model(torch.randn(2, 3, 16))
+    got = window()
+    assert {name: s["tokens"] for name, s in got.items()} == {"a": 16, "b": 16}
+    assert all(min(s["load"]) >= 0 for s in got.values())
+
+
 def test_a_run_without_statistics_leaves_no_earlier_runs_statistics(tmp_path):
     """``track_routing_stats=False`` into a folder an earlier run used: its ``routing_stats.json`` (and history)
     described the earlier adapter in the new card and heat map."""

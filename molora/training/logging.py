@@ -169,7 +169,10 @@ class RoutingStatsCallback(TrainerCallback):
     def on_evaluate(self, args, state, control, model=None, **kwargs):
         # the evaluation's forwards are not training routing: back to the statistics of the last training step
         if model is not None and hasattr(model, "restore_routing_stats") and self._step_mark is not None:
+            unchanged = _stats_resets(model) == self._folded_resets
             model.restore_routing_stats(self._step_mark)
+            if unchanged:  # (the mark is at or after the last fold: what was folded is still the model's)
+                self._folded_resets = _stats_resets(model)
 
     def on_predict(self, args, state, control, metrics=None, model=None, **kwargs):
         # `trainer.predict()` (fires on_predict, not on_evaluate) during training: its forwards are not training either
@@ -187,10 +190,13 @@ class RoutingStatsCallback(TrainerCallback):
             return
         current = {name: stats_to_raw(stats) for name, stats in _trained_adapters_stats(model).items()}
         resets = _stats_resets(model)
-        # reset in between (by the user, or at the start of training): everything the model holds is new
+        # reset or restored to an earlier mark in between (by the user; at the start of training): everything the
+        # model holds is new
         folded = self._folded if resets == self._folded_resets else {}
         for name, raw in current.items():
             new = raw - folded[name] if name in folded else raw
+            if new[0] <= 0:
+                continue  # a layer that did not run since (another adapter's, a skipped branch): not in the window
             self._held[name] = self._held[name] + new if name in self._held else new
         self._folded, self._folded_resets = current, resets
         self._mark(model)
