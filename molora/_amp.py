@@ -43,13 +43,22 @@ def fp32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 class _Fp32Linear(torch.autograd.Function):
     """``linear(x.float(), weight.float())`` whose backward upcasts ``x`` again instead of keeping the fp32 copy.
-    The weight's gradient is the plain expression's (fp32, cast to the weight's dtype); the input's is computed in
-    the input's 16-bit dtype."""
+    The weight's gradient is the plain expression's (fp32, cast to the weight's dtype); a bf16 input's gradient is
+    computed in bf16, an fp16 input's in fp32 (a GradScaler-scaled gradient cast to fp16 first could overflow where
+    the product does not). Forward-mode AD (``jvp``) and ``torch.func`` transforms work as for the plain expression.
+    """
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
+    def forward(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(x.float(), weight.float())
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, weight = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.save_for_forward(x, weight)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -57,10 +66,24 @@ class _Fp32Linear(torch.autograd.Function):
         grad_x = grad_w = None
         with without_autocast(grad.device.type):
             if ctx.needs_input_grad[0]:
-                # in the input's precision, as autocast would compute it: the [T, d] result joins the input's 16-bit
-                # gradient anyway, and an fp32 product would write twice the bytes and need a casting pass
-                grad_x = grad.to(x.dtype).matmul(weight.to(x.dtype))
+                if x.dtype == torch.bfloat16:
+                    # as autocast computes a bf16 linear's: the [T, d] result joins the input's bf16 gradient anyway,
+                    # and an fp32 product would write twice the bytes and need a casting pass (bf16 has fp32's range)
+                    grad_x = grad.to(x.dtype).matmul(weight.to(x.dtype))
+                else:
+                    grad_x = grad.matmul(weight.float()).to(x.dtype)
             if ctx.needs_input_grad[1]:
                 flat_grad = grad.reshape(-1, grad.shape[-1])
                 grad_w = flat_grad.t().mm(x.reshape(-1, x.shape[-1]).float()).to(weight.dtype)
         return grad_x, grad_w
+
+    @staticmethod
+    def jvp(ctx, x_tangent: torch.Tensor | None, weight_tangent: torch.Tensor | None) -> torch.Tensor:
+        x, weight = ctx.saved_tensors
+        out = None
+        if x_tangent is not None:
+            out = torch.nn.functional.linear(x_tangent.float(), weight.float())
+        if weight_tangent is not None:
+            term = torch.nn.functional.linear(x.float(), weight_tangent.float())
+            out = term if out is None else out + term
+        return out

@@ -482,6 +482,29 @@ def test_fp32_router_scores_keep_the_16_bit_input_for_backward(x_dtype, w_dtype,
         assert torch.equal(fp32_linear(x, w), expected)
 
 
+def test_fp32_router_scores_of_fp16_inputs_keep_the_range_and_the_transforms():
+    """An fp16 input's gradient stays an fp32 product cast once (a GradScaler-sized upstream gradient cast to fp16
+    first overflowed where the product does not), and forward-mode AD and `torch.func` transforms work on the
+    16-bit path as on the plain expression."""
+    import torch.autograd.forward_ad as fwAD
+
+    from molora._amp import fp32_linear
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 32, dtype=torch.float16, requires_grad=True)
+    w = (torch.randn(8, 32) * 1e-3).requires_grad_()
+    fp32_linear(x, w).backward(torch.full((4, 8), 1e5))  # 1e5 > fp16's largest value, 65504
+    assert torch.isfinite(x.grad).all() and x.grad.abs().max() > 100
+    tangent = torch.randn(4, 32, dtype=torch.float16)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x.detach(), tangent)
+        jvp = fwAD.unpack_dual(fp32_linear(dual, w.detach().requires_grad_())).tangent
+    torch.testing.assert_close(jvp, F.linear(tangent.float(), w.detach()))
+    per_sample = torch.func.vmap(torch.func.grad(lambda row: fp32_linear(row, w.detach()).square().sum()))
+    grads = per_sample(x.detach().to(torch.bfloat16))
+    assert grads.shape == (4, 32) and grads.dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("amp", [False, True], ids=["bf16", "bf16_base_fp32_adapters_autocast"])
 def test_bf16_training_step_memory_stays_near_loras(amp):
     """A bf16 training step's own tensors (activations, gradients) against PEFT LoRA r=16's: 1.78x (pure bf16) and
