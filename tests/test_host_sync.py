@@ -56,6 +56,9 @@ class _ReadBacks(TorchDispatchMode):
         # the top-p routers select in the top-k node: all (token, expert) pairs listed, no nonzero per layer
         ("topp", 0),
         ("dynmole", 0),
+        # a variable number of experts per token, all pairs listed on the dense path (a nonzero per layer before)
+        ("relu", 1),
+        ("adamoe", 1),
     ],
 )
 def test_training_step_reads_back_at_most_once_per_forward(router, allowed):
@@ -70,7 +73,7 @@ def test_training_step_reads_back_at_most_once_per_forward(router, allowed):
     assert sum(seen.calls.values()) <= allowed, dict(seen.calls)
 
 
-@pytest.mark.parametrize("router", ["topk", "topp", "dynmole"])
+@pytest.mark.parametrize("router", ["topk", "topp", "dynmole", "relu", "adamoe"])
 @pytest.mark.parametrize("where", ["generate", "general path"])
 def test_top_p_routing_on_the_dense_path_lists_no_assignments(router, where):
     """The dense path reads only the dense gates: the top-p routers' routing lists all (token, expert) pairs there

@@ -94,6 +94,15 @@ class AdaMoERouter(Router):
         return f"{super().extra_repr()}, num_null_experts={self.num_null_experts}"
 
     def select(self, logits: torch.Tensor, valid: torch.Tensor | None) -> Routing:
+        return self._routing(logits, dense=False)
+
+    def select_with_losses(self, logits, valid, need, balance_loss_type, dense: bool = False):
+        # dense: as ReLURouter.select_with_losses (no `nonzero` per layer on the dense path)
+        return self._routing(logits, dense=dense), None
+
+    select_with_losses.takes_dense = True
+
+    def _routing(self, logits: torch.Tensor, dense: bool) -> Routing:
         n = self.num_experts
         full_probs = torch.softmax(logits, dim=-1)  # [T, n+m]
         top = full_probs.topk(self.top_k, dim=-1).indices  # [T, k]
@@ -112,6 +121,7 @@ class AdaMoERouter(Router):
             full_probs=full_probs,
             full_logits=logits,
             full_selected=full_selected,
+            dense=dense,
         )
 
     # aux_inputs gives the built-in losses either form of rows (see Router.weighted_aux_rows)

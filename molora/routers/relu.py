@@ -122,9 +122,20 @@ class ReLURouter(Router):
             self._l1_coef_value = float(self.l1_coef)
 
     def select(self, logits: torch.Tensor, valid: torch.Tensor | None) -> Routing:
+        return self._routing(logits, dense=False)
+
+    def select_with_losses(self, logits, valid, need, balance_loss_type, dense: bool = False):
+        # dense: the layer reads only the dense gates (the dense path): all (token, expert) pairs are listed instead of
+        # a `nonzero` per layer (on CUDA a host synchronisation in every adapted layer); the losses take the default
+        # route either way
+        return self._routing(logits, dense=dense), None
+
+    select_with_losses.takes_dense = True
+
+    def _routing(self, logits: torch.Tensor, dense: bool) -> Routing:
         gates = torch.relu(logits)  # [T, E]
         probs = gates / gates.sum(dim=-1, keepdim=True).clamp_min(_PROBS_EPS)
-        return Routing.from_dense(probs, gates, gates > 0, logits=logits)
+        return Routing.from_dense(probs, gates, gates > 0, logits=logits, dense=dense)
 
     def observe_routing(self, routing: Routing, valid: torch.Tensor | None, context: RoutingContext | None) -> None:
         if self.observes(context):  # training forwards of a trained router only
