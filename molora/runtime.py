@@ -718,6 +718,8 @@ class MoLoraRuntime:
         but a bad value must fail, naming the field, rather than act as another (a negative or NaN coefficient as 0,
         an unknown ``loss_reduction`` as ``"sum"``) until ``save_pretrained`` refuses it."""
         for name, config in self.peft_config.items():
+            if not hasattr(config, "_validate_loss_fields"):
+                continue  # another PEFT method's adapter on the same model (a LoraConfig): no aux losses
             checked = self._checked_loss_fields.get(name)
             # the same objects, not equal values: np.float32(0.5) == 0.5, but adapter_config.json cannot hold it
             if checked is None or any(new is not old for new, old in zip(_loss_fields(config), checked)):

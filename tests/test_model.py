@@ -421,6 +421,28 @@ def test_a_second_tuner_on_the_same_model_keeps_one_runtime(batch, how):
         assert stats and all(s.tokens == 20 * step for s in stats.values())  # 20 non-padding tokens per forward
 
 
+@pytest.mark.parametrize("lora_first", [True, False])
+def test_a_lora_adapter_on_the_same_model_is_left_to_peft(batch, lora_first):
+    """A PEFT LoRA adapter injected into the same base (its config in the model's shared `peft_config`): the
+    runtime's per-forward check of the aux-loss fields read every config as a MoLoraConfig and raised
+    AttributeError at the first forward."""
+    from peft import LoraConfig
+
+    base = make_llama()
+    configs = [
+        ("lora", LoraConfig(target_modules=["k_proj"])),
+        ("mo", MoLoraConfig(num_experts=4, top_k=2, aux_loss_coef=1.0, target_modules=["q_proj", "v_proj"])),
+    ]
+    with pytest.warns(UserWarning):
+        for name, config in configs if lora_first else configs[::-1]:
+            model = get_peft_model(base, config, adapter_name=name)
+    model.train()
+    out = model(**batch)
+    aux = base._molora_runtime.user_aux_loss()
+    assert aux is not None and aux.item() > 0.5
+    torch.testing.assert_close(out.loss, _lm_loss(out.logits, batch["labels"]) + aux)
+
+
 def test_merge_fails_clearly_and_changes_nothing(batch):
     model = get_peft_model(make_llama(), MoLoraConfig(init_lora_weights=False))
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
