@@ -758,6 +758,8 @@ def test_model_card_states_dynamic_and_per_module_ranks(tmp_path, extra, expecte
         ({"target_modules": "all-linear"}, {"target_modules": ["q_proj"]}, "target_modules="),
         ({}, {"r": 4}, "r=8 (the recipe: 4)"),
         ({}, {"router": "soft"}, "router='topk' (the recipe: 'soft')"),
+        # trained with the earlier default (16): the same recipe file now means 8
+        ({"lora_alpha": 16}, {}, "lora_alpha=16 (the recipe: 8) [the default changed from 16 to 8: set adapter.lora"),
     ],
 )
 def test_resume_check_compares_what_the_checkpoint_was_trained_with(tmp_path, saved, recipe_adapter, refused):

@@ -302,9 +302,15 @@ def check_resume_adapter(checkpoint: str | Path, adapter: dict[str, Any]) -> Non
     ]
     if saved.get("peft_type") not in (None, "MOLORA"):
         differ.insert(0, f"peft_type={saved['peft_type']!r} (the recipe: 'MOLORA')")
+    if "lora_alpha" not in adapter and saved.get("lora_alpha") == 16 and wanted["lora_alpha"] == 8:
+        # the same recipe file: molora's default was 16 before it became peft.LoraConfig's 8
+        differ = [
+            d + " [the default changed from 16 to 8: set adapter.lora_alpha: 16]" if d.startswith("lora_alpha=") else d
+            for d in differ
+        ]
     if differ:
         raise RecipeError(
-            f"training.resume_from_checkpoint: {checkpoint} holds an adapter trained with another recipe: "
+            f"training.resume_from_checkpoint: {checkpoint} holds an adapter trained with other settings: "
             f"{', '.join(differ)}. Resume with the recipe that wrote it, or train into a new training.output_dir "
             "(without resume_from_checkpoint). Nothing was changed."
         )
