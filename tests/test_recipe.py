@@ -772,3 +772,20 @@ def test_resume_check_compares_what_the_checkpoint_was_trained_with(tmp_path, sa
     else:
         with pytest.raises(recipe.RecipeError, match=re.escape(refused)):
             check_resume_adapter(tmp_path, adapter)
+
+
+def test_a_relative_model_folder_is_recorded_absolute(tmp_path, monkeypatch):
+    """`molora sft --set model.name_or_path=models/tiny` from one directory, `molora generate --adapter ...` from
+    another: the recorded relative path was read as a hub id there ("Repo id must be in the form ...")."""
+    from molora.training.models import read_base_info, resolve_model, write_base_info
+
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path)
+    write_base_info("out", resolve_model({"name_or_path": "models/tiny"}))
+    monkeypatch.chdir(tmp_path / "out")
+    info = read_base_info(".")
+    assert info["name_or_path"] == str((tmp_path / "models" / "tiny").resolve())
+    assert info["display_name"] == "models/tiny"  # what the card shows stays as written
+    write_base_info(".", resolve_model({"name_or_path": "someone/some-model"}))  # a hub id stays one
+    assert read_base_info(".")["name_or_path"] == "someone/some-model"

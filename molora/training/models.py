@@ -190,8 +190,13 @@ def load_base_model(cfg: dict[str, Any], device_map: Any = None):
 
 
 def write_base_info(output_dir: str | Path, cfg: dict[str, Any]) -> None:
-    """Record how the base model was loaded, for ``molora generate/eval/inspect/push``."""
+    """Record how the base model was loaded, for ``molora generate/eval/inspect/push``. A local model folder is
+    recorded as an absolute path: those commands may run from another directory (a relative one was then read as a
+    hub id)."""
     keep = {k: cfg.get(k) for k in (*MODEL_KEYS, "display_name")}
+    local = Path(str(keep["name_or_path"])).expanduser() if keep.get("name_or_path") is not None else None
+    if local is not None and local.is_dir():
+        keep["name_or_path"] = str(local.resolve())
     Path(output_dir, BASE_INFO_FILE).write_text(json.dumps(keep, indent=2))
 
 
