@@ -777,15 +777,22 @@ def test_resume_check_compares_what_the_checkpoint_was_trained_with(tmp_path, sa
 def test_a_relative_model_folder_is_recorded_absolute(tmp_path, monkeypatch):
     """`molora sft --set model.name_or_path=models/tiny` from one directory, `molora generate --adapter ...` from
     another: the recorded relative path was read as a hub id there ("Repo id must be in the form ...")."""
-    from molora.training.models import read_base_info, resolve_model, write_base_info
+    from conftest import make_char_tokenizer
+    from peft import PeftModel
 
-    (tmp_path / "models" / "tiny").mkdir(parents=True)
-    (tmp_path / "out").mkdir()
+    from molora.training.models import load_adapter_model, read_base_info, resolve_model, write_base_info
+
+    make_llama().save_pretrained(tmp_path / "models" / "tiny")
+    make_char_tokenizer().save_pretrained(tmp_path / "models" / "tiny")
+    get_peft_model(make_llama(), MoLoraConfig(num_experts=2, top_k=1)).save_pretrained(tmp_path / "out")
     monkeypatch.chdir(tmp_path)
     write_base_info("out", resolve_model({"name_or_path": "models/tiny"}))
     monkeypatch.chdir(tmp_path / "out")
+    model, _, _ = load_adapter_model(".")  # `molora generate/eval` from the adapter's folder
+    assert isinstance(model, PeftModel) and len(read_base_info(".")) > 0
     info = read_base_info(".")
-    assert info["name_or_path"] == str((tmp_path / "models" / "tiny").resolve())
-    assert info["display_name"] == "models/tiny"  # what the card shows stays as written
+    assert info["local_path"] == str((tmp_path / "models" / "tiny").resolve())
+    # as written, for another machine (where `models/tiny` may be a hub id a local folder shadowed here)
+    assert info["name_or_path"] == info["display_name"] == "models/tiny"
     write_base_info(".", resolve_model({"name_or_path": "someone/some-model"}))  # a hub id stays one
-    assert read_base_info(".")["name_or_path"] == "someone/some-model"
+    assert "local_path" not in read_base_info(".")

@@ -190,13 +190,14 @@ def load_base_model(cfg: dict[str, Any], device_map: Any = None):
 
 
 def write_base_info(output_dir: str | Path, cfg: dict[str, Any]) -> None:
-    """Record how the base model was loaded, for ``molora generate/eval/inspect/push``. A local model folder is
-    recorded as an absolute path: those commands may run from another directory (a relative one was then read as a
-    hub id)."""
+    """Record how the base model was loaded, for ``molora generate/eval/inspect/push``. A local model folder is also
+    recorded as an absolute ``local_path``: those commands may run from another directory (a relative path was then
+    read as a hub id), and ``name_or_path`` stays as given for another machine (a hub id that a local folder
+    shadowed here)."""
     keep = {k: cfg.get(k) for k in (*MODEL_KEYS, "display_name")}
     local = Path(str(keep["name_or_path"])).expanduser() if keep.get("name_or_path") is not None else None
     if local is not None and local.is_dir():
-        keep["name_or_path"] = str(local.resolve())
+        keep["local_path"] = str(local.resolve())
     Path(output_dir, BASE_INFO_FILE).write_text(json.dumps(keep, indent=2))
 
 
@@ -251,7 +252,10 @@ def load_adapter_model(adapter_dir: str | Path, model: str | None = None, quanti
         cfg = resolve_model({"name_or_path": None if model == "default" else model, "quantization": quantization})
     elif info:
         cfg = {**MODEL_KEYS, **info}
-        recorded = Path(str(info["name_or_path"])).expanduser()
+        local = cfg.pop("local_path", None)
+        if local is not None and Path(local).is_dir():
+            cfg["name_or_path"] = local  # the folder training loaded, from wherever this command runs
+        recorded = Path(str(cfg["name_or_path"])).expanduser()
         if info.get("display_name") == DEFAULT_MODEL_NAME and not recorded.is_dir():
             cfg = resolve_model({})  # the default model moved (another machine / venv)
         elif recorded.is_absolute() and not recorded.exists():
