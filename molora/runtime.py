@@ -640,8 +640,9 @@ class MoLoraRuntime:
         # how many times the statistics were reset or restored to a checkpoint: RoutingStatsCallback reads what the
         # model counted since its last look as a difference, unless they were replaced in between
         self.stats_resets = 0
-        # record statistics only for forwards with autograd on (RoutingStatsCallback sets it while a trainer trains:
-        # a step's no-grad forwards, such as GRPO's sampling `generate` or a reference pass, are not training routing)
+        # leave out the statistics of train-mode forwards that run without autograd (RoutingStatsCallback sets it
+        # while a trainer trains: a step's no-grad forwards, such as GRPO's sampling `generate` or a reference pass,
+        # are not training routing; eval-mode forwards still record)
         self.stats_grad_only = False
         # earlier forwards' records waiting to be reduced together: cached decode steps (a few tokens each) are
         # committed in batches of up to _MAX_DEFERRED_FORWARDS instead of one reduction per step
@@ -1130,8 +1131,10 @@ class MoLoraRuntime:
             config.track_routing_stats
             and not self._recomputing
             and not exporting()
-            and (torch.is_grad_enabled() or not self.stats_grad_only)
+            and not (self.stats_grad_only and not self._aux_grad and getattr(router, "training", False))
         ):
+            # (the model-level forward's autograd state, not this layer's: reentrant activation checkpointing runs
+            # the layers of a training forward without autograd)
             # (a torch.export trace's tensors are fake and nothing replays this store with real ones, as Dynamo does
             # for torch.compile: kept, they broke the statistics and the next export)
             probs, weight = routing.probs, routing.weight

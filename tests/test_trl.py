@@ -146,8 +146,10 @@ class _PredictAt(TrainerCallback):
         dict(predict_at=2),
         # no-grad forwards inside training (GRPO samples and scores completions in its step): they were counted
         dict(generate_at=2),
+        # reentrant checkpointing runs the layers of a training forward without autograd: still training routing
+        dict(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True}, generate_at=2),
     ],
-    ids=["evaluations", "final_evaluation", "saves_between_logs", "predict", "generate"],
+    ids=["evaluations", "final_evaluation", "saves_between_logs", "predict", "generate", "reentrant_checkpointing"],
 )
 def test_routing_statistics_leave_out_evaluations_and_keep_whole_windows(tmp_path, extra):
     """The run's routing statistics (its ``routing_stats.json``, the heat map) and the logged windows

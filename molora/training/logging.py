@@ -109,8 +109,6 @@ class RoutingStatsCallback(TrainerCallback):
         # then (MoLoraRuntime.stats_resets)
         self._folded: dict[str, torch.Tensor] = {}
         self._folded_resets: int | None = None
-        # the runtime's stats_grad_only before training set it
-        self._grad_only_before: bool | None = None
         # the model's statistics at the end of the last optimizer step: an evaluation after it (predicted or not:
         # transformers also evaluates at the last step, user code may call evaluate()) is rolled back to it
         self._step_mark: Any = None
@@ -159,9 +157,8 @@ class RoutingStatsCallback(TrainerCallback):
             model.reset_routing_stats()  # drop statistics of evaluations run before training
         runtime = getattr(model, "molora_runtime", None) if model is not None else None
         if runtime is not None:
-            # only the training forwards count (autograd on): not the no-grad forwards inside a step, such as GRPO's
-            # sampling `generate` or a reference pass (evaluations are also rolled back, see on_evaluate)
-            self._grad_only_before = runtime.stats_grad_only
+            # only the training forwards count: not the train-mode forwards without autograd inside a step, such as
+            # GRPO's sampling `generate` or a reference pass (evaluations are rolled back, see on_evaluate)
             runtime.stats_grad_only = True
         self._mark(model)
 
@@ -270,8 +267,8 @@ class RoutingStatsCallback(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, **kwargs):
         stats = self.run_stats(model)
         runtime = getattr(model, "molora_runtime", None) if model is not None else None
-        if runtime is not None and self._grad_only_before is not None:
-            runtime.stats_grad_only, self._grad_only_before = self._grad_only_before, None
+        if runtime is not None:
+            runtime.stats_grad_only = False
         if not (_is_main(state) and args.output_dir) or state.global_step == 0:
             return  # (no step trained: the folder's files still describe its earlier adapter)
         out = Path(args.output_dir)
