@@ -253,9 +253,6 @@ class MoLoraModel(BaseTuner):
         # the runtime must exist before injection: layers receive a reference when they are created
         self._molora_runtime_obj: MoLoraRuntime | None = None
         self._molora_hooks: list = []
-        # MiLoRA module mode: hooks on the decoder layers, and those layers (molora.adapters.milora)
-        self._milora_hooks: list = []
-        self._milora_layers: list[nn.Module] = []
         super().__init__(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
         self._install_hooks()
 
@@ -335,11 +332,14 @@ class MoLoraModel(BaseTuner):
     def _remove_layer_hooks(self) -> None:
         """Undo the module-mode hooks on the decoder layers (those of every tuner of this model: the lists are
         shared, see _add_layer_routers)."""
-        milora.remove_layer_hooks(self._milora_layers, self._milora_hooks)
-        self._milora_hooks.clear()
-        self._milora_layers.clear()
-        self._milora_hooks, self._milora_layers = [], []
-        self.model.__dict__.pop("_molora_milora_hooks", None)
+        hooks, layers = self.model.__dict__.pop("_molora_milora_hooks", ([], []))
+        milora.remove_layer_hooks(layers, hooks)
+
+    def _milora_hook_lists(self) -> tuple[list, list[nn.Module]]:
+        """MiLoRA module mode's hooks on the decoder layers and those layers (molora.adapters.milora). They live with
+        the model, not the tuner: a second tuner of it (see molora_runtime) finds the layers hooked, and whichever
+        tuner unloads must remove every hook."""
+        return self.model.__dict__.setdefault("_molora_milora_hooks", ([], []))
 
     # -- MiLoRA module mode: one router per decoder layer -----------------------------------------------------------
 
@@ -368,13 +368,9 @@ class MoLoraModel(BaseTuner):
             self.model.add_module(milora.CONTAINER, container)
         container[adapter_name] = nn.ModuleDict(routers)
         container[adapter_name].requires_grad_(adapter_name in self.active_adapters and not config.inference_mode)
-        # the lists live with the model: a second tuner of it (see molora_runtime) finds the layers hooked, and its
-        # unload() must remove those hooks
-        self._milora_hooks, self._milora_layers = self.model.__dict__.setdefault(
-            "_molora_milora_hooks", (self._milora_hooks, self._milora_layers)
-        )
-        self._milora_hooks += milora.install_layer_hooks(layers, self.molora_runtime)
-        self._milora_layers += [layer for layer in layers.values() if all(layer is not m for m in self._milora_layers)]
+        hooks, hooked = self._milora_hook_lists()
+        hooks += milora.install_layer_hooks(layers, self.molora_runtime)
+        hooked += [layer for layer in layers.values() if all(layer is not m for m in hooked)]
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):

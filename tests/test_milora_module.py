@@ -368,16 +368,23 @@ def test_attention_pooling_query_of_the_layer_routers_round_trips(tmp_path):
         torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits, expected)
 
 
-def test_unload_after_a_second_get_peft_model_removes_every_layer_hook():
+@pytest.mark.parametrize("recreated", [False, True])
+def test_unload_after_a_second_get_peft_model_removes_every_layer_hook(recreated):
     """`get_peft_model` run twice on one base (the second tuner drives the first one's runtime): unloading from the
-    second left the decoder-layer hooks the first had installed, and the unloaded model's next forward raised."""
+    second left the decoder-layer hooks the first had installed, and the unloaded model's next forward raised. Also
+    when the first tuner removed its module-mode adapter and hooked the layers again for a new one."""
     ids, mask = padded([[5, 6, 7, 8], [9, 10]])
     base = make_llama(0)
     with torch.no_grad():
         expected = base(input_ids=ids, attention_mask=mask).logits
     with pytest.warns(UserWarning):
-        get_peft_model(base, module_config())
+        first = get_peft_model(base, module_config())
         second = get_peft_model(base, module_config())
+    if recreated:
+        first.add_adapter("other", module_config())
+        first.delete_adapter("default")
+        first.delete_adapter("other")  # the last module-mode adapter: the layers are unhooked
+        first.add_adapter("again", module_config())  # hooked again
     restored = second.unload()
     assert not [name for name, m in restored.named_modules() if m._forward_pre_hooks or m._forward_hooks]
     with torch.no_grad():
