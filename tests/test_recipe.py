@@ -796,3 +796,14 @@ def test_a_relative_model_folder_is_recorded_absolute(tmp_path, monkeypatch):
     assert info["name_or_path"] == info["display_name"] == "models/tiny"
     write_base_info(".", resolve_model({"name_or_path": "someone/some-model"}))  # a hub id stays one
     assert "local_path" not in read_base_info(".")
+
+
+def test_a_home_relative_model_folder_is_expanded(tmp_path, monkeypatch):
+    """`model.name_or_path: ~/models/tiny` passed the recipe check (which expands `~`) and then failed to load:
+    transformers does not expand it."""
+    from molora.training.models import resolve_model
+
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = resolve_model({"name_or_path": "~/models/tiny"})
+    assert cfg["name_or_path"] == str(tmp_path / "models" / "tiny") and cfg["display_name"] == "~/models/tiny"

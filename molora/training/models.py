@@ -60,6 +60,8 @@ def resolve_model(model_cfg: dict[str, Any]) -> dict[str, Any]:
         if looks_local and not path.is_dir():
             raise FileNotFoundError(f"model.name_or_path={cfg['name_or_path']!r}: no such model folder.")
         cfg["display_name"] = cfg.get("display_name") or str(cfg["name_or_path"])
+        if str(cfg["name_or_path"]).startswith("~"):
+            cfg["name_or_path"] = str(path)  # transformers does not expand `~` (it was read as a hub id)
     return cfg
 
 
