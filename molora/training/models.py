@@ -193,13 +193,16 @@ def load_base_model(cfg: dict[str, Any], device_map: Any = None):
 
 def write_base_info(output_dir: str | Path, cfg: dict[str, Any]) -> None:
     """Record how the base model was loaded, for ``molora generate/eval/inspect/push``. A local model folder is also
-    recorded as an absolute ``local_path``: those commands may run from another directory (a relative path was then
-    read as a hub id), and ``name_or_path`` stays as given for another machine (a hub id that a local folder
-    shadowed here)."""
+    recorded as ``local_path``, relative to the adapter folder: those commands may run from another directory (a
+    relative ``name_or_path`` was then read as a hub id), the pushed file names no path of this machine, and
+    ``name_or_path`` stays as given for another machine (a hub id that a local folder shadowed here)."""
     keep = {k: cfg.get(k) for k in (*MODEL_KEYS, "display_name")}
     local = Path(str(keep["name_or_path"])).expanduser() if keep.get("name_or_path") is not None else None
     if local is not None and local.is_dir():
-        keep["local_path"] = str(local.resolve())
+        try:
+            keep["local_path"] = os.path.relpath(local.resolve(), Path(output_dir).resolve())
+        except ValueError:  # (another drive on Windows)
+            keep["local_path"] = str(local.resolve())
     Path(output_dir, BASE_INFO_FILE).write_text(json.dumps(keep, indent=2))
 
 
@@ -255,8 +258,9 @@ def load_adapter_model(adapter_dir: str | Path, model: str | None = None, quanti
     elif info:
         cfg = {**MODEL_KEYS, **info}
         local = cfg.pop("local_path", None)
-        if local is not None and Path(local).is_dir():
-            cfg["name_or_path"] = local  # the folder training loaded, from wherever this command runs
+        if local is not None and (path / local).is_dir():
+            # the folder training loaded, from wherever this command runs
+            cfg["name_or_path"] = str((path / local).resolve())
         recorded = Path(str(cfg["name_or_path"])).expanduser()
         if info.get("display_name") == DEFAULT_MODEL_NAME and not recorded.is_dir():
             cfg = resolve_model({})  # the default model moved (another machine / venv)
