@@ -322,7 +322,6 @@ class MoLoraModel(BaseTuner):
         for handle in self._molora_hooks:
             handle.remove()
         self._molora_hooks.clear()  # (the list an earlier tuner of this model shares, see _install_hooks)
-        self._molora_hooks = []
         self.model.__dict__.pop("_molora_hook_handles", None)
         self.model.__dict__.pop("_molora_runtime", None)
         for _, module in self._stacks():

@@ -329,14 +329,14 @@ def run_sft(recipe: dict[str, Any], default_output_dir: str = "runs/molora-sft",
 
     start = time.time()
     # read (and a resume that cannot work fails) before the model loads
-    resume = _resume_arg(
-        recipe["training"].get("resume_from_checkpoint"), recipe["training"].get("output_dir") or default_output_dir
-    )
+    output_dir = recipe["training"].get("output_dir") or default_output_dir
+    resume = _resume_arg(recipe["training"].get("resume_from_checkpoint"), output_dir)
+    checkpoint = None
     if resume is not None:
         from transformers.trainer_utils import get_last_checkpoint
 
-        output_dir = recipe["training"].get("output_dir") or default_output_dir
-        check_resume_adapter(get_last_checkpoint(output_dir) if resume is True else resume, recipe["adapter"])
+        checkpoint = get_last_checkpoint(output_dir) if resume is True else resume
+        check_resume_adapter(checkpoint, recipe["adapter"])
     trainer, ctx = build_trainer(recipe, default_output_dir)
     out_dir = trainer.args.output_dir
     main_process = trainer.is_world_process_zero()
@@ -351,10 +351,7 @@ def run_sft(recipe: dict[str, Any], default_output_dir: str = "runs/molora-sft",
         log(format_table(results["eval_before"], "held-out tasks before training (base model):"))
     trainer.model.train()
     results["load_seconds"] = time.time() - start
-    if resume is not None:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        checkpoint = get_last_checkpoint(out_dir) if resume is True else resume
+    if checkpoint is not None:
         ctx["callback"].resume_from(checkpoint)
         ctx["dynamic_rank"].resume_from(checkpoint)
     train_start = time.time()
