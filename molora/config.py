@@ -252,7 +252,8 @@ class MoLoraConfig(PeftConfig):
         for spec in dataclasses.fields(self):
             value = getattr(self, spec.name)
             try:
-                json.dumps(list(value) if isinstance(value, set) else value)
+                # as PEFT writes it (sort_keys: a dict whose keys mix types cannot be sorted)
+                json.dumps(list(value) if isinstance(value, set) else value, sort_keys=True)
             except (TypeError, ValueError) as err:
                 raise ValueError(
                     f"`{spec.name}`={value!r} cannot be saved in adapter_config.json ({err}); set it to plain JSON "

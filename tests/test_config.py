@@ -23,6 +23,7 @@ BAD_CONFIGS = [
     ({"router": "nope"}, r"`router`='nope' is not a registered router; allowed values: \[.*'soft'.*'topk'"),
     ({"router": "topp_typo_k"}, r"allowed values"),
     ({"router_kwargs": {"renormalise": True}}, r"unknown key\(s\) \['renormalise'\].*'renormalize'"),
+    ({"router_kwargs": {"renormalize": True, 1: 2}}, r"`router_kwargs` keys must be .*got 1; allowed .*'renormalize'"),
     ({"router_kwargs": {"renormalize": "yes"}}, r"`router_kwargs\['renormalize'\]`='yes'.*bool"),
     ({"router_kwargs": {"jitter_noise": 1.5}}, r"jitter_noise.*must be in \[0, 1\)"),
     ({"router": "soft", "router_kwargs": {"temperature": 0.0}}, r"temperature.*must be > 0"),

@@ -160,6 +160,8 @@ BAD_DYNAMIC_RANK = [
     ({"beta1": 1.0}, r"`dynamic_rank\['beta1'\]`=1.0 must be a number in \[0, 1\)"),
     ({"target_ranks": 4}, r"unknown key\(s\) \['target_ranks'\].*'target_rank'"),
     ({"layer_ranks": {"q_proj": 20}}, r"layer_ranks'\]\['q_proj'\]`=20 must be an integer in \[1, 8\]"),
+    # (a mixed-type key set could not be sorted when PEFT writes adapter_config.json)
+    ({"layer_ranks": {"q_proj": 2, 0: 2}}, r"`dynamic_rank\['layer_ranks'\]` keys must be module names .*, got 0"),
 ]
 
 

@@ -130,6 +130,12 @@ def test_a_save_that_cannot_write_the_config_leaves_the_previous_adapter_intact(
     with pytest.raises(ValueError, match="`aux_loss_coef`=-1.0 must be >= 0"):
         other.save_pretrained(tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    # JSON can hold a dict whose keys mix types, but PEFT writes the config with sorted keys, which cannot sort them
+    other.peft_config["default"].aux_loss_coef = 0.01
+    other.peft_config["default"].auto_mapping = {"base_model_class": "LlamaForCausalLM", 1: "parent_library"}
+    with pytest.raises(ValueError, match="`auto_mapping`=.*cannot be saved in adapter_config.json.*Nothing was"):
+        other.save_pretrained(tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 def test_adapters_saved_with_bare_bank_keys_still_load(tmp_path):

@@ -512,6 +512,12 @@ def build_router_params(router: str, router_kwargs: dict[str, Any] | None, num_e
     cls = get_router_class(router)
     kwargs = dict(router_kwargs or {})
     allowed = {f.name: f for f in dataclasses.fields(cls.Params)}
+    for key in kwargs:
+        if not isinstance(key, str):
+            raise ValueError(
+                f"`router_kwargs` keys must be the router's hyper-parameter names (strings), got {key!r}; allowed "
+                f"keys for router {router!r}: {sorted(allowed) or 'none'}."
+            )
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
         hints = []

@@ -138,6 +138,11 @@ def build_dynamic_rank_params(values: dict[str, Any], r: int) -> DynamicRankPara
         if not isinstance(p.layer_ranks, dict):
             raise ValueError("`dynamic_rank['layer_ranks']` must map module names to ranks (see compact_adapter).")
         for key, v in p.layer_ranks.items():
+            if not isinstance(key, str):
+                raise ValueError(
+                    f"`dynamic_rank['layer_ranks']` keys must be module names (strings), got {key!r} "
+                    "(see compact_adapter)."
+                )
             if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= r:
                 raise ValueError(f"`dynamic_rank['layer_ranks'][{key!r}]`={v!r} must be an integer in [1, {r}].")
     return p
