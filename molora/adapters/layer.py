@@ -19,7 +19,14 @@ from transformers.pytorch_utils import Conv1D
 
 from .._amp import autocast_dtype
 from ..kernels import TRITON_DTYPES, choose_kernel, expert_delta, triton_available
-from ..kernels.fused_dense import base_and_shrink, dense_topk_layer, gated_expand_, shrink_matmul
+from ..kernels.fused_dense import (
+    _base_and_shrink_forward,
+    _gated_expand_forward,
+    base_and_shrink,
+    dense_topk_layer,
+    gated_expand_,
+    shrink_matmul,
+)
 from ..kernels.torch_ops import dense_masked_expand, flat_shrink_weight
 from ..routers.base import Router, Routing, build_router_params, get_router_class
 from ..runtime import self_delivered
@@ -320,16 +327,27 @@ class MoLoraLayer(BaseTunerLayer):
     def _decode_forward(self, x: torch.Tensor, adapter_name: str, plan: _DecodePlan) -> torch.Tensor:
         """:meth:`_fused_forward` of a decode step, with what an earlier call on its KV cache found
         (:meth:`_decode_plan`): the same functions on the same tensors, without looking up and checking again the
-        modules and weights of every layer in every step (a good part of a small layer's decode-step time)."""
+        modules and weights of every layer in every step (a good part of a small layer's decode-step time). A plan
+        only serves calls without autograd (:meth:`_decode_plan`): the functions' autograd-free forwards are called
+        directly."""
         lead_shape = x.shape[:-1]
         x_flat = x.reshape(-1, x.shape[-1])
-        context = self._molora_runtime.context.for_input(x)
+        runtime = self._molora_runtime
+        context = runtime.context.for_input(x)
         valid = context.token_mask(lead_shape)
         if valid is not None and valid.device != x.device:
             valid = valid.to(x.device)
-        out, h, logits = base_and_shrink(
-            x_flat, plan.weight, plan.bias, plan.bank, plan.router_weight, plan.conv1d, shrink=plan.shrink
+        bank, router_weight = plan.bank, plan.router_weight
+        out, hl = _base_and_shrink_forward(
+            x_flat, plan.weight, plan.bias, bank, router_weight, plan.conv1d, plan.shrink
         )
+        if router_weight is None:
+            h, logits = hl, None
+        else:
+            # _split_rank_and_logits's views, from one call (no autograd here: the multi-output view is never
+            # differentiated or modified in place)
+            n_experts, _, rank = bank.shape
+            h, logits = hl.split_with_sizes([n_experts * rank, hl.shape[1] - n_experts * rank], 1)
         router = plan.router
         # a decode step needs no aux loss (MoLoraRuntime.losses_needed): a router whose selection is the top-k
         # function (FusedTopKSelection) is asked directly, as MoLoraRuntime.select would ask it (the same values;
@@ -338,10 +356,12 @@ class MoLoraLayer(BaseTunerLayer):
             return self._route_and_expand(
                 adapter_name, router, out, h, logits, x_flat, valid, context, lead_shape, plan.b_flat, None
             )
-        routing, _ = router.select_with_losses(logits, valid, frozenset(), None, dense=True)
-        router.observe_routing(routing, valid, self._molora_runtime.context)  # as _select passes it
-        out = gated_expand_(out, h, routing.dense_gates(), plan.b_flat, self.scaling[adapter_name])
-        return self._finish(adapter_name, router, routing, valid, None, out, lead_shape)
+        routing, _ = router.select_with_losses(logits, valid, _NO_LOSSES, None, dense=True)
+        router.observe_routing(routing, valid, runtime.context)  # as _select passes it
+        _gated_expand_forward(out, h, routing.dense_gates(), plan.b_flat, self.scaling[adapter_name])
+        # _finish without a rank state (a plan is made for banks that are not DR-LoRA-masked)
+        out = runtime.record(self._molora_key, adapter_name, router, routing, valid, out)
+        return out.reshape(*lead_shape, out.shape[-1])
 
     def _dense_topk_forward(self, adapter_name, weight, bias, base, router, x_flat, weight_A, b_flat, valid):
         """``(out, routing, losses)`` through ``fused_dense.dense_topk_layer`` (base projection, top-k routing with its
@@ -569,13 +589,35 @@ class MoLoraLayer(BaseTunerLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         runtime = self._molora_runtime
-        if runtime is not None and not self.disable_adapters and not torch.compiler.is_compiling():
+        if runtime is not None and not self._disable_adapters and not torch.compiler.is_compiling():
             if _in_backward():
                 # activation checkpointing recomputes this layer for the forward it belongs to, maybe after others
                 with runtime.recompute(self._molora_key):
                     return self._adapted_forward(x, *args, **kwargs)
             runtime.remember_origin(self._molora_key)
+            if self._molora_decode_plans and not args and not kwargs and not runtime.batch_adapter_names:
+                # a cached decode step: what _adapted_forward would find, without its generic look-ups
+                out = self._planned_decode(x)
+                if out is not None:
+                    return out
         return self._adapted_forward(x, *args, **kwargs)
+
+    def _planned_decode(self, x: torch.Tensor) -> torch.Tensor | None:
+        """:meth:`_adapted_forward` of a call without arguments besides ``x`` and without a mixed-adapter batch
+        when its one active adapter has a decode plan that fits (:meth:`_decode_plan`); ``None`` otherwise (the
+        caller then takes the general path, which finds the same). The plan itself vouches for the adapter's
+        modules (``_DecodePlan.held_by``): only the active adapter is looked up here."""
+        active = self._active_adapter
+        if not isinstance(active, str):
+            if len(active) != 1:
+                return None
+            active = active[0]
+        if active in self._milora:
+            return None
+        plan = self._decode_plan(x, active)
+        if plan is None:
+            return None
+        return self._decode_forward(x, active, plan)
 
     def _adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)
@@ -701,6 +743,9 @@ class MoLoraLayer(BaseTunerLayer):
 
 
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
+
+#: the aux losses of a decode step (MoLoraRuntime.losses_needed): none
+_NO_LOSSES: frozenset[str] = frozenset()
 
 
 _TRITON_FALLBACK_WARNED: set[str] = set()

@@ -132,6 +132,8 @@ class FusedTopKSelection:
                 gates=gates,
                 per_token=k,
             )
+        if not need:
+            return routing, {}  # (a decode step's, an inference forward's)
         losses = {"balance": balance, "z": z_loss, "entropy": entropy}
         return routing, {name: losses[name] for name in sorted(need)}
 
