@@ -240,6 +240,15 @@ def test_push_dry_run_and_card(trained, capsys):
             "'fresh' holds no checkpoint-* folder",  # before the model loads (it would fail to: no default model)
         ),
         (["inspect", "corrupt"], "routing_stats.json' is not valid JSON"),
+        # before the model loads: an adapter folder is no checkpoint, an output folder that is a file, an evaluation
+        # without data (its strategy as the recipe wrote it, not the enum)
+        (["sft", "--set", "training.resume_from_checkpoint=corrupt"], "'corrupt' is not a checkpoint folder"),
+        (["sft", "--set", "training.output_dir=empty.jsonl"], "output_dir='empty.jsonl' is a file, not a folder"),
+        (
+            ["sft", "--set", "training.eval_strategy=steps", "--set", "data.train=bad_split.jsonl"]
+            + ["--set", "model.name_or_path=nobody/no-such-model"],  # (never loaded)
+            "training.eval_strategy='steps' needs data.eval",
+        ),
         # values that failed with a traceback after the model had loaded
         (["sft", "--set", "model.bnb_4bit_compute_dtype=fp32", "--print-recipe"], "bnb_4bit_compute_dtype='fp32'"),
         (["sft", "--set", "model.bnb_4bit_quant_type=nf8", "--print-recipe"], "allowed values: ['nf4', 'fp4']"),
@@ -285,6 +294,7 @@ def test_clear_errors(argv, message, capsys, tmp_path, monkeypatch):
         ["eval", "--data", "bundled", "--batch-size", "0"],
         ["eval", "--data", "bundled", "--max-examples", "0"],
         ["generate", "--adapter", "x", "--temperature", "-1", "hi"],
+        ["generate", "--adapter", "x", "--temperature", "inf", "hi"],  # (sampled noise)
         ["generate", "--adapter", "x", "--max-new-tokens", "0", "hi"],
     ],
 )

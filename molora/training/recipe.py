@@ -251,8 +251,11 @@ def validate(recipe: dict) -> dict[str, dict[str, Any]]:
     if data["format"] == "text" and (ev["before"] or ev["after"]):
         raise RecipeError("eval.before/eval.after measure exact match of answers, which plain-text data lacks.")
     resume = training.get("resume_from_checkpoint")
-    if isinstance(resume, str) and not Path(resume).is_dir():
-        raise FileNotFoundError(f"training.resume_from_checkpoint={resume!r} is not a checkpoint folder.")
+    if isinstance(resume, str) and not (Path(resume).expanduser() / "trainer_state.json").is_file():
+        raise FileNotFoundError(
+            f"training.resume_from_checkpoint={resume!r} is not a checkpoint folder (a checkpoint-* folder a run "
+            "saved, with its trainer_state.json; or true for the last one in training.output_dir)."
+        )
     if adapter:
         # validates values with MoLoraConfig's own messages (field name, value, allowed values)
         build_adapter_config(adapter)

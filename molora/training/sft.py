@@ -175,10 +175,12 @@ def build_trainer(recipe: dict[str, Any], default_output_dir: str = "runs/molora
     eval_dataset = (
         eval_rows.remove_columns(["task"]) if eval_rows is not None and "task" in eval_rows.column_names else eval_rows
     )
+    if args.eval_strategy != "no" and eval_dataset is None:
+        # (before the model loads; the strategy is an enum by now: its value, as the recipe wrote it)
+        strategy = getattr(args.eval_strategy, "value", args.eval_strategy)
+        raise RecipeError(f"training.eval_strategy={strategy!r} needs data.eval.")
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_cfg)
     model = model if model is not None else load_base_model(model_cfg)
-    if args.eval_strategy != "no" and eval_dataset is None:
-        raise RecipeError(f"training.eval_strategy={args.eval_strategy!r} needs data.eval.")
     # TRL creates the adapter before Trainer seeds anything: seed here so that training.seed fixes the expert and
     # router initialisation too
     set_seed(args.seed)
@@ -229,7 +231,7 @@ def _resume_arg(value: Any, output_dir: str) -> Any:
                 f"training.resume_from_checkpoint=true but {output_dir!r} holds no checkpoint-* folder to resume from."
             )
         return True
-    return str(value)
+    return str(Path(str(value)).expanduser())  # (a folder with trainer_state.json: the recipe checked it)
 
 
 #: the adapter fields that decide what a checkpoint's weights mean (shapes, routing, scaling): a resumed run must
@@ -330,6 +332,8 @@ def run_sft(recipe: dict[str, Any], default_output_dir: str = "runs/molora-sft",
     start = time.time()
     # read (and a resume that cannot work fails) before the model loads
     output_dir = recipe["training"].get("output_dir") or default_output_dir
+    if Path(output_dir).expanduser().exists() and not Path(output_dir).expanduser().is_dir():
+        raise FileExistsError(f"training.output_dir={str(output_dir)!r} is a file, not a folder to save the run in.")
     resume = _resume_arg(recipe["training"].get("resume_from_checkpoint"), output_dir)
     checkpoint = None
     if resume is not None:
