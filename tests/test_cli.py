@@ -517,6 +517,37 @@ def test_a_run_without_a_training_step_leaves_the_folder_alone(trained, workdir,
     assert before == {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
 
 
+def test_a_run_interrupted_in_its_final_evaluation_leaves_a_folder_of_one_run(trained, workdir, tmp_path, monkeypatch):
+    """A second run into a used folder, interrupted (Ctrl-C) in the evaluation after training, i.e. after its adapter
+    was saved: the folder held the new adapter beside the first run's ``molora_results.json`` and model card (4
+    experts described, 2 saved), which ``molora push`` would then publish. The results and the card are now written
+    right after the save, and again with the evaluation."""
+    import shutil
+
+    from molora.training import sft
+    from molora.training.recipe import load_recipe
+
+    folder = tmp_path / "out"
+    shutil.copytree(trained, folder, ignore=shutil.ignore_patterns("checkpoint-*", "runs"))
+    recipe = load_recipe(
+        str(workdir / "recipe.yaml"),
+        [f"training.output_dir={folder}", "eval.before=false", "training.max_steps=2", "adapter.num_experts=2"],
+    )
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    # (the module: `molora.training.evaluate` is also the function the package exports)
+    monkeypatch.setattr(sys.modules["molora.training.evaluate"], "evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sft.run_sft(recipe)
+    assert json.loads((folder / "adapter_config.json").read_text())["num_experts"] == 2
+    results = json.loads((folder / "molora_results.json").read_text())
+    assert results["global_step"] == 2 and "eval_after" not in results and "eval_before" not in results
+    card = (folder / "README.md").read_text()
+    assert "| experts | 2 per projection" in card and "## Held-out evaluation" not in card
+
+
 def test_inspect_output_names_the_file_it_writes(trained, tmp_path, capsys):
     """``--output heat`` printed "written to heat" while matplotlib wrote ``heat.png``; ``--output`` naming a folder
     wrote ``<folder>.png`` beside it. A name without a suffix gets ``.png`` (and is reported so); a folder receives

@@ -379,12 +379,19 @@ def run_sft(recipe: dict[str, Any], default_output_dir: str = "runs/molora-sft",
         Path(out_dir, HEATMAP_FILE).unlink(missing_ok=True)
         write_base_info(out_dir, ctx["model_cfg"])
         dump_recipe(recipe, Path(out_dir) / RECIPE_FILE)
+
+        def write_results() -> None:
+            results["total_seconds"] = time.time() - start
+            Path(out_dir, RESULTS_FILE).write_text(json.dumps(results, indent=1, default=_json_default))
+            write_model_card(out_dir)
+
+        # this run's results and card before the evaluation after training: interrupted there, the folder would hold
+        # the new adapter beside an earlier run's results and card (which `molora push` would then publish)
+        write_results()
         if ev["after"] and ctx["eval_rows"] is not None:
             results["eval_after"] = evaluate(trainer.model, ctx["tokenizer"], ctx["eval_rows"], **eval_kwargs)
             log(format_table(results["eval_after"], "held-out tasks after training (with the adapter):"))
-        results["total_seconds"] = time.time() - start
-        Path(out_dir, RESULTS_FILE).write_text(json.dumps(results, indent=1, default=_json_default))
-        write_model_card(out_dir)
+            write_results()
         if losses:
             first, last = losses[0], losses[-1]
             log(
