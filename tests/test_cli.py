@@ -240,6 +240,7 @@ def test_push_dry_run_and_card(trained, capsys):
             "'fresh' holds no checkpoint-* folder",  # before the model loads (it would fail to: no default model)
         ),
         (["inspect", "corrupt"], "routing_stats.json' is not valid JSON"),
+        (["generate", "--adapter", "badjson", "hi"], "adapter_config.json' is not valid JSON: Expecting"),
         # before the model loads: an adapter folder is no checkpoint, an output folder that is a file, an evaluation
         # without data (its strategy as the recipe wrote it, not the enum)
         (["sft", "--set", "training.resume_from_checkpoint=corrupt"], "'corrupt' is not a checkpoint folder"),
@@ -267,6 +268,8 @@ def test_clear_errors(argv, message, capsys, tmp_path, monkeypatch):
     (tmp_path / "corrupt").mkdir()
     (tmp_path / "corrupt" / "adapter_config.json").write_text("{}")
     (tmp_path / "corrupt" / "routing_stats.json").write_text("{bad")
+    (tmp_path / "badjson").mkdir()
+    (tmp_path / "badjson" / "adapter_config.json").write_text("{bad")
     (tmp_path / "bad_split.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
     if "dict" in argv:
         from datasets import Dataset, DatasetDict

@@ -211,7 +211,15 @@ def write_base_info(output_dir: str | Path, cfg: dict[str, Any]) -> None:
 def read_base_info(adapter_dir: str | Path) -> dict[str, Any]:
     """The base-model record of a trained adapter folder (``{}`` for adapters trained elsewhere)."""
     path = Path(adapter_dir, BASE_INFO_FILE)
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return _read_json_file(path) if path.is_file() else {}
+
+
+def _read_json_file(path: Path) -> Any:
+    """``path``'s JSON, or a ``ValueError`` naming the file (json's own message names only a line and column)."""
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{str(path)!r} is not valid JSON: {err}") from None
 
 
 def check_adapter_dir(adapter_dir: str | Path, download: bool = False) -> Path:
@@ -274,7 +282,7 @@ def load_adapter_model(adapter_dir: str | Path, model: str | None = None, quanti
         if quantization is not None:
             cfg["quantization"] = quantization
     else:
-        adapter_cfg = json.loads((path / "adapter_config.json").read_text())
+        adapter_cfg = _read_json_file(path / "adapter_config.json")
         base = adapter_cfg.get("base_model_name_or_path")
         if not base:
             raise RecipeError(f"{path}/adapter_config.json names no base model; pass --model.")
