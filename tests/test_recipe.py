@@ -716,6 +716,27 @@ def test_missing_default_model_says_how_to_install(monkeypatch):
         models.resolve_model({"name_or_path": "./not/here"})
 
 
+def test_a_model_folder_that_is_no_base_model_is_refused_before_loading(tmp_path):
+    """An adapter folder as model.name_or_path trained a new adapter on top of the old one (transformers loads the
+    base it names with the adapter applied); a folder without config.json failed in the tokenizer's load with a
+    message about sentencepiece."""
+    from molora.training import models
+    from molora.training.recipe import RecipeError
+
+    adapter = tmp_path / "adapter"
+    get_peft_model(make_llama(), MoLoraConfig(r=2, num_experts=2, task_type="CAUSAL_LM")).save_pretrained(adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "me/base"}))
+    with pytest.raises(RecipeError, match=r"holds an adapter .*the base model it was trained on \('me/base'"):
+        models.resolve_model({"name_or_path": str(adapter)})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RecipeError, match="is a folder without config.json, not a transformers model folder"):
+        models.resolve_model({"name_or_path": str(tmp_path / "empty")})
+    make_llama().save_pretrained(tmp_path / "model")  # a model folder, and a GGUF folder with its file named: fine
+    assert models.resolve_model({"name_or_path": str(tmp_path / "model")})["name_or_path"] == str(tmp_path / "model")
+    assert models.resolve_model({"name_or_path": str(tmp_path / "empty"), "gguf_file": "m.gguf"})["gguf_file"]
+
+
 def test_evaluation_tokenizes_string_prompts_as_training_does():
     """TRL tokenizes a plain-string prompt with the tokenizer's special tokens (BOS for Llama-style tokenizers);
     evaluation (``eval.before/after``, ``molora eval``) fed the same rows without them: its loss, perplexity and exact
@@ -865,6 +886,7 @@ def test_a_home_relative_model_folder_is_expanded(tmp_path, monkeypatch):
     from molora.training.models import resolve_model
 
     (tmp_path / "models" / "tiny").mkdir(parents=True)
+    (tmp_path / "models" / "tiny" / "config.json").write_text("{}")
     monkeypatch.setenv("HOME", str(tmp_path))
     cfg = resolve_model({"name_or_path": "~/models/tiny"})
     assert cfg["name_or_path"] == str(tmp_path / "models" / "tiny") and cfg["display_name"] == "~/models/tiny"

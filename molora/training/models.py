@@ -59,10 +59,34 @@ def resolve_model(model_cfg: dict[str, Any]) -> dict[str, Any]:
         looks_local = str(cfg["name_or_path"]).startswith((".", "/", "~")) or path.exists()
         if looks_local and not path.is_dir():
             raise FileNotFoundError(f"model.name_or_path={cfg['name_or_path']!r}: no such model folder.")
+        if path.is_dir() and not cfg.get("gguf_file") and not (path / "config.json").is_file():
+            _refuse_non_model_folder(str(cfg["name_or_path"]), path)
         cfg["display_name"] = cfg.get("display_name") or str(cfg["name_or_path"])
         if str(cfg["name_or_path"]).startswith("~"):
             cfg["name_or_path"] = str(path)  # transformers does not expand `~` (it was read as a hub id)
     return cfg
+
+
+def _refuse_non_model_folder(given: str, path: Path) -> None:
+    """Raise for a local ``model.name_or_path`` folder without a ``config.json`` (and no ``gguf_file``): an adapter
+    folder (transformers would load the base it names with that adapter applied, and the new adapter would be trained
+    on top of it) or something else (the tokenizer's load failed first, with a message about sentencepiece)."""
+    adapter = path / "adapter_config.json"
+    if adapter.is_file():
+        try:
+            base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+        except ValueError:
+            base = None
+        named = f" ({base!r}, which its adapter_config.json names)" if base else ""
+        raise RecipeError(
+            f"model.name_or_path={given!r} holds an adapter (adapter_config.json), not a base model: give the base "
+            f"model it was trained on{named}; to continue training that adapter, resume from its checkpoint "
+            "(training.resume_from_checkpoint)."
+        )
+    raise RecipeError(
+        f"model.name_or_path={given!r} is a folder without config.json, not a transformers model folder (one that "
+        "save_pretrained wrote; a GGUF file in it needs model.gguf_file)."
+    )
 
 
 def _dtype(name: str | None, quantized: bool):
