@@ -133,7 +133,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from .hub import HEATMAP_FILE, config_summary, public_base_name, read_adapter_folder
     from .training.report import save_heatmap
 
-    _check_output_parent(args.output, "--output")
+    _check_output_parent(args.output, "--output", folder_ok=True)  # (a folder receives expert_load.png)
     if args.output and args.output.endswith(("/", os.sep)) and not Path(args.output).is_dir():
         raise FileNotFoundError(f"--output {args.output!r}: the folder does not exist.")
     info = read_adapter_folder(args.adapter_dir)
@@ -171,15 +171,18 @@ def _push(args: argparse.Namespace) -> int:
     return 0
 
 
-def output_parent_problem(path: str | None, option: str) -> str | None:
-    """Why an output file cannot be written (its folder does not exist), checked before the work; ``None`` if fine."""
+def output_parent_problem(path: str | None, option: str, folder_ok: bool = False) -> str | None:
+    """Why an output file cannot be written (its folder does not exist; unless ``folder_ok``, it names a folder),
+    checked before the work; ``None`` if fine."""
     if path is not None and not Path(path).expanduser().resolve().parent.is_dir():
         return f"{option} {path!r}: the folder {str(Path(path).parent)!r} does not exist"
+    if path is not None and not folder_ok and Path(path).expanduser().is_dir():
+        return f"{option} {path!r} is a folder; give a file name"
     return None
 
 
-def _check_output_parent(path: str | None, option: str) -> None:
-    problem = output_parent_problem(path, option)
+def _check_output_parent(path: str | None, option: str, folder_ok: bool = False) -> None:
+    problem = output_parent_problem(path, option, folder_ok)
     if problem:
         raise FileNotFoundError(f"{problem}.")
 

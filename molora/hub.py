@@ -518,8 +518,8 @@ def push(
         )
     except Exception as err:  # noqa: BLE001 - offline mode, connection, HTTP and auth errors of several libraries
         raise ConnectionError(
-            f"Could not upload {str(folder)!r} to {repo_id!r}: {type(err).__name__}: {err} (nothing in the folder "
-            "changed but its model card)."
+            f"Could not upload {str(folder)!r} to {repo_id!r}: {type(err).__name__}: {err} (the folder's adapter "
+            "files are unchanged; molora wrote its model card and, where missing, the heat map)."
         ) from err
 
 

@@ -230,6 +230,7 @@ def test_push_dry_run_and_card(trained, capsys):
         (["sft", "--set", "training.max_steps=abc"], "training.max_steps='abc' must be an integer"),
         (["sft", "--set", "training.report_to=nope", "--print-recipe"], "training.report_to: nope is not supported"),
         (["eval", "--data", "bundled", "--json", "no/such/dir/x.json"], "the folder 'no/such/dir' does not exist"),
+        (["eval", "--data", "bundled", "--json", "corrupt"], "--json 'corrupt' is a folder; give a file name"),
         (["eval", "--data", "bad.jsonl"], "Cannot read 'bad.jsonl' as jsonl"),
         (["eval", "--data", "empty.jsonl"], "'empty.jsonl' holds no rows"),
         (["sft", "--config", "."], "is a folder; give a recipe file"),
