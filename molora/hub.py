@@ -8,7 +8,7 @@ the files molora's trainer did not write are simply left out of the card.
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any
 
 from ._io import write_atomic
@@ -80,12 +80,23 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or "\\" in name or Path(name).is_absolute()
 
 
+def _last_component(name: str) -> str:
+    """The last component of a POSIX or Windows path (``name`` itself when it has none)."""
+    return PureWindowsPath(name.rstrip("/\\")).name or name
+
+
 def _public_path(name: str) -> str:
     """A path for a pushed card: a relative one as given, an absolute (or home-relative) one by its last component
-    only (the card and the heat map must not name this machine's folders)."""
-    if name.startswith("~") or Path(name).is_absolute():
-        return Path(name).name or name
+    only (the card and the heat map must not name this machine's folders; a Windows path counts too)."""
+    if name.startswith("~") or Path(name).is_absolute() or PureWindowsPath(name).is_absolute():
+        return _last_component(name)
     return name
+
+
+def _public_values(section: dict[str, Any]) -> dict[str, Any]:
+    """A recipe section for a pushed card: every absolute path among its string values by its last component
+    (``output_dir``, ``resume_from_checkpoint``, a DeepSpeed config file, ...)."""
+    return {k: _public_path(v) if isinstance(v, str) else v for k, v in section.items()}
 
 
 def base_hub_id(info: dict[str, Any]) -> str | None:
@@ -124,7 +135,7 @@ def public_base_name(info: dict[str, Any]) -> str:
     if hub_id is not None:
         return hub_id
     name = base_model_name(info)
-    return name if name == "unknown" else Path(name.rstrip("/\\")).name or name
+    return name if name == "unknown" else _last_component(name)
 
 
 def training_data_name(info: dict[str, Any], public: bool = False) -> str:
@@ -309,10 +320,8 @@ def model_card(adapter_dir: str | Path, repo_id: str | None = None) -> str:
         lines += ["", "## Training", "", f"Data: {training_data_name(info, public=True)}.", "", "```yaml"]
         import yaml
 
-        training = {
-            k: _public_path(v) if k.endswith("_dir") and isinstance(v, str) else v for k, v in training.items()
-        }
-        lines += [yaml.safe_dump({"training": training, "adapter": recipe.get("adapter") or {}}, sort_keys=False)]
+        shown = {"training": _public_values(training), "adapter": recipe.get("adapter") or {}}
+        lines += [yaml.safe_dump(shown, sort_keys=False)]
         lines += ["```"]
     results = info["results"] or {}
     if results.get("losses"):
@@ -338,7 +347,8 @@ def model_card(adapter_dir: str | Path, repo_id: str | None = None) -> str:
     # (a comment goes after the closing parenthesis or on a line of its own: the block must run as written)
     load_base = [f'base = AutoModelForCausalLM.from_pretrained("{hub_id}")']
     if hub_id is None and known_base:
-        load_base = [f'base = AutoModelForCausalLM.from_pretrained("path/to/{base}")  # the local base model folder']
+        folder = json.dumps(f"path/to/{base}")  # (a valid Python literal whatever the folder's name holds)
+        load_base = [f"base = AutoModelForCausalLM.from_pretrained({folder})  # the local base model folder"]
     elif hub_id is None:
         load_base = ['base = AutoModelForCausalLM.from_pretrained("<the base model>")  # not recorded by the adapter']
     elif (info["base"] or {}).get("gguf_file") and hub_id == "HuggingFaceTB/SmolLM2-135M-Instruct":
@@ -358,8 +368,8 @@ def model_card(adapter_dir: str | Path, repo_id: str | None = None) -> str:
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
         *load_base,
-        f'model = PeftModel.from_pretrained(base, "{repo}")',
-        f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
+        f"model = PeftModel.from_pretrained(base, {json.dumps(repo)})",
+        f"tokenizer = AutoTokenizer.from_pretrained({json.dumps(repo)})",
         "```",
         "",
         f"MoLoRA adapters cannot be merged into the base weights (the mixture depends on each token); "

@@ -7,7 +7,7 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import pytest
 import torch
@@ -329,6 +329,9 @@ def _card_python(text: str) -> str:
         ({"name_or_path": "models/x", "display_name": "models/x", "local_path": "../models/x"}, None),
         ({"name_or_path": "/home/me/x", "display_name": "~/x", "local_path": "../../x"}, None),
         ({"name_or_path": "/srv/me/models/tiny", "display_name": "/srv/me/models/tiny"}, None),
+        # recorded on Windows; a folder name holding a quote (the code block quotes it as a Python literal)
+        ({"name_or_path": "C:\\srv\\me\\tiny", "display_name": "C:\\srv\\me\\tiny", "local_path": "..\\tiny"}, None),
+        ({"name_or_path": '/srv/me/my "tiny"', "display_name": '/srv/me/my "tiny"', "local_path": "../x"}, None),
         (None, None),  # a plain save_pretrained folder: only adapter_config.json's base_model_name_or_path
     ],
 )
@@ -338,7 +341,10 @@ def test_model_card_code_runs_and_names_no_local_path(tmp_path, base_info, hub_i
     ``base_model`` is not a model id: a push of an adapter trained on ``./model_copy`` would fail), and no absolute
     path of this machine is in the card (base, training data, output folder)."""
     folder = _adapter_folder(tmp_path)
-    recipe = "data:\n  train: /srv/me/data/train.jsonl\ntraining:\n  max_steps: 3\n  output_dir: /srv/me/runs/a\n"
+    recipe = (
+        "data:\n  train: /srv/me/data/train.jsonl\ntraining:\n  max_steps: 3\n  output_dir: /srv/me/runs/a\n"
+        "  resume_from_checkpoint: /srv/me/runs/a/checkpoint-2\n"
+    )
     (folder / "molora_recipe.yaml").write_text(recipe)
     if base_info is None:
         (folder / "molora_base_model.json").unlink()
@@ -350,12 +356,13 @@ def test_model_card_code_runs_and_names_no_local_path(tmp_path, base_info, hub_i
     compile(_card_python(text), "card", "exec")
     front = text.split("---", 2)[1]
     assert (f"base_model: {hub_id}\n" in front) if hub_id else ("base_model" not in front)
-    assert "/srv/me" not in text and "/home/me" not in text and "/opt/venv" not in text and "~/" not in text
-    assert "train.jsonl" in text and "output_dir: a" in text
+    for private in ("/srv/me", "/home/me", "/opt/venv", "~/", "srv\\me"):
+        assert private not in text, private
+    assert "train.jsonl" in text and "output_dir: a" in text and "resume_from_checkpoint: checkpoint-2" in text
     if hub_id:
         assert f'AutoModelForCausalLM.from_pretrained("{hub_id}")' in text
     elif base_info is not None:
-        local = Path(base_info["display_name"]).name
+        local = PureWindowsPath(base_info["display_name"]).name
         assert (
             f"for a local model folder, `{local}`" in text
             and f"| base model | {local} (a local model folder) |" in text
