@@ -222,7 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_sft)
 
     p = sub.add_parser("generate", help="generate text with a trained adapter")
-    p.add_argument("--adapter", required=True, help="adapter folder written by `molora sft`")
+    p.add_argument(
+        "--adapter",
+        required=True,
+        help="adapter folder (written by `molora sft` or save_pretrained), or a hub repository user/name",
+    )
     p.add_argument("prompts", nargs="+", metavar="PROMPT", help="one or more prompts")
     p.add_argument(
         "--model",
@@ -234,7 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("eval", help="loss / perplexity and exact match per task on a dataset")
-    p.add_argument("--adapter", help="adapter folder; without it the base model (--model) is evaluated")
+    p.add_argument(
+        "--adapter",
+        help="adapter folder or hub repository user/name; without it the base model (--model) is evaluated",
+    )
     p.add_argument("--model", help="base model folder or hub id ('default' = SmolLM2-135M-Instruct)")
     p.add_argument("--data", required=True, help="JSONL/JSON/CSV/parquet file, hub dataset id, or 'bundled'")
     p.add_argument(
@@ -242,7 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="split of a hub dataset, a folder of split files or a saved DatasetDict (default: eval; a single file "
         "is read whole)",
     )
-    p.add_argument("--format", default="auto", choices=["auto", "chat", "prompt_completion", "text"])
+    p.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", "chat", "prompt_completion", "text"],
+        help="the rows' format, as the recipe's data.format (default auto: from their columns)",
+    )
     p.add_argument("--max-examples", type=_positive_int, help="evaluate at most this many rows")
     p.add_argument("--max-per-task", type=_positive_int, help="evaluate at most this many rows per task")
     p.add_argument("--max-new-tokens", type=_positive_int, default=32)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -255,6 +256,12 @@ def main(argv=None) -> int:
     DEVICE[0] = args.device
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_triton.py needs CUDA", file=sys.stderr)
+        return 2
+    if args.device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        print(
+            "bench_triton.py --device cpu runs Triton's interpreter: set TRITON_INTERPRET=1 (and --tiny)",
+            file=sys.stderr,
+        )
         return 2
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (Triton interpreter)"
     result = {"device": name, "torch": torch.__version__}

@@ -3,6 +3,7 @@
 Runs offline on a CPU in a few seconds: ``python scripts/quickstart.py``.
 """
 
+import sys
 import tempfile
 
 import torch
@@ -10,6 +11,10 @@ from peft import PeftModel, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import molora
+
+if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
+    print(__doc__.strip())  # (the script takes no options)
+    sys.exit(0)
 
 llama = LlamaConfig(
     hidden_size=128,
