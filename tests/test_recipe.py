@@ -887,6 +887,24 @@ def test_a_relative_model_folder_is_found_from_any_directory(tmp_path, monkeypat
     assert "local_path" not in read_base_info(".")
 
 
+def test_a_moved_adapter_whose_relative_base_is_gone_asks_for_model(tmp_path, monkeypatch):
+    """An adapter trained on `./model_copy`, moved away from it: the recorded path was tried as a hub id ("Repo id
+    must use alphanumeric chars ...", with a hint naming recipe keys); now the message says to pass --model."""
+    from molora.training.models import load_adapter_model, resolve_model, write_base_info
+
+    make_llama().save_pretrained(tmp_path / "model_copy")
+    get_peft_model(make_llama(), MoLoraConfig(num_experts=2, top_k=1)).save_pretrained(tmp_path / "out")
+    monkeypatch.chdir(tmp_path)
+    write_base_info("out", resolve_model({"name_or_path": "./model_copy"}))
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "out").rename(tmp_path / "moved" / "out")
+    monkeypatch.chdir(tmp_path / "moved")
+    with pytest.raises(
+        FileNotFoundError, match=r"\('model_copy', in molora_base_model.json\) is not there any more; pass"
+    ):
+        load_adapter_model("out")
+
+
 def test_a_home_relative_model_folder_is_expanded(tmp_path, monkeypatch):
     """`model.name_or_path: ~/models/tiny` passed the recipe check (which expands `~`) and then failed to load:
     transformers does not expand it."""

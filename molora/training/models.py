@@ -298,7 +298,8 @@ def load_adapter_model(adapter_dir: str | Path, model: str | None = None, quanti
         recorded = Path(str(cfg["name_or_path"])).expanduser()
         if info.get("display_name") == DEFAULT_MODEL_NAME and not recorded.is_dir():
             cfg = resolve_model({})  # the default model moved (another machine / venv)
-        elif recorded.is_absolute() and not recorded.exists():
+        elif (recorded.is_absolute() or str(cfg["name_or_path"]).startswith((".", "~"))) and not recorded.exists():
+            # (a path, absolute or relative, that is not there from here; a bare name stays a hub id)
             raise FileNotFoundError(
                 f"The base model recorded with the adapter ({str(recorded)!r}, in {BASE_INFO_FILE}) is not there any "
                 "more; pass --model with its folder or hub id."
