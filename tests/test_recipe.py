@@ -324,6 +324,11 @@ def _card_python(text: str) -> str:
             "HuggingFaceTB/SmolLM2-135M-Instruct",
         ),
         ({"name_or_path": "Qwen/Qwen2.5-0.5B", "display_name": "Qwen/Qwen2.5-0.5B"}, "Qwen/Qwen2.5-0.5B"),
+        # loaded at a revision / from a GGUF file of another model: the card's code loads the same
+        (
+            {"name_or_path": "me/m-GGUF", "display_name": "me/m-GGUF", "revision": "v2", "gguf_file": "m.Q4.gguf"},
+            "me/m-GGUF",
+        ),
         # local folders: relative, nested, home-relative, absolute; a hub-id-like name that was a local folder here
         ({"name_or_path": "./model_copy", "display_name": "./model_copy", "local_path": "../model_copy"}, None),
         ({"name_or_path": "models/x", "display_name": "models/x", "local_path": "../models/x"}, None),
@@ -359,7 +364,9 @@ def test_model_card_code_runs_and_names_no_local_path(tmp_path, base_info, hub_i
     for private in ("/srv/me", "/home/me", "/opt/venv", "~/", "srv\\me"):
         assert private not in text, private
     assert "train.jsonl" in text and "output_dir: a" in text and "resume_from_checkpoint: checkpoint-2" in text
-    if hub_id:
+    if hub_id == "me/m-GGUF":
+        assert 'AutoModelForCausalLM.from_pretrained("me/m-GGUF", revision="v2", gguf_file="m.Q4.gguf")' in text
+    elif hub_id:
         assert f'AutoModelForCausalLM.from_pretrained("{hub_id}")' in text
     elif base_info is not None:
         local = PureWindowsPath(base_info["display_name"]).name
