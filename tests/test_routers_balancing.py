@@ -614,6 +614,29 @@ def _router_for(name: str, num_experts: int = 4, top_k: int = 2, in_features: in
     return cls(in_features, num_experts, top_k, params=cls.Params())
 
 
+@pytest.mark.parametrize("name", ["relu", "adamoe"])
+def test_dense_gate_routers_list_all_pairs_on_the_dense_path_and_honour_a_subclass_select(name):
+    """``relu`` and ``adamoe`` (``DenseGateSelection``): given ``dense=True`` their routing lists every (token, expert)
+    pair with the same dense gates as ``select``; a subclass that overrides ``select`` is asked through it there too
+    (the dense path called the base class's selection and skipped the override)."""
+    torch.manual_seed(3)
+    router = _router_for(name)
+    logits = torch.randn(10, router.weight.shape[0])
+    dense, losses = router.select_with_losses(logits, None, frozenset(), "megatron", dense=True)
+    assert losses is None and dense.expert_index.numel() == 10 * 4
+    assert torch.equal(dense.dense_gates(), router.select(logits, None).dense_gates())
+
+    class Shifted(type(router)):
+        def select(self, logits, valid):
+            return super().select(logits * 3.0, valid)
+
+    shifted = Shifted(6, 4, 2, params=type(router).Params())
+    shifted.load_state_dict(router.state_dict())
+    routing, _ = shifted.select_with_losses(logits, None, frozenset(), "megatron", dense=True)
+    assert torch.equal(routing.dense_gates(), router.select(logits * 3.0, None).dense_gates())
+    assert not torch.equal(routing.dense_gates(), dense.dense_gates())
+
+
 @pytest.mark.parametrize("name", ROUTERS)
 def test_kernel_paths_agree(name):
     torch.manual_seed(11)

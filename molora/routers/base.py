@@ -460,6 +460,27 @@ class Router(nn.Module):
 ROUTER_REGISTRY: dict[str, type[Router]] = {}
 
 
+class DenseGateSelection:
+    """Mixin for routers whose selection is built from dense gates (:meth:`Routing.from_dense`; ``relu``,
+    ``adamoe``): they implement ``_routing(logits, dense)``. On the dense path, which reads only the dense gates,
+    :meth:`select_with_losses` is given ``dense=True`` and lists all (token, expert) pairs instead of a ``nonzero`` per
+    adapted layer (on CUDA a host synchronisation in every layer); the losses take the default route either way. A
+    subclass that overrides :meth:`select` is asked through it, as the other routers' fused paths check."""
+
+    def _routing(self, logits: torch.Tensor, dense: bool) -> Routing:
+        raise NotImplementedError
+
+    def select(self, logits: torch.Tensor, valid: torch.Tensor | None) -> Routing:
+        return self._routing(logits, dense=False)
+
+    def select_with_losses(self, logits, valid, need, balance_loss_type, dense: bool = False):
+        if type(self).select is not DenseGateSelection.select:
+            return self.select(logits, valid), None  # a subclass's own selection
+        return self._routing(logits, dense=dense), None
+
+    select_with_losses.takes_dense = True
+
+
 def register_router(name: str, cls: type[Router] | None = None, *, overwrite: bool = False):
     """Register a router class under ``name`` so that ``MoLoraConfig(router=name)`` can select it.
 

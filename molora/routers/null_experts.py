@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from . import balancing
-from .base import Router, RouterParams, Routing, register_router
+from .base import DenseGateSelection, Router, RouterParams, Routing, register_router
 
 
 @dataclass
@@ -70,7 +70,7 @@ class NullExpertRouting(Routing):
 
 
 @register_router("adamoe")
-class AdaMoERouter(Router):
+class AdaMoERouter(DenseGateSelection, Router):
     """Top-k over ``num_experts`` true plus ``num_null_experts`` null experts (AdaMoE).
 
     The scoring weight has ``n + m`` rows (``weight[n+m, d_in]``); ``Routing`` tensors are ``[T, n]``.
@@ -92,15 +92,6 @@ class AdaMoERouter(Router):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, num_null_experts={self.num_null_experts}"
-
-    def select(self, logits: torch.Tensor, valid: torch.Tensor | None) -> Routing:
-        return self._routing(logits, dense=False)
-
-    def select_with_losses(self, logits, valid, need, balance_loss_type, dense: bool = False):
-        # dense: as ReLURouter.select_with_losses (no `nonzero` per layer on the dense path)
-        return self._routing(logits, dense=dense), None
-
-    select_with_losses.takes_dense = True
 
     def _routing(self, logits: torch.Tensor, dense: bool) -> Routing:
         n = self.num_experts

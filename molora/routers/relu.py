@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import balancing
-from .base import Router, RouterParams, Routing, register_router
+from .base import DenseGateSelection, Router, RouterParams, Routing, register_router
 from .state import StepAccumulator, buffers_kept_fp32, pop_stacked
 
 if TYPE_CHECKING:
@@ -82,7 +82,7 @@ def l1_balance_loss(inputs: balancing.AuxInputs) -> torch.Tensor:
 
 
 @register_router("relu")
-class ReLURouter(Router):
+class ReLURouter(DenseGateSelection, Router):
     """Gates ``ReLU(z)``: a token uses every expert with a positive logit (ReMoE), sparsity set by adaptive L1.
 
     State: ``l1_coef`` (persistent scalar buffer, the adaptive ``lambda``). ``last_sparsity`` (``float`` or
@@ -120,17 +120,6 @@ class ReLURouter(Router):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if not self.l1_coef.is_meta:
             self._l1_coef_value = float(self.l1_coef)
-
-    def select(self, logits: torch.Tensor, valid: torch.Tensor | None) -> Routing:
-        return self._routing(logits, dense=False)
-
-    def select_with_losses(self, logits, valid, need, balance_loss_type, dense: bool = False):
-        # dense: the layer reads only the dense gates (the dense path): all (token, expert) pairs are listed instead of
-        # a `nonzero` per layer (on CUDA a host synchronisation in every adapted layer); the losses take the default
-        # route either way
-        return self._routing(logits, dense=dense), None
-
-    select_with_losses.takes_dense = True
 
     def _routing(self, logits: torch.Tensor, dense: bool) -> Routing:
         gates = torch.relu(logits)  # [T, E]
