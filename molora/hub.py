@@ -12,7 +12,7 @@ from pathlib import Path, PureWindowsPath
 from typing import Any
 
 from ._io import write_atomic
-from .training.models import BASE_INFO_FILE, check_adapter_dir
+from .training.models import BASE_INFO_FILE, check_adapter_dir, read_json
 
 CARD_FILE = "README.md"
 #: The line that marks a README.md as molora's own card, which `molora push` may rewrite (see :func:`prepare_upload`)
@@ -37,22 +37,13 @@ PUSH_PATTERNS = [
 ]
 
 
-def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except ValueError as err:
-        raise ValueError(f"{str(path)!r} is not valid JSON: {err}") from None
-
-
 def read_adapter_folder(adapter_dir: str | Path) -> dict[str, Any]:
     """Everything molora knows about a saved adapter folder (missing files give ``None``)."""
     import yaml
 
     path = check_adapter_dir(adapter_dir)
     recipe_path = path / "molora_recipe.yaml"
-    config = _read_json(path / "adapter_config.json")
+    config = read_json(path / "adapter_config.json")
     if (config or {}).get("peft_type", "MOLORA") != "MOLORA":
         raise ValueError(
             f"{str(path)!r} holds a {(config or {}).get('peft_type')} adapter, not a MoLoRA one (peft_type MOLORA): "
@@ -61,10 +52,10 @@ def read_adapter_folder(adapter_dir: str | Path) -> dict[str, Any]:
     return {
         "path": path,
         "config": config,
-        "base": _read_json(path / BASE_INFO_FILE),
+        "base": read_json(path / BASE_INFO_FILE),
         "recipe": yaml.safe_load(recipe_path.read_text()) if recipe_path.is_file() else None,
-        "stats": _read_json(path / "routing_stats.json"),
-        "results": _read_json(path / "molora_results.json"),
+        "stats": read_json(path / "routing_stats.json"),
+        "results": read_json(path / "molora_results.json"),
     }
 
 

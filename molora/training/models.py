@@ -235,11 +235,14 @@ def write_base_info(output_dir: str | Path, cfg: dict[str, Any]) -> None:
 def read_base_info(adapter_dir: str | Path) -> dict[str, Any]:
     """The base-model record of a trained adapter folder (``{}`` for adapters trained elsewhere)."""
     path = Path(adapter_dir, BASE_INFO_FILE)
-    return _read_json_file(path) if path.is_file() else {}
+    return read_json(path) if path.is_file() else {}
 
 
-def _read_json_file(path: Path) -> Any:
-    """``path``'s JSON, or a ``ValueError`` naming the file (json's own message names only a line and column)."""
+def read_json(path: Path) -> Any:
+    """``path``'s JSON (``None`` when there is no such file), or a ``ValueError`` naming the file (json's own message
+    names only a line and column)."""
+    if not path.is_file():
+        return None
     try:
         return json.loads(path.read_text())
     except ValueError as err:
@@ -307,7 +310,7 @@ def load_adapter_model(adapter_dir: str | Path, model: str | None = None, quanti
         if quantization is not None:
             cfg["quantization"] = quantization
     else:
-        adapter_cfg = _read_json_file(path / "adapter_config.json")
+        adapter_cfg = read_json(path / "adapter_config.json")
         base = adapter_cfg.get("base_model_name_or_path")
         if not base:
             raise RecipeError(f"{path}/adapter_config.json names no base model; pass --model.")
