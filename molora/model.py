@@ -404,6 +404,13 @@ class MoLoraModel(BaseTuner):
         remapped = super()._remap_adapter_state_dict_for_load(
             model=model, config=config, adapter_name=adapter_name, state_dict=state_dict
         )
+        # a loaded adapter's buffers come from its checkpoint: it is no copy of another adapter whose parameters it
+        # may share (see _complete_adapter_copies), and must keep them
+        for module in model.modules():
+            runtime = module.__dict__.get("_molora_runtime")
+            if runtime is not None:
+                runtime.unchecked_adapters.discard(adapter_name)
+                break
         # the checkpoint's `...molora_milora.<layer>.*` back to the model's `...molora_milora.<adapter>.<layer>.*`
         marker = f"{milora.CONTAINER}."
         return {

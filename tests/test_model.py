@@ -1116,6 +1116,31 @@ def test_an_adapter_added_as_a_copy_gets_the_buffers_too(batch):
     assert torch.equal(logits["default"], logits["ref"])
 
 
+def test_a_loaded_adapter_keeps_its_buffers_beside_one_with_the_same_parameters(batch, tmp_path):
+    """``load_adapter`` of a checkpoint whose parameters equal a loaded adapter's (here two saves of one adapter, the
+    second with another selection bias) is no copy of that adapter: it keeps the buffers it was saved with, as when it
+    is loaded alone."""
+    config = MoLoraConfig(num_experts=4, top_k=2, router="topk_bias", init_lora_weights=False)
+    model = get_peft_model(make_llama(), config).eval()
+    model.save_pretrained(tmp_path / "v1")
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("selection_bias"):
+                buffer.copy_(torch.tensor([5.0, 5.0, -5.0, -5.0]))
+        expected = model(input_ids=batch["input_ids"]).logits
+    model.save_pretrained(tmp_path / "v2")
+    loaded = PeftModel.from_pretrained(make_llama(), tmp_path / "v1", adapter_name="v1").eval()
+    loaded.load_adapter(tmp_path / "v2", adapter_name="v2")
+    with torch.no_grad():
+        mixed = loaded(input_ids=batch["input_ids"], adapter_names=["v2"] * len(batch["input_ids"])).logits
+        loaded.set_adapter("v2")
+        alone = loaded(input_ids=batch["input_ids"]).logits
+    biases = [b for n, b in loaded.named_buffers() if n.endswith("v2.selection_bias")]
+    assert biases and all(b.tolist() == [5.0, 5.0, -5.0, -5.0] for b in biases)
+    assert torch.equal(mixed, expected)
+    assert torch.equal(alone, expected)
+
+
 def test_an_all_ones_attention_mask_is_no_mask(batch):
     """Collators pass ``attention_mask`` of ones for unpadded batches: the layers then run their unmasked losses and
     statistics (the same values, fewer operators), as without a mask; a mask with padding is kept."""
