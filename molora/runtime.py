@@ -640,6 +640,9 @@ class MoLoraRuntime:
         # how many times the statistics were reset or restored to a checkpoint: RoutingStatsCallback reads what the
         # model counted since its last look as a difference, unless they were replaced in between
         self.stats_resets = 0
+        # per adapter name: how many times an adapter of that name was deleted (forget_adapter); a checkpoint of the
+        # statistics records them, so that restoring it brings back no deleted adapter's counts
+        self._forgotten: dict[str, int] = {}
         # leave out the statistics of train-mode forwards that run without autograd (RoutingStatsCallback sets it
         # while a trainer trains: a step's no-grad forwards, such as GRPO's sampling `generate` or a reference pass,
         # are not training routing; eval-mode forwards still record)
@@ -711,6 +714,7 @@ class MoLoraRuntime:
         clone.grad_scaler = self.grad_scaler
         clone.unchecked_adapters = set(self.unchecked_adapters)
         clone._totals = {key: total.detach().clone() for key, total in self._totals.items()}
+        clone._forgotten = dict(self._forgotten)
         return clone
 
     # -- forward lifecycle ------------------------------------------------------------------------------------------
@@ -1317,24 +1321,40 @@ class MoLoraRuntime:
             del self._aux[key]
             self.forward_aux.counted.pop(key, None)
         self.forward_aux._weights.pop(adapter_name, None)
+        self._forgotten[adapter_name] = self._forgotten.get(adapter_name, 0) + 1
 
     def stats_checkpoint(self) -> dict[tuple[str, str], torch.Tensor]:
         """The statistics accumulated so far, for :meth:`restore_stats` (the running sums are replaced, never
         updated in place, so this holds references, not copies)."""
         self.commit_stats()
-        return dict(self._totals)
+        return _StatsCheckpoint(self._totals, forgotten=dict(self._forgotten))
 
     def restore_stats(self, checkpoint: dict[tuple[str, str], torch.Tensor]) -> None:
         """Back to the statistics of :meth:`stats_checkpoint`: what the forwards since then recorded is forgotten
-        (``stats_resets`` counts the resets and restores)."""
+        (``stats_resets`` counts the resets and restores). An adapter deleted since the checkpoint stays without
+        statistics, also when an adapter of its name was added again."""
+        forgotten = getattr(checkpoint, "forgotten", {})
         self._pending = {}
         self._deferred = []
-        self._totals = dict(checkpoint)
+        self._totals = {
+            key: total
+            for key, total in checkpoint.items()
+            if self._forgotten.get(key[1], 0) == forgotten.get(key[1], 0)
+        }
         self.stats_resets += 1
 
     def reset_stats(self) -> None:
         """Forget all accumulated routing statistics."""
         self.restore_stats({})
+
+
+class _StatsCheckpoint(dict):
+    """The running sums of :meth:`MoLoraRuntime.stats_checkpoint`, with how many times each adapter name was deleted
+    when it was taken."""
+
+    def __init__(self, totals: dict, forgotten: dict[str, int]) -> None:
+        super().__init__(totals)
+        self.forgotten = forgotten
 
 
 #: the most decode steps whose routing records wait for one batched reduction (see MoLoraRuntime.begin_forward)

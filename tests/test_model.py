@@ -949,6 +949,33 @@ def test_deleted_adapter_leaves_no_statistics_behind(batch):
     assert {len(s.load) for s in stats.values()} == {3} and {s.tokens for s in stats.values()} == {n_tokens}
 
 
+def test_restoring_statistics_brings_back_no_deleted_adapter(batch):
+    """A statistics mark taken before ``delete_adapter`` (``RoutingStatsCallback`` takes one each step) brings back
+    the counts of the adapters still there, not the deleted one's, also when an adapter of its name (other shapes) was
+    added again; the kept adapter's counts are those of the mark."""
+    model = get_peft_model(make_llama(), MoLoraConfig(num_experts=2, top_k=1, target_modules=["q_proj"]))
+    model.add_adapter("second", MoLoraConfig(num_experts=4, top_k=2, target_modules=["q_proj"]))
+    model.eval()
+    n_rows = batch["input_ids"].shape[0]
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], adapter_names=["default", "second"] + ["default"] * (n_rows - 2))
+    kept = model.get_routing_stats(adapter_name="default")
+    mark = model.routing_stats_checkpoint()
+    model.delete_adapter("second")
+    model.restore_routing_stats(mark)
+    assert all(":" not in key for key in model.get_routing_stats())  # only "default" is left
+    model.add_adapter("second", MoLoraConfig(num_experts=3, top_k=1, target_modules=["q_proj"]))
+    model.restore_routing_stats(mark)
+    assert model.get_routing_stats(adapter_name="second") == {}
+    model.set_adapter("second")
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"][:1])
+    stats = model.get_routing_stats()
+    assert {len(s.load) for k, s in stats.items() if k.endswith(":second")} == {3}
+    assert {s.tokens for k, s in stats.items() if k.endswith(":second")} == {batch["input_ids"][:1].numel()}
+    assert {k.removesuffix(":default"): s for k, s in stats.items() if k.endswith(":default")} == kept
+
+
 def test_encoder_sequence_classification_with_modules_to_save(tmp_path):
     from transformers import BertConfig, BertForSequenceClassification
 
