@@ -366,6 +366,40 @@ def test_importance_follows_the_gradient_and_frequency_ignores_padding():
     torch.testing.assert_close(state.importance, expected_i)
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_a_step_with_non_finite_gradients_leaves_the_importance_alone(bad):
+    """An fp16 loss-scale overflow gives inf/NaN gradients, whose optimizer step the ``GradScaler`` skips: the
+    sensitivity EMAs skip it too (folded in, the importance stayed NaN for the rest of training and growth went by
+    frequency alone), and the next finite step updates them as usual."""
+    model = get_peft_model(make_llama(), _config(lora_dropout=0.0)).train()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    state = layer.molora_rank["default"]
+    inputs = _inputs()
+
+    def backward(poison: bool) -> None:
+        model.zero_grad()
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        if poison:
+            layer.molora_B["default"].weight.grad[0, 0, 0] = bad
+
+    backward(False)
+    molora.update_importance(model)
+    before = state.importance.clone()
+    emas = {name: t.clone() for name, t in state._ema.items()}
+    assert torch.isfinite(before).all() and (before > 0).all()
+    other = model.base_model.model.model.layers[1].self_attn.q_proj.molora_rank["default"]
+    other_before = other.importance.clone()
+    backward(True)
+    molora.update_importance(model)
+    assert torch.equal(state.importance, before)
+    assert all(torch.equal(state._ema[name], t) for name, t in emas.items())
+    # another bank, whose gradients are finite, counts the step
+    assert torch.isfinite(other.importance).all() and not torch.equal(other.importance, other_before)
+    backward(False)
+    molora.update_importance(model)
+    assert torch.isfinite(state.importance).all() and not torch.equal(state.importance, before)
+
+
 @pytest.mark.parametrize("cast", ["half_base", "model_to_bf16"])
 def test_saliency_state_stays_fp32_on_a_half_precision_model(cast):
     """A half-precision base (PEFT places the state like the base layer) or ``model.to(bf16)`` cast every buffer: the

@@ -290,25 +290,30 @@ class DynamicRankState(nn.Module):
     def update_importance(self, A: torch.Tensor, B: torch.Tensor) -> None:
         """Update the sensitivity EMAs from ``A.grad``/``B.grad`` and recompute ``importance[E]``.
 
-        Does nothing for a parameter without a gradient (e.g. frozen, or no backward since the last call).
+        Does nothing for a parameter without a gradient (e.g. frozen, or no backward since the last call), and keeps
+        the EMAs of a step whose gradients are not finite (an fp16 loss-scale overflow, whose optimizer step the
+        ``GradScaler`` skips): folded in, they would make the importance NaN for the rest of training.
         """
         if A.grad is None or B.grad is None:
             return
         mask = self.mask()
         sums = torch.zeros(self.num_experts, self.r_max, device=mask.device)
         count = 0
-        for name, param, emask, dims in (
-            ("A", A, mask[:, None, :], 1),
-            ("B", B, mask[:, :, None], 2),
-        ):
-            theta = param.detach().float()
-            sens = (theta * param.grad.detach().float()).abs() * emask
+        parts = (("A", A, mask[:, None, :], 1), ("B", B, mask[:, :, None], 2))
+        sens = {
+            name: (param.detach().float() * param.grad.detach().float()).abs() * emask
+            for name, param, emask, _ in parts
+        }
+        # a device-side test, no host synchronisation: the old EMAs are selected where the step is not finite
+        finite = torch.isfinite(sens["A"]).all() & torch.isfinite(sens["B"]).all()
+        for name, param, emask, dims in parts:
             ipt, unc = self._ema.get(name + "_ipt"), self._ema.get(name + "_unc")
-            if ipt is None or ipt.shape != sens.shape or ipt.device != sens.device:
-                ipt, unc = torch.zeros_like(sens), torch.zeros_like(sens)
-            ipt, unc, score = sensitivity_ema(ipt, unc, sens, self.params.beta1, self.params.beta2)
+            if ipt is None or ipt.shape != sens[name].shape or ipt.device != sens[name].device:
+                ipt, unc = torch.zeros_like(sens[name]), torch.zeros_like(sens[name])
+            new_ipt, new_unc, _ = sensitivity_ema(ipt, unc, sens[name], self.params.beta1, self.params.beta2)
+            ipt, unc = torch.where(finite, new_ipt, ipt), torch.where(finite, new_unc, unc)
             self._ema[name + "_ipt"], self._ema[name + "_unc"] = ipt, unc
-            sums += (score * emask).sum(dim=dims)
+            sums += (ipt * unc * emask).sum(dim=dims)
             count += param.shape[dims]
         sigma = sums / count  # [E, r_max], mean over A[e, :, j] and B[e, j, :]
         active = mask.sum(dim=-1).clamp_min(1)
