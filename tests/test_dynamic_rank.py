@@ -208,6 +208,17 @@ def test_schedule_resolution():
         dr.resolve_schedule(p, 8, 95)  # the last event (step 100) is not needed: 9 events x 2 experts >= 16
     with pytest.warns(UserWarning, match=r"ends at step 100, after the run's last optimizer step 50: 5 of its 10"):
         dr.resolve_schedule(p, 8, 50)
+    # a window of fractions narrower than a step (a one-step smoke run, int(0.7 * 1) = 0): one event at step 1
+    for fractions, steps in (({}, 1), ({"end_fraction": 0.2}, 4)):
+        s = dr.resolve_schedule(dr.build_dynamic_rank_params(fractions, r=8), 8, steps)
+        assert (s.start, s.end, s.num_events, s.experts_per_event * s.growth_step) == (1, 1, 1, 16)
+    # a step at one end and a fraction at the other that cross: named
+    for window, named in (
+        ({"start_step": 5, "end_fraction": 0.2}, r"start_step=5\).*end_fraction=0.2 of 10 steps"),
+        ({"start_fraction": 0.5, "end_step": 2}, r"start_fraction=0.5 of 10 steps\).*end_step=2"),
+    ):
+        with pytest.raises(ValueError, match=named):
+            dr.resolve_schedule(dr.build_dynamic_rank_params(window, r=8), 8, 10)
 
 
 # -- masks and growth on a model ------------------------------------------------------------------------------------

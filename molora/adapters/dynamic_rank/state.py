@@ -473,8 +473,20 @@ def resolve_schedule(params: DynamicRankParams, num_experts_total: int, total_st
     start = params.start_step if params.start_step is not None else int(params.start_fraction * total_steps)
     end = params.end_step if params.end_step is not None else int(params.end_fraction * total_steps)
     start = max(1, start)  # step 0 never ends (on_step_end first sees step 1)
+    if end < start and params.start_step is None and params.end_step is None:
+        # a window of fractions narrower than a step (a short run: int(0.7 * 1) = 0): one event, at its start
+        end = start
     if end < start:
-        raise ValueError(f"DR-LoRA growth would start at step {start} but end at step {end}; widen the window.")
+
+        def given(name: str, value: Any) -> str:
+            step = getattr(params, f"{name}_step")
+            return f"{name}_step={step}" if step is not None else f"{name}_fraction={value} of {total_steps} steps"
+
+        raise ValueError(
+            f"DR-LoRA growth would start at step {start} ({given('start', params.start_fraction)}) but end at step "
+            f"{end} ({given('end', params.end_fraction)}): give both ends as steps (`dynamic_rank['start_step']` <= "
+            "`['end_step']`) or both as fractions of the run (`start_fraction` <= `end_fraction`, in [0, 1])."
+        )
     budget = num_experts_total * params.target_rank
     units = num_experts_total * (params.target_rank - params.init_rank) // params.growth_step
     span = end - start
