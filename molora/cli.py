@@ -140,7 +140,7 @@ def _inspect(args: argparse.Namespace) -> int:
     width = max(len(k) for k, _ in config_summary(info))
     for key, value in config_summary(info):
         print(f"{key:<{width}}  {value}")
-    if info["config"].get("dynamic_rank"):
+    if info["config"].get("dynamic_rank") is not None:  # ({} is DR-LoRA with the defaults)
         from .adapters.dynamic_rank import format_rank_table, rank_stats_from_adapter
 
         print("\nDR-LoRA ranks per expert (and the steps at which each bank grew):")

@@ -799,6 +799,21 @@ def test_molora_inspect_shows_the_ranks_per_expert(tmp_path, capsys):
     assert any(len(set(s.ranks)) > 1 for s in dr.rank_stats_from_adapter(tmp_path).values())  # heterogeneous
 
 
+def test_an_empty_dynamic_rank_dict_is_dr_lora_for_the_adapter_tools(tmp_path, capsys):
+    """``dynamic_rank={}`` is DR-LoRA with every default: ``molora inspect`` prints its rank table and
+    ``compact_adapter`` compacts it (both took the empty dict for "no DR-LoRA")."""
+    from molora.cli import main as molora_main
+
+    model = get_peft_model(make_llama(), _config(dynamic_rank={}))
+    _train_steps(model, 2, total_steps=10)  # the default window: growth from step int(0.1 * 10) = 1
+    model.save_pretrained(tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["dynamic_rank"] == {}
+    assert molora_main(["inspect", str(tmp_path / "adapter")]) == 0
+    assert "DR-LoRA ranks per expert" in capsys.readouterr().out
+    ranks = {k: v.ranks for k, v in model.get_rank_stats().items()}
+    assert molora.compact_adapter(tmp_path / "adapter", tmp_path / "compact") == {k: max(v) for k, v in ranks.items()}
+
+
 def test_generation_in_train_mode_observes_nothing(batch):
     """RL trainers sample with ``generate`` while the model is in train mode: those tokens are not training data and
     must not enter the routing frequencies (eval forwards and generation count nothing)."""

@@ -389,7 +389,7 @@ def compact_adapter(adapter_dir: str | Path, output_dir: str | Path) -> dict[str
 
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
     config, tensors = _read_adapter(adapter_dir)
-    if not config.get("dynamic_rank"):
+    if config.get("dynamic_rank") is None:  # ({} is DR-LoRA with the defaults)
         raise ValueError(f"{adapter_dir} is not a DR-LoRA adapter (its config has no `dynamic_rank`).")
     layer_ranks: dict[str, int] = {}
     out = dict(tensors)
