@@ -268,6 +268,46 @@ def test_windows_hold_the_layers_that_ran_and_survive_a_restore_of_an_older_mark
     assert all(min(s["load"]) >= 0 for s in got.values())
 
 
+def test_evaluations_are_rolled_back_only_during_training_and_never_past_a_reset():
+    """An evaluation during training is rolled back to the last step's statistics; one after ``train()``
+    (``trainer.evaluate()``/``predict()``) keeps its own, and a user's reset after the step's mark is not undone (the
+    restore brought back the training run's counts in both cases)."""
+    from types import SimpleNamespace
+
+    from molora.training.logging import RoutingStatsCallback
+
+    model = get_peft_model(make_llama(), MoLoraConfig(r=2, num_experts=4, top_k=2, init_lora_weights=False))
+    callback = RoutingStatsCallback(per_layer_file=False)
+    args, state = SimpleNamespace(output_dir=None), SimpleNamespace(global_step=0, log_history=[])
+    state.is_world_process_zero = True
+
+    def tokens() -> set[int]:
+        return {s.tokens for s in model.get_routing_stats().values()}
+
+    callback.on_train_begin(args, state, None, model=model)
+    model.train()
+    model(input_ids=torch.randint(3, 60, (2, 8)), labels=torch.randint(3, 60, (2, 8))).loss.backward()
+    state.global_step = 1
+    callback.on_step_end(args, state, None, model=model)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=torch.randint(3, 60, (2, 5)))
+    callback.on_evaluate(args, state, None, model=model)
+    assert tokens() == {16}  # the training step's
+    model.reset_routing_stats()  # a user's callback, after the step's mark
+    with torch.no_grad():
+        model(input_ids=torch.randint(3, 60, (2, 5)))
+    callback.on_predict(args, state, None, model=model)
+    assert model.get_routing_stats() == {}
+    callback.on_train_end(args, state, None, model=model)
+    model.reset_routing_stats()
+    with torch.no_grad():
+        model(input_ids=torch.randint(3, 60, (3, 4)))
+    callback.on_evaluate(args, state, None, model=model)
+    callback.on_predict(args, state, None, model=model)
+    assert tokens() == {12}  # the evaluation's, after training
+
+
 def test_a_run_without_statistics_leaves_no_earlier_runs_statistics(tmp_path):
     """``track_routing_stats=False`` into a folder an earlier run used: its ``routing_stats.json`` (and history)
     described the earlier adapter in the new card and heat map."""

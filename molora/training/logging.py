@@ -112,6 +112,10 @@ class RoutingStatsCallback(TrainerCallback):
         # the model's statistics at the end of the last optimizer step: an evaluation after it (predicted or not:
         # transformers also evaluates at the last step, user code may call evaluate()) is rolled back to it
         self._step_mark: Any = None
+        self._step_mark_resets: int | None = None
+        # between on_train_begin and on_train_end: an evaluation outside training (`trainer.evaluate()` after
+        # `train()`) keeps its statistics
+        self._training = False
         # the history file's lines up to this step belong to the run (a resumed one); later ones and those of an
         # earlier run in the same folder are dropped at the first write
         self._history_kept_step: int | None = None
@@ -153,6 +157,7 @@ class RoutingStatsCallback(TrainerCallback):
         self._folded_resets = None
         if state.global_step > 0:
             self._resume_totals(args, state, model)
+        self._training = True
         if model is not None and hasattr(model, "reset_routing_stats"):
             model.reset_routing_stats()  # drop statistics of evaluations run before training
         runtime = getattr(model, "molora_runtime", None) if model is not None else None
@@ -173,9 +178,14 @@ class RoutingStatsCallback(TrainerCallback):
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):
         # the evaluation's forwards are not training routing: back to the statistics of the last training step
-        if model is not None and hasattr(model, "restore_routing_stats") and self._step_mark is not None:
+        if not self._training or model is None or not hasattr(model, "restore_routing_stats"):
+            return
+        if self._step_mark is not None:
             unchanged = _stats_resets(model) == self._folded_resets
-            model.restore_routing_stats(self._step_mark)
+            # statistics reset since the mark (by a user's callback after the step): back to the empty statistics
+            # that left, not to the mark's
+            mark = self._step_mark if _stats_resets(model) == self._step_mark_resets else {}
+            model.restore_routing_stats(mark)
             if unchanged:  # (the mark is at or after the last fold: what was folded is still the model's)
                 self._folded_resets = _stats_resets(model)
 
@@ -187,6 +197,7 @@ class RoutingStatsCallback(TrainerCallback):
         """Remember the model's statistics now (the end of a training step), for :meth:`on_evaluate`."""
         if model is not None and hasattr(model, "routing_stats_checkpoint"):
             self._step_mark = model.routing_stats_checkpoint()
+            self._step_mark_resets = _stats_resets(model)
 
     def _hold(self, model) -> None:
         """Fold the model's statistics since the last fold into ``_held`` (at every logged window and checkpoint
@@ -265,6 +276,7 @@ class RoutingStatsCallback(TrainerCallback):
             Path(folder, STATS_FILE).write_text(json.dumps(stats, indent=1))
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._training = False
         stats = self.run_stats(model)
         runtime = getattr(model, "molora_runtime", None) if model is not None else None
         if runtime is not None:
