@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -73,11 +74,36 @@ MOLORA_TARGET_MODULES: dict[str, list[str]] = {
 }
 
 
+#: per model class: the names of its ``forward``'s positional parameters (see _named_arguments)
+_POSITIONAL_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _named_arguments(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A model call's arguments after the first by name: ``model(ids, mask)`` passes its ``attention_mask`` (and
+    ``position_ids``, ``past_key_values``, ``labels``, ...) by position, which the routing context reads by name. The
+    first stays positional (the input, whatever its name: see ``call_input``)."""
+    if len(args) <= 1:
+        return args, kwargs
+    cls = type(module)
+    names = _POSITIONAL_NAMES.get(cls) if "forward" not in module.__dict__ else None
+    if names is None:
+        try:
+            parameters = inspect.signature(module.forward).parameters.values()
+        except (TypeError, ValueError):  # a forward without a signature: read by keyword only, as before
+            return args, kwargs
+        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        names = tuple(p.name for p in parameters if p.kind in kinds)
+        if "forward" not in module.__dict__:
+            _POSITIONAL_NAMES[cls] = names
+    named = dict(zip(names[1:], args[1:]))
+    return args[:1], {**named, **kwargs}
+
+
 def _begin_forward_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
     runtime = module._molora_runtime
     if runtime.unchecked_adapters:
         _complete_adapter_copies(module, runtime)
-    runtime.begin_forward(args, kwargs)
+    runtime.begin_forward(*_named_arguments(module, args, kwargs))
     context = runtime.context
     if context.is_decode and context.cache_ref is not None and runtime.prompt_routers:
         # (here, outside any compiled graph, which reads the routers' current decisions)
@@ -153,7 +179,7 @@ def _begin_stack_hook(module: nn.Module, args: tuple, kwargs: dict, stack: str) 
     if stack == "backbone" and torch.compiler.is_compiling():
         # traced inside the compiled model's call, where a backbone changes nothing: no graph break there
         return
-    module._molora_began = module._molora_runtime.begin_stack(stack, args, kwargs)
+    module._molora_began = module._molora_runtime.begin_stack(stack, *_named_arguments(module, args, kwargs))
 
 
 def _end_stack_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:

@@ -1168,6 +1168,36 @@ def test_a_loaded_adapter_keeps_its_buffers_beside_one_with_the_same_parameters(
     assert torch.equal(alone, expected)
 
 
+@pytest.mark.parametrize("router", ["topk", "prompt"])
+def test_a_mask_passed_by_position_is_the_mask(router):
+    """``model.base_model(ids, mask)``, ``get_base_model()(ids, mask)`` and the backbone alone: the mask passed by
+    position keeps padding out of the statistics and of the prompt router's decision, as by keyword (it was read by
+    keyword only: padding counted, and a left-padded row's prompt decision changed)."""
+    config = MoLoraConfig(num_experts=4, top_k=2, router=router, init_lora_weights=False)
+    model = get_peft_model(make_llama(), config).eval()
+    torch.manual_seed(1)
+    ids = torch.randint(3, 60, (2, 8))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    calls = {
+        "keyword": lambda: model(input_ids=ids, attention_mask=mask).logits,
+        "tuner": lambda: model.base_model(ids, mask).logits,
+        "transformers model": lambda: model.get_base_model()(ids, mask).logits,
+        "backbone": lambda: model.get_base_model().model(ids, mask).last_hidden_state,
+    }
+    results = {}
+    for name, call in calls.items():
+        model.reset_routing_stats()
+        with torch.no_grad():
+            out = call()
+        results[name] = (out, model.get_routing_stats())
+    assert {s.tokens for s in results["keyword"][1].values()} == {int(mask.sum())}
+    for name in ("tuner", "transformers model"):
+        assert torch.equal(results[name][0], results["keyword"][0]), name
+    for name in calls:
+        assert results[name][1] == results["keyword"][1], name
+
+
 def test_an_all_ones_attention_mask_is_no_mask(batch):
     """Collators pass ``attention_mask`` of ones for unpadded batches: the layers then run their unmasked losses and
     statistics (the same values, fewer operators), as without a mask; a mask with padding is kept."""
