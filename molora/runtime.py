@@ -1142,6 +1142,10 @@ class MoLoraRuntime:
             # (a torch.export trace's tensors are fake and nothing replays this store with real ones, as Dynamo does
             # for torch.compile: kept, they broke the statistics and the next export)
             probs, weight = routing.probs, routing.weight
+            if key in self._pending:
+                # the module ran before in this forward (weights shared across layers, as ALBERT's): both calls
+                # count, reduced with the deferred forwards' records (a recompute records nothing, see above)
+                self._deferred.append({key: self._pending.pop(key)})
             self._pending[key] = _RawRouting(
                 # detach only what carries history (without autograd, as in generation, two operator calls less)
                 probs.detach() if probs.requires_grad else probs,
@@ -1160,6 +1164,13 @@ class MoLoraRuntime:
             inputs = router.aux_inputs(routing, valid)
             losses = {} if concat else type(router).aux_losses(inputs, config.balance_loss_type, need)
         compiling = torch.compiler.is_compiling()
+        if not self._recomputing and key in self._aux:
+            # the module's second call in this forward (shared weights): a router call of its own for the aux losses,
+            # as another layer's (its first record stays; a recompute keeps the forward's records, see below)
+            calls = 2
+            while (f"{layer_key}#{calls}", adapter_name) in self._aux:
+                calls += 1
+            key = (f"{layer_key}#{calls}", adapter_name)
         if not self._recomputing or key not in self._aux:
             # a recompute keeps its forward's record (it has the same values): the recomputed losses would keep the
             # recomputed graph, with this layer's activations, alive (non-reentrant checkpointing never runs it).

@@ -1168,6 +1168,59 @@ def test_a_loaded_adapter_keeps_its_buffers_beside_one_with_the_same_parameters(
     assert torch.equal(alone, expected)
 
 
+def test_a_module_called_twice_in_a_forward_counts_both_calls():
+    """Weights shared across layers (ALBERT's layer groups, a module a user calls twice): both calls are routed and
+    count, as two layers with copies of the weights do: statistics (only the last call's were kept), aux losses and
+    the gradients they give."""
+
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(16, 16)
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.a(torch.tanh(self.a(input_ids)))
+
+    class Copies(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a1, self.a2 = nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.a2(torch.tanh(self.a1(input_ids)))
+
+    torch.manual_seed(0)
+    shared = get_peft_model(
+        Shared(), MoLoraConfig(num_experts=4, top_k=2, target_modules=["a"], init_lora_weights=False)
+    )
+    copies = get_peft_model(Copies(), MoLoraConfig(num_experts=4, top_k=2, target_modules=["a1", "a2"]))
+    source = dict(shared.named_parameters())
+    with torch.no_grad():
+        for name, param in copies.named_parameters():
+            param.copy_(source[name.replace(".a1.", ".a.").replace(".a2.", ".a.")])
+    x = torch.randn(2, 5, 16)
+    outputs, aux, stats = {}, {}, {}
+    for name, model in (("shared", shared), ("copies", copies)):
+        model.train()
+        out = model(x)
+        out.pow(2).mean().backward()
+        outputs[name], aux[name] = out.detach(), model.molora_aux_losses()
+        stats[name] = model.get_routing_stats()
+    torch.testing.assert_close(outputs["shared"], outputs["copies"])
+    assert aux["shared"].keys() == aux["copies"].keys() and aux["shared"]
+    for loss in aux["shared"]:
+        torch.testing.assert_close(aux["shared"][loss], aux["copies"][loss])
+    grads = {n: p.grad for n, p in copies.named_parameters() if p.requires_grad}
+    for name, param in shared.named_parameters():
+        if param.requires_grad:  # the shared weights' gradient: the sum of the copies'
+            expected = grads[name.replace(".a.", ".a1.")] + grads[name.replace(".a.", ".a2.")]
+            torch.testing.assert_close(param.grad, expected, rtol=1e-5, atol=1e-7, msg=name)
+    (one,) = stats["shared"].values()
+    assert one.tokens == 20
+    first, second = stats["copies"].values()
+    torch.testing.assert_close(torch.tensor(one.load), (torch.tensor(first.load) + torch.tensor(second.load)) / 2)
+
+
 @pytest.mark.parametrize("router", ["topk", "prompt"])
 def test_a_mask_passed_by_position_is_the_mask(router):
     """``model.base_model(ids, mask)``, ``get_base_model()(ids, mask)`` and the backbone alone: the mask passed by
