@@ -1344,6 +1344,15 @@ class MoLoraRuntime:
         """Back to the statistics of :meth:`stats_checkpoint`: what the forwards since then recorded is forgotten
         (``stats_resets`` counts the resets and restores). An adapter deleted since the checkpoint stays without
         statistics, also when an adapter of its name was added again."""
+        if not isinstance(checkpoint, dict) or not all(
+            isinstance(key, tuple) and len(key) == 2 and isinstance(total, torch.Tensor)
+            for key, total in checkpoint.items()
+        ):
+            raise TypeError(
+                "restore_routing_stats() takes what routing_stats_checkpoint() returned; got "
+                f"{type(checkpoint).__name__} {repr(checkpoint)[:80]} (to forget every statistic: "
+                "reset_routing_stats())."
+            )
         forgotten = getattr(checkpoint, "forgotten", {})
         self._pending = {}
         self._deferred = []

@@ -974,6 +974,10 @@ def test_restoring_statistics_brings_back_no_deleted_adapter(batch):
     assert {len(s.load) for k, s in stats.items() if k.endswith(":second")} == {3}
     assert {s.tokens for k, s in stats.items() if k.endswith(":second")} == {batch["input_ids"][:1].numel()}
     assert {k.removesuffix(":default"): s for k, s in stats.items() if k.endswith(":default")} == kept
+    for bad in ({"model.layers.0.self_attn.q_proj": 1}, None, {("a", "b"): 1.0}):
+        with pytest.raises(TypeError, match="takes what routing_stats_checkpoint\\(\\) returned"):
+            model.restore_routing_stats(bad)
+    assert model.get_routing_stats() == stats  # a refused mark changes nothing
 
 
 def test_encoder_sequence_classification_with_modules_to_save(tmp_path):
