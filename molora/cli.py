@@ -145,8 +145,11 @@ def _inspect(args: argparse.Namespace) -> int:
 
         print("\nDR-LoRA ranks per expert (and the steps at which each bank grew):")
         print(format_rank_table(rank_stats_from_adapter(args.adapter_dir)))
-    if not info["stats"]:
+    if info["stats"] is None:
         print("no routing_stats.json in this folder: no heat map (molora sft writes it during training)")
+        return 0
+    if not info["stats"]:
+        print("routing_stats.json in this folder holds no layer (no routed token was counted): no heat map")
         return 0
     out = Path(args.output) if args.output else Path(args.adapter_dir) / HEATMAP_FILE
     # (the map in the adapter folder is uploaded by `molora push`: no path of this machine in its title)

@@ -54,9 +54,41 @@ def read_adapter_folder(adapter_dir: str | Path) -> dict[str, Any]:
         "config": config,
         "base": read_json(path / BASE_INFO_FILE),
         "recipe": yaml.safe_load(recipe_path.read_text()) if recipe_path.is_file() else None,
-        "stats": read_json(path / "routing_stats.json"),
+        "stats": read_routing_stats(path / "routing_stats.json"),
         "results": read_json(path / "molora_results.json"),
     }
+
+
+#: the fields of a layer in ``routing_stats.json`` that inspect, the card and the heat map read
+_STATS_FIELDS = ("tokens", "load", "normalized_entropy", "max_violation", "experts_per_token")
+
+
+def read_routing_stats(path: Path) -> dict[str, Any] | None:
+    """``routing_stats.json`` (``None`` when there is none), or a ``ValueError`` naming the file and what is wrong
+    with it when it is not per-layer statistics as molora writes them (``{layer: {"tokens": ..., "load": [...],
+    ...}}``)."""
+    stats = read_json(path)
+    if stats is None:
+        return None
+    if not isinstance(stats, dict):
+        raise ValueError(
+            f"{str(path)!r} holds a JSON {type(stats).__name__}, not per-layer routing statistics (an object)."
+        )
+    for layer, values in stats.items():
+        missing = [f for f in _STATS_FIELDS if not isinstance(values, dict) or f not in values]
+        if missing:
+            raise ValueError(
+                f"{str(path)!r}: layer {layer!r} lacks {', '.join(map(repr, missing))} (molora writes "
+                f"{', '.join(_STATS_FIELDS)} for each layer)."
+            )
+        load = values["load"]
+        numbers = [values[f] for f in _STATS_FIELDS if f != "load"] + (load if isinstance(load, list) else [None])
+        if not load or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
+            raise ValueError(
+                f"{str(path)!r}: layer {layer!r} has a value that is not a number ('load' must be a non-empty list of "
+                "numbers)."
+            )
+    return stats
 
 
 def base_model_name(info: dict[str, Any]) -> str:

@@ -580,6 +580,32 @@ def test_inspect_refuses_an_adapter_of_another_type(workdir, capsys):
     assert "holds a LORA adapter, not a MoLoRA one" in capsys.readouterr().err
 
 
+def test_inspect_names_a_routing_stats_file_it_cannot_read(trained, tmp_path, capsys):
+    """A ``routing_stats.json`` that is JSON but not per-layer statistics is named with what is wrong (a list raised
+    an ``AttributeError``, a layer without its fields a ``KeyError``); an empty one is not "no file"."""
+    import shutil
+
+    folder = tmp_path / "adapter"
+    shutil.copytree(trained, folder)
+    stats = json.loads((folder / "routing_stats.json").read_text())
+    layer, values = next(iter(stats.items()))
+    cases = {
+        "[1, 2]": "holds a JSON list, not per-layer routing statistics",
+        json.dumps({layer: {"tokens": 3}}): f"layer {layer!r} lacks 'load', 'normalized_entropy'",
+        json.dumps({layer: {**values, "load": []}}): "'load' must be a non-empty list of numbers",
+        json.dumps({layer: {**values, "max_violation": "high"}}): "has a value that is not a number",
+    }
+    for text, message in cases.items():
+        (folder / "routing_stats.json").write_text(text)
+        assert main(["inspect", str(folder), "--output", str(tmp_path / "map.png")]) == 2
+        err = capsys.readouterr().err
+        assert "routing_stats.json" in err and message in err, err
+    (folder / "routing_stats.json").write_text("{}")
+    assert main(["inspect", str(folder), "--output", str(tmp_path / "map.png")]) == 0
+    assert "routing_stats.json in this folder holds no layer" in capsys.readouterr().out
+    assert not (tmp_path / "map.png").exists()
+
+
 def test_generate_takes_a_hub_repository_as_the_card_says(trained, monkeypatch, capsys):
     """The pushed card says ``molora generate --adapter owner/name``: a name that is no local folder is fetched from
     the hub (here a stand-in for ``snapshot_download`` returning the trained folder); offline it fails saying so."""
