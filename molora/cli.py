@@ -130,7 +130,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .hub import HEATMAP_FILE, config_summary, public_base_name, read_adapter_folder
+    from .hub import HEATMAP_FILE, config_summary, heatmap_title, read_adapter_folder
     from .training.report import save_heatmap
 
     _check_output_parent(args.output, "--output", folder_ok=True)  # (a folder receives expert_load.png)
@@ -153,7 +153,7 @@ def _inspect(args: argparse.Namespace) -> int:
         return 0
     out = Path(args.output) if args.output else Path(args.adapter_dir) / HEATMAP_FILE
     # (the map in the adapter folder is uploaded by `molora push`: no path of this machine in its title)
-    written = save_heatmap(info["stats"], out, title=public_base_name(info))
+    written = save_heatmap(info["stats"], out, title=heatmap_title(info))
     print(f"expert-load heat map written to {written}")
     return 0
 

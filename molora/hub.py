@@ -161,6 +161,12 @@ def public_base_name(info: dict[str, Any]) -> str:
     return name if name == "unknown" else _last_component(name)
 
 
+def heatmap_title(info: dict[str, Any]) -> str | None:
+    """The heat map's title: the base model by :func:`public_base_name` (none when the folder does not record it)."""
+    name = public_base_name(info)
+    return None if name == "unknown" else name
+
+
 def training_data_name(info: dict[str, Any], public: bool = False) -> str:
     """The training data as the recipe names it (``public``: an absolute path by its file name, see
     :func:`_public_path`)."""
@@ -178,7 +184,8 @@ def summarize_stats(stats: dict[str, Any] | None) -> dict[str, Any] | None:
     layers = list(stats.values())
     worst = max(stats, key=lambda k: stats[k]["max_violation"])
     return {
-        "layers": len(layers),
+        # (statistics of several adapters are keyed "<module>:<adapter>": a module counts once)
+        "layers": len({name.rpartition(":")[0] or name for name in stats}),
         "tokens_per_layer": max(s["tokens"] for s in layers),
         "mean_normalized_entropy": sum(s["normalized_entropy"] for s in layers) / len(layers),
         "mean_max_violation": sum(s["max_violation"] for s in layers) / len(layers),
@@ -484,7 +491,7 @@ def prepare_upload(adapter_dir: str | Path, repo_id: str) -> list[str]:
         )
     info = read_adapter_folder(folder)
     if info["stats"] and not (folder / HEATMAP_FILE).is_file():
-        save_heatmap(info["stats"], folder / HEATMAP_FILE, title=public_base_name(info))
+        save_heatmap(info["stats"], folder / HEATMAP_FILE, title=heatmap_title(info))
     if is_generated_card(folder / CARD_FILE):
         write_model_card(folder, repo_id)
     return files_to_push(folder)

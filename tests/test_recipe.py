@@ -217,6 +217,37 @@ def test_heatmap_of_uneven_routers_and_encoder_decoder_stacks(tmp_path):
     assert grid[0][1] == [1.0, 1.0] and grid[1][1] == [1.0, 0.0]
 
 
+def test_heatmap_scale_label_and_title(tmp_path, monkeypatch):
+    """The colour scale ends at 1 (a share's largest value: one expert drew it up to 2/E = 2), the colour bar names
+    each expert count's balanced load (it named the largest count's for every panel), and a base that was not
+    recorded gives no "unknown" in the title."""
+    from matplotlib.figure import Figure
+
+    figures = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (figures.append(fig), save(fig, *a, **k))[1])
+
+    def drawn(stats, title=None):
+        save_heatmap(stats, tmp_path / "h.png", title=title)
+        fig = figures.pop()
+        bar = fig.axes[-1]
+        return fig.get_suptitle(), bar.get_ylabel(), bar.get_ylim()
+
+    title, label, limits = drawn({"model.layers.0.mlp.down_proj": {"load": [1.0]}})
+    assert title == "MoLoRA expert load" and limits == (0.0, 1.0) and "balanced = 1.000)" in label
+    title, label, limits = drawn(
+        {"model.layers.0.q_proj:a": {"load": [0.25] * 4}, "model.layers.0.q_proj:b": {"load": [0.3, 0.3, 0.4]}}, "base"
+    )
+    assert title == "MoLoRA expert load - base" and limits == (0.0, 0.5)
+    assert "balanced = 0.333 with 3 experts, 0.250 with 4 experts" in label
+    from molora.hub import heatmap_title, summarize_stats
+
+    assert heatmap_title({"base": None, "config": {}, "recipe": None}) is None
+    row = {"tokens": 4, "load": [0.5, 0.5], "normalized_entropy": 1.0, "max_violation": 0.0, "experts_per_token": 1.0}
+    two_adapters = {f"model.layers.{i}.q_proj:{a}": row for i in (0, 1) for a in ("a", "b")}
+    assert summarize_stats(two_adapters)["layers"] == 2  # adapted layers, not routers
+
+
 # -- model card and push ---------------------------------------------------------------------------------------------
 
 

@@ -47,7 +47,9 @@ def load_grid(stats: dict[str, Any]) -> tuple[list[str], list[str], list[list[li
 def save_heatmap(stats: dict[str, Any], path: str | Path, title: str | None = None) -> Path:
     """Draw one heat map per projection type (rows: layers, columns: experts, colour: share of assignments).
 
-    The colour scale is centred on ``1/E``, the load of a perfectly balanced router. ``path``: the image file (its
+    The colour scale runs from 0 to the largest load, and at least to ``2/E`` (capped at 1, a load's largest value), so
+    that a perfectly balanced router's ``1/E`` sits mid-scale unless some expert takes more than ``2/E``; the colour
+    bar names ``1/E`` (for each expert count when the routers have several). ``path``: the image file (its
     suffix names the format: ``.png``, ``.pdf``, ``.svg``, ...; without one, ``.png`` is added), or an existing
     folder to write ``expert_load.png`` into. Returns the path written.
     """
@@ -67,7 +69,8 @@ def save_heatmap(stats: dict[str, Any], path: str | Path, title: str | None = No
     projections, layers, grid = load_grid(stats)
     data = np.array(grid, dtype=float)  # [P, L, E]
     n_experts = data.shape[2]
-    vmax = max(float(np.nanmax(data)) if np.isfinite(data).any() else 1.0, 2.0 / n_experts)
+    vmax = min(1.0, max(float(np.nanmax(data)) if np.isfinite(data).any() else 1.0, 2.0 / n_experts))
+    sizes = sorted({len(s["load"]) for s in stats.values()})
     cols = min(len(projections), 4)
     rows = (len(projections) + cols - 1) // cols
     height = max(2.5, 0.18 * len(layers) + 1.2)
@@ -94,7 +97,8 @@ def save_heatmap(stats: dict[str, Any], path: str | Path, title: str | None = No
             ax.set_ylabel("layer", fontsize=7)
     if image is not None:
         bar = fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8)
-        bar.set_label(f"share of assignments (balanced = {1 / n_experts:.3f})", fontsize=7)
+        balanced = ", ".join(f"{1 / e:.3f}" + (f" with {e} experts" if len(sizes) > 1 else "") for e in sizes)
+        bar.set_label(f"share of assignments (balanced = {balanced})", fontsize=7)
         bar.ax.tick_params(labelsize=6)
     fig.suptitle(f"MoLoRA expert load{' - ' + title if title else ''}", fontsize=9)
     fig.savefig(path, dpi=110)
