@@ -277,6 +277,12 @@ class MoLoraConfig(PeftConfig):
         _require_choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
 
     def _validate(self) -> None:
+        for name in ("r", "lora_alpha", "lora_dropout", "num_experts", "top_k", "router_init_std"):
+            setattr(self, name, _python_number(getattr(self, name)))
+        for name in ("rank_pattern", "alpha_pattern"):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, {key: _python_number(item) for key, item in value.items()})
         _require_int("r", self.r, minimum=1)
         _require_number("lora_alpha", self.lora_alpha, positive=True)
         _require_number("lora_dropout", self.lora_dropout)
@@ -448,6 +454,18 @@ def _field_default(spec: dataclasses.Field) -> Any:
     if spec.default_factory is not dataclasses.MISSING:
         return spec.default_factory()
     return dataclasses.MISSING
+
+
+def _python_number(value: Any) -> Any:
+    """A numpy (or other non-builtin) integer or real scalar as the Python ``int``/``float`` of the same value, which
+    ``adapter_config.json`` can hold (a hyper-parameter search's ``np.int64(8)``); anything else unchanged."""
+    if isinstance(value, bool) or isinstance(value, (int, float)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
 
 
 def _require_int(name: str, value: Any, minimum: int) -> None:

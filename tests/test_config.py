@@ -138,6 +138,39 @@ def test_config_json_roundtrip(tmp_path):
     assert loaded.scaling == config.scaling
 
 
+def test_numpy_scalars_are_taken_as_the_same_python_numbers(tmp_path):
+    """A hyper-parameter search's ``np.int64(8)`` / ``np.float32(0.1)``: refused as "not a finite number" (LoRA takes
+    them and fails at save_pretrained, JSON cannot hold them); now the Python number of the same value, saved."""
+    np = pytest.importorskip("numpy")
+    config = MoLoraConfig(
+        r=np.int64(8),
+        lora_alpha=np.float32(16),
+        lora_dropout=np.float64(0.25),
+        num_experts=np.int32(4),
+        top_k=np.int64(2),
+        rank_pattern={"q_proj": np.int64(4)},
+        alpha_pattern={"q_proj": np.float32(8)},
+    )
+    assert (config.r, config.lora_alpha, config.lora_dropout, config.num_experts, config.top_k) == (
+        8,
+        16.0,
+        0.25,
+        4,
+        2,
+    )
+    assert type(config.r) is int and type(config.lora_alpha) is float and type(config.rank_pattern["q_proj"]) is int
+    config.save_pretrained(tmp_path)
+    loaded = PeftConfig.from_pretrained(tmp_path)
+    assert (loaded.r, loaded.num_experts, loaded.rank_pattern, loaded.alpha_pattern) == (
+        8,
+        4,
+        {"q_proj": 4},
+        {"q_proj": 8.0},
+    )
+    with pytest.raises(ValueError, match="must be an integer >= 1"):
+        MoLoraConfig(r=np.float64(2.5))
+
+
 def test_design_example_config_builds_and_wraps_a_model():
     """The example in DESIGN.md, verbatim: router_kwargs={"q": 1.1} is DynMoLE's Tsallis index."""
     from conftest import make_llama
