@@ -6,6 +6,7 @@ import contextlib
 import functools
 import inspect
 import sys
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -561,6 +562,7 @@ class MoLoraModel(BaseTuner):
                 f"fused MoE experts (Mixtral, OLMoE, Qwen-MoE layout).{experts_note} Adjust `target_modules`."
             )
         else:
+            self._check_fan_in_fan_out(adapter_name, peft_config, base)
             new_module = Linear(
                 target, adapter_name, peft_config, molora_key=current_key, **get_quantization_kwargs(self.model)
             )
@@ -570,6 +572,20 @@ class MoLoraModel(BaseTuner):
             # an additional adapter is not trainable until it is activated
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def _check_fan_in_fan_out(self, adapter_name: str, config: MoLoraConfig, base: nn.Module) -> None:
+        """Correct ``fan_in_fan_out`` to the base layer's layout, with PEFT LoRA's warning: the layer reads the layout
+        from the base's type, so a wrong value changes nothing but what ``adapter_config.json`` says."""
+        conv1d = isinstance(base, Conv1D)
+        if config.fan_in_fan_out == conv1d:
+            return
+        warnings.warn(
+            f"fan_in_fan_out is set to {not conv1d} but the target module is "
+            f"`{'Conv1D' if conv1d else 'torch.nn.Linear'}`. Setting fan_in_fan_out to {conv1d}.",
+            stacklevel=2,
+        )
+        config.fan_in_fan_out = conv1d
+        self.peft_config[adapter_name].fan_in_fan_out = conv1d
 
     def _check_merge_allowed(self):
         raise ValueError(MERGE_ERROR)

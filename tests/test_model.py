@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import MODEL_FACTORIES, make_gpt2, make_llama
-from peft import PeftModel, get_peft_model
+from peft import PeftConfig, PeftModel, get_peft_model
 from peft.utils.peft_types import PeftType
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -1170,6 +1170,22 @@ def test_a_loaded_adapter_keeps_its_buffers_beside_one_with_the_same_parameters(
     assert biases and all(b.tolist() == [5.0, 5.0, -5.0, -5.0] for b in biases)
     assert torch.equal(mixed, expected)
     assert torch.equal(alone, expected)
+
+
+@pytest.mark.parametrize(
+    ("make", "given", "layout"), [(make_llama, True, "torch.nn.Linear"), (make_gpt2, False, "Conv1D")]
+)
+def test_fan_in_fan_out_is_corrected_to_the_base_layout_with_a_warning(make, given, layout, tmp_path):
+    """As PEFT's LoRA: a ``fan_in_fan_out`` that contradicts the base layer's layout warns once and is corrected in
+    the config (the layer reads the layout from the base's type; the saved config said the opposite)."""
+    with pytest.warns(
+        UserWarning, match=f"fan_in_fan_out is set to {given} but the target module is `{layout}`"
+    ) as rec:
+        model = get_peft_model(make(), MoLoraConfig(num_experts=2, top_k=1, fan_in_fan_out=given))
+    assert sum("fan_in_fan_out" in str(w.message) for w in rec) == 1
+    model.save_pretrained(tmp_path)
+    assert model.peft_config["default"].fan_in_fan_out is (not given)
+    assert PeftConfig.from_pretrained(tmp_path).fan_in_fan_out is (not given)
 
 
 def test_a_module_called_twice_in_a_forward_counts_both_calls():
