@@ -37,7 +37,8 @@ def _sft(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.config, args.overrides)
     stem = Path(args.config).stem if args.config else "molora-sft"
     # the folder docs/cli.md promises (shown by --print-recipe, recorded in molora_recipe.yaml)
-    recipe["training"].setdefault("output_dir", str(Path("runs") / stem))
+    if recipe["training"].get("output_dir") is None:  # (left out, or null: the default, as in the other sections)
+        recipe["training"]["output_dir"] = str(Path("runs") / stem)
     if args.print_recipe:
         print(_full_recipe(recipe), end="")
         return 0

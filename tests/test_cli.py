@@ -315,6 +315,12 @@ def test_print_recipe_shows_the_default_output_folder(tmp_path, monkeypatch, cap
     assert main(["sft", "--config", "mine.yaml", "--print-recipe"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["training"]["output_dir"] == str(Path("runs") / "mine")  # what docs/cli.md says
+    # null means the default, as in the other sections (it trained into transformers' "trainer_output")
+    assert main(["sft", "--config", "mine.yaml", "--set", "training.output_dir=null", "--print-recipe"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["training"]["output_dir"] == str(Path("runs") / "mine")
+    from molora.training.sft import sft_kwargs
+
+    assert sft_kwargs({"output_dir": None}, "runs/x")["output_dir"] == "runs/x"
     # every default filled in: the adapter's MoLoraConfig values, molora's training defaults
     assert printed["adapter"]["num_experts"] == 4 and printed["adapter"]["router"] == "topk"
     assert printed["adapter"]["lora_alpha"] == 8 and printed["training"]["report_to"] == "none"

@@ -93,6 +93,8 @@ def sft_kwargs(training: dict[str, Any], default_output_dir: str = "runs/molora-
         "report_to": "none",
     }
     training = dict(training)
+    if training.get("output_dir") is None:  # null: the default folder, not transformers' "trainer_output"
+        training.pop("output_dir", None)
     if any(f.name == "activation_checkpointing" for f in dataclasses.fields(SFTConfig)):
         # transformers 5 renamed gradient_checkpointing(_kwargs) to activation_checkpointing(_kwargs) and warns
         # whenever only the old name is set, TRL's own default included: recipes may use either name
