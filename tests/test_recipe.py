@@ -68,6 +68,7 @@ def test_defaults_and_overrides(tmp_path):
         ({"adapter": {"top_k": 3, "num_experts": 2}}, "adapter: `top_k`=3 must be <= num_experts=2"),
         ({"adapter": {"router": "topk", "router_kwargs": {"jitter": 1}}}, "jitter"),
         ({"training": []}, "Section 'training' must be a mapping"),
+        ({"adapter": {"task_type": "SEQ_CLS"}}, "adapter.task_type='SEQ_CLS': molora sft trains a causal language"),
     ],
 )
 def test_bad_recipes_name_the_problem(raw, message):

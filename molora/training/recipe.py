@@ -256,6 +256,13 @@ def validate(recipe: dict) -> dict[str, dict[str, Any]]:
             f"training.resume_from_checkpoint={resume!r} is not a checkpoint folder (a checkpoint-* folder a run "
             "saved, with its trainer_state.json; or true for the last one in training.output_dir)."
         )
+    if adapter.get("task_type") not in (None, "CAUSAL_LM"):
+        # another task's adapter (SEQ_CLS: a classifier head in modules_to_save) trained as a causal LM would load as
+        # neither
+        raise RecipeError(
+            f"adapter.task_type={adapter['task_type']!r}: molora sft trains a causal language model with TRL's "
+            "SFTTrainer; allowed values: ['CAUSAL_LM'] (or leave it out)."
+        )
     if adapter:
         # validates values with MoLoraConfig's own messages (field name, value, allowed values)
         build_adapter_config(adapter)
@@ -398,6 +405,8 @@ def build_adapter_config(adapter: dict[str, Any]):
     from ..config import MoLoraConfig
 
     kwargs = {"task_type": "CAUSAL_LM", **_yaml12_numbers(adapter)}
+    if kwargs["task_type"] is None:  # (null: the default, as elsewhere in a recipe)
+        kwargs["task_type"] = "CAUSAL_LM"
     try:
         return MoLoraConfig(**kwargs)
     except (TypeError, ValueError) as err:
