@@ -106,7 +106,7 @@ def _eval(args: argparse.Namespace) -> int:
     hint = "molora eval reads the columns messages (chat), prompt + completion, or text: rename the file's columns"
     # the bundled data's held-out split, or the named one; a single file (or saved Dataset) is read whole
     rows = load_rows(args.data, args.split or "eval", split_setting="--split", strict=args.split is not None)
-    dataset, _ = prepare(rows, data_cfg, args.max_examples, keep_task=True, field_hint=hint)
+    dataset, _ = prepare(rows, data_cfg, args.max_examples, keep_task=True, field_hint=hint, format_setting="--format")
     if args.adapter:
         model, tokenizer, _ = load_adapter_model(args.adapter, model=args.model)
         title = f"{args.adapter} on {args.data}"

@@ -260,6 +260,7 @@ def test_push_dry_run_and_card(trained, capsys):
         (["eval", "--data", "bundled", "--split", "valid"], "--split='valid': the bundled dataset has the splits"),
         (["inspect", "corrupt", "--output", "new/"], "--output 'new/': the folder does not exist"),
         (["eval", "--data", "bad_split.jsonl", "--split", "test"], "--split='test', but 'bad_split.jsonl' is one"),
+        (["eval", "--data", "bad_split.jsonl", "--format", "chat"], "--format='chat' needs the column(s)"),
     ],
 )
 def test_clear_errors(argv, message, capsys, tmp_path, monkeypatch):

@@ -109,9 +109,15 @@ def _load_dir(path: Path, split: str):
 RECIPE_FIELD_HINT = "set data.messages_field / prompt_field / completion_field / text_field to the right column names"
 
 
-def detect_format(columns: list[str], data_cfg: dict[str, Any], field_hint: str = RECIPE_FIELD_HINT) -> str:
+def detect_format(
+    columns: list[str],
+    data_cfg: dict[str, Any],
+    field_hint: str = RECIPE_FIELD_HINT,
+    format_setting: str = "data.format",
+) -> str:
     """The row layout (``chat``, ``prompt_completion`` or ``text``) of a dataset with these columns; ``field_hint``
-    says how to point the reader at other columns."""
+    says how to point the reader at other columns, ``format_setting`` names where the format was chosen (the recipe
+    key, or ``molora eval``'s ``--format``)."""
     fmt = data_cfg.get("format", "auto")
     fields = {
         "chat": [data_cfg["messages_field"]],
@@ -122,7 +128,7 @@ def detect_format(columns: list[str], data_cfg: dict[str, Any], field_hint: str 
         missing = [c for c in fields[fmt] if c not in columns]
         if missing:
             raise RecipeError(
-                f"data.format={fmt!r} needs the column(s) {missing}, but the dataset has {columns}; {field_hint}."
+                f"{format_setting}={fmt!r} needs the column(s) {missing}, but the dataset has {columns}; {field_hint}."
             )
         return fmt
     for candidate in ("chat", "prompt_completion", "text"):
@@ -140,9 +146,10 @@ def prepare(
     max_examples: int | None,
     keep_task: bool = False,
     field_hint: str = RECIPE_FIELD_HINT,
+    format_setting: str = "data.format",
 ):
     """Rename the layout's columns to TRL's names and drop the rest; return ``(dataset, format)``."""
-    fmt = detect_format(list(dataset.column_names), data_cfg, field_hint)
+    fmt = detect_format(list(dataset.column_names), data_cfg, field_hint, format_setting)
     mapping = {
         "chat": {data_cfg["messages_field"]: "messages"},
         "prompt_completion": {data_cfg["prompt_field"]: "prompt", data_cfg["completion_field"]: "completion"},
