@@ -413,6 +413,12 @@ def test_adamoe_spec_vector_batch_balance_loss():
     losses = AdaMoERouter.aux_losses(inputs, "megatron", frozenset({"balance", "z"}))
     assert losses["balance"].item() == pytest.approx(0.995620, abs=1e-6)
     torch.testing.assert_close(losses["z"], balancing.router_z_loss(torch.tensor(ADAMOE_Z)))
+    # "switch" counts each token's top-1 (true 0, true 1, null 0: f = [1, 1, 1, 0] / 3) and, as the spec's rule for
+    # null experts says, averages the null loads ([1/3, 1/3, 1/6, 1/6]); it counted them apart (1.019769)
+    switch = AdaMoERouter.aux_losses(inputs, "switch", frozenset({"balance"}))["balance"]
+    p = inputs.probs.mean(0).double()
+    assert switch.item() == pytest.approx(4 * float(p[0] / 3 + p[1] / 3 + (p[2] + p[3]) / 6), abs=1e-6)
+    assert switch.item() == pytest.approx(1.004380, abs=1e-6)
 
 
 def test_adamoe_null_counts_are_averaged():

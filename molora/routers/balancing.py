@@ -89,6 +89,8 @@ class AuxInputs:
             ``aux_losses``. Rows are concatenated by :meth:`cat` like the other fields.
         row_weight (Tensor[T] or None): float 0/1 weight of each row (padding 0) when the rows are all tokens rather
             than the valid ones; ``None``: every row counts.
+        pooled_from (int or None): the columns from this one on form a group whose loads are averaged (AdaMoE's null
+            experts, balanced as a group), also for ``"switch"``, which counts each token's top-1 probability.
     """
 
     probs: torch.Tensor
@@ -98,6 +100,7 @@ class AuxInputs:
     top_k: int
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
     row_weight: torch.Tensor | None = None
+    pooled_from: int | None = None
 
     @classmethod
     def from_routing(
@@ -119,13 +122,15 @@ class AuxInputs:
         valid: torch.Tensor | None,
         top_k: int,
         weighted: bool = False,
+        pooled_from: int | None = None,
     ) -> AuxInputs:
         """:meth:`from_routing` for loss inputs a router assembled itself (rows ``T``, ``valid[T]``)."""
+        common = dict(top_k=top_k, pooled_from=pooled_from)
         if weighted and valid is not None:
             weight = valid.reshape(-1).to(device=probs.device, dtype=probs.dtype)
-            return cls(probs=probs, gates=gates, selected=selected, logits=logits, top_k=top_k, row_weight=weight)
+            return cls(probs=probs, gates=gates, selected=selected, logits=logits, row_weight=weight, **common)
         probs, gates, selected, logits = (take_valid(t, valid) for t in (probs, gates, selected, logits))
-        return cls(probs=probs, gates=gates, selected=selected, logits=logits, top_k=top_k)
+        return cls(probs=probs, gates=gates, selected=selected, logits=logits, **common)
 
     def same_rows(self, values: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         """``values[T, ...]`` restricted to the rows these inputs hold: every row when they are weighted
@@ -159,6 +164,8 @@ class AuxInputs:
             top_k=inputs[0].top_k,
             extra={key: torch.cat([i.extra[key] for i in inputs]) for key in sorted(keys)},
             row_weight=row_weight,
+            # (one adapter's routers: the same router type with the same null experts)
+            pooled_from=inputs[0].pooled_from,
         )
 
 
@@ -188,7 +195,16 @@ def row_mean(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
 
 
 def expert_load(inputs: AuxInputs, balance_loss_type: str) -> torch.Tensor:
-    """The load ``f[E]`` of the chosen normalisation (see the module docstring)."""
+    """The load ``f[E]`` of the chosen normalisation (see the module docstring), the loads of a group of columns
+    (:attr:`AuxInputs.pooled_from`) replaced by their mean."""
+    load = _expert_load(inputs, balance_loss_type)
+    first = inputs.pooled_from
+    if first is None or first >= load.shape[0]:
+        return load
+    return torch.cat([load[:first], load[first:].mean().expand(load.shape[0] - first)])
+
+
+def _expert_load(inputs: AuxInputs, balance_loss_type: str) -> torch.Tensor:
     probs, weight = inputs.probs, inputs.row_weight
     n_tokens, n_experts = probs.shape
     if balance_loss_type == "switch":

@@ -128,5 +128,12 @@ class AdaMoERouter(DenseGateSelection, Router):
         selected = torch.cat([selected[:, :n], null_share], dim=-1)
         gates = torch.cat([routing.dense_gates(), routing.gates.new_zeros(routing.num_tokens, m)], dim=-1)
         return balancing.AuxInputs.from_rows(
-            routing.full_probs, gates, selected, routing.full_logits, valid, self.top_k, self.weighted_aux_rows()
+            routing.full_probs,
+            gates,
+            selected,
+            routing.full_logits,
+            valid,
+            self.top_k,
+            self.weighted_aux_rows(),
+            pooled_from=n,  # (the null experts' loads as a group, also for "switch"'s top-1 counts)
         )
