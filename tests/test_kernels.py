@@ -295,6 +295,29 @@ def test_auto_takes_the_chosen_path(kind, expected_path, monkeypatch):
         torch.testing.assert_close(grad, ref)
 
 
+@pytest.mark.parametrize("kernel", ["grouped", "triton"])
+def test_forced_grouped_paths_compute_dense_routings_on_the_dense_path(kernel, monkeypatch):
+    """A routing where every token uses every expert (``soft``, ``top_k == num_experts``) sorted into the grouped
+    paths' ``[N, d_out]`` rows is a ``[tokens * E, d_out]`` buffer (256 MiB at 4096 tokens, 8 experts, 2048 wide in
+    fp32): forced, they compute it on the dense path (the same numbers); a sparse routing stays theirs."""
+    taken = []
+    for name, path in list(kernels_module._PATHS.items()):
+        monkeypatch.setitem(
+            kernels_module._PATHS, name, lambda *a, name=name, path=path: taken.append(name) or path(*a)
+        )
+    torch.manual_seed(5)
+    x, A, B = torch.randn(6, 5), torch.randn(4, 5, 2), torch.randn(4, 2, 3)
+    logits = torch.randn(6, 4)
+    for routing in (make_routing("soft", logits, 5), topk_routing(torch.softmax(logits, -1), 4, logits=logits)):
+        taken.clear()
+        torch.testing.assert_close(expert_delta(x, A, B, routing, 0.5, kernel), naive_delta(x, A, B, routing, 0.5))
+        assert taken == ["dense"]
+    if kernel == "grouped":
+        taken.clear()
+        expert_delta(x, A, B, topk_routing(torch.softmax(logits, -1), 2, logits=logits), 0.5, kernel)
+        assert taken == ["grouped"]
+
+
 def test_grouped_path_keeps_only_rank_activations_for_backward():
     """The grouped path's autograd node keeps the ``[N, r]`` rank activations, not the gathered input rows
     ``[N, d_in]`` nor the expanded rows ``[N, d_out]`` (what autograd over the plain ops kept: twice the memory of

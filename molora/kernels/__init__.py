@@ -137,6 +137,10 @@ def expert_delta(
         path = _PATHS[kernel]
     except KeyError:
         raise ValueError(f"`kernel`={kernel!r} is not supported; allowed values: {list(KERNEL_CHOICES)}.") from None
+    if kernel in ("grouped", "triton") and 0 < x.shape[0] * A.shape[0] <= routing.token_index.numel():
+        # every token uses every expert (the soft router, top_k == num_experts): the token-sorted rows of these paths
+        # would be a [tokens * E, d_out] buffer; the dense path computes the same without it
+        path = _PATHS["dense"]
     return path(x, A, B, routing, scaling)
 
 

@@ -6,7 +6,8 @@ Semantics shared by every path (``s`` = LoRA scaling, gates from a :class:`~molo
 
 Shapes: ``x[T, d_in]``, ``A[E, d_in, r]``, ``B[E, r, d_out]``, assignments ``token_index[N]``, ``expert_index[N]``,
 ``weight[N]``. Autograd flows to ``x``, ``A``, ``B`` and the gate weights (hence to the router). No path builds a
-``[T, E, d_out]`` tensor.
+``[T, E, d_out]`` tensor (the grouped path's ``[N, d_out]`` rows would be one for a routing where every token uses
+every expert: :func:`molora.kernels.expert_delta` sends those to the dense path).
 """
 
 from __future__ import annotations
