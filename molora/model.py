@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ from .adapters.moe_experts import MoeExpertsLora, fused_experts_problem, is_fuse
 from .config import MoLoraConfig
 from .routers.base import Router, get_router_class
 from .routers.prompt import is_prompt_router, keep_prefill_decisions, restore_decisions
-from .runtime import LayerRoutingStats, MoLoraRuntime, call_input
+from .runtime import LayerRoutingStats, MoLoraRuntime, _weak_ref, call_input
 
 _LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -166,9 +167,15 @@ def _complete_adapter_copies(model: nn.Module, runtime: MoLoraRuntime) -> None:
 def _end_forward_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
     runtime = module._molora_runtime
     context = runtime.context
-    if context.kv_cache and not context.is_decode and runtime.prompt_deciders:
-        # a prefill's decisions go with the KV cache it filled (compiled code could not attach them)
-        keep_prefill_decisions(context, runtime.prompt_deciders, runtime.prompt_routers)
+    if not context.is_decode and runtime.prompt_deciders:
+        if not context.kv_cache:
+            # a cache the model created itself (`use_cache` without `past_key_values`, as a hand-written decoding
+            # loop's prefill): the decode steps that continue it read their decisions from it too
+            cache = output.get("cache", output.get("past_key_values")) if isinstance(output, Mapping) else None
+            context = dataclasses.replace(context, cache_ref=_weak_ref(cache)) if cache is not None else None
+        if context is not None:
+            # a prefill's decisions go with the KV cache it filled (compiled code could not attach them)
+            keep_prefill_decisions(context, runtime.prompt_deciders, runtime.prompt_routers)
     return runtime.end_forward(output)
 
 

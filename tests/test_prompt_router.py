@@ -345,6 +345,23 @@ def test_continuing_a_conversation_after_another_keeps_its_own_decision(module_m
     assert not torch.equal(other[:, -4:], right_away[:, -4:])
 
 
+def test_a_hand_written_decoding_loop_keeps_each_prefills_decision_with_the_cache_it_created():
+    """``out = model(input_ids=A)`` lets the model create its KV cache; another prefill (another request) runs; A's
+    decode step with ``out.cache`` reads A's decision (it read the other prefill's, silently when that prompt was not
+    longer: only caches passed in the call got their decisions)."""
+    model = prompt_model()
+    torch.manual_seed(0)
+    a, b, step = torch.randint(3, 90, (1, 6)), torch.randint(3, 90, (1, 4)), torch.randint(3, 90, (1, 1))
+    with torch.no_grad():
+        with model.molora_prompt_mask(torch.ones(1, 6, dtype=torch.long)):
+            expected = model(input_ids=torch.cat([a, step], 1), use_cache=False).logits[:, -1]
+        first = model(input_ids=a, use_cache=True)
+        cache = first["cache"] if "cache" in first else first["past_key_values"]
+        model(input_ids=b, use_cache=True)
+        got = model(input_ids=step, cache=cache, use_cache=True).logits[:, -1]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_a_kv_cache_keeps_only_its_prefill_decisions_and_pickles():
     """The decisions kept with a KV cache are those made in the prefill that filled it (another adapter's routers,
     which did not run there, attached their older decisions too, and continuing the cache with that adapter then
@@ -394,11 +411,14 @@ def test_assisted_decoding_routes_from_the_prompt_and_equals_greedy(how):
 
 
 def test_decode_step_that_does_not_follow_its_prefill_raises():
+    """A decode step whose cache holds no decision (filled without the adapter: nothing routed there) reads the
+    routers' last one, which must fit it."""
     model = prompt_model()
     one, short = torch.tensor([PROMPTS[0]]), torch.tensor([PROMPTS[1]])
     with torch.no_grad():
-        cache = model(input_ids=one, use_cache=True).past_key_values
-        short_cache = model(input_ids=short, use_cache=True).past_key_values
+        with model.disable_adapter():
+            cache = model(input_ids=one, use_cache=True).past_key_values
+            short_cache = model(input_ids=short, use_cache=True).past_key_values
         model(input_ids=torch.tensor(PROMPTS[1:2] * 2))  # a prefill of another batch replaces the decision
         with pytest.raises(ValueError, match="batch of 2 sequences"):
             model(input_ids=one[:, :1], cache=cache, use_cache=True)
