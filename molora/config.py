@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from peft.config import PeftConfig
+from peft.utils.peft_types import TaskType
 
-from ._peft_type import ensure_peft_type
+from ._peft_type import MOLORA_NAME, ensure_peft_type
 from .adapters.dynamic_rank import build_dynamic_rank_params
 from .kernels import KERNEL_CHOICES
 from .routers.balancing import BALANCE_LOSS_TYPES
@@ -242,13 +243,33 @@ class MoLoraConfig(PeftConfig):
             return None
         return build_dynamic_rank_params(self.dynamic_rank, self.r)
 
-    def check_before_save(self) -> None:
-        """Raise a ``ValueError`` naming the field if the config is invalid or cannot be written as JSON.
+    def check_before_save(self, adapter_name: str | None = None) -> None:
+        """Raise a ``ValueError`` naming the field (and ``adapter_name`` when given) if the config is invalid or
+        cannot be written as JSON.
 
         ``PeftModel.save_pretrained`` writes the weights first and the config after: a field set after construction
         to a value JSON cannot hold would leave the folder with new weights and a truncated ``adapter_config.json``.
         The tuner calls this while collecting the adapter's weights, before anything is written."""
+        try:
+            self._check_before_save()
+        except ValueError as err:
+            if adapter_name is None:
+                raise
+            raise ValueError(f"Adapter {adapter_name!r}: {err}") from None
+
+    def _check_before_save(self) -> None:
         self._validate()
+        # (PEFT checks these when the config is built, not when it is edited; saved wrong, the folder would not load
+        # or would load as another method)
+        if getattr(self.peft_type, "value", self.peft_type) != MOLORA_NAME:
+            raise ValueError(f"`peft_type`={self.peft_type!r} must be {MOLORA_NAME!r} in a MoLoraConfig.")
+        if self.task_type is not None and getattr(self.task_type, "value", self.task_type) not in {
+            t.value for t in TaskType
+        }:
+            raise ValueError(
+                f"`task_type`={self.task_type!r} is not a PEFT task type; allowed values: "
+                f"{sorted(t.value for t in TaskType)} or None."
+            )
         for spec in dataclasses.fields(self):
             value = getattr(self, spec.name)
             try:

@@ -408,8 +408,17 @@ class MoLoraModel(BaseTuner):
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         if isinstance(config, MoLoraConfig):
-            # save_pretrained collects the weights before it writes anything, and writes the config last
-            config.check_before_save()
+            # save_pretrained collects the weights before it writes anything, and writes the config last; it saves
+            # the selected adapters one after the other, so every MoLoRA adapter of the model is checked before the
+            # first is written (a bad second one left the folder with the first one's new weights)
+            for name, other in getattr(model, "peft_config", {adapter_name: config}).items():
+                if isinstance(other, MoLoraConfig):
+                    other.check_before_save(name)
+                    if other.milora_module_mode:
+                        try:
+                            milora.check_layer_top_k(model, name, other.top_k)
+                        except ValueError as err:
+                            raise ValueError(f"Adapter {name!r}: {err} Nothing was written.") from None
         to_return = super()._get_adapter_state_dict(
             model=model,
             config=config,

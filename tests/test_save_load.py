@@ -138,6 +138,52 @@ def test_a_save_that_cannot_write_the_config_leaves_the_previous_adapter_intact(
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_every_adapter_is_checked_before_any_is_written(tmp_path):
+    """Several adapters are saved one after the other: a bad config of the second left the folder with the first
+    one's new weights beside the second's old ones, under "Nothing was written". A module-mode ``top_k`` edited past
+    a decoder layer's projections, a ``task_type`` typo and a foreign ``peft_type`` (saved, the folder would not load
+    or load as another method) are refused too."""
+    import pytest
+
+    def model(seed: int, **extra):
+        config = dict(r=2, num_experts=2, top_k=1, init_lora_weights=False, task_type="CAUSAL_LM")
+        built = get_peft_model(make_llama(seed), MoLoraConfig(**{**config, **extra}))
+        built.add_adapter("second", MoLoraConfig(**{**config, **extra}))
+        return built
+
+    model(0).save_pretrained(tmp_path)
+    before = _tree(tmp_path)
+    assert "second/adapter_model.safetensors" in before
+    other = model(1)
+    other.peft_config["second"].revision = Path("main")
+    with pytest.raises(ValueError, match="Adapter 'second': `revision`=.*Nothing was written"):
+        other.save_pretrained(tmp_path)
+    assert _tree(tmp_path) == before
+    other.peft_config["second"].revision = None
+    for field, value, message in (
+        ("task_type", "CAUSAL-LM", "`task_type`='CAUSAL-LM' is not a PEFT task type; allowed values: \\['CAUSAL_LM'"),
+        ("peft_type", "LORA", "`peft_type`='LORA' must be 'MOLORA'"),
+    ):
+        # (on the second adapter: PEFT hands an adapter whose peft_type is LORA to LoRA's code, not molora's)
+        setattr(other.peft_config["second"], field, value)
+        with pytest.raises(ValueError, match=f"Adapter 'second': {message}"):
+            other.save_pretrained(tmp_path)
+        assert _tree(tmp_path) == before
+        setattr(other.peft_config["second"], field, MoLoraConfig(task_type="CAUSAL_LM").__dict__[field])
+    module_mode = dict(num_experts=1, top_k=2, router="prompt", router_kwargs={"milora_mode": "module"})
+    model(2, **module_mode).save_pretrained(tmp_path / "module")
+    before = _tree(tmp_path)
+    edited = model(3, **module_mode)
+    edited.peft_config["default"].top_k = 99
+    with pytest.raises(ValueError, match="Adapter 'default': `top_k`=99 modules per sequence.*Nothing was written"):
+        edited.save_pretrained(tmp_path / "module")
+    assert _tree(tmp_path) == before
+
+
 def test_adapters_saved_with_bare_bank_keys_still_load(tmp_path):
     """Before the banks were modules their saved keys were "<module>.molora_A" (no ".weight"): such files load to the
     same outputs, through PeftModel.from_pretrained and after DR-LoRA's compaction alike."""

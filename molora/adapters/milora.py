@@ -71,6 +71,28 @@ def decoder_layer_key(model: nn.Module, module_name: str) -> str | None:
     return None
 
 
+def _top_k_problem(top_k: int, layer_key: str, names: tuple[str, ...]) -> str:
+    return (
+        f"`top_k`={top_k} modules per sequence, but decoder layer {layer_key!r} has only {len(names)} adapted "
+        f"projection(s) {list(names)} in router_kwargs['milora_mode']='module'; lower `top_k` or adapt more "
+        "projections (MiLoRA: 3 of the 7 attention and MLP projections)."
+    )
+
+
+def check_layer_top_k(model: nn.Module, adapter_name: str, top_k: int) -> None:
+    """Raise the ``ValueError`` :func:`build_layer_routers` raises if ``top_k`` exceeds the adapted projections of a
+    decoder layer of ``model``'s module-mode adapter ``adapter_name`` (a config edited after the model was built:
+    saved, it would not load)."""
+    for module in model.modules():
+        container = module._modules.get(CONTAINER)
+        if container is not None and adapter_name in container:
+            for key, router in container[adapter_name].items():
+                if top_k > router.num_experts:
+                    names = tuple(getattr(router, "module_names", ())) or tuple(map(str, range(router.num_experts)))
+                    raise ValueError(_top_k_problem(top_k, key, names))  # (the layer by its container key)
+            return
+
+
 def container_key(layer_key: str) -> str:
     """``layer_key`` as a ``ModuleDict`` key (no dots)."""
     return layer_key.replace(".", "_")
@@ -116,11 +138,7 @@ def build_layer_routers(
     for key, members in groups.items():
         names = tuple(name.removeprefix(key + ".") for name, _ in members)
         if config.top_k > len(members):
-            raise ValueError(
-                f"`top_k`={config.top_k} modules per sequence, but decoder layer {key!r} has only {len(members)} "
-                f"adapted projection(s) {list(names)} in router_kwargs['milora_mode']='module'; lower `top_k` or "
-                "adapt more projections (MiLoRA: 3 of the 7 attention and MLP projections)."
-            )
+            raise ValueError(_top_k_problem(config.top_k, key, names))
         in_features = width if isinstance(width, int) else members[0][1].in_features
         router = router_cls(
             in_features,
