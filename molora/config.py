@@ -300,7 +300,7 @@ class MoLoraConfig(PeftConfig):
     def _validate(self) -> None:
         for name in ("r", "lora_alpha", "lora_dropout", "num_experts", "top_k", "router_init_std"):
             setattr(self, name, _python_number(getattr(self, name)))
-        for name in ("rank_pattern", "alpha_pattern"):
+        for name in ("rank_pattern", "alpha_pattern", "router_kwargs", "dynamic_rank"):
             value = getattr(self, name)
             if isinstance(value, dict):
                 setattr(self, name, {key: _python_number(item) for key, item in value.items()})

@@ -169,6 +169,11 @@ def test_numpy_scalars_are_taken_as_the_same_python_numbers(tmp_path):
     )
     with pytest.raises(ValueError, match="must be an integer >= 1"):
         MoLoraConfig(r=np.float64(2.5))
+    # also inside the router's and DR-LoRA's settings ("np.int64(2) must be an integer in [1, 2]")
+    nested = MoLoraConfig(
+        r=8, router="relu", router_kwargs={"target_sparsity": np.float32(0.5)}, dynamic_rank={"init_rank": np.int64(2)}
+    )
+    assert type(nested.router_kwargs["target_sparsity"]) is float and type(nested.dynamic_rank["init_rank"]) is int
 
 
 def test_design_example_config_builds_and_wraps_a_model():
