@@ -44,16 +44,31 @@ def read_adapter_folder(adapter_dir: str | Path) -> dict[str, Any]:
     path = check_adapter_dir(adapter_dir)
     recipe_path = path / "molora_recipe.yaml"
     config = read_json(path / "adapter_config.json")
-    if (config or {}).get("peft_type", "MOLORA") != "MOLORA":
+    if not isinstance(config, dict):
+        raise ValueError(f"{str(path / 'adapter_config.json')!r} holds a JSON {type(config).__name__}, not a config.")
+    if not isinstance(config.get("router_kwargs") or {}, dict):
+        raise ValueError(f"{str(path / 'adapter_config.json')!r}: `router_kwargs` must be an object (a dict).")
+    recipe = None
+    if recipe_path.is_file():
+        try:
+            recipe = yaml.safe_load(recipe_path.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+            what = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ValueError(f"{str(recipe_path)!r} is not valid YAML{where}: {what}.") from None
+        if not isinstance(recipe, dict) or not all(isinstance(v, dict) or v is None for v in recipe.values()):
+            raise ValueError(f"{str(recipe_path)!r} is not a recipe (a mapping of sections, see docs/cli.md).")
+    if config.get("peft_type", "MOLORA") != "MOLORA":
         raise ValueError(
-            f"{str(path)!r} holds a {(config or {}).get('peft_type')} adapter, not a MoLoRA one (peft_type MOLORA): "
+            f"{str(path)!r} holds a {config.get('peft_type')} adapter, not a MoLoRA one (peft_type MOLORA): "
             "molora inspect and push describe MoLoRA adapters."
         )
     return {
         "path": path,
         "config": config,
         "base": read_json(path / BASE_INFO_FILE),
-        "recipe": yaml.safe_load(recipe_path.read_text()) if recipe_path.is_file() else None,
+        "recipe": recipe,
         "stats": read_routing_stats(path / "routing_stats.json"),
         "results": read_json(path / "molora_results.json"),
     }
@@ -490,6 +505,8 @@ def prepare_upload(adapter_dir: str | Path, repo_id: str) -> list[str]:
             f"{str(folder)!r} has no adapter weights (adapter_model.safetensors or adapter_model.bin)."
         )
     info = read_adapter_folder(folder)
+    for sub in [folder, *(folder / name for name in _other_adapters(folder))]:
+        _check_readable(sub)
     if info["stats"] and not (folder / HEATMAP_FILE).is_file():
         save_heatmap(info["stats"], folder / HEATMAP_FILE, title=heatmap_title(info))
     if is_generated_card(folder / CARD_FILE):
@@ -509,6 +526,25 @@ def _other_adapters(folder: Path) -> list[str]:
         and (sub / "adapter_config.json").is_file()
         and _has_weights(sub)
     )
+
+
+def _check_readable(folder: Path) -> None:
+    """Raise a ``ValueError`` naming the file unless ``folder``'s adapter config is a JSON object and its safetensors
+    weights have a readable header (a truncated copy would be uploaded and fail to load for everyone)."""
+    config = read_json(folder / "adapter_config.json")
+    if config is not None and not isinstance(config, dict):
+        raise ValueError(
+            f"{str(folder / 'adapter_config.json')!r} holds a JSON {type(config).__name__}, not a config."
+        )
+    weights = folder / "adapter_model.safetensors"
+    if weights.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                f.keys()
+        except Exception as err:  # noqa: BLE001 - safetensors' own error names no file
+            raise ValueError(f"{str(weights)!r} is not a readable safetensors file: {err}") from None
 
 
 def _has_weights(folder: Path) -> bool:

@@ -613,6 +613,43 @@ def test_inspect_names_a_routing_stats_file_it_cannot_read(trained, tmp_path, ca
     assert not (tmp_path / "map.png").exists()
 
 
+def test_inspect_and_push_name_the_damaged_file(trained, tmp_path, capsys):
+    """A damaged adapter folder is named with the file and what is wrong: an ``adapter_config.json`` or
+    ``molora_recipe.yaml`` that is a JSON/YAML list or ``router_kwargs`` that is one raised ``AttributeError``
+    tracebacks, a truncated recipe a YAML traceback naming no file, and ``push --dry-run`` listed a truncated
+    ``adapter_model.safetensors`` for upload."""
+    import shutil
+
+    damages = {
+        "adapter_config.json is a list": ("adapter_config.json", "[1]", "holds a JSON list, not a config"),
+        "router_kwargs is a list": ("adapter_config.json", None, "`router_kwargs` must be an object"),
+        "recipe is a list": ("molora_recipe.yaml", "- 1\n", "molora_recipe.yaml' is not a recipe"),
+        "recipe is truncated": (
+            "molora_recipe.yaml",
+            "model:\n  name: [a,\n",
+            "molora_recipe.yaml' is not valid YAML",
+        ),
+        "weights are truncated": ("adapter_model.safetensors", None, "is not a readable safetensors file"),
+    }
+    for case, (name, text, message) in damages.items():
+        folder = tmp_path / case.replace(" ", "_")
+        shutil.copytree(trained, folder)
+        if name == "adapter_config.json" and text is None:
+            config = json.loads((folder / name).read_text())
+            (folder / name).write_text(json.dumps({**config, "router_kwargs": [1]}))
+        elif text is None:
+            (folder / name).write_bytes((folder / name).read_bytes()[:100])
+        else:
+            (folder / name).write_text(text)
+        commands = [["push", str(folder), "--repo-id", "a/b", "--dry-run"]]
+        if name != "adapter_model.safetensors":
+            commands.append(["inspect", str(folder), "--output", str(tmp_path / "map.png")])
+        for argv in commands:
+            assert main(argv) == 2, (case, argv[0])
+            err = capsys.readouterr().err.strip().splitlines()[-1]
+            assert err.startswith(f"molora {argv[0]}: error:") and message in err, (case, err)
+
+
 def test_generate_takes_a_hub_repository_as_the_card_says(trained, monkeypatch, capsys):
     """The pushed card says ``molora generate --adapter owner/name``: a name that is no local folder is fetched from
     the hub (here a stand-in for ``snapshot_download`` returning the trained folder); offline it fails saying so."""

@@ -814,6 +814,21 @@ def test_an_empty_dynamic_rank_dict_is_dr_lora_for_the_adapter_tools(tmp_path, c
     assert molora.compact_adapter(tmp_path / "adapter", tmp_path / "compact") == {k: max(v) for k, v in ranks.items()}
 
 
+def test_the_adapter_tools_name_a_damaged_file(tmp_path):
+    """``compact_adapter`` and ``rank_stats_from_adapter`` on a truncated weights file or config: a ``ValueError``
+    naming the file (safetensors' and json's own errors named none)."""
+    get_peft_model(make_llama(), _config()).save_pretrained(tmp_path / "a")
+    weights, config = tmp_path / "a" / "adapter_model.safetensors", tmp_path / "a" / "adapter_config.json"
+    weights.write_bytes(weights.read_bytes()[:100])
+    for tool in (dr.rank_stats_from_adapter, lambda d: molora.compact_adapter(d, tmp_path / "out")):
+        with pytest.raises(ValueError, match="Cannot read the adapter weights .*adapter_model.safetensors"):
+            tool(tmp_path / "a")
+    config.write_text(config.read_text()[:50])
+    with pytest.raises(ValueError, match="adapter_config.json' is not valid JSON"):
+        dr.rank_stats_from_adapter(tmp_path / "a")
+    assert not (tmp_path / "out").exists()
+
+
 def test_generation_in_train_mode_observes_nothing(batch):
     """RL trainers sample with ``generate`` while the model is in train mode: those tokens are not training data and
     must not enter the routing frequencies (eval forwards and generation count nothing)."""

@@ -332,7 +332,17 @@ def _read_adapter(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Te
         raise FileNotFoundError(f"{str(adapter_dir)!r} holds no {_CONFIG}: not a saved adapter folder.")
     if not (adapter_dir / _WEIGHTS).is_file() and not (adapter_dir / _WEIGHTS_BIN).is_file():
         raise FileNotFoundError(f"{str(adapter_dir)!r} holds no adapter weights ({_WEIGHTS} or {_WEIGHTS_BIN}).")
-    return json.loads((adapter_dir / _CONFIG).read_text()), load_peft_weights(str(adapter_dir), device="cpu")
+    from ...training.models import read_json
+
+    config = read_json(adapter_dir / _CONFIG)  # (a parse error names the file)
+    if not isinstance(config, dict):
+        raise ValueError(f"{str(adapter_dir / _CONFIG)!r} holds a JSON {type(config).__name__}, not a config.")
+    try:
+        tensors = load_peft_weights(str(adapter_dir), device="cpu")
+    except Exception as err:  # noqa: BLE001 - safetensors' and torch's errors name no file
+        name = _WEIGHTS if (adapter_dir / _WEIGHTS).is_file() else _WEIGHTS_BIN
+        raise ValueError(f"Cannot read the adapter weights {str(adapter_dir / name)!r}: {err}") from err
+    return config, tensors
 
 
 def rank_stats_from_adapter(adapter_dir: str | Path) -> dict[str, RankStats]:
