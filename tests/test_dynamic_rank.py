@@ -614,6 +614,34 @@ def test_tools_read_an_adapter_saved_without_safetensors_and_compaction_fails_at
         molora.compact_adapter(folder, folder)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # no staging folder left either
     monkeypatch.setattr(growth.shutil, "copyfile", real_copy)
+    # interrupted while the files are moved into place (Ctrl-C between the weights and the config): moved back
+    real_replace, moved = growth.os.replace, []
+
+    def interrupted_replace(src, dst):
+        if Path(dst).name == "adapter_config.json" and Path(src).parent.name.startswith(".compacting-"):
+            raise KeyboardInterrupt
+        moved.append(Path(dst).name)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(growth.os, "replace", interrupted_replace)
+    with pytest.raises(KeyboardInterrupt):
+        molora.compact_adapter(folder, folder)
+    assert "adapter_model.safetensors" in moved
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    monkeypatch.setattr(growth.os, "replace", real_replace)
+    # into another adapter's folder: the files it would upload with that adapter (statistics, heat map) go
+    other = tmp_path / "other"
+    model.save_pretrained(other)
+    (other / "routing_stats.json").write_text("{}")
+    (other / "expert_load.png").write_bytes(b"png")
+    (other / "notes.txt").write_text("mine")
+    molora.compact_adapter(folder, other)
+    assert sorted(p.name for p in other.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "notes.txt",
+    ]
 
     layer_ranks = molora.compact_adapter(folder, folder)  # in place: safetensors replace the .bin
     names = sorted(p.name for p in folder.iterdir())

@@ -426,11 +426,50 @@ def compact_adapter(adapter_dir: str | Path, output_dir: str | Path) -> dict[str
         for extra in adapter_dir.iterdir():
             if extra.name not in (_WEIGHTS, _WEIGHTS_BIN, _CONFIG) and extra.is_file():
                 shutil.copyfile(extra, staging / extra.name)
-        for written in staging.iterdir():
-            os.replace(written, output_dir / written.name)
-        # the compacted weights are safetensors: a `.bin` beside them would be a second, stale copy
-        if (output_dir / _WEIGHTS_BIN).is_file():
-            (output_dir / _WEIGHTS_BIN).unlink()
+        # the config last, after the weights it describes
+        written = sorted(staging.iterdir(), key=lambda p: (p.name == _CONFIG, p.name == _WEIGHTS, p.name))
+        # what goes: a `.bin` beside the compacted safetensors would be a second, stale copy; compacting into another
+        # adapter's folder, the files it uploads with that adapter (statistics, heat map, card) describe another one
+        stale = [output_dir / _WEIGHTS_BIN]
+        if output_dir.resolve() != adapter_dir.resolve():
+            stale += [p for p in output_dir.iterdir() if not (adapter_dir / p.name).exists() and _pushed(p.name)]
+        _move_into_place(written, [p for p in stale if p.is_file()], output_dir, staging)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return layer_ranks
+
+
+def _pushed(name: str) -> bool:
+    """Whether ``molora push`` uploads a file of this name (``molora.hub.PUSH_PATTERNS``)."""
+    import fnmatch
+
+    from ...hub import PUSH_PATTERNS
+
+    return any(fnmatch.fnmatch(name, pattern) for pattern in PUSH_PATTERNS)
+
+
+def _move_into_place(written: list[Path], stale: list[Path], output_dir: Path, staging: Path) -> None:
+    """Move the ``written`` files into ``output_dir`` and remove the ``stale`` ones there, as one step as far as the
+    process goes: each file replaced or removed is first kept in ``staging``, and put back if anything fails or the
+    move is interrupted (``KeyboardInterrupt``), so the folder holds either its previous adapter or the new one."""
+    kept = staging / ".previous"
+    kept.mkdir()
+    done: list[tuple[Path, Path | None]] = []
+    try:
+        for path in stale:
+            done.append((path, kept / path.name))
+            os.replace(path, kept / path.name)
+        for new in written:
+            target = output_dir / new.name
+            backup = kept / new.name if target.exists() else None
+            done.append((target, backup))
+            if backup is not None:
+                os.replace(target, backup)
+            os.replace(new, target)
+    except BaseException:
+        for target, backup in reversed(done):
+            if backup is not None and backup.exists():
+                os.replace(backup, target)
+            elif backup is None:
+                target.unlink(missing_ok=True)
+        raise
