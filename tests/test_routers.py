@@ -718,3 +718,24 @@ def test_cached_token_index_is_safe_across_inference_mode():
     out = torch.zeros(5).index_add(0, routing.token_index, routing.weight)
     out.sum().backward()  # index tensors saved for backward must not be inference tensors
     assert logits.grad is not None
+
+
+def test_a_single_renormalised_gate_warns_that_the_router_gets_no_task_gradient():
+    """``top_k=1`` with renormalised gates: the kept gate is ``p / p = 1``, so the task loss never reaches the router
+    (measured: a router gradient of ~1e-10 against ~1e-2 with two gates or raw ones). Said when the config is built;
+    raw gates, two experts per token or a single expert say nothing."""
+    import warnings
+
+    for kwargs, key in (
+        (dict(router="topk"), "renormalize"),
+        (dict(router="prompt"), "gate_mode"),
+        (dict(router="prompt", num_experts=1, router_kwargs={"milora_mode": "module"}), "gate_mode"),
+    ):
+        with pytest.warns(UserWarning, match=f"top_k=1 with router_kwargs\\['{key}'\\].*no gradient"):
+            MoLoraConfig(**{"num_experts": 4, "top_k": 1, **kwargs})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MoLoraConfig(num_experts=4, top_k=1, router_kwargs={"renormalize": False})
+        MoLoraConfig(num_experts=4, top_k=1, router="prompt", router_kwargs={"gate_mode": "raw"})
+        MoLoraConfig(num_experts=4, top_k=2)
+        MoLoraConfig(num_experts=1, top_k=1)

@@ -62,7 +62,7 @@ from torch import nn
 from .._amp import without_autocast
 from . import balancing
 from .base import ROUTER_REGISTRY, Router, RouterParams, Routing, register_router, repeated_arange
-from .topk import topk_routing
+from .topk import topk_routing, warn_single_renormalized_gate
 
 if TYPE_CHECKING:
     from ..runtime import RoutingContext
@@ -111,6 +111,9 @@ class PromptParams(RouterParams):
                 raise ValueError(
                     f"`router_kwargs[{key!r}]`={value!r} is not supported; allowed values: {list(allowed)}."
                 )
+        if self.gate_mode == "renorm":
+            # (in module mode top_k counts a decoder layer's modules, of which there are several)
+            warn_single_renormalized_gate(num_experts if self.milora_mode == "bank" else 2, top_k, "gate_mode", "raw")
         if self.milora_mode == "module" and num_experts != 1:
             raise ValueError(
                 f"`num_experts`={num_experts} with router_kwargs['milora_mode']='module': in module mode each adapted "

@@ -6,6 +6,7 @@ probabilities to sum to one: ``g_e = p_e / sum_{j in S} p_j`` for ``e in S``, el
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -33,6 +34,21 @@ class TopKParams(RouterParams):
     def validate(self, num_experts: int, top_k: int) -> None:
         if not 0.0 <= self.jitter_noise < 1.0:
             raise ValueError(f"`router_kwargs['jitter_noise']`={self.jitter_noise} must be in [0, 1).")
+        if self.renormalize:
+            warn_single_renormalized_gate(num_experts, top_k, "renormalize", False)
+
+
+def warn_single_renormalized_gate(num_experts: int, top_k: int, key: str, fix: Any) -> None:
+    """Warn that ``top_k=1`` with renormalised gates leaves the router without a task-loss gradient: the one kept
+    gate is ``p / p = 1`` whatever the router scores."""
+    if top_k == 1 and num_experts > 1:
+        warnings.warn(
+            f"top_k=1 with router_kwargs[{key!r}]={'renorm' if key == 'gate_mode' else True!r}: the one kept gate "
+            "renormalises to 1, so the task loss gives the router no gradient (only the aux losses train it). Set "
+            f"router_kwargs={{{key!r}: {fix!r}}} for the raw probability as the gate (Switch Transformer's), or "
+            "top_k >= 2.",
+            stacklevel=2,
+        )
 
 
 class FusedTopKSelection:
