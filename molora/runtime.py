@@ -640,6 +640,7 @@ class MoLoraRuntime:
         # how many times the statistics were reset or restored to a checkpoint: RoutingStatsCallback reads what the
         # model counted since its last look as a difference, unless they were replaced in between
         self.stats_resets = 0
+        self._call_labels: torch.Tensor | None = None
         # per adapter name: how many times an adapter of that name was deleted (forget_adapter); a checkpoint of the
         # statistics records them, so that restoring it brings back no deleted adapter's counts
         self._forgotten: dict[str, int] = {}
@@ -771,6 +772,8 @@ class MoLoraRuntime:
             self._aux_grad = grad
         self.generation += 1
         self.prompt_deciders.clear()  # (a call that raised may have left its deciders)
+        # the call's labels: an encoder-decoder's decoder finds its padding in them (see begin_stack)
+        self._call_labels = kwargs.get("labels")
         current = call_input(args, kwargs)
         mask = _call_token_mask(current, kwargs.get("attention_mask"), past_length)
         if _cpu_mask_of_ones(mask):
@@ -856,6 +859,18 @@ class MoLoraRuntime:
             return False
         past_length = _cache_state(kwargs)[0]
         mask = _call_token_mask(current, kwargs.get("attention_mask"), past_length)
+        labels = self._call_labels
+        if (
+            mask is None
+            and kwargs.get("attention_mask") is None
+            and not past_length
+            and isinstance(labels, torch.Tensor)
+            and current is not None
+            and tuple(labels.shape) == tuple(current.shape[:2])
+        ):
+            # teacher forcing without a decoder mask (DataCollatorForSeq2Seq pads the labels with -100 and passes
+            # none): the positions whose target is ignored are the decoder's padding
+            mask = labels != -100
         prompt_mask = None
         if past_length == 0 and current is not None and current.dim() >= 2:
             # sequence-level routers decide from the decoder's first token (its start token): what generate's prefill

@@ -33,6 +33,33 @@ def test_decoder_tokens_are_not_masked_with_the_encoders_padding(decoder_length)
     assert stats["decoder.block.0.layer.0.SelfAttention.q"].tokens == 2 * decoder_length
 
 
+@pytest.mark.parametrize("make", [make_t5, make_bart])
+def test_decoder_padding_is_read_from_labels_padded_with_minus_100(make):
+    """``DataCollatorForSeq2Seq`` pads the labels with -100 and passes no ``decoder_attention_mask``: the decoder
+    positions whose target is ignored are its padding, as with that mask (they counted in the statistics and the aux
+    losses). Decoder positions of a batch without labels (generation) all count."""
+    config = MoLoraConfig(r=2, num_experts=4, top_k=2, init_lora_weights=False, task_type="SEQ_2_SEQ_LM")
+    model = get_peft_model(make(), config).eval()
+    ids, mask = _padded_inputs()
+    labels = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(2))
+    labels[0, 2:] = -100  # 2 + 6 real targets
+    results = []
+    for extra in ({}, {"decoder_attention_mask": (labels != -100).long()}):
+        model.reset_routing_stats()
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, **extra)
+        results.append((out.loss, model.molora_aux_losses(), model.get_routing_stats()))
+    (loss, aux, stats), (loss_masked, aux_masked, stats_masked) = results
+    decoder = [
+        s.tokens
+        for k, s in stats.items()
+        if k.startswith("model.decoder.layers." if make is make_bart else "decoder.")
+    ]
+    assert decoder and set(decoder) <= {8, 17}  # (cross-attention keys and values route the encoder's 17 tokens)
+    assert stats == stats_masked
+    torch.testing.assert_close(aux["balance"], aux_masked["balance"])
+    torch.testing.assert_close(loss, loss_masked)
+
+
 def test_generate_routes_the_encoder_with_its_mask():
     """``generate`` calls the encoder on its own (not through the model's forward): it ran with the previous call's
     routing context, counting padding (or, after a decode step, as a decode step)."""
