@@ -825,6 +825,7 @@ class MoLoraRuntime:
     def forward_done(self) -> None:
         """The model-level forward returned or raised (see :meth:`begin_stack`)."""
         self._in_forward = False
+        self._call_labels = None  # (only its decoder reads them; not kept with a pickled or copied model)
 
     @torch.compiler.disable
     def begin_stack(self, stack: str, args: tuple, kwargs: dict) -> bool:
