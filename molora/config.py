@@ -320,6 +320,14 @@ class MoLoraConfig(PeftConfig):
         if self.top_k > limit and not module_mode:
             among = "num_experts" if limit == self.num_experts else "the experts this router selects among"
             raise ValueError(f"`top_k`={self.top_k} must be <= {among}={limit}; lower `top_k` or add experts.")
+        every_expert = self.router == "soft" or (self.router == "topk" and self.top_k >= self.num_experts > 1)
+        if every_expert and self.balance_loss_type in ("megatron", "mixtral") and self.aux_loss_coef > 0:
+            warnings.warn(
+                f"router={self.router!r} selects every expert for every token, so the count-based "
+                f"balance_loss_type={self.balance_loss_type!r} is a constant that gives the router no gradient; use "
+                "balance_loss_type='soft' (the mean gates) or 'switch' (each token's top expert), or aux_loss_coef=0.",
+                stacklevel=3,
+            )
         if module_mode and self.dynamic_rank is not None:
             raise ValueError(
                 "`dynamic_rank` (DR-LoRA) grows ranks inside an expert bank and is not available with "

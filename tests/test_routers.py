@@ -739,3 +739,30 @@ def test_a_single_renormalised_gate_warns_that_the_router_gets_no_task_gradient(
         MoLoraConfig(num_experts=4, top_k=1, router="prompt", router_kwargs={"gate_mode": "raw"})
         MoLoraConfig(num_experts=4, top_k=2)
         MoLoraConfig(num_experts=1, top_k=1)
+
+
+def test_a_constant_count_based_balance_loss_warns():
+    """Every expert selected for every token (``soft``, ``topk`` with ``top_k == num_experts``): the megatron and
+    mixtral balance losses count the selections, which are then constant (exactly 1 and ``E``), so they give the router
+    no gradient. Said when the config is built; the soft or switch loss, or no aux loss, say nothing."""
+    import warnings
+
+    for kwargs in (
+        dict(router="soft"),
+        dict(router="topk", top_k=4),
+        dict(router="soft", balance_loss_type="mixtral"),
+    ):
+        with pytest.warns(UserWarning, match="is a constant that gives the router no gradient"):
+            MoLoraConfig(num_experts=4, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MoLoraConfig(num_experts=4, router="soft", balance_loss_type="soft")
+        MoLoraConfig(num_experts=4, router="soft", balance_loss_type="switch")
+        MoLoraConfig(num_experts=4, router="soft", aux_loss_coef=0.0)
+        MoLoraConfig(num_experts=4, top_k=2)
+    # the claim: with every expert selected the megatron loss is exactly 1 whatever the router scores
+    probs = torch.softmax(torch.randn(6, 4), -1)
+    inputs = balancing.AuxInputs(
+        probs=probs, gates=probs, selected=torch.ones(6, 4, dtype=torch.bool), logits=None, top_k=4
+    )
+    assert balancing.load_balancing_loss(inputs, "megatron").item() == pytest.approx(1.0)
