@@ -65,6 +65,7 @@ MOLORA_TARGET_MODULES: dict[str, list[str]] = {
     "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
     "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
     "roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "electra": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
     "t5": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"],
     "mt5": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"],
     # the attention outputs by their parent's name: BartForSequenceClassification's head has an `out_proj` too

@@ -90,6 +90,29 @@ def test_default_targets_fall_back_to_peft_loras():
     model = get_peft_model(make_bart(), MoLoraConfig(r=2, num_experts=2, top_k=1))
     names = {name.rsplit(".", 1)[-1] for name in molora_layers(model)}
     assert names == {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}
+    # ELECTRA has BERT's module names: its attention and MLP projections, not LoRA's query/value alone (nor the
+    # discriminator head's dense layer)
+    from transformers import ElectraConfig, ElectraForSequenceClassification
+
+    electra = ElectraConfig(
+        vocab_size=64,
+        embedding_size=16,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
+    config = MoLoraConfig(r=2, num_experts=2, top_k=1, task_type="SEQ_CLS")
+    model = get_peft_model(ElectraForSequenceClassification(electra), config)
+    names = {name.split("layer.0.", 1)[-1] for name in molora_layers(model)}
+    assert names == {
+        "attention.self.query",
+        "attention.self.key",
+        "attention.self.value",
+        "attention.output.dense",
+        "intermediate.dense",
+        "output.dense",
+    }
 
 
 @pytest.mark.parametrize("use_rslora, expected", [(False, 16 / 8), (True, 16 / 8**0.5)])
