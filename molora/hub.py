@@ -12,7 +12,7 @@ from pathlib import Path, PureWindowsPath
 from typing import Any
 
 from ._io import write_atomic
-from .training.models import BASE_INFO_FILE, check_adapter_dir, read_json
+from .training.models import BASE_INFO_FILE, check_adapter_dir, read_json, read_json_object
 
 CARD_FILE = "README.md"
 #: The line that marks a README.md as molora's own card, which `molora push` may rewrite (see :func:`prepare_upload`)
@@ -39,26 +39,16 @@ PUSH_PATTERNS = [
 
 def read_adapter_folder(adapter_dir: str | Path) -> dict[str, Any]:
     """Everything molora knows about a saved adapter folder (missing files give ``None``)."""
-    import yaml
+    from .training.recipe import read_recipe_file
 
     path = check_adapter_dir(adapter_dir)
     recipe_path = path / "molora_recipe.yaml"
-    config = read_json(path / "adapter_config.json")
-    if not isinstance(config, dict):
-        raise ValueError(f"{str(path / 'adapter_config.json')!r} holds a JSON {type(config).__name__}, not a config.")
+    config = read_json_object(path / "adapter_config.json") or {}
     if not isinstance(config.get("router_kwargs") or {}, dict):
         raise ValueError(f"{str(path / 'adapter_config.json')!r}: `router_kwargs` must be an object (a dict).")
-    recipe = None
-    if recipe_path.is_file():
-        try:
-            recipe = yaml.safe_load(recipe_path.read_text())
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-            what = getattr(err, "problem", None) or str(err).splitlines()[0]
-            raise ValueError(f"{str(recipe_path)!r} is not valid YAML{where}: {what}.") from None
-        if not isinstance(recipe, dict) or not all(isinstance(v, dict) or v is None for v in recipe.values()):
-            raise ValueError(f"{str(recipe_path)!r} is not a recipe (a mapping of sections, see docs/cli.md).")
+    recipe = read_recipe_file(recipe_path) if recipe_path.is_file() else None
+    if recipe is not None and not all(isinstance(v, dict) or v is None for v in recipe.values()):
+        raise ValueError(f"{str(recipe_path)!r} is not a recipe (a mapping of sections, see docs/cli.md).")
     if config.get("peft_type", "MOLORA") != "MOLORA":
         raise ValueError(
             f"{str(path)!r} holds a {config.get('peft_type')} adapter, not a MoLoRA one (peft_type MOLORA): "
@@ -82,13 +72,9 @@ def read_routing_stats(path: Path) -> dict[str, Any] | None:
     """``routing_stats.json`` (``None`` when there is none), or a ``ValueError`` naming the file and what is wrong
     with it when it is not per-layer statistics as molora writes them (``{layer: {"tokens": ..., "load": [...],
     ...}}``)."""
-    stats = read_json(path)
+    stats = read_json_object(path, "per-layer routing statistics (an object)")
     if stats is None:
         return None
-    if not isinstance(stats, dict):
-        raise ValueError(
-            f"{str(path)!r} holds a JSON {type(stats).__name__}, not per-layer routing statistics (an object)."
-        )
     for layer, values in stats.items():
         missing = [f for f in _STATS_FIELDS if not isinstance(values, dict) or f not in values]
         if missing:
@@ -531,11 +517,7 @@ def _other_adapters(folder: Path) -> list[str]:
 def _check_readable(folder: Path) -> None:
     """Raise a ``ValueError`` naming the file unless ``folder``'s adapter config is a JSON object and its safetensors
     weights have a readable header (a truncated copy would be uploaded and fail to load for everyone)."""
-    config = read_json(folder / "adapter_config.json")
-    if config is not None and not isinstance(config, dict):
-        raise ValueError(
-            f"{str(folder / 'adapter_config.json')!r} holds a JSON {type(config).__name__}, not a config."
-        )
+    read_json_object(folder / "adapter_config.json")
     weights = folder / "adapter_model.safetensors"
     if weights.is_file():
         from safetensors import safe_open

@@ -249,6 +249,15 @@ def read_json(path: Path) -> Any:
         raise ValueError(f"{str(path)!r} is not valid JSON: {err}") from None
 
 
+def read_json_object(path: Path, what: str = "a config") -> dict[str, Any] | None:
+    """:func:`read_json` of a file that must hold a JSON object (``None`` when there is no such file): anything else
+    is a ``ValueError`` naming the file and ``what`` it should hold."""
+    value = read_json(path)
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"{str(path)!r} holds a JSON {type(value).__name__}, not {what}.")
+    return value
+
+
 def check_adapter_dir(adapter_dir: str | Path, download: bool = False) -> Path:
     """Raise ``FileNotFoundError`` unless ``adapter_dir`` holds a saved adapter.
 

@@ -117,6 +117,26 @@ def training_keys() -> list[str]:
     return [f.name for f in dataclasses.fields(SFTConfig) if f.init]
 
 
+def read_recipe_file(path: Path) -> dict[str, Any]:
+    """The sections of a recipe file as written (``{}`` for an empty one), not yet validated; a ``RecipeError`` naming
+    the file (and where the YAML breaks) for bad YAML or a file that is not a mapping of sections."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        what = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise RecipeError(f"{str(path)!r} is not valid YAML{where}: {what}.") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(
+            f"{str(path)!r} is not a recipe: it must hold a mapping of sections ({', '.join(SECTIONS)}), got "
+            f"{type(raw)}."
+        )
+    return raw
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """Read a recipe file (or start from an empty one), apply ``--set`` overrides, validate, fill defaults.
 
@@ -131,8 +151,6 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         FileNotFoundError: the file does not exist.
         RecipeError: bad YAML, an unknown section or key, a bad value or an incompatible combination.
     """
-    import yaml
-
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -140,12 +158,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise RecipeError(f"--config {str(path)!r} is a folder; give a recipe file (e.g. configs/default.yaml).")
         if not path.is_file():
             raise FileNotFoundError(f"Recipe file not found: {str(path)!r}.")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise RecipeError(f"{path} is not valid YAML: {err}") from None
-        if not isinstance(raw, dict):
-            raise RecipeError(f"{path} must hold a mapping of sections ({', '.join(SECTIONS)}), got {type(raw)}.")
+        raw = read_recipe_file(path)
     recipe = copy.deepcopy(raw)
     for override in overrides or []:
         apply_override(recipe, override)

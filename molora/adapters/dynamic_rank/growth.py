@@ -332,11 +332,9 @@ def _read_adapter(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Te
         raise FileNotFoundError(f"{str(adapter_dir)!r} holds no {_CONFIG}: not a saved adapter folder.")
     if not (adapter_dir / _WEIGHTS).is_file() and not (adapter_dir / _WEIGHTS_BIN).is_file():
         raise FileNotFoundError(f"{str(adapter_dir)!r} holds no adapter weights ({_WEIGHTS} or {_WEIGHTS_BIN}).")
-    from ...training.models import read_json
+    from ...training.models import read_json_object
 
-    config = read_json(adapter_dir / _CONFIG)  # (a parse error names the file)
-    if not isinstance(config, dict):
-        raise ValueError(f"{str(adapter_dir / _CONFIG)!r} holds a JSON {type(config).__name__}, not a config.")
+    config = read_json_object(adapter_dir / _CONFIG)  # (a parse error names the file)
     try:
         tensors = load_peft_weights(str(adapter_dir), device="cpu")
     except Exception as err:  # noqa: BLE001 - safetensors' and torch's errors name no file
