@@ -113,7 +113,8 @@ class PromptParams(RouterParams):
                 )
         if self.gate_mode == "renorm":
             # (in module mode top_k counts a decoder layer's modules, of which there are several)
-            warn_single_renormalized_gate(num_experts if self.milora_mode == "bank" else 2, top_k, "gate_mode", "raw")
+            experts = num_experts if self.milora_mode == "bank" else 2
+            warn_single_renormalized_gate(experts, top_k, "gate_mode", self.gate_mode, fix="raw")
         if self.milora_mode == "module" and num_experts != 1:
             raise ValueError(
                 f"`num_experts`={num_experts} with router_kwargs['milora_mode']='module': in module mode each adapted "

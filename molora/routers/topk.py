@@ -35,15 +35,15 @@ class TopKParams(RouterParams):
         if not 0.0 <= self.jitter_noise < 1.0:
             raise ValueError(f"`router_kwargs['jitter_noise']`={self.jitter_noise} must be in [0, 1).")
         if self.renormalize:
-            warn_single_renormalized_gate(num_experts, top_k, "renormalize", False)
+            warn_single_renormalized_gate(num_experts, top_k, "renormalize", True, fix=False)
 
 
-def warn_single_renormalized_gate(num_experts: int, top_k: int, key: str, fix: Any) -> None:
-    """Warn that ``top_k=1`` with renormalised gates leaves the router without a task-loss gradient: the one kept
-    gate is ``p / p = 1`` whatever the router scores."""
+def warn_single_renormalized_gate(num_experts: int, top_k: int, key: str, value: Any, fix: Any) -> None:
+    """Warn that ``top_k=1`` with renormalised gates (``router_kwargs[key]=value``; ``fix`` is the raw-gate setting)
+    leaves the router without a task-loss gradient: the one kept gate is ``p / p = 1`` whatever the router scores."""
     if top_k == 1 and num_experts > 1:
         warnings.warn(
-            f"top_k=1 with router_kwargs[{key!r}]={'renorm' if key == 'gate_mode' else True!r}: the one kept gate "
+            f"top_k=1 with router_kwargs[{key!r}]={value!r}: the one kept gate "
             "renormalises to 1, so the task loss gives the router no gradient (only the aux losses train it). Set "
             f"router_kwargs={{{key!r}: {fix!r}}} for the raw probability as the gate (Switch Transformer's), or "
             "top_k >= 2.",
