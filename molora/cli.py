@@ -34,6 +34,16 @@ def _sft(args: argparse.Namespace) -> int:
             "molora sft needs --config RECIPE (e.g. configs/default.yaml; the recipes are in configs/, the schema in "
             "docs/cli.md), or --set options to run on every other default."
         )
+    if args.config is not None and not args.overrides and Path(args.config).is_file():
+        from .training.recipe import read_recipe_file
+
+        if not read_recipe_file(Path(args.config)):
+            # an empty file (or only comments) is no deliberate choice of every default either
+            raise RecipeError(
+                f"--config {args.config!r} holds no recipe (the file is empty or only comments): write the sections "
+                "to change (see configs/default.yaml and docs/cli.md), or add --set options to run on every other "
+                "default."
+            )
     recipe = load_recipe(args.config, args.overrides)
     stem = Path(args.config).stem if args.config else "molora-sft"
     # the folder docs/cli.md promises (shown by --print-recipe, recorded in molora_recipe.yaml)

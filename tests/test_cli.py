@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -206,6 +207,23 @@ def test_resume_refuses_a_checkpoint_of_another_adapter(trained, workdir, capsys
     assert {p.name: p.read_bytes() for p in trained.iterdir() if p.is_file()} == before
 
 
+def test_training_into_earlier_checkpoints_warns(tmp_path, monkeypatch, capsys):
+    # a new run (not resuming) into a folder with another run's checkpoints replaces those of the steps it saves
+    monkeypatch.chdir(tmp_path)
+    for step in (2, 4):
+        (tmp_path / "out" / f"checkpoint-{step}").mkdir(parents=True)
+    argv = ["sft", "--set", "training.output_dir=out", "--set", "model.name_or_path=nobody/no-such-model"]
+    with pytest.warns(UserWarning, match=r"holds checkpoints of an earlier run \(checkpoint-2, checkpoint-4\)"):
+        assert main(argv) == 2  # (warned before the model loads)
+    # resuming it, or a folder without checkpoints: no warning
+    (tmp_path / "fresh").mkdir()
+    for extra in (["--set", "training.resume_from_checkpoint=true"], ["--set", "training.output_dir=fresh"]):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*holds checkpoints")
+            assert main(argv + extra) == 2
+    capsys.readouterr()
+
+
 def test_push_dry_run_and_card(trained, capsys):
     assert main(["push", str(trained), "--repo-id", "me/tiny-molora", "--dry-run"]) == 0
     out = capsys.readouterr().out
@@ -227,6 +245,9 @@ def test_push_dry_run_and_card(trained, capsys):
         (["generate", "--adapter", "no/such/dir", "hi"], "Adapter folder not found"),
         (["inspect", "no/such/dir"], "Adapter folder not found"),
         (["sft"], "molora sft needs --config RECIPE"),
+        # an empty recipe file (or one of comments only) would have trained on every default too
+        (["sft", "--config", "empty.yaml"], "--config 'empty.yaml' holds no recipe (the file is empty"),
+        (["sft", "--config", "comments.yaml", "--print-recipe"], "'comments.yaml' holds no recipe"),
         (["sft", "--set", "training.max_steps=abc"], "training.max_steps='abc' must be an integer"),
         (["sft", "--set", "training.report_to=nope", "--print-recipe"], "training.report_to: nope is not supported"),
         (["eval", "--data", "bundled", "--json", "no/such/dir/x.json"], "the folder 'no/such/dir' does not exist"),
@@ -267,6 +288,8 @@ def test_clear_errors(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": \n')
     (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "comments.yaml").write_text("# a recipe to write\n")
     (tmp_path / "corrupt").mkdir()
     (tmp_path / "corrupt" / "adapter_config.json").write_text("{}")
     (tmp_path / "corrupt" / "routing_stats.json").write_text("{bad")

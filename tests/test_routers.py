@@ -728,6 +728,8 @@ def test_a_single_renormalised_gate_warns_that_the_router_gets_no_task_gradient(
 
     for kwargs, key in (
         (dict(router="topk"), "renormalize"),
+        (dict(router="mor"), "renormalize"),
+        (dict(router="topk_bias"), "normalize_gates"),
         (dict(router="prompt"), "gate_mode"),
         (dict(router="prompt", num_experts=1, router_kwargs={"milora_mode": "module"}), "gate_mode"),
     ):
@@ -736,6 +738,8 @@ def test_a_single_renormalised_gate_warns_that_the_router_gets_no_task_gradient(
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         MoLoraConfig(num_experts=4, top_k=1, router_kwargs={"renormalize": False})
+        MoLoraConfig(num_experts=4, top_k=1, router="mor", router_kwargs={"renormalize": False})
+        MoLoraConfig(num_experts=4, top_k=1, router="topk_bias", router_kwargs={"normalize_gates": False})
         MoLoraConfig(num_experts=4, top_k=1, router="prompt", router_kwargs={"gate_mode": "raw"})
         MoLoraConfig(num_experts=4, top_k=2)
         MoLoraConfig(num_experts=1, top_k=1)

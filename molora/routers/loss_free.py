@@ -32,7 +32,7 @@ from torch import nn
 from .balancing import max_violation
 from .base import Router, RouterParams, Routing, register_router
 from .state import StepAccumulator, buffers_kept_fp32, pop_stacked
-from .topk import FusedTopKSelection, topk_routing
+from .topk import FusedTopKSelection, topk_routing, warn_single_renormalized_gate
 
 if TYPE_CHECKING:
     from ..runtime import RoutingContext
@@ -68,6 +68,9 @@ class TopKBiasParams(RouterParams):
             raise ValueError(
                 f"`router_kwargs['bias_update_rate']`={self.bias_update_rate} must be >= 0 (0 freezes the bias)."
             )
+        if self.normalize_gates:
+            # (the bias balances the choice; the router's weight learns from the gates alone, not from a gate of 1)
+            warn_single_renormalized_gate(num_experts, top_k, "normalize_gates", True, fix=False)
 
 
 @register_router("topk_bias")

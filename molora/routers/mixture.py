@@ -29,7 +29,7 @@ from torch import nn
 from .._amp import fp32_linear
 from . import balancing
 from .base import Router, RouterParams, Routing, register_router
-from .topk import topk_routing
+from .topk import topk_routing, warn_single_renormalized_gate
 from .topp import check_loss_coef
 
 COMBINE_CHOICES = ("probs", "logits")
@@ -78,6 +78,8 @@ class MoRParams(RouterParams):
                 f"{list(COMBINE_CHOICES)}."
             )
         check_loss_coef("main_balance_coef", self.main_balance_coef)
+        if self.renormalize:
+            warn_single_renormalized_gate(num_experts, top_k, "renormalize", True, fix=False)
 
 
 @register_router("mor")

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -236,6 +237,24 @@ def _resume_arg(value: Any, output_dir: str) -> Any:
     return str(Path(str(value)).expanduser())  # (a folder with trainer_state.json: the recipe checked it)
 
 
+def _warn_earlier_checkpoints(output_dir: str) -> None:
+    """Warn when a run that does not resume trains into a folder holding an earlier run's checkpoints: the ``Trainer``
+    replaces those of the steps it saves and leaves the others, which a later ``resume_from_checkpoint: true`` (the
+    highest step) may then pick."""
+    folder = Path(output_dir).expanduser()
+    if not folder.is_dir():
+        return
+    steps = sorted(int(p.name[11:]) for p in folder.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit())
+    if steps:
+        shown = ", ".join(f"checkpoint-{step}" for step in steps[:4]) + (", ..." if len(steps) > 4 else "")
+        warnings.warn(
+            f"training.output_dir {str(output_dir)!r} holds checkpoints of an earlier run ({shown}): this run saves "
+            "its own checkpoints there, replacing those of the same steps. To continue that run set "
+            "training.resume_from_checkpoint=true; to keep its checkpoints choose another training.output_dir.",
+            stacklevel=3,
+        )
+
+
 #: the adapter fields that decide what a checkpoint's weights mean (shapes, routing, scaling): a resumed run must
 #: keep them. Coefficients, dropout, the compute path and the statistics may change between the runs.
 RESUME_FIXED_FIELDS = (
@@ -343,6 +362,8 @@ def run_sft(recipe: dict[str, Any], default_output_dir: str = "runs/molora-sft",
 
         checkpoint = get_last_checkpoint(output_dir) if resume is True else resume
         check_resume_adapter(checkpoint, recipe["adapter"])
+    else:
+        _warn_earlier_checkpoints(output_dir)
     trainer, ctx = build_trainer(recipe, default_output_dir)
     out_dir = trainer.args.output_dir
     main_process = trainer.is_world_process_zero()
