@@ -77,6 +77,20 @@ MOLORA_TARGET_MODULES: dict[str, list[str]] = {
 }
 
 
+#: the hub tag of a model with MoLoRA adapters (see _add_model_tag)
+MODEL_TAG = "molora"
+
+
+def _add_model_tag(model: nn.Module) -> bool:
+    """Tag the wrapped transformers model ``molora``, as PEFT tags a LoRA adapter ``lora`` and TRL's trainers tag the
+    models they train: PEFT's model card (``save_pretrained``, ``push_to_hub``) lists the model's tags, which is how
+    an adapter is found on the hub. Returns whether the tag was added (``unload`` takes it away again)."""
+    if not callable(getattr(model, "add_model_tags", None)) or MODEL_TAG in (getattr(model, "model_tags", None) or []):
+        return False
+    model.add_model_tags([MODEL_TAG])
+    return True
+
+
 #: per model class: the names of its ``forward``'s positional parameters (see _named_arguments)
 _POSITIONAL_NAMES: dict[type, tuple[str, ...]] = {}
 
@@ -290,6 +304,7 @@ class MoLoraModel(BaseTuner):
         self._molora_hooks: list = []
         super().__init__(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
         self._install_hooks()
+        self._molora_added_tag = _add_model_tag(self.model)
 
     # -- runtime and hooks ------------------------------------------------------------------------------------------
 
@@ -635,6 +650,9 @@ class MoLoraModel(BaseTuner):
         )
         self._remove_hooks()
         model._modules.pop(milora.CONTAINER, None)  # MiLoRA module mode's decoder-layer routers
+        tags = getattr(model, "model_tags", None)
+        if getattr(self, "_molora_added_tag", False) and isinstance(tags, list) and MODEL_TAG in tags:
+            tags.remove(MODEL_TAG)  # the base model, as it was
         return model
 
     # -- mixed-adapter batches --------------------------------------------------------------------------------------
