@@ -105,6 +105,7 @@ def test_quick_run_prints_a_complete_table(capsys, tmp_path):
     assert table["threads"] == 1
 
 
+@pytest.mark.slow  # a minute or more on 2 cores; test_quick_run_prints_a_complete_table runs the bench by default
 def test_molora_bench_command_runs():
     import subprocess
     import sys
@@ -144,6 +145,7 @@ def test_generate_benchmark_makes_the_same_number_of_tokens_for_every_candidate(
     assert next(r for r in rows if r.candidate == "molora auto").kernel == "dense"
 
 
+@pytest.mark.slow  # the Triton interpreter: ~30 s
 def test_bench_triton_script_smoke_under_the_interpreter(tmp_path):
     """``scripts/bench_triton.py`` (the GPU benchmark) runs end to end on tiny shapes under TRITON_INTERPRET=1."""
     import importlib.util

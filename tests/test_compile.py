@@ -22,6 +22,10 @@ from peft import get_peft_model
 
 import molora
 
+# compiling takes 10-50 s a test on a 2-core CPU (about 6 minutes for the file): the whole file runs with the slow
+# tests (`pytest -m slow`, and in CI); the compiled prompt-router and MiLoRA module-mode tests stay in the default run
+pytestmark = pytest.mark.slow
+
 
 def _model(cfg):
     return get_peft_model(make_llama(seed=1), cfg).train()
