@@ -241,12 +241,16 @@ def _warn_earlier_checkpoints(output_dir: str) -> None:
     """Warn when a run that does not resume trains into a folder holding an earlier run's checkpoints: the ``Trainer``
     replaces those of the steps it saves and leaves the others, which a later ``resume_from_checkpoint: true`` (the
     highest step) may then pick."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
     folder = Path(output_dir).expanduser()
     if not folder.is_dir():
         return
-    steps = sorted(int(p.name[11:]) for p in folder.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit())
+    prefix = f"{PREFIX_CHECKPOINT_DIR}-"
+    steps = [p.name.removeprefix(prefix) for p in folder.glob(f"{prefix}*") if p.is_dir()]
+    steps = sorted(int(step) for step in steps if step.isdigit())
     if steps:
-        shown = ", ".join(f"checkpoint-{step}" for step in steps[:4]) + (", ..." if len(steps) > 4 else "")
+        shown = ", ".join(f"{prefix}{step}" for step in steps[:4]) + (", ..." if len(steps) > 4 else "")
         warnings.warn(
             f"training.output_dir {str(output_dir)!r} holds checkpoints of an earlier run ({shown}): this run saves "
             "its own checkpoints there, replacing those of the same steps. To continue that run set "
