@@ -30,3 +30,16 @@ def write_atomic(path: Path, write: Callable[[str], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def replace_files(source: Path, target: Path, last: tuple[str, ...] = ()) -> None:
+    """Move every file under the folder ``source`` to the same place under ``target`` (replacing what is there, one
+    ``os.replace`` per file: a reader never sees a file half-written), files named in ``last`` after the others.
+
+    With ``source`` written completely first, ``target`` holds its earlier files or the new ones, file by file; the
+    files ``target`` has and ``source`` has not are left."""
+    files = sorted((p for p in source.rglob("*") if p.is_file()), key=lambda p: (p.name in last, str(p)))
+    for path in files:
+        dest = target / path.relative_to(source)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, dest)

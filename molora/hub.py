@@ -502,12 +502,13 @@ def prepare_upload(adapter_dir: str | Path, repo_id: str) -> list[str]:
 
 def _other_adapters(folder: Path) -> list[str]:
     """The adapters PEFT's ``save_pretrained`` wrote into subfolders (every adapter but ``default``); a trainer's
-    checkpoints (``checkpoint-*``, with their ``trainer_state.json``) hold adapters too and stay local."""
+    checkpoints (``checkpoint-*``, with their ``trainer_state.json``) hold adapters too and stay local, and so does a
+    hidden folder (what a killed ``molora sft`` left of its final save, ``.molora-saving``)."""
     return sorted(
         sub.name
         for sub in folder.iterdir()
         if sub.is_dir()
-        and not sub.name.startswith("checkpoint-")
+        and not sub.name.startswith(("checkpoint-", "."))
         and not (sub / "trainer_state.json").is_file()
         and (sub / "adapter_config.json").is_file()
         and _has_weights(sub)

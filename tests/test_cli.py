@@ -582,6 +582,62 @@ def test_a_run_interrupted_in_its_final_evaluation_leaves_a_folder_of_one_run(tr
     assert "| experts | 2 per projection" in card and "## Held-out evaluation" not in card
 
 
+def test_a_final_save_that_fails_leaves_the_folders_earlier_adapter_whole(trained, workdir, tmp_path, monkeypatch):
+    """A second run into a used folder whose final save fails part-way (here the disk fills while the weights are
+    written): saved in place, it left a truncated ``adapter_model.safetensors`` beside the first run's config, and
+    the routing statistics of the failed run beside the first run's adapter. The save now goes to a staging folder
+    first and the run's statistics are written after it: every file of the first run is unchanged, nothing is left
+    behind, and the next run into the folder saves normally."""
+    import errno
+    import shutil
+
+    import peft.peft_model
+    from safetensors.torch import load_file
+
+    from molora.hub import files_to_push
+    from molora.training import sft
+    from molora.training.recipe import load_recipe
+
+    folder = tmp_path / "out"
+    shutil.copytree(trained, folder, ignore=shutil.ignore_patterns("checkpoint-*", "runs"))
+    before = {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    recipe = load_recipe(
+        str(workdir / "recipe.yaml"),
+        [f"training.output_dir={folder}", "eval.before=false", "eval.after=false", "training.max_steps=2"]
+        + ["training.save_strategy=no", "adapter.num_experts=3"],
+    )
+    original = peft.peft_model.safe_save_file
+
+    def disk_full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\x00" * 100)  # what was written before the disk filled
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", disk_full)
+    with pytest.raises(OSError, match="No space left on device"):
+        sft.run_sft(recipe, log=lambda *a: None)
+    after = {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    # the failed run's own files: its history beside the earlier one (as any failed run's) and its logs
+    new = {name for name in after if name not in before}
+    assert all(name.startswith(("routing_stats_history.jsonl.partial", "runs/")) for name in new), new
+    assert {name: after[name] for name in before} == before
+    assert not (folder / sft.SAVING_DIR).exists()
+
+    # what a killed save leaves: `molora push` does not take it for another adapter, the next run replaces it
+    leftover = folder / sft.SAVING_DIR
+    leftover.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(folder / name, leftover / name)
+    assert not any(name.startswith(sft.SAVING_DIR) for name in files_to_push(folder))
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", original)
+    sft.run_sft(recipe, log=lambda *a: None)
+    assert json.loads((folder / "adapter_config.json").read_text())["num_experts"] == 3
+    weights = load_file(folder / "adapter_model.safetensors")
+    assert {tuple(t.shape)[0] for name, t in weights.items() if "molora_A" in name} == {3}
+    stats = json.loads((folder / "routing_stats.json").read_text())
+    assert all(len(layer["load"]) == 3 for layer in stats.values())
+    assert not (folder / sft.SAVING_DIR).exists() and not (folder / "routing_stats_history.jsonl.partial").exists()
+
+
 def test_inspect_output_names_the_file_it_writes(trained, tmp_path, capsys):
     """``--output heat`` printed "written to heat" while matplotlib wrote ``heat.png``; ``--output`` naming a folder
     wrote ``<folder>.png`` beside it. A name without a suffix gets ``.png`` (and is reported so); a folder receives

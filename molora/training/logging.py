@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from .._io import write_atomic
 from ..runtime import summarize_row
 from .callbacks import resume_folders
 
@@ -123,6 +124,10 @@ class RoutingStatsCallback(TrainerCallback):
         # until the run ends)
         self._history_path: Path | None = None
         self._resume_dir: Path | None = None
+        # `molora sft` writes the run's files itself, after the adapter they describe is saved
+        # (:meth:`write_run_files`): a final save that fails leaves the folder's earlier statistics with its adapter
+        self.defer_run_files = False
+        self._run_files: tuple[Path, dict[str, dict[str, Any]]] | None = None
 
     def resume_from(self, checkpoint: str | os.PathLike) -> None:
         """Continue the run-level statistics of this checkpoint folder (its ``routing_stats.json``) when training
@@ -281,15 +286,27 @@ class RoutingStatsCallback(TrainerCallback):
         runtime = getattr(model, "molora_runtime", None) if model is not None else None
         if runtime is not None:
             runtime.stats_grad_only = False
+        self._run_files = None
         if not (_is_main(state) and args.output_dir) or state.global_step == 0:
             return  # (no step trained: the folder's files still describe its earlier adapter)
-        out = Path(args.output_dir)
+        self._run_files = (Path(args.output_dir), stats)
+        if not self.defer_run_files:
+            self.write_run_files()
+
+    def write_run_files(self) -> None:
+        """Write the ended run's ``routing_stats.json`` and move its history over the folder's earlier one (on the
+        main process; nothing before the run ended or when it trained no step). :meth:`on_train_end` calls it, or,
+        with ``defer_run_files`` set, whoever saves the adapter once it is saved (``molora sft``)."""
+        if self._run_files is None:
+            return
+        (out, stats), self._run_files = self._run_files, None
         if self._history_path is not None and self._history_path.name != HISTORY_FILE:
             self._history_path.replace(out / HISTORY_FILE)  # the run is complete: its history replaces the earlier
             self._history_path = None
         if stats:
             out.mkdir(parents=True, exist_ok=True)
-            Path(out, STATS_FILE).write_text(json.dumps(stats, indent=1))
+            text = json.dumps(stats, indent=1)
+            write_atomic(out / STATS_FILE, lambda tmp: Path(tmp).write_text(text))
             return
         # no statistics (track_routing_stats=False): an earlier run's files in this folder describe another adapter
         Path(out, STATS_FILE).unlink(missing_ok=True)

@@ -369,6 +369,8 @@ def run_sft(recipe: dict[str, Any], default_output_dir: str = "runs/molora-sft",
     else:
         _warn_earlier_checkpoints(output_dir)
     trainer, ctx = build_trainer(recipe, default_output_dir)
+    # the run's routing statistics are written once the adapter they describe is saved (_save_adapter)
+    ctx["callback"].defer_run_files = True
     out_dir = trainer.args.output_dir
     main_process = trainer.is_world_process_zero()
     ev = recipe["eval"]
@@ -400,7 +402,8 @@ def run_sft(recipe: dict[str, Any], default_output_dir: str = "runs/molora-sft",
     results["train_loss"] = output.training_loss
     results["global_step"] = trainer.state.global_step
     results["log_history"] = trainer.state.log_history
-    trainer.save_model(out_dir)
+    _save_adapter(trainer, out_dir, main_process)
+    ctx["callback"].write_run_files()
     if main_process:
         # a heat map left by `molora inspect` of an earlier adapter in this folder (push draws a new one)
         Path(out_dir, HEATMAP_FILE).unlink(missing_ok=True)
@@ -435,6 +438,38 @@ def run_sft(recipe: dict[str, Any], default_output_dir: str = "runs/molora-sft",
             push(out_dir, repo, private=bool(recipe["training"].get("hub_private_repo")), token=_token(recipe))
             log(f"pushed {out_dir} to {repo}")
     return results
+
+
+#: the folder inside ``training.output_dir`` that the final save writes before its files replace the folder's
+SAVING_DIR = ".molora-saving"
+
+
+def _save_adapter(trainer, out_dir: str, main_process: bool) -> None:
+    """``trainer.save_model`` into :data:`SAVING_DIR` inside ``out_dir``, then every file moved over the folder's
+    earlier one, the adapter's config last (as PEFT writes it).
+
+    Saved in place, a save that failed part-way (a full disk, an interrupt) left the folder's earlier adapter with
+    some files of the new one or a truncated weights file; now it fails in the staging folder and the earlier files
+    stay whole (the run's routing statistics are written after this, see ``RoutingStatsCallback.defer_run_files``).
+    Every process calls it (a sharded model is gathered by all of them); the main process moves the files."""
+    import shutil
+
+    from peft.utils import CONFIG_NAME
+
+    from .._io import replace_files
+
+    staging = Path(out_dir) / SAVING_DIR
+    if main_process:
+        shutil.rmtree(staging, ignore_errors=True)  # (what a killed save left)
+    trainer.accelerator.wait_for_everyone()
+    try:
+        trainer.save_model(str(staging))
+        trainer.accelerator.wait_for_everyone()
+        if main_process:
+            replace_files(staging, Path(out_dir), last=(CONFIG_NAME,))
+    finally:
+        if main_process:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _token(recipe: dict[str, Any]) -> str | None:
