@@ -192,18 +192,22 @@ class _GatedExpand(torch.autograd.Function):
 
 def _gated_expand_backward(grad_out, h, gates, b_flat, scaling, needs_h, needs_gates, needs_b):
     """``(dH, dgates, dB_flat)`` of :func:`gated_expand_` (``dgates`` in ``h``'s dtype; ``None`` where not needed)."""
-    n_experts = gates.shape[1]
+    # views, not unflatten/flatten (Python methods), and the scaled gates shared by dH and dB: a small layer's backward
+    # is mostly per-operator overhead
+    n_tokens, n_experts = gates.shape
+    width = h.shape[1]
+    h3 = h.reshape(n_tokens, n_experts, width // n_experts)
+    scaled = (gates * scaling).to(h.dtype).unsqueeze(-1)  # [T, E, 1]
     grad_h = grad_gates = grad_b = None
     if needs_h or needs_gates:
-        grad_hg = (grad_out @ b_flat.t()).unflatten(1, (n_experts, h.shape[1] // n_experts))
+        grad_hg = (grad_out @ b_flat.t()).view(h3.shape)
     if needs_h:
-        grad_h = (grad_hg * (gates * scaling).to(h.dtype).unsqueeze(-1)).flatten(1)
+        grad_h = (grad_hg * scaled).view(n_tokens, width)
     if needs_gates:
-        grad_gates = (grad_hg * h.unflatten(1, grad_hg.shape[1:])).sum(dim=-1) * scaling
+        grad_gates = (grad_hg * h3).sum(dim=-1).mul_(scaling)
     if needs_b:
-        # d(scaling * hg @ B)/dB, hg built again from h and the gates (not saved), the scaling as the GEMM's alpha
-        hg = _gated(h, gates)
-        grad_b = torch.addmm(hg.new_zeros(()), hg.t(), grad_out, beta=0, alpha=scaling)
+        # d(scaling * (h ⊙ gates) @ B)/dB, the gated activations built again from h and the gates (not saved)
+        grad_b = (h3 * scaled).view(n_tokens, width).t() @ grad_out
     return grad_h, grad_gates, grad_b
 
 
@@ -278,7 +282,8 @@ class _DenseTopK(torch.autograd.Function):
     ):
         ctx.set_materialize_grads(False)
         out, hl = _base_and_shrink_forward(x, weight, bias, bank, router_weight, conv1d)
-        h, logits = _split_rank_and_logits(hl, bank, router_weight)
+        # one split rather than two slices (no autograd inside: the multi-output view is never differentiated)
+        h, logits = hl.split_with_sizes([b_flat.shape[0], hl.shape[1] - b_flat.shape[0]], 1)
         routed, state = topk_forward(
             logits, k, renormalize, valid, balance_type, with_z, selection_bias, sigmoid_scores, rule, entropy_loss
         )
