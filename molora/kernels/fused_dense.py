@@ -157,8 +157,8 @@ def _gated_expand_forward(out, h, gates, b_flat, scaling):
 
 
 def _gated(h: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-    """``h ⊙ gates`` for ``h[T, E*r]`` and ``gates[T, E]`` (cast to ``h``'s dtype), ``[T, E*r]``: computed again in
-    backward rather than saved beside ``h``."""
+    """``h ⊙ gates`` for ``h[T, E*r]`` and ``gates[T, E]`` (cast to ``h``'s dtype), ``[T, E*r]``: the forward's
+    gated activations, not saved beside ``h`` (:func:`_gated_expand_backward` builds them again, scaled)."""
     g = gates if gates.dtype == h.dtype else gates.to(h.dtype)
     # reshape/view rather than unflatten/flatten (Tensor.unflatten is a Python method): the same product, fewer calls
     # in a decode step's small layers
